@@ -1,0 +1,314 @@
+"""Triton kernels for token-level divergences over the vocabulary (SPEC.md §1).
+
+One program handles one row (token) and streams its V logits in blocks of BLOCK_V; nothing of size
+[N, V] is allocated besides the gradient. With z the student logits, y the teacher and T the temperature:
+
+    log q = z/T - lse_q                         lse_q = logsumexp(z/T)
+    log p = t - lse_t  (target_is="logits", t = y/T)
+    log p = t          (target_is="logprobs", t = y; "probs", t = log y)
+
+    D    = sum_v loss_v                         loss_v: the kind's per-entry term
+    a_v  = q_v g_v                              g_v = f(u_v) - u_v f'(u_v), u = p/q
+    gbar = sum_v a_v
+    dD/dz_j = (a_j - q_j gbar) / T
+
+Forward (2 sweeps): sweep 1 computes lse_q, lse_t online; sweep 2 accumulates D and gbar.
+Backward (1 sweep): recomputes q, p, a from the saved lse_q, lse_t, gbar and writes
+dz = grad_row * (a - q gbar) / T. Recomputation moves fewer bytes than writing the gradient in the
+forward and rescaling it in the backward (see klops/divergence.py).
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import DIVERGENCE_KINDS, TARGET_KINDS, row_config
+
+FORWARD: tl.constexpr = 0
+REVERSE: tl.constexpr = 1
+JSD: tl.constexpr = 2
+SKEW_FORWARD: tl.constexpr = 3
+SKEW_REVERSE: tl.constexpr = 4
+TV: tl.constexpr = 5
+ALPHA: tl.constexpr = 6
+
+LOGITS: tl.constexpr = 0
+LOGPROBS: tl.constexpr = 1
+PROBS: tl.constexpr = 2
+
+NEG_INF: tl.constexpr = float("-inf")
+
+
+@triton.jit
+def online_lse_update(m, s, x):
+    """Per-lane online log-sum-exp: fold x into the running max m and sum s = sum exp(x - m)."""
+    m_new = tl.maximum(m, x)
+    m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
+    s = s * tl.exp(m - m_safe) + tl.exp(x - m_safe)
+    return m_new, s
+
+
+@triton.jit
+def lse_finalize(m, s):
+    """Combine the per-lane (m, s) of online_lse_update into one logsumexp (-inf for an empty row)."""
+    m_row = tl.max(m, 0)
+    m_safe = tl.where(m_row == NEG_INF, 0.0, m_row)
+    return m_safe + tl.log(tl.sum(s * tl.exp(m - m_safe), 0))
+
+
+@triton.jit
+def logaddexp(a, b):
+    mx = tl.maximum(a, b)
+    mn = tl.minimum(a, b)
+    return mx + tl.log(1.0 + tl.exp(mn - tl.where(mx == NEG_INF, 0.0, mx)))
+
+
+@triton.jit
+def teacher_log(y, inv_temperature, TARGET: tl.constexpr):
+    """t = y/T for logits, y for log-probs, log y for probabilities (fp32)."""
+    y = y.to(tl.float32)
+    if TARGET == LOGITS:
+        t = y * inv_temperature
+    elif TARGET == LOGPROBS:
+        t = y
+    else:
+        t = tl.log(y)
+    return t
+
+
+@triton.jit
+def divergence_terms(lq, lp, coef, log_coef, log_1m_coef, KIND: tl.constexpr):
+    """Per-entry (loss_v, a_v) of SPEC.md §1; coef is beta (jsd) or alpha (skew_*, alpha)."""
+    q = tl.exp(lq)
+    p = tl.exp(lp)
+    q_pos = lq != NEG_INF
+    p_pos = lp != NEG_INF
+    if KIND == FORWARD:  # sum p (log p - log q); g = -u
+        loss = tl.where(p_pos, p * (lp - lq), 0.0)
+        a = -p
+    elif KIND == REVERSE:  # sum q (log q - log p); g = log q - log p + const
+        loss = tl.where(q_pos, q * (lq - lp), 0.0)
+        a = loss
+    elif KIND == JSD:  # m = beta p + (1-beta) q; beta KL(p||m) + (1-beta) KL(q||m)
+        lm = logaddexp(log_coef + lp, log_1m_coef + lq)
+        kl_qm = tl.where(q_pos, q * (lq - lm), 0.0)
+        loss = coef * tl.where(p_pos, p * (lp - lm), 0.0) + (1.0 - coef) * kl_qm
+        a = (1.0 - coef) * kl_qm
+    elif KIND == SKEW_FORWARD:  # m = alpha p + (1-alpha) q; KL(p||m); g = -(1-alpha) p/m
+        lm = logaddexp(log_coef + lp, log_1m_coef + lq)
+        loss = tl.where(p_pos, p * (lp - lm), 0.0)
+        a = tl.where(p_pos & q_pos, -(1.0 - coef) * tl.exp(lp + lq - lm), 0.0)
+    elif KIND == SKEW_REVERSE:  # n = (1-alpha) p + alpha q; KL(q||n); g = log(q/n) + 1 - alpha q/n
+        ln = logaddexp(log_1m_coef + lp, log_coef + lq)
+        log_qn = tl.where(q_pos, lq - ln, 0.0)
+        loss = q * log_qn
+        a = q * (log_qn + 1.0 - coef * tl.exp(log_qn))
+    elif KIND == TV:  # 0.5 sum |p - q|; g = 0.5 sign(q - p)
+        loss = 0.5 * tl.abs(p - q)
+        a = 0.5 * q * tl.where(q > p, 1.0, tl.where(q < p, -1.0, 0.0))
+    else:  # ALPHA (Amari): (1 - sum p^a q^(1-a)) / (a (1-a)); g = -u^a / a
+        w = tl.exp(coef * lp + (1.0 - coef) * lq)
+        loss = (q - w) / (coef * (1.0 - coef))
+        a = -w / coef
+    # Entries where both distributions are 0 carry no mass and no gradient.
+    both_zero = (~p_pos) & (~q_pos)
+    return tl.where(both_zero, 0.0, loss), tl.where(both_zero, 0.0, a)
+
+
+@triton.jit
+def divergence_forward_kernel(
+    # data ptrs
+    z_ptr,  # (B, L, V) student logits, last-dim stride 1
+    y_ptr,  # (B, L, V) teacher logits / log-probs / probs, last-dim stride 1
+    valid_ptr,  # (B*L,) bool: False rows get D = 0
+    loss_ptr,  # (B*L,) fp32 out: D per row
+    lse_q_ptr,  # (B*L,) fp32 out
+    lse_t_ptr,  # (B*L,) fp32 out
+    gbar_ptr,  # (B*L,) fp32 out
+    # shapes
+    L,
+    V,
+    # strides
+    stride_zb,
+    stride_zl,
+    stride_yb,
+    stride_yl,
+    # constants
+    inv_temperature,
+    coef,
+    log_coef,
+    log_1m_coef,
+    KIND: tl.constexpr,
+    TARGET: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    if tl.load(valid_ptr + row) == 0:
+        tl.store(loss_ptr + row, 0.0)
+        tl.store(lse_q_ptr + row, 0.0)
+        tl.store(lse_t_ptr + row, 0.0)
+        tl.store(gbar_ptr + row, 0.0)
+        return
+    z_row = z_ptr + (row // L) * stride_zb + (row % L) * stride_zl
+    y_row = y_ptr + (row // L) * stride_yb + (row % L) * stride_yl
+    cols = tl.arange(0, BLOCK_V)
+
+    # Sweep 1: lse_q = logsumexp(z/T), lse_t = logsumexp(t).
+    m_q = tl.full([BLOCK_V], NEG_INF, tl.float32)
+    s_q = tl.zeros([BLOCK_V], tl.float32)
+    m_t = tl.full([BLOCK_V], NEG_INF, tl.float32)
+    s_t = tl.zeros([BLOCK_V], tl.float32)
+    for start in range(0, V, BLOCK_V):
+        mask = start + cols < V
+        z = tl.load(z_row + start + cols, mask=mask, other=NEG_INF).to(tl.float32) * inv_temperature
+        y = tl.load(y_row + start + cols, mask=mask, other=0.0)
+        t = tl.where(mask, teacher_log(y, inv_temperature, TARGET), NEG_INF)
+        m_q, s_q = online_lse_update(m_q, s_q, z)
+        m_t, s_t = online_lse_update(m_t, s_t, t)
+    lse_q = lse_finalize(m_q, s_q)
+    lse_t = lse_finalize(m_t, s_t)
+    norm_t = 0.0
+    if TARGET == LOGITS:  # log-probs and probs are taken as given, not renormalized
+        norm_t = lse_t
+
+    # Sweep 2: D = sum loss_v, gbar = sum a_v.
+    loss_acc = tl.zeros([BLOCK_V], tl.float32)
+    gbar_acc = tl.zeros([BLOCK_V], tl.float32)
+    for start in range(0, V, BLOCK_V):
+        mask = start + cols < V
+        z = tl.load(z_row + start + cols, mask=mask, other=NEG_INF).to(tl.float32) * inv_temperature
+        y = tl.load(y_row + start + cols, mask=mask, other=0.0)
+        lp = tl.where(mask, teacher_log(y, inv_temperature, TARGET) - norm_t, NEG_INF)
+        loss, a = divergence_terms(z - lse_q, lp, coef, log_coef, log_1m_coef, KIND)
+        loss_acc += loss
+        gbar_acc += a
+    tl.store(loss_ptr + row, tl.sum(loss_acc, 0))
+    tl.store(lse_q_ptr + row, lse_q)
+    tl.store(lse_t_ptr + row, lse_t)
+    tl.store(gbar_ptr + row, tl.sum(gbar_acc, 0))
+
+
+@triton.jit
+def divergence_backward_kernel(
+    # data ptrs
+    grad_ptr,  # (B*L,) fp32: dLoss/dD per row
+    z_ptr,  # (B, L, V) student logits
+    y_ptr,  # (B, L, V) teacher
+    valid_ptr,  # (B*L,) bool
+    lse_q_ptr,  # (B*L,) fp32
+    lse_t_ptr,  # (B*L,) fp32
+    gbar_ptr,  # (B*L,) fp32
+    dz_ptr,  # (B*L, V) out, contiguous, student dtype
+    # shapes
+    L,
+    V,
+    # strides
+    stride_zb,
+    stride_zl,
+    stride_yb,
+    stride_yl,
+    # constants
+    inv_temperature,
+    coef,
+    log_coef,
+    log_1m_coef,
+    KIND: tl.constexpr,
+    TARGET: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    dz_row = dz_ptr + row * V
+    cols = tl.arange(0, BLOCK_V)
+    if tl.load(valid_ptr + row) == 0:
+        for start in range(0, V, BLOCK_V):
+            tl.store(dz_row + start + cols, tl.zeros([BLOCK_V], tl.float32), mask=start + cols < V)
+        return
+    z_row = z_ptr + (row // L) * stride_zb + (row % L) * stride_zl
+    y_row = y_ptr + (row // L) * stride_yb + (row % L) * stride_yl
+    lse_q = tl.load(lse_q_ptr + row)
+    norm_t = 0.0
+    if TARGET == LOGITS:
+        norm_t = tl.load(lse_t_ptr + row)
+    gbar = tl.load(gbar_ptr + row)
+    scale = tl.load(grad_ptr + row) * inv_temperature
+    for start in range(0, V, BLOCK_V):
+        mask = start + cols < V
+        z = tl.load(z_row + start + cols, mask=mask, other=NEG_INF).to(tl.float32) * inv_temperature
+        y = tl.load(y_row + start + cols, mask=mask, other=0.0)
+        lq = z - lse_q
+        lp = tl.where(mask, teacher_log(y, inv_temperature, TARGET) - norm_t, NEG_INF)
+        _, a = divergence_terms(lq, lp, coef, log_coef, log_1m_coef, KIND)
+        dz = scale * (a - tl.exp(lq) * gbar)
+        tl.store(dz_row + start + cols, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+
+
+def _kind_args(kind: str, target_is: str, temperature: float, coef: float) -> dict:
+    # log coef and log(1 - coef) are the mixture weights of jsd / skew_*, where 0 <= coef <= 1.
+    log_coef = math.log(coef) if coef > 0.0 else float("-inf")
+    log_1m_coef = math.log1p(-coef) if coef < 1.0 else float("-inf")
+    return dict(
+        inv_temperature=1.0 / temperature,
+        coef=coef,
+        log_coef=log_coef,
+        log_1m_coef=log_1m_coef,
+        KIND=DIVERGENCE_KINDS.index(kind),
+        TARGET=TARGET_KINDS.index(target_is),
+    )
+
+
+def divergence_forward(
+    student: torch.Tensor,  # (B, L, V)
+    teacher: torch.Tensor,  # (B, L, V)
+    valid: torch.Tensor,  # (B, L) bool
+    kind: str,
+    target_is: str,
+    temperature: float,
+    coef: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the forward: returns (D, lse_q, lse_t, gbar), each (B, L) fp32."""
+    B, L, V = student.shape
+    loss, lse_q, lse_t, gbar = (
+        torch.empty((B, L), dtype=torch.float32, device=student.device) for _ in range(4)
+    )
+    if B * L == 0:
+        return loss, lse_q, lse_t, gbar
+    block_v, num_warps = row_config(V)
+    divergence_forward_kernel[(B * L,)](
+        student, teacher, valid.contiguous(), loss, lse_q, lse_t, gbar,
+        L, V,
+        student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1),
+        **_kind_args(kind, target_is, temperature, coef),
+        BLOCK_V=block_v, num_warps=num_warps,
+    )  # fmt: skip
+    return loss, lse_q, lse_t, gbar
+
+
+def divergence_backward(
+    grad: torch.Tensor,  # (B, L) fp32
+    student: torch.Tensor,  # (B, L, V)
+    teacher: torch.Tensor,  # (B, L, V)
+    valid: torch.Tensor,  # (B, L) bool
+    lse_q: torch.Tensor,  # (B, L) fp32
+    lse_t: torch.Tensor,  # (B, L) fp32
+    gbar: torch.Tensor,  # (B, L) fp32
+    kind: str,
+    target_is: str,
+    temperature: float,
+    coef: float,
+) -> torch.Tensor:
+    """Launch the backward: returns dD/dz scaled per row by grad, (B, L, V) in the student's dtype."""
+    B, L, V = student.shape
+    dz = torch.empty((B, L, V), dtype=student.dtype, device=student.device)
+    if B * L == 0:
+        return dz
+    block_v, num_warps = row_config(V)
+    divergence_backward_kernel[(B * L,)](
+        grad.contiguous(), student, teacher, valid.contiguous(), lse_q, lse_t, gbar, dz,
+        L, V,
+        student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1),
+        **_kind_args(kind, target_is, temperature, coef),
+        BLOCK_V=block_v, num_warps=num_warps,
+    )  # fmt: skip
+    return dz

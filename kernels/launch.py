@@ -1,0 +1,18 @@
+"""Constants shared by every backend, and the one place where the row kernels' block sizes and warp
+counts are chosen. Imports nothing heavy, so that ``klops`` can read the constants without triton."""
+
+# Divergence kinds and teacher encodings, in the order of their integer ids (Triton constexprs, the
+# ``kind`` / ``target`` ints of the CUDA ops).
+DIVERGENCE_KINDS = ("forward", "reverse", "jsd", "skew_forward", "skew_reverse", "tv", "alpha")
+TARGET_KINDS = ("logits", "logprobs", "probs")
+
+
+def row_config(vocab_size: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) for a kernel that streams one row of ``vocab_size`` entries per program.
+
+    The row is swept in blocks of BLOCK_V elements; 4096 fp32 lanes over 8 warps keeps 16 values per
+    thread in flight, enough to saturate HBM on A100/H100 without spilling the online accumulators.
+    """
+    block = min(4096, max(128, 1 << (vocab_size - 1).bit_length()))
+    num_warps = 8 if block >= 2048 else 4
+    return block, num_warps

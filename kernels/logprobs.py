@@ -1,0 +1,176 @@
+"""Triton kernels for log-softmax-gather and entropy (SPEC.md §2), one program per row.
+
+With x = z/T, lse = logsumexp(x), q = softmax(x) and y the label of the row:
+
+    logprob = x_y - lse                     d logprob / dz_j = (1[j = y] - q_j) / T
+    entropy = lse - sum_v q_v x_v           d entropy / dz_j = -q_j (log q_j + entropy) / T
+
+Forward: one sweep keeps per-lane running max m, s = sum exp(x - m) and, for the entropy,
+w = sum exp(x - m) (x - m) (relative to m, so logits of magnitude 1e4 lose no precision); then
+lse = m + log s and entropy = log s - w / s. Backward: one sweep from the saved lse and entropy.
+Rows whose label is ignore_index get logprob 0, entropy 0 and a zero gradient.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .divergence import NEG_INF
+from .launch import row_config
+
+
+@triton.jit
+def logprobs_forward_kernel(
+    # data ptrs
+    z_ptr,  # (B, L, V) logits, last-dim stride 1
+    labels_ptr,  # (B*L,) int
+    logp_ptr,  # (B*L,) fp32 out
+    entropy_ptr,  # (B*L,) fp32 out (untouched unless WITH_ENTROPY)
+    lse_ptr,  # (B*L,) fp32 out
+    # shapes
+    L,
+    V,
+    # strides
+    stride_zb,
+    stride_zl,
+    # constants
+    inv_temperature,
+    ignore_index,
+    WITH_ENTROPY: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    if label == ignore_index:
+        tl.store(logp_ptr + row, 0.0)
+        tl.store(lse_ptr + row, 0.0)
+        if WITH_ENTROPY:
+            tl.store(entropy_ptr + row, 0.0)
+        return
+    z_row = z_ptr + (row // L) * stride_zb + (row % L) * stride_zl
+    cols = tl.arange(0, BLOCK_V)
+    m = tl.full([BLOCK_V], NEG_INF, tl.float32)
+    s = tl.zeros([BLOCK_V], tl.float32)
+    w = tl.zeros([BLOCK_V], tl.float32)
+    for start in range(0, V, BLOCK_V):
+        x = tl.load(z_row + start + cols, mask=start + cols < V, other=NEG_INF).to(tl.float32)
+        x = x * inv_temperature
+        m_new = tl.maximum(m, x)
+        m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
+        rescale = tl.exp(m - m_safe)
+        e = tl.exp(x - m_safe)
+        if WITH_ENTROPY:  # w relative to the new max: exp(m - m') (w + (m - m') s) + e (x - m')
+            shift = tl.where(m == NEG_INF, 0.0, m - m_safe)
+            w = rescale * (w + shift * s) + tl.where(x == NEG_INF, 0.0, e * (x - m_safe))
+        s = s * rescale + e
+        m = m_new
+    m_row = tl.max(m, 0)
+    m_row_safe = tl.where(m_row == NEG_INF, 0.0, m_row)
+    rescale = tl.exp(m - m_row_safe)
+    s_row = tl.sum(s * rescale, 0)
+    lse = m_row_safe + tl.log(s_row)
+    x_label = tl.load(z_row + label).to(tl.float32) * inv_temperature
+    tl.store(logp_ptr + row, x_label - lse)
+    tl.store(lse_ptr + row, lse)
+    if WITH_ENTROPY:
+        shift = tl.where(m == NEG_INF, 0.0, m - m_row_safe)
+        w_row = tl.sum(rescale * (w + shift * s), 0)
+        tl.store(entropy_ptr + row, tl.log(s_row) - w_row / s_row)
+
+
+@triton.jit
+def logprobs_backward_kernel(
+    # data ptrs
+    grad_logp_ptr,  # (B*L,) fp32
+    grad_entropy_ptr,  # (B*L,) fp32 (unused unless WITH_ENTROPY)
+    z_ptr,  # (B, L, V) logits
+    labels_ptr,  # (B*L,) int
+    lse_ptr,  # (B*L,) fp32
+    entropy_ptr,  # (B*L,) fp32 (unused unless WITH_ENTROPY)
+    dz_ptr,  # (B*L, V) out, contiguous, logits dtype
+    # shapes
+    L,
+    V,
+    # strides
+    stride_zb,
+    stride_zl,
+    # constants
+    inv_temperature,
+    ignore_index,
+    WITH_ENTROPY: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    dz_row = dz_ptr + row * V
+    cols = tl.arange(0, BLOCK_V)
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    if label == ignore_index:
+        for start in range(0, V, BLOCK_V):
+            tl.store(dz_row + start + cols, tl.zeros([BLOCK_V], tl.float32), mask=start + cols < V)
+        return
+    z_row = z_ptr + (row // L) * stride_zb + (row % L) * stride_zl
+    lse = tl.load(lse_ptr + row)
+    g_logp = tl.load(grad_logp_ptr + row) * inv_temperature
+    if WITH_ENTROPY:
+        g_entropy = tl.load(grad_entropy_ptr + row) * inv_temperature
+        entropy = tl.load(entropy_ptr + row)
+    for start in range(0, V, BLOCK_V):
+        mask = start + cols < V
+        x = tl.load(z_row + start + cols, mask=mask, other=NEG_INF).to(tl.float32) * inv_temperature
+        log_q = x - lse
+        q = tl.exp(log_q)
+        dz = g_logp * (tl.where(start + cols == label, 1.0, 0.0) - q)
+        if WITH_ENTROPY:
+            dz -= g_entropy * tl.where(q > 0.0, q * (log_q + entropy), 0.0)
+        tl.store(dz_row + start + cols, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+
+
+def logprobs_forward(
+    logits: torch.Tensor,  # (B, L, V)
+    labels: torch.Tensor,  # (B, L) int
+    temperature: float,
+    with_entropy: bool,
+    ignore_index: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the forward: returns (logprob, entropy, lse), each (B, L) fp32 (entropy 0 if not asked)."""
+    B, L, V = logits.shape
+    logp, lse = (torch.empty((B, L), dtype=torch.float32, device=logits.device) for _ in range(2))
+    entropy = (torch.empty if with_entropy else torch.zeros)((B, L), dtype=torch.float32, device=logits.device)
+    if B * L == 0:
+        return logp, entropy, lse
+    block_v, num_warps = row_config(V)
+    logprobs_forward_kernel[(B * L,)](
+        logits, labels.contiguous(), logp, entropy, lse,
+        L, V,
+        logits.stride(0), logits.stride(1),
+        1.0 / temperature, ignore_index,
+        WITH_ENTROPY=with_entropy, BLOCK_V=block_v, num_warps=num_warps,
+    )  # fmt: skip
+    return logp, entropy, lse
+
+
+def logprobs_backward(
+    grad_logp: torch.Tensor,  # (B, L) fp32
+    grad_entropy: torch.Tensor,  # (B, L) fp32
+    logits: torch.Tensor,  # (B, L, V)
+    labels: torch.Tensor,  # (B, L) int
+    lse: torch.Tensor,  # (B, L) fp32
+    entropy: torch.Tensor,  # (B, L) fp32
+    temperature: float,
+    with_entropy: bool,
+    ignore_index: int,
+) -> torch.Tensor:
+    """Launch the backward: returns the logits gradient, (B, L, V) in the logits' dtype."""
+    B, L, V = logits.shape
+    dz = torch.empty((B, L, V), dtype=logits.dtype, device=logits.device)
+    if B * L == 0:
+        return dz
+    block_v, num_warps = row_config(V)
+    logprobs_backward_kernel[(B * L,)](
+        grad_logp.contiguous(), grad_entropy.contiguous(), logits, labels.contiguous(), lse, entropy, dz,
+        L, V,
+        logits.stride(0), logits.stride(1),
+        1.0 / temperature, ignore_index,
+        WITH_ENTROPY=with_entropy, BLOCK_V=block_v, num_warps=num_warps,
+    )  # fmt: skip
+    return dz

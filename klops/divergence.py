@@ -1,0 +1,348 @@
+"""``klops.fused_kl``: token-level KL and f-divergences on logits (SPEC.md §1).
+
+Layers of this op: ``kernels/divergence.py`` (Triton), ``csrc/divergence.cu`` (CUDA), the chunked torch
+backend below, the custom ops ``klops::divergence`` / ``klops::divergence_backward``, and ``fused_kl``.
+
+Gradient strategy: recomputation. The forward sweeps each row twice (logsumexp of both inputs, then
+the loss and ``gbar``) and keeps only three fp32 numbers per row; the backward sweeps once more and
+writes ``dz``. Writing the gradient in the forward instead would move more bytes (a third sweep plus
+a read-modify-write of ``dz`` to apply ``grad_output``: 18 vs 14 bytes per bf16 entry) and would hold a
+[N, V] gradient alive from the loss to the backward; with recomputation nothing of size [N, V] lives
+between them except the inputs the trainer holds anyway.
+"""
+
+import math
+
+import torch
+
+from . import _inputs
+from .backend import resolve_backend
+from .kernels.launch import DIVERGENCE_KINDS, TARGET_KINDS
+
+__all__ = ["fused_kl", "DIVERGENCE_KINDS"]
+
+# The torch backend materializes about eight fp32 temporaries per chunk of rows: cap a chunk at this
+# many entries (16 MiB per temporary).
+TORCH_CHUNK_ELEMENTS = 1 << 22
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch backend: the kernels' math, chunked over rows so that its extra memory is O(chunk * V).
+
+
+def row_chunks(B: int, L: int, V: int):
+    """(b, slice of l) pieces of a (B, L, V) row grid, each at most TORCH_CHUNK_ELEMENTS entries."""
+    step = max(1, TORCH_CHUNK_ELEMENTS // V)
+    for b in range(B):
+        for start in range(0, L, step):
+            yield b, slice(start, min(L, start + step))
+
+
+def _mixture_logs(coef: float) -> tuple[float, float]:
+    """(log coef, log(1 - coef)): the mixture weights of jsd / skew_*, -inf at the ends."""
+    if not 0.0 <= coef <= 1.0:  # Amari alpha outside [0, 1] uses no mixture
+        return 0.0, 0.0
+    return (math.log(coef) if coef > 0 else -math.inf), (math.log1p(-coef) if coef < 1 else -math.inf)
+
+
+def _teacher_log(y: torch.Tensor, target_is: str, temperature: float) -> torch.Tensor:
+    """Unnormalized teacher log-weights t (fp32): y/T, y or log y."""
+    y = y.float()
+    if target_is == "logits":
+        return y / temperature
+    return y if target_is == "logprobs" else y.log()
+
+
+def _divergence_terms(lq: torch.Tensor, lp: torch.Tensor, kind: str, coef: float):
+    """Per-entry (loss_v, a_v) with D = sum loss_v and dD/dz = (a - q sum a) / T; mirrors the kernel."""
+    q, p = lq.exp(), lp.exp()
+    q_pos, p_pos = lq != -math.inf, lp != -math.inf
+    log_coef, log_1m_coef = _mixture_logs(coef)
+    zero = lq.new_zeros(())
+    if kind == "forward":
+        loss, a = torch.where(p_pos, p * (lp - lq), zero), -p
+    elif kind == "reverse":
+        loss = torch.where(q_pos, q * (lq - lp), zero)
+        a = loss
+    elif kind == "jsd":
+        lm = torch.logaddexp(log_coef + lp, log_1m_coef + lq)
+        kl_qm = torch.where(q_pos, q * (lq - lm), zero)
+        loss = coef * torch.where(p_pos, p * (lp - lm), zero) + (1 - coef) * kl_qm
+        a = (1 - coef) * kl_qm
+    elif kind == "skew_forward":
+        lm = torch.logaddexp(log_coef + lp, log_1m_coef + lq)
+        loss = torch.where(p_pos, p * (lp - lm), zero)
+        a = torch.where(p_pos & q_pos, -(1 - coef) * torch.exp(lp + lq - lm), zero)
+    elif kind == "skew_reverse":
+        ln = torch.logaddexp(log_1m_coef + lp, log_coef + lq)
+        log_qn = torch.where(q_pos, lq - ln, zero)
+        loss = q * log_qn
+        a = q * (log_qn + 1 - coef * log_qn.exp())
+    elif kind == "tv":
+        loss = 0.5 * (p - q).abs()
+        a = 0.5 * q * torch.sign(q - p)
+    else:  # alpha (Amari)
+        w = torch.exp(coef * lp + (1 - coef) * lq)
+        loss = (q - w) / (coef * (1 - coef))
+        a = -w / coef
+    both_zero = ~p_pos & ~q_pos
+    return torch.where(both_zero, zero, loss), torch.where(both_zero, zero, a)
+
+
+def _row_logprobs(student, teacher, lse_q, lse_t, target_is: str, temperature: float):
+    """(log q, log p) of a chunk of rows from their saved logsumexps."""
+    lq = student.float() / temperature - lse_q[:, None]
+    t = _teacher_log(teacher, target_is, temperature)
+    return lq, (t - lse_t[:, None] if target_is == "logits" else t)
+
+
+def divergence_forward_torch(student, teacher, valid, kind: str, target_is: str, temperature: float, coef: float):
+    """Chunked torch forward over (B, L, V) rows: (D, lse_q, lse_t, gbar), each (B, L) fp32."""
+    B, L, V = student.shape
+    loss, lse_q, lse_t, gbar = (student.new_zeros((B, L), dtype=torch.float32) for _ in range(4))
+    for b, rows in row_chunks(B, L, V):
+        keep = valid[b, rows]
+        chunk_lse_q = torch.logsumexp(student[b, rows].float() / temperature, dim=-1)
+        chunk_lse_t = torch.logsumexp(_teacher_log(teacher[b, rows], target_is, temperature), dim=-1)
+        lq, lp = _row_logprobs(student[b, rows], teacher[b, rows], chunk_lse_q, chunk_lse_t, target_is, temperature)
+        entry_loss, a = _divergence_terms(lq, lp, kind, coef)
+        loss[b, rows] = torch.where(keep, entry_loss.sum(-1), 0.0)
+        gbar[b, rows] = torch.where(keep, a.sum(-1), 0.0)
+        lse_q[b, rows] = torch.where(keep, chunk_lse_q, 0.0)
+        lse_t[b, rows] = torch.where(keep, chunk_lse_t, 0.0)
+    return loss, lse_q, lse_t, gbar
+
+
+def divergence_backward_torch(
+    grad, student, teacher, valid, lse_q, lse_t, gbar, kind: str, target_is: str, temperature: float, coef: float
+):
+    """Chunked torch backward: grad[row] * (a - q gbar) / T, (B, L, V) in the student's dtype."""
+    B, L, V = student.shape
+    dz = torch.empty((B, L, V), dtype=student.dtype, device=student.device)
+    for b, rows in row_chunks(B, L, V):
+        lq, lp = _row_logprobs(student[b, rows], teacher[b, rows], lse_q[b, rows], lse_t[b, rows], target_is, temperature)
+        _, a = _divergence_terms(lq, lp, kind, coef)
+        chunk = (grad[b, rows] / temperature)[:, None] * (a - lq.exp() * gbar[b, rows][:, None])
+        dz[b, rows] = torch.where(valid[b, rows][:, None], chunk, 0.0)
+    return dz
+
+
+# ----------------------------------------------------------------------------------------------------
+# custom ops: one op per direction, so torch.compile sees a single node and autograd a single backward.
+
+
+def _cuda_forward(student, teacher, valid, kind, target_is, temperature, coef):
+    return torch.ops.klops_C.divergence_forward(
+        student, teacher, valid, DIVERGENCE_KINDS.index(kind), TARGET_KINDS.index(target_is), temperature, coef
+    )
+
+
+def _cuda_backward(grad, student, teacher, valid, lse_q, lse_t, gbar, kind, target_is, temperature, coef):
+    return torch.ops.klops_C.divergence_backward(
+        grad, student, teacher, valid, lse_q, lse_t, gbar,
+        DIVERGENCE_KINDS.index(kind), TARGET_KINDS.index(target_is), temperature, coef,
+    )  # fmt: skip
+
+
+def _launchers(backend: str):
+    """(forward, backward) launchers of a concrete backend; triton is imported only when used."""
+    if backend == "triton":
+        from .kernels import divergence as triton_kernels
+
+        return triton_kernels.divergence_forward, triton_kernels.divergence_backward
+    if backend == "cuda":
+        return _cuda_forward, _cuda_backward
+    return divergence_forward_torch, divergence_backward_torch
+
+
+@torch.library.custom_op("klops::divergence", mutates_args=())
+def divergence_op(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    valid: torch.Tensor,
+    kind: str,
+    target_is: str,
+    temperature: float,
+    coef: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, L, V) student, teacher; (B, L) bool valid -> (D, lse_q, lse_t, gbar), each (B, L) fp32."""
+    forward, _ = _launchers(backend)
+    return forward(student, teacher, valid, kind, target_is, temperature, coef)
+
+
+@divergence_op.register_fake
+def _(student, teacher, valid, kind, target_is, temperature, coef, backend):
+    return tuple(student.new_empty(student.shape[:2], dtype=torch.float32) for _ in range(4))
+
+
+@torch.library.custom_op("klops::divergence_backward", mutates_args=())
+def divergence_backward_op(
+    grad: torch.Tensor,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    valid: torch.Tensor,
+    lse_q: torch.Tensor,
+    lse_t: torch.Tensor,
+    gbar: torch.Tensor,
+    kind: str,
+    target_is: str,
+    temperature: float,
+    coef: float,
+    backend: str,
+) -> torch.Tensor:
+    """(B, L) fp32 grad of D -> (B, L, V) gradient of the student logits (student dtype)."""
+    _, backward = _launchers(backend)
+    return backward(grad, student, teacher, valid, lse_q, lse_t, gbar, kind, target_is, temperature, coef)
+
+
+@divergence_backward_op.register_fake
+def _(grad, student, teacher, valid, lse_q, lse_t, gbar, kind, target_is, temperature, coef, backend):
+    return torch.empty(student.shape, dtype=student.dtype, device=student.device)
+
+
+def _setup_context(ctx, inputs, output):
+    student, teacher, valid, kind, target_is, temperature, coef, backend = inputs
+    _, lse_q, lse_t, gbar = output
+    ctx.save_for_backward(student, teacher, valid, lse_q, lse_t, gbar)
+    ctx.params = (kind, target_is, temperature, coef, backend)
+
+
+def _backward(ctx, grad_loss, _grad_lse_q, _grad_lse_t, _grad_gbar):
+    student, teacher, valid, lse_q, lse_t, gbar = ctx.saved_tensors
+    dz = divergence_backward_op(grad_loss, student, teacher, valid, lse_q, lse_t, gbar, *ctx.params)
+    return dz, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("klops::divergence", _backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------
+# public function
+
+
+def _check_coefficient(kind: str, beta, alpha) -> tuple[str, float]:
+    """The kernel's (kind, coef); jsd with beta 0 / 1 is exactly forward / reverse KL (SPEC.md §1)."""
+    if kind == "jsd":
+        beta = _inputs.check_real("beta", beta, low=0.0, high=1.0)
+        if beta == 0.0:
+            return "forward", 0.0
+        if beta == 1.0:
+            return "reverse", 0.0
+        return kind, beta
+    if kind in ("skew_forward", "skew_reverse"):
+        return kind, _inputs.check_real("alpha", alpha, low=0.0, high=1.0)
+    if kind == "alpha":
+        alpha = _inputs.check_real("alpha", alpha, low=-math.inf, high=math.inf, open_low=True)
+        if alpha in (0.0, 1.0):
+            raise ValueError("alpha must not be 0 or 1 for kind='alpha' (use kind='reverse' / 'forward')")
+        return kind, alpha
+    return kind, 0.0
+
+
+def reduce_rows(rows: torch.Tensor, valid: torch.Tensor, reduction: str, num_items) -> torch.Tensor:
+    """SPEC.md §0 reductions of per-row values (0 on invalid rows); no host sync."""
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    if num_items is not None:
+        return total / num_items
+    if reduction == "sum":
+        return total
+    return total / valid.sum().clamp(min=1)
+
+
+def fused_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    kind: str = "forward",
+    *,
+    beta: float = 0.5,
+    alpha: float = 0.5,
+    temperature: float = 1.0,
+    labels: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items: int | torch.Tensor | None = None,
+    target_is: str = "logits",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Token-level divergence between teacher p and student q over the vocabulary, fused.
+
+    ``q = softmax(student_logits / T)``; ``p = softmax(teacher_logits / T)`` (``target_is="logits"``), or
+    ``p = exp(teacher_logits)`` (``"logprobs"``) or ``p = teacher_logits`` (``"probs"``): a teacher given as
+    log-probs or probs is used as it is, without temperature or renormalization.
+
+    ==============  ====================================  ===========================================
+    kind            D(p, q) per row                       f-DPO generator, D = sum p f(q/p)
+    ==============  ====================================  ===========================================
+    forward         KL(p||q) = sum p log(p/q)              f(w) = -log w
+    reverse         KL(q||p) = sum q log(q/p)              f(w) = w log w
+    jsd (beta)      beta KL(p||m) + (1-beta) KL(q||m),     beta=1/2: half of f(w) = w log w
+                    m = beta p + (1-beta) q;               - (w+1) log((w+1)/2)
+                    beta=0: KL(p||q), beta=1: KL(q||p)
+    skew_forward    KL(p||m), m = alpha p + (1-alpha) q    f(w) = -log(alpha + (1-alpha) w)
+    skew_reverse    KL(q||n), n = (1-alpha) p + alpha q    f(w) = w log(w / (1-alpha + alpha w))
+    tv              1/2 sum |p - q|                        f(w) = |w - 1| / 2
+    alpha (Amari)   (1 - sum p^a q^(1-a)) / (a (1-a))      f(w) = (w^(1-a) - (1-a) w - a) / (a (a-1))
+    ==============  ====================================  ===========================================
+
+    Args:
+        student_logits: [..., V] fp32/bf16/fp16, stride 1 along V; receives the gradient
+            ``dD/dz = q (g - sum q g) / T`` (SPEC.md §1) in its own dtype.
+        teacher_logits: [..., V], any of those dtypes; gets no gradient (it is treated as a constant).
+        labels, mask: [...] optional; rows whose label is ``ignore_index`` or whose mask is 0 give 0 and
+            a zero gradient.
+        weights: [...] or [N] optional per-row weights multiplying D (for AKL / BD-KD mixtures); they get the
+            gradient D.
+        reduction: "none" ([...] fp32), "sum", "mean" / "batchmean" (over valid rows, unweighted count);
+            ``num_items`` (int or 0-d tensor) replaces the denominator.
+        backend: "auto" | "cuda" | "triton" | "torch" (see ``klops.backend``).
+
+    Returns the fp32 loss.
+    """
+    _inputs.check_logits("student_logits", student_logits)
+    _inputs.check_logits("teacher_logits", teacher_logits)
+    _inputs.check_choice("kind", kind, DIVERGENCE_KINDS)
+    _inputs.check_choice("target_is", target_is, TARGET_KINDS)
+    _inputs.check_choice("reduction", reduction, _inputs.REDUCTIONS)
+    if teacher_logits.shape[-1] != student_logits.shape[-1]:
+        raise ValueError(
+            f"vocabulary mismatch: student_logits has V={student_logits.shape[-1]}, teacher_logits has "
+            f"V={teacher_logits.shape[-1]}; pad the smaller one with -inf logits"
+        )
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(
+            f"teacher_logits must have the shape of student_logits {tuple(student_logits.shape)}, "
+            f"got {tuple(teacher_logits.shape)}"
+        )
+    if teacher_logits.device != student_logits.device:
+        raise ValueError(f"teacher_logits is on {teacher_logits.device} but student_logits is on {student_logits.device}")
+    kernel_kind, coef = _check_coefficient(kind, beta, alpha)
+    temperature = _inputs.check_temperature(temperature)
+    _inputs.check_num_items(num_items)
+    rows_shape = student_logits.shape[:-1]
+    valid = torch.ones(rows_shape, dtype=torch.bool, device=student_logits.device)
+    if labels is not None:
+        _inputs.check_same_rows("labels", labels, "student_logits", student_logits, integer=True)
+        _inputs.check_labels_in_range("labels", labels, student_logits.shape[-1], ignore_index)
+        valid = valid & (labels != ignore_index)
+    if mask is not None:
+        _inputs.check_same_rows("mask", mask, "student_logits", student_logits)
+        valid = valid & (mask != 0)
+    if weights is not None:
+        if isinstance(weights, torch.Tensor) and weights.dim() == 1 and weights.numel() == math.prod(rows_shape):  # flat [N] weights
+            weights = weights.reshape(rows_shape)
+        _inputs.check_same_rows("weights", weights, "student_logits", student_logits)
+    backend = resolve_backend(backend, student_logits.device)
+
+    student3, teacher3 = _inputs.as_rows(student_logits, teacher_logits)
+    rows, _, _, _ = divergence_op(
+        student3, teacher3, valid.reshape(student3.shape[:2]), kernel_kind, target_is, temperature, coef, backend
+    )
+    rows = rows.reshape(rows_shape)
+    if weights is not None:
+        rows = rows * weights.float()
+    return reduce_rows(rows, valid, reduction, num_items)

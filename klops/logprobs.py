@@ -1,0 +1,177 @@
+"""``klops.logprobs``: log-softmax-gather and entropy in one pass (SPEC.md §2).
+
+Layers of this op: ``kernels/logprobs.py`` (Triton), ``csrc/logprobs.cu`` (CUDA), the chunked torch
+backend below, the custom ops ``klops::logprobs`` / ``klops::logprobs_backward``, and ``logprobs``.
+The forward keeps only ``lse`` and the entropy per row (fp32); the backward recomputes ``q``.
+"""
+
+import torch
+
+from . import _inputs
+from .backend import resolve_backend
+from .divergence import row_chunks
+
+__all__ = ["logprobs"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch backend, chunked over rows.
+
+
+def logprobs_forward_torch(logits, labels, temperature: float, with_entropy: bool, ignore_index: int):
+    """Chunked torch forward over (B, L, V) rows: (logprob, entropy, lse), each (B, L) fp32."""
+    B, L, V = logits.shape
+    logp, entropy, lse = (logits.new_zeros((B, L), dtype=torch.float32) for _ in range(3))
+    for b, rows in row_chunks(B, L, V):
+        x = logits[b, rows].float() / temperature
+        keep = labels[b, rows] != ignore_index
+        chunk_lse = torch.logsumexp(x, dim=-1)
+        picked = x.gather(-1, torch.where(keep, labels[b, rows], 0)[:, None]).squeeze(-1)
+        logp[b, rows] = torch.where(keep, picked - chunk_lse, 0.0)
+        lse[b, rows] = torch.where(keep, chunk_lse, 0.0)
+        if with_entropy:
+            log_q = x - chunk_lse[:, None]
+            q = log_q.exp()
+            chunk_entropy = -(q * torch.where(q > 0, log_q, 0.0)).sum(-1)
+            entropy[b, rows] = torch.where(keep, chunk_entropy, 0.0)
+    return logp, entropy, lse
+
+
+def logprobs_backward_torch(
+    grad_logp, grad_entropy, logits, labels, lse, entropy, temperature: float, with_entropy: bool, ignore_index: int
+):
+    """Chunked torch backward: ((onehot - q) g_logp - q (log q + H) g_H) / T in the logits' dtype."""
+    B, L, V = logits.shape
+    dz = torch.empty((B, L, V), dtype=logits.dtype, device=logits.device)
+    for b, rows in row_chunks(B, L, V):
+        keep = labels[b, rows] != ignore_index
+        log_q = logits[b, rows].float() / temperature - lse[b, rows][:, None]
+        q = log_q.exp()
+        onehot = torch.zeros_like(q).scatter_(-1, torch.where(keep, labels[b, rows], 0)[:, None], 1.0)
+        chunk = grad_logp[b, rows][:, None] * (onehot - q)
+        if with_entropy:
+            q_log_q_h = q * torch.where(q > 0, log_q + entropy[b, rows][:, None], 0.0)
+            chunk = chunk - grad_entropy[b, rows][:, None] * q_log_q_h
+        dz[b, rows] = torch.where(keep[:, None], chunk / temperature, 0.0)
+    return dz
+
+
+# ----------------------------------------------------------------------------------------------------
+# custom ops
+
+
+def _launchers(backend: str):
+    if backend == "triton":
+        from .kernels import logprobs as triton_kernels
+
+        return triton_kernels.logprobs_forward, triton_kernels.logprobs_backward
+    if backend == "cuda":
+        return torch.ops.klops_C.logprobs_forward, torch.ops.klops_C.logprobs_backward
+    return logprobs_forward_torch, logprobs_backward_torch
+
+
+@torch.library.custom_op("klops::logprobs", mutates_args=())
+def logprobs_op(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
+    with_entropy: bool,
+    ignore_index: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, L, V) logits, (B, L) labels -> (logprob, entropy, lse), each (B, L) fp32."""
+    forward, _ = _launchers(backend)
+    return forward(logits, labels, temperature, with_entropy, ignore_index)
+
+
+@logprobs_op.register_fake
+def _(logits, labels, temperature, with_entropy, ignore_index, backend):
+    return tuple(logits.new_empty(logits.shape[:2], dtype=torch.float32) for _ in range(3))
+
+
+@torch.library.custom_op("klops::logprobs_backward", mutates_args=())
+def logprobs_backward_op(
+    grad_logp: torch.Tensor,
+    grad_entropy: torch.Tensor,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    temperature: float,
+    with_entropy: bool,
+    ignore_index: int,
+    backend: str,
+) -> torch.Tensor:
+    """(B, L) fp32 grads of logprob and entropy -> (B, L, V) gradient of the logits (logits dtype)."""
+    _, backward = _launchers(backend)
+    return backward(grad_logp, grad_entropy, logits, labels, lse, entropy, temperature, with_entropy, ignore_index)
+
+
+@logprobs_backward_op.register_fake
+def _(grad_logp, grad_entropy, logits, labels, lse, entropy, temperature, with_entropy, ignore_index, backend):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, labels, temperature, with_entropy, ignore_index, backend = inputs
+    _, entropy, lse = output
+    ctx.save_for_backward(logits, labels, lse, entropy)
+    ctx.params = (temperature, with_entropy, ignore_index, backend)
+
+
+def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
+    logits, labels, lse, entropy = ctx.saved_tensors
+    grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp
+    grad_entropy = torch.zeros_like(lse) if grad_entropy is None else grad_entropy
+    dz = logprobs_backward_op(grad_logp, grad_entropy, logits, labels, lse, entropy, *ctx.params)
+    return dz, None, None, None, None, None
+
+
+torch.library.register_autograd("klops::logprobs", _backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------
+# public function
+
+
+def logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of each label, and optionally the entropy, in one pass over the vocabulary.
+
+    With ``x = logits / T``, ``lse = logsumexp(x)`` and ``q = softmax(x)``:
+    ``logprob = x[label] - lse`` (TRL's ``selective_log_softmax``) and ``entropy = -sum q log q``.
+    Gradients: ``(onehot - q) / T`` and ``-q (log q + entropy) / T``.
+
+    Args:
+        logits: [..., V] fp32/bf16/fp16, stride 1 along V.
+        labels: [...] integer, in [0, V) or ``ignore_index`` (those rows give 0 and a zero gradient).
+        temperature: the sampling temperature T > 0 the logits are divided by.
+        return_entropy: also return the per-token entropy.
+        backend: "auto" | "cuda" | "triton" | "torch".
+
+    Returns ``logprob`` of shape ``labels.shape`` (fp32), or ``(logprob, entropy)``.
+    """
+    _inputs.check_logits("logits", logits)
+    _inputs.check_same_rows("labels", labels, "logits", logits, integer=True)
+    _inputs.check_labels_in_range("labels", labels, logits.shape[-1], ignore_index)
+    temperature = _inputs.check_temperature(temperature)
+    if not isinstance(return_entropy, bool):
+        raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
+    backend = resolve_backend(backend, logits.device)
+
+    (logits3,) = _inputs.as_rows(logits)
+    rows_shape = labels.shape
+    logp, entropy, _ = logprobs_op(
+        logits3, labels.reshape(logits3.shape[:2]), temperature, return_entropy, ignore_index, backend
+    )
+    if return_entropy:
+        return logp.reshape(rows_shape), entropy.reshape(rows_shape)
+    return logp.reshape(rows_shape)
+
