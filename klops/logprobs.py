@@ -25,12 +25,16 @@ def logprobs_forward_torch(logits, labels, temperature: float, with_entropy: boo
     for b, rows in row_chunks(B, L, V):
         x = logits[b, rows].float() / temperature
         keep = labels[b, rows] != ignore_index
-        chunk_lse = torch.logsumexp(x, dim=-1)
-        picked = x.gather(-1, torch.where(keep, labels[b, rows], 0)[:, None]).squeeze(-1)
-        logp[b, rows] = torch.where(keep, picked - chunk_lse, 0.0)
-        lse[b, rows] = torch.where(keep, chunk_lse, 0.0)
+        # Shift by the row max first (as the kernels do), so that log q near the max keeps full
+        # precision when the logits are large.
+        row_max = x.amax(dim=-1, keepdim=True)
+        row_max = torch.where(row_max == -torch.inf, 0.0, row_max)
+        lse_shifted = torch.logsumexp(x - row_max, dim=-1, keepdim=True)
+        log_q = (x - row_max) - lse_shifted
+        picked = log_q.gather(-1, torch.where(keep, labels[b, rows], 0)[:, None]).squeeze(-1)
+        logp[b, rows] = torch.where(keep, picked, 0.0)
+        lse[b, rows] = torch.where(keep, (row_max + lse_shifted).squeeze(-1), 0.0)
         if with_entropy:
-            log_q = x - chunk_lse[:, None]
             q = log_q.exp()
             chunk_entropy = -(q * torch.where(q > 0, log_q, 0.0)).sum(-1)
             entropy[b, rows] = torch.where(keep, chunk_entropy, 0.0)

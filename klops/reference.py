@@ -17,6 +17,11 @@ def _sum_xlogy(x: torch.Tensor, log_x: torch.Tensor, log_y: torch.Tensor) -> tor
     return (x * diff).sum(-1)
 
 
+def _safe_log(x: torch.Tensor) -> torch.Tensor:
+    """log x, with a zero gradient (not NaN) where x = 0; callers weight those entries by 0."""
+    return torch.where(x > 0, x, 1.0).log().where(x > 0, -torch.inf)
+
+
 def _teacher_logprobs(teacher: torch.Tensor, target_is: str, temperature: float) -> torch.Tensor:
     y = teacher.double()
     if target_is == "logits":
@@ -50,14 +55,14 @@ def divergence_reference(
         return _sum_xlogy(q, log_q, log_p)
     if kind == "jsd":
         m = beta * p + (1 - beta) * q
-        log_m = torch.log(m)
+        log_m = _safe_log(m)
         return beta * _sum_xlogy(p, log_p, log_m) + (1 - beta) * _sum_xlogy(q, log_q, log_m)
     if kind == "skew_forward":
         m = alpha * p + (1 - alpha) * q
-        return _sum_xlogy(p, log_p, torch.log(m))
+        return _sum_xlogy(p, log_p, _safe_log(m))
     if kind == "skew_reverse":
         n = (1 - alpha) * p + alpha * q
-        return _sum_xlogy(q, log_q, torch.log(n))
+        return _sum_xlogy(q, log_q, _safe_log(n))
     if kind == "tv":
         return 0.5 * (p - q).abs().sum(-1)
     if kind == "alpha":

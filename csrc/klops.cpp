@@ -1,0 +1,49 @@
+// klops._C: the CUDA kernels of klops as torch ops in the namespace klops_C (schemas here, CUDA
+// implementations in divergence.cu and logprobs.cu), plus build information for Python.
+
+#include <cuda.h>  // CUDA_VERSION
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+#include <string>
+
+#ifndef KLOPS_CUDA_ARCH_LIST
+#error "KLOPS_CUDA_ARCH_LIST must be defined by setup.py"
+#endif
+
+namespace {
+
+// The CUDA toolkit version this module was compiled with, e.g. "13.0".
+std::string cuda_version() {
+  return std::to_string(CUDA_VERSION / 1000) + "." + std::to_string(CUDA_VERSION % 1000 / 10);
+}
+
+// The TORCH_CUDA_ARCH_LIST this module was compiled for, e.g. "9.0".
+std::string arch_list() { return KLOPS_CUDA_ARCH_LIST; }
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "CUDA kernels of klops, registered as torch.ops.klops_C.*";
+  m.def("cuda_version", &cuda_version, "CUDA toolkit version klops._C was compiled with");
+  m.def("arch_list", &arch_list, "TORCH_CUDA_ARCH_LIST klops._C was compiled for");
+}
+
+// kind indexes ("forward", "reverse", "jsd", "skew_forward", "skew_reverse", "tv", "alpha"),
+// target indexes ("logits", "logprobs", "probs"); coef is beta (jsd) or alpha (skew_*, alpha).
+TORCH_LIBRARY(klops_C, m) {
+  m.def(
+      "divergence_forward(Tensor student, Tensor teacher, Tensor valid, int kind, int target, "
+      "float temperature, float coef) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "divergence_backward(Tensor grad, Tensor student, Tensor teacher, Tensor valid, "
+      "Tensor lse_q, Tensor lse_t, Tensor gbar, int kind, int target, float temperature, "
+      "float coef) -> Tensor");
+  m.def(
+      "logprobs_forward(Tensor logits, Tensor labels, float temperature, bool with_entropy, "
+      "int ignore_index) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "logprobs_backward(Tensor grad_logp, Tensor grad_entropy, Tensor logits, Tensor labels, "
+      "Tensor lse, Tensor entropy, float temperature, bool with_entropy, int ignore_index) "
+      "-> Tensor");
+}

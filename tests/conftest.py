@@ -1,0 +1,55 @@
+"""Shared fixtures: the backends and device under test, seeded generators, and a verbose allclose."""
+
+import zlib
+
+import pytest
+import torch
+
+from klops.backend import available_backends
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# Every concrete backend usable here: torch always; triton on a GPU or under TRITON_INTERPRET=1
+# (CI runs the suite that way); cuda when klops._C is built and a GPU is present.
+BACKENDS = available_backends(DEVICE)
+
+# (rtol, atol as a fraction of max |expected|) for kernel vs float64 reference, by input dtype.
+# Losses are accumulated in fp32 whatever the input; gradients are rounded to the input dtype. For fp32
+# the gradient's error is that of log q - log p in fp32 (about 1e-7 |z/T|), which the divergences'
+# gradients cancel down to: at T = 0.3 (|z/T| ~ 25) jsd's reaches 2.7e-4 of the largest entry on both
+# the Triton and the torch backend. Shifting by the raw row max before dividing by T would tighten it.
+LOSS_TOL = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (1e-5, 1e-6), torch.float16: (1e-5, 1e-6)}
+GRAD_TOL = {torch.float32: (1e-4, 5e-4), torch.bfloat16: (1.6e-2, 4e-3), torch.float16: (2e-3, 1e-3)}
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
+
+
+@pytest.fixture
+def gen(request):
+    """A generator seeded from the test id: fresh inputs per test, reproducible per test."""
+    seed = zlib.crc32(request.node.nodeid.encode())
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(*shape, gen, dtype=torch.float32, scale=1.0):
+    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype).to(DEVICE)
+
+
+def assert_close(actual, expected, tol, what=""):
+    """allclose with atol relative to the largest expected magnitude; prints the worst mismatches."""
+    rtol, atol_frac = tol
+    expected = expected.to(torch.float64)
+    actual = actual.to(torch.float64)
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    finite = expected[torch.isfinite(expected)]
+    atol = atol_frac * (finite.abs().max().item() if finite.numel() else 1.0) + 1e-12
+    ok = torch.isclose(actual, expected, rtol=rtol, atol=atol, equal_nan=False)
+    ok |= (actual == expected) & ~torch.isfinite(expected)  # same infinities
+    if not bool(ok.all()):
+        bad = (~ok).nonzero()[:5].tolist()
+        rows = [f"  at {i}: got {actual[tuple(i)].item():.8g}, expected {expected[tuple(i)].item():.8g}" for i in bad]
+        raise AssertionError(
+            f"{what}: {(~ok).sum().item()} of {ok.numel()} mismatched (rtol={rtol}, atol={atol:.3g})\n" + "\n".join(rows)
+        )

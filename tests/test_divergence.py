@@ -1,0 +1,233 @@
+"""klops.fused_kl against the float64 reference (SPEC.md §1, §7), on every backend usable here."""
+
+import math
+
+import pytest
+import torch
+
+import klops
+from klops.reference import divergence_reference, fused_kl_reference
+
+from .conftest import DEVICE, GRAD_TOL, LOSS_TOL, assert_close, randn
+
+KINDS = klops.divergence.DIVERGENCE_KINDS
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Coefficients away from 1/2 so that a swapped beta / alpha cannot pass.
+COEF = {"jsd": dict(beta=0.3), "skew_forward": dict(alpha=0.2), "skew_reverse": dict(alpha=0.3), "alpha": dict(alpha=0.7)}
+
+
+def run_both(student, teacher, kind, backend, grad_out=None, **kw):
+    """(loss, student grad) from klops and from the float64 reference on the same inputs."""
+    z = student.detach().clone().requires_grad_()
+    loss = klops.fused_kl(z, teacher, kind, backend=backend, **kw)
+    z_ref = student.detach().clone().requires_grad_()
+    ref = fused_kl_reference(z_ref, teacher, kind, **kw)
+    g = torch.ones_like(ref) if grad_out is None else grad_out
+    loss.backward(g.to(loss.dtype))
+    ref.backward(g.to(ref.dtype))
+    return loss, z.grad, ref, z_ref.grad
+
+
+def check(student, teacher, kind, backend, dtype=torch.float32, grad_out=None, **kw):
+    loss, grad, ref, ref_grad = run_both(student, teacher, kind, backend, grad_out, **kw)
+    assert loss.dtype == torch.float32
+    assert grad.dtype == student.dtype and grad.shape == student.shape
+    assert_close(loss, ref, LOSS_TOL[dtype], f"{kind} loss")
+    assert_close(grad, ref_grad, GRAD_TOL[dtype], f"{kind} grad")
+    return loss, grad
+
+
+# Each shape has a reason: V odd and prime; V a power of two; V one past a 4096 block; 3-D rows.
+@pytest.mark.parametrize("shape", [(13, 67), (5, 256), (3, 4097), (2, 3, 331)])
+@pytest.mark.parametrize("kind", KINDS)
+def test_matches_reference(kind, shape, backend, gen):
+    check(randn(*shape, gen=gen, scale=2.0), randn(*shape, gen=gen, scale=2.0), kind, backend, **COEF.get(kind, {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", KINDS)
+def test_low_precision(kind, dtype, backend, gen):
+    student = randn(17, 301, gen=gen, dtype=dtype, scale=3.0)
+    check(student, randn(17, 301, gen=gen, dtype=dtype, scale=3.0), kind, backend, dtype, **COEF.get(kind, {}))
+
+
+def test_mixed_dtypes(backend, gen):
+    """bf16 student with an fp32 teacher: the gradient is bf16, the loss fp32."""
+    student = randn(9, 500, gen=gen, dtype=torch.bfloat16)
+    check(student, randn(9, 500, gen=gen), "forward", backend, torch.bfloat16)
+
+
+@pytest.mark.parametrize("temperature", [0.3, 3.0])
+@pytest.mark.parametrize("kind", ["forward", "reverse", "jsd", "alpha"])
+def test_temperature(kind, temperature, backend, gen):
+    student, teacher = randn(11, 129, gen=gen, scale=2), randn(11, 129, gen=gen, scale=2)
+    check(student, teacher, kind, backend, temperature=temperature, **COEF.get(kind, {}))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_large_logits(kind, backend, gen):
+    """Logits of magnitude 1e4: lse must be taken in a stable way; fp32 rounds z/T at ~1e-3."""
+    student, teacher = randn(6, 97, gen=gen, scale=1e4), randn(6, 97, gen=gen, scale=1e4)
+    loss, grad, ref, ref_grad = run_both(student, teacher, kind, backend, **COEF.get(kind, {}))
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    assert_close(loss, ref, (1e-3, 1e-3), f"{kind} loss")
+    assert_close(grad, ref_grad, (1e-2, 1e-2), f"{kind} grad")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_neg_inf_logits(kind, backend, gen):
+    """-inf columns (padded vocabulary) in both; -inf teacher-only entries where D stays finite."""
+    student, teacher = randn(8, 150, gen=gen), randn(8, 150, gen=gen)
+    student[:, 140:] = -math.inf
+    teacher[:, 140:] = -math.inf
+    if kind != "reverse":  # KL(q||p) is infinite where p = 0 < q
+        teacher[::2, 3:40:3] = -math.inf
+    loss, grad = check(student, teacher, kind, backend, reduction="none", **COEF.get(kind, {}))
+    assert torch.isfinite(loss).all()
+    assert (grad[:, 140:] == 0).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fully_masked(kind, backend, gen):
+    """All rows masked: loss 0, gradient 0, no NaN even with garbage (NaN, inf) in the masked rows."""
+    student, teacher = randn(4, 6, 70, gen=gen), randn(4, 6, 70, gen=gen)
+    student[0, 0, 0] = math.nan
+    teacher[1, 2, :] = math.inf
+    labels = torch.full((4, 6), -100, device=DEVICE)
+    for kw in (dict(labels=labels), dict(mask=torch.zeros(4, 6, device=DEVICE))):
+        z = student.clone().requires_grad_()
+        loss = klops.fused_kl(z, teacher, kind, backend=backend, **kw, **COEF.get(kind, {}))
+        loss.backward()
+        assert loss.item() == 0.0
+        assert (z.grad == 0).all()
+
+
+def test_partially_masked(backend, gen):
+    """Masked rows hold garbage; valid rows still match the reference; mean counts valid rows only."""
+    student, teacher = randn(2, 9, 80, gen=gen), randn(2, 9, 80, gen=gen)
+    labels = torch.randint(0, 80, (2, 9), generator=gen).to(DEVICE)
+    labels[0, 2:5] = -100
+    mask = torch.ones(2, 9, dtype=torch.bool, device=DEVICE)
+    mask[1, -2:] = False
+    check(student, teacher, "reverse", backend, labels=labels, mask=mask)
+    student[0, 3] = math.nan
+    loss = klops.fused_kl(student, teacher, "reverse", labels=labels, mask=mask, backend=backend)
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean", "batchmean"])
+def test_empty_batch(reduction, backend):
+    """N = 0: an empty or zero loss, an empty gradient, no error."""
+    z = torch.zeros(0, 33, device=DEVICE, requires_grad=True)
+    loss = klops.fused_kl(z, torch.zeros(0, 33, device=DEVICE), "jsd", reduction=reduction, backend=backend)
+    loss.sum().backward()
+    assert loss.shape == ((0,) if reduction == "none" else ())
+    assert loss.sum().item() == 0.0 and z.grad.shape == (0, 33)
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean", "batchmean"])
+def test_reductions_and_grad_output(reduction, backend, gen):
+    """Each reduction with a grad_output other than 1 (per row for 'none')."""
+    student, teacher = randn(3, 7, 90, gen=gen), randn(3, 7, 90, gen=gen)
+    labels = torch.randint(0, 90, (3, 7), generator=gen).to(DEVICE)
+    labels[1, :3] = -100
+    shape = (3, 7) if reduction == "none" else ()
+    grad_out = randn(*shape, gen=gen, dtype=torch.float64)
+    check(student, teacher, "skew_reverse", backend, grad_out=grad_out, labels=labels, reduction=reduction)
+
+
+def test_weights(backend, gen):
+    """Per-row weights: loss and both gradients (student logits and the weights) match the reference."""
+    student, teacher = randn(12, 64, gen=gen), randn(12, 64, gen=gen)
+    w = randn(12, gen=gen).abs().requires_grad_()
+    w_ref = w.detach().double().requires_grad_()
+    check(student, teacher, "forward", backend, weights=w.detach())
+    loss = klops.fused_kl(student, teacher, "forward", weights=w, backend=backend)
+    ref = fused_kl_reference(student, teacher, "forward", weights=w_ref)
+    loss.backward(), ref.backward()
+    assert_close(w.grad, w_ref.grad, (1e-5, 1e-6), "weights grad")
+
+
+def test_num_items_matches_one_big_batch(backend, gen):
+    """Two micro-batches normalized by the global valid count give the gradient of one big batch."""
+    student, teacher = randn(2, 10, 50, gen=gen), randn(2, 10, 50, gen=gen)
+    labels = torch.randint(0, 50, (2, 10), generator=gen).to(DEVICE)
+    labels[0, :4] = -100
+    z_big = student.clone().requires_grad_()
+    klops.fused_kl(z_big, teacher, "forward", labels=labels, backend=backend).backward()
+    z = student.clone().requires_grad_()
+    num_items = (labels != -100).sum()
+    for i in range(2):
+        klops.fused_kl(z[i], teacher[i], "forward", labels=labels[i], num_items=num_items, backend=backend).backward()
+    assert_close(z.grad, z_big.grad, GRAD_TOL[torch.float32], "accumulated grad")
+    loss_int = klops.fused_kl(student[0], teacher[0], labels=labels[0], num_items=int(num_items), backend=backend)
+    loss_sum = klops.fused_kl(student[0], teacher[0], labels=labels[0], reduction="sum", backend=backend)
+    assert_close(loss_int, loss_sum / int(num_items), (1e-6, 1e-7), "int num_items")
+
+
+def test_non_contiguous(backend, gen):
+    """Sliced logits (logits[:, :-1]) and permuted leading dims are read in place, and match."""
+    base_s, base_t = randn(3, 8, 120, gen=gen), randn(8, 3, 120, gen=gen)
+    student = base_s[:, :-1]
+    teacher = base_t.transpose(0, 1)[:, 1:]
+    assert not student.is_contiguous() and not teacher.is_contiguous()
+    check(student, teacher, "jsd", backend, beta=0.3)
+
+
+@pytest.mark.parametrize("target_is", ["logprobs", "probs"])
+@pytest.mark.parametrize("kind", ["forward", "reverse", "tv"])
+def test_teacher_as_logprobs_or_probs(kind, target_is, backend, gen):
+    student = randn(10, 77, gen=gen)
+    log_p = torch.log_softmax(randn(10, 77, gen=gen) * 2, dim=-1)
+    teacher = log_p if target_is == "logprobs" else log_p.exp()
+    loss, grad = check(student, teacher, kind, backend, target_is=target_is, temperature=2.0)
+    as_logits = klops.fused_kl(student, log_p * 2.0, kind, temperature=2.0, backend=backend)
+    assert_close(loss, as_logits, (1e-5, 1e-6), "same teacher given as logits")
+
+
+def test_jsd_beta_endpoints_are_kl(backend, gen):
+    """beta = 0 gives KL(p||q), beta = 1 gives KL(q||p) (Liger / TRL convention), not 0."""
+    student, teacher = randn(6, 40, gen=gen), randn(6, 40, gen=gen)
+    fwd = klops.fused_kl(student, teacher, "forward", backend=backend)
+    rev = klops.fused_kl(student, teacher, "reverse", backend=backend)
+    assert_close(klops.fused_kl(student, teacher, "jsd", beta=0.0, backend=backend), fwd, (1e-6, 1e-7), "beta=0")
+    assert_close(klops.fused_kl(student, teacher, "jsd", beta=1.0, backend=backend), rev, (1e-6, 1e-7), "beta=1")
+    assert fwd.item() > 0.05 and rev.item() > 0.05
+
+
+def test_teacher_gets_no_gradient(backend, gen):
+    student = randn(5, 30, gen=gen).requires_grad_()
+    teacher = randn(5, 30, gen=gen).requires_grad_()
+    klops.fused_kl(student, teacher, "reverse", backend=backend).backward()
+    assert student.grad is not None and teacher.grad is None
+
+
+def test_module_wrapper(backend, gen):
+    student, teacher = randn(4, 5, 60, gen=gen), randn(4, 5, 60, gen=gen)
+    module = klops.nn.FusedKL("skew_forward", alpha=0.1, temperature=2.0, reduction="sum", backend=backend)
+    expected = klops.fused_kl(student, teacher, "skew_forward", alpha=0.1, temperature=2.0, reduction="sum", backend=backend)
+    assert_close(module(student, teacher), expected, (0, 0), "module")
+    assert "skew_forward" in repr(module)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_reference_gradcheck(kind, gen):
+    """The float64 reference is itself differentiable and smooth where it should be."""
+    student = torch.randn(3, 11, generator=gen, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(3, 11, generator=gen, dtype=torch.float64)
+    kw = COEF.get(kind, {})
+    torch.autograd.gradcheck(lambda z: divergence_reference(z, teacher, kind, temperature=1.5, **kw), (student,))
+
+
+def test_reference_known_values():
+    """Hand-computed values pin the reference itself to SPEC.md."""
+    p = torch.tensor([[0.5, 0.5]], dtype=torch.float64)
+    q = torch.tensor([[0.25, 0.75]], dtype=torch.float64)
+    z, y = q.log(), p.log()
+    kl_pq = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    kl_qp = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+    assert math.isclose(divergence_reference(z, y, "forward").item(), kl_pq, rel_tol=1e-12)
+    assert math.isclose(divergence_reference(z, y, "reverse").item(), kl_qp, rel_tol=1e-12)
+    assert math.isclose(divergence_reference(z, y, "tv").item(), 0.25, rel_tol=1e-12)
+    s = 0.5**0.5 * 0.25**0.5 + 0.5**0.5 * 0.75**0.5
+    assert math.isclose(divergence_reference(z, y, "alpha", alpha=0.5).item(), (1 - s) / 0.25, rel_tol=1e-12)
