@@ -8,8 +8,9 @@
     "auto"    cuda if built and on a GPU, else triton on a GPU, else torch
 """
 
-import functools
 import importlib
+import importlib.metadata
+import importlib.util
 import os
 
 import torch
@@ -17,22 +18,23 @@ import torch
 BACKENDS = ("auto", "cuda", "triton", "torch")
 
 
-@functools.cache
-def cuda_extension():
-    """The module klops._C, or None when it was not built (or does not load with this torch)."""
+def _load_cuda_extension():
     try:
         return importlib.import_module("klops._C")
-    except ImportError:
+    except ImportError:  # not built, or built against another torch
         return None
 
 
-@functools.cache
-def triton_version() -> str | None:
-    try:
-        import triton
-    except ImportError:
+def _triton_version() -> str | None:
+    if importlib.util.find_spec("triton") is None:
         return None
-    return triton.__version__
+    return importlib.metadata.version("triton")
+
+
+# Looked up once at import (cheap: triton itself is imported only when a Triton op runs), so that
+# torch.compile reads constants here instead of tracing imports.
+CUDA_EXTENSION = _load_cuda_extension()
+TRITON_VERSION = _triton_version()
 
 
 def triton_interpreter() -> bool:
@@ -42,9 +44,9 @@ def triton_interpreter() -> bool:
 def available_backends(device: torch.device) -> list[str]:
     """The concrete backends that can run on tensors of ``device`` here."""
     names = []
-    if device.type == "cuda" and cuda_extension() is not None:
+    if device.type == "cuda" and CUDA_EXTENSION is not None:
         names.append("cuda")
-    if triton_version() is not None and (device.type == "cuda" or triton_interpreter()):
+    if TRITON_VERSION is not None and (device.type == "cuda" or triton_interpreter()):
         names.append("triton")
     names.append("torch")
     return names
