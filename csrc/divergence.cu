@@ -129,6 +129,26 @@ struct Sum2 {
   }
 };
 
+// W consecutive entries of the student and teacher rows, as loaded.
+template <typename Ts, typename Tt, int W>
+struct Entries {
+  static constexpr int kWidth = W;
+  AlignedVec<Ts, W> z;
+  AlignedVec<Tt, W> y;
+};
+
+// The load of sweep_row for one row of the student and the teacher.
+template <typename Ts, typename Tt>
+struct RowLoader {
+  const Ts* z_row;
+  const Tt* y_row;
+
+  template <int W>
+  __device__ __forceinline__ Entries<Ts, Tt, W> operator()(int64_t j, Width<W>) const {
+    return {load_vec<W>(z_row + j), load_vec<W>(y_row + j)};
+  }
+};
+
 // Forward of row r = blockIdx.x, 2 sweeps over its V entries:
 //   sweep 1: lse_q = logsumexp_v(z_v / T), lse_t = logsumexp_v(t_v)
 //   sweep 2: D = sum_v loss_v, gbar = sum_v a_v, with log q_v = z_v/T - lse_q and
@@ -156,17 +176,14 @@ __global__ void __launch_bounds__(kMaxThreads) divergence_forward_kernel(
   const int64_t head = vec_head<VEC>(z_row, V);
   const bool vectorized = is_vec_aligned<VEC>(z_row + head) && is_vec_aligned<VEC>(y_row + head);
 
+  const RowLoader<Ts, Tt> load{z_row, y_row};
   LseAcc acc_q = LseAcc::identity();
   LseAcc acc_t = LseAcc::identity();
-  sweep_row<VEC>(V, head, vectorized, [&](int64_t j, auto width) {
-    constexpr int W = decltype(width)::value;
-    float zv[W], yv[W];
-    load_floats<W>(z_row + j, zv);
-    load_floats<W>(y_row + j, yv);
+  sweep_row<VEC>(V, head, vectorized, load, [&](int64_t, auto e) {
 #pragma unroll
-    for (int i = 0; i < W; ++i) {
-      acc_q.push(zv[i] * k.inv_temperature);
-      acc_t.push(teacher_log<TARGET>(yv[i], k.inv_temperature));
+    for (int i = 0; i < decltype(e)::kWidth; ++i) {
+      acc_q.push(e.z.get(i) * k.inv_temperature);
+      acc_t.push(teacher_log<TARGET>(e.y.get(i), k.inv_temperature));
     }
   });
   const float lse_q = block_reduce(acc_q).lse();
@@ -174,15 +191,11 @@ __global__ void __launch_bounds__(kMaxThreads) divergence_forward_kernel(
   const float norm_t = TARGET == LOGITS ? lse_t : 0.0f;  // log-probs / probs are taken as given
 
   Sum2 acc = Sum2::identity();
-  sweep_row<VEC>(V, head, vectorized, [&](int64_t j, auto width) {
-    constexpr int W = decltype(width)::value;
-    float zv[W], yv[W];
-    load_floats<W>(z_row + j, zv);
-    load_floats<W>(y_row + j, yv);
+  sweep_row<VEC>(V, head, vectorized, load, [&](int64_t, auto e) {
 #pragma unroll
-    for (int i = 0; i < W; ++i) {
-      const float lp = teacher_log<TARGET>(yv[i], k.inv_temperature) - norm_t;
-      const Terms t = divergence_terms<KIND>(zv[i] * k.inv_temperature - lse_q, lp, k);
+    for (int i = 0; i < decltype(e)::kWidth; ++i) {
+      const float lp = teacher_log<TARGET>(e.y.get(i), k.inv_temperature) - norm_t;
+      const Terms t = divergence_terms<KIND>(e.z.get(i) * k.inv_temperature - lse_q, lp, k);
       acc.loss += t.loss;
       acc.gbar += t.a;
     }
@@ -222,15 +235,14 @@ __global__ void __launch_bounds__(kMaxThreads) divergence_backward_kernel(
   const float norm_t = TARGET == LOGITS ? lse_t_in[row] : 0.0f;
   const float gbar = gbar_in[row];
   const float scale = grad[row] * k.inv_temperature;
-  sweep_row<VEC>(V, head, vectorized, [&](int64_t j, auto width) {
-    constexpr int W = decltype(width)::value;
-    float zv[W], yv[W], out[W];
-    load_floats<W>(z_row + j, zv);
-    load_floats<W>(y_row + j, yv);
+  const RowLoader<Ts, Tt> load{z_row, y_row};
+  sweep_row<VEC>(V, head, vectorized, load, [&](int64_t j, auto e) {
+    constexpr int W = decltype(e)::kWidth;
+    float out[W];
 #pragma unroll
     for (int i = 0; i < W; ++i) {
-      const float lq = zv[i] * k.inv_temperature - lse_q;
-      const float lp = teacher_log<TARGET>(yv[i], k.inv_temperature) - norm_t;
+      const float lq = e.z.get(i) * k.inv_temperature - lse_q;
+      const float lp = teacher_log<TARGET>(e.y.get(i), k.inv_temperature) - norm_t;
       const Terms t = divergence_terms<KIND>(lq, lp, k);
       out[i] = scale * (t.a - expf(lq) * gbar);
     }

@@ -98,12 +98,10 @@ __global__ void __launch_bounds__(kMaxThreads) logprobs_forward_kernel(
 
   using Acc = std::conditional_t<WITH_ENTROPY, EntropyAcc, LseAcc>;
   Acc acc = Acc::identity();
-  sweep_row<VEC>(V, head, is_vec_aligned<VEC>(z_row + head), [&](int64_t j, auto width) {
-    constexpr int W = decltype(width)::value;
-    float zv[W];
-    load_floats<W>(z_row + j, zv);
+  const auto load = [&](int64_t j, auto width) { return load_vec<decltype(width)::value>(z_row + j); };
+  sweep_row<VEC>(V, head, is_vec_aligned<VEC>(z_row + head), load, [&](int64_t, auto zv) {
 #pragma unroll
-    for (int i = 0; i < W; ++i) acc.push(zv[i] * inv_temperature);
+    for (int i = 0; i < decltype(zv)::kWidth; ++i) acc.push(zv.get(i) * inv_temperature);
   });
   acc = block_reduce(acc);
   if (threadIdx.x == 0) {
@@ -143,13 +141,13 @@ __global__ void __launch_bounds__(kMaxThreads) logprobs_backward_kernel(
     g_entropy = grad_entropy[row] * inv_temperature;
     entropy = entropy_in[row];
   }
-  sweep_row<VEC>(V, head, vectorized, [&](int64_t j, auto width) {
-    constexpr int W = decltype(width)::value;
-    float zv[W], out[W];
-    load_floats<W>(z_row + j, zv);
+  const auto load = [&](int64_t j, auto width) { return load_vec<decltype(width)::value>(z_row + j); };
+  sweep_row<VEC>(V, head, vectorized, load, [&](int64_t j, auto zv) {
+    constexpr int W = decltype(zv)::kWidth;
+    float out[W];
 #pragma unroll
     for (int i = 0; i < W; ++i) {
-      const float log_q = zv[i] * inv_temperature - lse;
+      const float log_q = zv.get(i) * inv_temperature - lse;
       const float q = expf(log_q);
       out[i] = g_logp * ((j + i == label ? 1.0f : 0.0f) - q);
       if constexpr (WITH_ENTROPY) out[i] -= g_entropy * (q > 0.0f ? q * (log_q + entropy) : 0.0f);

@@ -1,7 +1,7 @@
 // Shared pieces of the row kernels of klops._C: one thread block streams one row of V entries.
 //
 //   - host: input checks, the fp32/bf16/fp16 dtype dispatch and the block size for a row of V;
-//   - device: fp32 loads/stores of W consecutive entries (one 16-byte access when W > 1), the row
+//   - device: loads/stores of W consecutive entries (one 16-byte access when W > 1), the row
 //     sweep (scalar head up to the first aligned entry, vector body, scalar tail), the online
 //     log-sum-exp accumulator and a block-wide reduction of any accumulator with combine/shfl_xor.
 //
@@ -19,7 +19,7 @@
 
 namespace klops {
 
-constexpr int kMaxThreads = 512;  // block size cap of every row kernel (a multiple of 32, <= 1024)
+constexpr int kMaxThreads = 256;  // block size cap of every row kernel (a multiple of 32, <= 1024)
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // ------------------------------------------------------------------------------------------------
@@ -74,10 +74,11 @@ void dispatch_index(int64_t value, F&& f) {
   dispatch_index_impl(value, f, std::make_integer_sequence<int, N>{});
 }
 
-// Threads per block for a row of n entries read `vec` at a time: a few vector steps per thread.
+// Threads per block for a row of n entries read `vec` at a time: at least 4 vector steps per
+// thread, and at most kMaxThreads (smaller blocks pack the SMs more finely).
 inline int row_threads(int64_t n, int vec) {
   const int64_t steps = (n + vec - 1) / vec;
-  return steps >= 8 * kMaxThreads ? kMaxThreads : steps >= 4 * 256 ? 256 : 128;
+  return steps >= 4 * kMaxThreads ? kMaxThreads : 128;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -86,20 +87,22 @@ inline int row_threads(int64_t n, int vec) {
 template <int W>
 using Width = std::integral_constant<int, W>;
 
+// W consecutive entries of a row as stored; one 16-byte (or 8-byte) access when W > 1.
 template <typename T, int W>
 struct alignas(sizeof(T) * W) AlignedVec {
+  static constexpr int kWidth = W;
   T val[W];
+
+  __device__ __forceinline__ float get(int i) const { return static_cast<float>(val[i]); }
 };
 
-// out[i] = float(p[i]) for i < W; p is aligned to W * sizeof(T) bytes when W > 1.
+// p[0 .. W); p is aligned to W * sizeof(T) bytes.
 template <int W, typename T>
-__device__ __forceinline__ void load_floats(const T* p, float (&out)[W]) {
-  const AlignedVec<T, W> v = *reinterpret_cast<const AlignedVec<T, W>*>(p);
-#pragma unroll
-  for (int i = 0; i < W; ++i) out[i] = static_cast<float>(v.val[i]);
+__device__ __forceinline__ AlignedVec<T, W> load_vec(const T* p) {
+  return *reinterpret_cast<const AlignedVec<T, W>*>(p);
 }
 
-// p[i] = T(in[i]) (round to nearest even) for i < W; same alignment as load_floats.
+// p[i] = T(in[i]) (round to nearest even) for i < W; same alignment as load_vec.
 template <int W, typename T>
 __device__ __forceinline__ void store_floats(T* p, const float (&in)[W]) {
   AlignedVec<T, W> v;
@@ -120,29 +123,40 @@ __device__ __forceinline__ int64_t vec_head(const T* p, int64_t n) {
   return min(n, (VEC - misaligned) % VEC);
 }
 
-// Calls body(j, Width<W>{}) on entries [j, j + W) of a row of n entries, split over the block:
-// entries [0, head) and the tail one at a time, the body in between VEC at a time. With
-// vectorized false (some row pointer not aligned after the head) every entry goes one at a time.
-template <int VEC, typename Body>
-__device__ __forceinline__ void sweep_row(int64_t n, int64_t head, bool vectorized, Body&& body) {
+// Streams a row of n entries through the block: consume(j, load(j, Width<W>{})) for the entries
+// [j, j + W). Entries [0, head) and the tail go one at a time, the body in between VEC at a time,
+// two vectors per thread and step so that both loads are in flight before either is consumed.
+// With vectorized false (a row pointer not VEC-aligned after the head) every entry goes alone.
+template <int VEC, typename Load, typename Consume>
+__device__ __forceinline__ void sweep_row(int64_t n, int64_t head, bool vectorized, Load&& load,
+                                          Consume&& consume) {
   if (!vectorized) head = n;
   const int64_t body_end = head + (n - head) / VEC * VEC;
-  for (int64_t j = threadIdx.x; j < head; j += blockDim.x) body(j, Width<1>{});
-  for (int64_t j = head + int64_t{threadIdx.x} * VEC; j < body_end; j += int64_t{blockDim.x} * VEC)
-    body(j, Width<VEC>{});
-  for (int64_t j = body_end + threadIdx.x; j < n; j += blockDim.x) body(j, Width<1>{});
+  for (int64_t j = threadIdx.x; j < head; j += blockDim.x) consume(j, load(j, Width<1>{}));
+  const int64_t stride = int64_t{blockDim.x} * VEC;
+  int64_t j = head + int64_t{threadIdx.x} * VEC;
+  for (; j + stride < body_end; j += 2 * stride) {
+    const auto first = load(j, Width<VEC>{});
+    const auto second = load(j + stride, Width<VEC>{});
+    consume(j, first);
+    consume(j + stride, second);
+  }
+  if (j < body_end) consume(j, load(j, Width<VEC>{}));
+  for (j = body_end + threadIdx.x; j < n; j += blockDim.x) consume(j, load(j, Width<1>{}));
 }
 
-// Writes n zeros to the contiguous row p (the gradient of an invalid / ignored row).
+// Writes n zeros to the contiguous row p (the gradient of an invalid / ignored row). Nothing is
+// loaded: the "chunk" handed to consume is just its width.
 template <typename T>
 __device__ __forceinline__ void zero_row(T* p, int64_t n) {
   constexpr int VEC = 16 / sizeof(T);
-  const int64_t head = vec_head<VEC>(p, n);
-  sweep_row<VEC>(n, head, is_vec_aligned<VEC>(p + head), [&](int64_t j, auto width) {
-    constexpr int W = decltype(width)::value;
-    float zeros[W] = {};
-    store_floats<W>(p + j, zeros);
-  });
+  sweep_row<VEC>(
+      n, vec_head<VEC>(p, n), true, [](int64_t, auto width) { return width; },
+      [&](int64_t j, auto width) {
+        constexpr int W = decltype(width)::value;
+        float zeros[W] = {};
+        store_floats<W>(p + j, zeros);
+      });
 }
 
 __device__ __forceinline__ float finite_or_zero(float m) { return m == kNegInf ? 0.0f : m; }

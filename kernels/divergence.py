@@ -109,12 +109,11 @@ def divergence_terms(lq, lp, coef, log_coef, log_1m_coef, KIND: tl.constexpr):
         loss = 0.5 * tl.abs(p - q)
         a = 0.5 * q * tl.where(q > p, 1.0, tl.where(q < p, -1.0, 0.0))
     else:  # ALPHA (Amari): (1 - sum p^a q^(1-a)) / (a (1-a)); g = -u^a / a
-        w = tl.exp(coef * lp + (1.0 - coef) * lq)
+        # Entries where p = q = 0 carry no mass (and would give -inf + inf in the exponent).
+        w = tl.where(p_pos | q_pos, tl.exp(coef * lp + (1.0 - coef) * lq), 0.0)
         loss = (q - w) / (coef * (1.0 - coef))
         a = -w / coef
-    # Entries where both distributions are 0 carry no mass and no gradient.
-    both_zero = (~p_pos) & (~q_pos)
-    return tl.where(both_zero, 0.0, loss), tl.where(both_zero, 0.0, a)
+    return loss, a
 
 
 @triton.jit

@@ -45,11 +45,17 @@ def _mixture_logs(coef: float) -> tuple[float, float]:
     return (math.log(coef) if coef > 0 else -math.inf), (math.log1p(-coef) if coef < 1 else -math.inf)
 
 
+def _scaled(x: torch.Tensor, temperature: float) -> torch.Tensor:
+    """x / T in fp32 (no pass over x when T = 1)."""
+    x = x.float()
+    return x if temperature == 1.0 else x / temperature
+
+
 def _teacher_log(y: torch.Tensor, target_is: str, temperature: float) -> torch.Tensor:
     """Unnormalized teacher log-weights t (fp32): y/T, y or log y."""
     y = y.float()
     if target_is == "logits":
-        return y / temperature
+        return _scaled(y, temperature)
     return y if target_is == "logprobs" else y.log()
 
 
@@ -81,17 +87,16 @@ def _divergence_terms(lq: torch.Tensor, lp: torch.Tensor, kind: str, coef: float
     elif kind == "tv":
         loss = 0.5 * (p - q).abs()
         a = 0.5 * q * torch.sign(q - p)
-    else:  # alpha (Amari)
-        w = torch.exp(coef * lp + (1 - coef) * lq)
+    else:  # alpha (Amari); entries where p = q = 0 carry no mass (and would give -inf + inf)
+        w = torch.where(p_pos | q_pos, torch.exp(coef * lp + (1 - coef) * lq), zero)
         loss = (q - w) / (coef * (1 - coef))
         a = -w / coef
-    both_zero = ~p_pos & ~q_pos
-    return torch.where(both_zero, zero, loss), torch.where(both_zero, zero, a)
+    return loss, a
 
 
 def _row_logprobs(student, teacher, lse_q, lse_t, target_is: str, temperature: float):
     """(log q, log p) of a chunk of rows from their saved logsumexps."""
-    lq = student.float() / temperature - lse_q[:, None]
+    lq = _scaled(student, temperature) - lse_q[:, None]
     t = _teacher_log(teacher, target_is, temperature)
     return lq, (t - lse_t[:, None] if target_is == "logits" else t)
 
@@ -102,7 +107,7 @@ def divergence_forward_torch(student, teacher, valid, kind: str, target_is: str,
     loss, lse_q, lse_t, gbar = (student.new_zeros((B, L), dtype=torch.float32) for _ in range(4))
     for b, rows in row_chunks(B, L, V):
         keep = valid[b, rows]
-        chunk_lse_q = torch.logsumexp(student[b, rows].float() / temperature, dim=-1)
+        chunk_lse_q = torch.logsumexp(_scaled(student[b, rows], temperature), dim=-1)
         chunk_lse_t = torch.logsumexp(_teacher_log(teacher[b, rows], target_is, temperature), dim=-1)
         lq, lp = _row_logprobs(student[b, rows], teacher[b, rows], chunk_lse_q, chunk_lse_t, target_is, temperature)
         entry_loss, a = _divergence_terms(lq, lp, kind, coef)

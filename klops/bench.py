@@ -1,0 +1,269 @@
+"""``klops bench``: check each op against the float64 reference on this machine's device, then time
+forward + backward and measure peak memory against plain PyTorch (eager and torch.compile).
+
+Each case reports the median time of forward + backward, the peak memory allocated above the inputs,
+and the effective bandwidth: the minimum bytes the op must move (read both inputs once, write the
+gradient once) over the time, as a fraction of this device's measured copy bandwidth.
+"""
+
+import ctypes
+import dataclasses
+import functools
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+from .backend import available_backends
+from .divergence import fused_kl
+from .logprobs import logprobs
+
+
+@dataclasses.dataclass
+class Case:
+    op: str  # "fused_kl" | "logprobs"
+    rows: int
+    vocab: int
+    dtype: torch.dtype
+    kind: str = "forward"
+
+    @property
+    def name(self) -> str:
+        dtype = str(self.dtype).removeprefix("torch.")
+        kind = f" {self.kind}" if self.op == "fused_kl" else ""
+        return f"{self.op}{kind} N={self.rows} V={self.vocab} {dtype}"
+
+    def min_bytes(self) -> int:
+        """Read the logits (and the teacher) once, write the gradient once."""
+        inputs = 2 if self.op == "fused_kl" else 1
+        return (inputs + 1) * self.rows * self.vocab * self.dtype.itemsize
+
+
+def cases(device: torch.device, quick: bool) -> list[Case]:
+    if device.type == "cuda":
+        sizes = [(1024, 128256)] if quick else [(1024, 32000), (4096, 128256), (2048, 262144)]
+        dtypes = [torch.bfloat16] if quick else [torch.bfloat16, torch.float32]
+    else:
+        sizes = [(128, 32000)] if quick else [(128, 32000), (256, 128256)]
+        dtypes = [torch.float32]
+    kinds = ["forward"] if quick else ["forward", "reverse", "jsd"]
+    out = []
+    for rows, vocab in sizes:
+        for dtype in dtypes:
+            out += [Case("fused_kl", rows, vocab, dtype, kind) for kind in kinds]
+            out.append(Case("logprobs", rows, vocab, dtype))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# plain PyTorch baselines (what a trainer writes without klops)
+
+
+def eager_kl(student, teacher, kind: str):
+    log_q = F.log_softmax(student.float(), dim=-1)
+    log_p = F.log_softmax(teacher.float(), dim=-1)
+    if kind == "forward":
+        return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+    if kind == "reverse":
+        return F.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
+    log_m = torch.logsumexp(torch.stack([log_p, log_q]), dim=0) - torch.log(torch.tensor(2.0))
+    kl_pm = F.kl_div(log_m, log_p, log_target=True, reduction="batchmean")
+    kl_qm = F.kl_div(log_m, log_q, log_target=True, reduction="batchmean")
+    return 0.5 * kl_pm + 0.5 * kl_qm
+
+
+def eager_logprobs(logits, labels):
+    log_q = F.log_softmax(logits.float(), dim=-1)
+    logp = log_q.gather(-1, labels[:, None]).squeeze(-1)
+    entropy = -(log_q.exp() * log_q).sum(-1)
+    return logp.mean() + entropy.mean()
+
+
+def _implementations(case: Case, device: torch.device) -> dict:
+    """name -> callable(z, y_or_labels) returning a scalar loss."""
+    impls = {}
+    if case.op == "fused_kl":
+        beta = {"jsd": dict(beta=0.5)}.get(case.kind, {})
+        for backend in available_backends(device):
+            impls[f"klops[{backend}]"] = lambda z, y, b=backend: fused_kl(z, y, case.kind, reduction="batchmean", backend=b, **beta)
+        eager = lambda z, y: eager_kl(z, y, case.kind)  # noqa: E731
+    else:
+        for backend in available_backends(device):
+            impls[f"klops[{backend}]"] = lambda z, y, b=backend: _klops_logprobs(z, y, b)
+        eager = eager_logprobs
+    impls["torch eager"] = eager
+    impls["torch.compile"] = torch.compile(eager, dynamic=False)
+    return impls
+
+
+def _klops_logprobs(logits, labels, backend):
+    logp, entropy = logprobs(logits, labels, return_entropy=True, backend=backend)
+    return logp.mean() + entropy.mean()
+
+
+# ----------------------------------------------------------------------------------------------------
+# measurement
+
+
+class PeakMemory:
+    """Peak bytes allocated above the level at entry: CUDA allocator stats on a GPU, the process's
+    peak resident set (VmHWM, reset through /proc/self/clear_refs) on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            _release_freed_memory_to_os()
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.base = _proc_status_kib("VmRSS") * 1024
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self.peak = _proc_status_kib("VmHWM") * 1024 - self.base
+
+
+@functools.cache
+def _release_freed_memory_to_os() -> None:
+    """Make glibc serve every allocation above 64 KiB with its own mmap, returned to the OS on free,
+    so that the resident set follows what torch holds (by default glibc keeps freed blocks of up to
+    32 MiB in its heap, which hides the temporaries of a repeated step)."""
+    libc = ctypes.CDLL("libc.so.6")
+    m_mmap_threshold = -3
+    libc.mallopt(m_mmap_threshold, 64 * 1024)
+
+
+def _proc_status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn, device: torch.device, repeats: int) -> float:
+    """Median wall time of fn() in milliseconds, after two warm-up calls."""
+    for _ in range(2):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Measured device-memory bandwidth in bytes/s: a large tensor copy (read + write)."""
+    n = (1 << 28) if device.type == "cuda" else (1 << 25)
+    src = torch.empty(n, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device, repeats=10)
+    return 2 * src.nbytes / (ms * 1e-3)
+
+
+def _inputs(case: Case, device: torch.device, gen: torch.Generator):
+    z = (torch.randn(case.rows, case.vocab, generator=gen) * 2).to(device=device, dtype=case.dtype)
+    if case.op == "fused_kl":
+        y = (torch.randn(case.rows, case.vocab, generator=gen) * 2).to(device=device, dtype=case.dtype)
+    else:
+        y = torch.randint(0, case.vocab, (case.rows,), generator=gen).to(device)
+    return z, y
+
+
+def check_against_reference(case: Case, impl, z, y) -> float:
+    """Largest error of the loss and gradient on the first rows vs the float64 reference, relative to
+    the largest reference value."""
+    rows = min(8, case.rows)
+    z, y = z[:rows].detach().clone(), y[:rows]
+    z_k, z_r = z.clone().requires_grad_(), z.clone().requires_grad_()
+    loss = impl(z_k, y)
+    if case.op == "fused_kl":
+        ref = reference.fused_kl_reference(z_r, y, case.kind, beta=0.5, reduction="batchmean")
+    else:
+        logp, entropy = reference.logprobs_reference(z_r, y)
+        ref = logp.mean() + entropy.mean()
+    loss.backward(), ref.backward()
+    err = abs(loss.item() - ref.item()) / max(abs(ref.item()), 1e-12)
+    grad_err = ((z_k.grad.double() - z_r.grad).abs().max() / z_r.grad.abs().max().clamp(min=1e-30)).item()
+    return max(err, grad_err)
+
+
+def run(device: torch.device, quick: bool, repeats: int | None = None) -> dict:
+    """Run every case; returns {"device": ..., "bandwidth": ..., "results": [row, ...]}."""
+    repeats = repeats or (5 if quick else 20)
+    bandwidth = copy_bandwidth(device)
+    gen = torch.Generator().manual_seed(0)
+    results = []
+    for case in cases(device, quick):
+        z, y = _inputs(case, device, gen)
+        for name, impl in _implementations(case, device).items():
+            row = dict(case=case.name, impl=name)
+            try:
+                if name.startswith("klops"):  # the baselines are the usual torch ops, not under test
+                    row["rel_err"] = check_against_reference(case, impl, z, y)
+                z_grad = z.detach().requires_grad_()
+
+                def step():
+                    impl(z_grad, y).backward()
+                    z_grad.grad = None
+
+                row["ms"] = time_ms(step, device, repeats)
+                with PeakMemory(device) as peak:
+                    step()
+                row["peak_mib"] = peak.peak / 2**20
+                row["gbps"] = case.min_bytes() / (row["ms"] * 1e-3) / 1e9
+                row["bw_frac"] = row["gbps"] * 1e9 / bandwidth
+            except Exception as error:  # a baseline that fails (OOM, compile error) is reported, not fatal
+                row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
+            results.append(row)
+    return dict(device=device_name(device), bandwidth_gbps=bandwidth / 1e9, results=results)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def format_table(report: dict) -> str:
+    lines = [
+        f"device: {report['device']}; measured copy bandwidth {report['bandwidth_gbps']:.1f} GB/s",
+        "",
+        "| case | impl | fwd+bwd ms | peak MiB | GB/s (min bytes) | % of copy bw | rel err vs fp64 |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["results"]:
+        if "error" in r:
+            lines.append(f"| {r['case']} | {r['impl']} | {r['error']} | | | | |")
+            continue
+        err = f"{r['rel_err']:.1e}" if "rel_err" in r else "(baseline)"
+        lines.append(
+            f"| {r['case']} | {r['impl']} | {r['ms']:.3f} | {r['peak_mib']:.1f} | {r['gbps']:.1f} | "
+            f"{100 * r['bw_frac']:.1f} | {err} |"
+        )
+    return "\n".join(lines)
+
+
+def write_json(report: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)

@@ -1,0 +1,67 @@
+"""The ``klops`` command line: ``klops info`` and ``klops bench``."""
+
+import argparse
+import platform
+import sys
+
+import torch
+
+from . import __version__, bench
+from .backend import CUDA_EXTENSION, TRITON_VERSION, available_backends, triton_interpreter
+
+
+def info() -> str:
+    """Versions, devices, usable backends and the state of the CUDA extension, one per line."""
+    lines = [
+        f"klops {__version__}",
+        f"python {platform.python_version()}",
+        f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
+        f"triton {TRITON_VERSION or 'not installed'}" + (" (TRITON_INTERPRET=1)" if triton_interpreter() else ""),
+    ]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            major, minor = torch.cuda.get_device_capability(i)
+            lines.append(f"gpu {i}: {torch.cuda.get_device_name(i)} (sm_{major}{minor})")
+    else:
+        lines.append("gpu: none")
+    if CUDA_EXTENSION is None:
+        lines.append("klops._C: not built (install with KLOPS_BUILD_CUDA=1 to build it)")
+    else:
+        lines.append(
+            f"klops._C: built for TORCH_CUDA_ARCH_LIST={CUDA_EXTENSION.arch_list()} with CUDA {CUDA_EXTENSION.cuda_version()}"
+        )
+    lines.append(f"backends on cpu: {', '.join(available_backends(torch.device('cpu')))}")
+    if torch.cuda.is_available():
+        lines.append(f"backends on cuda: {', '.join(available_backends(torch.device('cuda')))}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="klops", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("info", help="versions, devices, usable backends, CUDA extension")
+    bench_parser = commands.add_parser("bench", help="check each op against the reference, then time it against PyTorch")
+    bench_parser.add_argument("--quick", action="store_true", help="one small case per op")
+    bench_parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    bench_parser.add_argument("--repeats", type=int, default=None, help="timed repetitions per case")
+    bench_parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+
+    if args.command == "info":
+        print(info())
+        return 0
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    print(info(), end="\n\n", flush=True)
+    report = bench.run(device, quick=args.quick, repeats=args.repeats)
+    print(bench.format_table(report))
+    if args.json:
+        bench.write_json(report, args.json)
+    failed = [r for r in report["results"] if r.get("rel_err", 0.0) > 1e-2 or ("error" in r and r["impl"].startswith("klops"))]
+    if failed:
+        print(f"\n{len(failed)} klops case(s) failed the reference check or errored", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
