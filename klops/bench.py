@@ -82,7 +82,7 @@ def eager_logprobs(logits, labels):
     return logp.mean() + entropy.mean()
 
 
-def _implementations(case: Case, device: torch.device) -> dict:
+def implementations(case: Case, device: torch.device) -> dict:
     """name -> callable(z, y_or_labels) returning a scalar loss."""
     impls = {}
     if case.op == "fused_kl":
@@ -181,7 +181,7 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * src.nbytes / (ms * 1e-3)
 
 
-def _inputs(case: Case, device: torch.device, gen: torch.Generator):
+def make_inputs(case: Case, device: torch.device, gen: torch.Generator):
     z = (torch.randn(case.rows, case.vocab, generator=gen) * 2).to(device=device, dtype=case.dtype)
     if case.op == "fused_kl":
         y = (torch.randn(case.rows, case.vocab, generator=gen) * 2).to(device=device, dtype=case.dtype)
@@ -215,8 +215,8 @@ def run(device: torch.device, quick: bool, repeats: int | None = None) -> dict:
     gen = torch.Generator().manual_seed(0)
     results = []
     for case in cases(device, quick):
-        z, y = _inputs(case, device, gen)
-        for name, impl in _implementations(case, device).items():
+        z, y = make_inputs(case, device, gen)
+        for name, impl in implementations(case, device).items():
             row = dict(case=case.name, impl=name)
             try:
                 if name.startswith("klops"):  # the baselines are the usual torch ops, not under test
