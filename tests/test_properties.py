@@ -1,0 +1,64 @@
+"""Property tests: random shapes, kinds, coefficients and temperatures against the reference."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import klops
+from klops.reference import fused_kl_reference, logprobs_reference
+
+from .conftest import BACKENDS, DEVICE, GRAD_TOL, LOSS_TOL, assert_close
+
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@st.composite
+def divergence_case(draw):
+    kind = draw(st.sampled_from(klops.divergence.DIVERGENCE_KINDS))
+    coef = draw(st.floats(0.05, 0.95))
+    if kind == "alpha":
+        coef = draw(st.sampled_from([-0.5, 0.25, 0.8, 1.7]))
+    return dict(
+        rows=draw(st.integers(0, 9)),
+        vocab=draw(st.integers(1, 700)),
+        kind=kind,
+        coef=coef,
+        temperature=draw(st.sampled_from([0.5, 1.0, 2.0])),
+        scale=draw(st.sampled_from([0.1, 1.0, 4.0])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@SETTINGS
+@given(case=divergence_case())
+def test_fused_kl_random(backend, case):
+    gen = torch.Generator().manual_seed(case["seed"])
+    shape = (case["rows"], case["vocab"])
+    student = (torch.randn(shape, generator=gen) * case["scale"]).to(DEVICE)
+    teacher = (torch.randn(shape, generator=gen) * case["scale"]).to(DEVICE)
+    kw = dict(beta=case["coef"], alpha=case["coef"], temperature=case["temperature"], reduction="sum")
+    z, z_ref = student.clone().requires_grad_(), student.clone().requires_grad_()
+    loss = klops.fused_kl(z, teacher, case["kind"], backend=backend, **kw)
+    ref = fused_kl_reference(z_ref, teacher, case["kind"], **kw)
+    loss.backward(), ref.backward()
+    assert_close(loss, ref, (1e-4, 1e-5), "loss")
+    assert_close(z.grad, z_ref.grad, GRAD_TOL[torch.float32], "grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@SETTINGS
+@given(rows=st.integers(0, 9), vocab=st.integers(1, 700), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       temperature=st.sampled_from([0.5, 1.0, 2.0]), seed=st.integers(0, 2**31 - 1))  # fmt: skip
+def test_logprobs_random(backend, rows, vocab, dtype, temperature, seed):
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(rows, vocab, generator=gen) * 3).to(dtype).to(DEVICE)
+    labels = torch.randint(0, vocab, (rows,), generator=gen).to(DEVICE)
+    z, z_ref = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    logp, entropy = klops.logprobs(z, labels, temperature=temperature, return_entropy=True, backend=backend)
+    ref_logp, ref_entropy = logprobs_reference(z_ref, labels, temperature=temperature)
+    (logp.sum() + entropy.sum()).backward(), (ref_logp.sum() + ref_entropy.sum()).backward()
+    assert_close(logp, ref_logp, LOSS_TOL[dtype], "logprob")
+    assert_close(entropy, ref_entropy, (1e-4, 1e-5), "entropy")
+    assert_close(z.grad, z_ref.grad, GRAD_TOL[dtype], "grad")
