@@ -26,19 +26,19 @@ import triton.language as tl
 
 from .launch import DIVERGENCE_KINDS, TARGET_KINDS, row_config
 
-FORWARD: tl.constexpr = 0
-REVERSE: tl.constexpr = 1
-JSD: tl.constexpr = 2
-SKEW_FORWARD: tl.constexpr = 3
-SKEW_REVERSE: tl.constexpr = 4
-TV: tl.constexpr = 5
-ALPHA: tl.constexpr = 6
+FORWARD = tl.constexpr(0)
+REVERSE = tl.constexpr(1)
+JSD = tl.constexpr(2)
+SKEW_FORWARD = tl.constexpr(3)
+SKEW_REVERSE = tl.constexpr(4)
+TV = tl.constexpr(5)
+ALPHA = tl.constexpr(6)
 
-LOGITS: tl.constexpr = 0
-LOGPROBS: tl.constexpr = 1
-PROBS: tl.constexpr = 2
+LOGITS = tl.constexpr(0)
+LOGPROBS = tl.constexpr(1)
+PROBS = tl.constexpr(2)
 
-NEG_INF: tl.constexpr = float("-inf")
+NEG_INF = tl.constexpr(float("-inf"))
 
 
 @triton.jit
