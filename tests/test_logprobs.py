@@ -122,3 +122,9 @@ def test_reference_known_values():
     logp, entropy = logprobs_reference(q.log(), torch.tensor([1]))
     assert math.isclose(logp.item(), math.log(0.75), rel_tol=1e-12)
     assert math.isclose(entropy.item(), -(0.25 * math.log(0.25) + 0.75 * math.log(0.75)), rel_tol=1e-12)
+
+
+def test_torch_backend_chunks(gen, monkeypatch):
+    """Chunks of 4 rows (ragged last chunk) give the reference values too."""
+    monkeypatch.setattr(klops.divergence, "TORCH_CHUNK_ELEMENTS", 4 * 90)
+    check(randn(2, 11, 90, gen=gen), labels_for((2, 11), 90, gen, ignore_every=4), "torch")
