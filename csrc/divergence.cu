@@ -87,16 +87,19 @@ __device__ __forceinline__ Terms divergence_terms(float lq, float lp, const Dive
   } else if constexpr (KIND == REVERSE) {  // sum q (log q - log p); g = log q - log p + const
     t.loss = q_pos ? q * (lq - lp) : 0.0f;
     t.a = t.loss;
-  } else if constexpr (KIND == JSD) {  // m = beta p + (1-beta) q; beta KL(p||m) + (1-beta) KL(q||m)
+  } else if constexpr (KIND == JSD) {
+    // m = beta p + (1-beta) q; beta KL(p||m) + (1-beta) KL(q||m)
     const float lm = logaddexp(k.log_coef + lp, k.log_1m_coef + lq);
     const float kl_qm = q_pos ? q * (lq - lm) : 0.0f;
     t.loss = coef * (p_pos ? p * (lp - lm) : 0.0f) + (1.0f - coef) * kl_qm;
     t.a = (1.0f - coef) * kl_qm;
-  } else if constexpr (KIND == SKEW_FORWARD) {  // m = alpha p + (1-alpha) q; KL(p||m); g = -(1-alpha) p/m
+  } else if constexpr (KIND == SKEW_FORWARD) {
+    // m = alpha p + (1-alpha) q; KL(p||m); g = -(1-alpha) p/m
     const float lm = logaddexp(k.log_coef + lp, k.log_1m_coef + lq);
     t.loss = p_pos ? p * (lp - lm) : 0.0f;
     t.a = (p_pos && q_pos) ? -(1.0f - coef) * expf(lp + lq - lm) : 0.0f;
-  } else if constexpr (KIND == SKEW_REVERSE) {  // n = (1-alpha) p + alpha q; KL(q||n); g = log(q/n) + 1 - alpha q/n
+  } else if constexpr (KIND == SKEW_REVERSE) {
+    // n = (1-alpha) p + alpha q; KL(q||n); g = log(q/n) + 1 - alpha q/n
     const float ln = logaddexp(k.log_1m_coef + lp, k.log_coef + lq);
     const float log_qn = q_pos ? lq - ln : 0.0f;
     t.loss = q * log_qn;

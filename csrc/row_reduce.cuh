@@ -13,6 +13,7 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
 #include <type_traits>
 #include <utility>
