@@ -39,11 +39,11 @@ if BUILD_CUDA:
             name="klops._C",
             sources=sources,
             define_macros=[("KLOPS_CUDA_ARCH_LIST", f'"{arch_list}"')],
+            # No -std flag: torch's build adds the standard its headers need (C++20 from torch 2.10 on).
             extra_compile_args={
-                "cxx": ["-O3", "-std=c++17"],
+                "cxx": ["-O3"],
                 "nvcc": [
                     "-O3",
-                    "-std=c++17",
                     f"--threads={os.environ.get('NVCC_THREADS', '2')}",
                 ],
             },

@@ -37,14 +37,15 @@ def randn(*shape, gen, dtype=torch.float32, scale=1.0):
     return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype).to(DEVICE)
 
 
-def assert_close(actual, expected, tol, what=""):
-    """allclose with atol relative to the largest expected magnitude; prints the worst mismatches."""
+def assert_close(actual, expected, tol, what="", floor=1e-12):
+    """allclose with atol relative to the largest expected magnitude (at least ``floor``, for values
+    that should be 0 up to rounding); prints the worst mismatches."""
     rtol, atol_frac = tol
     expected = expected.to(torch.float64)
     actual = actual.to(torch.float64)
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     finite = expected[torch.isfinite(expected)]
-    atol = atol_frac * (finite.abs().max().item() if finite.numel() else 1.0) + 1e-12
+    atol = max(atol_frac * (finite.abs().max().item() if finite.numel() else 1.0), floor)
     ok = torch.isclose(actual, expected, rtol=rtol, atol=atol, equal_nan=False)
     ok |= (actual == expected) & ~torch.isfinite(expected)  # same infinities
     if not bool(ok.all()):

@@ -43,7 +43,8 @@ def test_fused_kl_random(backend, case):
     loss = klops.fused_kl(z, teacher, case["kind"], backend=backend, **kw)
     ref = fused_kl_reference(z_ref, teacher, case["kind"], **kw)
     loss.backward(), ref.backward()
-    assert_close(loss, ref, (1e-4, 1e-5), "loss")
+    # A divergence of 0 (V = 1, or p = q) comes out as +-1e-8 of fp32 rounding: floor the tolerance.
+    assert_close(loss, ref, (1e-4, 1e-5), "loss", floor=1e-6)
     assert_close(z.grad, z_ref.grad, GRAD_TOL[torch.float32], "grad")
 
 
