@@ -1,20 +1,22 @@
 // Token-level divergences over the vocabulary (SPEC.md §1): the CUDA twin of kernels/divergence.py.
 //
 // One thread block handles one row (token) r = b * L + l and streams its V entries; nothing of size
-// (N, V) is allocated besides the gradient. With z the student logits, y the teacher, T the
-// temperature:
+// (N, V) is allocated besides the gradient. With z the student logits, y the teacher, c = 1/T and
+// the raw row maxes / shifted log-sums of row_reduce.cuh (Lse):
 //
-//     log q = z/T - lse_q                         lse_q = logsumexp(z/T)
-//     log p = t - lse_t  (target "logits", t = y/T)
-//     log p = t          (target "logprobs", t = y; "probs", t = log y)
+//     log q = (z - max_q) c - logsum_q            logsum_q = log sum_v exp((z_v - max_q) c)
+//     log p = (y - max_t) c - logsum_t   (target "logits")
+//     log p = t                          (target "logprobs", t = y; "probs", t = log y; not
+//                                         renormalized, max_t = logsum_t = 0)
 //
 //     D    = sum_v loss_v                         loss_v: the kind's per-entry term
 //     a_v  = q_v g_v                              g_v = f(u_v) - u_v f'(u_v), u = p/q
 //     gbar = sum_v a_v
 //     dD/dz_j = (a_j - q_j gbar) / T
 //
-// Forward: 2 sweeps (lse_q and lse_t, then D and gbar). Backward: 1 sweep recomputing a from the
-// saved lse_q, lse_t and gbar. Rows with valid = false get D = 0 and a zero gradient.
+// Forward: 2 sweeps (max/logsum of q, and of p for logits; then D and gbar). Backward: 1 sweep
+// recomputing a from the saved max/logsum and gbar. Rows with valid = false get 0 in every output
+// and a zero gradient.
 
 #include <ATen/DeviceGuard.h>
 #include <ATen/core/Tensor.h>
@@ -24,6 +26,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <tuple>
 
@@ -37,7 +40,7 @@ enum Kind : int { FORWARD, REVERSE, JSD, SKEW_FORWARD, SKEW_REVERSE, TV, ALPHA, 
 enum Target : int { LOGITS, LOGPROBS, PROBS, kNumTargets };
 
 struct DivergenceParams {
-  float inv_temperature;  // 1 / T
+  float inv_temperature;  // c = 1 / T
   float coef;             // beta (jsd) or alpha (skew_*, alpha)
   float log_coef;         // log(coef), -inf at coef = 0: mixture weight of jsd / skew_*
   float log_1m_coef;      // log(1 - coef), -inf at coef = 1
@@ -45,14 +48,17 @@ struct DivergenceParams {
   float inv_alpha_norm;   // 1 / (coef (1 - coef)) (alpha)
 };
 
-template <typename Ts, typename Tt>
-constexpr int kDivergenceVec = 16 / (sizeof(Ts) > sizeof(Tt) ? sizeof(Ts) : sizeof(Tt));
+// Entries per 16-byte access of the wider of the student and teacher storage types.
+template <typename Fs, typename Ft>
+constexpr int kDivergenceVec =
+    16 / std::max(sizeof(typename Fs::Storage), sizeof(typename Ft::Storage));
 
-// t = y/T for logits, y for log-probs, log y for probabilities.
+// log p of a teacher entry y (fp32): (y - max_t) c - logsum_t for logits, y for log-probs, log y
+// for probabilities.
 template <int TARGET>
-__device__ __forceinline__ float teacher_log(float y, float inv_temperature) {
+__device__ __forceinline__ float teacher_log(float y, float max_t, float logsum_t, float c) {
   if constexpr (TARGET == LOGITS) {
-    return y * inv_temperature;
+    return (y - max_t) * c - logsum_t;
   } else if constexpr (TARGET == LOGPROBS) {
     return y;
   } else {
@@ -118,138 +124,182 @@ __device__ __forceinline__ Terms divergence_terms(float lq, float lp, const Dive
   return t;
 }
 
-// Two running sums (D and gbar) for block_reduce.
+// Two running sums (D and gbar) and their operations for block_reduce.
 struct Sum2 {
   float loss;
   float gbar;
 
-  static __device__ __forceinline__ Sum2 identity() { return {0.0f, 0.0f}; }
-  static __device__ __forceinline__ Sum2 combine(const Sum2& a, const Sum2& b) {
-    return {a.loss + b.loss, a.gbar + b.gbar};
-  }
   __device__ __forceinline__ Sum2 shfl_xor(int lane_mask) const {
     return {__shfl_xor_sync(0xffffffffu, loss, lane_mask), __shfl_xor_sync(0xffffffffu, gbar, lane_mask)};
   }
 };
 
-// W consecutive entries of the student and teacher rows, as loaded.
-template <typename Ts, typename Tt, int W>
+struct Sum2Op {
+  __device__ __forceinline__ Sum2 identity() const { return {0.0f, 0.0f}; }
+  __device__ __forceinline__ Sum2 combine(const Sum2& a, const Sum2& b) const {
+    return {a.loss + b.loss, a.gbar + b.gbar};
+  }
+};
+
+// W consecutive entries of the student and teacher rows, as stored.
+template <typename Ss, typename St, int W>
 struct Entries {
   static constexpr int kWidth = W;
-  AlignedVec<Ts, W> z;
-  AlignedVec<Tt, W> y;
+  AlignedVec<Ss, W> z;
+  AlignedVec<St, W> y;
 };
 
 // The load of sweep_row for one row of the student and the teacher.
-template <typename Ts, typename Tt>
+template <typename Ss, typename St>
 struct RowLoader {
-  const Ts* z_row;
-  const Tt* y_row;
+  const Ss* z_row;
+  const St* y_row;
 
   template <int W>
-  __device__ __forceinline__ Entries<Ts, Tt, W> operator()(int64_t j, Width<W>) const {
+  __device__ __forceinline__ Entries<Ss, St, W> operator()(int64_t j, Width<W>) const {
     return {load_vec<W>(z_row + j), load_vec<W>(y_row + j)};
   }
 };
 
 // Forward of row r = blockIdx.x, 2 sweeps over its V entries:
-//   sweep 1: lse_q = logsumexp_v(z_v / T), lse_t = logsumexp_v(t_v)
-//   sweep 2: D = sum_v loss_v, gbar = sum_v a_v, with log q_v = z_v/T - lse_q and
-//            log p_v = t_v - lse_t for logits, t_v for log-probs / probs (not renormalized).
-// Writes D, lse_q, lse_t, gbar of the row (all 0 for an invalid row).
-template <typename Ts, typename Tt, int KIND, int TARGET>
+//   sweep 1: max_q, logsum_q of z and, for logits only, max_t, logsum_t of y (Lse, raw units);
+//            for log-probs / probs the teacher is not read and max_t = logsum_t = 0
+//   sweep 2: D = sum_v loss_v, gbar = sum_v a_v, with log q_v = (z_v - max_q) c - logsum_q and
+//            log p_v from teacher_log.
+// Writes D, max_q, logsum_q, max_t, logsum_t, gbar of the row (all 0 for an invalid row).
+template <typename Fs, typename Ft, int KIND, int TARGET>
 __global__ void __launch_bounds__(kMaxThreads) divergence_forward_kernel(
-    const Ts* __restrict__ z, const Tt* __restrict__ y, const bool* __restrict__ valid,
-    float* __restrict__ loss_out, float* __restrict__ lse_q_out, float* __restrict__ lse_t_out,
-    float* __restrict__ gbar_out, int64_t L, int64_t V, int64_t stride_zb, int64_t stride_zl,
-    int64_t stride_yb, int64_t stride_yl, DivergenceParams k) {
+    const typename Fs::Storage* __restrict__ z,  // (B, L, V) student logits, last-dim stride 1
+    const typename Ft::Storage* __restrict__ y,  // (B, L, V) teacher, last-dim stride 1
+    const bool* __restrict__ valid,              // (B*L,)
+    float* __restrict__ loss_out,                // (B*L,) out: D
+    float* __restrict__ max_q_out,               // (B*L,) out
+    float* __restrict__ logsum_q_out,            // (B*L,) out
+    float* __restrict__ max_t_out,               // (B*L,) out
+    float* __restrict__ logsum_t_out,            // (B*L,) out
+    float* __restrict__ gbar_out,                // (B*L,) out
+    int64_t L, int64_t V, int64_t stride_zb, int64_t stride_zl, int64_t stride_yb,
+    int64_t stride_yl, Fs fs, Ft ft, DivergenceParams k) {
   const int64_t row = blockIdx.x;
   if (!valid[row]) {
     if (threadIdx.x == 0) {
       loss_out[row] = 0.0f;
-      lse_q_out[row] = 0.0f;
-      lse_t_out[row] = 0.0f;
+      max_q_out[row] = 0.0f;
+      logsum_q_out[row] = 0.0f;
+      max_t_out[row] = 0.0f;
+      logsum_t_out[row] = 0.0f;
       gbar_out[row] = 0.0f;
     }
     return;
   }
-  const Ts* z_row = z + (row / L) * stride_zb + (row % L) * stride_zl;
-  const Tt* y_row = y + (row / L) * stride_yb + (row % L) * stride_yl;
-  constexpr int VEC = kDivergenceVec<Ts, Tt>;
+  const auto* z_row = z + (row / L) * stride_zb + (row % L) * stride_zl;
+  const auto* y_row = y + (row / L) * stride_yb + (row % L) * stride_yl;
+  constexpr int VEC = kDivergenceVec<Fs, Ft>;
   const int64_t head = vec_head<VEC>(z_row, V);
   const bool vectorized = is_vec_aligned<VEC>(z_row + head) && is_vec_aligned<VEC>(y_row + head);
+  const RowLoader<typename Fs::Storage, typename Ft::Storage> load{z_row, y_row};
+  const float c = k.inv_temperature;
+  const LseOp lse_op{c};
 
-  const RowLoader<Ts, Tt> load{z_row, y_row};
-  LseAcc acc_q = LseAcc::identity();
-  LseAcc acc_t = LseAcc::identity();
+  Lse acc_q = lse_op.identity();
+  float max_t = 0.0f;
+  float logsum_t = 0.0f;
+  if constexpr (TARGET == LOGITS) {
+    Lse acc_t = lse_op.identity();
+    sweep_row<VEC>(V, head, vectorized, load, [&](int64_t, auto e) {
+#pragma unroll
+      for (int i = 0; i < decltype(e)::kWidth; ++i) {
+        lse_op.push(acc_q, fs.to_float(e.z.val[i]));
+        lse_op.push(acc_t, ft.to_float(e.y.val[i]));
+      }
+    });
+    acc_t = block_reduce(acc_t, lse_op);
+    max_t = acc_t.max();
+    logsum_t = acc_t.logsum();
+  } else {  // the teacher is taken as given: sweep 1 reads the student only
+    const auto load_z = [&](int64_t j, auto width) {
+      return load_vec<decltype(width)::value>(z_row + j);
+    };
+    sweep_row<VEC>(V, head, vectorized, load_z, [&](int64_t, auto zv) {
+#pragma unroll
+      for (int i = 0; i < decltype(zv)::kWidth; ++i) lse_op.push(acc_q, fs.to_float(zv.val[i]));
+    });
+  }
+  acc_q = block_reduce(acc_q, lse_op);
+  const float max_q = acc_q.max();
+  const float logsum_q = acc_q.logsum();
+
+  Sum2 acc{0.0f, 0.0f};
   sweep_row<VEC>(V, head, vectorized, load, [&](int64_t, auto e) {
 #pragma unroll
     for (int i = 0; i < decltype(e)::kWidth; ++i) {
-      acc_q.push(e.z.get(i) * k.inv_temperature);
-      acc_t.push(teacher_log<TARGET>(e.y.get(i), k.inv_temperature));
-    }
-  });
-  const float lse_q = block_reduce(acc_q).lse();
-  const float lse_t = block_reduce(acc_t).lse();
-  const float norm_t = TARGET == LOGITS ? lse_t : 0.0f;  // log-probs / probs are taken as given
-
-  Sum2 acc = Sum2::identity();
-  sweep_row<VEC>(V, head, vectorized, load, [&](int64_t, auto e) {
-#pragma unroll
-    for (int i = 0; i < decltype(e)::kWidth; ++i) {
-      const float lp = teacher_log<TARGET>(e.y.get(i), k.inv_temperature) - norm_t;
-      const Terms t = divergence_terms<KIND>(e.z.get(i) * k.inv_temperature - lse_q, lp, k);
+      const float lq = (fs.to_float(e.z.val[i]) - max_q) * c - logsum_q;
+      const float lp = teacher_log<TARGET>(ft.to_float(e.y.val[i]), max_t, logsum_t, c);
+      const Terms t = divergence_terms<KIND>(lq, lp, k);
       acc.loss += t.loss;
       acc.gbar += t.a;
     }
   });
-  acc = block_reduce(acc);
+  acc = block_reduce(acc, Sum2Op{});
   if (threadIdx.x == 0) {
     loss_out[row] = acc.loss;
-    lse_q_out[row] = lse_q;
-    lse_t_out[row] = lse_t;
+    max_q_out[row] = max_q;
+    logsum_q_out[row] = logsum_q;
+    max_t_out[row] = max_t;
+    logsum_t_out[row] = logsum_t;
     gbar_out[row] = acc.gbar;
   }
 }
 
-// Backward of row r = blockIdx.x, 1 sweep: dz_v = grad_r / T * (a_v - q_v gbar_r), with q_v and
-// a_v recomputed from the saved lse_q, lse_t (logits only) and gbar. Zeros for an invalid row.
-template <typename Ts, typename Tt, int KIND, int TARGET>
+// Backward of row r = blockIdx.x, 1 sweep: dz_v = grad_r c (a_v - q_v gbar_r), with q_v and a_v
+// recomputed from the saved max_q, logsum_q, max_t, logsum_t (logits only) and gbar. Zeros for an
+// invalid row.
+template <typename Fs, typename Ft, int KIND, int TARGET>
 __global__ void __launch_bounds__(kMaxThreads) divergence_backward_kernel(
-    const float* __restrict__ grad, const Ts* __restrict__ z, const Tt* __restrict__ y,
-    const bool* __restrict__ valid, const float* __restrict__ lse_q_in,
-    const float* __restrict__ lse_t_in, const float* __restrict__ gbar_in, Ts* __restrict__ dz,
+    const float* __restrict__ grad,              // (B*L,) dLoss/dD
+    const typename Fs::Storage* __restrict__ z,  // (B, L, V) student logits, last-dim stride 1
+    const typename Ft::Storage* __restrict__ y,  // (B, L, V) teacher, last-dim stride 1
+    const bool* __restrict__ valid,              // (B*L,)
+    const float* __restrict__ max_q_in,          // (B*L,)
+    const float* __restrict__ logsum_q_in,       // (B*L,)
+    const float* __restrict__ max_t_in,          // (B*L,) (read for logits only)
+    const float* __restrict__ logsum_t_in,       // (B*L,) (read for logits only)
+    const float* __restrict__ gbar_in,           // (B*L,)
+    typename Fs::Storage* __restrict__ dz,       // (B*L, V) out, contiguous, student dtype
     int64_t L, int64_t V, int64_t stride_zb, int64_t stride_zl, int64_t stride_yb,
-    int64_t stride_yl, DivergenceParams k) {
+    int64_t stride_yl, Fs fs, Ft ft, DivergenceParams k) {
   const int64_t row = blockIdx.x;
-  Ts* dz_row = dz + row * V;
+  auto* dz_row = dz + row * V;
   if (!valid[row]) {
     zero_row(dz_row, V);
     return;
   }
-  const Ts* z_row = z + (row / L) * stride_zb + (row % L) * stride_zl;
-  const Tt* y_row = y + (row / L) * stride_yb + (row % L) * stride_yl;
-  constexpr int VEC = kDivergenceVec<Ts, Tt>;
+  const auto* z_row = z + (row / L) * stride_zb + (row % L) * stride_zl;
+  const auto* y_row = y + (row / L) * stride_yb + (row % L) * stride_yl;
+  constexpr int VEC = kDivergenceVec<Fs, Ft>;
   const int64_t head = vec_head<VEC>(z_row, V);
   const bool vectorized = is_vec_aligned<VEC>(z_row + head) &&
                           is_vec_aligned<VEC>(y_row + head) && is_vec_aligned<VEC>(dz_row + head);
 
-  const float lse_q = lse_q_in[row];
-  const float norm_t = TARGET == LOGITS ? lse_t_in[row] : 0.0f;
+  const float c = k.inv_temperature;
+  const float max_q = max_q_in[row];
+  const float logsum_q = logsum_q_in[row];
+  const float max_t = TARGET == LOGITS ? max_t_in[row] : 0.0f;
+  const float logsum_t = TARGET == LOGITS ? logsum_t_in[row] : 0.0f;
   const float gbar = gbar_in[row];
-  const float scale = grad[row] * k.inv_temperature;
-  const RowLoader<Ts, Tt> load{z_row, y_row};
+  const float scale = grad[row] * c;
+  const RowLoader<typename Fs::Storage, typename Ft::Storage> load{z_row, y_row};
   sweep_row<VEC>(V, head, vectorized, load, [&](int64_t j, auto e) {
     constexpr int W = decltype(e)::kWidth;
     float out[W];
 #pragma unroll
     for (int i = 0; i < W; ++i) {
-      const float lq = e.z.get(i) * k.inv_temperature - lse_q;
-      const float lp = teacher_log<TARGET>(e.y.get(i), k.inv_temperature) - norm_t;
+      const float lq = (fs.to_float(e.z.val[i]) - max_q) * c - logsum_q;
+      const float lp = teacher_log<TARGET>(ft.to_float(e.y.val[i]), max_t, logsum_t, c);
       const Terms t = divergence_terms<KIND>(lq, lp, k);
       out[i] = scale * (t.a - expf(lq) * gbar);
     }
-    store_floats<W>(dz_row + j, out);
+    store_floats<W>(dz_row + j, out, fs);
   });
 }
 
@@ -285,54 +335,70 @@ DivergenceParams make_params(double temperature, double coef) {
           static_cast<float>(1.0 / coef),          static_cast<float>(1.0 / (coef * (1.0 - coef)))};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> divergence_forward(
-    const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& valid, int64_t kind,
-    int64_t target, double temperature, double coef) {
+// Calls f(fs, ft, kind_c, target_c): the storage formats of the student and the teacher and the
+// kind and target as integral constants, i.e. one of the 2 x 2 x 7 x 3 kernel instantiations.
+template <typename F>
+void dispatch_divergence(const at::Tensor& student, const at::Tensor& teacher, int64_t kind,
+                         int64_t target, F&& f) {
+  dispatch_format(student.scalar_type(), [&](auto fs) {
+    dispatch_format(teacher.scalar_type(), [&](auto ft) {
+      dispatch_index<kNumKinds>(kind, [&](auto kind_c) {
+        dispatch_index<kNumTargets>(target,
+                                    [&](auto target_c) { f(fs, ft, kind_c, target_c); });
+      });
+    });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+divergence_forward(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& valid,
+                   int64_t kind, int64_t target, double temperature, double coef) {
   check_divergence_inputs(student, teacher, valid, kind, target, coef);
   const at::cuda::OptionalCUDAGuard device_guard(device_of(student));
   const int64_t B = student.size(0), L = student.size(1), V = student.size(2);
   const auto options = student.options().dtype(at::kFloat);
   at::Tensor loss = at::empty({B, L}, options);
-  at::Tensor lse_q = at::empty({B, L}, options);
-  at::Tensor lse_t = at::empty({B, L}, options);
+  at::Tensor max_q = at::empty({B, L}, options);
+  at::Tensor logsum_q = at::empty({B, L}, options);
+  at::Tensor max_t = at::empty({B, L}, options);
+  at::Tensor logsum_t = at::empty({B, L}, options);
   at::Tensor gbar = at::empty({B, L}, options);
-  if (B * L == 0) return {loss, lse_q, lse_t, gbar};
+  if (B * L == 0) return {loss, max_q, logsum_q, max_t, logsum_t, gbar};
 
   const at::Tensor valid_c = valid.contiguous();
   const DivergenceParams params = make_params(temperature, coef);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  dispatch_float(student.scalar_type(), [&](auto s) {
-    using Ts = decltype(s);
-    dispatch_float(teacher.scalar_type(), [&](auto t) {
-      using Tt = decltype(t);
-      dispatch_index<kNumKinds>(kind, [&](auto kind_c) {
-        dispatch_index<kNumTargets>(target, [&](auto target_c) {
-          const int threads = row_threads(V, kDivergenceVec<Ts, Tt>);
-          divergence_forward_kernel<Ts, Tt, decltype(kind_c)::value, decltype(target_c)::value>
-              <<<static_cast<unsigned>(B * L), threads, 0, stream>>>(
-                  student.const_data_ptr<Ts>(), teacher.const_data_ptr<Tt>(),
-                  valid_c.const_data_ptr<bool>(), loss.mutable_data_ptr<float>(),
-                  lse_q.mutable_data_ptr<float>(), lse_t.mutable_data_ptr<float>(),
-                  gbar.mutable_data_ptr<float>(), L, V, student.stride(0), student.stride(1),
-                  teacher.stride(0), teacher.stride(1), params);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        });
-      });
-    });
-  });
-  return {loss, lse_q, lse_t, gbar};
+  const auto launch = [&](auto fs, auto ft, auto kind_c, auto target_c) {
+    using Fs = decltype(fs);
+    using Ft = decltype(ft);
+    const int threads = row_threads(V, kDivergenceVec<Fs, Ft>);
+    divergence_forward_kernel<Fs, Ft, decltype(kind_c)::value, decltype(target_c)::value>
+        <<<static_cast<unsigned>(B * L), threads, 0, stream>>>(
+            storage_ptr<Fs>(student), storage_ptr<Ft>(teacher), valid_c.const_data_ptr<bool>(),
+            loss.mutable_data_ptr<float>(), max_q.mutable_data_ptr<float>(),
+            logsum_q.mutable_data_ptr<float>(), max_t.mutable_data_ptr<float>(),
+            logsum_t.mutable_data_ptr<float>(), gbar.mutable_data_ptr<float>(), L, V,
+            student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1), fs, ft,
+            params);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  dispatch_divergence(student, teacher, kind, target, launch);
+  return {loss, max_q, logsum_q, max_t, logsum_t, gbar};
 }
 
 at::Tensor divergence_backward(const at::Tensor& grad, const at::Tensor& student,
                                const at::Tensor& teacher, const at::Tensor& valid,
-                               const at::Tensor& lse_q, const at::Tensor& lse_t,
+                               const at::Tensor& max_q, const at::Tensor& logsum_q,
+                               const at::Tensor& max_t, const at::Tensor& logsum_t,
                                const at::Tensor& gbar, int64_t kind, int64_t target,
                                double temperature, double coef) {
   check_divergence_inputs(student, teacher, valid, kind, target, coef);
   const auto rows_shape = student.sizes().slice(0, 2);
   check_per_row(grad, "grad", rows_shape, student.device(), {at::kFloat});
-  check_per_row(lse_q, "lse_q", rows_shape, student.device(), {at::kFloat});
-  check_per_row(lse_t, "lse_t", rows_shape, student.device(), {at::kFloat});
+  check_per_row(max_q, "max_q", rows_shape, student.device(), {at::kFloat});
+  check_per_row(logsum_q, "logsum_q", rows_shape, student.device(), {at::kFloat});
+  check_per_row(max_t, "max_t", rows_shape, student.device(), {at::kFloat});
+  check_per_row(logsum_t, "logsum_t", rows_shape, student.device(), {at::kFloat});
   check_per_row(gbar, "gbar", rows_shape, student.device(), {at::kFloat});
   const at::cuda::OptionalCUDAGuard device_guard(device_of(student));
   const int64_t B = student.size(0), L = student.size(1), V = student.size(2);
@@ -341,31 +407,28 @@ at::Tensor divergence_backward(const at::Tensor& grad, const at::Tensor& student
 
   const at::Tensor grad_c = grad.contiguous();
   const at::Tensor valid_c = valid.contiguous();
-  const at::Tensor lse_q_c = lse_q.contiguous();
-  const at::Tensor lse_t_c = lse_t.contiguous();
+  const at::Tensor max_q_c = max_q.contiguous();
+  const at::Tensor logsum_q_c = logsum_q.contiguous();
+  const at::Tensor max_t_c = max_t.contiguous();
+  const at::Tensor logsum_t_c = logsum_t.contiguous();
   const at::Tensor gbar_c = gbar.contiguous();
   const DivergenceParams params = make_params(temperature, coef);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  dispatch_float(student.scalar_type(), [&](auto s) {
-    using Ts = decltype(s);
-    dispatch_float(teacher.scalar_type(), [&](auto t) {
-      using Tt = decltype(t);
-      dispatch_index<kNumKinds>(kind, [&](auto kind_c) {
-        dispatch_index<kNumTargets>(target, [&](auto target_c) {
-          const int threads = row_threads(V, kDivergenceVec<Ts, Tt>);
-          divergence_backward_kernel<Ts, Tt, decltype(kind_c)::value, decltype(target_c)::value>
-              <<<static_cast<unsigned>(B * L), threads, 0, stream>>>(
-                  grad_c.const_data_ptr<float>(), student.const_data_ptr<Ts>(),
-                  teacher.const_data_ptr<Tt>(), valid_c.const_data_ptr<bool>(),
-                  lse_q_c.const_data_ptr<float>(), lse_t_c.const_data_ptr<float>(),
-                  gbar_c.const_data_ptr<float>(), dz.mutable_data_ptr<Ts>(), L, V,
-                  student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1),
-                  params);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        });
-      });
-    });
-  });
+  const auto launch = [&](auto fs, auto ft, auto kind_c, auto target_c) {
+    using Fs = decltype(fs);
+    using Ft = decltype(ft);
+    const int threads = row_threads(V, kDivergenceVec<Fs, Ft>);
+    divergence_backward_kernel<Fs, Ft, decltype(kind_c)::value, decltype(target_c)::value>
+        <<<static_cast<unsigned>(B * L), threads, 0, stream>>>(
+            grad_c.const_data_ptr<float>(), storage_ptr<Fs>(student), storage_ptr<Ft>(teacher),
+            valid_c.const_data_ptr<bool>(), max_q_c.const_data_ptr<float>(),
+            logsum_q_c.const_data_ptr<float>(), max_t_c.const_data_ptr<float>(),
+            logsum_t_c.const_data_ptr<float>(), gbar_c.const_data_ptr<float>(),
+            mutable_storage_ptr<Fs>(dz), L, V, student.stride(0), student.stride(1),
+            teacher.stride(0), teacher.stride(1), fs, ft, params);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  dispatch_divergence(student, teacher, kind, target, launch);
   return dz;
 }
 

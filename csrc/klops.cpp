@@ -32,18 +32,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 // kind indexes ("forward", "reverse", "jsd", "skew_forward", "skew_reverse", "tv", "alpha"),
 // target indexes ("logits", "logprobs", "probs"); coef is beta (jsd) or alpha (skew_*, alpha).
 TORCH_LIBRARY(klops_C, m) {
+  // max_* are raw row maxes of the logits (before the temperature) and logsum_* the logs of the
+  // shifted sums, log sum_v exp((z_v - max) / T): log softmax = (z - max) / T - logsum.
   m.def(
       "divergence_forward(Tensor student, Tensor teacher, Tensor valid, int kind, int target, "
-      "float temperature, float coef) -> (Tensor, Tensor, Tensor, Tensor)");
+      "float temperature, float coef) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "divergence_backward(Tensor grad, Tensor student, Tensor teacher, Tensor valid, "
-      "Tensor lse_q, Tensor lse_t, Tensor gbar, int kind, int target, float temperature, "
-      "float coef) -> Tensor");
+      "Tensor max_q, Tensor logsum_q, Tensor max_t, Tensor logsum_t, Tensor gbar, int kind, "
+      "int target, float temperature, float coef) -> Tensor");
   m.def(
       "logprobs_forward(Tensor logits, Tensor labels, float temperature, bool with_entropy, "
-      "int ignore_index) -> (Tensor, Tensor, Tensor)");
+      "int ignore_index) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "logprobs_backward(Tensor grad_logp, Tensor grad_entropy, Tensor logits, Tensor labels, "
-      "Tensor lse, Tensor entropy, float temperature, bool with_entropy, int ignore_index) "
-      "-> Tensor");
+      "Tensor max, Tensor logsum, Tensor entropy, float temperature, bool with_entropy, "
+      "int ignore_index) -> Tensor");
 }

@@ -1,16 +1,17 @@
 // Shared pieces of the row kernels of klops._C: one thread block streams one row of V entries.
 //
-//   - host: input checks, the fp32/bf16/fp16 dtype dispatch and the block size for a row of V;
-//   - device: loads/stores of W consecutive entries (one 16-byte access when W > 1), the row
-//     sweep (scalar head up to the first aligned entry, vector body, scalar tail), the online
-//     log-sum-exp accumulator and a block-wide reduction of any accumulator with combine/shfl_xor.
+//   - host: input checks, the dispatch from a float dtype to its storage format, the block size;
+//   - device: the storage formats (fp32, and one 16-bit format for bf16 and fp16), loads/stores
+//     of W consecutive entries (one 16-byte access when W > 1), the row sweep (scalar head up to
+//     the first aligned entry, vector body, scalar tail), the online log-sum-exp accumulators in
+//     raw logit units and a block-wide reduction of any accumulator with combine/shfl_xor.
 //
 // Offsets into the (B, L, V) tensors are int64: B * L * V exceeds 2^31 for LLM vocabularies.
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 #include <cstdint>
 #include <initializer_list>
@@ -22,6 +23,34 @@ namespace klops {
 
 constexpr int kMaxThreads = 256;  // block size cap of every row kernel (a multiple of 32, <= 1024)
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// ------------------------------------------------------------------------------------------------
+// Storage formats: how the entries of a (B, L, V) tensor are stored and converted to/from fp32.
+//
+// bf16 and fp16 share one format whose dtype is a run-time flag (uniform over a launch): a kernel
+// is instantiated per format, not per dtype, so the divergence kernels exist for 2 x 2 instead of
+// 3 x 3 (student, teacher) dtype pairs. The price is a select per converted entry, in kernels
+// bound by memory. Both conversions are those of c10::BFloat16 / c10::Half (exact widening;
+// round to nearest even when narrowing).
+
+struct Fp32Format {
+  using Storage = float;
+  __device__ __forceinline__ float to_float(float v) const { return v; }
+  __device__ __forceinline__ float from_float(float v) const { return v; }
+};
+
+struct Bits16Format {
+  using Storage = uint16_t;
+  bool bf16;  // bfloat16 when true, float16 when false
+
+  __device__ __forceinline__ float to_float(uint16_t v) const {
+    return bf16 ? __uint_as_float(uint32_t{v} << 16) : __half2float(__ushort_as_half(v));
+  }
+  __device__ __forceinline__ uint16_t from_float(float v) const {
+    return bf16 ? __bfloat16_as_ushort(__float2bfloat16_rn(v))
+                : __half_as_ushort(__float2half_rn(v));
+  }
+};
 
 // ------------------------------------------------------------------------------------------------
 // Host helpers
@@ -48,19 +77,30 @@ inline void check_per_row(const at::Tensor& t, const char* name, at::IntArrayRef
   TORCH_CHECK(dtype_ok, name, " has unsupported dtype ", t.scalar_type());
 }
 
-// Calls f(T{}) with T the C++ type of a float dtype (float, at::BFloat16, at::Half).
+// Calls f(format) with the storage format of a float dtype: Fp32Format for float32,
+// Bits16Format{bf16} for bfloat16 and float16 (the same instantiation of f for both).
 template <typename F>
-void dispatch_float(at::ScalarType dtype, F&& f) {
+void dispatch_format(at::ScalarType dtype, F&& f) {
   switch (dtype) {
     case at::kFloat:
-      return f(float{});
+      return f(Fp32Format{});
     case at::kBFloat16:
-      return f(at::BFloat16{});
+      return f(Bits16Format{true});
     case at::kHalf:
-      return f(at::Half{});
+      return f(Bits16Format{false});
     default:
       TORCH_CHECK(false, "unsupported dtype ", dtype);
   }
+}
+
+// The data of t as the storage type of Format (t has the format's dtype).
+template <typename Format>
+const typename Format::Storage* storage_ptr(const at::Tensor& t) {
+  return static_cast<const typename Format::Storage*>(t.const_data_ptr());
+}
+template <typename Format>
+typename Format::Storage* mutable_storage_ptr(at::Tensor& t) {
+  return static_cast<typename Format::Storage*>(t.mutable_data_ptr());
 }
 
 template <typename F, int... Is>
@@ -89,38 +129,37 @@ template <int W>
 using Width = std::integral_constant<int, W>;
 
 // W consecutive entries of a row as stored; one 16-byte (or 8-byte) access when W > 1.
-template <typename T, int W>
-struct alignas(sizeof(T) * W) AlignedVec {
+template <typename S, int W>
+struct alignas(sizeof(S) * W) AlignedVec {
   static constexpr int kWidth = W;
-  T val[W];
-
-  __device__ __forceinline__ float get(int i) const { return static_cast<float>(val[i]); }
+  S val[W];
 };
 
-// p[0 .. W); p is aligned to W * sizeof(T) bytes.
-template <int W, typename T>
-__device__ __forceinline__ AlignedVec<T, W> load_vec(const T* p) {
-  return *reinterpret_cast<const AlignedVec<T, W>*>(p);
+// p[0 .. W); p is aligned to W * sizeof(S) bytes.
+template <int W, typename S>
+__device__ __forceinline__ AlignedVec<S, W> load_vec(const S* p) {
+  return *reinterpret_cast<const AlignedVec<S, W>*>(p);
 }
 
-// p[i] = T(in[i]) (round to nearest even) for i < W; same alignment as load_vec.
-template <int W, typename T>
-__device__ __forceinline__ void store_floats(T* p, const float (&in)[W]) {
-  AlignedVec<T, W> v;
+// p[i] = in[i] converted by `format` for i < W; same alignment as load_vec.
+template <int W, typename Format>
+__device__ __forceinline__ void store_floats(typename Format::Storage* p, const float (&in)[W],
+                                             const Format& format) {
+  AlignedVec<typename Format::Storage, W> v;
 #pragma unroll
-  for (int i = 0; i < W; ++i) v.val[i] = static_cast<T>(in[i]);
-  *reinterpret_cast<AlignedVec<T, W>*>(p) = v;
+  for (int i = 0; i < W; ++i) v.val[i] = format.from_float(in[i]);
+  *reinterpret_cast<AlignedVec<typename Format::Storage, W>*>(p) = v;
 }
 
-template <int VEC, typename T>
-__device__ __forceinline__ bool is_vec_aligned(const T* p) {
-  return reinterpret_cast<uintptr_t>(p) % (VEC * sizeof(T)) == 0;
+template <int VEC, typename S>
+__device__ __forceinline__ bool is_vec_aligned(const S* p) {
+  return reinterpret_cast<uintptr_t>(p) % (VEC * sizeof(S)) == 0;
 }
 
 // Entries before the first VEC-aligned entry of p, at most n.
-template <int VEC, typename T>
-__device__ __forceinline__ int64_t vec_head(const T* p, int64_t n) {
-  const int64_t misaligned = static_cast<int64_t>((reinterpret_cast<uintptr_t>(p) / sizeof(T)) % VEC);
+template <int VEC, typename S>
+__device__ __forceinline__ int64_t vec_head(const S* p, int64_t n) {
+  const int64_t misaligned = static_cast<int64_t>((reinterpret_cast<uintptr_t>(p) / sizeof(S)) % VEC);
   return min(n, (VEC - misaligned) % VEC);
 }
 
@@ -146,66 +185,125 @@ __device__ __forceinline__ void sweep_row(int64_t n, int64_t head, bool vectoriz
   for (j = body_end + threadIdx.x; j < n; j += blockDim.x) consume(j, load(j, Width<1>{}));
 }
 
-// Writes n zeros to the contiguous row p (the gradient of an invalid / ignored row). Nothing is
-// loaded: the "chunk" handed to consume is just its width.
-template <typename T>
-__device__ __forceinline__ void zero_row(T* p, int64_t n) {
-  constexpr int VEC = 16 / sizeof(T);
+// Writes n zeros to the contiguous row p (the gradient of an invalid / ignored row): all-zero
+// bits are +0 in every format. Nothing is loaded: the "chunk" handed to consume is its width.
+template <typename S>
+__device__ __forceinline__ void zero_row(S* p, int64_t n) {
+  constexpr int VEC = 16 / sizeof(S);
   sweep_row<VEC>(
       n, vec_head<VEC>(p, n), true, [](int64_t, auto width) { return width; },
       [&](int64_t j, auto width) {
         constexpr int W = decltype(width)::value;
-        float zeros[W] = {};
-        store_floats<W>(p + j, zeros);
+        *reinterpret_cast<AlignedVec<S, W>*>(p + j) = AlignedVec<S, W>{};
       });
 }
 
 __device__ __forceinline__ float finite_or_zero(float m) { return m == kNegInf ? 0.0f : m; }
 
-// Online log-sum-exp: m = max x, s = sum exp(x - m); lse = m + log s (-inf for an empty row).
-struct LseAcc {
+// Online log-sum-exp of the scaled row x = z c (c = 1/T) in raw units: m = max z (before the
+// scale), s = sum exp((z - m) c). The kernels keep m and log s apart, as the row's
+//     max = m (0 when m = -inf),   logsum = log s   (-inf for an empty or all -inf row)
+// and form log softmax(x) = (z - max) c - logsum: z - max is exact near the max (Sterbenz), where
+// z c - logsumexp(x) would carry the rounding error eps |z c| of both terms.
+struct Lse {
   float m;
   float s;
 
-  static __device__ __forceinline__ LseAcc identity() { return {kNegInf, 0.0f}; }
-
-  // Folds x in with one exp: exp(old m - x) rescales s when x is the new max, else s += exp(x - m).
-  // A NaN x is never "up", so it makes s NaN; -inf entries leave (m, s) unchanged.
-  __device__ __forceinline__ void push(float x) {
-    const bool up = x > m;
-    const float m_new = up ? x : m;
-    const float e = expf((up ? m : x) - finite_or_zero(m_new));
-    s = up ? fmaf(s, e, 1.0f) : s + e;
-    m = m_new;
-  }
-
-  static __device__ __forceinline__ LseAcc combine(const LseAcc& a, const LseAcc& b) {
-    const float m = fmaxf(a.m, b.m);
-    const float m_safe = finite_or_zero(m);
-    return {m, a.s * expf(a.m - m_safe) + b.s * expf(b.m - m_safe)};
-  }
-
-  __device__ __forceinline__ LseAcc shfl_xor(int lane_mask) const {
+  __device__ __forceinline__ Lse shfl_xor(int lane_mask) const {
     return {__shfl_xor_sync(0xffffffffu, m, lane_mask), __shfl_xor_sync(0xffffffffu, s, lane_mask)};
   }
+  __device__ __forceinline__ float max() const { return finite_or_zero(m); }
+  __device__ __forceinline__ float logsum() const { return logf(s); }
+};
 
-  __device__ __forceinline__ float lse() const { return finite_or_zero(m) + logf(s); }
+// The operations on Lse for the scale c: identity, push of one raw entry, combine (block_reduce).
+struct LseOp {
+  using Acc = Lse;
+  float c;  // 1 / T
+
+  __device__ __forceinline__ Lse identity() const { return {kNegInf, 0.0f}; }
+
+  // Folds z in with one exp: on a new max z, exp((old m - z) c) rescales s; else
+  // s += exp((z - m) c). A NaN z is never "up", so it makes s NaN; -inf entries change nothing.
+  __device__ __forceinline__ void push(Lse& a, float z) const {
+    const bool up = z > a.m;
+    const float m_new = up ? z : a.m;
+    const float e = expf(((up ? a.m : z) - finite_or_zero(m_new)) * c);
+    a.s = up ? fmaf(a.s, e, 1.0f) : a.s + e;
+    a.m = m_new;
+  }
+
+  __device__ __forceinline__ Lse combine(const Lse& a, const Lse& b) const {
+    const float m = fmaxf(a.m, b.m);
+    const float m_safe = finite_or_zero(m);
+    return {m, a.s * expf((a.m - m_safe) * c) + b.s * expf((b.m - m_safe) * c)};
+  }
+};
+
+// Lse plus w = sum exp(d) d with d = (z - m) c, relative to the running raw max m: the row's
+// entropy H = log s - w / s (SPEC.md §2).
+struct Entropy {
+  float m;
+  float s;
+  float w;
+
+  __device__ __forceinline__ Entropy shfl_xor(int lane_mask) const {
+    return {__shfl_xor_sync(0xffffffffu, m, lane_mask), __shfl_xor_sync(0xffffffffu, s, lane_mask),
+            __shfl_xor_sync(0xffffffffu, w, lane_mask)};
+  }
+  __device__ __forceinline__ float max() const { return finite_or_zero(m); }
+  __device__ __forceinline__ float logsum() const { return logf(s); }
+  __device__ __forceinline__ float entropy() const { return logf(s) - w / s; }
+};
+
+struct EntropyOp {
+  using Acc = Entropy;
+  float c;  // 1 / T
+
+  __device__ __forceinline__ Entropy identity() const { return {kNegInf, 0.0f, 0.0f}; }
+
+  // As LseOp::push. On a new max z, with d = (old m - z) c: w = exp(d) (w + d s), the shift d
+  // taken as 0 when old m = -inf (s = w = 0 then); the new entry adds exp(0) 0. Else, with
+  // d = (z - m) c: w += exp(d) d, nothing for d = -inf (a -inf entry).
+  __device__ __forceinline__ void push(Entropy& a, float z) const {
+    const bool up = z > a.m;
+    const float m_new = up ? z : a.m;
+    const float d = ((up ? a.m : z) - finite_or_zero(m_new)) * c;
+    const float e = expf(d);
+    const float d_safe = finite_or_zero(d);
+    a.w = up ? e * (a.w + d_safe * a.s) : a.w + e * d_safe;
+    a.s = up ? fmaf(a.s, e, 1.0f) : a.s + e;
+    a.m = m_new;
+  }
+
+  // Both sides moved to the common max M: with r_i = exp((m_i - M) c) and the shift
+  // (m_i - M) c (0 for an empty side), s = sum r_i s_i, w = sum r_i (w_i + shift_i s_i).
+  __device__ __forceinline__ Entropy combine(const Entropy& a, const Entropy& b) const {
+    const float m = fmaxf(a.m, b.m);
+    const float m_safe = finite_or_zero(m);
+    const float shift_a = a.m == kNegInf ? 0.0f : (a.m - m_safe) * c;
+    const float shift_b = b.m == kNegInf ? 0.0f : (b.m - m_safe) * c;
+    const float ra = expf((a.m - m_safe) * c);
+    const float rb = expf((b.m - m_safe) * c);
+    return {m, a.s * ra + b.s * rb, ra * (a.w + shift_a * a.s) + rb * (b.w + shift_b * b.s)};
+  }
 };
 
 // Reduces acc over the block (blockDim.x a multiple of 32); every thread gets the result.
-// Acc provides identity(), combine(a, b) and shfl_xor(lane_mask). Safe to call repeatedly.
-template <typename Acc>
-__device__ __forceinline__ Acc block_reduce(Acc acc) {
+// op provides identity() and combine(a, b), acc provides shfl_xor(lane_mask). Safe to call
+// repeatedly.
+template <typename Acc, typename Op>
+__device__ __forceinline__ Acc block_reduce(Acc acc, const Op& op) {
   __shared__ Acc partial[32];
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
 #pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) acc = Acc::combine(acc, acc.shfl_xor(offset));
+  for (int offset = 16; offset > 0; offset /= 2) acc = op.combine(acc, acc.shfl_xor(offset));
   if (lane == 0) partial[warp] = acc;
   __syncthreads();
-  acc = lane < static_cast<int>(blockDim.x / 32) ? partial[lane] : Acc::identity();
+  acc = lane < static_cast<int>(blockDim.x / 32) ? partial[lane] : op.identity();
 #pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) acc = Acc::combine(acc, acc.shfl_xor(offset));
+  for (int offset = 16; offset > 0; offset /= 2) acc = op.combine(acc, acc.shfl_xor(offset));
   __syncthreads();  // partial may be overwritten by the next call
   return acc;
 }

@@ -3,17 +3,21 @@
 One program handles one row (token) and streams its V logits in blocks of BLOCK_V; nothing of size
 [N, V] is allocated besides the gradient. With z the student logits, y the teacher and T the temperature:
 
-    log q = z/T - lse_q                         lse_q = logsumexp(z/T)
-    log p = t - lse_t  (target_is="logits", t = y/T)
-    log p = t          (target_is="logprobs", t = y; "probs", t = log y)
+    log q = (z - max_q)/T - logsum_q            max_q = max_v z_v, logsum_q = log sum exp((z - max_q)/T)
+    log p = (y - max_t)/T - logsum_t            (target_is="logits"; likewise)
+    log p = y  or  log y                        (target_is="logprobs" / "probs": taken as given)
 
     D    = sum_v loss_v                         loss_v: the kind's per-entry term
     a_v  = q_v g_v                              g_v = f(u_v) - u_v f'(u_v), u = p/q
     gbar = sum_v a_v
     dD/dz_j = (a_j - q_j gbar) / T
 
-Forward (2 sweeps): sweep 1 computes lse_q, lse_t online; sweep 2 accumulates D and gbar.
-Backward (1 sweep): recomputes q, p, a from the saved lse_q, lse_t, gbar and writes
+The row max is kept in raw logit units and subtracted before dividing by T, so that z - max is exact
+near the max (as in a standard log_softmax): log q of the likely tokens keeps full fp32 precision
+however large z/T is, instead of an error of eps |z/T|.
+
+Forward (2 sweeps): sweep 1 computes (max, logsum) of both rows online; sweep 2 accumulates D and
+gbar. Backward (1 sweep): recomputes q, p, a from the saved row statistics and gbar and writes
 dz = grad_row * (a - q gbar) / T. Recomputation moves fewer bytes than writing the gradient in the
 forward and rescaling it in the backward (see klops/divergence.py).
 """
@@ -42,20 +46,20 @@ NEG_INF = tl.constexpr(float("-inf"))
 
 
 @triton.jit
-def online_lse_update(m, s, x):
-    """Per-lane online log-sum-exp: fold x into the running max m and sum s = sum exp(x - m)."""
+def online_lse_update(m, s, x, inv_temperature):
+    """Per-lane online log-sum-exp in raw units: m = running max of x, s = sum exp((x - m) / T)."""
     m_new = tl.maximum(m, x)
     m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
-    s = s * tl.exp(m - m_safe) + tl.exp(x - m_safe)
+    s = s * tl.exp((m - m_safe) * inv_temperature) + tl.exp((x - m_safe) * inv_temperature)
     return m_new, s
 
 
 @triton.jit
-def lse_finalize(m, s):
-    """Combine the per-lane (m, s) of online_lse_update into one logsumexp (-inf for an empty row)."""
+def lse_finalize(m, s, inv_temperature):
+    """(row max, log sum exp((x - max) / T)) from the per-lane (m, s); the max of an all -inf row is 0."""
     m_row = tl.max(m, 0)
     m_safe = tl.where(m_row == NEG_INF, 0.0, m_row)
-    return m_safe + tl.log(tl.sum(s * tl.exp(m - m_safe), 0))
+    return m_safe, tl.log(tl.sum(s * tl.exp((m - m_safe) * inv_temperature), 0))
 
 
 @triton.jit
@@ -66,16 +70,16 @@ def logaddexp(a, b):
 
 
 @triton.jit
-def teacher_log(y, inv_temperature, TARGET: tl.constexpr):
-    """t = y/T for logits, y for log-probs, log y for probabilities (fp32)."""
+def teacher_logprobs(y, max_t, logsum_t, inv_temperature, TARGET: tl.constexpr):
+    """log p (fp32): (y - max_t)/T - logsum_t for logits; y for log-probs; log y for probabilities."""
     y = y.to(tl.float32)
     if TARGET == LOGITS:
-        t = y * inv_temperature
+        lp = (y - max_t) * inv_temperature - logsum_t
     elif TARGET == LOGPROBS:
-        t = y
+        lp = y
     else:
-        t = tl.log(y)
-    return t
+        lp = tl.log(y)
+    return lp
 
 
 @triton.jit
@@ -123,8 +127,10 @@ def divergence_forward_kernel(
     y_ptr,  # (B, L, V) teacher logits / log-probs / probs, last-dim stride 1
     valid_ptr,  # (B*L,) bool: False rows get D = 0
     loss_ptr,  # (B*L,) fp32 out: D per row
-    lse_q_ptr,  # (B*L,) fp32 out
-    lse_t_ptr,  # (B*L,) fp32 out
+    max_q_ptr,  # (B*L,) fp32 out: raw row max of z
+    logsum_q_ptr,  # (B*L,) fp32 out: log sum exp((z - max_q)/T)
+    max_t_ptr,  # (B*L,) fp32 out: the same for teacher logits (0 for other targets)
+    logsum_t_ptr,  # (B*L,) fp32 out
     gbar_ptr,  # (B*L,) fp32 out
     # shapes
     L,
@@ -146,46 +152,51 @@ def divergence_forward_kernel(
     row = tl.program_id(0).to(tl.int64)
     if tl.load(valid_ptr + row) == 0:
         tl.store(loss_ptr + row, 0.0)
-        tl.store(lse_q_ptr + row, 0.0)
-        tl.store(lse_t_ptr + row, 0.0)
+        tl.store(max_q_ptr + row, 0.0)
+        tl.store(logsum_q_ptr + row, 0.0)
+        tl.store(max_t_ptr + row, 0.0)
+        tl.store(logsum_t_ptr + row, 0.0)
         tl.store(gbar_ptr + row, 0.0)
         return
     z_row = z_ptr + (row // L) * stride_zb + (row % L) * stride_zl
     y_row = y_ptr + (row // L) * stride_yb + (row % L) * stride_yl
     cols = tl.arange(0, BLOCK_V)
 
-    # Sweep 1: lse_q = logsumexp(z/T), lse_t = logsumexp(t).
+    # Sweep 1: (max, logsum) of the student row, and of the teacher row when it is logits.
     m_q = tl.full([BLOCK_V], NEG_INF, tl.float32)
     s_q = tl.zeros([BLOCK_V], tl.float32)
     m_t = tl.full([BLOCK_V], NEG_INF, tl.float32)
     s_t = tl.zeros([BLOCK_V], tl.float32)
     for start in range(0, V, BLOCK_V):
         mask = start + cols < V
-        z = tl.load(z_row + start + cols, mask=mask, other=NEG_INF).to(tl.float32) * inv_temperature
-        y = tl.load(y_row + start + cols, mask=mask, other=0.0)
-        t = tl.where(mask, teacher_log(y, inv_temperature, TARGET), NEG_INF)
-        m_q, s_q = online_lse_update(m_q, s_q, z)
-        m_t, s_t = online_lse_update(m_t, s_t, t)
-    lse_q = lse_finalize(m_q, s_q)
-    lse_t = lse_finalize(m_t, s_t)
-    norm_t = 0.0
+        z = tl.load(z_row + start + cols, mask=mask, other=NEG_INF).to(tl.float32)
+        m_q, s_q = online_lse_update(m_q, s_q, z, inv_temperature)
+        if TARGET == LOGITS:
+            y = tl.load(y_row + start + cols, mask=mask, other=NEG_INF).to(tl.float32)
+            m_t, s_t = online_lse_update(m_t, s_t, y, inv_temperature)
+    max_q, logsum_q = lse_finalize(m_q, s_q, inv_temperature)
+    max_t = 0.0
+    logsum_t = 0.0
     if TARGET == LOGITS:  # log-probs and probs are taken as given, not renormalized
-        norm_t = lse_t
+        max_t, logsum_t = lse_finalize(m_t, s_t, inv_temperature)
 
     # Sweep 2: D = sum loss_v, gbar = sum a_v.
     loss_acc = tl.zeros([BLOCK_V], tl.float32)
     gbar_acc = tl.zeros([BLOCK_V], tl.float32)
     for start in range(0, V, BLOCK_V):
         mask = start + cols < V
-        z = tl.load(z_row + start + cols, mask=mask, other=NEG_INF).to(tl.float32) * inv_temperature
+        z = tl.load(z_row + start + cols, mask=mask, other=NEG_INF).to(tl.float32)
         y = tl.load(y_row + start + cols, mask=mask, other=0.0)
-        lp = tl.where(mask, teacher_log(y, inv_temperature, TARGET) - norm_t, NEG_INF)
-        loss, a = divergence_terms(z - lse_q, lp, coef, log_coef, log_1m_coef, KIND)
+        lq = (z - max_q) * inv_temperature - logsum_q
+        lp = tl.where(mask, teacher_logprobs(y, max_t, logsum_t, inv_temperature, TARGET), NEG_INF)
+        loss, a = divergence_terms(lq, lp, coef, log_coef, log_1m_coef, KIND)
         loss_acc += loss
         gbar_acc += a
     tl.store(loss_ptr + row, tl.sum(loss_acc, 0))
-    tl.store(lse_q_ptr + row, lse_q)
-    tl.store(lse_t_ptr + row, lse_t)
+    tl.store(max_q_ptr + row, max_q)
+    tl.store(logsum_q_ptr + row, logsum_q)
+    tl.store(max_t_ptr + row, max_t)
+    tl.store(logsum_t_ptr + row, logsum_t)
     tl.store(gbar_ptr + row, tl.sum(gbar_acc, 0))
 
 
@@ -196,8 +207,10 @@ def divergence_backward_kernel(
     z_ptr,  # (B, L, V) student logits
     y_ptr,  # (B, L, V) teacher
     valid_ptr,  # (B*L,) bool
-    lse_q_ptr,  # (B*L,) fp32
-    lse_t_ptr,  # (B*L,) fp32
+    max_q_ptr,  # (B*L,) fp32: the forward's row statistics
+    logsum_q_ptr,  # (B*L,) fp32
+    max_t_ptr,  # (B*L,) fp32
+    logsum_t_ptr,  # (B*L,) fp32
     gbar_ptr,  # (B*L,) fp32
     dz_ptr,  # (B*L, V) out, contiguous, student dtype
     # shapes
@@ -226,18 +239,18 @@ def divergence_backward_kernel(
         return
     z_row = z_ptr + (row // L) * stride_zb + (row % L) * stride_zl
     y_row = y_ptr + (row // L) * stride_yb + (row % L) * stride_yl
-    lse_q = tl.load(lse_q_ptr + row)
-    norm_t = 0.0
-    if TARGET == LOGITS:
-        norm_t = tl.load(lse_t_ptr + row)
+    max_q = tl.load(max_q_ptr + row)
+    logsum_q = tl.load(logsum_q_ptr + row)
+    max_t = tl.load(max_t_ptr + row)
+    logsum_t = tl.load(logsum_t_ptr + row)
     gbar = tl.load(gbar_ptr + row)
     scale = tl.load(grad_ptr + row) * inv_temperature
     for start in range(0, V, BLOCK_V):
         mask = start + cols < V
-        z = tl.load(z_row + start + cols, mask=mask, other=NEG_INF).to(tl.float32) * inv_temperature
+        z = tl.load(z_row + start + cols, mask=mask, other=NEG_INF).to(tl.float32)
         y = tl.load(y_row + start + cols, mask=mask, other=0.0)
-        lq = z - lse_q
-        lp = tl.where(mask, teacher_log(y, inv_temperature, TARGET) - norm_t, NEG_INF)
+        lq = (z - max_q) * inv_temperature - logsum_q
+        lp = tl.where(mask, teacher_logprobs(y, max_t, logsum_t, inv_temperature, TARGET), NEG_INF)
         _, a = divergence_terms(lq, lp, coef, log_coef, log_1m_coef, KIND)
         dz = scale * (a - tl.exp(lq) * gbar)
         tl.store(dz_row + start + cols, dz.to(dz_ptr.dtype.element_ty), mask=mask)
@@ -266,22 +279,20 @@ def divergence_forward(
     temperature: float,
     coef: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the forward: returns (D, lse_q, lse_t, gbar), each (B, L) fp32."""
+    """Launch the forward: returns (D, max_q, logsum_q, max_t, logsum_t, gbar), each (B, L) fp32."""
     B, L, V = student.shape
-    loss, lse_q, lse_t, gbar = (
-        torch.empty((B, L), dtype=torch.float32, device=student.device) for _ in range(4)
-    )
+    outputs = tuple(torch.empty((B, L), dtype=torch.float32, device=student.device) for _ in range(6))
     if B * L == 0:
-        return loss, lse_q, lse_t, gbar
+        return outputs
     block_v, num_warps = row_config(V)
     divergence_forward_kernel[(B * L,)](
-        student, teacher, valid.contiguous(), loss, lse_q, lse_t, gbar,
+        student, teacher, valid.contiguous(), *outputs,
         L, V,
         student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1),
         **_kind_args(kind, target_is, temperature, coef),
         BLOCK_V=block_v, num_warps=num_warps,
     )  # fmt: skip
-    return loss, lse_q, lse_t, gbar
+    return outputs
 
 
 def divergence_backward(
@@ -289,8 +300,10 @@ def divergence_backward(
     student: torch.Tensor,  # (B, L, V)
     teacher: torch.Tensor,  # (B, L, V)
     valid: torch.Tensor,  # (B, L) bool
-    lse_q: torch.Tensor,  # (B, L) fp32
-    lse_t: torch.Tensor,  # (B, L) fp32
+    max_q: torch.Tensor,  # (B, L) fp32
+    logsum_q: torch.Tensor,  # (B, L) fp32
+    max_t: torch.Tensor,  # (B, L) fp32
+    logsum_t: torch.Tensor,  # (B, L) fp32
     gbar: torch.Tensor,  # (B, L) fp32
     kind: str,
     target_is: str,
@@ -304,7 +317,8 @@ def divergence_backward(
         return dz
     block_v, num_warps = row_config(V)
     divergence_backward_kernel[(B * L,)](
-        grad.contiguous(), student, teacher, valid.contiguous(), lse_q, lse_t, gbar, dz,
+        grad.contiguous(), student, teacher, valid.contiguous(),
+        *(t.contiguous() for t in (max_q, logsum_q, max_t, logsum_t, gbar)), dz,
         L, V,
         student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1),
         **_kind_args(kind, target_is, temperature, coef),

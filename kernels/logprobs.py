@@ -1,13 +1,14 @@
 """Triton kernels for log-softmax-gather and entropy (SPEC.md §2), one program per row.
 
-With x = z/T, lse = logsumexp(x), q = softmax(x) and y the label of the row:
+With q = softmax(z/T), y the label of the row, max = max_v z_v (raw units) and
+logsum = log sum_v exp((z_v - max)/T), so that log q = (z - max)/T - logsum:
 
-    logprob = x_y - lse                     d logprob / dz_j = (1[j = y] - q_j) / T
-    entropy = lse - sum_v q_v x_v           d entropy / dz_j = -q_j (log q_j + entropy) / T
+    logprob = (z_y - max)/T - logsum        d logprob / dz_j = (1[j = y] - q_j) / T
+    entropy = -sum_v q_v log q_v            d entropy / dz_j = -q_j (log q_j + entropy) / T
 
-Forward: one sweep keeps per-lane running max m, s = sum exp(x - m) and, for the entropy,
-w = sum exp(x - m) (x - m) (relative to m, so logits of magnitude 1e4 lose no precision); then
-lse = m + log s and entropy = log s - w / s. Backward: one sweep from the saved lse and entropy.
+Forward: one sweep keeps per-lane running raw max m, s = sum exp(d) and, for the entropy,
+w = sum exp(d) d with d = (z - m)/T (relative to the max, so logits of magnitude 1e4 lose no
+precision); then entropy = log s - w / s. Backward: one sweep from the saved max, logsum, entropy.
 Rows whose label is ignore_index get logprob 0, entropy 0 and a zero gradient.
 """
 
@@ -26,7 +27,8 @@ def logprobs_forward_kernel(
     labels_ptr,  # (B*L,) int
     logp_ptr,  # (B*L,) fp32 out
     entropy_ptr,  # (B*L,) fp32 out (untouched unless WITH_ENTROPY)
-    lse_ptr,  # (B*L,) fp32 out
+    max_ptr,  # (B*L,) fp32 out: raw row max of z
+    logsum_ptr,  # (B*L,) fp32 out: log sum exp((z - max)/T)
     # shapes
     L,
     V,
@@ -43,7 +45,8 @@ def logprobs_forward_kernel(
     label = tl.load(labels_ptr + row).to(tl.int64)
     if label == ignore_index:
         tl.store(logp_ptr + row, 0.0)
-        tl.store(lse_ptr + row, 0.0)
+        tl.store(max_ptr + row, 0.0)
+        tl.store(logsum_ptr + row, 0.0)
         if WITH_ENTROPY:
             tl.store(entropy_ptr + row, 0.0)
         return
@@ -53,29 +56,30 @@ def logprobs_forward_kernel(
     s = tl.zeros([BLOCK_V], tl.float32)
     w = tl.zeros([BLOCK_V], tl.float32)
     for start in range(0, V, BLOCK_V):
-        x = tl.load(z_row + start + cols, mask=start + cols < V, other=NEG_INF).to(tl.float32)
-        x = x * inv_temperature
-        m_new = tl.maximum(m, x)
+        z = tl.load(z_row + start + cols, mask=start + cols < V, other=NEG_INF).to(tl.float32)
+        m_new = tl.maximum(m, z)
         m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
-        rescale = tl.exp(m - m_safe)
-        e = tl.exp(x - m_safe)
-        if WITH_ENTROPY:  # w relative to the new max: exp(m - m') (w + (m - m') s) + e (x - m')
-            shift = tl.where(m == NEG_INF, 0.0, m - m_safe)
-            w = rescale * (w + shift * s) + tl.where(x == NEG_INF, 0.0, e * (x - m_safe))
+        rescale = tl.exp((m - m_safe) * inv_temperature)
+        d = (z - m_safe) * inv_temperature
+        e = tl.exp(d)
+        if WITH_ENTROPY:  # w relative to the new max: r (w + (m - m')/T s) + e d
+            shift = tl.where(m == NEG_INF, 0.0, (m - m_safe) * inv_temperature)
+            w = rescale * (w + shift * s) + tl.where(z == NEG_INF, 0.0, e * d)
         s = s * rescale + e
         m = m_new
     m_row = tl.max(m, 0)
     m_row_safe = tl.where(m_row == NEG_INF, 0.0, m_row)
-    rescale = tl.exp(m - m_row_safe)
+    rescale = tl.exp((m - m_row_safe) * inv_temperature)
     s_row = tl.sum(s * rescale, 0)
-    lse = m_row_safe + tl.log(s_row)
-    x_label = tl.load(z_row + label).to(tl.float32) * inv_temperature
-    tl.store(logp_ptr + row, x_label - lse)
-    tl.store(lse_ptr + row, lse)
+    logsum = tl.log(s_row)
+    z_label = tl.load(z_row + label).to(tl.float32)
+    tl.store(logp_ptr + row, (z_label - m_row_safe) * inv_temperature - logsum)
+    tl.store(max_ptr + row, m_row_safe)
+    tl.store(logsum_ptr + row, logsum)
     if WITH_ENTROPY:
-        shift = tl.where(m == NEG_INF, 0.0, m - m_row_safe)
+        shift = tl.where(m == NEG_INF, 0.0, (m - m_row_safe) * inv_temperature)
         w_row = tl.sum(rescale * (w + shift * s), 0)
-        tl.store(entropy_ptr + row, tl.log(s_row) - w_row / s_row)
+        tl.store(entropy_ptr + row, logsum - w_row / s_row)
 
 
 @triton.jit
@@ -85,7 +89,8 @@ def logprobs_backward_kernel(
     grad_entropy_ptr,  # (B*L,) fp32 (unused unless WITH_ENTROPY)
     z_ptr,  # (B, L, V) logits
     labels_ptr,  # (B*L,) int
-    lse_ptr,  # (B*L,) fp32
+    max_ptr,  # (B*L,) fp32
+    logsum_ptr,  # (B*L,) fp32
     entropy_ptr,  # (B*L,) fp32 (unused unless WITH_ENTROPY)
     dz_ptr,  # (B*L, V) out, contiguous, logits dtype
     # shapes
@@ -109,15 +114,16 @@ def logprobs_backward_kernel(
             tl.store(dz_row + start + cols, tl.zeros([BLOCK_V], tl.float32), mask=start + cols < V)
         return
     z_row = z_ptr + (row // L) * stride_zb + (row % L) * stride_zl
-    lse = tl.load(lse_ptr + row)
+    max_z = tl.load(max_ptr + row)
+    logsum = tl.load(logsum_ptr + row)
     g_logp = tl.load(grad_logp_ptr + row) * inv_temperature
     if WITH_ENTROPY:
         g_entropy = tl.load(grad_entropy_ptr + row) * inv_temperature
         entropy = tl.load(entropy_ptr + row)
     for start in range(0, V, BLOCK_V):
         mask = start + cols < V
-        x = tl.load(z_row + start + cols, mask=mask, other=NEG_INF).to(tl.float32) * inv_temperature
-        log_q = x - lse
+        z = tl.load(z_row + start + cols, mask=mask, other=NEG_INF).to(tl.float32)
+        log_q = (z - max_z) * inv_temperature - logsum
         q = tl.exp(log_q)
         dz = g_logp * (tl.where(start + cols == label, 1.0, 0.0) - q)
         if WITH_ENTROPY:
@@ -132,21 +138,22 @@ def logprobs_forward(
     with_entropy: bool,
     ignore_index: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the forward: returns (logprob, entropy, lse), each (B, L) fp32 (entropy 0 if not asked)."""
+    """Launch the forward: returns (logprob, entropy, max, logsum), each (B, L) fp32 (entropy 0 if
+    not asked)."""
     B, L, V = logits.shape
-    logp, lse = (torch.empty((B, L), dtype=torch.float32, device=logits.device) for _ in range(2))
+    logp, max_z, logsum = (torch.empty((B, L), dtype=torch.float32, device=logits.device) for _ in range(3))
     entropy = (torch.empty if with_entropy else torch.zeros)((B, L), dtype=torch.float32, device=logits.device)
     if B * L == 0:
-        return logp, entropy, lse
+        return logp, entropy, max_z, logsum
     block_v, num_warps = row_config(V)
     logprobs_forward_kernel[(B * L,)](
-        logits, labels.contiguous(), logp, entropy, lse,
+        logits, labels.contiguous(), logp, entropy, max_z, logsum,
         L, V,
         logits.stride(0), logits.stride(1),
         1.0 / temperature, ignore_index,
         WITH_ENTROPY=with_entropy, BLOCK_V=block_v, num_warps=num_warps,
     )  # fmt: skip
-    return logp, entropy, lse
+    return logp, entropy, max_z, logsum
 
 
 def logprobs_backward(
@@ -154,7 +161,8 @@ def logprobs_backward(
     grad_entropy: torch.Tensor,  # (B, L) fp32
     logits: torch.Tensor,  # (B, L, V)
     labels: torch.Tensor,  # (B, L) int
-    lse: torch.Tensor,  # (B, L) fp32
+    max_z: torch.Tensor,  # (B, L) fp32
+    logsum: torch.Tensor,  # (B, L) fp32
     entropy: torch.Tensor,  # (B, L) fp32
     temperature: float,
     with_entropy: bool,
@@ -167,7 +175,8 @@ def logprobs_backward(
         return dz
     block_v, num_warps = row_config(V)
     logprobs_backward_kernel[(B * L,)](
-        grad_logp.contiguous(), grad_entropy.contiguous(), logits, labels.contiguous(), lse, entropy, dz,
+        grad_logp.contiguous(), grad_entropy.contiguous(), logits, labels.contiguous(),
+        max_z.contiguous(), logsum.contiguous(), entropy.contiguous(), dz,
         L, V,
         logits.stride(0), logits.stride(1),
         1.0 / temperature, ignore_index,

@@ -4,7 +4,8 @@ Layers of this op: ``kernels/divergence.py`` (Triton), ``csrc/divergence.cu`` (C
 backend below, the custom ops ``klops::divergence`` / ``klops::divergence_backward``, and ``fused_kl``.
 
 Gradient strategy: recomputation. The forward sweeps each row twice (logsumexp of both inputs, then
-the loss and ``gbar``) and keeps only three fp32 numbers per row; the backward sweeps once more and
+the loss and ``gbar``) and keeps five fp32 numbers per row (raw row max and log-sum of both inputs,
+``gbar``); the backward sweeps once more and
 writes ``dz``. Writing the gradient in the forward instead would move more bytes (a third sweep plus
 a read-modify-write of ``dz`` to apply ``grad_output``: 18 vs 14 bytes per bf16 entry) and would hold a
 [N, V] gradient alive from the loss to the backward; with recomputation nothing of size [N, V] lives
@@ -51,12 +52,11 @@ def _scaled(x: torch.Tensor, temperature: float) -> torch.Tensor:
     return x if temperature == 1.0 else x / temperature
 
 
-def _teacher_log(y: torch.Tensor, target_is: str, temperature: float) -> torch.Tensor:
-    """Unnormalized teacher log-weights t (fp32): y/T, y or log y."""
-    y = y.float()
-    if target_is == "logits":
-        return _scaled(y, temperature)
-    return y if target_is == "logprobs" else y.log()
+def _row_stats(x: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(raw row max, log sum exp((x - max) / T)) of [rows, V] logits; the max of an all -inf row is 0."""
+    row_max = x.float().amax(dim=-1)
+    row_max = torch.where(row_max == -math.inf, 0.0, row_max)
+    return row_max, torch.logsumexp(_scaled(x.float() - row_max[:, None], temperature), dim=-1)
 
 
 def _divergence_terms(lq: torch.Tensor, lp: torch.Tensor, kind: str, coef: float):
@@ -94,38 +94,45 @@ def _divergence_terms(lq: torch.Tensor, lp: torch.Tensor, kind: str, coef: float
     return loss, a
 
 
-def _row_logprobs(student, teacher, lse_q, lse_t, target_is: str, temperature: float):
-    """(log q, log p) of a chunk of rows from their saved logsumexps."""
-    lq = _scaled(student, temperature) - lse_q[:, None]
-    t = _teacher_log(teacher, target_is, temperature)
-    return lq, (t - lse_t[:, None] if target_is == "logits" else t)
+def _row_logprobs(student, teacher, stats, target_is: str, temperature: float):
+    """(log q, log p) of a chunk of rows from their (max_q, logsum_q, max_t, logsum_t): the max is
+    subtracted in raw units before dividing by T, as in the kernels."""
+    max_q, logsum_q, max_t, logsum_t = stats
+    lq = _scaled(student.float() - max_q[:, None], temperature) - logsum_q[:, None]
+    if target_is == "logits":
+        return lq, _scaled(teacher.float() - max_t[:, None], temperature) - logsum_t[:, None]
+    return lq, (teacher.float() if target_is == "logprobs" else teacher.float().log())
 
 
 def divergence_forward_torch(student, teacher, valid, kind: str, target_is: str, temperature: float, coef: float):
-    """Chunked torch forward over (B, L, V) rows: (D, lse_q, lse_t, gbar), each (B, L) fp32."""
+    """Chunked torch forward over (B, L, V) rows: (D, max_q, logsum_q, max_t, logsum_t, gbar), each
+    (B, L) fp32; teacher statistics are 0 unless the teacher is logits."""
     B, L, V = student.shape
-    loss, lse_q, lse_t, gbar = (student.new_zeros((B, L), dtype=torch.float32) for _ in range(4))
+    outputs = tuple(student.new_zeros((B, L), dtype=torch.float32) for _ in range(6))
     for b, rows in row_chunks(B, L, V):
-        keep = valid[b, rows]
-        chunk_lse_q = torch.logsumexp(_scaled(student[b, rows], temperature), dim=-1)
-        chunk_lse_t = torch.logsumexp(_teacher_log(teacher[b, rows], target_is, temperature), dim=-1)
-        lq, lp = _row_logprobs(student[b, rows], teacher[b, rows], chunk_lse_q, chunk_lse_t, target_is, temperature)
+        stats = _row_stats(student[b, rows], temperature)
+        if target_is == "logits":
+            stats += _row_stats(teacher[b, rows], temperature)
+        else:
+            stats += (stats[0].new_zeros(()).expand_as(stats[0]),) * 2
+        lq, lp = _row_logprobs(student[b, rows], teacher[b, rows], stats, target_is, temperature)
         entry_loss, a = _divergence_terms(lq, lp, kind, coef)
-        loss[b, rows] = torch.where(keep, entry_loss.sum(-1), 0.0)
-        gbar[b, rows] = torch.where(keep, a.sum(-1), 0.0)
-        lse_q[b, rows] = torch.where(keep, chunk_lse_q, 0.0)
-        lse_t[b, rows] = torch.where(keep, chunk_lse_t, 0.0)
-    return loss, lse_q, lse_t, gbar
+        keep = valid[b, rows]
+        for out, value in zip(outputs, (entry_loss.sum(-1), *stats, a.sum(-1))):
+            out[b, rows] = torch.where(keep, value, 0.0)
+    return outputs
 
 
 def divergence_backward_torch(
-    grad, student, teacher, valid, lse_q, lse_t, gbar, kind: str, target_is: str, temperature: float, coef: float
-):
+    grad, student, teacher, valid, max_q, logsum_q, max_t, logsum_t, gbar,
+    kind: str, target_is: str, temperature: float, coef: float,
+):  # fmt: skip
     """Chunked torch backward: grad[row] * (a - q gbar) / T, (B, L, V) in the student's dtype."""
     B, L, V = student.shape
     dz = torch.empty((B, L, V), dtype=student.dtype, device=student.device)
     for b, rows in row_chunks(B, L, V):
-        lq, lp = _row_logprobs(student[b, rows], teacher[b, rows], lse_q[b, rows], lse_t[b, rows], target_is, temperature)
+        stats = tuple(t[b, rows] for t in (max_q, logsum_q, max_t, logsum_t))
+        lq, lp = _row_logprobs(student[b, rows], teacher[b, rows], stats, target_is, temperature)
         _, a = _divergence_terms(lq, lp, kind, coef)
         chunk = (grad[b, rows] / temperature)[:, None] * (a - lq.exp() * gbar[b, rows][:, None])
         dz[b, rows] = torch.where(valid[b, rows][:, None], chunk, 0.0)
@@ -142,9 +149,11 @@ def _cuda_forward(student, teacher, valid, kind, target_is, temperature, coef):
     )
 
 
-def _cuda_backward(grad, student, teacher, valid, lse_q, lse_t, gbar, kind, target_is, temperature, coef):
+def _cuda_backward(
+    grad, student, teacher, valid, max_q, logsum_q, max_t, logsum_t, gbar, kind, target_is, temperature, coef
+):
     return torch.ops.klops_C.divergence_backward(
-        grad, student, teacher, valid, lse_q, lse_t, gbar,
+        grad, student, teacher, valid, max_q, logsum_q, max_t, logsum_t, gbar,
         DIVERGENCE_KINDS.index(kind), TARGET_KINDS.index(target_is), temperature, coef,
     )  # fmt: skip
 
@@ -170,15 +179,16 @@ def divergence_op(
     temperature: float,
     coef: float,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B, L, V) student, teacher; (B, L) bool valid -> (D, lse_q, lse_t, gbar), each (B, L) fp32."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, L, V) student, teacher; (B, L) bool valid -> (D, max_q, logsum_q, max_t, logsum_t, gbar),
+    each (B, L) fp32: the loss per row and what the backward needs to recompute q, p and dz."""
     forward, _ = _launchers(backend)
     return forward(student, teacher, valid, kind, target_is, temperature, coef)
 
 
 @divergence_op.register_fake
 def _(student, teacher, valid, kind, target_is, temperature, coef, backend):
-    return tuple(student.new_empty(student.shape[:2], dtype=torch.float32) for _ in range(4))
+    return tuple(student.new_empty(student.shape[:2], dtype=torch.float32) for _ in range(6))
 
 
 @torch.library.custom_op("klops::divergence_backward", mutates_args=())
@@ -187,8 +197,10 @@ def divergence_backward_op(
     student: torch.Tensor,
     teacher: torch.Tensor,
     valid: torch.Tensor,
-    lse_q: torch.Tensor,
-    lse_t: torch.Tensor,
+    max_q: torch.Tensor,
+    logsum_q: torch.Tensor,
+    max_t: torch.Tensor,
+    logsum_t: torch.Tensor,
     gbar: torch.Tensor,
     kind: str,
     target_is: str,
@@ -198,24 +210,26 @@ def divergence_backward_op(
 ) -> torch.Tensor:
     """(B, L) fp32 grad of D -> (B, L, V) gradient of the student logits (student dtype)."""
     _, backward = _launchers(backend)
-    return backward(grad, student, teacher, valid, lse_q, lse_t, gbar, kind, target_is, temperature, coef)
+    return backward(
+        grad, student, teacher, valid, max_q, logsum_q, max_t, logsum_t, gbar, kind, target_is, temperature, coef
+    )
 
 
 @divergence_backward_op.register_fake
-def _(grad, student, teacher, valid, lse_q, lse_t, gbar, kind, target_is, temperature, coef, backend):
+def _(grad, student, teacher, valid, *stats_gbar_and_params):
     return torch.empty(student.shape, dtype=student.dtype, device=student.device)
 
 
 def _setup_context(ctx, inputs, output):
     student, teacher, valid, kind, target_is, temperature, coef, backend = inputs
-    _, lse_q, lse_t, gbar = output
-    ctx.save_for_backward(student, teacher, valid, lse_q, lse_t, gbar)
+    _, *stats_and_gbar = output
+    ctx.save_for_backward(student, teacher, valid, *stats_and_gbar)
     ctx.params = (kind, target_is, temperature, coef, backend)
 
 
-def _backward(ctx, grad_loss, _grad_lse_q, _grad_lse_t, _grad_gbar):
-    student, teacher, valid, lse_q, lse_t, gbar = ctx.saved_tensors
-    dz = divergence_backward_op(grad_loss, student, teacher, valid, lse_q, lse_t, gbar, *ctx.params)
+def _backward(ctx, grad_loss, *_grad_stats):
+    student, teacher, valid, *stats_and_gbar = ctx.saved_tensors
+    dz = divergence_backward_op(grad_loss, student, teacher, valid, *stats_and_gbar, *ctx.params)
     return dz, None, None, None, None, None, None, None
 
 
@@ -344,7 +358,7 @@ def fused_kl(
     backend = resolve_backend(backend, student_logits.device)
 
     student3, teacher3 = _inputs.as_rows(student_logits, teacher_logits)
-    rows, _, _, _ = divergence_op(
+    rows, *_ = divergence_op(
         student3, teacher3, valid.reshape(student3.shape[:2]), kernel_kind, target_is, temperature, coef, backend
     )
     rows = rows.reshape(rows_shape)

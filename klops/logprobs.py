@@ -2,14 +2,15 @@
 
 Layers of this op: ``kernels/logprobs.py`` (Triton), ``csrc/logprobs.cu`` (CUDA), the chunked torch
 backend below, the custom ops ``klops::logprobs`` / ``klops::logprobs_backward``, and ``logprobs``.
-The forward keeps only ``lse`` and the entropy per row (fp32); the backward recomputes ``q``.
+The forward keeps only the raw row max, ``logsum = log sum exp((z - max)/T)`` and the entropy per
+row (fp32); the backward recomputes ``q`` from them.
 """
 
 import torch
 
 from . import _inputs
 from .backend import resolve_backend
-from .divergence import row_chunks
+from .divergence import _row_stats, _scaled, row_chunks
 
 __all__ = ["logprobs"]
 
@@ -19,37 +20,31 @@ __all__ = ["logprobs"]
 
 
 def logprobs_forward_torch(logits, labels, temperature: float, with_entropy: bool, ignore_index: int):
-    """Chunked torch forward over (B, L, V) rows: (logprob, entropy, lse), each (B, L) fp32."""
+    """Chunked torch forward over (B, L, V) rows: (logprob, entropy, max, logsum), each (B, L) fp32."""
     B, L, V = logits.shape
-    logp, entropy, lse = (logits.new_zeros((B, L), dtype=torch.float32) for _ in range(3))
+    outputs = tuple(logits.new_zeros((B, L), dtype=torch.float32) for _ in range(4))
     for b, rows in row_chunks(B, L, V):
-        x = logits[b, rows].float() / temperature
         keep = labels[b, rows] != ignore_index
-        # Shift by the row max first (as the kernels do), so that log q near the max keeps full
-        # precision when the logits are large.
-        row_max = x.amax(dim=-1, keepdim=True)
-        row_max = torch.where(row_max == -torch.inf, 0.0, row_max)
-        lse_shifted = torch.logsumexp(x - row_max, dim=-1, keepdim=True)
-        log_q = (x - row_max) - lse_shifted
+        row_max, logsum = _row_stats(logits[b, rows], temperature)
+        log_q = _scaled(logits[b, rows].float() - row_max[:, None], temperature) - logsum[:, None]
         picked = log_q.gather(-1, torch.where(keep, labels[b, rows], 0)[:, None]).squeeze(-1)
-        logp[b, rows] = torch.where(keep, picked, 0.0)
-        lse[b, rows] = torch.where(keep, (row_max + lse_shifted).squeeze(-1), 0.0)
-        if with_entropy:
-            q = log_q.exp()
-            chunk_entropy = -(q * torch.where(q > 0, log_q, 0.0)).sum(-1)
-            entropy[b, rows] = torch.where(keep, chunk_entropy, 0.0)
-    return logp, entropy, lse
+        entropy = -(log_q.exp() * torch.where(log_q > -torch.inf, log_q, 0.0)).sum(-1) if with_entropy else None
+        for out, value in zip(outputs, (picked, entropy, row_max, logsum)):
+            if value is not None:
+                out[b, rows] = torch.where(keep, value, 0.0)
+    return outputs
 
 
 def logprobs_backward_torch(
-    grad_logp, grad_entropy, logits, labels, lse, entropy, temperature: float, with_entropy: bool, ignore_index: int
-):
+    grad_logp, grad_entropy, logits, labels, max_z, logsum, entropy,
+    temperature: float, with_entropy: bool, ignore_index: int,
+):  # fmt: skip
     """Chunked torch backward: ((onehot - q) g_logp - q (log q + H) g_H) / T in the logits' dtype."""
     B, L, V = logits.shape
     dz = torch.empty((B, L, V), dtype=logits.dtype, device=logits.device)
     for b, rows in row_chunks(B, L, V):
         keep = labels[b, rows] != ignore_index
-        log_q = logits[b, rows].float() / temperature - lse[b, rows][:, None]
+        log_q = _scaled(logits[b, rows].float() - max_z[b, rows][:, None], temperature) - logsum[b, rows][:, None]
         q = log_q.exp()
         onehot = torch.zeros_like(q).scatter_(-1, torch.where(keep, labels[b, rows], 0)[:, None], 1.0)
         chunk = grad_logp[b, rows][:, None] * (onehot - q)
@@ -82,15 +77,15 @@ def logprobs_op(
     with_entropy: bool,
     ignore_index: int,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B, L, V) logits, (B, L) labels -> (logprob, entropy, lse), each (B, L) fp32."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, L, V) logits, (B, L) labels -> (logprob, entropy, max, logsum), each (B, L) fp32."""
     forward, _ = _launchers(backend)
     return forward(logits, labels, temperature, with_entropy, ignore_index)
 
 
 @logprobs_op.register_fake
 def _(logits, labels, temperature, with_entropy, ignore_index, backend):
-    return tuple(logits.new_empty(logits.shape[:2], dtype=torch.float32) for _ in range(3))
+    return tuple(logits.new_empty(logits.shape[:2], dtype=torch.float32) for _ in range(4))
 
 
 @torch.library.custom_op("klops::logprobs_backward", mutates_args=())
@@ -99,7 +94,8 @@ def logprobs_backward_op(
     grad_entropy: torch.Tensor,
     logits: torch.Tensor,
     labels: torch.Tensor,
-    lse: torch.Tensor,
+    max_z: torch.Tensor,
+    logsum: torch.Tensor,
     entropy: torch.Tensor,
     temperature: float,
     with_entropy: bool,
@@ -108,26 +104,28 @@ def logprobs_backward_op(
 ) -> torch.Tensor:
     """(B, L) fp32 grads of logprob and entropy -> (B, L, V) gradient of the logits (logits dtype)."""
     _, backward = _launchers(backend)
-    return backward(grad_logp, grad_entropy, logits, labels, lse, entropy, temperature, with_entropy, ignore_index)
+    return backward(
+        grad_logp, grad_entropy, logits, labels, max_z, logsum, entropy, temperature, with_entropy, ignore_index
+    )
 
 
 @logprobs_backward_op.register_fake
-def _(grad_logp, grad_entropy, logits, labels, lse, entropy, temperature, with_entropy, ignore_index, backend):
+def _(grad_logp, grad_entropy, logits, *labels_stats_and_params):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 def _setup_context(ctx, inputs, output):
     logits, labels, temperature, with_entropy, ignore_index, backend = inputs
-    _, entropy, lse = output
-    ctx.save_for_backward(logits, labels, lse, entropy)
+    _, entropy, max_z, logsum = output
+    ctx.save_for_backward(logits, labels, max_z, logsum, entropy)
     ctx.params = (temperature, with_entropy, ignore_index, backend)
 
 
-def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
-    logits, labels, lse, entropy = ctx.saved_tensors
-    grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp
-    grad_entropy = torch.zeros_like(lse) if grad_entropy is None else grad_entropy
-    dz = logprobs_backward_op(grad_logp, grad_entropy, logits, labels, lse, entropy, *ctx.params)
+def _backward(ctx, grad_logp, grad_entropy, *_grad_stats):
+    logits, labels, max_z, logsum, entropy = ctx.saved_tensors
+    grad_logp = torch.zeros_like(logsum) if grad_logp is None else grad_logp
+    grad_entropy = torch.zeros_like(logsum) if grad_entropy is None else grad_entropy
+    dz = logprobs_backward_op(grad_logp, grad_entropy, logits, labels, max_z, logsum, entropy, *ctx.params)
     return dz, None, None, None, None, None
 
 
@@ -149,8 +147,8 @@ def logprobs(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of each label, and optionally the entropy, in one pass over the vocabulary.
 
-    With ``x = logits / T``, ``lse = logsumexp(x)`` and ``q = softmax(x)``:
-    ``logprob = x[label] - lse`` (TRL's ``selective_log_softmax``) and ``entropy = -sum q log q``.
+    With ``q = softmax(logits / T)``: ``logprob = log q[label]`` (TRL's ``selective_log_softmax``) and
+    ``entropy = -sum q log q``, both from ``log q = (z - max z)/T - log sum exp((z - max z)/T)``.
     Gradients: ``(onehot - q) / T`` and ``-q (log q + entropy) / T``.
 
     Args:
@@ -172,7 +170,7 @@ def logprobs(
 
     (logits3,) = _inputs.as_rows(logits)
     rows_shape = labels.shape
-    logp, entropy, _ = logprobs_op(
+    logp, entropy, *_ = logprobs_op(
         logits3, labels.reshape(logits3.shape[:2]), temperature, return_entropy, ignore_index, backend
     )
     if return_entropy:

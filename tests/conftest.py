@@ -1,11 +1,16 @@
 """Shared fixtures: the backends and device under test, seeded generators, and a verbose allclose."""
 
+import os
 import zlib
 
-import pytest
-import torch
+# Compile from scratch in every run: Inductor's on-disk caches are keyed without the Python source of
+# custom ops' autograd, so a cached backward graph can outlive a change of the op's signature.
+os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
 
-from klops.backend import available_backends
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from klops.backend import available_backends  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # Every concrete backend usable here: torch always; triton on a GPU or under TRITON_INTERPRET=1
@@ -13,12 +18,12 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = available_backends(DEVICE)
 
 # (rtol, atol as a fraction of max |expected|) for kernel vs float64 reference, by input dtype.
-# Losses are accumulated in fp32 whatever the input; gradients are rounded to the input dtype. For fp32
-# the gradient's error is that of log q - log p in fp32 (about 1e-7 |z/T|), which the divergences'
-# gradients cancel down to: at T = 0.3 (|z/T| ~ 25) jsd's reaches 2.7e-4 of the largest entry on both
-# the Triton and the torch backend. Shifting by the raw row max before dividing by T would tighten it.
+# Losses are accumulated in fp32 whatever the input; gradients are rounded to the input dtype. In fp32
+# the gradients of the divergences cancel down to the rounding of log q - log p (the row max is taken
+# out before dividing by T, so that is a few eps |log q|): at T = 0.3, jsd's reaches 1.7e-5 of the
+# largest entry.
 LOSS_TOL = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (1e-5, 1e-6), torch.float16: (1e-5, 1e-6)}
-GRAD_TOL = {torch.float32: (1e-4, 5e-4), torch.bfloat16: (1.6e-2, 4e-3), torch.float16: (2e-3, 1e-3)}
+GRAD_TOL = {torch.float32: (1e-4, 5e-5), torch.bfloat16: (1.6e-2, 4e-3), torch.float16: (2e-3, 1e-3)}
 
 
 @pytest.fixture(params=BACKENDS)

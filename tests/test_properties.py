@@ -45,7 +45,11 @@ def test_fused_kl_random(backend, case):
     loss.backward(), ref.backward()
     # A divergence of 0 (V = 1, or p = q) comes out as +-1e-8 of fp32 rounding: floor the tolerance.
     assert_close(loss, ref, (1e-4, 1e-5), "loss", floor=1e-6)
-    assert_close(z.grad, z_ref.grad, GRAD_TOL[torch.float32], "grad")
+    # Where p ~ q the gradient is a difference of nearly equal fp32 log-probabilities: its absolute
+    # error is a few eps * |log q| / T (|log q| up to max |z/T|) whatever its size, so floor the tolerance there.
+    log_scale = (student.abs().max().item() if student.numel() else 0.0) / case["temperature"] + 1.0
+    floor = 2 * 2**-23 * log_scale / case["temperature"]
+    assert_close(z.grad, z_ref.grad, GRAD_TOL[torch.float32], "grad", floor=floor)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -12,6 +12,7 @@ from klops.kernels.launch import DIVERGENCE_KINDS, TARGET_KINDS
 
 FLOAT_ARGS = ("inv_temperature", "coef", "log_coef", "log_1m_coef")
 ROW_ARGS = {"L": "i32", "V": "i32"}
+STATS = ("max_q_ptr", "logsum_q_ptr", "max_t_ptr", "logsum_t_ptr", "gbar_ptr")
 
 DIVERGENCE_VARIANTS = [(kind, "logits", "bf16", "bf16") for kind in DIVERGENCE_KINDS] + [
     ("forward", "logprobs", "bf16", "fp32"),
@@ -27,9 +28,9 @@ def divergence_signature(student, teacher, backward):
     sig = {"grad_ptr": "*fp32"} if backward else {}
     sig |= {"z_ptr": f"*{student}", "y_ptr": f"*{teacher}", "valid_ptr": "*i1"}
     if backward:
-        sig |= {"lse_q_ptr": "*fp32", "lse_t_ptr": "*fp32", "gbar_ptr": "*fp32", "dz_ptr": f"*{student}"}
+        sig |= {name: "*fp32" for name in STATS} | {"dz_ptr": f"*{student}"}
     else:
-        sig |= {"loss_ptr": "*fp32", "lse_q_ptr": "*fp32", "lse_t_ptr": "*fp32", "gbar_ptr": "*fp32"}
+        sig |= {"loss_ptr": "*fp32"} | {name: "*fp32" for name in STATS}
     sig |= ROW_ARGS | {"stride_zb": "i64", "stride_zl": "i64", "stride_yb": "i64", "stride_yl": "i64"}
     return sig | {name: "fp32" for name in FLOAT_ARGS}
 
@@ -54,9 +55,9 @@ def compile_all() -> dict[str, str]:
             sig = divergence_signature(student, teacher, direction == "bwd")
             jobs[f"divergence-{kind}-{target}-{student}-{teacher}-{direction}"] = (kernel, sig, constexprs, 90)
     common = ROW_ARGS | {"stride_zb": "i64", "stride_zl": "i64", "inv_temperature": "fp32", "ignore_index": "i64"}
-    forward = {"z_ptr": "*bf16", "labels_ptr": "*i64", "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "lse_ptr": "*fp32"}
+    forward = {"z_ptr": "*bf16", "labels_ptr": "*i64", "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "max_ptr": "*fp32", "logsum_ptr": "*fp32"}
     backward = {"grad_logp_ptr": "*fp32", "grad_entropy_ptr": "*fp32", "z_ptr": "*bf16", "labels_ptr": "*i64",
-                "lse_ptr": "*fp32", "entropy_ptr": "*fp32", "dz_ptr": "*bf16"}  # fmt: skip
+                "max_ptr": "*fp32", "logsum_ptr": "*fp32", "entropy_ptr": "*fp32", "dz_ptr": "*bf16"}  # fmt: skip
     results = {}
     for with_entropy in (True, False):
         for arch in (80, 90):
