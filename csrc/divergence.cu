@@ -179,7 +179,7 @@ __global__ void __launch_bounds__(kMaxThreads) divergence_forward_kernel(
     float* __restrict__ logsum_t_out,            // (B*L,) out
     float* __restrict__ gbar_out,                // (B*L,) out
     int64_t L, int64_t V, int64_t stride_zb, int64_t stride_zl, int64_t stride_yb,
-    int64_t stride_yl, Fs fs, Ft ft, DivergenceParams k) {
+    int64_t stride_yl, DivergenceParams k) {
   const int64_t row = blockIdx.x;
   if (!valid[row]) {
     if (threadIdx.x == 0) {
@@ -209,8 +209,8 @@ __global__ void __launch_bounds__(kMaxThreads) divergence_forward_kernel(
     sweep_row<VEC>(V, head, vectorized, load, [&](int64_t, auto e) {
 #pragma unroll
       for (int i = 0; i < decltype(e)::kWidth; ++i) {
-        lse_op.push(acc_q, fs.to_float(e.z.val[i]));
-        lse_op.push(acc_t, ft.to_float(e.y.val[i]));
+        lse_op.push(acc_q, Fs::to_float(e.z.val[i]));
+        lse_op.push(acc_t, Ft::to_float(e.y.val[i]));
       }
     });
     acc_t = block_reduce(acc_t, lse_op);
@@ -222,7 +222,7 @@ __global__ void __launch_bounds__(kMaxThreads) divergence_forward_kernel(
     };
     sweep_row<VEC>(V, head, vectorized, load_z, [&](int64_t, auto zv) {
 #pragma unroll
-      for (int i = 0; i < decltype(zv)::kWidth; ++i) lse_op.push(acc_q, fs.to_float(zv.val[i]));
+      for (int i = 0; i < decltype(zv)::kWidth; ++i) lse_op.push(acc_q, Fs::to_float(zv.val[i]));
     });
   }
   acc_q = block_reduce(acc_q, lse_op);
@@ -233,8 +233,8 @@ __global__ void __launch_bounds__(kMaxThreads) divergence_forward_kernel(
   sweep_row<VEC>(V, head, vectorized, load, [&](int64_t, auto e) {
 #pragma unroll
     for (int i = 0; i < decltype(e)::kWidth; ++i) {
-      const float lq = (fs.to_float(e.z.val[i]) - max_q) * c - logsum_q;
-      const float lp = teacher_log<TARGET>(ft.to_float(e.y.val[i]), max_t, logsum_t, c);
+      const float lq = (Fs::to_float(e.z.val[i]) - max_q) * c - logsum_q;
+      const float lp = teacher_log<TARGET>(Ft::to_float(e.y.val[i]), max_t, logsum_t, c);
       const Terms t = divergence_terms<KIND>(lq, lp, k);
       acc.loss += t.loss;
       acc.gbar += t.a;
@@ -267,7 +267,7 @@ __global__ void __launch_bounds__(kMaxThreads) divergence_backward_kernel(
     const float* __restrict__ gbar_in,           // (B*L,)
     typename Fs::Storage* __restrict__ dz,       // (B*L, V) out, contiguous, student dtype
     int64_t L, int64_t V, int64_t stride_zb, int64_t stride_zl, int64_t stride_yb,
-    int64_t stride_yl, Fs fs, Ft ft, DivergenceParams k) {
+    int64_t stride_yl, DivergenceParams k) {
   const int64_t row = blockIdx.x;
   auto* dz_row = dz + row * V;
   if (!valid[row]) {
@@ -294,12 +294,12 @@ __global__ void __launch_bounds__(kMaxThreads) divergence_backward_kernel(
     float out[W];
 #pragma unroll
     for (int i = 0; i < W; ++i) {
-      const float lq = (fs.to_float(e.z.val[i]) - max_q) * c - logsum_q;
-      const float lp = teacher_log<TARGET>(ft.to_float(e.y.val[i]), max_t, logsum_t, c);
+      const float lq = (Fs::to_float(e.z.val[i]) - max_q) * c - logsum_q;
+      const float lp = teacher_log<TARGET>(Ft::to_float(e.y.val[i]), max_t, logsum_t, c);
       const Terms t = divergence_terms<KIND>(lq, lp, k);
       out[i] = scale * (t.a - expf(lq) * gbar);
     }
-    store_floats<W>(dz_row + j, out, fs);
+    store_floats<Fs>(dz_row + j, out);
   });
 }
 
@@ -336,7 +336,7 @@ DivergenceParams make_params(double temperature, double coef) {
 }
 
 // Calls f(fs, ft, kind_c, target_c): the storage formats of the student and the teacher and the
-// kind and target as integral constants, i.e. one of the 2 x 2 x 7 x 3 kernel instantiations.
+// kind and target as integral constants, i.e. one of the 3 x 3 x 7 x 3 kernel instantiations.
 template <typename F>
 void dispatch_divergence(const at::Tensor& student, const at::Tensor& teacher, int64_t kind,
                          int64_t target, F&& f) {
@@ -378,8 +378,7 @@ divergence_forward(const at::Tensor& student, const at::Tensor& teacher, const a
             loss.mutable_data_ptr<float>(), max_q.mutable_data_ptr<float>(),
             logsum_q.mutable_data_ptr<float>(), max_t.mutable_data_ptr<float>(),
             logsum_t.mutable_data_ptr<float>(), gbar.mutable_data_ptr<float>(), L, V,
-            student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1), fs, ft,
-            params);
+            student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1), params);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   dispatch_divergence(student, teacher, kind, target, launch);
@@ -425,7 +424,7 @@ at::Tensor divergence_backward(const at::Tensor& grad, const at::Tensor& student
             logsum_q_c.const_data_ptr<float>(), max_t_c.const_data_ptr<float>(),
             logsum_t_c.const_data_ptr<float>(), gbar_c.const_data_ptr<float>(),
             mutable_storage_ptr<Fs>(dz), L, V, student.stride(0), student.stride(1),
-            teacher.stride(0), teacher.stride(1), fs, ft, params);
+            teacher.stride(0), teacher.stride(1), params);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   dispatch_divergence(student, teacher, kind, target, launch);

@@ -42,8 +42,8 @@ __global__ void __launch_bounds__(kMaxThreads) logprobs_forward_kernel(
     float* __restrict__ entropy_out,                 // (B*L,) out (untouched unless WITH_ENTROPY)
     float* __restrict__ max_out,                     // (B*L,) out
     float* __restrict__ logsum_out,                  // (B*L,) out
-    int64_t L, int64_t V, int64_t stride_zb, int64_t stride_zl, Format format,
-    float inv_temperature, int64_t ignore_index) {
+    int64_t L, int64_t V, int64_t stride_zb, int64_t stride_zl, float inv_temperature,
+    int64_t ignore_index) {
   const int64_t row = blockIdx.x;
   const int64_t label = static_cast<int64_t>(labels[row]);
   if (label == ignore_index) {
@@ -58,7 +58,7 @@ __global__ void __launch_bounds__(kMaxThreads) logprobs_forward_kernel(
   CUDA_KERNEL_ASSERT(0 <= label && label < V);
   const auto* z_row = z + (row / L) * stride_zb + (row % L) * stride_zl;
   // Thread 0 fetches the label's logit up front: the sweep hides the latency.
-  const float z_label = threadIdx.x == 0 ? format.to_float(z_row[label]) : 0.0f;
+  const float z_label = threadIdx.x == 0 ? Format::to_float(z_row[label]) : 0.0f;
   constexpr int VEC = kLogprobsVec<Format>;
   const int64_t head = vec_head<VEC>(z_row, V);
 
@@ -70,7 +70,7 @@ __global__ void __launch_bounds__(kMaxThreads) logprobs_forward_kernel(
   };
   sweep_row<VEC>(V, head, is_vec_aligned<VEC>(z_row + head), load, [&](int64_t, auto zv) {
 #pragma unroll
-    for (int i = 0; i < decltype(zv)::kWidth; ++i) op.push(acc, format.to_float(zv.val[i]));
+    for (int i = 0; i < decltype(zv)::kWidth; ++i) op.push(acc, Format::to_float(zv.val[i]));
   });
   acc = block_reduce(acc, op);
   if (threadIdx.x == 0) {
@@ -96,8 +96,8 @@ __global__ void __launch_bounds__(kMaxThreads) logprobs_backward_kernel(
     const float* __restrict__ logsum_in,             // (B*L,)
     const float* __restrict__ entropy_in,            // (B*L,) (read WITH_ENTROPY only)
     typename Format::Storage* __restrict__ dz,       // (B*L, V) out, contiguous, logits dtype
-    int64_t L, int64_t V, int64_t stride_zb, int64_t stride_zl, Format format,
-    float inv_temperature, int64_t ignore_index) {
+    int64_t L, int64_t V, int64_t stride_zb, int64_t stride_zl, float inv_temperature,
+    int64_t ignore_index) {
   const int64_t row = blockIdx.x;
   auto* dz_row = dz + row * V;
   const int64_t label = static_cast<int64_t>(labels[row]);
@@ -127,12 +127,12 @@ __global__ void __launch_bounds__(kMaxThreads) logprobs_backward_kernel(
     float out[W];
 #pragma unroll
     for (int i = 0; i < W; ++i) {
-      const float log_q = (format.to_float(zv.val[i]) - max) * inv_temperature - logsum;
+      const float log_q = (Format::to_float(zv.val[i]) - max) * inv_temperature - logsum;
       const float q = expf(log_q);
       out[i] = g_logp * ((j + i == label ? 1.0f : 0.0f) - q);
       if constexpr (WITH_ENTROPY) out[i] -= g_entropy * (q > 0.0f ? q * (log_q + entropy) : 0.0f);
     }
-    store_floats<W>(dz_row + j, out, format);
+    store_floats<Format>(dz_row + j, out);
   });
 }
 
@@ -147,7 +147,7 @@ void dispatch_label(at::ScalarType dtype, F&& f) {
   f(int32_t{});
 }
 
-// Calls f(format, Label{}, with_entropy_c): one of the 2 x 2 x 2 kernel instantiations.
+// Calls f(format, Label{}, with_entropy_c): one of the 3 x 2 x 2 kernel instantiations.
 template <typename F>
 void dispatch_logprobs(const at::Tensor& logits, const at::Tensor& labels, bool with_entropy,
                        F&& f) {
@@ -190,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_forward(
             storage_ptr<Format>(logits), labels_c.const_data_ptr<Label>(),
             logp.mutable_data_ptr<float>(), entropy.mutable_data_ptr<float>(),
             max.mutable_data_ptr<float>(), logsum.mutable_data_ptr<float>(), L, V,
-            logits.stride(0), logits.stride(1), format, inv_temperature, ignore_index);
+            logits.stride(0), logits.stride(1), inv_temperature, ignore_index);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   dispatch_logprobs(logits, labels_c, with_entropy, launch);
@@ -235,7 +235,7 @@ at::Tensor logprobs_backward(const at::Tensor& grad_logp, const at::Tensor& grad
             grad_logp_c.const_data_ptr<float>(), grad_entropy_ptr, storage_ptr<Format>(logits),
             labels_c.const_data_ptr<Label>(), max_c.const_data_ptr<float>(),
             logsum_c.const_data_ptr<float>(), entropy_ptr, mutable_storage_ptr<Format>(dz), L, V,
-            logits.stride(0), logits.stride(1), format, inv_temperature, ignore_index);
+            logits.stride(0), logits.stride(1), inv_temperature, ignore_index);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   dispatch_logprobs(logits, labels_c, with_entropy, launch);

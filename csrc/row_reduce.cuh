@@ -1,7 +1,7 @@
 // Shared pieces of the row kernels of klops._C: one thread block streams one row of V entries.
 //
 //   - host: input checks, the dispatch from a float dtype to its storage format, the block size;
-//   - device: the storage formats (fp32, and one 16-bit format for bf16 and fp16), loads/stores
+//   - device: the storage formats (fp32, bf16, fp16 and their conversions), loads/stores
 //     of W consecutive entries (one 16-byte access when W > 1), the row sweep (scalar head up to
 //     the first aligned entry, vector body, scalar tail), the online log-sum-exp accumulators in
 //     raw logit units and a block-wide reduction of any accumulator with combine/shfl_xor.
@@ -25,30 +25,34 @@ constexpr int kMaxThreads = 256;  // block size cap of every row kernel (a multi
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // ------------------------------------------------------------------------------------------------
-// Storage formats: how the entries of a (B, L, V) tensor are stored and converted to/from fp32.
-//
-// bf16 and fp16 share one format whose dtype is a run-time flag (uniform over a launch): a kernel
-// is instantiated per format, not per dtype, so the divergence kernels exist for 2 x 2 instead of
-// 3 x 3 (student, teacher) dtype pairs. The price is a select per converted entry, in kernels
-// bound by memory. Both conversions are those of c10::BFloat16 / c10::Half (exact widening;
-// round to nearest even when narrowing).
+// Storage formats: how the entries of a (B, L, V) tensor are stored and converted to/from fp32
+// (the conversions of c10::BFloat16 / c10::Half: exact widening, round to nearest even when
+// narrowing). One format per dtype: the kernels are instantiated per format, so the hot loops
+// convert without a run-time branch.
 
 struct Fp32Format {
   using Storage = float;
-  __device__ __forceinline__ float to_float(float v) const { return v; }
-  __device__ __forceinline__ float from_float(float v) const { return v; }
+  static __device__ __forceinline__ float to_float(float v) { return v; }
+  static __device__ __forceinline__ float from_float(float v) { return v; }
 };
 
-struct Bits16Format {
+struct Bf16Format {
   using Storage = uint16_t;
-  bool bf16;  // bfloat16 when true, float16 when false
-
-  __device__ __forceinline__ float to_float(uint16_t v) const {
-    return bf16 ? __uint_as_float(uint32_t{v} << 16) : __half2float(__ushort_as_half(v));
+  static __device__ __forceinline__ float to_float(uint16_t v) {
+    return __uint_as_float(uint32_t{v} << 16);
   }
-  __device__ __forceinline__ uint16_t from_float(float v) const {
-    return bf16 ? __bfloat16_as_ushort(__float2bfloat16_rn(v))
-                : __half_as_ushort(__float2half_rn(v));
+  static __device__ __forceinline__ uint16_t from_float(float v) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+  }
+};
+
+struct Fp16Format {
+  using Storage = uint16_t;
+  static __device__ __forceinline__ float to_float(uint16_t v) {
+    return __half2float(__ushort_as_half(v));
+  }
+  static __device__ __forceinline__ uint16_t from_float(float v) {
+    return __half_as_ushort(__float2half_rn(v));
   }
 };
 
@@ -77,17 +81,16 @@ inline void check_per_row(const at::Tensor& t, const char* name, at::IntArrayRef
   TORCH_CHECK(dtype_ok, name, " has unsupported dtype ", t.scalar_type());
 }
 
-// Calls f(format) with the storage format of a float dtype: Fp32Format for float32,
-// Bits16Format{bf16} for bfloat16 and float16 (the same instantiation of f for both).
+// Calls f(Format{}) with the storage format of a float dtype.
 template <typename F>
 void dispatch_format(at::ScalarType dtype, F&& f) {
   switch (dtype) {
     case at::kFloat:
       return f(Fp32Format{});
     case at::kBFloat16:
-      return f(Bits16Format{true});
+      return f(Bf16Format{});
     case at::kHalf:
-      return f(Bits16Format{false});
+      return f(Fp16Format{});
     default:
       TORCH_CHECK(false, "unsupported dtype ", dtype);
   }
@@ -141,13 +144,12 @@ __device__ __forceinline__ AlignedVec<S, W> load_vec(const S* p) {
   return *reinterpret_cast<const AlignedVec<S, W>*>(p);
 }
 
-// p[i] = in[i] converted by `format` for i < W; same alignment as load_vec.
-template <int W, typename Format>
-__device__ __forceinline__ void store_floats(typename Format::Storage* p, const float (&in)[W],
-                                             const Format& format) {
+// p[i] = in[i] converted to Format for i < W; same alignment as load_vec.
+template <typename Format, int W>
+__device__ __forceinline__ void store_floats(typename Format::Storage* p, const float (&in)[W]) {
   AlignedVec<typename Format::Storage, W> v;
 #pragma unroll
-  for (int i = 0; i < W; ++i) v.val[i] = format.from_float(in[i]);
+  for (int i = 0; i < W; ++i) v.val[i] = Format::from_float(in[i]);
   *reinterpret_cast<AlignedVec<typename Format::Storage, W>*>(p) = v;
 }
 

@@ -16,8 +16,9 @@ The row max is kept in raw logit units and subtracted before dividing by T, so t
 near the max (as in a standard log_softmax): log q of the likely tokens keeps full fp32 precision
 however large z/T is, instead of an error of eps |z/T|.
 
-Forward (2 sweeps): sweep 1 computes (max, logsum) of both rows online; sweep 2 accumulates D and
-gbar. Backward (1 sweep): recomputes q, p, a from the saved row statistics and gbar and writes
+Forward: sweep 1 computes (max, logsum) of both rows online; sweep 2 accumulates D and gbar. Forward
+and reverse KL between two logit rows need no sweep 2: D = E_a[log P_a - log P_b] is accumulated
+online in sweep 1 (online_kl_update), and gbar is -1 or D. Backward (1 sweep): recomputes q, p, a from the saved row statistics and gbar and writes
 dz = grad_row * (a - q gbar) / T. Recomputation moves fewer bytes than writing the gradient in the
 forward and rescaling it in the backward (see klops/divergence.py).
 """
@@ -60,6 +61,44 @@ def lse_finalize(m, s, inv_temperature):
     m_row = tl.max(m, 0)
     m_safe = tl.where(m_row == NEG_INF, 0.0, m_row)
     return m_safe, tl.log(tl.sum(s * tl.exp((m - m_safe) * inv_temperature), 0))
+
+
+@triton.jit
+def online_kl_update(m_a, s_a, m_b, s_b, acc, a, b, inv_temperature):
+    """One block of KL(P_a || P_b) between two logit rows in one sweep (P = softmax(x / T)).
+
+    Per lane: the online (max, sum) of both rows as in online_lse_update, and
+    acc = sum_v exp(d_a) (d_a - d_b) with d = (x - m) / T relative to the lane's current maxima, so that
+    its terms keep the precision of log-probabilities. A new max moves the reference point of every
+    earlier term: acc' = r_a (acc + (shift_a - shift_b) s_a), shift = (m - m') / T, r_a = exp(shift_a).
+    """
+    m_a_new = tl.maximum(m_a, a)
+    m_b_new = tl.maximum(m_b, b)
+    m_a_safe = tl.where(m_a_new == NEG_INF, 0.0, m_a_new)
+    m_b_safe = tl.where(m_b_new == NEG_INF, 0.0, m_b_new)
+    shift_a = tl.where(m_a == NEG_INF, 0.0, (m_a - m_a_safe) * inv_temperature)
+    shift_b = tl.where(m_b == NEG_INF, 0.0, (m_b - m_b_safe) * inv_temperature)
+    r_a = tl.where(m_a == NEG_INF, 0.0, tl.exp(shift_a))
+    r_b = tl.where(m_b == NEG_INF, 0.0, tl.exp(shift_b))
+    d_a = (a - m_a_safe) * inv_temperature
+    d_b = (b - m_b_safe) * inv_temperature
+    e_a = tl.exp(d_a)
+    acc = r_a * (acc + (shift_a - shift_b) * s_a) + tl.where(a == NEG_INF, 0.0, e_a * (d_a - d_b))
+    return m_a_new, s_a * r_a + e_a, m_b_new, s_b * r_b + tl.exp(d_b), acc
+
+
+@triton.jit
+def kl_finalize(m_a, s_a, m_b, s_b, acc, inv_temperature):
+    """(max_a, logsum_a, max_b, logsum_b, KL(P_a || P_b)) from the per-lane state of online_kl_update:
+    KL = sum_v P_a (log P_a - log P_b) = acc / S_a - logsum_a + logsum_b once every lane is moved to
+    the row maxima."""
+    max_a, logsum_a = lse_finalize(m_a, s_a, inv_temperature)
+    max_b, logsum_b = lse_finalize(m_b, s_b, inv_temperature)
+    shift_a = tl.where(m_a == NEG_INF, 0.0, (m_a - max_a) * inv_temperature)
+    shift_b = tl.where(m_b == NEG_INF, 0.0, (m_b - max_b) * inv_temperature)
+    r_a = tl.where(m_a == NEG_INF, 0.0, tl.exp(shift_a))
+    acc_row = tl.sum(r_a * (acc + (shift_a - shift_b) * s_a), 0)
+    return max_a, logsum_a, max_b, logsum_b, acc_row / tl.exp(logsum_a) - logsum_a + logsum_b
 
 
 @triton.jit
@@ -162,42 +201,60 @@ def divergence_forward_kernel(
     y_row = y_ptr + (row // L) * stride_yb + (row % L) * stride_yl
     cols = tl.arange(0, BLOCK_V)
 
-    # Sweep 1: (max, logsum) of the student row, and of the teacher row when it is logits.
+    # Sweep 1: (max, logsum) of the student row, and of the teacher row when it is logits. Forward and
+    # reverse KL between two logit rows also get D here (online_kl_update), so they skip sweep 2.
     m_q = tl.full([BLOCK_V], NEG_INF, tl.float32)
     s_q = tl.zeros([BLOCK_V], tl.float32)
     m_t = tl.full([BLOCK_V], NEG_INF, tl.float32)
     s_t = tl.zeros([BLOCK_V], tl.float32)
+    kl_acc = tl.zeros([BLOCK_V], tl.float32)
     for start in range(0, V, BLOCK_V):
         mask = start + cols < V
         z = tl.load(z_row + start + cols, mask=mask, other=NEG_INF).to(tl.float32)
-        m_q, s_q = online_lse_update(m_q, s_q, z, inv_temperature)
         if TARGET == LOGITS:
             y = tl.load(y_row + start + cols, mask=mask, other=NEG_INF).to(tl.float32)
-            m_t, s_t = online_lse_update(m_t, s_t, y, inv_temperature)
-    max_q, logsum_q = lse_finalize(m_q, s_q, inv_temperature)
-    max_t = 0.0
-    logsum_t = 0.0
-    if TARGET == LOGITS:  # log-probs and probs are taken as given, not renormalized
-        max_t, logsum_t = lse_finalize(m_t, s_t, inv_temperature)
+            if KIND == FORWARD:  # KL(p || q): weights p
+                m_t, s_t, m_q, s_q, kl_acc = online_kl_update(m_t, s_t, m_q, s_q, kl_acc, y, z, inv_temperature)
+            elif KIND == REVERSE:  # KL(q || p): weights q
+                m_q, s_q, m_t, s_t, kl_acc = online_kl_update(m_q, s_q, m_t, s_t, kl_acc, z, y, inv_temperature)
+            else:
+                m_q, s_q = online_lse_update(m_q, s_q, z, inv_temperature)
+                m_t, s_t = online_lse_update(m_t, s_t, y, inv_temperature)
+        else:
+            m_q, s_q = online_lse_update(m_q, s_q, z, inv_temperature)
 
-    # Sweep 2: D = sum loss_v, gbar = sum a_v.
-    loss_acc = tl.zeros([BLOCK_V], tl.float32)
-    gbar_acc = tl.zeros([BLOCK_V], tl.float32)
-    for start in range(0, V, BLOCK_V):
-        mask = start + cols < V
-        z = tl.load(z_row + start + cols, mask=mask, other=NEG_INF).to(tl.float32)
-        y = tl.load(y_row + start + cols, mask=mask, other=0.0)
-        lq = (z - max_q) * inv_temperature - logsum_q
-        lp = tl.where(mask, teacher_logprobs(y, max_t, logsum_t, inv_temperature, TARGET), NEG_INF)
-        loss, a = divergence_terms(lq, lp, coef, log_coef, log_1m_coef, KIND)
-        loss_acc += loss
-        gbar_acc += a
-    tl.store(loss_ptr + row, tl.sum(loss_acc, 0))
+    if (TARGET == LOGITS) and (KIND == FORWARD):
+        max_t, logsum_t, max_q, logsum_q, loss = kl_finalize(m_t, s_t, m_q, s_q, kl_acc, inv_temperature)
+        gbar = -1.0  # sum_v q_v g_v = -sum_v p_v
+    elif (TARGET == LOGITS) and (KIND == REVERSE):
+        max_q, logsum_q, max_t, logsum_t, loss = kl_finalize(m_q, s_q, m_t, s_t, kl_acc, inv_temperature)
+        gbar = loss  # sum_v q_v (log q_v - log p_v)
+    else:
+        max_q, logsum_q = lse_finalize(m_q, s_q, inv_temperature)
+        max_t = 0.0
+        logsum_t = 0.0
+        if TARGET == LOGITS:  # log-probs and probs are taken as given, not renormalized
+            max_t, logsum_t = lse_finalize(m_t, s_t, inv_temperature)
+        # Sweep 2: D = sum loss_v, gbar = sum a_v.
+        loss_acc = tl.zeros([BLOCK_V], tl.float32)
+        gbar_acc = tl.zeros([BLOCK_V], tl.float32)
+        for start in range(0, V, BLOCK_V):
+            mask = start + cols < V
+            z = tl.load(z_row + start + cols, mask=mask, other=NEG_INF).to(tl.float32)
+            y = tl.load(y_row + start + cols, mask=mask, other=0.0)
+            lq = (z - max_q) * inv_temperature - logsum_q
+            lp = tl.where(mask, teacher_logprobs(y, max_t, logsum_t, inv_temperature, TARGET), NEG_INF)
+            entry_loss, a = divergence_terms(lq, lp, coef, log_coef, log_1m_coef, KIND)
+            loss_acc += entry_loss
+            gbar_acc += a
+        loss = tl.sum(loss_acc, 0)
+        gbar = tl.sum(gbar_acc, 0)
+    tl.store(loss_ptr + row, loss)
     tl.store(max_q_ptr + row, max_q)
     tl.store(logsum_q_ptr + row, logsum_q)
     tl.store(max_t_ptr + row, max_t)
     tl.store(logsum_t_ptr + row, logsum_t)
-    tl.store(gbar_ptr + row, tl.sum(gbar_acc, 0))
+    tl.store(gbar_ptr + row, gbar)
 
 
 @triton.jit

@@ -243,3 +243,14 @@ def test_torch_backend_chunks(kind, gen, monkeypatch):
     chunked = check(student, teacher, kind, "torch", reduction="none", **COEF.get(kind, {}))
     assert_close(chunked[0], whole[0], (1e-6, 1e-7), "chunked loss")
     assert_close(chunked[1], whole[1], (1e-6, 1e-7), "chunked grad")
+
+
+@pytest.mark.parametrize("kind", ["forward", "reverse", "jsd"])
+def test_running_max_moves_across_blocks(kind, backend, gen):
+    """Logits that rise (student) and fall (teacher) along V, so every 4096-wide block moves the
+    running maxima the online sweeps keep: the one-sweep KL must re-base its accumulator each time."""
+    V = 2 * 4096 + 77
+    ramp = torch.linspace(0.0, 12.0, V, dtype=torch.float64).to(DEVICE)
+    student = (ramp + randn(3, V, gen=gen)).float()
+    teacher = (ramp.flip(0) * 0.5 + randn(3, V, gen=gen)).float()
+    check(student, teacher, kind, backend, temperature=0.7, **COEF.get(kind, {}))
