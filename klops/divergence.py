@@ -4,12 +4,12 @@ Layers of this op: ``kernels/divergence.py`` (Triton), ``csrc/divergence.cu`` (C
 backend below, the custom ops ``klops::divergence`` / ``klops::divergence_backward``, and ``fused_kl``.
 
 Gradient strategy: recomputation. The forward sweeps each row twice (logsumexp of both inputs, then
-the loss and ``gbar``) and keeps five fp32 numbers per row (raw row max and log-sum of both inputs,
-``gbar``); the backward sweeps once more and
-writes ``dz``. Writing the gradient in the forward instead would move more bytes (a third sweep plus
-a read-modify-write of ``dz`` to apply ``grad_output``: 18 vs 14 bytes per bf16 entry) and would hold a
-[N, V] gradient alive from the loss to the backward; with recomputation nothing of size [N, V] lives
-between them except the inputs the trainer holds anyway.
+the loss and ``gbar``; once for forward / reverse KL on the Triton backend) and keeps five fp32 numbers
+per row (raw row max and log-sum of both inputs, ``gbar``); the backward sweeps once more and writes
+``dz``. Writing the gradient in the forward instead would move more bytes (a third sweep plus a
+read-modify-write of ``dz`` to apply ``grad_output``: 18 vs 14 bytes per bf16 entry pair, 14 vs 10 for
+forward / reverse KL) and would hold a [N, V] gradient alive from the loss to the backward; with
+recomputation nothing of size [N, V] lives between them except the inputs the trainer holds anyway.
 """
 
 import math
