@@ -1,14 +1,14 @@
 // Log-softmax-gather and entropy (SPEC.md §2): the CUDA twin of kernels/logprobs.py.
 //
-// One thread block handles one row (token) r = b * L + l. With c = 1/T, the raw row max and
-// shifted log-sum of row_reduce.cuh (Lse), q = softmax(z c) and y the label of the row:
+// One thread block handles one row (token) r = b * L + l. With c = 1/T, the raw row max (max_z) and
+// the shifted log-sum of row_reduce.cuh (Lse), q = softmax(z c) and y the label of the row:
 //
-//     log q_j = (z_j - max) c - logsum         logsum = log sum_v exp((z_v - max) c)
+//     log q_j = (z_j - max_z) c - logsum       logsum = log sum_v exp((z_v - max_z) c)
 //     logprob = log q_y                        d logprob / dz_j = (1[j = y] - q_j) / T
 //     entropy = -sum_v q_v log q_v             d entropy / dz_j = -q_j (log q_j + entropy) / T
 //
 // Forward: 1 sweep of the online (m, s, w) of Entropy (or (m, s) of Lse without the entropy).
-// Backward: 1 sweep from the saved max, logsum and entropy. Rows whose label is ignore_index get
+// Backward: 1 sweep from the saved max_z, logsum and entropy. Rows whose label is ignore_index get
 // 0 in every output and a zero gradient.
 
 #include <ATen/DeviceGuard.h>
@@ -31,8 +31,8 @@ namespace {
 template <typename Format>
 constexpr int kLogprobsVec = 16 / sizeof(typename Format::Storage);  // entries per 16-byte access
 
-// Forward of row r = blockIdx.x, 1 sweep: max and logsum of the row (Lse), logprob =
-// (z_y - max) c - logsum and, WITH_ENTROPY, entropy = log s - w / s from the (m, s, w) of
+// Forward of row r = blockIdx.x, 1 sweep: max_z and logsum of the row (Lse), logprob =
+// (z_y - max_z) c - logsum and, WITH_ENTROPY, entropy = log s - w / s from the (m, s, w) of
 // Entropy. Zeros for an ignored row.
 template <typename Format, typename Label, bool WITH_ENTROPY>
 __global__ void __launch_bounds__(kMaxThreads) logprobs_forward_kernel(
@@ -74,16 +74,16 @@ __global__ void __launch_bounds__(kMaxThreads) logprobs_forward_kernel(
   });
   acc = block_reduce(acc, op);
   if (threadIdx.x == 0) {
-    const float max = acc.max();
+    const float max_z = acc.max();
     const float logsum = acc.logsum();
-    logp_out[row] = (z_label - max) * inv_temperature - logsum;
-    max_out[row] = max;
+    logp_out[row] = (z_label - max_z) * inv_temperature - logsum;
+    max_out[row] = max_z;
     logsum_out[row] = logsum;
     if constexpr (WITH_ENTROPY) entropy_out[row] = acc.entropy();
   }
 }
 
-// Backward of row r = blockIdx.x, 1 sweep, with log q_j = (z_j - max) c - logsum:
+// Backward of row r = blockIdx.x, 1 sweep, with log q_j = (z_j - max_z) c - logsum:
 //   dz_j = g_logp c (1[j = y] - q_j) - g_entropy c q_j (log q_j + entropy)   (0 where q_j = 0)
 // where the entropy term is present WITH_ENTROPY only. Zeros for an ignored row.
 template <typename Format, typename Label, bool WITH_ENTROPY>
@@ -110,7 +110,7 @@ __global__ void __launch_bounds__(kMaxThreads) logprobs_backward_kernel(
   const int64_t head = vec_head<VEC>(z_row, V);
   const bool vectorized = is_vec_aligned<VEC>(z_row + head) && is_vec_aligned<VEC>(dz_row + head);
 
-  const float max = max_in[row];
+  const float max_z = max_in[row];
   const float logsum = logsum_in[row];
   const float g_logp = grad_logp[row] * inv_temperature;
   float g_entropy = 0.0f;
@@ -127,7 +127,7 @@ __global__ void __launch_bounds__(kMaxThreads) logprobs_backward_kernel(
     float out[W];
 #pragma unroll
     for (int i = 0; i < W; ++i) {
-      const float log_q = (Format::to_float(zv.val[i]) - max) * inv_temperature - logsum;
+      const float log_q = (Format::to_float(zv.val[i]) - max_z) * inv_temperature - logsum;
       const float q = expf(log_q);
       out[i] = g_logp * ((j + i == label ? 1.0f : 0.0f) - q);
       if constexpr (WITH_ENTROPY) out[i] -= g_entropy * (q > 0.0f ? q * (log_q + entropy) : 0.0f);
@@ -174,9 +174,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_forward(
   const auto options = logits.options().dtype(at::kFloat);
   at::Tensor logp = at::empty({B, L}, options);
   at::Tensor entropy = with_entropy ? at::empty({B, L}, options) : at::zeros({B, L}, options);
-  at::Tensor max = at::empty({B, L}, options);
+  at::Tensor max_z = at::empty({B, L}, options);
   at::Tensor logsum = at::empty({B, L}, options);
-  if (B * L == 0) return {logp, entropy, max, logsum};
+  if (B * L == 0) return {logp, entropy, max_z, logsum};
 
   const at::Tensor labels_c = labels.contiguous();
   const float inv_temperature = static_cast<float>(1.0 / temperature);
@@ -189,23 +189,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_forward(
         <<<static_cast<unsigned>(B * L), threads, 0, stream>>>(
             storage_ptr<Format>(logits), labels_c.const_data_ptr<Label>(),
             logp.mutable_data_ptr<float>(), entropy.mutable_data_ptr<float>(),
-            max.mutable_data_ptr<float>(), logsum.mutable_data_ptr<float>(), L, V,
+            max_z.mutable_data_ptr<float>(), logsum.mutable_data_ptr<float>(), L, V,
             logits.stride(0), logits.stride(1), inv_temperature, ignore_index);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   dispatch_logprobs(logits, labels_c, with_entropy, launch);
-  return {logp, entropy, max, logsum};
+  return {logp, entropy, max_z, logsum};
 }
 
 at::Tensor logprobs_backward(const at::Tensor& grad_logp, const at::Tensor& grad_entropy,
                              const at::Tensor& logits, const at::Tensor& labels,
-                             const at::Tensor& max, const at::Tensor& logsum,
+                             const at::Tensor& max_z, const at::Tensor& logsum,
                              const at::Tensor& entropy, double temperature, bool with_entropy,
                              int64_t ignore_index) {
   check_logprobs_inputs(logits, labels);
   const auto rows_shape = logits.sizes().slice(0, 2);
   check_per_row(grad_logp, "grad_logp", rows_shape, logits.device(), {at::kFloat});
-  check_per_row(max, "max", rows_shape, logits.device(), {at::kFloat});
+  check_per_row(max_z, "max", rows_shape, logits.device(), {at::kFloat});
   check_per_row(logsum, "logsum", rows_shape, logits.device(), {at::kFloat});
   if (with_entropy) {  // otherwise grad_entropy and entropy are not read
     check_per_row(grad_entropy, "grad_entropy", rows_shape, logits.device(), {at::kFloat});
@@ -218,7 +218,7 @@ at::Tensor logprobs_backward(const at::Tensor& grad_logp, const at::Tensor& grad
 
   const at::Tensor grad_logp_c = grad_logp.contiguous();
   const at::Tensor labels_c = labels.contiguous();
-  const at::Tensor max_c = max.contiguous();
+  const at::Tensor max_c = max_z.contiguous();
   const at::Tensor logsum_c = logsum.contiguous();
   const at::Tensor grad_entropy_c = with_entropy ? grad_entropy.contiguous() : at::Tensor();
   const at::Tensor entropy_c = with_entropy ? entropy.contiguous() : at::Tensor();

@@ -17,26 +17,16 @@ import math
 import torch
 
 from . import _inputs
+from ._chunked import row_chunks, row_stats, scaled
 from .backend import resolve_backend
 from .kernels.launch import DIVERGENCE_KINDS, TARGET_KINDS
 
 __all__ = ["fused_kl", "DIVERGENCE_KINDS"]
 
-# The torch backend materializes about eight fp32 temporaries per chunk of rows: cap a chunk at this
-# many entries (16 MiB per temporary).
-TORCH_CHUNK_ELEMENTS = 1 << 22
-
 
 # ----------------------------------------------------------------------------------------------------
-# torch backend: the kernels' math, chunked over rows so that its extra memory is O(chunk * V).
-
-
-def row_chunks(B: int, L: int, V: int):
-    """(b, slice of l) pieces of a (B, L, V) row grid, each at most TORCH_CHUNK_ELEMENTS entries."""
-    step = max(1, TORCH_CHUNK_ELEMENTS // V)
-    for b in range(B):
-        for start in range(0, L, step):
-            yield b, slice(start, min(L, start + step))
+# torch backend: the kernels' math, chunked over rows (klops/_chunked.py) so that its extra memory
+# is O(chunk * V).
 
 
 def _mixture_logs(coef: float) -> tuple[float, float]:
@@ -44,19 +34,6 @@ def _mixture_logs(coef: float) -> tuple[float, float]:
     if not 0.0 <= coef <= 1.0:  # Amari alpha outside [0, 1] uses no mixture
         return 0.0, 0.0
     return (math.log(coef) if coef > 0 else -math.inf), (math.log1p(-coef) if coef < 1 else -math.inf)
-
-
-def _scaled(x: torch.Tensor, temperature: float) -> torch.Tensor:
-    """x / T in fp32 (no pass over x when T = 1)."""
-    x = x.float()
-    return x if temperature == 1.0 else x / temperature
-
-
-def _row_stats(x: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(raw row max, log sum exp((x - max) / T)) of [rows, V] logits; the max of an all -inf row is 0."""
-    row_max = x.float().amax(dim=-1)
-    row_max = torch.where(row_max == -math.inf, 0.0, row_max)
-    return row_max, torch.logsumexp(_scaled(x.float() - row_max[:, None], temperature), dim=-1)
 
 
 def _divergence_terms(lq: torch.Tensor, lp: torch.Tensor, kind: str, coef: float):
@@ -98,9 +75,9 @@ def _row_logprobs(student, teacher, stats, target_is: str, temperature: float):
     """(log q, log p) of a chunk of rows from their (max_q, logsum_q, max_t, logsum_t): the max is
     subtracted in raw units before dividing by T, as in the kernels."""
     max_q, logsum_q, max_t, logsum_t = stats
-    lq = _scaled(student.float() - max_q[:, None], temperature) - logsum_q[:, None]
+    lq = scaled(student.float() - max_q[:, None], temperature) - logsum_q[:, None]
     if target_is == "logits":
-        return lq, _scaled(teacher.float() - max_t[:, None], temperature) - logsum_t[:, None]
+        return lq, scaled(teacher.float() - max_t[:, None], temperature) - logsum_t[:, None]
     return lq, (teacher.float() if target_is == "logprobs" else teacher.float().log())
 
 
@@ -110,11 +87,11 @@ def divergence_forward_torch(student, teacher, valid, kind: str, target_is: str,
     B, L, V = student.shape
     outputs = tuple(student.new_zeros((B, L), dtype=torch.float32) for _ in range(6))
     for b, rows in row_chunks(B, L, V):
-        stats = _row_stats(student[b, rows], temperature)
+        stats = row_stats(student[b, rows], temperature)
         if target_is == "logits":
-            stats += _row_stats(teacher[b, rows], temperature)
+            stats += row_stats(teacher[b, rows], temperature)
         else:
-            stats += (stats[0].new_zeros(()).expand_as(stats[0]),) * 2
+            stats += (torch.zeros_like(stats[0]),) * 2
         lq, lp = _row_logprobs(student[b, rows], teacher[b, rows], stats, target_is, temperature)
         entry_loss, a = _divergence_terms(lq, lp, kind, coef)
         keep = valid[b, rows]

@@ -10,7 +10,7 @@ import torch
 
 from . import _inputs
 from .backend import resolve_backend
-from .divergence import _row_stats, _scaled, row_chunks
+from ._chunked import row_chunks, row_stats, scaled
 
 __all__ = ["logprobs"]
 
@@ -25,8 +25,8 @@ def logprobs_forward_torch(logits, labels, temperature: float, with_entropy: boo
     outputs = tuple(logits.new_zeros((B, L), dtype=torch.float32) for _ in range(4))
     for b, rows in row_chunks(B, L, V):
         keep = labels[b, rows] != ignore_index
-        row_max, logsum = _row_stats(logits[b, rows], temperature)
-        log_q = _scaled(logits[b, rows].float() - row_max[:, None], temperature) - logsum[:, None]
+        row_max, logsum = row_stats(logits[b, rows], temperature)
+        log_q = scaled(logits[b, rows].float() - row_max[:, None], temperature) - logsum[:, None]
         picked = log_q.gather(-1, torch.where(keep, labels[b, rows], 0)[:, None]).squeeze(-1)
         entropy = -(log_q.exp() * torch.where(log_q > -torch.inf, log_q, 0.0)).sum(-1) if with_entropy else None
         for out, value in zip(outputs, (picked, entropy, row_max, logsum)):
@@ -44,7 +44,7 @@ def logprobs_backward_torch(
     dz = torch.empty((B, L, V), dtype=logits.dtype, device=logits.device)
     for b, rows in row_chunks(B, L, V):
         keep = labels[b, rows] != ignore_index
-        log_q = _scaled(logits[b, rows].float() - max_z[b, rows][:, None], temperature) - logsum[b, rows][:, None]
+        log_q = scaled(logits[b, rows].float() - max_z[b, rows][:, None], temperature) - logsum[b, rows][:, None]
         q = log_q.exp()
         onehot = torch.zeros_like(q).scatter_(-1, torch.where(keep, labels[b, rows], 0)[:, None], 1.0)
         chunk = grad_logp[b, rows][:, None] * (onehot - q)

@@ -238,8 +238,8 @@ def test_torch_backend_chunks(kind, gen, monkeypatch):
     """The torch backend over chunks of 3 rows (a ragged last chunk, two batch entries) equals one chunk."""
     student, teacher = randn(2, 10, 70, gen=gen), randn(2, 10, 70, gen=gen)
     whole = check(student, teacher, kind, "torch", reduction="none", **COEF.get(kind, {}))
-    monkeypatch.setattr(klops.divergence, "TORCH_CHUNK_ELEMENTS", 3 * 70)
-    assert len(list(klops.divergence.row_chunks(2, 10, 70))) == 8
+    monkeypatch.setattr(klops._chunked, "TORCH_CHUNK_ELEMENTS", 3 * 70)
+    assert len(list(klops._chunked.row_chunks(2, 10, 70))) == 8
     chunked = check(student, teacher, kind, "torch", reduction="none", **COEF.get(kind, {}))
     assert_close(chunked[0], whole[0], (1e-6, 1e-7), "chunked loss")
     assert_close(chunked[1], whole[1], (1e-6, 1e-7), "chunked grad")

@@ -126,5 +126,5 @@ def test_reference_known_values():
 
 def test_torch_backend_chunks(gen, monkeypatch):
     """Chunks of 4 rows (ragged last chunk) give the reference values too."""
-    monkeypatch.setattr(klops.divergence, "TORCH_CHUNK_ELEMENTS", 4 * 90)
+    monkeypatch.setattr(klops._chunked, "TORCH_CHUNK_ELEMENTS", 4 * 90)
     check(randn(2, 11, 90, gen=gen), labels_for((2, 11), 90, gen, ignore_every=4), "torch")
