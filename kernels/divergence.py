@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import DIVERGENCE_KINDS, TARGET_KINDS, row_config
+from .launch import DIVERGENCE_KINDS, TARGET_KINDS, launch_over_rows
 
 FORWARD = tl.constexpr(0)
 REVERSE = tl.constexpr(1)
@@ -335,19 +335,16 @@ def divergence_forward(
     target_is: str,
     temperature: float,
     coef: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, ...]:
     """Launch the forward: returns (D, max_q, logsum_q, max_t, logsum_t, gbar), each (B, L) fp32."""
     B, L, V = student.shape
     outputs = tuple(torch.empty((B, L), dtype=torch.float32, device=student.device) for _ in range(6))
-    if B * L == 0:
-        return outputs
-    block_v, num_warps = row_config(V)
-    divergence_forward_kernel[(B * L,)](
+    launch_over_rows(
+        divergence_forward_kernel, student,
         student, teacher, valid.contiguous(), *outputs,
         L, V,
         student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1),
         **_kind_args(kind, target_is, temperature, coef),
-        BLOCK_V=block_v, num_warps=num_warps,
     )  # fmt: skip
     return outputs
 
@@ -370,15 +367,12 @@ def divergence_backward(
     """Launch the backward: returns dD/dz scaled per row by grad, (B, L, V) in the student's dtype."""
     B, L, V = student.shape
     dz = torch.empty((B, L, V), dtype=student.dtype, device=student.device)
-    if B * L == 0:
-        return dz
-    block_v, num_warps = row_config(V)
-    divergence_backward_kernel[(B * L,)](
+    launch_over_rows(
+        divergence_backward_kernel, student,
         grad.contiguous(), student, teacher, valid.contiguous(),
         *(t.contiguous() for t in (max_q, logsum_q, max_t, logsum_t, gbar)), dz,
         L, V,
         student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1),
         **_kind_args(kind, target_is, temperature, coef),
-        BLOCK_V=block_v, num_warps=num_warps,
     )  # fmt: skip
     return dz

@@ -16,3 +16,16 @@ def row_config(vocab_size: int) -> tuple[int, int]:
     block = min(4096, max(128, 1 << (vocab_size - 1).bit_length()))
     num_warps = 8 if block >= 2048 else 4
     return block, num_warps
+
+
+def launch_over_rows(kernel, logits, *args, **constexprs) -> None:
+    """Launch a row kernel with one program per row of the (B, L, V) ``logits``; nothing for 0 rows.
+
+    ``args`` are the kernel's arguments in order; ``constexprs`` its compile-time ones (BLOCK_V and
+    num_warps are added here).
+    """
+    B, L, V = logits.shape
+    if B * L == 0:
+        return
+    block_v, num_warps = row_config(V)
+    kernel[(B * L,)](*args, **constexprs, BLOCK_V=block_v, num_warps=num_warps)

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .divergence import NEG_INF
-from .launch import row_config
+from .launch import launch_over_rows
 
 
 @triton.jit
@@ -137,21 +137,19 @@ def logprobs_forward(
     temperature: float,
     with_entropy: bool,
     ignore_index: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward: returns (logprob, entropy, max, logsum), each (B, L) fp32 (entropy 0 if
     not asked)."""
     B, L, V = logits.shape
     logp, max_z, logsum = (torch.empty((B, L), dtype=torch.float32, device=logits.device) for _ in range(3))
     entropy = (torch.empty if with_entropy else torch.zeros)((B, L), dtype=torch.float32, device=logits.device)
-    if B * L == 0:
-        return logp, entropy, max_z, logsum
-    block_v, num_warps = row_config(V)
-    logprobs_forward_kernel[(B * L,)](
+    launch_over_rows(
+        logprobs_forward_kernel, logits,
         logits, labels.contiguous(), logp, entropy, max_z, logsum,
         L, V,
         logits.stride(0), logits.stride(1),
         1.0 / temperature, ignore_index,
-        WITH_ENTROPY=with_entropy, BLOCK_V=block_v, num_warps=num_warps,
+        WITH_ENTROPY=with_entropy,
     )  # fmt: skip
     return logp, entropy, max_z, logsum
 
@@ -171,15 +169,13 @@ def logprobs_backward(
     """Launch the backward: returns the logits gradient, (B, L, V) in the logits' dtype."""
     B, L, V = logits.shape
     dz = torch.empty((B, L, V), dtype=logits.dtype, device=logits.device)
-    if B * L == 0:
-        return dz
-    block_v, num_warps = row_config(V)
-    logprobs_backward_kernel[(B * L,)](
+    launch_over_rows(
+        logprobs_backward_kernel, logits,
         grad_logp.contiguous(), grad_entropy.contiguous(), logits, labels.contiguous(),
         max_z.contiguous(), logsum.contiguous(), entropy.contiguous(), dz,
         L, V,
         logits.stride(0), logits.stride(1),
         1.0 / temperature, ignore_index,
-        WITH_ENTROPY=with_entropy, BLOCK_V=block_v, num_warps=num_warps,
+        WITH_ENTROPY=with_entropy,
     )  # fmt: skip
     return dz
