@@ -31,9 +31,7 @@ if BUILD_CUDA:
         print(f"klops setup.py: MAX_JOBS={os.environ['MAX_JOBS']} (from free memory)")
     arch_list = os.environ["TORCH_CUDA_ARCH_LIST"]
     print(f"klops setup.py: building klops._C for TORCH_CUDA_ARCH_LIST={arch_list}")
-    sources = sorted(
-        os.path.join("csrc", name) for name in os.listdir("csrc") if name.endswith((".cpp", ".cu"))
-    )
+    sources = sorted(os.path.join("csrc", name) for name in os.listdir("csrc") if name.endswith((".cpp", ".cu")))
     ext_modules.append(
         CUDAExtension(
             name="klops._C",

@@ -18,7 +18,8 @@ however large z/T is, instead of an error of eps |z/T|.
 
 Forward: sweep 1 computes (max, logsum) of both rows online; sweep 2 accumulates D and gbar. Forward
 and reverse KL between two logit rows need no sweep 2: D = E_a[log P_a - log P_b] is accumulated
-online in sweep 1 (online_kl_update), and gbar is -1 or D. Backward (1 sweep): recomputes q, p, a from the saved row statistics and gbar and writes
+online in sweep 1 (online_kl_update), and gbar is -1 or D.
+Backward (1 sweep): recomputes q, p, a from the saved row statistics and gbar and writes
 dz = grad_row * (a - q gbar) / T. Recomputation moves fewer bytes than writing the gradient in the
 forward and rescaling it in the backward (see klops/divergence.py).
 """

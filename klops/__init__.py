@@ -1,7 +1,7 @@
 """klops: fused kernels for the losses of LLM post-training.
 
-    loss = klops.fused_kl(student_logits, teacher_logits, kind="forward")
-    logp, entropy = klops.logprobs(logits, labels, return_entropy=True)
+loss = klops.fused_kl(student_logits, teacher_logits, kind="forward")
+logp, entropy = klops.logprobs(logits, labels, return_entropy=True)
 """
 
 from . import nn, reference

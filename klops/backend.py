@@ -1,11 +1,11 @@
 """Which backends exist on this machine, and which one an op call runs on.
 
-    backend   runs on                          needs
-    "cuda"    CUDA tensors                     the extension klops._C (KLOPS_BUILD_CUDA=1 at install)
-    "triton"  CUDA tensors; CPU tensors too    triton; on the CPU only under TRITON_INTERPRET=1
-              under the interpreter (tests)
-    "torch"   any device                       nothing: chunked pure-torch fp32 math
-    "auto"    cuda if built and on a GPU, else triton on a GPU, else torch
+backend   runs on                          needs
+"cuda"    CUDA tensors                     the extension klops._C (KLOPS_BUILD_CUDA=1 at install)
+"triton"  CUDA tensors; CPU tensors too    triton; on the CPU only under TRITON_INTERPRET=1
+          under the interpreter (tests)
+"torch"   any device                       nothing: chunked pure-torch fp32 math
+"auto"    cuda if built and on a GPU, else triton on a GPU, else torch
 """
 
 import importlib
@@ -61,7 +61,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         return "torch" if device.type != "cuda" else usable[0]
     if backend not in usable:
         raise ValueError(
-            f"backend={backend!r} cannot run on {device} tensors here (usable: {', '.join(usable)}); "
-            "see `klops info`"
+            f"backend={backend!r} cannot run on {device} tensors here (usable: {', '.join(usable)}); see `klops info`"
         )
     return backend

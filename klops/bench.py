@@ -88,7 +88,9 @@ def implementations(case: Case, device: torch.device) -> dict:
     if case.op == "fused_kl":
         beta = {"jsd": dict(beta=0.5)}.get(case.kind, {})
         for backend in available_backends(device):
-            impls[f"klops[{backend}]"] = lambda z, y, b=backend: fused_kl(z, y, case.kind, reduction="batchmean", backend=b, **beta)
+            impls[f"klops[{backend}]"] = lambda z, y, b=backend: fused_kl(
+                z, y, case.kind, reduction="batchmean", backend=b, **beta
+            )
         eager = lambda z, y: eager_kl(z, y, case.kind)  # noqa: E731
     else:
         for backend in available_backends(device):

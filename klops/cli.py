@@ -27,9 +27,8 @@ def info() -> str:
     if CUDA_EXTENSION is None:
         lines.append("klops._C: not built (install with KLOPS_BUILD_CUDA=1 to build it)")
     else:
-        lines.append(
-            f"klops._C: built for TORCH_CUDA_ARCH_LIST={CUDA_EXTENSION.arch_list()} with CUDA {CUDA_EXTENSION.cuda_version()}"
-        )
+        built = f"TORCH_CUDA_ARCH_LIST={CUDA_EXTENSION.arch_list()} with CUDA {CUDA_EXTENSION.cuda_version()}"
+        lines.append(f"klops._C: built for {built}")
     lines.append(f"backends on cpu: {', '.join(available_backends(torch.device('cpu')))}")
     if torch.cuda.is_available():
         lines.append(f"backends on cuda: {', '.join(available_backends(torch.device('cuda')))}")
@@ -40,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="klops", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, devices, usable backends, CUDA extension")
-    bench_parser = commands.add_parser("bench", help="check each op against the reference, then time it against PyTorch")
+    bench_parser = commands.add_parser(
+        "bench", help="check each op against the reference, then time it against PyTorch"
+    )
     bench_parser.add_argument("--quick", action="store_true", help="one small case per op")
     bench_parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     bench_parser.add_argument("--repeats", type=int, default=None, help="timed repetitions per case")
@@ -56,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     print(bench.format_table(report))
     if args.json:
         bench.write_json(report, args.json)
-    failed = [r for r in report["results"] if r.get("rel_err", 0.0) > 1e-2 or ("error" in r and r["impl"].startswith("klops"))]
+    failed = [
+        r for r in report["results"] if r.get("rel_err", 0.0) > 1e-2 or ("error" in r and r["impl"].startswith("klops"))
+    ]
     if failed:
         print(f"\n{len(failed)} klops case(s) failed the reference check or errored", file=sys.stderr)
         return 1

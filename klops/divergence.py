@@ -315,7 +315,9 @@ def fused_kl(
             f"got {tuple(teacher_logits.shape)}"
         )
     if teacher_logits.device != student_logits.device:
-        raise ValueError(f"teacher_logits is on {teacher_logits.device} but student_logits is on {student_logits.device}")
+        raise ValueError(
+            f"teacher_logits is on {teacher_logits.device} but student_logits is on {student_logits.device}"
+        )
     kernel_kind, coef = _check_coefficient(kind, beta, alpha)
     temperature = _inputs.check_temperature(temperature)
     _inputs.check_num_items(num_items)
@@ -329,7 +331,9 @@ def fused_kl(
         _inputs.check_same_rows("mask", mask, "student_logits", student_logits)
         valid = valid & (mask != 0)
     if weights is not None:
-        if isinstance(weights, torch.Tensor) and weights.dim() == 1 and weights.numel() == math.prod(rows_shape):  # flat [N] weights
+        if (
+            isinstance(weights, torch.Tensor) and weights.dim() == 1 and weights.numel() == math.prod(rows_shape)
+        ):  # flat [N] weights
             weights = weights.reshape(rows_shape)
         _inputs.check_same_rows("weights", weights, "student_logits", student_logits)
     backend = resolve_backend(backend, student_logits.device)

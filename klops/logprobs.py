@@ -9,8 +9,8 @@ row (fp32); the backward recomputes ``q`` from them.
 import torch
 
 from . import _inputs
-from .backend import resolve_backend
 from ._chunked import row_chunks, row_stats, scaled
+from .backend import resolve_backend
 
 __all__ = ["logprobs"]
 
@@ -176,4 +176,3 @@ def logprobs(
     if return_entropy:
         return logp.reshape(rows_shape), entropy.reshape(rows_shape)
     return logp.reshape(rows_shape)
-

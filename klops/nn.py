@@ -40,15 +40,25 @@ class FusedKL(torch.nn.Module):
         )  # fmt: skip
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind!r}, temperature={self.temperature}, reduction={self.reduction!r}, backend={self.backend!r}"
+        return (
+            f"kind={self.kind!r}, temperature={self.temperature}, reduction={self.reduction!r}, "
+            f"backend={self.backend!r}"
+        )
 
 
 class LogProbs(torch.nn.Module):
     """``klops.logprobs`` with its options fixed: ``LogProbs(temperature=0.7)(logits, labels)``."""
 
-    def __init__(self, *, temperature: float = 1.0, return_entropy: bool = False, ignore_index: int = -100, backend: str = "auto"):
+    def __init__(
+        self, *, temperature: float = 1.0, return_entropy: bool = False, ignore_index: int = -100, backend: str = "auto"
+    ):
         super().__init__()
-        self.temperature, self.return_entropy, self.ignore_index, self.backend = temperature, return_entropy, ignore_index, backend
+        self.temperature, self.return_entropy, self.ignore_index, self.backend = (
+            temperature,
+            return_entropy,
+            ignore_index,
+            backend,
+        )
 
     def forward(self, logits, labels):
         return logprobs(

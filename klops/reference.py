@@ -130,4 +130,3 @@ def logprobs_reference(
     q = log_q.exp()
     entropy = -(q * torch.where(q > 0, log_q, 0.0)).sum(-1)
     return torch.where(valid, picked, 0.0), torch.where(valid, entropy, 0.0)
-

@@ -57,5 +57,6 @@ def assert_close(actual, expected, tol, what="", floor=1e-12):
         bad = (~ok).nonzero()[:5].tolist()
         rows = [f"  at {i}: got {actual[tuple(i)].item():.8g}, expected {expected[tuple(i)].item():.8g}" for i in bad]
         raise AssertionError(
-            f"{what}: {(~ok).sum().item()} of {ok.numel()} mismatched (rtol={rtol}, atol={atol:.3g})\n" + "\n".join(rows)
+            f"{what}: {(~ok).sum().item()} of {ok.numel()} mismatched (rtol={rtol}, atol={atol:.3g})\n"
+            + "\n".join(rows)
         )

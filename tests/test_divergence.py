@@ -13,7 +13,12 @@ from .conftest import DEVICE, GRAD_TOL, LOSS_TOL, assert_close, randn
 KINDS = klops.divergence.DIVERGENCE_KINDS
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Coefficients away from 1/2 so that a swapped beta / alpha cannot pass.
-COEF = {"jsd": dict(beta=0.3), "skew_forward": dict(alpha=0.2), "skew_reverse": dict(alpha=0.3), "alpha": dict(alpha=0.7)}
+COEF = {
+    "jsd": dict(beta=0.3),
+    "skew_forward": dict(alpha=0.2),
+    "skew_reverse": dict(alpha=0.3),
+    "alpha": dict(alpha=0.7),
+}
 
 
 def run_both(student, teacher, kind, backend, grad_out=None, **kw):
@@ -205,7 +210,9 @@ def test_teacher_gets_no_gradient(backend, gen):
 def test_module_wrapper(backend, gen):
     student, teacher = randn(4, 5, 60, gen=gen), randn(4, 5, 60, gen=gen)
     module = klops.nn.FusedKL("skew_forward", alpha=0.1, temperature=2.0, reduction="sum", backend=backend)
-    expected = klops.fused_kl(student, teacher, "skew_forward", alpha=0.1, temperature=2.0, reduction="sum", backend=backend)
+    expected = klops.fused_kl(
+        student, teacher, "skew_forward", alpha=0.1, temperature=2.0, reduction="sum", backend=backend
+    )
     assert_close(module(student, teacher), expected, (0, 0), "module")
     assert "skew_forward" in repr(module)
 

@@ -88,7 +88,9 @@ def test_fully_ignored(backend, gen):
 
 def test_empty_batch(backend):
     z = torch.zeros(0, 33, device=DEVICE, requires_grad=True)
-    logp, entropy = klops.logprobs(z, torch.zeros(0, dtype=torch.long, device=DEVICE), return_entropy=True, backend=backend)
+    logp, entropy = klops.logprobs(
+        z, torch.zeros(0, dtype=torch.long, device=DEVICE), return_entropy=True, backend=backend
+    )
     (logp.sum() + entropy.sum()).backward()
     assert logp.shape == (0,) and entropy.shape == (0,) and z.grad.shape == (0, 33)
 
