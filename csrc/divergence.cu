@@ -14,7 +14,9 @@
 //     gbar = sum_v a_v
 //     dD/dz_j = (a_j - q_j gbar) / T
 //
-// Forward: 2 sweeps (max/logsum of q, and of p for logits; then D and gbar). Backward: 1 sweep
+// Forward: 2 sweeps (max/logsum of q, and of p for logits; then D and gbar). Forward and reverse KL
+// between two logit rows need no sweep 2: D = E_a[log P_a - log P_b] is accumulated online in
+// sweep 1 (KlOp), and gbar = sum_v q_v g_v is -1 (forward) or D (reverse). Backward: 1 sweep
 // recomputing a from the saved max/logsum and gbar. Rows with valid = false get 0 in every output
 // and a zero gradient.
 
@@ -141,6 +143,85 @@ struct Sum2Op {
   }
 };
 
+// KL(P_a || P_b) between two logit rows in one sweep, P = softmax(x c): the online (max, sum) of
+// both rows as in Lse, and
+//     acc = sum_v exp(d_a) (d_a - d_b),   d = (x_v - m) c
+// relative to the running raw maxima m_a, m_b, so that its terms keep the precision of
+// log-probabilities. Once moved to the row maxima, KL = acc / s_a - log s_a + log s_b.
+struct Kl {
+  float m_a;
+  float s_a;
+  float m_b;
+  float s_b;
+  float acc;
+
+  __device__ __forceinline__ Kl shfl_xor(int lane_mask) const {
+    const auto shfl = [lane_mask](float v) { return __shfl_xor_sync(0xffffffffu, v, lane_mask); };
+    return {shfl(m_a), shfl(s_a), shfl(m_b), shfl(s_b), shfl(acc)};
+  }
+  __device__ __forceinline__ Lse lse_a() const { return {m_a, s_a}; }
+  __device__ __forceinline__ Lse lse_b() const { return {m_b, s_b}; }
+  // Once reduced over the row. Infinite where P_a > 0 = P_b (inf or NaN).
+  __device__ __forceinline__ float kl() const { return acc / s_a - logf(s_a) + logf(s_b); }
+};
+
+struct KlOp {
+  using Acc = Kl;
+  float c;  // 1 / T
+
+  __device__ __forceinline__ Kl identity() const { return {kNegInf, 0.0f, kNegInf, 0.0f, 0.0f}; }
+
+  // Folds the entry pair (a, b) in with one exp per row, as LseOp::push (same m and s). A new max
+  // moves the reference point of every earlier term: with shift = (m - m') c (0 when m = -inf) and
+  // r = exp(shift), acc' = r_a (acc + (shift_a - shift_b) s_a). Per row, on a new max x the exp is
+  // r and the entry's d is 0; else shift = 0, r = 1 and the exp is exp(d) of the entry. The new
+  // term is exp(d_a) (d_a - d_b), 0 for a = -inf whatever b (an entry -inf in both rows adds
+  // nothing). b = -inf < a gives acc = inf (D inf or NaN); NaN entries give NaN.
+  __device__ __forceinline__ void push(Kl& k, float a, float b) const {
+    const bool up_a = a > k.m_a;
+    const bool up_b = b > k.m_b;
+    const float m_a = up_a ? a : k.m_a;
+    const float m_b = up_b ? b : k.m_b;
+    const float x_a = ((up_a ? k.m_a : a) - finite_or_zero(m_a)) * c;  // shift_a or d_a
+    const float x_b = ((up_b ? k.m_b : b) - finite_or_zero(m_b)) * c;  // shift_b or d_b
+    const float e_a = expf(x_a);
+    const float e_b = expf(x_b);
+    const float shift_a = up_a ? finite_or_zero(x_a) : 0.0f;
+    const float shift_b = up_b ? finite_or_zero(x_b) : 0.0f;
+    const float d_a = up_a ? 0.0f : x_a;
+    const float d_b = up_b ? 0.0f : x_b;
+    const float term = a == kNegInf ? 0.0f : (up_a ? 1.0f : e_a) * (d_a - d_b);
+    k.acc = (up_a ? e_a : 1.0f) * (k.acc + (shift_a - shift_b) * k.s_a) + term;
+    k.s_a = up_a ? fmaf(k.s_a, e_a, 1.0f) : k.s_a + e_a;
+    k.s_b = up_b ? fmaf(k.s_b, e_b, 1.0f) : k.s_b + e_b;
+    k.m_a = m_a;
+    k.m_b = m_b;
+  }
+
+  // Both sides moved to the common maxima M_a, M_b: with shift_i = (m_i - M) c (0 for an empty
+  // side) and r_i = exp((m_i - M) c), s = sum_i r_i s_i per row and
+  // acc = sum_i r_a,i (acc_i + (shift_a,i - shift_b,i) s_a,i). (s_a, s_b) as LseOp::combine.
+  __device__ __forceinline__ Kl combine(const Kl& x, const Kl& y) const {
+    const float m_a = fmaxf(x.m_a, y.m_a);
+    const float m_b = fmaxf(x.m_b, y.m_b);
+    const float m_a_safe = finite_or_zero(m_a);
+    const float m_b_safe = finite_or_zero(m_b);
+    const float shift_xa = (x.m_a - m_a_safe) * c;
+    const float shift_ya = (y.m_a - m_a_safe) * c;
+    const float shift_xb = (x.m_b - m_b_safe) * c;
+    const float shift_yb = (y.m_b - m_b_safe) * c;
+    const float r_xa = expf(shift_xa);
+    const float r_ya = expf(shift_ya);
+    // finite_or_zero: shift = -inf only for an empty side (m_i = -inf), which moves nothing
+    const float dx = finite_or_zero(shift_xa) - finite_or_zero(shift_xb);
+    const float dy = finite_or_zero(shift_ya) - finite_or_zero(shift_yb);
+    const float acc_x = r_xa * (x.acc + dx * x.s_a);
+    const float acc_y = r_ya * (y.acc + dy * y.s_a);
+    return {m_a, x.s_a * r_xa + y.s_a * r_ya, m_b,
+            x.s_b * expf(shift_xb) + y.s_b * expf(shift_yb), acc_x + acc_y};
+  }
+};
+
 // W consecutive entries of the student and teacher rows, as stored.
 template <typename Ss, typename St, int W>
 struct Entries {
@@ -161,11 +242,19 @@ struct RowLoader {
   }
 };
 
-// Forward of row r = blockIdx.x, 2 sweeps over its V entries:
+// Forward and reverse KL between two logit rows: D in one sweep (KlOp).
+template <int KIND, int TARGET>
+constexpr bool kOneSweepKl = TARGET == LOGITS && (KIND == FORWARD || KIND == REVERSE);
+
+// Forward of row r = blockIdx.x over its V entries, in 2 sweeps:
 //   sweep 1: max_q, logsum_q of z and, for logits only, max_t, logsum_t of y (Lse, raw units);
 //            for log-probs / probs the teacher is not read and max_t = logsum_t = 0
 //   sweep 2: D = sum_v loss_v, gbar = sum_v a_v, with log q_v = (z_v - max_q) c - logsum_q and
-//            log p_v from teacher_log.
+//            log p_v from teacher_log;
+// or in 1 sweep for forward / reverse KL between logit rows (kOneSweepKl): KL(P_a || P_b) with
+// (a, b) = (y, z) for forward, (z, y) for reverse, and the max / logsum of both rows from the same
+// KlOp state (equal to those of LseOp); gbar = sum_v q_v g_v is -sum_v p_v = -1 (forward) or
+// sum_v q_v (log q_v - log p_v) = D (reverse).
 // Writes D, max_q, logsum_q, max_t, logsum_t, gbar of the row (all 0 for an invalid row).
 template <typename Fs, typename Ft, int KIND, int TARGET>
 __global__ void __launch_bounds__(kMaxThreads) divergence_forward_kernel(
@@ -181,15 +270,19 @@ __global__ void __launch_bounds__(kMaxThreads) divergence_forward_kernel(
     int64_t L, int64_t V, int64_t stride_zb, int64_t stride_zl, int64_t stride_yb,
     int64_t stride_yl, DivergenceParams k) {
   const int64_t row = blockIdx.x;
-  if (!valid[row]) {
+  const auto store = [&](float loss, float max_q, float logsum_q, float max_t, float logsum_t,
+                         float gbar) {
     if (threadIdx.x == 0) {
-      loss_out[row] = 0.0f;
-      max_q_out[row] = 0.0f;
-      logsum_q_out[row] = 0.0f;
-      max_t_out[row] = 0.0f;
-      logsum_t_out[row] = 0.0f;
-      gbar_out[row] = 0.0f;
+      loss_out[row] = loss;
+      max_q_out[row] = max_q;
+      logsum_q_out[row] = logsum_q;
+      max_t_out[row] = max_t;
+      logsum_t_out[row] = logsum_t;
+      gbar_out[row] = gbar;
     }
+  };
+  if (!valid[row]) {
+    store(0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f);
     return;
   }
   const auto* z_row = z + (row / L) * stride_zb + (row % L) * stride_zl;
@@ -199,55 +292,70 @@ __global__ void __launch_bounds__(kMaxThreads) divergence_forward_kernel(
   const bool vectorized = is_vec_aligned<VEC>(z_row + head) && is_vec_aligned<VEC>(y_row + head);
   const RowLoader<typename Fs::Storage, typename Ft::Storage> load{z_row, y_row};
   const float c = k.inv_temperature;
-  const LseOp lse_op{c};
 
-  Lse acc_q = lse_op.identity();
-  float max_t = 0.0f;
-  float logsum_t = 0.0f;
-  if constexpr (TARGET == LOGITS) {
-    Lse acc_t = lse_op.identity();
+  if constexpr (kOneSweepKl<KIND, TARGET>) {
+    const KlOp kl_op{c};
+    Kl acc = kl_op.identity();
     sweep_row<VEC>(V, head, vectorized, load, [&](int64_t, auto e) {
 #pragma unroll
       for (int i = 0; i < decltype(e)::kWidth; ++i) {
-        lse_op.push(acc_q, Fs::to_float(e.z.val[i]));
-        lse_op.push(acc_t, Ft::to_float(e.y.val[i]));
+        const float zi = Fs::to_float(e.z.val[i]);
+        const float yi = Ft::to_float(e.y.val[i]);
+        if constexpr (KIND == FORWARD) {  // KL(p || q): weights p
+          kl_op.push(acc, yi, zi);
+        } else {  // KL(q || p): weights q
+          kl_op.push(acc, zi, yi);
+        }
       }
     });
-    acc_t = block_reduce(acc_t, lse_op);
-    max_t = acc_t.max();
-    logsum_t = acc_t.logsum();
-  } else {  // the teacher is taken as given: sweep 1 reads the student only
-    const auto load_z = [&](int64_t j, auto width) {
-      return load_vec<decltype(width)::value>(z_row + j);
-    };
-    sweep_row<VEC>(V, head, vectorized, load_z, [&](int64_t, auto zv) {
+    acc = block_reduce(acc, kl_op);
+    const float loss = acc.kl();
+    const Lse q = KIND == FORWARD ? acc.lse_b() : acc.lse_a();
+    const Lse p = KIND == FORWARD ? acc.lse_a() : acc.lse_b();
+    store(loss, q.max(), q.logsum(), p.max(), p.logsum(), KIND == FORWARD ? -1.0f : loss);
+  } else {
+    const LseOp lse_op{c};
+    Lse acc_q = lse_op.identity();
+    float max_t = 0.0f;
+    float logsum_t = 0.0f;
+    if constexpr (TARGET == LOGITS) {
+      Lse acc_t = lse_op.identity();
+      sweep_row<VEC>(V, head, vectorized, load, [&](int64_t, auto e) {
 #pragma unroll
-      for (int i = 0; i < decltype(zv)::kWidth; ++i) lse_op.push(acc_q, Fs::to_float(zv.val[i]));
-    });
-  }
-  acc_q = block_reduce(acc_q, lse_op);
-  const float max_q = acc_q.max();
-  const float logsum_q = acc_q.logsum();
-
-  Sum2 acc{0.0f, 0.0f};
-  sweep_row<VEC>(V, head, vectorized, load, [&](int64_t, auto e) {
+        for (int i = 0; i < decltype(e)::kWidth; ++i) {
+          lse_op.push(acc_q, Fs::to_float(e.z.val[i]));
+          lse_op.push(acc_t, Ft::to_float(e.y.val[i]));
+        }
+      });
+      acc_t = block_reduce(acc_t, lse_op);
+      max_t = acc_t.max();
+      logsum_t = acc_t.logsum();
+    } else {  // the teacher is taken as given: sweep 1 reads the student only
+      const auto load_z = [&](int64_t j, auto width) {
+        return load_vec<decltype(width)::value>(z_row + j);
+      };
+      sweep_row<VEC>(V, head, vectorized, load_z, [&](int64_t, auto zv) {
 #pragma unroll
-    for (int i = 0; i < decltype(e)::kWidth; ++i) {
-      const float lq = (Fs::to_float(e.z.val[i]) - max_q) * c - logsum_q;
-      const float lp = teacher_log<TARGET>(Ft::to_float(e.y.val[i]), max_t, logsum_t, c);
-      const Terms t = divergence_terms<KIND>(lq, lp, k);
-      acc.loss += t.loss;
-      acc.gbar += t.a;
+        for (int i = 0; i < decltype(zv)::kWidth; ++i) lse_op.push(acc_q, Fs::to_float(zv.val[i]));
+      });
     }
-  });
-  acc = block_reduce(acc, Sum2Op{});
-  if (threadIdx.x == 0) {
-    loss_out[row] = acc.loss;
-    max_q_out[row] = max_q;
-    logsum_q_out[row] = logsum_q;
-    max_t_out[row] = max_t;
-    logsum_t_out[row] = logsum_t;
-    gbar_out[row] = acc.gbar;
+    acc_q = block_reduce(acc_q, lse_op);
+    const float max_q = acc_q.max();
+    const float logsum_q = acc_q.logsum();
+
+    Sum2 acc{0.0f, 0.0f};
+    sweep_row<VEC>(V, head, vectorized, load, [&](int64_t, auto e) {
+#pragma unroll
+      for (int i = 0; i < decltype(e)::kWidth; ++i) {
+        const float lq = (Fs::to_float(e.z.val[i]) - max_q) * c - logsum_q;
+        const float lp = teacher_log<TARGET>(Ft::to_float(e.y.val[i]), max_t, logsum_t, c);
+        const Terms t = divergence_terms<KIND>(lq, lp, k);
+        acc.loss += t.loss;
+        acc.gbar += t.a;
+      }
+    });
+    acc = block_reduce(acc, Sum2Op{});
+    store(acc.loss, max_q, logsum_q, max_t, logsum_t, acc.gbar);
   }
 }
 

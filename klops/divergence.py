@@ -4,7 +4,7 @@ Layers of this op: ``kernels/divergence.py`` (Triton), ``csrc/divergence.cu`` (C
 backend below, the custom ops ``klops::divergence`` / ``klops::divergence_backward``, and ``fused_kl``.
 
 Gradient strategy: recomputation. The forward sweeps each row twice (logsumexp of both inputs, then
-the loss and ``gbar``; once for forward / reverse KL on the Triton backend) and keeps five fp32 numbers
+the loss and ``gbar``; once for forward / reverse KL between logit rows) and keeps five fp32 numbers
 per row (raw row max and log-sum of both inputs, ``gbar``); the backward sweeps once more and writes
 ``dz``. Writing the gradient in the forward instead would move more bytes (a third sweep plus a
 read-modify-write of ``dz`` to apply ``grad_output``: 18 vs 14 bytes per bf16 entry pair, 14 vs 10 for
