@@ -4,9 +4,10 @@ import math
 
 import torch
 
-# The torch backend materializes about eight fp32 temporaries per chunk of rows: cap a chunk at this
-# many entries (16 MiB per temporary), so that its extra memory is O(chunk * V), not O(N * V).
-TORCH_CHUNK_ELEMENTS = 1 << 22
+# The torch backend materializes about a dozen fp32 temporaries per chunk of rows: cap a chunk at this
+# many entries (4 MiB per temporary, ~50 MiB in all), so that its extra memory is O(chunk * V), not
+# O(N * V). Rows are never split: a chunk holds at least one row.
+TORCH_CHUNK_ELEMENTS = 1 << 20
 
 
 def row_chunks(B: int, L: int, V: int):

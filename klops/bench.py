@@ -8,7 +8,6 @@ gradient once) over the time, as a fraction of this device's measured copy bandw
 
 import ctypes
 import dataclasses
-import functools
 import json
 import statistics
 import time
@@ -137,14 +136,14 @@ class PeakMemory:
             self.peak = _proc_status_kib("VmHWM") * 1024 - self.base
 
 
-@functools.cache
 def _release_freed_memory_to_os() -> None:
-    """Make glibc serve every allocation above 64 KiB with its own mmap, returned to the OS on free,
-    so that the resident set follows what torch holds (by default glibc keeps freed blocks of up to
-    32 MiB in its heap, which hides the temporaries of a repeated step)."""
+    """Make the resident set follow what torch holds: glibc serves every allocation above 64 KiB with
+    its own mmap (by default it keeps freed blocks of up to 32 MiB in its heap and reuses them, which
+    hides the temporaries of a repeated step), and what its heap still holds free is returned now."""
     libc = ctypes.CDLL("libc.so.6")
     m_mmap_threshold = -3
     libc.mallopt(m_mmap_threshold, 64 * 1024)
+    libc.malloc_trim(0)
 
 
 def _proc_status_kib(key: str) -> int:
