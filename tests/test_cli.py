@@ -1,0 +1,31 @@
+"""The command line: `klops info` and `klops bench` (on tiny cases)."""
+
+import json
+
+import torch
+
+from klops import bench, cli
+
+
+def test_info(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("klops ") and f"torch {torch.__version__}" in out
+    assert "backends on cpu: " in out and "klops._C: " in out
+
+
+def test_bench_checks_and_reports(tmp_path, monkeypatch, capsys):
+    tiny = [bench.Case("fused_kl", 4, 96, torch.float32, "jsd"), bench.Case("logprobs", 4, 96, torch.float32)]
+    monkeypatch.setattr(bench, "cases", lambda device, quick: tiny)
+    out_json = tmp_path / "report.json"
+    assert cli.main(["bench", "--quick", "--device", "cpu", "--repeats", "1", "--json", str(out_json)]) == 0
+    table = capsys.readouterr().out
+    report = json.loads(out_json.read_text())
+    impls = {row["impl"] for row in report["results"]}
+    assert {"klops[torch]", "torch eager", "torch.compile"} <= impls
+    for row in report["results"]:
+        assert "error" not in row, row
+        assert row["ms"] > 0 and row["peak_mib"] >= 0
+        if row["impl"].startswith("klops"):
+            assert row["rel_err"] < 1e-5, row
+            assert row["impl"] in table
