@@ -261,3 +261,13 @@ def test_running_max_moves_across_blocks(kind, backend, gen):
     student = (ramp + randn(3, V, gen=gen)).float()
     teacher = (ramp.flip(0) * 0.5 + randn(3, V, gen=gen)).float()
     check(student, teacher, kind, backend, temperature=0.7, **COEF.get(kind, {}))
+
+
+@pytest.mark.parametrize("kind", ["forward", "jsd"])
+def test_vocab_256k(kind, backend, gen):
+    """V = 262144 (SPEC.md §7's largest vocabulary), bf16, with a padded tail."""
+    student = randn(2, 262144, gen=gen, dtype=torch.bfloat16, scale=3.0)
+    teacher = randn(2, 262144, gen=gen, dtype=torch.bfloat16, scale=3.0)
+    student[:, -100:] = -math.inf
+    teacher[:, -100:] = -math.inf
+    check(student, teacher, kind, backend, torch.bfloat16, **COEF.get(kind, {}))

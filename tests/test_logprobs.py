@@ -130,3 +130,9 @@ def test_torch_backend_chunks(gen, monkeypatch):
     """Chunks of 4 rows (ragged last chunk) give the reference values too."""
     monkeypatch.setattr(klops._chunked, "TORCH_CHUNK_ELEMENTS", 4 * 90)
     check(randn(2, 11, 90, gen=gen), labels_for((2, 11), 90, gen, ignore_every=4), "torch")
+
+
+def test_vocab_256k(backend, gen):
+    """V = 262144, bf16, labels near both ends of the vocabulary."""
+    labels = torch.tensor([0, 262143, 131071], device=DEVICE)
+    check(randn(3, 262144, gen=gen, dtype=torch.bfloat16, scale=3.0), labels, backend, torch.bfloat16)
