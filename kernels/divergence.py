@@ -24,13 +24,11 @@ dz = grad_row * (a - q gbar) / T. Recomputation moves fewer bytes than writing t
 forward and rescaling it in the backward (see klops/divergence.py).
 """
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from .launch import DIVERGENCE_KINDS, TARGET_KINDS, launch_over_rows
+from .launch import DIVERGENCE_KINDS, TARGET_KINDS, launch_over_rows, mixture_logs
 
 FORWARD = tl.constexpr(0)
 REVERSE = tl.constexpr(1)
@@ -315,9 +313,7 @@ def divergence_backward_kernel(
 
 
 def _kind_args(kind: str, target_is: str, temperature: float, coef: float) -> dict:
-    # log coef and log(1 - coef) are the mixture weights of jsd / skew_*, where 0 <= coef <= 1.
-    log_coef = math.log(coef) if coef > 0.0 else float("-inf")
-    log_1m_coef = math.log1p(-coef) if coef < 1.0 else float("-inf")
+    log_coef, log_1m_coef = mixture_logs(coef)
     return dict(
         inv_temperature=1.0 / temperature,
         coef=coef,

@@ -1,10 +1,20 @@
-"""Constants shared by every backend, and the one place where the row kernels' block sizes and warp
-counts are chosen. Imports nothing heavy, so that ``klops`` can read the constants without triton."""
+"""Constants and host helpers shared by every backend, and the one place where the row kernels' block
+sizes and warp counts are chosen. Imports nothing heavy, so that ``klops`` can read them without triton."""
+
+import math
 
 # Divergence kinds and teacher encodings, in the order of their integer ids (Triton constexprs, the
 # ``kind`` / ``target`` ints of the CUDA ops).
 DIVERGENCE_KINDS = ("forward", "reverse", "jsd", "skew_forward", "skew_reverse", "tv", "alpha")
 TARGET_KINDS = ("logits", "logprobs", "probs")
+
+
+def mixture_logs(coef: float) -> tuple[float, float]:
+    """(log coef, log(1 - coef)): the mixture weights of jsd / skew_*, -inf at the ends of [0, 1];
+    (0, 0) outside [0, 1] (Amari alpha, which mixes nothing)."""
+    if not 0.0 <= coef <= 1.0:
+        return 0.0, 0.0
+    return (math.log(coef) if coef > 0 else -math.inf), (math.log1p(-coef) if coef < 1 else -math.inf)
 
 
 def row_config(vocab_size: int) -> tuple[int, int]:

@@ -19,7 +19,7 @@ import torch
 from . import _inputs
 from ._chunked import row_chunks, row_stats, scaled
 from .backend import resolve_backend
-from .kernels.launch import DIVERGENCE_KINDS, TARGET_KINDS
+from .kernels.launch import DIVERGENCE_KINDS, TARGET_KINDS, mixture_logs
 
 __all__ = ["fused_kl", "DIVERGENCE_KINDS"]
 
@@ -29,18 +29,11 @@ __all__ = ["fused_kl", "DIVERGENCE_KINDS"]
 # is O(chunk * V).
 
 
-def _mixture_logs(coef: float) -> tuple[float, float]:
-    """(log coef, log(1 - coef)): the mixture weights of jsd / skew_*, -inf at the ends."""
-    if not 0.0 <= coef <= 1.0:  # Amari alpha outside [0, 1] uses no mixture
-        return 0.0, 0.0
-    return (math.log(coef) if coef > 0 else -math.inf), (math.log1p(-coef) if coef < 1 else -math.inf)
-
-
 def _divergence_terms(lq: torch.Tensor, lp: torch.Tensor, kind: str, coef: float):
     """Per-entry (loss_v, a_v) with D = sum loss_v and dD/dz = (a - q sum a) / T; mirrors the kernel."""
     q, p = lq.exp(), lp.exp()
     q_pos, p_pos = lq != -math.inf, lp != -math.inf
-    log_coef, log_1m_coef = _mixture_logs(coef)
+    log_coef, log_1m_coef = mixture_logs(coef)
     zero = lq.new_zeros(())
     if kind == "forward":
         loss, a = torch.where(p_pos, p * (lp - lq), zero), -p
