@@ -16,8 +16,31 @@ import torch
 import triton
 import triton.language as tl
 
-from .divergence import NEG_INF
+from .divergence import NEG_INF, lse_finalize, online_lse_update
 from .launch import launch_over_rows
+
+
+@triton.jit
+def online_entropy_update(m, s, w, x, inv_temperature):
+    """online_lse_update that also keeps w = sum exp(d) d, d = (x - m) / T, relative to the lane's
+    running max m: on a new max m', w' = r (w + shift s) + e d with shift = (m - m') / T, r = exp(shift)."""
+    m_new = tl.maximum(m, x)
+    m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
+    rescale = tl.exp((m - m_safe) * inv_temperature)
+    shift = tl.where(m == NEG_INF, 0.0, (m - m_safe) * inv_temperature)
+    d = (x - m_safe) * inv_temperature
+    e = tl.exp(d)
+    w = rescale * (w + shift * s) + tl.where(x == NEG_INF, 0.0, e * d)
+    return m_new, s * rescale + e, w
+
+
+@triton.jit
+def entropy_finalize(m, s, w, max_x, logsum, inv_temperature):
+    """-sum q log q = logsum - W / S from the per-lane (m, s, w), once moved to the row max."""
+    shift = tl.where(m == NEG_INF, 0.0, (m - max_x) * inv_temperature)
+    rescale = tl.exp((m - max_x) * inv_temperature)
+    w_row = tl.sum(rescale * (w + shift * s), 0)
+    return logsum - w_row / tl.sum(s * rescale, 0)
 
 
 @triton.jit
@@ -57,29 +80,17 @@ def logprobs_forward_kernel(
     w = tl.zeros([BLOCK_V], tl.float32)
     for start in range(0, V, BLOCK_V):
         z = tl.load(z_row + start + cols, mask=start + cols < V, other=NEG_INF).to(tl.float32)
-        m_new = tl.maximum(m, z)
-        m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
-        rescale = tl.exp((m - m_safe) * inv_temperature)
-        d = (z - m_safe) * inv_temperature
-        e = tl.exp(d)
-        if WITH_ENTROPY:  # w relative to the new max: r (w + (m - m')/T s) + e d
-            shift = tl.where(m == NEG_INF, 0.0, (m - m_safe) * inv_temperature)
-            w = rescale * (w + shift * s) + tl.where(z == NEG_INF, 0.0, e * d)
-        s = s * rescale + e
-        m = m_new
-    m_row = tl.max(m, 0)
-    m_row_safe = tl.where(m_row == NEG_INF, 0.0, m_row)
-    rescale = tl.exp((m - m_row_safe) * inv_temperature)
-    s_row = tl.sum(s * rescale, 0)
-    logsum = tl.log(s_row)
+        if WITH_ENTROPY:
+            m, s, w = online_entropy_update(m, s, w, z, inv_temperature)
+        else:
+            m, s = online_lse_update(m, s, z, inv_temperature)
+    max_z, logsum = lse_finalize(m, s, inv_temperature)
     z_label = tl.load(z_row + label).to(tl.float32)
-    tl.store(logp_ptr + row, (z_label - m_row_safe) * inv_temperature - logsum)
-    tl.store(max_ptr + row, m_row_safe)
+    tl.store(logp_ptr + row, (z_label - max_z) * inv_temperature - logsum)
+    tl.store(max_ptr + row, max_z)
     tl.store(logsum_ptr + row, logsum)
     if WITH_ENTROPY:
-        shift = tl.where(m == NEG_INF, 0.0, (m - m_row_safe) * inv_temperature)
-        w_row = tl.sum(rescale * (w + shift * s), 0)
-        tl.store(entropy_ptr + row, logsum - w_row / s_row)
+        tl.store(entropy_ptr + row, entropy_finalize(m, s, w, max_z, logsum, inv_temperature))
 
 
 @triton.jit
