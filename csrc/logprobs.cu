@@ -55,10 +55,15 @@ __global__ void __launch_bounds__(kMaxThreads) logprobs_forward_kernel(
     }
     return;
   }
-  CUDA_KERNEL_ASSERT(0 <= label && label < V);
+  // Python checks the labels first (on the device, without a sync); a label outside [0, V) is never
+  // read even where device asserts are compiled out (TORCH_DISABLE_GPU_ASSERTS): its log-prob is NaN.
+  const bool label_in_range = 0 <= label && label < V;
+  CUDA_KERNEL_ASSERT(label_in_range);
   const auto* z_row = z + (row / L) * stride_zb + (row % L) * stride_zl;
   // Thread 0 fetches the label's logit up front: the sweep hides the latency.
-  const float z_label = threadIdx.x == 0 ? Format::to_float(z_row[label]) : 0.0f;
+  const float z_label = threadIdx.x != 0     ? 0.0f
+                        : label_in_range     ? Format::to_float(z_row[label])
+                                             : std::numeric_limits<float>::quiet_NaN();
   constexpr int VEC = kLogprobsVec<Format>;
   const int64_t head = vec_head<VEC>(z_row, V);
 

@@ -85,7 +85,9 @@ def logprobs_forward_kernel(
         else:
             m, s = online_lse_update(m, s, z, inv_temperature)
     max_z, logsum = lse_finalize(m, s, inv_temperature)
-    z_label = tl.load(z_row + label).to(tl.float32)
+    # A label outside [0, V) (possible only if the caller's device-side check was skipped) is never
+    # read: its log-prob is NaN.
+    z_label = tl.load(z_row + label, mask=(label >= 0) & (label < V), other=float("nan")).to(tl.float32)
     tl.store(logp_ptr + row, (z_label - max_z) * inv_temperature - logsum)
     tl.store(max_ptr + row, max_z)
     tl.store(logsum_ptr + row, logsum)

@@ -6,11 +6,33 @@ broadcast: per-row tensors (labels, mask, weights) must have exactly the rows' s
 
 import math
 import numbers
+import os
 
 import torch
 
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
+# Labels of these dtypes are read as they are by every backend; other integer dtypes are widened to int64.
+LABEL_DTYPES = (torch.int32, torch.int64)
+
+# Whether data-dependent checks (labels in range) of GPU tensors run on the host: see set_host_checks.
+_host_checks = os.environ.get("KLOPS_HOST_CHECKS", "0") == "1"
+
+
+def set_host_checks(enabled: bool) -> None:
+    """Check labels of GPU tensors on the host: a clear ``ValueError`` naming the bad label, at the cost
+    of one host sync per call (the CPU waits for the model's forward). Off by default, or on with the
+    environment variable ``KLOPS_HOST_CHECKS=1``.
+
+    Off, the check of GPU tensors is a device-side assertion (``torch._assert_async``): no sync, and a
+    bad label fails the way PyTorch's own ``cross_entropy`` does (a device-side assert that ends the CUDA
+    context). CPU tensors are always checked on the host, where it costs nothing; under
+    ``torch.compile`` every check is the device-side assertion.
+    """
+    global _host_checks
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    _host_checks = enabled
 
 
 def check_logits(name: str, x) -> None:
@@ -41,15 +63,26 @@ def check_same_rows(name: str, x, ref_name: str, ref: torch.Tensor, *, integer: 
         raise TypeError(f"{name} must be an integer tensor, got {x.dtype}")
 
 
+def as_labels(name: str, labels, ref_name: str, ref: torch.Tensor) -> torch.Tensor:
+    """Per-row integer labels of ref's rows, as int32 or int64 (what every backend reads): int8, int16,
+    uint8 and the other integer dtypes are widened to int64, a copy of one entry per row."""
+    check_same_rows(name, labels, ref_name, ref, integer=True)
+    return labels if labels.dtype in LABEL_DTYPES else labels.to(torch.int64)
+
+
 def check_labels_in_range(name: str, labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
-    """Labels lie in [0, V) or equal ignore_index. Reads the labels (one host sync), so it runs only
-    in eager mode; under torch.compile the kernels treat every label as trusted."""
-    if torch.compiler.is_compiling() or labels.numel() == 0:
+    """Labels lie in [0, V) or equal ignore_index; never a host sync on a GPU tensor (set_host_checks).
+
+    On the host (CPU tensors, or set_host_checks(True)) a bad label raises ValueError; otherwise the
+    check is torch._assert_async, a device-side assertion queued on the current stream."""
+    if labels.numel() == 0:
         return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
-    if bool(bad.any()):
-        value = labels[bad][0].item()
-        raise ValueError(f"{name} must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}, got {value}")
+    expected = f"{name} must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}"
+    if torch.compiler.is_compiling() or not (labels.device.type == "cpu" or _host_checks):
+        torch._assert_async(~bad.any(), expected)
+    elif bool(bad.any()):
+        raise ValueError(f"{expected}, got {labels[bad][0].item()}")
 
 
 def check_choice(name: str, value, choices) -> None:
@@ -106,6 +139,8 @@ def as_rows(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     shape = tensors[0].shape
     V = shape[-1]
     N = math.prod(shape[:-1])
+    if N == 0:  # e.g. logits[:, :-1] of length-1 sequences: nothing is read, any (B, L) will do
+        return tuple(t.reshape(1, 0, V) for t in tensors)
     if all(_collapsible(t.shape[:-1], t.stride()[:-1]) for t in tensors):
         return tuple(t.view(1, N, V) for t in tensors)
     L = shape[-2]

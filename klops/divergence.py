@@ -210,23 +210,37 @@ torch.library.register_autograd("klops::divergence", _backward, setup_context=_s
 # public function
 
 
+# The coefficient each kind takes; kinds not listed take none.
+COEFFICIENT_OF = {"jsd": "beta", "skew_forward": "alpha", "skew_reverse": "alpha", "alpha": "alpha"}
+DEFAULT_COEFFICIENT = 0.5
+
+
 def _check_coefficient(kind: str, beta, alpha) -> tuple[str, float]:
-    """The kernel's (kind, coef); jsd with beta 0 / 1 is exactly forward / reverse KL (SPEC.md §1)."""
+    """The kernel's (kind, coef) from the coefficient the kind takes (DEFAULT_COEFFICIENT when None); a
+    coefficient given to a kind that does not take it is an error, never silently ignored. jsd with
+    beta 0 / 1 is exactly forward / reverse KL (SPEC.md §1)."""
+    takes = COEFFICIENT_OF.get(kind)
+    for name, value in (("beta", beta), ("alpha", alpha)):
+        if value is not None and name != takes:
+            uses = f"takes {takes}, not {name}" if takes else f"takes no coefficient (beta or alpha), got {name}"
+            raise ValueError(f"kind={kind!r} {uses}={value!r}")
+    if takes is None:
+        return kind, 0.0
+    value = beta if takes == "beta" else alpha
+    value = DEFAULT_COEFFICIENT if value is None else value
     if kind == "jsd":
-        beta = _inputs.check_real("beta", beta, low=0.0, high=1.0)
+        beta = _inputs.check_real("beta", value, low=0.0, high=1.0)
         if beta == 0.0:
             return "forward", 0.0
         if beta == 1.0:
             return "reverse", 0.0
         return kind, beta
     if kind in ("skew_forward", "skew_reverse"):
-        return kind, _inputs.check_real("alpha", alpha, low=0.0, high=1.0)
-    if kind == "alpha":
-        alpha = _inputs.check_real("alpha", alpha, low=-math.inf, high=math.inf, open_low=True)
-        if alpha in (0.0, 1.0):
-            raise ValueError("alpha must not be 0 or 1 for kind='alpha' (use kind='reverse' / 'forward')")
-        return kind, alpha
-    return kind, 0.0
+        return kind, _inputs.check_real("alpha", value, low=0.0, high=1.0)
+    alpha = _inputs.check_real("alpha", value, low=-math.inf, high=math.inf, open_low=True)
+    if alpha in (0.0, 1.0):
+        raise ValueError("alpha must not be 0 or 1 for kind='alpha' (use kind='reverse' / 'forward')")
+    return kind, alpha
 
 
 def reduce_rows(rows: torch.Tensor, valid: torch.Tensor, reduction: str, num_items) -> torch.Tensor:
@@ -246,8 +260,8 @@ def fused_kl(
     teacher_logits: torch.Tensor,
     kind: str = "forward",
     *,
-    beta: float = 0.5,
-    alpha: float = 0.5,
+    beta: float | None = None,
+    alpha: float | None = None,
     temperature: float = 1.0,
     labels: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
@@ -282,12 +296,15 @@ def fused_kl(
         student_logits: [..., V] fp32/bf16/fp16, stride 1 along V; receives the gradient
             ``dD/dz = q (g - sum q g) / T`` (SPEC.md §1) in its own dtype.
         teacher_logits: [..., V], any of those dtypes; gets no gradient (it is treated as a constant).
+        beta: jsd's mixture weight (default 0.5); alpha: skew_forward / skew_reverse's mixture weight or
+            Amari's alpha (default 0.5). A coefficient the kind does not take raises ValueError.
         labels, mask: [...] optional; rows whose label is ``ignore_index`` or whose mask is 0 give 0 and
-            a zero gradient.
+            a zero gradient. Labels of any integer dtype; on GPU tensors their range is checked by a
+            device-side assertion, without a host sync (``klops.set_host_checks``).
         weights: [...] or [N] optional per-row weights multiplying D (for AKL / BD-KD mixtures); they get the
             gradient D.
         reduction: "none" ([...] fp32), "sum", "mean" / "batchmean" (over valid rows, unweighted count);
-            ``num_items`` (int or 0-d tensor) replaces the denominator.
+            ``num_items`` (int or 0-d tensor) replaces the denominator (not with "none").
         backend: "auto" | "cuda" | "triton" | "torch" (see ``klops.backend``).
 
     Returns the fp32 loss.
@@ -314,10 +331,12 @@ def fused_kl(
     kernel_kind, coef = _check_coefficient(kind, beta, alpha)
     temperature = _inputs.check_temperature(temperature)
     _inputs.check_num_items(num_items)
+    if num_items is not None and reduction == "none":
+        raise ValueError('num_items divides a reduced loss; it cannot be given with reduction="none"')
     rows_shape = student_logits.shape[:-1]
     valid = torch.ones(rows_shape, dtype=torch.bool, device=student_logits.device)
     if labels is not None:
-        _inputs.check_same_rows("labels", labels, "student_logits", student_logits, integer=True)
+        labels = _inputs.as_labels("labels", labels, "student_logits", student_logits)
         _inputs.check_labels_in_range("labels", labels, student_logits.shape[-1], ignore_index)
         valid = valid & (labels != ignore_index)
     if mask is not None:

@@ -153,7 +153,9 @@ def logprobs(
 
     Args:
         logits: [..., V] fp32/bf16/fp16, stride 1 along V.
-        labels: [...] integer, in [0, V) or ``ignore_index`` (those rows give 0 and a zero gradient).
+        labels: [...] any integer dtype, in [0, V) or ``ignore_index`` (those rows give 0 and a zero
+            gradient). On GPU tensors the range is checked by a device-side assertion, without a host
+            sync; ``klops.set_host_checks(True)`` makes it a ValueError at the cost of one sync.
         temperature: the sampling temperature T > 0 the logits are divided by.
         return_entropy: also return the per-token entropy.
         backend: "auto" | "cuda" | "triton" | "torch".
@@ -161,7 +163,7 @@ def logprobs(
     Returns ``logprob`` of shape ``labels.shape`` (fp32), or ``(logprob, entropy)``.
     """
     _inputs.check_logits("logits", logits)
-    _inputs.check_same_rows("labels", labels, "logits", logits, integer=True)
+    labels = _inputs.as_labels("labels", labels, "logits", logits)
     _inputs.check_labels_in_range("labels", labels, logits.shape[-1], ignore_index)
     temperature = _inputs.check_temperature(temperature)
     if not isinstance(return_entropy, bool):

@@ -125,6 +125,7 @@ def logprobs_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-prob of the label, entropy) per row in float64 (SPEC.md §2); ignored rows give 0, 0."""
     log_q = torch.log_softmax(logits.double() / temperature, dim=-1)
+    labels = labels.long()
     valid = labels != ignore_index
     picked = log_q.gather(-1, torch.where(valid, labels, 0).unsqueeze(-1)).squeeze(-1)
     q = log_q.exp()

@@ -60,3 +60,18 @@ def assert_close(actual, expected, tol, what="", floor=1e-12):
             f"{what}: {(~ok).sum().item()} of {ok.numel()} mismatched (rtol={rtol}, atol={atol:.3g})\n"
             + "\n".join(rows)
         )
+
+
+# Integer label dtypes a trainer may hold; every backend must accept each of them.
+LABEL_DTYPES = [torch.int8, torch.int16, torch.uint8, torch.int32, torch.int64]
+
+
+def empty_rows(V: int, gen) -> dict:
+    """Inputs with no rows in the leading layouts a trainer produces, by name: [0, V], [B, 0, V] sliced
+    from length-1 sequences (``logits[:, :-1]``), [0, L, V], and a 4-D [B, 0, H, V]."""
+    return {
+        "[0, V]": randn(0, V, gen=gen),
+        "[B, 1, V][:, :-1]": randn(2, 1, V, gen=gen)[:, :-1],
+        "[0, L, V]": randn(0, 3, V, gen=gen),
+        "[B, 0, H, V]": randn(2, 0, 3, V, gen=gen),
+    }

@@ -8,7 +8,7 @@ import torch
 import klops
 from klops.reference import divergence_reference, fused_kl_reference
 
-from .conftest import DEVICE, GRAD_TOL, LOSS_TOL, assert_close, randn
+from .conftest import DEVICE, GRAD_TOL, LABEL_DTYPES, LOSS_TOL, assert_close, empty_rows, randn
 
 KINDS = klops.divergence.DIVERGENCE_KINDS
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -128,6 +128,35 @@ def test_empty_batch(reduction, backend):
     loss.sum().backward()
     assert loss.shape == ((0,) if reduction == "none" else ())
     assert loss.sum().item() == 0.0 and z.grad.shape == (0, 33)
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean", "batchmean"])
+def test_empty_rows_in_every_layout(reduction, backend, gen):
+    """N = 0 in each leading layout (labels[:, 1:] of length-1 sequences among them), with labels, mask,
+    weights and num_items: 0 or an empty loss and an empty gradient of the input's shape."""
+    for layout, student in empty_rows(45, gen).items():
+        rows = student.shape[:-1]
+        z = student.detach().clone().requires_grad_()
+        kw = dict(labels=torch.zeros(rows, dtype=torch.long, device=DEVICE), mask=torch.ones(rows, device=DEVICE),
+                  weights=torch.ones(rows, device=DEVICE), reduction=reduction)  # fmt: skip
+        if reduction != "none":
+            kw["num_items"] = 4
+        loss = klops.fused_kl(z, torch.zeros_like(student), "jsd", backend=backend, **kw)
+        loss.sum().backward()
+        assert loss.shape == (rows if reduction == "none" else ()), layout
+        assert loss.sum().item() == 0.0 and z.grad.shape == student.shape, layout
+
+
+@pytest.mark.parametrize("dtype", LABEL_DTYPES)
+def test_label_dtypes(dtype, backend, gen):
+    """Labels of every integer dtype mask the same rows on every backend."""
+    student, teacher = randn(2, 6, 40, gen=gen), randn(2, 6, 40, gen=gen)
+    labels = torch.randint(0, 40, (2, 6), generator=gen).to(DEVICE)
+    ignore_index = 255 if dtype == torch.uint8 else -100
+    labels[0, :3] = ignore_index
+    loss, grad = check(student, teacher, "forward", backend, labels=labels, ignore_index=ignore_index)
+    loss_cast = klops.fused_kl(student, teacher, labels=labels.to(dtype), ignore_index=ignore_index, backend=backend)
+    assert_close(loss_cast, loss, (0, 0), f"{dtype} labels")
 
 
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean", "batchmean"])
@@ -254,7 +283,7 @@ def test_torch_backend_chunks(kind, gen, monkeypatch):
 
 @pytest.mark.parametrize("kind", ["forward", "reverse", "jsd"])
 def test_running_max_moves_across_blocks(kind, backend, gen):
-    """Logits that rise (student) and fall (teacher) along V, so every 4096-wide block moves the
+    """Logits that rise (student) and fall (teacher) along V, so every block of the sweep moves the
     running maxima the online sweeps keep: the one-sweep KL must re-base its accumulator each time."""
     V = 2 * 4096 + 77
     ramp = torch.linspace(0.0, 12.0, V, dtype=torch.float64).to(DEVICE)

@@ -21,6 +21,11 @@ FUSED_KL_CASES = [
     (dict(kind="jsd", beta=1.5), ValueError, r"beta must lie in \[0.0, 1.0\]"),
     (dict(kind="jsd", beta="0.5"), TypeError, "beta must be a Python float"),
     (dict(kind="skew_forward", alpha=-0.1), ValueError, "alpha must lie in"),
+    (dict(kind="skew_forward", beta=0.1), ValueError, "kind='skew_forward' takes alpha, not beta=0.1"),
+    (dict(kind="jsd", alpha=0.1), ValueError, "kind='jsd' takes beta, not alpha=0.1"),
+    (dict(kind="forward", beta=0.5), ValueError, "kind='forward' takes no coefficient.*got beta=0.5"),
+    (dict(kind="tv", alpha=0.5), ValueError, "kind='tv' takes no coefficient.*got alpha=0.5"),
+    (dict(reduction="none", num_items=8), ValueError, 'num_items.*reduction="none"'),
     (dict(kind="alpha", alpha=1.0), ValueError, "alpha must not be 0 or 1"),
     (dict(kind="alpha", alpha=float("nan")), ValueError, "alpha must lie in"),
     (dict(temperature=0.0), ValueError, "temperature must lie in"),
@@ -29,6 +34,7 @@ FUSED_KL_CASES = [
     (dict(target_is="probabilities"), ValueError, "target_is must be one of"),
     (dict(labels=torch.randint(0, 10, (4, 1))), ValueError, r"labels must have shape \(4,\)"),
     (dict(labels=torch.randn(4)), TypeError, "labels must be an integer tensor"),
+    (dict(labels=torch.ones(4, dtype=torch.bool)), TypeError, "labels must be an integer tensor"),
     (dict(labels=torch.tensor([0, 1, 10, 2])), ValueError, r"labels must lie in \[0, 10\).*got 10"),
     (dict(labels=torch.tensor([0, -1, 3, 2])), ValueError, "labels must lie in.*got -1"),
     (dict(mask=torch.ones(2, 2)), ValueError, r"mask must have shape \(4,\)"),
@@ -74,3 +80,35 @@ def test_custom_ignore_index_is_allowed():
     labels = torch.tensor([0, 7, -1, 3])
     loss = klops.fused_kl(Z, Y, labels=labels, ignore_index=-1, reduction="none")
     assert loss[2].item() == 0.0 and loss[0].item() > 0.0
+
+
+def test_label_check_of_gpu_tensors_never_syncs():
+    """Off the CPU the range check is a device-side assertion: on meta tensors, whose values cannot be
+    read, it runs without reading them; set_host_checks(True) reads them (and fails here, on meta)."""
+    labels = torch.tensor([1, 50, -100], device="meta")
+    klops._inputs.check_labels_in_range("labels", labels, 10, -100)
+    klops.set_host_checks(True)
+    try:
+        with pytest.raises(RuntimeError, match="meta"):
+            klops._inputs.check_labels_in_range("labels", labels, 10, -100)
+    finally:
+        klops.set_host_checks(False)
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        klops.set_host_checks(1)
+
+
+@pytest.mark.parametrize("op", ["logprobs", "fused_kl"])
+def test_compiled_label_check(op):
+    """Under torch.compile the label check is not skipped: a device-side assertion (RuntimeError on CPU)."""
+    torch._dynamo.reset()
+    bad = torch.tensor([0, 1, 10, 2])
+
+    def loss(z, labels):
+        if op == "logprobs":
+            return klops.logprobs(z, labels, backend="torch").sum()
+        return klops.fused_kl(z, Y, labels=labels, backend="torch")
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    assert torch.isfinite(compiled(Z, LABELS))
+    with pytest.raises(RuntimeError, match=r"labels must lie in \[0, 10\)"):
+        compiled(Z, bad)

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import klops
+from klops.logprobs import logprobs_op
 from klops.reference import logprobs_reference
 
-from .conftest import DEVICE, GRAD_TOL, LOSS_TOL, assert_close, randn
+from .conftest import DEVICE, GRAD_TOL, LABEL_DTYPES, LOSS_TOL, assert_close, empty_rows, randn
 
 
 def labels_for(shape, V, gen, ignore_every=0):
@@ -101,8 +102,37 @@ def test_non_contiguous(backend, gen):
     check(logits[:, :-1], labels[:, 1:], backend)
 
 
-def test_int32_labels(backend, gen):
-    check(randn(7, 50, gen=gen), labels_for((7,), 50, gen).int(), backend)
+@pytest.mark.parametrize("dtype", LABEL_DTYPES)
+def test_label_dtypes(dtype, backend, gen):
+    """Labels of every integer dtype, on every backend (uint8 with ignore_index 255)."""
+    labels = labels_for((7,), 50, gen)
+    ignore_index = 255 if dtype == torch.uint8 else -100
+    labels[2] = ignore_index
+    check(randn(7, 50, gen=gen), labels.to(dtype), backend, ignore_index=ignore_index)
+
+
+def test_empty_rows_in_every_layout(backend, gen):
+    """N = 0 in each leading layout (logits[:, :-1] of length-1 sequences among them)."""
+    for layout, logits in empty_rows(45, gen).items():
+        z = logits.detach().clone().requires_grad_()
+        labels = torch.zeros(logits.shape[:-1], dtype=torch.long, device=DEVICE)
+        logp, entropy = klops.logprobs(z, labels, return_entropy=True, backend=backend)
+        (logp.sum() + entropy.sum()).backward()
+        assert logp.shape == labels.shape and entropy.shape == labels.shape, layout
+        assert z.grad.shape == logits.shape, layout
+
+
+def test_out_of_range_label_is_never_read(backend, gen):
+    """Past the checks (the op called directly), a label outside [0, V) gives a NaN log-prob (Triton,
+    CUDA) or an error (torch's gather), never a read outside the row."""
+    logits = randn(1, 3, 64, gen=gen)
+    labels = torch.tensor([[5, 64, 1 << 40]], device=DEVICE)
+    try:
+        logp, *_ = logprobs_op(logits, labels, 1.0, False, -100, backend)
+    except (RuntimeError, IndexError):
+        assert backend == "torch"
+        return
+    assert torch.isfinite(logp[0, 0]) and torch.isnan(logp[0, 1:]).all()
 
 
 def test_module_wrapper(backend, gen):
