@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import DIVERGENCE_KINDS, TARGET_KINDS, launch_over_rows, mixture_logs
+from .launch import BACKWARD_SWEEP, DIVERGENCE_KINDS, FORWARD_SWEEP, TARGET_KINDS, launch_over_rows, mixture_logs
 
 FORWARD = tl.constexpr(0)
 REVERSE = tl.constexpr(1)
@@ -46,19 +46,28 @@ NEG_INF = tl.constexpr(float("-inf"))
 
 
 @triton.jit
+def finite_or_zero(m):
+    """m, or 0 where m = -inf (the max of an empty or all -inf lane)."""
+    return tl.where(m == NEG_INF, 0.0, m)
+
+
+@triton.jit
 def online_lse_update(m, s, x, inv_temperature):
-    """Per-lane online log-sum-exp in raw units: m = running max of x, s = sum exp((x - m) / T)."""
-    m_new = tl.maximum(m, x)
-    m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
-    s = s * tl.exp((m - m_safe) * inv_temperature) + tl.exp((x - m_safe) * inv_temperature)
-    return m_new, s
+    """Per-lane online log-sum-exp in raw units: m = running max of x, s = sum exp((x - m) / T).
+
+    One exp per entry: on a new max x it rescales s (s' = s exp((m - x) / T) + 1), otherwise it is the
+    entry's own term exp((x - m) / T). A NaN x is never a new max, so it makes s NaN; -inf adds nothing.
+    """
+    up = x > m
+    m_new = tl.where(up, x, m)
+    e = tl.exp((tl.where(up, m, x) - finite_or_zero(m_new)) * inv_temperature)
+    return m_new, tl.where(up, s * e + 1.0, s + e)
 
 
 @triton.jit
 def lse_finalize(m, s, inv_temperature):
     """(row max, log sum exp((x - max) / T)) from the per-lane (m, s); the max of an all -inf row is 0."""
-    m_row = tl.max(m, 0)
-    m_safe = tl.where(m_row == NEG_INF, 0.0, m_row)
+    m_safe = finite_or_zero(tl.max(m, 0))
     return m_safe, tl.log(tl.sum(s * tl.exp((m - m_safe) * inv_temperature), 0))
 
 
@@ -70,20 +79,26 @@ def online_kl_update(m_a, s_a, m_b, s_b, acc, a, b, inv_temperature):
     acc = sum_v exp(d_a) (d_a - d_b) with d = (x - m) / T relative to the lane's current maxima, so that
     its terms keep the precision of log-probabilities. A new max moves the reference point of every
     earlier term: acc' = r_a (acc + (shift_a - shift_b) s_a), shift = (m - m') / T, r_a = exp(shift_a).
+
+    One exp per entry of each row, as in online_lse_update: x = shift on a new max (then d = 0 and the
+    entry's exp is 1), else x = d (then shift = 0, r = 1). shift = -inf only when the lane was empty
+    (m = -inf, s = acc = 0): taken as 0. b = -inf < a gives acc = inf (D infinite); NaN gives NaN.
     """
-    m_a_new = tl.maximum(m_a, a)
-    m_b_new = tl.maximum(m_b, b)
-    m_a_safe = tl.where(m_a_new == NEG_INF, 0.0, m_a_new)
-    m_b_safe = tl.where(m_b_new == NEG_INF, 0.0, m_b_new)
-    shift_a = tl.where(m_a == NEG_INF, 0.0, (m_a - m_a_safe) * inv_temperature)
-    shift_b = tl.where(m_b == NEG_INF, 0.0, (m_b - m_b_safe) * inv_temperature)
-    r_a = tl.where(m_a == NEG_INF, 0.0, tl.exp(shift_a))
-    r_b = tl.where(m_b == NEG_INF, 0.0, tl.exp(shift_b))
-    d_a = (a - m_a_safe) * inv_temperature
-    d_b = (b - m_b_safe) * inv_temperature
-    e_a = tl.exp(d_a)
-    acc = r_a * (acc + (shift_a - shift_b) * s_a) + tl.where(a == NEG_INF, 0.0, e_a * (d_a - d_b))
-    return m_a_new, s_a * r_a + e_a, m_b_new, s_b * r_b + tl.exp(d_b), acc
+    up_a = a > m_a
+    up_b = b > m_b
+    m_a_new = tl.where(up_a, a, m_a)
+    m_b_new = tl.where(up_b, b, m_b)
+    x_a = (tl.where(up_a, m_a, a) - finite_or_zero(m_a_new)) * inv_temperature
+    x_b = (tl.where(up_b, m_b, b) - finite_or_zero(m_b_new)) * inv_temperature
+    e_a = tl.exp(x_a)
+    e_b = tl.exp(x_b)
+    shift = tl.where(up_a, finite_or_zero(x_a), 0.0) - tl.where(up_b, finite_or_zero(x_b), 0.0)
+    d_diff = tl.where(up_a, 0.0, x_a) - tl.where(up_b, 0.0, x_b)
+    term = tl.where(a == NEG_INF, 0.0, tl.where(up_a, 1.0, e_a) * d_diff)
+    acc = tl.where(up_a, e_a, 1.0) * (acc + shift * s_a) + term
+    s_a = tl.where(up_a, s_a * e_a + 1.0, s_a + e_a)
+    s_b = tl.where(up_b, s_b * e_b + 1.0, s_b + e_b)
+    return m_a_new, s_a, m_b_new, s_b, acc
 
 
 @triton.jit
@@ -104,7 +119,7 @@ def kl_finalize(m_a, s_a, m_b, s_b, acc, inv_temperature):
 def logaddexp(a, b):
     mx = tl.maximum(a, b)
     mn = tl.minimum(a, b)
-    return mx + tl.log(1.0 + tl.exp(mn - tl.where(mx == NEG_INF, 0.0, mx)))
+    return mx + tl.log(1.0 + tl.exp(mn - finite_or_zero(mx)))
 
 
 @triton.jit
@@ -341,7 +356,7 @@ def divergence_forward(
         student, teacher, valid.contiguous(), *outputs,
         L, V,
         student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1),
-        **_kind_args(kind, target_is, temperature, coef),
+        **_kind_args(kind, target_is, temperature, coef), sweep=FORWARD_SWEEP,
     )  # fmt: skip
     return outputs
 
@@ -370,6 +385,6 @@ def divergence_backward(
         *(t.contiguous() for t in (max_q, logsum_q, max_t, logsum_t, gbar)), dz,
         L, V,
         student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1),
-        **_kind_args(kind, target_is, temperature, coef),
+        **_kind_args(kind, target_is, temperature, coef), sweep=BACKWARD_SWEEP,
     )  # fmt: skip
     return dz

@@ -16,22 +16,23 @@ import torch
 import triton
 import triton.language as tl
 
-from .divergence import NEG_INF, lse_finalize, online_lse_update
-from .launch import launch_over_rows
+from .divergence import NEG_INF, finite_or_zero, lse_finalize, online_lse_update
+from .launch import BACKWARD_SWEEP, FORWARD_SWEEP, launch_over_rows
 
 
 @triton.jit
 def online_entropy_update(m, s, w, x, inv_temperature):
     """online_lse_update that also keeps w = sum exp(d) d, d = (x - m) / T, relative to the lane's
-    running max m: on a new max m', w' = r (w + shift s) + e d with shift = (m - m') / T, r = exp(shift)."""
-    m_new = tl.maximum(m, x)
-    m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
-    rescale = tl.exp((m - m_safe) * inv_temperature)
-    shift = tl.where(m == NEG_INF, 0.0, (m - m_safe) * inv_temperature)
-    d = (x - m_safe) * inv_temperature
+    running max m, with the same one exp per entry: on a new max x, with d = (m - x) / T the shift of
+    the earlier terms, w' = exp(d) (w + d s) (d taken as 0 for an empty lane) and the entry adds
+    exp(0) 0; otherwise w' = w + exp(d) d with d = (x - m) / T (nothing for x = -inf)."""
+    up = x > m
+    m_new = tl.where(up, x, m)
+    d = (tl.where(up, m, x) - finite_or_zero(m_new)) * inv_temperature
     e = tl.exp(d)
-    w = rescale * (w + shift * s) + tl.where(x == NEG_INF, 0.0, e * d)
-    return m_new, s * rescale + e, w
+    d_safe = finite_or_zero(d)
+    w = tl.where(up, e * (w + d_safe * s), w + e * d_safe)
+    return m_new, tl.where(up, s * e + 1.0, s + e), w
 
 
 @triton.jit
@@ -162,7 +163,7 @@ def logprobs_forward(
         L, V,
         logits.stride(0), logits.stride(1),
         1.0 / temperature, ignore_index,
-        WITH_ENTROPY=with_entropy,
+        WITH_ENTROPY=with_entropy, sweep=FORWARD_SWEEP,
     )  # fmt: skip
     return logp, entropy, max_z, logsum
 
@@ -189,6 +190,6 @@ def logprobs_backward(
         L, V,
         logits.stride(0), logits.stride(1),
         1.0 / temperature, ignore_index,
-        WITH_ENTROPY=with_entropy,
+        WITH_ENTROPY=with_entropy, sweep=BACKWARD_SWEEP,
     )  # fmt: skip
     return dz

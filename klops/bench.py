@@ -211,7 +211,7 @@ def check_against_reference(case: Case, impl, z, y) -> float:
 
 def run(device: torch.device, quick: bool, repeats: int | None = None) -> dict:
     """Run every case; returns {"device": ..., "bandwidth": ..., "results": [row, ...]}."""
-    repeats = repeats or (5 if quick else 20)
+    repeats = (5 if quick else 20) if repeats is None else repeats
     bandwidth = copy_bandwidth(device)
     gen = torch.Generator().manual_seed(0)
     results = []

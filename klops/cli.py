@@ -35,6 +35,32 @@ def info() -> str:
     return "\n".join(lines)
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def bench_device(name: str | None) -> torch.device:
+    """The device ``klops bench --device name`` runs on (a GPU when there is one); ValueError when it
+    cannot run here."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is usable here (torch {torch.__version__}, CUDA "
+                         f"{torch.version.cuda or 'none'}); run with --device cpu")  # fmt: skip
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="klops", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -44,14 +70,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     bench_parser.add_argument("--quick", action="store_true", help="one small case per op")
     bench_parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    bench_parser.add_argument("--repeats", type=int, default=None, help="timed repetitions per case")
+    bench_parser.add_argument("--repeats", type=positive_int, default=None, help="timed repetitions per case")
     bench_parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
 
     if args.command == "info":
         print(info())
         return 0
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = bench_device(args.device)
+    except ValueError as error:
+        print(f"klops bench: error: {error}", file=sys.stderr)
+        return 2
     print(info(), end="\n\n", flush=True)
     report = bench.run(device, quick=args.quick, repeats=args.repeats)
     print(bench.format_table(report))

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from klops import bench, cli
@@ -29,3 +30,23 @@ def test_bench_checks_and_reports(tmp_path, monkeypatch, capsys):
         if row["impl"].startswith("klops"):
             assert row["rel_err"] < 1e-5, row
             assert row["impl"] in table
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
+def test_bench_without_gpu_is_one_line(capsys):
+    assert cli.main(["bench", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no CUDA GPU is usable here" in err and "--device cpu" in err
+
+
+@pytest.mark.parametrize("device", ["tpu", "gpu0"])
+def test_bench_rejects_unknown_device(device, capsys):
+    assert cli.main(["bench", "--device", device]) == 2
+    assert "--device must be cpu, cuda or cuda:N" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("repeats", ["0", "-3"])
+def test_bench_rejects_non_positive_repeats(repeats, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--repeats", repeats])
+    assert "must be a positive integer" in capsys.readouterr().err

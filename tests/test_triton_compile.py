@@ -2,7 +2,9 @@
 
 The interpreter that runs the numeric tests on the CPU accepts code the GPU compiler rejects (e.g. a
 non-constexpr global), so this ahead-of-time compile is the CPU-only check that the kernels build.
-It runs in a subprocess without TRITON_INTERPRET (see tests/triton_aot.py).
+It runs in a subprocess without TRITON_INTERPRET (see tests/triton_aot.py). The same compile checks
+what the interpreter cannot see: no kernel spills registers at its launch config, and the online
+sweeps cost one exponential per entry read.
 """
 
 import json
@@ -34,4 +36,25 @@ def compiled():
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_kernel_compiles(variant, compiled):
-    assert compiled[variant] == "ok", compiled[variant]
+    assert compiled[variant]["status"] == "ok", compiled[variant]["status"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_no_register_spills(variant, compiled):
+    for kernel in compiled[variant]["kernels"]:
+        if "local" not in kernel:
+            pytest.skip("cuobjdump is not in this triton wheel")
+        assert kernel["local"] == 0, kernel
+
+
+# The first loop of each forward kernel is its online sweep: one exp per entry of each logit row it
+# reads (student and teacher logits: 2; the student only: 1). The online updates once took two per entry.
+SWEEP_EXPS = {"divergence-forward-logits-bf16-bf16-fwd": 2, "divergence-reverse-logits-bf16-bf16-fwd": 2,
+              "divergence-jsd-logits-bf16-bf16-fwd": 2, "divergence-forward-logprobs-bf16-fp32-fwd": 1,
+              "logprobs-entropy1-sm90": 1, "logprobs-entropy0-sm90": 1}  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", sorted(SWEEP_EXPS))
+def test_online_sweep_one_exp_per_entry(variant, compiled):
+    forward = compiled[variant]["kernels"][0]
+    assert forward["loop_exps_per_entry"][0] == SWEEP_EXPS[variant], forward

@@ -2,13 +2,20 @@
 
 Run as ``python -m tests.triton_aot`` in a process without TRITON_INTERPRET (under the interpreter
 ``@triton.jit`` yields interpreted functions that cannot be compiled); prints one JSON object mapping
-each variant id to "ok" or the compiler's error. tests/test_triton_compile.py drives it.
+each variant id to its status ("ok" or the compiler's error) and, per compiled kernel, the launch
+config of kernels/launch.py, the registers and local (spill) bytes per thread from the cubin, and the
+exponentials per entry of each loop from the PTX. tests/test_triton_compile.py drives it;
+``python -m tests.triton_aot --table`` prints the same as a table.
 """
 
 import json
 import os
+import re
+import subprocess
+import sys
+import tempfile
 
-from klops.kernels.launch import DIVERGENCE_KINDS, TARGET_KINDS
+from klops.kernels.launch import BACKWARD_SWEEP, DIVERGENCE_KINDS, FORWARD_SWEEP, TARGET_KINDS
 
 FLOAT_ARGS = ("inv_temperature", "coef", "log_coef", "log_1m_coef")
 ROW_ARGS = {"L": "i32", "V": "i32"}
@@ -35,27 +42,65 @@ def divergence_signature(student, teacher, backward):
     return sig | {name: "fp32" for name in FLOAT_ARGS}
 
 
-def compile_all() -> dict[str, str]:
+def loop_exps(ptx: str) -> list[int]:
+    """ex2 instructions in the body of each loop of a PTX kernel (a label and a later branch back to it),
+    in program order."""
+    lines = ptx.splitlines()
+    labels, counts = {}, []
+    for i, line in enumerate(lines):
+        label = re.match(r"^\s*(\$L__BB\d+_\d+):", line)
+        if label:
+            labels[label.group(1)] = i
+        branch = re.search(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)
+        if branch and branch.group(1) in labels:
+            counts.append(sum("ex2.approx" in body for body in lines[labels[branch.group(1)] : i]))
+    return counts
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """Registers and local memory (spill) bytes per thread, read from the cubin by cuobjdump (shipped in
+    the triton wheel); {} when it is not there."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    return {"regs": int(re.search(r"REG:(\d+)", out).group(1)), "local": int(re.search(r"LOCAL:(\d+)", out).group(1))}
+
+
+def compile_all() -> dict[str, dict]:
     import triton
     from klops.kernels import divergence, logprobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    def compile_for(kernel, signature, constexprs, arch):
+    def compile_for(kernel, signature, constexprs, arch, sweep):
+        block_v, num_warps = sweep
+        constexprs = {**constexprs, "BLOCK_V": block_v}
         signature = {**signature, **{name: "constexpr" for name in constexprs}}
         src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 8})
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
         assert len(compiled.asm["cubin"]) > 0, "empty cubin"
+        entries_per_thread = block_v // (32 * num_warps)
+        return {
+            "kernel": kernel.__name__, "arch": arch, "block_v": block_v, "num_warps": num_warps,
+            **resource_usage(compiled.asm["cubin"]),
+            "loop_exps_per_entry": [n / entries_per_thread for n in loop_exps(compiled.asm["ptx"])],
+        }  # fmt: skip
 
-    jobs = {}  # variant id -> [(kernel, signature, constexprs, arch), ...]
+    jobs = {}  # variant id -> [(kernel, signature, constexprs, arch, sweep), ...]
     for kind, target, student, teacher in DIVERGENCE_VARIANTS:
-        constexprs = {"KIND": DIVERGENCE_KINDS.index(kind), "TARGET": TARGET_KINDS.index(target), "BLOCK_V": 4096}
-        for direction, kernel in (
-            ("fwd", divergence.divergence_forward_kernel),
-            ("bwd", divergence.divergence_backward_kernel),
+        constexprs = {"KIND": DIVERGENCE_KINDS.index(kind), "TARGET": TARGET_KINDS.index(target)}
+        for direction, kernel, sweep in (
+            ("fwd", divergence.divergence_forward_kernel, FORWARD_SWEEP),
+            ("bwd", divergence.divergence_backward_kernel, BACKWARD_SWEEP),
         ):
             sig = divergence_signature(student, teacher, direction == "bwd")
-            jobs[f"divergence-{kind}-{target}-{student}-{teacher}-{direction}"] = [(kernel, sig, constexprs, 90)]
+            jobs[f"divergence-{kind}-{target}-{student}-{teacher}-{direction}"] = [(kernel, sig, constexprs, 90, sweep)]
     common = ROW_ARGS | {"stride_zb": "i64", "stride_zl": "i64", "inv_temperature": "fp32", "ignore_index": "i64"}
     forward = {"z_ptr": "*bf16", "labels_ptr": "*i64", "logp_ptr": "*fp32", "entropy_ptr": "*fp32",
                "max_ptr": "*fp32", "logsum_ptr": "*fp32"}  # fmt: skip
@@ -63,22 +108,35 @@ def compile_all() -> dict[str, str]:
                 "max_ptr": "*fp32", "logsum_ptr": "*fp32", "entropy_ptr": "*fp32", "dz_ptr": "*bf16"}  # fmt: skip
     for with_entropy in (True, False):
         for arch in (80, 90):
-            constexprs = {"WITH_ENTROPY": with_entropy, "BLOCK_V": 4096}
+            constexprs = {"WITH_ENTROPY": with_entropy}
             jobs[f"logprobs-entropy{int(with_entropy)}-sm{arch}"] = [
-                (logprobs.logprobs_forward_kernel, forward | common, constexprs, arch),
-                (logprobs.logprobs_backward_kernel, backward | common, constexprs, arch),
+                (logprobs.logprobs_forward_kernel, forward | common, constexprs, arch, FORWARD_SWEEP),
+                (logprobs.logprobs_backward_kernel, backward | common, constexprs, arch, BACKWARD_SWEEP),
             ]
     results = {}
     for name, kernels in jobs.items():
         try:
-            for kernel, sig, constexprs, arch in kernels:
-                compile_for(kernel, sig, constexprs, arch)
-            results[name] = "ok"
+            results[name] = {"status": "ok", "kernels": [compile_for(*job) for job in kernels]}
         except Exception as error:  # reported per variant by the test
-            results[name] = f"{type(error).__name__}: {error}"
+            results[name] = {"status": f"{type(error).__name__}: {error}", "kernels": []}
     return results
+
+
+def format_table(results: dict[str, dict]) -> str:
+    lines = ["| variant | kernel | sm | BLOCK_V / warps | registers | local bytes | exp per entry, each loop |",
+             "|---|---|---:|---:|---:|---:|---|"]  # fmt: skip
+    for name, result in results.items():
+        for k in result["kernels"] or [{"kernel": result["status"]}]:
+            exps = ", ".join(f"{x:g}" for x in k.get("loop_exps_per_entry", []))
+            lines.append(
+                f"| {name} | {k['kernel']} | {k.get('arch', '')} | {k.get('block_v', '')} / {k.get('num_warps', '')} "
+                f"| {k.get('regs', '?')} | {k.get('local', '?')} | {exps} |"
+            )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET=1"
-    print(json.dumps(compile_all()))
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    results = compile_all()
+    print(format_table(results) if "--table" in sys.argv[1:] else json.dumps(results))
