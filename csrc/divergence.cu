@@ -230,17 +230,24 @@ struct Entries {
   AlignedVec<St, W> y;
 };
 
-// The load of sweep_row for one row of the student and the teacher.
-template <typename Ss, typename St>
+// The load of sweep_row for one row of the student and the teacher, each with its own alignment.
+template <int VEC, typename Ss, typename St>
 struct RowLoader {
-  const Ss* z_row;
-  const St* y_row;
+  RowReader<VEC, Ss> z;
+  RowReader<VEC, St> y;
 
   template <int W>
-  __device__ __forceinline__ Entries<Ss, St, W> operator()(int64_t j, Width<W>) const {
-    return {load_vec<W>(z_row + j), load_vec<W>(y_row + j)};
+  __device__ __forceinline__ Entries<Ss, St, W> operator()(int64_t j, Width<W> width) const {
+    return {z(j, width), y(j, width)};
   }
+  __device__ __forceinline__ bool any_shifted() const { return z.shifted || y.shifted; }
 };
+
+// The loader of the rows z_row, y_row for a sweep whose primary pointer's head is `head`.
+template <int VEC, typename Ss, typename St>
+__device__ __forceinline__ RowLoader<VEC, Ss, St> row_loader(const Ss* z_row, const St* y_row, int64_t head) {
+  return {row_reader<VEC>(z_row, head), row_reader<VEC>(y_row, head)};
+}
 
 // Forward and reverse KL between two logit rows: D in one sweep (KlOp).
 template <int KIND, int TARGET>
@@ -288,15 +295,17 @@ __global__ void __launch_bounds__(kMaxThreads) divergence_forward_kernel(
   const auto* z_row = z + (row / L) * stride_zb + (row % L) * stride_zl;
   const auto* y_row = y + (row / L) * stride_yb + (row % L) * stride_yl;
   constexpr int VEC = kDivergenceVec<Fs, Ft>;
-  const int64_t head = vec_head<VEC>(z_row, V);
-  const bool vectorized = is_vec_aligned<VEC>(z_row + head) && is_vec_aligned<VEC>(y_row + head);
-  const RowLoader<typename Fs::Storage, typename Ft::Storage> load{z_row, y_row};
+  const int64_t head = vec_head<VEC>(z_row, V);  // z sets the alignment; y may be shifted
+  const auto load = row_loader<VEC>(z_row, y_row, head);
+  const SweepPlan plan = plan_sweep<VEC>(V, head, load.any_shifted());
+  const SweepPlan plan_z = plan_sweep<VEC>(V, head, false);
+  const int tid = threadIdx.x, threads = blockDim.x;
   const float c = k.inv_temperature;
 
   if constexpr (kOneSweepKl<KIND, TARGET>) {
     const KlOp kl_op{c};
     Kl acc = kl_op.identity();
-    sweep_row<VEC>(V, head, vectorized, load, [&](int64_t, auto e) {
+    sweep_row<VEC>(V, plan, tid, threads, load, [&](int64_t, auto e) {
 #pragma unroll
       for (int i = 0; i < decltype(e)::kWidth; ++i) {
         const float zi = Fs::to_float(e.z.val[i]);
@@ -320,7 +329,7 @@ __global__ void __launch_bounds__(kMaxThreads) divergence_forward_kernel(
     float logsum_t = 0.0f;
     if constexpr (TARGET == LOGITS) {
       Lse acc_t = lse_op.identity();
-      sweep_row<VEC>(V, head, vectorized, load, [&](int64_t, auto e) {
+      sweep_row<VEC>(V, plan, tid, threads, load, [&](int64_t, auto e) {
 #pragma unroll
         for (int i = 0; i < decltype(e)::kWidth; ++i) {
           lse_op.push(acc_q, Fs::to_float(e.z.val[i]));
@@ -331,10 +340,7 @@ __global__ void __launch_bounds__(kMaxThreads) divergence_forward_kernel(
       max_t = acc_t.max();
       logsum_t = acc_t.logsum();
     } else {  // the teacher is taken as given: sweep 1 reads the student only
-      const auto load_z = [&](int64_t j, auto width) {
-        return load_vec<decltype(width)::value>(z_row + j);
-      };
-      sweep_row<VEC>(V, head, vectorized, load_z, [&](int64_t, auto zv) {
+      sweep_row<VEC>(V, plan_z, tid, threads, load.z, [&](int64_t, auto zv) {
 #pragma unroll
         for (int i = 0; i < decltype(zv)::kWidth; ++i) lse_op.push(acc_q, Fs::to_float(zv.val[i]));
       });
@@ -344,7 +350,7 @@ __global__ void __launch_bounds__(kMaxThreads) divergence_forward_kernel(
     const float logsum_q = acc_q.logsum();
 
     Sum2 acc{0.0f, 0.0f};
-    sweep_row<VEC>(V, head, vectorized, load, [&](int64_t, auto e) {
+    sweep_row<VEC>(V, plan, tid, threads, load, [&](int64_t, auto e) {
 #pragma unroll
       for (int i = 0; i < decltype(e)::kWidth; ++i) {
         const float lq = (Fs::to_float(e.z.val[i]) - max_q) * c - logsum_q;
@@ -385,9 +391,9 @@ __global__ void __launch_bounds__(kMaxThreads) divergence_backward_kernel(
   const auto* z_row = z + (row / L) * stride_zb + (row % L) * stride_zl;
   const auto* y_row = y + (row / L) * stride_yb + (row % L) * stride_yl;
   constexpr int VEC = kDivergenceVec<Fs, Ft>;
-  const int64_t head = vec_head<VEC>(z_row, V);
-  const bool vectorized = is_vec_aligned<VEC>(z_row + head) &&
-                          is_vec_aligned<VEC>(y_row + head) && is_vec_aligned<VEC>(dz_row + head);
+  const int64_t head = vec_head<VEC>(dz_row, V);  // the stored row sets the alignment
+  const auto load = row_loader<VEC>(z_row, y_row, head);
+  const SweepPlan plan = plan_sweep<VEC>(V, head, load.any_shifted());
 
   const float c = k.inv_temperature;
   const float max_q = max_q_in[row];
@@ -396,8 +402,7 @@ __global__ void __launch_bounds__(kMaxThreads) divergence_backward_kernel(
   const float logsum_t = TARGET == LOGITS ? logsum_t_in[row] : 0.0f;
   const float gbar = gbar_in[row];
   const float scale = grad[row] * c;
-  const RowLoader<typename Fs::Storage, typename Ft::Storage> load{z_row, y_row};
-  sweep_row<VEC>(V, head, vectorized, load, [&](int64_t j, auto e) {
+  sweep_row<VEC>(V, plan, threadIdx.x, blockDim.x, load, [&](int64_t j, auto e) {
     constexpr int W = decltype(e)::kWidth;
     float out[W];
 #pragma unroll

@@ -65,15 +65,13 @@ __global__ void __launch_bounds__(kMaxThreads) logprobs_forward_kernel(
                         : label_in_range     ? Format::to_float(z_row[label])
                                              : std::numeric_limits<float>::quiet_NaN();
   constexpr int VEC = kLogprobsVec<Format>;
-  const int64_t head = vec_head<VEC>(z_row, V);
+  const SweepPlan plan = plan_sweep<VEC>(V, vec_head<VEC>(z_row, V), false);  // z sets the alignment
+  const RowReader<VEC, typename Format::Storage> load{z_row, false};
 
   using Op = std::conditional_t<WITH_ENTROPY, EntropyOp, LseOp>;
   const Op op{inv_temperature};
   typename Op::Acc acc = op.identity();
-  const auto load = [&](int64_t j, auto width) {
-    return load_vec<decltype(width)::value>(z_row + j);
-  };
-  sweep_row<VEC>(V, head, is_vec_aligned<VEC>(z_row + head), load, [&](int64_t, auto zv) {
+  sweep_row<VEC>(V, plan, threadIdx.x, blockDim.x, load, [&](int64_t, auto zv) {
 #pragma unroll
     for (int i = 0; i < decltype(zv)::kWidth; ++i) op.push(acc, Format::to_float(zv.val[i]));
   });
@@ -112,8 +110,9 @@ __global__ void __launch_bounds__(kMaxThreads) logprobs_backward_kernel(
   }
   const auto* z_row = z + (row / L) * stride_zb + (row % L) * stride_zl;
   constexpr int VEC = kLogprobsVec<Format>;
-  const int64_t head = vec_head<VEC>(z_row, V);
-  const bool vectorized = is_vec_aligned<VEC>(z_row + head) && is_vec_aligned<VEC>(dz_row + head);
+  const int64_t head = vec_head<VEC>(dz_row, V);  // the stored row sets the alignment
+  const auto load = row_reader<VEC>(z_row, head);
+  const SweepPlan plan = plan_sweep<VEC>(V, head, load.shifted);
 
   const float max_z = max_in[row];
   const float logsum = logsum_in[row];
@@ -124,10 +123,7 @@ __global__ void __launch_bounds__(kMaxThreads) logprobs_backward_kernel(
     g_entropy = grad_entropy[row] * inv_temperature;
     entropy = entropy_in[row];
   }
-  const auto load = [&](int64_t j, auto width) {
-    return load_vec<decltype(width)::value>(z_row + j);
-  };
-  sweep_row<VEC>(V, head, vectorized, load, [&](int64_t j, auto zv) {
+  sweep_row<VEC>(V, plan, threadIdx.x, blockDim.x, load, [&](int64_t j, auto zv) {
     constexpr int W = decltype(zv)::kWidth;
     float out[W];
 #pragma unroll

@@ -1,10 +1,9 @@
 // Shared pieces of the row kernels of klops._C: one thread block streams one row of V entries.
 //
 //   - host: input checks, the dispatch from a float dtype to its storage format, the block size;
-//   - device: the storage formats (fp32, bf16, fp16 and their conversions), loads/stores
-//     of W consecutive entries (one 16-byte access when W > 1), the row sweep (scalar head up to
-//     the first aligned entry, vector body, scalar tail), the online log-sum-exp accumulators in
-//     raw logit units and a block-wide reduction of any accumulator with combine/shfl_xor.
+//   - device: the storage formats (fp32, bf16, fp16 and their conversions), the online log-sum-exp
+//     accumulators in raw logit units and a block-wide reduction of any accumulator with
+//     combine/shfl_xor. The row sweep and its vector loads / stores are in row_sweep.cuh.
 //
 // Offsets into the (B, L, V) tensors are int64: B * L * V exceeds 2^31 for LLM vocabularies.
 #pragma once
@@ -12,6 +11,8 @@
 #include <ATen/core/Tensor.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include "row_sweep.cuh"
 
 #include <cstdint>
 #include <initializer_list>
@@ -128,63 +129,13 @@ inline int row_threads(int64_t n, int vec) {
 // ------------------------------------------------------------------------------------------------
 // Device helpers
 
-template <int W>
-using Width = std::integral_constant<int, W>;
-
-// W consecutive entries of a row as stored; one 16-byte (or 8-byte) access when W > 1.
-template <typename S, int W>
-struct alignas(sizeof(S) * W) AlignedVec {
-  static constexpr int kWidth = W;
-  S val[W];
-};
-
-// p[0 .. W); p is aligned to W * sizeof(S) bytes.
-template <int W, typename S>
-__device__ __forceinline__ AlignedVec<S, W> load_vec(const S* p) {
-  return *reinterpret_cast<const AlignedVec<S, W>*>(p);
-}
-
-// p[i] = in[i] converted to Format for i < W; same alignment as load_vec.
+// p[i] = in[i] converted to Format for i < W; p aligned as for load_vec.
 template <typename Format, int W>
 __device__ __forceinline__ void store_floats(typename Format::Storage* p, const float (&in)[W]) {
   AlignedVec<typename Format::Storage, W> v;
 #pragma unroll
   for (int i = 0; i < W; ++i) v.val[i] = Format::from_float(in[i]);
-  *reinterpret_cast<AlignedVec<typename Format::Storage, W>*>(p) = v;
-}
-
-template <int VEC, typename S>
-__device__ __forceinline__ bool is_vec_aligned(const S* p) {
-  return reinterpret_cast<uintptr_t>(p) % (VEC * sizeof(S)) == 0;
-}
-
-// Entries before the first VEC-aligned entry of p, at most n.
-template <int VEC, typename S>
-__device__ __forceinline__ int64_t vec_head(const S* p, int64_t n) {
-  const int64_t misaligned = static_cast<int64_t>((reinterpret_cast<uintptr_t>(p) / sizeof(S)) % VEC);
-  return min(n, (VEC - misaligned) % VEC);
-}
-
-// Streams a row of n entries through the block: consume(j, load(j, Width<W>{})) for the entries
-// [j, j + W). Entries [0, head) and the tail go one at a time, the body in between VEC at a time,
-// two vectors per thread and step so that both loads are in flight before either is consumed.
-// With vectorized false (a row pointer not VEC-aligned after the head) every entry goes alone.
-template <int VEC, typename Load, typename Consume>
-__device__ __forceinline__ void sweep_row(int64_t n, int64_t head, bool vectorized, Load&& load,
-                                          Consume&& consume) {
-  if (!vectorized) head = n;
-  const int64_t body_end = head + (n - head) / VEC * VEC;
-  for (int64_t j = threadIdx.x; j < head; j += blockDim.x) consume(j, load(j, Width<1>{}));
-  const int64_t stride = int64_t{blockDim.x} * VEC;
-  int64_t j = head + int64_t{threadIdx.x} * VEC;
-  for (; j + stride < body_end; j += 2 * stride) {
-    const auto first = load(j, Width<VEC>{});
-    const auto second = load(j + stride, Width<VEC>{});
-    consume(j, first);
-    consume(j + stride, second);
-  }
-  if (j < body_end) consume(j, load(j, Width<VEC>{}));
-  for (j = body_end + threadIdx.x; j < n; j += blockDim.x) consume(j, load(j, Width<1>{}));
+  store_vec<W>(p, v);
 }
 
 // Writes n zeros to the contiguous row p (the gradient of an invalid / ignored row): all-zero
@@ -193,11 +144,9 @@ template <typename S>
 __device__ __forceinline__ void zero_row(S* p, int64_t n) {
   constexpr int VEC = 16 / sizeof(S);
   sweep_row<VEC>(
-      n, vec_head<VEC>(p, n), true, [](int64_t, auto width) { return width; },
-      [&](int64_t j, auto width) {
-        constexpr int W = decltype(width)::value;
-        *reinterpret_cast<AlignedVec<S, W>*>(p + j) = AlignedVec<S, W>{};
-      });
+      n, plan_sweep<VEC>(n, vec_head<VEC>(p, n), false), threadIdx.x, blockDim.x,
+      [](int64_t, auto width) { return width; },
+      [&](int64_t j, auto width) { store_vec(p + j, AlignedVec<S, decltype(width)::value>{}); });
 }
 
 __device__ __forceinline__ float finite_or_zero(float m) { return m == kNegInf ? 0.0f : m; }

@@ -63,6 +63,10 @@ def check_same_rows(name: str, x, ref_name: str, ref: torch.Tensor, *, integer: 
         raise TypeError(f"{name} must be an integer tensor, got {x.dtype}")
 
 
+def host_checks_enabled() -> bool:
+    return _host_checks
+
+
 def as_labels(name: str, labels, ref_name: str, ref: torch.Tensor) -> torch.Tensor:
     """Per-row integer labels of ref's rows, as int32 or int64 (what every backend reads): int8, int16,
     uint8 and the other integer dtypes are widened to int64, a copy of one entry per row."""

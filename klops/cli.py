@@ -6,8 +6,8 @@ import sys
 
 import torch
 
-from . import __version__, bench
-from .backend import CUDA_EXTENSION, TRITON_VERSION, available_backends, triton_interpreter
+from . import __version__, _inputs, bench
+from .backend import CUDA_EXTENSION, TRITON_VERSION, available_backends, resolve_backend, triton_interpreter
 
 
 def info() -> str:
@@ -29,9 +29,14 @@ def info() -> str:
     else:
         built = f"TORCH_CUDA_ARCH_LIST={CUDA_EXTENSION.arch_list()} with CUDA {CUDA_EXTENSION.cuda_version()}"
         lines.append(f"klops._C: built for {built}")
-    lines.append(f"backends on cpu: {', '.join(available_backends(torch.device('cpu')))}")
-    if torch.cuda.is_available():
-        lines.append(f"backends on cuda: {', '.join(available_backends(torch.device('cuda')))}")
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    for device in devices:
+        usable = ", ".join(available_backends(device))
+        lines.append(f"backends on {device.type}: {usable} (auto: {resolve_backend('auto', device)})")
+    if _inputs.host_checks_enabled():
+        lines.append("label check: on the host, a ValueError (one sync per call on GPU tensors; set_host_checks)")
+    else:
+        lines.append("label check: CPU tensors on the host; GPU tensors by a device-side assertion, no host sync")
     return "\n".join(lines)
 
 

@@ -12,7 +12,8 @@ def test_info(capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("klops ") and f"torch {torch.__version__}" in out
-    assert "backends on cpu: " in out and "klops._C: " in out
+    assert "backends on cpu: " in out and "(auto: torch)" in out and "klops._C: " in out
+    assert "label check: CPU tensors on the host; GPU tensors by a device-side assertion, no host sync" in out
 
 
 def test_bench_checks_and_reports(tmp_path, monkeypatch, capsys):
