@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import BACKWARD_SWEEP, DIVERGENCE_KINDS, FORWARD_SWEEP, TARGET_KINDS, launch_over_rows, mixture_logs
+from .launch import BACKWARD_SWEEP, DIVERGENCE_KINDS, FORWARD_SWEEP, TARGET_KINDS, launch_over_rows
 
 FORWARD = tl.constexpr(0)
 REVERSE = tl.constexpr(1)
@@ -116,13 +116,6 @@ def kl_finalize(m_a, s_a, m_b, s_b, acc, inv_temperature):
 
 
 @triton.jit
-def logaddexp(a, b):
-    mx = tl.maximum(a, b)
-    mn = tl.minimum(a, b)
-    return mx + tl.log(1.0 + tl.exp(mn - finite_or_zero(mx)))
-
-
-@triton.jit
 def teacher_logprobs(y, max_t, logsum_t, inv_temperature, TARGET: tl.constexpr):
     """log p (fp32): (y - max_t)/T - logsum_t for logits; y for log-probs; log y for probabilities."""
     y = y.to(tl.float32)
@@ -136,8 +129,13 @@ def teacher_logprobs(y, max_t, logsum_t, inv_temperature, TARGET: tl.constexpr):
 
 
 @triton.jit
-def divergence_terms(lq, lp, coef, log_coef, log_1m_coef, KIND: tl.constexpr):
-    """Per-entry (loss_v, a_v) of SPEC.md §1; coef is beta (jsd) or alpha (skew_*, alpha)."""
+def divergence_terms(lq, lp, coef, KIND: tl.constexpr):
+    """Per-entry (loss_v, a_v) of SPEC.md §1; coef is beta (jsd) or alpha (skew_*, alpha).
+
+    The mixtures of jsd / skew_* are logs of the mixed probabilities, log(w p + (1 - w) q): one log
+    where logaddexp of the log-probabilities costs an exp and a log. They are -inf only where p and q
+    are both 0 in fp32 (underflowed), and every term they enter is guarded by p > 0 or q > 0.
+    """
     q = tl.exp(lq)
     p = tl.exp(lp)
     q_pos = lq != NEG_INF
@@ -149,17 +147,16 @@ def divergence_terms(lq, lp, coef, log_coef, log_1m_coef, KIND: tl.constexpr):
         loss = tl.where(q_pos, q * (lq - lp), 0.0)
         a = loss
     elif KIND == JSD:  # m = beta p + (1-beta) q; beta KL(p||m) + (1-beta) KL(q||m)
-        lm = logaddexp(log_coef + lp, log_1m_coef + lq)
-        kl_qm = tl.where(q_pos, q * (lq - lm), 0.0)
-        loss = coef * tl.where(p_pos, p * (lp - lm), 0.0) + (1.0 - coef) * kl_qm
+        lm = tl.log(coef * p + (1.0 - coef) * q)
+        kl_qm = tl.where(q > 0.0, q * (lq - lm), 0.0)
+        loss = coef * tl.where(p > 0.0, p * (lp - lm), 0.0) + (1.0 - coef) * kl_qm
         a = (1.0 - coef) * kl_qm
     elif KIND == SKEW_FORWARD:  # m = alpha p + (1-alpha) q; KL(p||m); g = -(1-alpha) p/m
-        lm = logaddexp(log_coef + lp, log_1m_coef + lq)
-        loss = tl.where(p_pos, p * (lp - lm), 0.0)
-        a = tl.where(p_pos & q_pos, -(1.0 - coef) * tl.exp(lp + lq - lm), 0.0)
+        lm = tl.log(coef * p + (1.0 - coef) * q)
+        loss = tl.where(p > 0.0, p * (lp - lm), 0.0)
+        a = tl.where((p > 0.0) & (q > 0.0), -(1.0 - coef) * tl.exp(lp + lq - lm), 0.0)
     elif KIND == SKEW_REVERSE:  # n = (1-alpha) p + alpha q; KL(q||n); g = log(q/n) + 1 - alpha q/n
-        ln = logaddexp(log_1m_coef + lp, log_coef + lq)
-        log_qn = tl.where(q_pos, lq - ln, 0.0)
+        log_qn = tl.where(q > 0.0, lq - tl.log((1.0 - coef) * p + coef * q), 0.0)
         loss = q * log_qn
         a = q * (log_qn + 1.0 - coef * tl.exp(log_qn))
     elif KIND == TV:  # 0.5 sum |p - q|; g = 0.5 sign(q - p)
@@ -196,8 +193,6 @@ def divergence_forward_kernel(
     # constants
     inv_temperature,
     coef,
-    log_coef,
-    log_1m_coef,
     KIND: tl.constexpr,
     TARGET: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -258,7 +253,7 @@ def divergence_forward_kernel(
             y = tl.load(y_row + start + cols, mask=mask, other=0.0)
             lq = (z - max_q) * inv_temperature - logsum_q
             lp = tl.where(mask, teacher_logprobs(y, max_t, logsum_t, inv_temperature, TARGET), NEG_INF)
-            entry_loss, a = divergence_terms(lq, lp, coef, log_coef, log_1m_coef, KIND)
+            entry_loss, a = divergence_terms(lq, lp, coef, KIND)
             loss_acc += entry_loss
             gbar_acc += a
         loss = tl.sum(loss_acc, 0)
@@ -295,8 +290,6 @@ def divergence_backward_kernel(
     # constants
     inv_temperature,
     coef,
-    log_coef,
-    log_1m_coef,
     KIND: tl.constexpr,
     TARGET: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -322,18 +315,15 @@ def divergence_backward_kernel(
         y = tl.load(y_row + start + cols, mask=mask, other=0.0)
         lq = (z - max_q) * inv_temperature - logsum_q
         lp = tl.where(mask, teacher_logprobs(y, max_t, logsum_t, inv_temperature, TARGET), NEG_INF)
-        _, a = divergence_terms(lq, lp, coef, log_coef, log_1m_coef, KIND)
+        _, a = divergence_terms(lq, lp, coef, KIND)
         dz = scale * (a - tl.exp(lq) * gbar)
         tl.store(dz_row + start + cols, dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
 def _kind_args(kind: str, target_is: str, temperature: float, coef: float) -> dict:
-    log_coef, log_1m_coef = mixture_logs(coef)
     return dict(
         inv_temperature=1.0 / temperature,
         coef=coef,
-        log_coef=log_coef,
-        log_1m_coef=log_1m_coef,
         KIND=DIVERGENCE_KINDS.index(kind),
         TARGET=TARGET_KINDS.index(target_is),
     )

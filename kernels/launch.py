@@ -2,7 +2,6 @@
 sizes and warp counts are chosen. Imports nothing but torch, so that ``klops`` can read them without triton."""
 
 import contextlib
-import math
 
 import torch
 
@@ -10,14 +9,6 @@ import torch
 # ``kind`` / ``target`` ints of the CUDA ops).
 DIVERGENCE_KINDS = ("forward", "reverse", "jsd", "skew_forward", "skew_reverse", "tv", "alpha")
 TARGET_KINDS = ("logits", "logprobs", "probs")
-
-
-def mixture_logs(coef: float) -> tuple[float, float]:
-    """(log coef, log(1 - coef)): the mixture weights of jsd / skew_*, -inf at the ends of [0, 1];
-    (0, 0) outside [0, 1] (Amari alpha, which mixes nothing)."""
-    if not 0.0 <= coef <= 1.0:
-        return 0.0, 0.0
-    return (math.log(coef) if coef > 0 else -math.inf), (math.log1p(-coef) if coef < 1 else -math.inf)
 
 
 # (BLOCK_V, num_warps) of the row kernels, chosen from ptxas' register counts on sm_90 (bf16, before ->

@@ -19,7 +19,7 @@ import torch
 from . import _inputs
 from ._chunked import row_chunks, row_stats, scaled
 from .backend import resolve_backend
-from .kernels.launch import DIVERGENCE_KINDS, TARGET_KINDS, mixture_logs
+from .kernels.launch import DIVERGENCE_KINDS, TARGET_KINDS
 
 __all__ = ["fused_kl", "DIVERGENCE_KINDS"]
 
@@ -27,6 +27,14 @@ __all__ = ["fused_kl", "DIVERGENCE_KINDS"]
 # ----------------------------------------------------------------------------------------------------
 # torch backend: the kernels' math, chunked over rows (klops/_chunked.py) so that its extra memory
 # is O(chunk * V).
+
+
+def mixture_logs(coef: float) -> tuple[float, float]:
+    """(log coef, log(1 - coef)): the mixture weights of jsd / skew_*, -inf at the ends of [0, 1];
+    (0, 0) outside [0, 1] (Amari alpha, which mixes nothing)."""
+    if not 0.0 <= coef <= 1.0:
+        return 0.0, 0.0
+    return (math.log(coef) if coef > 0 else -math.inf), (math.log1p(-coef) if coef < 1 else -math.inf)
 
 
 def _divergence_terms(lq: torch.Tensor, lp: torch.Tensor, kind: str, coef: float):

@@ -42,7 +42,8 @@ def check(student, teacher, kind, backend, dtype=torch.float32, grad_out=None, *
     return loss, grad
 
 
-# Each shape has a reason: V odd and prime; V a power of two; V one past a 4096 block; 3-D rows.
+# Each shape has a reason: V odd and prime; V a power of two; V one past 4096 (a multiple of every block size);
+# 3-D rows.
 @pytest.mark.parametrize("shape", [(13, 67), (5, 256), (3, 4097), (2, 3, 331)])
 @pytest.mark.parametrize("kind", KINDS)
 def test_matches_reference(kind, shape, backend, gen):

@@ -17,7 +17,7 @@ import tempfile
 
 from klops.kernels.launch import BACKWARD_SWEEP, DIVERGENCE_KINDS, FORWARD_SWEEP, TARGET_KINDS
 
-FLOAT_ARGS = ("inv_temperature", "coef", "log_coef", "log_1m_coef")
+FLOAT_ARGS = ("inv_temperature", "coef")
 ROW_ARGS = {"L": "i32", "V": "i32"}
 STATS = ("max_q_ptr", "logsum_q_ptr", "max_t_ptr", "logsum_t_ptr", "gbar_ptr")
 
