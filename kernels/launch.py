@@ -11,8 +11,8 @@ DIVERGENCE_KINDS = ("forward", "reverse", "jsd", "skew_forward", "skew_reverse",
 TARGET_KINDS = ("logits", "logprobs", "probs")
 
 
-# (BLOCK_V, num_warps) of the row kernels, chosen from ptxas' register counts on sm_90 (bf16, before ->
-# after; `python -m tests.triton_aot --table` prints them) so that each SM keeps the most bytes of loads
+# (BLOCK_V, num_warps) of the row kernels, chosen from ptxas' register counts on sm_90 (bf16;
+# `python -m tests.triton_aot --table` prints them) so that each SM keeps the most bytes of loads
 # in flight: about 25 KB per SM covers HBM3's latency at full rate (4.8 TB/s x ~700 ns / 132 SMs).
 # Forward sweeps keep 3-5 online accumulators per lane, so they take 8 entries per thread; at 4096/8
 # warps the forward / reverse KL forward needed 179 registers, one block of 8 warps per SM and 16 KB

@@ -64,6 +64,7 @@ def check_same_rows(name: str, x, ref_name: str, ref: torch.Tensor, *, integer: 
 
 
 def host_checks_enabled() -> bool:
+    """Whether labels of GPU tensors are checked on the host (set_host_checks)."""
     return _host_checks
 
 
