@@ -5,9 +5,14 @@ its gradients and shares no code with the kernels. It is not a backend (the chun
 lives beside each op); keep it short and obvious rather than fast.
 """
 
+import math
+
 import torch
 
-__all__ = ["divergence_reference", "fused_kl_reference", "logprobs_reference"]
+__all__ = [
+    "divergence_reference", "fused_kl_reference", "logprobs_reference", "group_advantages_reference",
+    "grpo_loss_reference",
+]  # fmt: skip
 
 
 def _sum_xlogy(x: torch.Tensor, log_x: torch.Tensor, log_y: torch.Tensor) -> torch.Tensor:
@@ -131,3 +136,130 @@ def logprobs_reference(
     q = log_q.exp()
     entropy = -(q * torch.where(q > 0, log_q, 0.0)).sum(-1)
     return torch.where(valid, picked, 0.0), torch.where(valid, entropy, 0.0)
+
+
+def group_advantages_reference(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4):
+    """TRL's GRPO advantages in float64, one group at a time; NaN rewards are skipped and get 0."""
+    r = rewards.double()
+    out = torch.zeros_like(r)
+
+    def std(values):  # Bessel-corrected, NaN with fewer than two values
+        return torch.tensor(math.nan) if len(values) < 2 else torch.stack(values).std()
+
+    everything = [x for x in r if not x.isnan()]
+    for start in range(0, len(r), group_size):
+        group = [x for x in r[start : start + group_size] if not x.isnan()]
+        mean = torch.stack(group).mean() if group else torch.tensor(math.nan)
+        spread = {"group": std(group), "batch": std(everything), "none": None}[scale]
+        for i in range(start, start + group_size):
+            a = r[i] - mean if spread is None else (r[i] - mean) / (spread + eps)
+            out[i] = 0.0 if a.isnan() else a
+    return out
+
+
+def grpo_loss_reference(logp, advantages, mask, *, old_logp=None, ref_logp=None, rollout_logp=None,
+                        loss_type="dapo", epsilon=0.2, epsilon_high=None, delta=None, beta=0.0, kl_estimator="k3",
+                        use_bias_correction_kl=False, importance_sampling_level="token",
+                        rollout_correction="sequence_mask", rollout_clip_min=None, rollout_clip_max=3.0,
+                        entropy=None, entropy_coef=0.0, top_entropy_quantile=1.0, off_policy_mask_threshold=None,
+                        num_items=None, max_completion_length=None, sapo_temperature_pos=1.0,
+                        sapo_temperature_neg=1.05, vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0,
+                        vespo_lambda_neg=2.0):  # fmt: skip
+    """The GRPO loss of klops.grpo_loss written token by token in float64 from SPEC.md §3 and TRL's
+    GRPOTrainer._compute_loss (same arguments); returns the loss only."""
+    B, L = logp.shape
+    lp = logp.double()
+    old = lp.detach() if old_logp is None else old_logp.double()
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    valid = [[bool(mask[i, t] != 0) for t in range(L)] for i in range(B)]
+    n_tok = [sum(row) for row in valid]
+
+    def adv(i, t):
+        return advantages[i].double() if advantages.dim() == 1 else advantages[i, t].double()
+
+    def clamp20(x):
+        return x.clamp(-20.0, 20.0)
+
+    if top_entropy_quantile < 1.0:
+        pool = torch.stack([entropy[i, t].double() for i in range(B) for t in range(L) if valid[i][t]] or
+                           [torch.tensor(math.nan, dtype=torch.float64)])  # fmt: skip
+        cutoff = torch.quantile(pool.detach(), 1.0 - top_entropy_quantile) if not pool.isnan().all() else None
+    total = lp.new_zeros(())
+    entropy_total, entropy_count = lp.new_zeros(()), 0
+    for i in range(B):
+        seq_log_ratio = sum((lp[i, t] - old[i, t] for t in range(L) if valid[i][t]), lp.new_zeros(()))
+        seq_sum = lp.new_zeros(())
+        for t in range(L):
+            if not valid[i][t]:
+                continue
+            a = adv(i, t)
+            if importance_sampling_level == "sequence":
+                r = torch.exp(clamp20(seq_log_ratio / max(1, n_tok[i])))
+            else:
+                r = torch.exp(clamp20(lp[i, t] - old[i, t]))
+            if loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
+                unclipped = (r if delta is None else torch.clamp(r, max=delta)) * a
+                clipped = torch.clamp(r, 1 - epsilon, 1 + eps_high) * a
+                term = -(unclipped if unclipped <= clipped else clipped)  # a tie counts as unclipped
+            elif loss_type == "cispo":
+                term = -torch.clamp(r, max=eps_high).detach() * a * lp[i, t]
+            elif loss_type == "sapo":
+                tau = sapo_temperature_pos if a > 0 else sapo_temperature_neg
+                term = -torch.sigmoid(tau * (r - 1)) * 4 / tau * a
+            elif loss_type == "vespo":
+                log_w = sum((clamp20(lp[i, u] - old[i, u]).detach() for u in range(L) if valid[i][u]), lp.new_zeros(()))
+                for u in range(L) if rollout_logp is not None else ():
+                    w_u = _reference_is_ratio(old, rollout_logp, valid, i, u, rollout_correction,
+                                              rollout_clip_min, rollout_clip_max)  # fmt: skip
+                    log_w = log_w + torch.log(w_u).clamp(math.log(1e-8), 20.0)
+                log_w = log_w.clamp(math.log(1e-8), 20.0)
+                k, lam = (vespo_k_pos, vespo_lambda_pos) if a >= 0 else (vespo_k_neg, vespo_lambda_neg)
+                term = -torch.exp(lam + k * log_w - lam * log_w.exp()) * a * lp[i, t]
+            else:  # gpg
+                term = -a * lp[i, t]
+            if off_policy_mask_threshold is not None:
+                sampler = old if rollout_logp is None else rollout_logp.double()
+                drift = sum(sampler[i, u] - lp[i, u].detach() for u in range(L) if valid[i][u]) / max(1, n_tok[i])
+                if not (a >= 0 or drift <= off_policy_mask_threshold):
+                    term = term * 0.0
+            kept = top_entropy_quantile >= 1.0 or (cutoff is not None and entropy[i, t].double() >= cutoff)
+            if not kept:
+                term = term * 0.0
+            if rollout_logp is not None and loss_type != "vespo":
+                term = term * _reference_is_ratio(old, rollout_logp, valid, i, t, rollout_correction,
+                                                  rollout_clip_min, rollout_clip_max)  # fmt: skip
+            if beta > 0:
+                rho = ref_logp[i, t].double() - lp[i, t]
+                estimates = {"k1": -rho, "k2": 0.5 * rho**2, "abs": rho.abs(), "k3": torch.exp(clamp20(rho)) - rho - 1}
+                kl = estimates[kl_estimator]
+                term = term + beta * (kl * r if use_bias_correction_kl else kl)
+            seq_sum = seq_sum + term
+            if entropy is not None and kept:
+                entropy_total = entropy_total + entropy[i, t].double()
+                entropy_count += 1
+        if loss_type in ("grpo", "sapo"):
+            seq_sum = seq_sum / max(1, n_tok[i])
+        elif loss_type == "dr_grpo":
+            seq_sum = seq_sum / (L if max_completion_length is None else max_completion_length)
+        total = total + seq_sum
+    by_tokens = loss_type in ("bnpo", "dapo", "cispo", "vespo", "gpg")
+    count = (sum(n_tok) if by_tokens else B) if num_items is None else float(num_items)
+    loss = total / max(1.0, count)
+    if entropy_coef != 0:
+        per_token = by_tokens and loss_type != "bnpo"
+        loss = loss - entropy_coef * entropy_total / (max(1.0, count) if per_token else max(1, entropy_count))
+    return loss
+
+
+def _reference_is_ratio(old, rollout_logp, valid, i, t, mode, clip_min, clip_max):
+    """TRL's vLLM importance-sampling ratio of token (i, t) (sequence modes: of sequence i)."""
+    if mode.startswith("sequence"):
+        diff = sum((old[i, u] - rollout_logp[i, u].double() for u in range(len(valid[i])) if valid[i][u]),
+                   old.new_zeros(()))  # fmt: skip
+    else:
+        diff = old[i, t] - rollout_logp[i, t].double() if valid[i][t] else old.new_zeros(())
+    ratio = torch.exp(diff.clamp(max=20.0)).detach()
+    if mode.endswith("truncate"):
+        return ratio.clamp(min=clip_min, max=clip_max)
+    outside = (clip_min is not None and ratio < clip_min) or (clip_max is not None and ratio > clip_max)
+    return ratio * 0.0 if outside else ratio

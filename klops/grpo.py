@@ -1,0 +1,420 @@
+"""RL policy losses on per-token log-probs: group advantages, KL estimators and the GRPO family (SPEC.md §3).
+
+``grpo_loss`` takes the per-token log-probs of the sampled completion tokens (``[B, L]``, with gradient:
+``klops.logprobs`` computes them with the entropy in one sweep over the vocabulary) and returns the loss
+and its metrics; ``grpo_loss_from_logits`` does both steps from the ``[B, L, V]`` logits. Everything here is
+``[B, L]``-sized torch math in fp32: nothing of size ``[B, L, V]``, no host sync (metrics are 0-d
+tensors), and ``torch.compile(fullgraph=True)`` traces it.
+
+Conventions follow TRL's ``GRPOTrainer._compute_loss`` (trl/trainer/grpo_trainer.py, commit f2cd577)
+and Liger-Kernel's ``chunked_loss/grpo_loss.py`` (commit ead96b6); verl's ``core_algos.py`` (commit
+b178a3c) for ``gpg``. Where klops differs from them, the docstring of ``grpo_loss`` says so.
+"""
+
+import math
+import numbers
+
+import torch
+
+from . import _inputs
+from .divergence import fused_kl
+from .logprobs import logprobs
+
+__all__ = ["group_advantages", "kl_estimate", "grpo_loss", "grpo_loss_from_logits"]
+
+# Aggregation of each loss type: the unit num_items counts ("tokens" or "sequences").
+LOSS_TYPES = {
+    "grpo": "sequences", "bnpo": "tokens", "dr_grpo": "sequences", "dapo": "tokens", "cispo": "tokens",
+    "sapo": "sequences", "luspo": "sequences", "vespo": "tokens", "gpg": "tokens",
+}  # fmt: skip
+PPO_CLIP_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
+ROLLOUT_CORRECTIONS = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+SCALES = ("group", "batch", "none")
+LOG_RATIO_CLAMP = 20.0  # |rho| <= 20 before exp (SPEC.md §3)
+
+
+def _nanstd(x: torch.Tensor, dim=None) -> torch.Tensor:
+    """Bessel-corrected std over the non-NaN entries (NaN where fewer than two)."""
+    count = (~x.isnan()).sum(dim=dim, keepdim=dim is not None)
+    mean = x.nanmean(dim=dim, keepdim=dim is not None)
+    sq = ((x - mean) ** 2).nansum(dim=dim, keepdim=dim is not None)
+    std = (sq / (count - 1)).sqrt()
+    return torch.where(count > 1, std, torch.nan)
+
+
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, *, scale: str = "group", eps: float = 1e-4
+) -> torch.Tensor:
+    """GRPO advantages of ``rewards [B]``, ``B / group_size`` consecutive groups of completions.
+
+    ``A_i = r_i - mean_group(r)``, divided by ``std_group + eps`` (``scale="group"``), by the batch
+    ``std + eps`` (``"batch"``, still centred on the group mean) or not at all (``"none"``). The std is
+    Bessel-corrected. NaN rewards (unscorable completions) are left out of the means and stds and get
+    ``A = 0``, as TRL does. Returns ``[B]`` fp32.
+    """
+    if not isinstance(rewards, torch.Tensor) or rewards.dim() != 1 or not rewards.dtype.is_floating_point:
+        raise TypeError(f"rewards must be a 1-D float tensor [B], got {getattr(rewards, 'shape', type(rewards))}")
+    if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    if rewards.numel() % group_size != 0:
+        raise ValueError(f"group_size={group_size} must divide the number of rewards, {rewards.numel()}")
+    _inputs.check_choice("scale", scale, SCALES)
+    eps = _inputs.check_real("eps", eps, low=0.0, high=math.inf)
+    r = rewards.float()
+    grouped = r.view(-1, group_size)
+    advantages = (grouped - grouped.nanmean(dim=1, keepdim=True)).view(-1)
+    if scale == "group":
+        advantages = advantages / (_nanstd(grouped, dim=1).repeat_interleave(group_size) + eps)
+    elif scale == "batch":
+        advantages = advantages / (_nanstd(r) + eps)
+    return torch.nan_to_num(advantages, nan=0.0)
+
+
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) at the sampled token, with ``rho = ref_logp - logp``:
+
+    ``k1 = -rho``, ``k2 = rho^2 / 2``, ``k3 = exp(rho) - rho - 1`` (TRL's default; verl's ``low_var_kl``),
+    ``abs = |rho|``. ``rho`` is clamped to [-20, 20] inside the ``exp`` (SPEC.md §3), where TRL does not
+    clamp. Gradients flow to ``logp`` only: ``dk3/dlogp = 1 - exp(rho)``. Same shape as ``logp``, fp32.
+    """
+    _inputs.check_choice("estimator", estimator, KL_ESTIMATORS)
+    if not isinstance(ref_logp, torch.Tensor) or ref_logp.shape != logp.shape:
+        raise ValueError(f"ref_logp must have the shape of logp {tuple(logp.shape)}")
+    rho = ref_logp.detach().float() - logp.float()
+    if estimator == "k1":
+        return -rho
+    if estimator == "k2":
+        return 0.5 * rho.square()
+    if estimator == "abs":
+        return rho.abs()
+    return torch.exp(rho.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)) - rho - 1.0
+
+
+def _masked_mean(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """sum(x weight) / max(1, sum(weight)) over broadcast [B, L] (x may be [B, 1]); detached."""
+    x, weight = torch.broadcast_tensors(x.detach().float(), weight)
+    return (x * weight).sum() / weight.sum().clamp(min=1.0)
+
+
+def _check_per_token(name: str, x, shape, device) -> None:
+    if x is None:
+        return
+    if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a float tensor of shape {tuple(shape)}, got {type(x).__name__}")
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have the shape of logp {tuple(shape)}, got {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but logp is on {device}")
+
+
+def _rollout_ratio(old, rollout_logp, m, mode: str, clip_min, clip_max) -> torch.Tensor:
+    """TRL's vLLM importance-sampling correction pi_old / pi_rollout: per token, or per sequence
+    from the summed log-ratio ([B, 1]); truncated to [clip_min, clip_max] or zeroed outside it."""
+    diff = (old - rollout_logp.float()) * m
+    if mode.startswith("sequence"):
+        diff = diff.sum(-1, keepdim=True)
+    ratio = torch.exp(diff.clamp(max=LOG_RATIO_CLAMP))
+    if mode.endswith("truncate"):
+        return ratio.clamp(min=clip_min, max=clip_max)
+    low = -math.inf if clip_min is None else clip_min
+    high = math.inf if clip_max is None else clip_max
+    return ratio.masked_fill((ratio < low) | (ratio > high), 0.0)
+
+
+def _vespo_weights(log_ratio, m, advantages, log_is, k_pos, lambda_pos, k_neg, lambda_neg) -> torch.Tensor:
+    """VESPO's detached sequence weight phi = exp(lambda + k log w - lambda w), w the sequence's summed
+    (clamped) log-ratio, plus the rollout IS log-ratio; (k, lambda) by the sign of A (A >= 0: pos)."""
+    lower = math.log(1e-8)
+    log_w = (log_ratio.detach().clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP) * m).sum(-1, keepdim=True)
+    if log_is is not None:
+        log_w = log_w + log_is.clamp(lower, LOG_RATIO_CLAMP).sum(-1, keepdim=True)
+    log_w = log_w.clamp(lower, LOG_RATIO_CLAMP)
+    nonneg = advantages >= 0
+    k = torch.where(nonneg, k_pos, k_neg)
+    lam = torch.where(nonneg, lambda_pos, lambda_neg).clamp(min=1e-4)
+    return torch.exp(lam + k * log_w - lam * log_w.exp()).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def grpo_loss(
+    logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    old_logp: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+    rollout_logp: torch.Tensor | None = None,
+    loss_type: str = "dapo",
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    delta: float | None = None,
+    beta: float = 0.0,
+    kl_estimator: str = "k3",
+    use_bias_correction_kl: bool = False,
+    importance_sampling_level: str = "token",
+    rollout_correction: str = "sequence_mask",
+    rollout_clip_min: float | None = None,
+    rollout_clip_max: float | None = 3.0,
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
+    top_entropy_quantile: float = 1.0,
+    off_policy_mask_threshold: float | None = None,
+    num_items: int | torch.Tensor | None = None,
+    max_completion_length: int | None = None,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
+    per_token_kl: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GRPO-family policy loss from per-token log-probs; returns ``(loss, metrics)``.
+
+    Inputs, ``[B, L]`` unless said: ``logp`` (policy, with gradient), ``advantages`` ``[B]`` or ``[B, L]``,
+    ``mask`` (0 = padding / prompt), ``old_logp`` (absent: ``logp.detach()``, one iteration per batch),
+    ``ref_logp`` (for ``beta > 0``), ``rollout_logp`` (the sampler's log-probs, for the correction below),
+    ``entropy`` (for the bonus and the entropy mask).
+
+    Ratio ``r = exp(logp - old_logp)`` per token, or per sequence (GSPO,
+    ``importance_sampling_level="sequence"``) ``exp(sum_t m (logp - old_logp) / max(1, |o|))``.
+    Per-token loss ``l`` by ``loss_type``:
+
+    - grpo, bnpo, dr_grpo, dapo, luspo: ``-min(min(r, delta) A, clip(r, 1 - epsilon, 1 + epsilon_high) A)``
+      (``epsilon_high`` defaults to ``epsilon``; ``delta`` unset: no cap). A tie between the branches counts
+      as unclipped: it takes the unclipped branch's gradient (Liger's convention; ``torch.min`` would
+      halve it).
+    - cispo: ``-sg(min(r, epsilon_high)) A logp`` (TRL / Liger: ``epsilon_high`` is the cap itself; MiniMax
+      uses 5.0).
+    - sapo: ``-sigmoid(tau (r - 1)) 4 / tau A``, ``tau = sapo_temperature_pos`` if ``A > 0`` else ``_neg``.
+    - vespo: ``-phi A logp``, ``phi = exp(lambda + k log w - lambda w)`` detached, ``w`` the sequence's
+      summed log-ratio (times the rollout IS ratio), ``(k, lambda)`` by ``A >= 0``.
+    - gpg (verl): ``-A logp``.
+
+    Then, in TRL's order: times the off-policy sequence mask (``off_policy_mask_threshold``: keep a sequence
+    when ``A >= 0`` or ``mean_t(log pi_sampler - log pi) <= threshold``, DeepSeek-V3.2), times the entropy
+    mask (``top_entropy_quantile < 1``: only tokens whose entropy is at least the ``1 - q`` quantile of the
+    valid tokens' entropies), times the rollout IS ratio ``pi_old / pi_rollout`` when ``rollout_logp`` is
+    given (``rollout_correction`` token_/sequence_ truncate or mask, with ``rollout_clip_min/max``, as TRL's
+    ``vllm_importance_sampling_*``; sequence modes sum the log-ratio; not for vespo, which takes it in
+    ``w``), plus ``beta * kl_estimate(logp, ref_logp, kl_estimator)`` (times ``r`` if
+    ``use_bias_correction_kl``; ``per_token_kl`` replaces the estimate, e.g. the full-vocabulary KL of
+    ``grpo_loss_from_logits``). Aggregation, ``m`` the mask:
+
+    - grpo, sapo: ``sum_i (sum_t m l / max(1, |o_i|)) / n_seq``;  luspo: ``sum_i sum_t m l / n_seq``;
+    - dr_grpo: ``sum m l / (n_seq * max_completion_length)`` (default: ``L``);
+    - bnpo: ``sum m l / max(1, n_tok)``;  dapo, cispo, vespo, gpg: ``sum m l / n_tok``;
+
+    ``n_seq = B`` and ``n_tok = sum m`` unless ``num_items`` (an int or 0-d tensor) gives the global count of
+    the type's unit (sequences or tokens; ``LOSS_TYPES``), so that micro-batch losses add up to the
+    full-batch loss. The entropy bonus subtracts ``entropy_coef`` times the entropy over the (entropy-
+    masked) valid tokens, normalized as the loss for dapo / cispo / vespo / gpg and as a token mean
+    otherwise (TRL). TRL's division by the gradient-accumulation steps is left to the trainer.
+
+    Differences from TRL: the log-ratios are clamped to [-20, 20] inside every exp; luspo sums masked
+    tokens (TRL's token-level luspo averages over padding too); clip metrics are taken before ``delta``
+    (as Liger) and token-weighted at sequence level; vespo and gpg reject sequence-level ratios (vespo's
+    weight is already per sequence, gpg has no ratio). The sequence-level cispo / sapo that Liger rejects
+    are computed as TRL does.
+
+    Metrics (0-d fp32, detached, token means over valid tokens): ``ratio``; ``clip_ratio/low``, ``/high``,
+    ``/region`` (``r < 1 - epsilon`` with ``A < 0``, ``r > 1 + epsilon_high`` with ``A > 0``, for the clipped
+    types; cispo: ``clip_ratio/high`` = ``r > epsilon_high`` with ``A > 0``); ``kl`` when ``beta > 0``;
+    ``entropy`` when given; ``is_ratio`` with ``rollout_logp``; ``phi`` for vespo.
+    """
+    if not isinstance(logp, torch.Tensor) or logp.dim() != 2 or not logp.dtype.is_floating_point:
+        raise TypeError(f"logp must be a float tensor [B, L], got {getattr(logp, 'shape', type(logp))}")
+    shape, device = logp.shape, logp.device
+    _inputs.check_choice("loss_type", loss_type, tuple(LOSS_TYPES))
+    _inputs.check_choice("importance_sampling_level", importance_sampling_level, ("token", "sequence"))
+    _inputs.check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
+    _inputs.check_choice("rollout_correction", rollout_correction, ROLLOUT_CORRECTIONS)
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"mask must be a tensor of the shape of logp {tuple(shape)}")
+    if not isinstance(advantages, torch.Tensor) or tuple(advantages.shape) not in (tuple(shape), (shape[0],)):
+        got = tuple(advantages.shape) if isinstance(advantages, torch.Tensor) else type(advantages).__name__
+        raise ValueError(f"advantages must have shape ({shape[0]},) or {tuple(shape)}, got {got}")
+    for name, x in (("mask", mask), ("advantages", advantages)):
+        if x.device != device:
+            raise ValueError(f"{name} is on {x.device} but logp is on {device}")
+    per_token = {"old_logp": old_logp, "ref_logp": ref_logp, "rollout_logp": rollout_logp, "entropy": entropy,
+                 "per_token_kl": per_token_kl}  # fmt: skip
+    for name, x in per_token.items():
+        _check_per_token(name, x, shape, device)
+    epsilon = _inputs.check_real("epsilon", epsilon, low=0.0, high=math.inf, open_low=True)
+    epsilon_high = epsilon if epsilon_high is None else epsilon_high
+    epsilon_high = _inputs.check_real("epsilon_high", epsilon_high, low=0.0, high=math.inf, open_low=True)
+    if delta is not None:
+        delta = _inputs.check_real("delta", delta, low=0.0, high=math.inf, open_low=True)
+        if loss_type not in PPO_CLIP_TYPES:
+            raise ValueError(f"delta (two-sided clipping) applies to {', '.join(PPO_CLIP_TYPES)}, not {loss_type!r}")
+    beta = _inputs.check_real("beta", beta, low=0.0, high=math.inf)
+    if beta > 0 and ref_logp is None and per_token_kl is None:
+        raise ValueError("beta > 0 needs ref_logp (the reference model's log-probs of the same tokens)")
+    entropy_coef = _inputs.check_real("entropy_coef", entropy_coef, low=-math.inf, high=math.inf, open_low=True)
+    top_entropy_quantile = _inputs.check_real("top_entropy_quantile", top_entropy_quantile, low=0.0, high=1.0)
+    if (entropy_coef != 0 or top_entropy_quantile < 1) and entropy is None:
+        raise ValueError("entropy_coef != 0 and top_entropy_quantile < 1 need entropy (klops.logprobs returns it)")
+    if loss_type == "vespo" and rollout_logp is not None and rollout_correction.startswith("sequence"):
+        raise ValueError("loss_type='vespo' takes a token-level rollout_correction (its weight sums the log-ratios)")
+    if importance_sampling_level == "sequence" and loss_type in ("vespo", "gpg"):
+        raise ValueError(
+            f"loss_type={loss_type!r} takes no sequence-level ratio; use importance_sampling_level='token'"
+        )
+    if rollout_logp is not None and rollout_correction.endswith("truncate"):
+        if rollout_clip_min is None and rollout_clip_max is None:
+            raise ValueError(f"rollout_correction={rollout_correction!r} needs rollout_clip_min or rollout_clip_max")
+    for name, value in (("rollout_clip_min", rollout_clip_min), ("rollout_clip_max", rollout_clip_max)):
+        if value is not None:
+            _inputs.check_real(name, value, low=0.0, high=math.inf)
+    if rollout_clip_min is not None and rollout_clip_max is not None and rollout_clip_min >= rollout_clip_max:
+        raise ValueError(f"rollout_clip_min={rollout_clip_min} must be below rollout_clip_max={rollout_clip_max}")
+    for name, value in (("sapo_temperature_pos", sapo_temperature_pos), ("sapo_temperature_neg", sapo_temperature_neg)):
+        _inputs.check_real(name, value, low=0.0, high=math.inf, open_low=True)
+    _inputs.check_num_items(num_items)
+    if max_completion_length is not None and (
+        isinstance(max_completion_length, bool) or not isinstance(max_completion_length, numbers.Integral)
+        or max_completion_length < 1
+    ):  # fmt: skip
+        raise ValueError(f"max_completion_length must be a positive int, got {max_completion_length!r}")
+
+    m = (mask != 0).float()
+    A = advantages.float()[:, None] if advantages.dim() == 1 else advantages.float()
+    lp = logp.float()
+    old = lp.detach() if old_logp is None else old_logp.float()
+    log_ratio = lp - old
+    if importance_sampling_level == "sequence":
+        log_w = (log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
+    else:
+        log_w = log_ratio
+    ratio = torch.exp(log_w.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    metrics = {"ratio": _masked_mean(ratio, m)}
+
+    is_ratio = None
+    if rollout_logp is not None:
+        is_ratio = _rollout_ratio(old.detach(), rollout_logp, m, rollout_correction, rollout_clip_min, rollout_clip_max)
+        metrics["is_ratio"] = _masked_mean(is_ratio, m)
+
+    if loss_type in PPO_CLIP_TYPES:
+        clipped = ratio.clamp(1 - epsilon, 1 + epsilon_high) * A
+        unclipped = (ratio if delta is None else ratio.clamp(max=delta)) * A
+        loss_t = -torch.where(unclipped <= clipped, unclipped, clipped)
+        low = (ratio < 1 - epsilon) & (A < 0)
+        high = (ratio > 1 + epsilon_high) & (A > 0)
+        metrics |= {"clip_ratio/low": _masked_mean(low, m), "clip_ratio/high": _masked_mean(high, m),
+                    "clip_ratio/region": _masked_mean(low | high, m)}  # fmt: skip
+    elif loss_type == "cispo":
+        loss_t = -ratio.clamp(max=epsilon_high).detach() * A * lp
+        metrics["clip_ratio/high"] = _masked_mean((ratio > epsilon_high) & (A > 0), m)
+    elif loss_type == "sapo":
+        tau = torch.where(A > 0, sapo_temperature_pos, sapo_temperature_neg)
+        loss_t = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * A
+    elif loss_type == "vespo":
+        log_is = None if is_ratio is None else is_ratio.clamp(min=1e-30).log()
+        phi = _vespo_weights(log_ratio, m, A, log_is, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg)
+        loss_t = -phi * A * lp
+        metrics["phi"] = _masked_mean(phi, m)
+    else:  # gpg
+        loss_t = -A * lp
+
+    if off_policy_mask_threshold is not None:
+        threshold = _inputs.check_real("off_policy_mask_threshold", off_policy_mask_threshold,
+                                       low=-math.inf, high=math.inf, open_low=True)  # fmt: skip
+        sampler = old if rollout_logp is None else rollout_logp.float()
+        drift = ((sampler - lp.detach()) * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
+        loss_t = loss_t * ((A >= 0) | (drift <= threshold)).float()
+    token_weight = m
+    if top_entropy_quantile < 1.0:
+        h = entropy.detach().float()
+        cutoff = torch.nanquantile(torch.where(m > 0, h, torch.nan).flatten(), 1.0 - top_entropy_quantile)
+        token_weight = m * (h >= cutoff).float()  # no valid token: cutoff NaN, nothing kept
+        loss_t = loss_t * token_weight
+    if is_ratio is not None and loss_type != "vespo":
+        loss_t = loss_t * is_ratio
+    if beta > 0 or per_token_kl is not None or ref_logp is not None:
+        kl = kl_estimate(lp, ref_logp, kl_estimator) if per_token_kl is None else per_token_kl.float()
+        if use_bias_correction_kl:
+            kl = kl * ratio
+        metrics["kl"] = _masked_mean(kl, m)
+        if beta > 0:
+            loss_t = loss_t + beta * kl
+
+    unit = LOSS_TYPES[loss_type]
+    B, L = shape
+    if unit == "tokens":
+        count = m.sum() if num_items is None else num_items
+        denominator = torch.as_tensor(count, dtype=torch.float32, device=device).clamp(min=1.0)
+        loss = (loss_t * m).sum() / denominator
+    else:
+        n_seq = B if num_items is None else num_items
+        per_seq = (loss_t * m).sum(-1)
+        if loss_type in ("grpo", "sapo"):
+            per_seq = per_seq / m.sum(-1).clamp(min=1.0)
+        elif loss_type == "dr_grpo":
+            per_seq = per_seq / (L if max_completion_length is None else max_completion_length)
+        loss = per_seq.sum() / torch.as_tensor(n_seq, dtype=torch.float32, device=device).clamp(min=1.0)
+
+    if entropy is not None:
+        h = entropy.float()
+        metrics["entropy"] = _masked_mean(h, m)
+        if entropy_coef != 0:
+            total = (h * token_weight).sum()
+            if unit == "tokens" and loss_type != "bnpo":
+                bonus = total / denominator
+            else:
+                bonus = total / token_weight.sum().clamp(min=1.0)
+            loss = loss - entropy_coef * bonus
+    return loss, metrics
+
+
+def grpo_loss_from_logits(
+    logits: torch.Tensor,
+    completion_ids: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    ref_logits: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+    old_logp: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    kl_estimator: str = "k3",
+    backend: str = "auto",
+    **kwargs,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``grpo_loss`` from the policy logits ``[B, L, V]`` of the completion tokens ``completion_ids [B, L]``.
+
+    The log-probs and (when the loss or the metrics need it) the entropy of ``softmax(logits / T)`` come
+    from one ``klops.logprobs`` sweep (nothing of size ``[B, L, V]`` besides the gradient), with gradients
+    to ``logits`` through both. The reference is ``ref_logp`` or ``ref_logits`` (log-probs taken in the same
+    sweep kind, no gradient). ``kl_estimator="full"`` uses the exact reverse KL(pi || pi_ref) over the
+    whole vocabulary per token (``klops.fused_kl(kind="reverse")``, needs ``ref_logits``) instead of an
+    estimate at the sampled token. Masked positions (``mask == 0``) are not read. Other arguments: as
+    ``grpo_loss``.
+    """
+    _inputs.check_logits("logits", logits)
+    if logits.dim() != 3:
+        raise ValueError(f"logits must have shape [B, L, V], got {tuple(logits.shape)}")
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(logits.shape[:2]):
+        raise ValueError(f"mask must have shape {tuple(logits.shape[:2])} (the rows of logits)")
+    ids = _inputs.as_labels("completion_ids", completion_ids, "logits", logits)
+    ignore = -100
+    labels = torch.where(mask != 0, ids, ignore)
+    needs_entropy = kwargs.get("entropy_coef", 0.0) != 0 or kwargs.get("top_entropy_quantile", 1.0) < 1
+    logp, entropy = logprobs(logits, labels, temperature=temperature, return_entropy=True, backend=backend)
+    if not needs_entropy:
+        entropy = entropy.detach()
+    per_token_kl = None
+    if kl_estimator == "full":
+        if ref_logits is None or ref_logp is not None:
+            raise ValueError('kl_estimator="full" needs ref_logits (the whole reference distribution), not ref_logp')
+        if kwargs.get("beta", 0.0) > 0:
+            per_token_kl = fused_kl(logits, ref_logits, "reverse", temperature=temperature, labels=labels,
+                                    ignore_index=ignore, reduction="none", backend=backend)  # fmt: skip
+        kl_estimator = "k3"  # not used: per_token_kl replaces the estimate
+    elif ref_logits is not None:
+        if ref_logp is not None:
+            raise ValueError("give ref_logits or ref_logp, not both")
+        with torch.no_grad():
+            ref_logp = logprobs(ref_logits, labels, temperature=temperature, backend=backend)
+    return grpo_loss(logp, advantages, mask, old_logp=old_logp, ref_logp=ref_logp, kl_estimator=kl_estimator,
+                     entropy=entropy, per_token_kl=per_token_kl, **kwargs)  # fmt: skip
