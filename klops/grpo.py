@@ -25,7 +25,8 @@ __all__ = ["group_advantages", "kl_estimate", "grpo_loss", "grpo_loss_from_logit
 # Aggregation of each loss type: the unit num_items counts ("tokens" or "sequences").
 LOSS_TYPES = {
     "grpo": "sequences", "bnpo": "tokens", "dr_grpo": "sequences", "dapo": "tokens", "cispo": "tokens",
-    "sapo": "sequences", "luspo": "sequences", "vespo": "tokens", "gpg": "tokens",
+    "sapo": "sequences", "luspo": "sequences", "vespo": "tokens", "gpg": "tokens", "geo_mean": "sequences",
+    "clip_cov": "tokens", "kl_cov": "tokens",
 }  # fmt: skip
 PPO_CLIP_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
@@ -136,6 +137,25 @@ def _vespo_weights(log_ratio, m, advantages, log_is, k_pos, lambda_pos, k_neg, l
     return torch.exp(lam + k * log_w - lam * log_w.exp()).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
 
+def _top_entries(score: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The k (a 0-d tensor) highest-scoring eligible entries of score, ties to the first position: a
+    boolean of score's shape, from a sort (no host sync, whatever k)."""
+    flat = torch.where(eligible, score, -math.inf).flatten()
+    order = flat.argsort(descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    return (rank.view(score.shape) < k) & eligible
+
+
+def _batch_covariance(A: torch.Tensor, lp: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Per-token (A - mean A)(logp - mean logp), the means over the valid tokens of the batch (verl's
+    Clip-Cov / KL-Cov); detached."""
+    A = A.expand_as(lp)
+    count = m.sum().clamp(min=1.0)
+    mean_A = (A * m).sum() / count
+    mean_lp = (lp.detach() * m).sum() / count
+    return (A - mean_A) * (lp.detach() - mean_lp)
+
+
 def grpo_loss(
     logp: torch.Tensor,
     advantages: torch.Tensor,
@@ -167,6 +187,12 @@ def grpo_loss(
     vespo_lambda_pos: float = 3.0,
     vespo_k_neg: float = 3.0,
     vespo_lambda_neg: float = 2.0,
+    clip_cov_ratio: float = 2e-4,
+    clip_cov_lb: float = 1.0,
+    clip_cov_ub: float = 5.0,
+    kl_cov_ratio: float = 2e-4,
+    kl_cov_coef: float = 0.1,
+    generator: torch.Generator | None = None,
     per_token_kl: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO-family policy loss from per-token log-probs; returns ``(loss, metrics)``.
@@ -190,6 +216,14 @@ def grpo_loss(
     - vespo: ``-phi A logp``, ``phi = exp(lambda + k log w - lambda w)`` detached, ``w`` the sequence's
       summed log-ratio (times the rollout IS ratio), ``(k, lambda)`` by ``A >= 0``.
     - gpg (verl): ``-A logp``.
+    - geo_mean (verl's GMPO): per sequence ``-mean_t(A) exp(mean_t d)``, ``d = log r`` clipped in log space to
+      ``[-epsilon, epsilon_high]`` on the side the advantage's sign selects (``s min(s d, s clip(d))``,
+      ``s = sign A``); the rollout IS ratio enters as its geometric mean over the sequence.
+    - clip_cov (verl): the PPO clip loss, with ``max(1, floor(clip_cov_ratio n_tok))`` tokens drawn at random
+      (``generator``) among the unclipped ones whose batch covariance ``(A - mean A)(logp - mean logp)`` lies in
+      ``(clip_cov_lb, clip_cov_ub)`` taken out of the loss.
+    - kl_cov (verl): ``-r A``, plus ``kl_cov_coef |logp - old_logp|`` on the ``max(1, floor(kl_cov_ratio n_tok))``
+      tokens of largest covariance. Both select with a sort, without verl's host syncs.
 
     Then, in TRL's order: times the off-policy sequence mask (``off_policy_mask_threshold``: keep a sequence
     when ``A >= 0`` or ``mean_t(log pi_sampler - log pi) <= threshold``, DeepSeek-V3.2), times the entropy
@@ -201,26 +235,29 @@ def grpo_loss(
     ``use_bias_correction_kl``; ``per_token_kl`` replaces the estimate, e.g. the full-vocabulary KL of
     ``grpo_loss_from_logits``). Aggregation, ``m`` the mask:
 
-    - grpo, sapo: ``sum_i (sum_t m l / max(1, |o_i|)) / n_seq``;  luspo: ``sum_i sum_t m l / n_seq``;
+    - grpo, sapo, geo_mean: ``sum_i (sum_t m l / max(1, |o_i|)) / n_seq``;  luspo: ``sum_i sum_t m l / n_seq``;
     - dr_grpo: ``sum m l / (n_seq * max_completion_length)`` (default: ``L``);
-    - bnpo: ``sum m l / max(1, n_tok)``;  dapo, cispo, vespo, gpg: ``sum m l / n_tok``;
+    - bnpo: ``sum m l / max(1, n_tok)``;  dapo, cispo, vespo, gpg, clip_cov, kl_cov: ``sum m l / n_tok``;
 
     ``n_seq = B`` and ``n_tok = sum m`` unless ``num_items`` (an int or 0-d tensor) gives the global count of
     the type's unit (sequences or tokens; ``LOSS_TYPES``), so that micro-batch losses add up to the
     full-batch loss. The entropy bonus subtracts ``entropy_coef`` times the entropy over the (entropy-
-    masked) valid tokens, normalized as the loss for dapo / cispo / vespo / gpg and as a token mean
+    masked) valid tokens, normalized as the loss for the token-unit types but bnpo, and as a token mean
     otherwise (TRL). TRL's division by the gradient-accumulation steps is left to the trainer.
 
     Differences from TRL: the log-ratios are clamped to [-20, 20] inside every exp; luspo sums masked
     tokens (TRL's token-level luspo averages over padding too); clip metrics are taken before ``delta``
-    (as Liger) and token-weighted at sequence level; vespo and gpg reject sequence-level ratios (vespo's
-    weight is already per sequence, gpg has no ratio). The sequence-level cispo / sapo that Liger rejects
-    are computed as TRL does.
+    (as Liger) and token-weighted at sequence level; vespo, gpg, geo_mean, clip_cov and kl_cov reject
+    sequence-level ratios (their ratio is per sequence already, or none, or verl defines them per
+    token). The sequence-level cispo / sapo that Liger rejects are computed as TRL does. The entropy bonus
+    of clip_cov / kl_cov is normalized as their loss.
 
     Metrics (0-d fp32, detached, token means over valid tokens): ``ratio``; ``clip_ratio/low``, ``/high``,
     ``/region`` (``r < 1 - epsilon`` with ``A < 0``, ``r > 1 + epsilon_high`` with ``A > 0``, for the clipped
     types; cispo: ``clip_ratio/high`` = ``r > epsilon_high`` with ``A > 0``); ``kl`` when ``beta > 0``;
-    ``entropy`` when given; ``is_ratio`` with ``rollout_logp``; ``phi`` for vespo.
+    ``entropy`` when given; ``is_ratio`` with ``rollout_logp``; ``phi`` for vespo; geo_mean's ``clip_ratio/low``
+    and ``/high`` count clipped log-ratios with ``A < 0`` and ``A > 0`` (verl); ``cov_fraction`` for clip_cov /
+    kl_cov (the tokens taken out or penalized).
     """
     if not isinstance(logp, torch.Tensor) or logp.dim() != 2 or not logp.dtype.is_floating_point:
         raise TypeError(f"logp must be a float tensor [B, L], got {getattr(logp, 'shape', type(logp))}")
@@ -257,7 +294,7 @@ def grpo_loss(
         raise ValueError("entropy_coef != 0 and top_entropy_quantile < 1 need entropy (klops.logprobs returns it)")
     if loss_type == "vespo" and rollout_logp is not None and rollout_correction.startswith("sequence"):
         raise ValueError("loss_type='vespo' takes a token-level rollout_correction (its weight sums the log-ratios)")
-    if importance_sampling_level == "sequence" and loss_type in ("vespo", "gpg"):
+    if importance_sampling_level == "sequence" and loss_type in ("vespo", "gpg", "geo_mean", "clip_cov", "kl_cov"):
         raise ValueError(
             f"loss_type={loss_type!r} takes no sequence-level ratio; use importance_sampling_level='token'"
         )
@@ -314,6 +351,33 @@ def grpo_loss(
         phi = _vespo_weights(log_ratio, m, A, log_is, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg)
         loss_t = -phi * A * lp
         metrics["phi"] = _masked_mean(phi, m)
+    elif loss_type == "geo_mean":
+        sign = torch.sign(A)
+        d = log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        d_clipped = sign * torch.minimum(sign * d, sign * d.clamp(-epsilon, epsilon_high))
+        n_i = m.sum(-1, keepdim=True).clamp(min=1.0)
+        log_seq = (d_clipped * m).sum(-1, keepdim=True) / n_i
+        if is_ratio is not None:  # verl: the geometric mean of the IS weights over the sequence
+            log_seq = log_seq + (is_ratio.clamp(min=1e-10).log().expand_as(m) * m).sum(-1, keepdim=True) / n_i
+        loss_t = -((A.expand_as(m) * m).sum(-1, keepdim=True) / n_i) * torch.exp(log_seq)
+        clipped = d != d.clamp(-epsilon, epsilon_high)
+        metrics |= {"clip_ratio/low": _masked_mean(clipped & (A < 0), m),
+                    "clip_ratio/high": _masked_mean(clipped & (A > 0), m)}  # fmt: skip
+    elif loss_type == "clip_cov":
+        clipped = ratio.clamp(1 - epsilon, 1 + epsilon_high) * A
+        unclipped = ratio * A
+        cov = _batch_covariance(A, lp, m)
+        eligible = (m > 0) & ~(clipped < unclipped) & (cov > clip_cov_lb) & (cov < clip_cov_ub)
+        k = (clip_cov_ratio * m.sum()).floor().clamp(min=1.0)
+        priority = torch.rand(m.shape, generator=generator, device=device)
+        dropped = _top_entries(priority, eligible, k)
+        loss_t = -torch.where(unclipped <= clipped, unclipped, clipped) * (~dropped).float()
+        metrics["cov_fraction"] = _masked_mean(dropped, m)
+    elif loss_type == "kl_cov":
+        k = (kl_cov_ratio * m.sum()).floor().clamp(min=1.0)
+        penalized = _top_entries(_batch_covariance(A, lp, m), m > 0, k)
+        loss_t = -ratio * A + kl_cov_coef * penalized.float() * (lp - old).abs()
+        metrics["cov_fraction"] = _masked_mean(penalized, m)
     else:  # gpg
         loss_t = -A * lp
 
@@ -329,7 +393,7 @@ def grpo_loss(
         cutoff = torch.nanquantile(torch.where(m > 0, h, torch.nan).flatten(), 1.0 - top_entropy_quantile)
         token_weight = m * (h >= cutoff).float()  # no valid token: cutoff NaN, nothing kept
         loss_t = loss_t * token_weight
-    if is_ratio is not None and loss_type != "vespo":
+    if is_ratio is not None and loss_type not in ("vespo", "geo_mean"):
         loss_t = loss_t * is_ratio
     if beta > 0 or per_token_kl is not None or ref_logp is not None:
         kl = kl_estimate(lp, ref_logp, kl_estimator) if per_token_kl is None else per_token_kl.float()
@@ -348,7 +412,7 @@ def grpo_loss(
     else:
         n_seq = B if num_items is None else num_items
         per_seq = (loss_t * m).sum(-1)
-        if loss_type in ("grpo", "sapo"):
+        if loss_type in ("grpo", "sapo", "geo_mean"):
             per_seq = per_seq / m.sum(-1).clamp(min=1.0)
         elif loss_type == "dr_grpo":
             per_seq = per_seq / (L if max_completion_length is None else max_completion_length)

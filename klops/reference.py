@@ -164,7 +164,8 @@ def grpo_loss_reference(logp, advantages, mask, *, old_logp=None, ref_logp=None,
                         entropy=None, entropy_coef=0.0, top_entropy_quantile=1.0, off_policy_mask_threshold=None,
                         num_items=None, max_completion_length=None, sapo_temperature_pos=1.0,
                         sapo_temperature_neg=1.05, vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0,
-                        vespo_lambda_neg=2.0):  # fmt: skip
+                        vespo_lambda_neg=2.0, clip_cov_ratio=2e-4, clip_cov_lb=1.0, clip_cov_ub=5.0,
+                        kl_cov_ratio=2e-4, kl_cov_coef=0.1, generator=None):  # fmt: skip
     """The GRPO loss of klops.grpo_loss written token by token in float64 from SPEC.md §3 and TRL's
     GRPOTrainer._compute_loss (same arguments); returns the loss only."""
     B, L = logp.shape
@@ -184,6 +185,8 @@ def grpo_loss_reference(logp, advantages, mask, *, old_logp=None, ref_logp=None,
         pool = torch.stack([entropy[i, t].double() for i in range(B) for t in range(L) if valid[i][t]] or
                            [torch.tensor(math.nan, dtype=torch.float64)])  # fmt: skip
         cutoff = torch.quantile(pool.detach(), 1.0 - top_entropy_quantile) if not pool.isnan().all() else None
+    selected = _reference_cov_tokens(lp, old, advantages, valid, loss_type, epsilon, eps_high, clip_cov_ratio,
+                                     clip_cov_lb, clip_cov_ub, kl_cov_ratio, generator)  # fmt: skip
     total = lp.new_zeros(())
     entropy_total, entropy_count = lp.new_zeros(()), 0
     for i in range(B):
@@ -215,6 +218,24 @@ def grpo_loss_reference(logp, advantages, mask, *, old_logp=None, ref_logp=None,
                 log_w = log_w.clamp(math.log(1e-8), 20.0)
                 k, lam = (vespo_k_pos, vespo_lambda_pos) if a >= 0 else (vespo_k_neg, vespo_lambda_neg)
                 term = -torch.exp(lam + k * log_w - lam * log_w.exp()) * a * lp[i, t]
+            elif loss_type == "geo_mean":  # the sequence's value on each of its tokens
+                log_seq, adv_sum = lp.new_zeros(()), lp.new_zeros(())
+                for u in range(L):
+                    if valid[i][u]:
+                        d = clamp20(lp[i, u] - old[i, u])
+                        s_u = torch.sign(adv(i, u))
+                        log_seq = log_seq + s_u * torch.minimum(s_u * d, s_u * d.clamp(-epsilon, eps_high))
+                        adv_sum = adv_sum + adv(i, u)
+                        if rollout_logp is not None:
+                            w_u = _reference_is_ratio(old, rollout_logp, valid, i, u, rollout_correction,
+                                                      rollout_clip_min, rollout_clip_max)  # fmt: skip
+                            log_seq = log_seq + torch.log(w_u.clamp(min=1e-10))
+                term = -(adv_sum / n_tok[i]) * torch.exp(log_seq / n_tok[i])
+            elif loss_type == "clip_cov":
+                unclipped, clipped = r * a, torch.clamp(r, 1 - epsilon, 1 + eps_high) * a
+                term = -(unclipped if unclipped <= clipped else clipped) * (0.0 if (i, t) in selected else 1.0)
+            elif loss_type == "kl_cov":
+                term = -r * a + (kl_cov_coef * (lp[i, t] - old[i, t]).abs() if (i, t) in selected else 0.0)
             else:  # gpg
                 term = -a * lp[i, t]
             if off_policy_mask_threshold is not None:
@@ -225,7 +246,7 @@ def grpo_loss_reference(logp, advantages, mask, *, old_logp=None, ref_logp=None,
             kept = top_entropy_quantile >= 1.0 or (cutoff is not None and entropy[i, t].double() >= cutoff)
             if not kept:
                 term = term * 0.0
-            if rollout_logp is not None and loss_type != "vespo":
+            if rollout_logp is not None and loss_type not in ("vespo", "geo_mean"):
                 term = term * _reference_is_ratio(old, rollout_logp, valid, i, t, rollout_correction,
                                                   rollout_clip_min, rollout_clip_max)  # fmt: skip
             if beta > 0:
@@ -237,18 +258,48 @@ def grpo_loss_reference(logp, advantages, mask, *, old_logp=None, ref_logp=None,
             if entropy is not None and kept:
                 entropy_total = entropy_total + entropy[i, t].double()
                 entropy_count += 1
-        if loss_type in ("grpo", "sapo"):
+        if loss_type in ("grpo", "sapo", "geo_mean"):
             seq_sum = seq_sum / max(1, n_tok[i])
         elif loss_type == "dr_grpo":
             seq_sum = seq_sum / (L if max_completion_length is None else max_completion_length)
         total = total + seq_sum
-    by_tokens = loss_type in ("bnpo", "dapo", "cispo", "vespo", "gpg")
+    by_tokens = loss_type in ("bnpo", "dapo", "cispo", "vespo", "gpg", "clip_cov", "kl_cov")
     count = (sum(n_tok) if by_tokens else B) if num_items is None else float(num_items)
     loss = total / max(1.0, count)
     if entropy_coef != 0:
         per_token = by_tokens and loss_type != "bnpo"
         loss = loss - entropy_coef * entropy_total / (max(1.0, count) if per_token else max(1, entropy_count))
     return loss
+
+
+def _reference_cov_tokens(lp, old, advantages, valid, loss_type, epsilon, eps_high, clip_cov_ratio, clip_cov_lb,
+                          clip_cov_ub, kl_cov_ratio, generator):  # fmt: skip
+    """The (i, t) that verl's Clip-Cov takes out of the loss (a random draw among the unclipped tokens of
+    covariance in (lb, ub)) or KL-Cov penalizes (the largest covariances); ties to the first position."""
+    if loss_type not in ("clip_cov", "kl_cov"):
+        return set()
+    B, L = lp.shape
+    lp, old = lp.detach(), old.detach()
+    tokens = [(i, t) for i in range(B) for t in range(L) if valid[i][t]]
+
+    def adv(i, t):
+        return float(advantages[i] if advantages.dim() == 1 else advantages[i, t])
+
+    mean_a = sum(adv(i, t) for i, t in tokens) / max(1, len(tokens))
+    mean_lp = sum(float(lp[i, t]) for i, t in tokens) / max(1, len(tokens))
+    cov = {(i, t): (adv(i, t) - mean_a) * (float(lp[i, t]) - mean_lp) for i, t in tokens}
+    if loss_type == "kl_cov":
+        k = max(1, math.floor(kl_cov_ratio * len(tokens)))
+        return set(sorted(tokens, key=lambda it: -cov[it])[:k])
+    priority = torch.rand((B, L), generator=generator, device=lp.device)
+    k = max(1, math.floor(clip_cov_ratio * len(tokens)))
+
+    def unclipped(i, t):
+        r = math.exp(max(-20.0, min(20.0, float(lp[i, t] - old[i, t]))))
+        return min(max(r, 1 - epsilon), 1 + eps_high) * adv(i, t) >= r * adv(i, t)
+
+    eligible = [it for it in tokens if unclipped(*it) and clip_cov_lb < cov[it] < clip_cov_ub]
+    return set(sorted(eligible, key=lambda it: -float(priority[it]))[:k])
 
 
 def _reference_is_ratio(old, rollout_logp, valid, i, t, mode, clip_min, clip_max):

@@ -38,22 +38,28 @@ def rl_inputs(gen, B=B, L=L):
     return {k: v.float().to(DEVICE) for k, v in tensors.items()}
 
 
-def run_both(inputs, **kw):
-    """(loss, d loss / d logp, metrics) from klops and (loss, grad) from the reference."""
+def run_both(inputs, seed=None, **kw):
+    """(loss, d loss / d logp, metrics) from klops and (loss, grad) from the reference; ``seed`` seeds a
+    generator of its own for each (clip_cov's random draw)."""
     x = dict(inputs)
+    if seed is not None:
+        kw_ref = kw | {"generator": torch.Generator(device=DEVICE).manual_seed(seed)}
+        kw = kw | {"generator": torch.Generator(device=DEVICE).manual_seed(seed)}
+    else:
+        kw_ref = kw
     logp = x.pop("logp")
     z = logp.clone().requires_grad_()
     z_ref = logp.double().clone().requires_grad_()
     advantages, mask = x.pop("advantages"), x.pop("mask")
     loss, metrics = klops.grpo_loss(z, advantages, mask, **x, **kw)
-    ref = grpo_loss_reference(z_ref, advantages, mask, **x, **kw)
+    ref = grpo_loss_reference(z_ref, advantages, mask, **x, **kw_ref)
     loss.backward()
     ref.backward()
     return loss, z.grad, metrics, ref, z_ref.grad
 
 
-def check(inputs, **kw):
-    loss, grad, metrics, ref, ref_grad = run_both(inputs, **kw)
+def check(inputs, seed=None, **kw):
+    loss, grad, metrics, ref, ref_grad = run_both(inputs, seed, **kw)
     assert loss.dtype == torch.float32 and loss.dim() == 0
     assert_close(loss, ref, (1e-5, 1e-6), "loss", floor=1e-7)
     assert_close(grad, ref_grad, (1e-4, 1e-5), "grad", floor=1e-8)
@@ -65,7 +71,7 @@ def check(inputs, **kw):
 def cases():
     for loss_type in LOSS_TYPES:
         for level in ("token", "sequence"):
-            if level == "sequence" and loss_type in ("vespo", "gpg"):
+            if level == "sequence" and loss_type in ("vespo", "gpg", "geo_mean", "clip_cov", "kl_cov"):
                 continue
             for beta in (0.0, 0.04):
                 for rollout in (None, "token_mask" if loss_type == "vespo" else "sequence_mask"):
@@ -80,9 +86,13 @@ def test_matches_reference(loss_type, level, beta, rollout, gen):
     kw = dict(loss_type=loss_type, importance_sampling_level=level, beta=beta, epsilon_high=0.28)
     if loss_type == "cispo":
         kw["epsilon_high"] = 1.1  # the cap itself, inside the spread of ratios
+    # Select a few tokens of a batch of 24: verl's defaults select one in 5000.
+    kw |= dict(clip_cov=dict(clip_cov_ratio=0.15, clip_cov_lb=-0.5), kl_cov=dict(kl_cov_ratio=0.15)).get(loss_type, {})
     if rollout is not None:
         kw |= dict(rollout_correction=rollout, rollout_clip_max=1.2)
-    check(inputs, **kw)
+    metrics = check(inputs, seed=7, **kw)
+    if loss_type in ("clip_cov", "kl_cov"):
+        assert metrics["cov_fraction"].item() > 0
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "luspo"])
@@ -121,9 +131,10 @@ def test_entropy_bonus_and_masks(loss_type, gen):
     check(inputs, **kw)
 
 
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", [t for t in LOSS_TYPES if t not in ("clip_cov", "kl_cov")])
 def test_num_items_adds_micro_batches(loss_type, gen):
-    """Micro-batch losses normalized by the global count (of tokens or sequences) sum to the full batch's."""
+    """Micro-batch losses normalized by the global count (of tokens or sequences) sum to the full batch's
+    (not clip_cov / kl_cov, whose token selection is per call, as in verl)."""
     inputs = rl_inputs(gen, B=6, L=8)
     x = {k: v for k, v in inputs.items() if k not in ("logp", "advantages", "mask", "rollout_logp")}
     kw = dict(loss_type=loss_type, beta=0.05, epsilon_high=1.1 if loss_type == "cispo" else None)
@@ -232,6 +243,7 @@ BAD = [
     (dict(beta=0.1, ref_logp=None), ValueError, "beta > 0 needs ref_logp"),
     (dict(delta=1.5, loss_type="sapo"), ValueError, "delta .* not 'sapo'"),
     (dict(importance_sampling_level="sequence", loss_type="gpg"), ValueError, "takes no sequence-level ratio"),
+    (dict(importance_sampling_level="sequence", loss_type="kl_cov"), ValueError, "takes no sequence-level ratio"),
     (dict(top_entropy_quantile=0.5, entropy=None), ValueError, "need entropy"),
     (dict(rollout_correction="token_truncate", rollout_clip_max=None), ValueError, "needs rollout_clip_min or"),
     (dict(rollout_clip_min=2.0, rollout_clip_max=1.0), ValueError, "must be below rollout_clip_max"),
