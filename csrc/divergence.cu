@@ -1,4 +1,4 @@
-// Token-level divergences over the vocabulary (SPEC.md §1): the CUDA twin of kernels/divergence.py.
+// Token-level divergences over the vocabulary (docs/losses.md §1): the CUDA twin of kernels/divergence.py.
 //
 // One thread block handles one row (token) r = b * L + l and streams its V entries; nothing of size
 // (N, V) is allocated besides the gradient. With z the student logits, y the teacher, c = 1/T and

@@ -7,8 +7,8 @@
 
 #include <string>
 
-#ifndef KLOPS_CUDA_ARCH_LIST
-#error "KLOPS_CUDA_ARCH_LIST must be defined by setup.py"
+#if !defined(KLOPS_CUDA_ARCH_LIST) || !defined(KLOPS_TORCH_VERSION)
+#error "KLOPS_CUDA_ARCH_LIST and KLOPS_TORCH_VERSION must be defined by setup.py"
 #endif
 
 namespace {
@@ -21,12 +21,16 @@ std::string cuda_version() {
 // The TORCH_CUDA_ARCH_LIST this module was compiled for, e.g. "9.0".
 std::string arch_list() { return KLOPS_CUDA_ARCH_LIST; }
 
+// The torch version this module was compiled against, e.g. "2.14.1": its C++ ABI is that torch's.
+std::string torch_version() { return KLOPS_TORCH_VERSION; }
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "CUDA kernels of klops, registered as torch.ops.klops_C.*";
   m.def("cuda_version", &cuda_version, "CUDA toolkit version klops._C was compiled with");
   m.def("arch_list", &arch_list, "TORCH_CUDA_ARCH_LIST klops._C was compiled for");
+  m.def("torch_version", &torch_version, "torch version klops._C was compiled against");
 }
 
 // kind indexes ("forward", "reverse", "jsd", "skew_forward", "skew_reverse", "tv", "alpha"),

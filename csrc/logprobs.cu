@@ -1,4 +1,4 @@
-// Log-softmax-gather and entropy (SPEC.md §2): the CUDA twin of kernels/logprobs.py.
+// Log-softmax-gather and entropy (docs/losses.md §2): the CUDA twin of kernels/logprobs.py.
 //
 // One thread block handles one row (token) r = b * L + l. With c = 1/T, the raw row max (max_z) and
 // the shifted log-sum of row_reduce.cuh (Lse), q = softmax(z c) and y the label of the row:

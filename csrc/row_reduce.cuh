@@ -192,7 +192,7 @@ struct LseOp {
 };
 
 // Lse plus w = sum exp(d) d with d = (z - m) c, relative to the running raw max m: the row's
-// entropy H = log s - w / s (SPEC.md §2).
+// entropy H = log s - w / s (docs/losses.md §2).
 struct Entropy {
   float m;
   float s;

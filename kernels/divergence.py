@@ -1,4 +1,4 @@
-"""Triton kernels for token-level divergences over the vocabulary (SPEC.md §1).
+"""Triton kernels for token-level divergences over the vocabulary (docs/losses.md §1).
 
 One program handles one row (token) and streams its V logits in blocks of BLOCK_V; nothing of size
 [N, V] is allocated besides the gradient. With z the student logits, y the teacher and T the temperature:
@@ -130,7 +130,7 @@ def teacher_logprobs(y, max_t, logsum_t, inv_temperature, TARGET: tl.constexpr):
 
 @triton.jit
 def divergence_terms(lq, lp, coef, KIND: tl.constexpr):
-    """Per-entry (loss_v, a_v) of SPEC.md §1; coef is beta (jsd) or alpha (skew_*, alpha).
+    """Per-entry (loss_v, a_v) of docs/losses.md §1; coef is beta (jsd) or alpha (skew_*, alpha).
 
     The mixtures of jsd / skew_* are logs of the mixed probabilities, log(w p + (1 - w) q): one log
     where logaddexp of the log-probabilities costs an exp and a log. They are -inf only where p and q

@@ -1,4 +1,4 @@
-"""Triton kernels for log-softmax-gather and entropy (SPEC.md §2), one program per row.
+"""Triton kernels for log-softmax-gather and entropy (docs/losses.md §2), one program per row.
 
 With q = softmax(z/T), y the label of the row, max = max_v z_v (raw units) and
 logsum = log sum_v exp((z_v - max)/T), so that log q = (z - max)/T - logsum:

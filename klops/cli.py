@@ -1,19 +1,38 @@
 """The ``klops`` command line: ``klops info`` and ``klops bench``."""
 
 import argparse
+import importlib.metadata
 import platform
 import sys
 
 import torch
 
 from . import __version__, _inputs, bench
-from .backend import CUDA_EXTENSION, TRITON_VERSION, available_backends, resolve_backend, triton_interpreter
+from .backend import (
+    CUDA_EXTENSION,
+    CUDA_EXTENSION_PROBLEM,
+    TRITON_VERSION,
+    available_backends,
+    resolve_backend,
+    triton_interpreter,
+)
+
+DISTRIBUTION = "klops-kernels"
+
+
+def distribution_version() -> str:
+    """The installed klops-kernels version (with the +cu...torch... of a CUDA build), or klops.__version__
+    when klops runs from a source tree that is not installed."""
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return __version__
 
 
 def info() -> str:
     """Versions, devices, usable backends and the state of the CUDA extension, one per line."""
     lines = [
-        f"klops {__version__}",
+        f"{DISTRIBUTION} {distribution_version()} (import klops)",
         f"python {platform.python_version()}",
         f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
         f"triton {TRITON_VERSION or 'not installed'}" + (" (TRITON_INTERPRET=1)" if triton_interpreter() else ""),
@@ -24,11 +43,17 @@ def info() -> str:
             lines.append(f"gpu {i}: {torch.cuda.get_device_name(i)} (sm_{major}{minor})")
     else:
         lines.append("gpu: none")
-    if CUDA_EXTENSION is None:
+    if CUDA_EXTENSION_PROBLEM is not None:
+        lines.append(f"klops._C: not used: {CUDA_EXTENSION_PROBLEM}")
+    elif CUDA_EXTENSION is None:
         lines.append("klops._C: not built (install with KLOPS_BUILD_CUDA=1 to build it)")
     else:
-        built = f"TORCH_CUDA_ARCH_LIST={CUDA_EXTENSION.arch_list()} with CUDA {CUDA_EXTENSION.cuda_version()}"
-        lines.append(f"klops._C: built for {built}")
+        archs = CUDA_EXTENSION.arch_list()
+        sms = ", ".join("sm_" + arch.replace(".", "") for arch in archs.split(";"))
+        lines.append(
+            f"klops._C: built for TORCH_CUDA_ARCH_LIST={archs} ({sms}) with CUDA {CUDA_EXTENSION.cuda_version()} "
+            f"against torch {CUDA_EXTENSION.torch_version()}"
+        )
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for device in devices:
         usable = ", ".join(available_backends(device))
@@ -68,6 +93,7 @@ def bench_device(name: str | None) -> torch.device:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="klops", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"{DISTRIBUTION} {distribution_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, devices, usable backends, CUDA extension")
     bench_parser = commands.add_parser(

@@ -1,4 +1,4 @@
-"""``klops.fused_kl``: token-level KL and f-divergences on logits (SPEC.md §1).
+"""``klops.fused_kl``: token-level KL and f-divergences on logits (docs/losses.md §1).
 
 Layers of this op: ``kernels/divergence.py`` (Triton), ``csrc/divergence.cu`` (CUDA), the chunked torch
 backend below, the custom ops ``klops::divergence`` / ``klops::divergence_backward``, and ``fused_kl``.
@@ -226,7 +226,7 @@ DEFAULT_COEFFICIENT = 0.5
 def _check_coefficient(kind: str, beta, alpha) -> tuple[str, float]:
     """The kernel's (kind, coef) from the coefficient the kind takes (DEFAULT_COEFFICIENT when None); a
     coefficient given to a kind that does not take it is an error, never silently ignored. jsd with
-    beta 0 / 1 is exactly forward / reverse KL (SPEC.md §1)."""
+    beta 0 / 1 is exactly forward / reverse KL (docs/losses.md §1)."""
     takes = COEFFICIENT_OF.get(kind)
     for name, value in (("beta", beta), ("alpha", alpha)):
         if value is not None and name != takes:
@@ -252,7 +252,7 @@ def _check_coefficient(kind: str, beta, alpha) -> tuple[str, float]:
 
 
 def reduce_rows(rows: torch.Tensor, valid: torch.Tensor, reduction: str, num_items) -> torch.Tensor:
-    """SPEC.md §0 reductions of per-row values (0 on invalid rows); no host sync."""
+    """docs/losses.md §0 reductions of per-row values (0 on invalid rows); no host sync."""
     if reduction == "none":
         return rows
     total = rows.sum()
@@ -302,7 +302,7 @@ def fused_kl(
 
     Args:
         student_logits: [..., V] fp32/bf16/fp16, stride 1 along V; receives the gradient
-            ``dD/dz = q (g - sum q g) / T`` (SPEC.md §1) in its own dtype.
+            ``dD/dz = q (g - sum q g) / T`` (docs/losses.md §1) in its own dtype.
         teacher_logits: [..., V], any of those dtypes; gets no gradient (it is treated as a constant).
         beta: jsd's mixture weight (default 0.5); alpha: skew_forward / skew_reverse's mixture weight or
             Amari's alpha (default 0.5). A coefficient the kind does not take raises ValueError.

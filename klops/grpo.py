@@ -1,4 +1,4 @@
-"""RL policy losses on per-token log-probs: group advantages, KL estimators and the GRPO family (SPEC.md §3).
+"""RL policy losses on per-token log-probs: group advantages, KL estimators and the GRPO family (docs/losses.md §3).
 
 ``grpo_loss`` takes the per-token log-probs of the sampled completion tokens (``[B, L]``, with gradient:
 ``klops.logprobs`` computes them with the entropy in one sweep over the vocabulary) and returns the loss
@@ -32,7 +32,7 @@ PPO_CLIP_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
 ROLLOUT_CORRECTIONS = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 SCALES = ("group", "batch", "none")
-LOG_RATIO_CLAMP = 20.0  # |rho| <= 20 before exp (SPEC.md §3)
+LOG_RATIO_CLAMP = 20.0  # |rho| <= 20 before exp (docs/losses.md §3)
 
 
 def _nanstd(x: torch.Tensor, dim=None) -> torch.Tensor:
@@ -76,7 +76,7 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3
     """Per-token estimate of KL(pi || pi_ref) at the sampled token, with ``rho = ref_logp - logp``:
 
     ``k1 = -rho``, ``k2 = rho^2 / 2``, ``k3 = exp(rho) - rho - 1`` (TRL's default; verl's ``low_var_kl``),
-    ``abs = |rho|``. ``rho`` is clamped to [-20, 20] inside the ``exp`` (SPEC.md §3), where TRL does not
+    ``abs = |rho|``. ``rho`` is clamped to [-20, 20] inside the ``exp`` (docs/losses.md §3), where TRL does not
     clamp. Gradients flow to ``logp`` only: ``dk3/dlogp = 1 - exp(rho)``. Same shape as ``logp``, fp32.
     """
     _inputs.check_choice("estimator", estimator, KL_ESTIMATORS)

@@ -1,4 +1,4 @@
-"""``klops.logprobs``: log-softmax-gather and entropy in one pass (SPEC.md §2).
+"""``klops.logprobs``: log-softmax-gather and entropy in one pass (docs/losses.md §2).
 
 Layers of this op: ``kernels/logprobs.py`` (Triton), ``csrc/logprobs.cu`` (CUDA), the chunked torch
 backend below, the custom ops ``klops::logprobs`` / ``klops::logprobs_backward``, and ``logprobs``.

@@ -1,4 +1,4 @@
-"""Float64 reference of every klops op, written plainly from SPEC.md.
+"""Float64 reference of every klops op, written plainly from docs/losses.md.
 
 This is the oracle of the tests: it materializes full [N, V] float64 tensors, uses torch autograd for
 its gradients and shares no code with the kernels. It is not a backend (the chunked ``torch`` backend
@@ -46,7 +46,7 @@ def divergence_reference(
     temperature: float = 1.0,
     target_is: str = "logits",
 ) -> torch.Tensor:
-    """Per-row divergence D(p, q) of SPEC.md §1 in float64, shape ``student_logits.shape[:-1]``."""
+    """Per-row divergence D(p, q) of docs/losses.md §1 in float64, shape ``student_logits.shape[:-1]``."""
     log_q = torch.log_softmax(student_logits.double() / temperature, dim=-1)
     log_p = _teacher_logprobs(teacher_logits, target_is, temperature)
     q, p = log_q.exp(), log_p.exp()
@@ -103,7 +103,7 @@ def fused_kl_reference(
     num_items: int | torch.Tensor | None = None,
     target_is: str = "logits",
 ) -> torch.Tensor:
-    """What ``klops.fused_kl`` returns, in float64: masked, weighted and reduced as SPEC.md §0 says."""
+    """What ``klops.fused_kl`` returns, in float64: masked, weighted and reduced as docs/losses.md §0 says."""
     rows = divergence_reference(
         student_logits, teacher_logits, kind, beta=beta, alpha=alpha, temperature=temperature, target_is=target_is
     )
@@ -128,7 +128,7 @@ def logprobs_reference(
     temperature: float = 1.0,
     ignore_index: int = -100,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-prob of the label, entropy) per row in float64 (SPEC.md §2); ignored rows give 0, 0."""
+    """(log-prob of the label, entropy) per row in float64 (docs/losses.md §2); ignored rows give 0, 0."""
     log_q = torch.log_softmax(logits.double() / temperature, dim=-1)
     labels = labels.long()
     valid = labels != ignore_index
@@ -166,7 +166,7 @@ def grpo_loss_reference(logp, advantages, mask, *, old_logp=None, ref_logp=None,
                         sapo_temperature_neg=1.05, vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0,
                         vespo_lambda_neg=2.0, clip_cov_ratio=2e-4, clip_cov_lb=1.0, clip_cov_ub=5.0,
                         kl_cov_ratio=2e-4, kl_cov_coef=0.1, generator=None):  # fmt: skip
-    """The GRPO loss of klops.grpo_loss written token by token in float64 from SPEC.md §3 and TRL's
+    """The GRPO loss of klops.grpo_loss written token by token in float64 from docs/losses.md §3 and TRL's
     GRPOTrainer._compute_loss (same arguments); returns the loss only."""
     B, L = logp.shape
     lp = logp.double()

@@ -5,13 +5,14 @@ import json
 import pytest
 import torch
 
+import klops
 from klops import bench, cli
 
 
 def test_info(capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("klops ") and f"torch {torch.__version__}" in out
+    assert out.startswith("klops-kernels ") and "(import klops)" in out and f"torch {torch.__version__}" in out
     assert "backends on cpu: " in out and "(auto: torch)" in out and "klops._C: " in out
     assert "label check: CPU tensors on the host; GPU tensors by a device-side assertion, no host sync" in out
 
@@ -51,3 +52,10 @@ def test_bench_rejects_non_positive_repeats(repeats, capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "--repeats", repeats])
     assert "must be a positive integer" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith(f"klops-kernels {klops.__version__}")

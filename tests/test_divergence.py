@@ -1,4 +1,4 @@
-"""klops.fused_kl against the float64 reference (SPEC.md §1, §7), on every backend usable here."""
+"""klops.fused_kl against the float64 reference (docs/losses.md §1, §7), on every backend usable here."""
 
 import math
 
@@ -257,7 +257,7 @@ def test_reference_gradcheck(kind, gen):
 
 
 def test_reference_known_values():
-    """Hand-computed values pin the reference itself to SPEC.md."""
+    """Hand-computed values pin the reference itself to docs/losses.md."""
     p = torch.tensor([[0.5, 0.5]], dtype=torch.float64)
     q = torch.tensor([[0.25, 0.75]], dtype=torch.float64)
     z, y = q.log(), p.log()
@@ -295,7 +295,7 @@ def test_running_max_moves_across_blocks(kind, backend, gen):
 
 @pytest.mark.parametrize("kind", ["forward", "jsd"])
 def test_vocab_256k(kind, backend, gen):
-    """V = 262144 (SPEC.md §7's largest vocabulary), bf16, with a padded tail."""
+    """V = 262144 (docs/losses.md §7's largest vocabulary), bf16, with a padded tail."""
     student = randn(2, 262144, gen=gen, dtype=torch.bfloat16, scale=3.0)
     teacher = randn(2, 262144, gen=gen, dtype=torch.bfloat16, scale=3.0)
     student[:, -100:] = -math.inf

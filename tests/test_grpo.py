@@ -1,4 +1,4 @@
-"""klops.grpo_loss (and its helpers) against the float64 token-by-token reference (SPEC.md §3)."""
+"""klops.grpo_loss (and its helpers) against the float64 token-by-token reference (docs/losses.md §3)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""klops.logprobs (log-softmax-gather and entropy) against the float64 reference (SPEC.md §2, §7)."""
+"""klops.logprobs (log-softmax-gather and entropy) against the float64 reference (docs/losses.md §2, §7)."""
 
 import math
 
