@@ -251,6 +251,38 @@ def _check_coefficient(kind: str, beta, alpha) -> tuple[str, float]:
     return kind, alpha
 
 
+def check_divergence_options(kind, beta, alpha, temperature, target_is, reduction, num_items):
+    """The checks of fused_kl's scalar options; returns the kernel's (kind, coef) and the temperature."""
+    _inputs.check_choice("kind", kind, DIVERGENCE_KINDS)
+    _inputs.check_choice("target_is", target_is, TARGET_KINDS)
+    _inputs.check_choice("reduction", reduction, _inputs.REDUCTIONS)
+    kernel_kind, coef = _check_coefficient(kind, beta, alpha)
+    temperature = _inputs.check_temperature(temperature)
+    _inputs.check_num_items(num_items)
+    if num_items is not None and reduction == "none":
+        raise ValueError('num_items divides a reduced loss; it cannot be given with reduction="none"')
+    return kernel_kind, coef, temperature
+
+
+def valid_rows_and_weights(ref_name, ref, vocab_size, labels, mask, weights, ignore_index):
+    """(valid [...] bool, weights [...] or None) for the rows of ref ([..., V] logits or [..., D] hidden
+    states): labels (checked in range) and mask select rows; [N] weights are viewed as the rows' shape."""
+    rows_shape = ref.shape[:-1]
+    valid = torch.ones(rows_shape, dtype=torch.bool, device=ref.device)
+    if labels is not None:
+        labels = _inputs.as_labels("labels", labels, ref_name, ref)
+        _inputs.check_labels_in_range("labels", labels, vocab_size, ignore_index)
+        valid = valid & (labels != ignore_index)
+    if mask is not None:
+        _inputs.check_same_rows("mask", mask, ref_name, ref)
+        valid = valid & (mask != 0)
+    if weights is not None:
+        if isinstance(weights, torch.Tensor) and weights.dim() == 1 and weights.numel() == math.prod(rows_shape):
+            weights = weights.reshape(rows_shape)  # flat [N] weights
+        _inputs.check_same_rows("weights", weights, ref_name, ref)
+    return valid, weights
+
+
 def reduce_rows(rows: torch.Tensor, valid: torch.Tensor, reduction: str, num_items) -> torch.Tensor:
     """docs/losses.md §0 reductions of per-row values (0 on invalid rows); no host sync."""
     if reduction == "none":
@@ -319,9 +351,9 @@ def fused_kl(
     """
     _inputs.check_logits("student_logits", student_logits)
     _inputs.check_logits("teacher_logits", teacher_logits)
-    _inputs.check_choice("kind", kind, DIVERGENCE_KINDS)
-    _inputs.check_choice("target_is", target_is, TARGET_KINDS)
-    _inputs.check_choice("reduction", reduction, _inputs.REDUCTIONS)
+    kernel_kind, coef, temperature = check_divergence_options(
+        kind, beta, alpha, temperature, target_is, reduction, num_items
+    )
     if teacher_logits.shape[-1] != student_logits.shape[-1]:
         raise ValueError(
             f"vocabulary mismatch: student_logits has V={student_logits.shape[-1]}, teacher_logits has "
@@ -336,26 +368,10 @@ def fused_kl(
         raise ValueError(
             f"teacher_logits is on {teacher_logits.device} but student_logits is on {student_logits.device}"
         )
-    kernel_kind, coef = _check_coefficient(kind, beta, alpha)
-    temperature = _inputs.check_temperature(temperature)
-    _inputs.check_num_items(num_items)
-    if num_items is not None and reduction == "none":
-        raise ValueError('num_items divides a reduced loss; it cannot be given with reduction="none"')
     rows_shape = student_logits.shape[:-1]
-    valid = torch.ones(rows_shape, dtype=torch.bool, device=student_logits.device)
-    if labels is not None:
-        labels = _inputs.as_labels("labels", labels, "student_logits", student_logits)
-        _inputs.check_labels_in_range("labels", labels, student_logits.shape[-1], ignore_index)
-        valid = valid & (labels != ignore_index)
-    if mask is not None:
-        _inputs.check_same_rows("mask", mask, "student_logits", student_logits)
-        valid = valid & (mask != 0)
-    if weights is not None:
-        if (
-            isinstance(weights, torch.Tensor) and weights.dim() == 1 and weights.numel() == math.prod(rows_shape)
-        ):  # flat [N] weights
-            weights = weights.reshape(rows_shape)
-        _inputs.check_same_rows("weights", weights, "student_logits", student_logits)
+    valid, weights = valid_rows_and_weights(
+        "student_logits", student_logits, student_logits.shape[-1], labels, mask, weights, ignore_index
+    )
     backend = resolve_backend(backend, student_logits.device)
 
     student3, teacher3 = _inputs.as_rows(student_logits, teacher_logits)

@@ -1,0 +1,467 @@
+"""Fused-linear losses: from the last hidden states and the LM head to the loss, never forming the
+``[N, V]`` logits (docs/losses.md §1 and §2 on ``logits = softcap(hidden @ weight.T + bias)``).
+
+Layers of these ops: the custom ops ``klops::linear_logprobs`` / ``klops::linear_divergence`` and their
+backwards, over the row ops of ``klops.logprobs`` and ``klops.divergence`` (so each chunk runs on the
+chosen backend's kernels: Triton, CUDA or the chunked torch code), and the public functions.
+
+Strategy (as Cut Cross-Entropy's): rows are taken in chunks of ``C = LINEAR_CHUNK_ELEMENTS // V``; a chunk's
+logits ``[C, V]`` come from one matmul, are swept by the row kernel and dropped, and the forward keeps the
+row statistics only. The backward forms each chunk's logits again, turns the row gradient ``dz [C, V]``
+into ``grad_hidden = dz @ W`` and ``grad_weight += dz^T @ h`` (an fp32 accumulator, cast at the end) and
+drops it. Extra memory: two ``[C, V]`` temporaries and the fp32 ``[V, D]`` weight gradient, whatever
+``N``; FLOPs ``8 N V D`` (the forward matmul, its recomputation, the two gradient matmuls) where a trainer
+that stores the logits spends ``6 N V D`` and ``N V`` of memory per stored tensor.
+
+``softcap`` is Gemma-2's final-logit soft-capping ``s tanh(z / s)``, applied before the temperature to the
+logits formed from hidden states (student and teacher), with its derivative ``1 - tanh^2`` in the
+gradient; logits given as ``teacher_logits`` are used as they are.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import _inputs
+from .backend import resolve_backend
+from .divergence import (
+    check_divergence_options,
+    divergence_backward_op,
+    divergence_op,
+    reduce_rows,
+    valid_rows_and_weights,
+)
+from .logprobs import logprobs_backward_op, logprobs_op
+
+__all__ = ["fused_linear_logprobs", "fused_linear_kl"]
+
+# Entries of one chunk's logits: 2^24 is 64 MiB in fp32 (128 rows of a 128k vocabulary).
+LINEAR_CHUNK_ELEMENTS = 1 << 24
+
+
+def _row_chunks(N: int, V: int):
+    step = max(1, LINEAR_CHUNK_ELEMENTS // V)
+    for start in range(0, N, step):
+        yield slice(start, min(N, start + step))
+
+
+def _chunk_logits(hidden, weight, bias, softcap):
+    """(logits [C, V], tanh(z / s) or None) of a chunk of rows: ``F.linear`` in the inputs' dtype, then
+    the soft cap in fp32 when asked."""
+    z = F.linear(hidden, weight, bias)
+    if softcap is None:
+        return z, None
+    t = torch.tanh(z.float() / softcap)
+    return softcap * t, t
+
+
+def _accumulate_grads(dz, t, hidden, weight, grads, rows) -> None:
+    """grad_hidden[rows] = dz' @ W, grad_weight += dz'^T h, grad_bias += sum dz' with dz' = dz (1 - t^2)
+    under a soft cap; the matmuls run in the weight's dtype, the sums over chunks in fp32."""
+    if t is not None:
+        dz = dz.float() * (1.0 - t * t)
+    dz = dz.to(weight.dtype)
+    grad_hidden, grad_weight, grad_bias = grads
+    grad_hidden[rows] = (dz @ weight).to(grad_hidden.dtype)
+    grad_weight += (dz.t() @ hidden.to(weight.dtype)).float()
+    if grad_bias.numel():
+        grad_bias += dz.float().sum(0)
+
+
+def _new_grads(hidden, weight, bias):
+    V, D = weight.shape
+    return (
+        torch.empty_like(hidden),
+        torch.zeros((V, D), dtype=torch.float32, device=weight.device),
+        torch.zeros((V if bias is not None else 0,), dtype=torch.float32, device=weight.device),
+    )
+
+
+def _fake_grads(hidden, weight, bias):
+    return (
+        torch.empty_like(hidden),
+        torch.empty_like(weight),
+        weight.new_empty(0) if bias is None else torch.empty_like(bias),
+    )
+
+
+def _cast_grads(grads, weight, bias):
+    grad_hidden, grad_weight, grad_bias = grads
+    return grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype if bias is None else bias.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# log-probs and entropy
+
+
+@torch.library.custom_op("klops::linear_logprobs", mutates_args=())
+def linear_logprobs_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    temperature: float,
+    softcap: float | None,
+    with_entropy: bool,
+    ignore_index: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[N, D] hidden, [V, D] weight, [V] bias or None, [N] labels -> (logprob, entropy, max, logsum) [N]
+    fp32 of the rows' logits, a chunk of rows at a time."""
+    N, V = hidden.shape[0], weight.shape[0]
+    outputs = tuple(torch.zeros(N, dtype=torch.float32, device=hidden.device) for _ in range(4))
+    for rows in _row_chunks(N, V):
+        z, _ = _chunk_logits(hidden[rows], weight, bias, softcap)
+        chunk = logprobs_op(z[None], labels[rows][None], temperature, with_entropy, ignore_index, backend)
+        for out, value in zip(outputs, chunk):
+            out[rows] = value[0]
+    return outputs
+
+
+@linear_logprobs_op.register_fake
+def _(hidden, weight, bias, labels, temperature, softcap, with_entropy, ignore_index, backend):
+    return tuple(hidden.new_empty(hidden.shape[0], dtype=torch.float32) for _ in range(4))
+
+
+@torch.library.custom_op("klops::linear_logprobs_backward", mutates_args=())
+def linear_logprobs_backward_op(
+    grad_logp: torch.Tensor,
+    grad_entropy: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    max_z: torch.Tensor,
+    logsum: torch.Tensor,
+    entropy: torch.Tensor,
+    temperature: float,
+    softcap: float | None,
+    with_entropy: bool,
+    ignore_index: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[N] fp32 grads of logprob and entropy -> (grad_hidden [N, D], grad_weight [V, D], grad_bias [V] or
+    [0] without bias), recomputing each chunk's logits."""
+    grads = _new_grads(hidden, weight, bias)
+    for rows in _row_chunks(hidden.shape[0], weight.shape[0]):
+        z, t = _chunk_logits(hidden[rows], weight, bias, softcap)
+        per_row = (grad_logp, grad_entropy, None, labels, max_z, logsum, entropy)
+        args = [x if x is None else x[rows][None] for x in per_row]
+        args[2] = z[None]
+        dz = logprobs_backward_op(*args, temperature, with_entropy, ignore_index, backend)[0]
+        _accumulate_grads(dz, t, hidden[rows], weight, grads, rows)
+    return _cast_grads(grads, weight, bias)
+
+
+@linear_logprobs_backward_op.register_fake
+def _(grad_logp, grad_entropy, hidden, weight, bias, *rest):
+    return (
+        torch.empty_like(hidden),
+        torch.empty_like(weight),
+        weight.new_empty(0) if bias is None else torch.empty_like(bias),
+    )
+
+
+def _logprobs_setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, temperature, softcap, with_entropy, ignore_index, backend = inputs
+    _, entropy, max_z, logsum = output
+    ctx.save_for_backward(hidden, weight, bias, labels, max_z, logsum, entropy)
+    ctx.params = (temperature, softcap, with_entropy, ignore_index, backend)
+
+
+def _logprobs_backward(ctx, grad_logp, grad_entropy, *_grad_stats):
+    hidden, weight, bias, labels, max_z, logsum, entropy = ctx.saved_tensors
+    grad_logp = torch.zeros_like(logsum) if grad_logp is None else grad_logp
+    grad_entropy = torch.zeros_like(logsum) if grad_entropy is None else grad_entropy
+    grad_hidden, grad_weight, grad_bias = linear_logprobs_backward_op(
+        grad_logp, grad_entropy, hidden, weight, bias, labels, max_z, logsum, entropy, *ctx.params
+    )
+    return grad_hidden, grad_weight, grad_bias if bias is not None else None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("klops::linear_logprobs", _logprobs_backward, setup_context=_logprobs_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------
+# divergences
+
+
+@torch.library.custom_op("klops::linear_divergence", mutates_args=())
+def linear_divergence_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    teacher_hidden: torch.Tensor | None,
+    teacher_weight: torch.Tensor | None,
+    teacher_bias: torch.Tensor | None,
+    teacher_logits: torch.Tensor | None,
+    valid: torch.Tensor,
+    kind: str,
+    target_is: str,
+    temperature: float,
+    coef: float,
+    softcap: float | None,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rows' (D, max_q, logsum_q, max_t, logsum_t, gbar), each [N] fp32, of the divergence between the
+    teacher (teacher_hidden @ teacher_weight^T + teacher_bias, or teacher_logits [N, V]) and the student's
+    logits, a chunk of rows at a time."""
+    N, V = hidden.shape[0], weight.shape[0]
+    outputs = tuple(torch.zeros(N, dtype=torch.float32, device=hidden.device) for _ in range(6))
+    for rows in _row_chunks(N, V):
+        z, _ = _chunk_logits(hidden[rows], weight, bias, softcap)
+        y = _teacher_chunk(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, softcap, rows)
+        chunk = divergence_op(z[None], y[None], valid[rows][None], kind, target_is, temperature, coef, backend)
+        for out, value in zip(outputs, chunk):
+            out[rows] = value[0]
+    return outputs
+
+
+def _teacher_chunk(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, softcap, rows):
+    if teacher_logits is not None:
+        return teacher_logits[rows]
+    return _chunk_logits(teacher_hidden[rows], teacher_weight, teacher_bias, softcap)[0]
+
+
+@linear_divergence_op.register_fake
+def _(hidden, weight, *rest):
+    return tuple(hidden.new_empty(hidden.shape[0], dtype=torch.float32) for _ in range(6))
+
+
+@torch.library.custom_op("klops::linear_divergence_backward", mutates_args=())
+def linear_divergence_backward_op(
+    grad: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    teacher_hidden: torch.Tensor | None,
+    teacher_weight: torch.Tensor | None,
+    teacher_bias: torch.Tensor | None,
+    teacher_logits: torch.Tensor | None,
+    valid: torch.Tensor,
+    max_q: torch.Tensor,
+    logsum_q: torch.Tensor,
+    max_t: torch.Tensor,
+    logsum_t: torch.Tensor,
+    gbar: torch.Tensor,
+    kind: str,
+    target_is: str,
+    temperature: float,
+    coef: float,
+    softcap: float | None,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[N] fp32 grad of D -> the student's (grad_hidden, grad_weight, grad_bias or [0]); the teacher gets
+    none."""
+    grads = _new_grads(hidden, weight, bias)
+    for rows in _row_chunks(hidden.shape[0], weight.shape[0]):
+        z, t = _chunk_logits(hidden[rows], weight, bias, softcap)
+        y = _teacher_chunk(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, softcap, rows)
+        stats = (x[rows][None] for x in (max_q, logsum_q, max_t, logsum_t, gbar))
+        dz = divergence_backward_op(
+            grad[rows][None], z[None], y[None], valid[rows][None], *stats, kind, target_is, temperature, coef, backend
+        )[0]
+        _accumulate_grads(dz, t, hidden[rows], weight, grads, rows)
+    return _cast_grads(grads, weight, bias)
+
+
+@linear_divergence_backward_op.register_fake
+def _(grad, hidden, weight, bias, *rest):
+    return (
+        torch.empty_like(hidden),
+        torch.empty_like(weight),
+        weight.new_empty(0) if bias is None else torch.empty_like(bias),
+    )
+
+
+def _divergence_setup_context(ctx, inputs, output):
+    *tensors, kind, target_is, temperature, coef, softcap, backend = inputs
+    _, *stats_and_gbar = output
+    ctx.has_bias = tensors[2] is not None
+    ctx.save_for_backward(*tensors, *stats_and_gbar)
+    ctx.params = (kind, target_is, temperature, coef, softcap, backend)
+
+
+def _divergence_backward(ctx, grad_rows, *_grad_stats):
+    hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits, valid, *stats = ctx.saved_tensors
+    grad_hidden, grad_weight, grad_bias = linear_divergence_backward_op(
+        grad_rows, hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits, valid, *stats, *ctx.params
+    )
+    return (grad_hidden, grad_weight, grad_bias if ctx.has_bias else None) + (None,) * 11
+
+
+torch.library.register_autograd(
+    "klops::linear_divergence", _divergence_backward, setup_context=_divergence_setup_context
+)
+
+
+# ----------------------------------------------------------------------------------------------------
+# public functions
+
+
+def _check_linear(hidden_name, hidden, weight_name, weight, bias_name, bias) -> None:
+    """hidden [..., D] and weight [V, D] float tensors on one device; bias [V] or None."""
+    for name, x in ((hidden_name, hidden), (weight_name, weight)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in _inputs.LOGIT_DTYPES:
+            raise TypeError(f"{name} must have dtype float32, bfloat16 or float16, got {x.dtype}")
+    if weight.dtype != hidden.dtype or (bias is not None and bias.dtype != weight.dtype):
+        raise TypeError(f"{hidden_name}, {weight_name} and {bias_name} must have one dtype, got {hidden.dtype}, "
+                        f"{weight.dtype}" + (f", {bias.dtype}" if bias is not None else ""))  # fmt: skip
+    if hidden.dim() < 1:
+        raise ValueError(f"{hidden_name} must have shape [..., D], got {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[0] == 0 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"{weight_name} must have shape [V, D] with D = {hidden_name}.shape[-1] = {hidden.shape[-1]}, "
+            f"got {tuple(weight.shape)}"
+        )
+    if weight.device != hidden.device:
+        raise ValueError(f"{weight_name} is on {weight.device} but {hidden_name} is on {hidden.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"{bias_name} must have shape ({weight.shape[0]},) (the rows of {weight_name})")
+        if bias.device != weight.device:
+            raise ValueError(f"{bias_name} is on {bias.device} but {weight_name} is on {weight.device}")
+
+
+def _check_softcap(softcap):
+    if softcap is None:
+        return None
+    return _inputs.check_real("softcap", softcap, low=0.0, high=math.inf, open_low=True)
+
+
+def _flat_rows(hidden: torch.Tensor) -> torch.Tensor:
+    """hidden [..., D] as [N, D] (a copy only when the leading dims do not collapse, e.g. hidden[:, :-1])."""
+    return hidden.reshape(-1, hidden.shape[-1])
+
+
+def fused_linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    return_entropy: bool = False,
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``klops.logprobs`` of ``logits = softcap(hidden @ weight.T + bias)`` without forming them.
+
+    ``logprob = log softmax(logits / T)[label]`` and ``entropy = -sum q log q`` per row, with gradients to
+    ``hidden [..., D]``, ``weight [V, D]`` and ``bias [V]`` (``softcap``: ``s tanh(z / s)`` before ``T``).
+    Labels: ``[...]`` of any integer dtype, ``ignore_index`` rows give 0 and no gradient. Returns ``logprob``
+    (fp32, ``labels.shape``) or ``(logprob, entropy)``.
+    """
+    _check_linear("hidden", hidden, "weight", weight, "bias", bias)
+    labels = _inputs.as_labels("labels", labels, "hidden", hidden)
+    _inputs.check_labels_in_range("labels", labels, weight.shape[0], ignore_index)
+    temperature = _inputs.check_temperature(temperature)
+    softcap = _check_softcap(softcap)
+    if not isinstance(return_entropy, bool):
+        raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
+    backend = resolve_backend(backend, hidden.device)
+    logp, entropy, *_ = linear_logprobs_op(
+        _flat_rows(hidden),
+        weight,
+        bias,
+        labels.reshape(-1),
+        temperature,
+        softcap,
+        return_entropy,
+        ignore_index,
+        backend,
+    )
+    if return_entropy:
+        return logp.reshape(labels.shape), entropy.reshape(labels.shape)
+    return logp.reshape(labels.shape)
+
+
+def fused_linear_kl(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None,
+    *,
+    teacher_logits: torch.Tensor | None = None,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    kind: str = "forward",
+    beta: float | None = None,
+    alpha: float | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    labels: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items: int | torch.Tensor | None = None,
+    target_is: str = "logits",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``klops.fused_kl`` between the teacher and ``student logits = softcap(student_hidden @ student_weight.T
+    + student_bias)``, without forming either model's logits.
+
+    The teacher is ``teacher_hidden [..., Dt]`` with ``teacher_weight [V, Dt]`` (and ``teacher_bias``; on-policy
+    distillation: its logits are formed a chunk at a time too, with the same ``softcap``), or
+    ``teacher_logits [..., V]`` (used as they are, read as ``target_is``). Student and teacher may have
+    different hidden sizes; their vocabularies must match. Every kind, coefficient and option of
+    ``fused_kl``, with the same semantics; gradients flow to ``student_hidden``, ``student_weight`` and
+    ``student_bias``, and to ``weights`` (their gradient is the per-row divergence), never to the teacher.
+    """
+    _check_linear("student_hidden", student_hidden, "student_weight", student_weight, "student_bias", student_bias)
+    V = student_weight.shape[0]
+    if teacher_logits is not None:
+        if teacher_hidden is not None or teacher_weight is not None or teacher_bias is not None:
+            raise ValueError("give the teacher as teacher_hidden + teacher_weight or as teacher_logits, not both")
+        _inputs.check_logits("teacher_logits", teacher_logits)
+        if teacher_logits.shape[-1] != V:
+            raise ValueError(
+                f"vocabulary mismatch: student_weight has V={V}, teacher_logits has V={teacher_logits.shape[-1]}"
+            )
+        if teacher_logits.shape[:-1] != student_hidden.shape[:-1] or teacher_logits.device != student_hidden.device:
+            raise ValueError(
+                f"teacher_logits must have shape {tuple(student_hidden.shape[:-1]) + (V,)} on {student_hidden.device}, "
+                f"got {tuple(teacher_logits.shape)} on {teacher_logits.device}"
+            )
+    else:
+        if teacher_hidden is None or teacher_weight is None:
+            raise ValueError("the teacher is missing: give teacher_hidden and teacher_weight, or teacher_logits")
+        _check_linear("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight, "teacher_bias", teacher_bias)
+        if teacher_weight.shape[0] != V:
+            raise ValueError(
+                f"vocabulary mismatch: student_weight has V={V}, teacher_weight has V={teacher_weight.shape[0]}"
+            )
+        if teacher_hidden.shape[:-1] != student_hidden.shape[:-1] or teacher_hidden.device != student_hidden.device:
+            raise ValueError(
+                f"teacher_hidden must have the rows of student_hidden {tuple(student_hidden.shape[:-1])} on "
+                f"{student_hidden.device}, got {tuple(teacher_hidden.shape[:-1])} on {teacher_hidden.device}"
+            )
+        if target_is != "logits":
+            raise ValueError(
+                f"a teacher given as hidden states gives logits; target_is={target_is!r} is for teacher_logits"
+            )
+    kernel_kind, coef, temperature = check_divergence_options(
+        kind, beta, alpha, temperature, target_is, reduction, num_items
+    )
+    softcap = _check_softcap(softcap)
+    valid, weights = valid_rows_and_weights("student_hidden", student_hidden, V, labels, mask, weights, ignore_index)
+    backend = resolve_backend(backend, student_hidden.device)
+
+    flat_teacher = (
+        (None, None, None, teacher_logits.reshape(-1, V))
+        if teacher_logits is not None
+        else (_flat_rows(teacher_hidden), teacher_weight, teacher_bias, None)
+    )
+    rows, *_ = linear_divergence_op(
+        _flat_rows(student_hidden), student_weight, student_bias, *flat_teacher, valid.reshape(-1),
+        kernel_kind, target_is, temperature, coef, softcap, backend,
+    )  # fmt: skip
+    rows = rows.reshape(valid.shape)
+    if weights is not None:
+        rows = rows * weights.float()
+    return reduce_rows(rows, valid, reduction, num_items)

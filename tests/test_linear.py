@@ -1,0 +1,212 @@
+"""klops.fused_linear_logprobs / fused_linear_kl against the float64 reference on logits = h @ W.T + b."""
+
+import pytest
+import torch
+
+import klops
+from klops.linear import linear_divergence_op, linear_logprobs_op
+from klops.reference import fused_kl_reference, logprobs_reference
+
+from .conftest import DEVICE, GRAD_TOL, LOSS_TOL, assert_close, randn
+
+KINDS = klops.divergence.DIVERGENCE_KINDS
+COEF = {
+    "jsd": dict(beta=0.3),
+    "skew_forward": dict(alpha=0.2),
+    "skew_reverse": dict(alpha=0.3),
+    "alpha": dict(alpha=0.7),
+}
+# Matmuls in fp32 round at a relative eps * sqrt(D); bf16 logits are rounded to bf16 before the sweep, as
+# a trainer's lm_head output is.
+LINEAR_LOSS_TOL = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (2e-2, 2e-2)}
+LINEAR_GRAD_TOL = {torch.float32: (1e-4, 5e-5), torch.bfloat16: (5e-2, 2e-2)}
+
+
+def ref_logits(hidden, weight, bias=None, softcap=None):
+    z = hidden.double() @ weight.double().t()
+    if bias is not None:
+        z = z + bias.double()
+    return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+
+def leaves(*tensors):
+    return [t.detach().clone().requires_grad_() for t in tensors], [
+        t.detach().double().requires_grad_() for t in tensors
+    ]
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 3 rows, so that every test crosses chunk boundaries (and a ragged last chunk)."""
+    monkeypatch.setattr(klops.linear, "LINEAR_CHUNK_ELEMENTS", 3 * 61)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("softcap, with_bias", [(None, False), (None, True), (5.0, True)])
+def test_logprobs_matches_reference(softcap, with_bias, dtype, backend, gen, small_chunks):
+    hidden = randn(2, 5, 24, gen=gen, dtype=dtype)
+    weight = randn(61, 24, gen=gen, dtype=dtype, scale=0.5)
+    bias = randn(61, gen=gen, dtype=dtype) if with_bias else None
+    labels = torch.randint(0, 61, (2, 5), generator=gen).to(DEVICE)
+    labels[1, 2] = -100
+    tensors = [hidden, weight] + ([bias] if with_bias else [])
+    ours, refs = leaves(*tensors)
+    logp, entropy = klops.fused_linear_logprobs(
+        ours[0], ours[1], labels, bias=ours[2] if with_bias else None, temperature=0.7, softcap=softcap,
+        return_entropy=True, backend=backend,
+    )  # fmt: skip
+    z = ref_logits(refs[0], refs[1], refs[2] if with_bias else None, softcap)
+    ref_logp, ref_entropy = logprobs_reference(z, labels, temperature=0.7)
+    g_logp, g_entropy = randn(2, 5, gen=gen, dtype=torch.float64), randn(2, 5, gen=gen, dtype=torch.float64)
+    torch.autograd.backward([logp, entropy], [g_logp.float(), g_entropy.float()])
+    torch.autograd.backward([ref_logp, ref_entropy], [g_logp, g_entropy])
+    assert logp.dtype == torch.float32 and logp.shape == labels.shape
+    assert_close(logp, ref_logp, LINEAR_LOSS_TOL[dtype], "logprob")
+    assert_close(entropy, ref_entropy, LINEAR_LOSS_TOL[dtype], "entropy")
+    for name, ours_t, ref_t in zip(("hidden", "weight", "bias"), ours, refs):
+        assert ours_t.grad.dtype == dtype
+        assert_close(ours_t.grad, ref_t.grad, LINEAR_GRAD_TOL[dtype], f"{name} grad")
+    assert (ours[0].grad[1, 2] == 0).all()  # an ignored row has no gradient
+
+
+def kl_case(gen, teacher_form, Dt=16, dtype=torch.float32):
+    student = randn(3, 4, 24, gen=gen, dtype=dtype), randn(61, 24, gen=gen, dtype=dtype, scale=0.5)
+    if teacher_form == "hidden":
+        teacher = dict(teacher_hidden=randn(3, 4, Dt, gen=gen, dtype=dtype),
+                       teacher_weight=randn(61, Dt, gen=gen, dtype=dtype, scale=0.5))  # fmt: skip
+        teacher_z = ref_logits(teacher["teacher_hidden"], teacher["teacher_weight"])
+    else:
+        teacher = dict(teacher_logits=randn(3, 4, 61, gen=gen, scale=2.0))
+        teacher_z = teacher["teacher_logits"]
+    return student, teacher, teacher_z
+
+
+@pytest.mark.parametrize("teacher_form", ["hidden", "logits"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_kl_matches_reference(kind, teacher_form, backend, gen, small_chunks):
+    (hidden, weight), teacher, teacher_z = kl_case(gen, teacher_form)
+    labels = torch.randint(0, 61, (3, 4), generator=gen).to(DEVICE)
+    labels[0, :2] = -100
+    (h, w), (h_ref, w_ref) = leaves(hidden, weight)
+    kw = dict(kind=kind, temperature=1.5, labels=labels, **COEF.get(kind, {}))
+    loss = klops.fused_linear_kl(h, w, **teacher, backend=backend, **kw)
+    ref = fused_kl_reference(ref_logits(h_ref, w_ref), teacher_z, **kw)
+    loss.backward(), ref.backward()
+    assert_close(loss, ref, LOSS_TOL[torch.float32], f"{kind} loss")
+    assert_close(h.grad, h_ref.grad, GRAD_TOL[torch.float32], f"{kind} hidden grad")
+    assert_close(w.grad, w_ref.grad, GRAD_TOL[torch.float32], f"{kind} weight grad")
+    if teacher_form == "hidden":
+        assert teacher["teacher_hidden"].grad is None and teacher["teacher_weight"].grad is None
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "batchmean"])
+def test_kl_options(reduction, backend, gen, small_chunks):
+    """Softcap on both models, biases, mask, weights (with their gradient), bf16, per-row grad_output."""
+    (hidden, weight), teacher, _ = kl_case(gen, "hidden", dtype=torch.bfloat16)
+    bias, t_bias = randn(61, gen=gen, dtype=torch.bfloat16), randn(61, gen=gen, dtype=torch.bfloat16)
+    mask = torch.ones(3, 4, device=DEVICE)
+    mask[2, 1:] = 0
+    row_weights = randn(3, 4, gen=gen).abs()
+    (h, w, b, rw), (h_ref, w_ref, b_ref, rw_ref) = leaves(hidden, weight, bias, row_weights)
+    kw = dict(kind="jsd", beta=0.4, mask=mask, reduction=reduction)
+    loss = klops.fused_linear_kl(h, w, **teacher, student_bias=b, teacher_bias=t_bias, softcap=4.0, weights=rw,
+                                 backend=backend, **kw)  # fmt: skip
+    teacher_z = ref_logits(teacher["teacher_hidden"], teacher["teacher_weight"], t_bias, softcap=4.0)
+    ref = fused_kl_reference(ref_logits(h_ref, w_ref, b_ref, softcap=4.0), teacher_z, weights=rw_ref, **kw)
+    grad_out = randn(*ref.shape, gen=gen, dtype=torch.float64)
+    loss.backward(grad_out.float()), ref.backward(grad_out)
+    assert_close(loss, ref, LINEAR_LOSS_TOL[torch.bfloat16], "loss")
+    for name, ours_t, ref_t in (
+        ("hidden", h, h_ref),
+        ("weight", w, w_ref),
+        ("bias", b, b_ref),
+        ("weights", rw, rw_ref),
+    ):
+        assert_close(ours_t.grad, ref_t.grad, LINEAR_GRAD_TOL[torch.bfloat16], f"{name} grad")
+
+
+def test_one_chunk_equals_many(gen, monkeypatch):
+    (hidden, weight), teacher, _ = kl_case(gen, "hidden")
+    results = []
+    for elements in (1 << 24, 2 * 61):
+        monkeypatch.setattr(klops.linear, "LINEAR_CHUNK_ELEMENTS", elements)
+        (h, w), _ = leaves(hidden, weight)
+        klops.fused_linear_kl(h, w, **teacher, kind="reverse", backend="torch").backward()
+        results.append((h.grad, w.grad))
+    assert_close(results[1][0], results[0][0], (1e-6, 1e-7), "hidden grad")
+    assert_close(results[1][1], results[0][1], (1e-6, 1e-7), "weight grad")
+
+
+def test_empty_and_sliced(backend, gen):
+    """N = 0 (hidden[:, :-1] of length-1 sequences) and the usual shifted slice hidden[:, :-1]."""
+    weight = randn(61, 24, gen=gen)
+    h = randn(2, 1, 24, gen=gen)[:, :-1].requires_grad_()
+    logp = klops.fused_linear_logprobs(h, weight, torch.zeros(2, 0, dtype=torch.long, device=DEVICE), backend=backend)
+    logp.sum().backward()
+    assert logp.shape == (2, 0) and h.grad.shape == (2, 0, 24)
+    base = randn(2, 6, 24, gen=gen)
+    labels = torch.randint(0, 61, (2, 6), generator=gen).to(DEVICE)
+    sliced = klops.fused_linear_logprobs(base[:, :-1], weight, labels[:, 1:], backend=backend)
+    copied = klops.fused_linear_logprobs(base[:, :-1].contiguous(), weight, labels[:, 1:], backend=backend)
+    assert_close(sliced, copied, (0, 0), "sliced")
+
+
+def test_opcheck(gen):
+    hidden, weight, bias = randn(5, 8, gen=gen), randn(13, 8, gen=gen), randn(13, gen=gen)
+    labels = torch.tensor([0, 3, -100, 12, 7], device=DEVICE)
+    for b in (None, bias):
+        torch.library.opcheck(
+            linear_logprobs_op, (hidden.requires_grad_(), weight, b, labels, 0.8, 3.0, True, -100, "torch")
+        )
+    valid = torch.tensor([True, False, True, True, True], device=DEVICE)
+    teacher = randn(5, 13, gen=gen)
+    args = (hidden, weight, bias, None, None, None, teacher, valid, "jsd", "logits", 1.2, 0.3, None, "torch")
+    torch.library.opcheck(linear_divergence_op, args)
+
+
+def test_compile_fullgraph(gen):
+    torch._dynamo.reset()
+    (hidden, weight), teacher, _ = kl_case(gen, "hidden")
+
+    def loss_fn(h, w):
+        return klops.fused_linear_kl(h, w, **teacher, kind="forward", softcap=6.0, backend="torch")
+
+    grads = []
+    for fn in (loss_fn, torch.compile(loss_fn, backend="aot_eager", fullgraph=True)):
+        (h, w), _ = leaves(hidden, weight)
+        fn(h, w).backward()
+        grads.append(w.grad)
+    assert_close(grads[1], grads[0], (1e-6, 1e-7), "compiled grad")
+
+
+H, W = torch.randn(2, 3, 8), torch.randn(13, 8)
+BAD = [
+    (dict(student_weight=torch.randn(13, 9)), ValueError, r"student_weight must have shape \[V, D\] with D = .* = 8"),
+    (
+        dict(teacher_weight=torch.randn(14, 4)),
+        ValueError,
+        "vocabulary mismatch: student_weight has V=13, teacher_weight",
+    ),
+    (
+        dict(teacher_hidden=None, teacher_weight=None, teacher_logits=torch.randn(2, 3, 12)),
+        ValueError,
+        "vocabulary mismatch.*teacher_logits",
+    ),
+    (dict(teacher_logits=torch.randn(2, 3, 13)), ValueError, "not both"),
+    (dict(teacher_hidden=None, teacher_weight=None), ValueError, "the teacher is missing"),
+    (dict(teacher_hidden=torch.randn(2, 4, 4)), ValueError, "teacher_hidden must have the rows of student_hidden"),
+    (dict(student_bias=torch.randn(12)), ValueError, r"student_bias must have shape \(13,\)"),
+    (dict(student_weight=torch.randn(13, 8, dtype=torch.bfloat16)), TypeError, "must have one dtype"),
+    (dict(softcap=0.0), ValueError, "softcap must lie in"),
+    (dict(kind="tv", beta=0.5), ValueError, "kind='tv' takes no coefficient"),
+    (dict(target_is="probs"), ValueError, "target_is='probs' is for teacher_logits"),
+]
+
+
+@pytest.mark.parametrize("overrides, error, message", BAD)
+def test_kl_rejects(overrides, error, message):
+    kw = dict(
+        student_hidden=H, student_weight=W, teacher_hidden=torch.randn(2, 3, 4), teacher_weight=torch.randn(13, 4)
+    )
+    with pytest.raises(error, match=message):
+        klops.fused_linear_kl(**(kw | overrides))
