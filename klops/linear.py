@@ -34,7 +34,7 @@ from .divergence import (
 )
 from .logprobs import logprobs_backward_op, logprobs_op
 
-__all__ = ["fused_linear_logprobs", "fused_linear_kl"]
+__all__ = ["fused_linear_logprobs", "fused_linear_kl", "fused_linear_cross_entropy"]
 
 # Entries of one chunk's logits: 2^24 is 64 MiB in fp32 (128 rows of a 128k vocabulary).
 LINEAR_CHUNK_ELEMENTS = 1 << 24
@@ -76,6 +76,11 @@ def _new_grads(hidden, weight, bias):
         torch.zeros((V, D), dtype=torch.float32, device=weight.device),
         torch.zeros((V if bias is not None else 0,), dtype=torch.float32, device=weight.device),
     )
+
+
+def _empty_rows(hidden, count: int):
+    """count [N] fp32 outputs of an op over the rows of hidden (the ops' fake implementations)."""
+    return tuple(hidden.new_empty(hidden.shape[0], dtype=torch.float32) for _ in range(count))
 
 
 def _fake_grads(hidden, weight, bias):
@@ -121,7 +126,7 @@ def linear_logprobs_op(
 
 @linear_logprobs_op.register_fake
 def _(hidden, weight, bias, labels, temperature, softcap, with_entropy, ignore_index, backend):
-    return tuple(hidden.new_empty(hidden.shape[0], dtype=torch.float32) for _ in range(4))
+    return _empty_rows(hidden, 4)
 
 
 @torch.library.custom_op("klops::linear_logprobs_backward", mutates_args=())
@@ -184,6 +189,105 @@ torch.library.register_autograd("klops::linear_logprobs", _logprobs_backward, se
 
 
 # ----------------------------------------------------------------------------------------------------
+# cross-entropy
+
+
+@torch.library.custom_op("klops::linear_cross_entropy", mutates_args=())
+def linear_cross_entropy_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    softcap: float | None,
+    label_smoothing: float,
+    ignore_index: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[N] rows -> (loss, lse, max, logsum), each [N] fp32: ``loss = (1 - eps) (lse - z_y) + eps (lse -
+    mean_v z_v)`` and ``lse = log sum_v exp z_v`` per row, 0 for ignored rows."""
+    N, V = hidden.shape[0], weight.shape[0]
+    loss, lse, max_z, logsum = (torch.zeros(N, dtype=torch.float32, device=hidden.device) for _ in range(4))
+    for rows in _row_chunks(N, V):
+        z, _ = _chunk_logits(hidden[rows], weight, bias, softcap)
+        logp, _, max_z[rows], logsum[rows] = (
+            x[0] for x in logprobs_op(z[None], labels[rows][None], 1.0, False, ignore_index, backend)
+        )
+        valid = labels[rows] != ignore_index
+        lse[rows] = torch.where(valid, max_z[rows] + logsum[rows], 0.0)
+        loss[rows] = -(1.0 - label_smoothing) * logp
+        if label_smoothing > 0:
+            loss[rows] += torch.where(valid, label_smoothing * (lse[rows] - z.float().mean(-1)), 0.0)
+    return loss, lse, max_z, logsum
+
+
+@linear_cross_entropy_op.register_fake
+def _(hidden, weight, bias, labels, softcap, label_smoothing, ignore_index, backend):
+    return _empty_rows(hidden, 4)
+
+
+@torch.library.custom_op("klops::linear_cross_entropy_backward", mutates_args=())
+def linear_cross_entropy_backward_op(
+    grad_loss: torch.Tensor,
+    grad_lse: torch.Tensor | None,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    max_z: torch.Tensor,
+    logsum: torch.Tensor,
+    softcap: float | None,
+    label_smoothing: float,
+    ignore_index: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dz = g (1 - eps) (q - onehot) from the row kernel, plus ``q (eps g + g_lse) - eps g / V`` (a chunk-sized
+    torch pass, only with label smoothing or a gradient of lse, e.g. from z_loss)."""
+    grads = _new_grads(hidden, weight, bias)
+    V = weight.shape[0]
+    zeros = torch.zeros_like(grad_loss)
+    for rows in _row_chunks(hidden.shape[0], V):
+        z, t = _chunk_logits(hidden[rows], weight, bias, softcap)
+        g = grad_loss[rows]
+        per_row = (-(1.0 - label_smoothing) * g, zeros[rows], z, labels[rows], max_z[rows], logsum[rows], zeros[rows])
+        dz = logprobs_backward_op(*(x[None] for x in per_row), 1.0, False, ignore_index, backend)[0]
+        if label_smoothing > 0 or grad_lse is not None:
+            valid = (labels[rows] != ignore_index).float()
+            scale = label_smoothing * g + (0.0 if grad_lse is None else grad_lse[rows])
+            q = torch.exp(z.float() - (max_z[rows] + logsum[rows])[:, None])
+            extra = q * scale[:, None] - (label_smoothing * g / V)[:, None]
+            dz = (dz.float() + extra * valid[:, None]).to(dz.dtype)
+        _accumulate_grads(dz, t, hidden[rows], weight, grads, rows)
+    return _cast_grads(grads, weight, bias)
+
+
+@linear_cross_entropy_backward_op.register_fake
+def _(grad_loss, grad_lse, hidden, weight, bias, *rest):
+    return _fake_grads(hidden, weight, bias)
+
+
+def _cross_entropy_setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, softcap, label_smoothing, ignore_index, backend = inputs
+    _, _, max_z, logsum = output
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(hidden, weight, bias, labels, max_z, logsum)
+    ctx.params = (softcap, label_smoothing, ignore_index, backend)
+
+
+def _cross_entropy_backward(ctx, grad_loss, grad_lse, *_grad_stats):
+    hidden, weight, bias, labels, max_z, logsum = ctx.saved_tensors
+    grad_loss = torch.zeros_like(logsum) if grad_loss is None else grad_loss
+    grad_hidden, grad_weight, grad_bias = linear_cross_entropy_backward_op(
+        grad_loss, grad_lse, hidden, weight, bias, labels, max_z, logsum, *ctx.params
+    )
+    return (grad_hidden, grad_weight, grad_bias if ctx.has_bias else None) + (None,) * 5
+
+
+torch.library.register_autograd(
+    "klops::linear_cross_entropy", _cross_entropy_backward, setup_context=_cross_entropy_setup_context
+)
+
+
+# ----------------------------------------------------------------------------------------------------
 # divergences
 
 
@@ -226,7 +330,7 @@ def _teacher_chunk(teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
 
 @linear_divergence_op.register_fake
 def _(hidden, weight, *rest):
-    return tuple(hidden.new_empty(hidden.shape[0], dtype=torch.float32) for _ in range(6))
+    return _empty_rows(hidden, 6)
 
 
 @torch.library.custom_op("klops::linear_divergence_backward", mutates_args=())
@@ -465,3 +569,51 @@ def fused_linear_kl(
     if weights is not None:
         rows = rows * weights.float()
     return reduce_rows(rows, valid, reduction, num_items)
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    num_items: int | torch.Tensor | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of ``logits = softcap(hidden @ weight.T + bias)`` without forming them; the one-line
+    replacement of Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss`` and Cut Cross-Entropy's
+    ``linear_cross_entropy``.
+
+    Per row, with ``lse = log sum_v exp z_v``: ``(1 - eps) (lse - z_y) + eps (lse - mean_v z_v) + z_loss lse^2``
+    (``eps = label_smoothing``, as ``torch.nn.functional.cross_entropy``; ``z_loss`` is PaLM's auxiliary loss,
+    Liger's ``lse_square_scale``). Rows whose label is ``ignore_index`` give 0 and no gradient. ``reduction``
+    "mean" divides by the valid rows (``num_items`` by a global count), "sum", or "none" (``[...]``).
+    Gradients to ``hidden [..., D]``, ``weight [V, D]`` and ``bias [V]``. ``return_lse`` also returns the
+    per-row ``lse`` ``[...]`` (0 for ignored rows), with its gradient.
+    """
+    _check_linear("hidden", hidden, "weight", weight, "bias", bias)
+    labels = _inputs.as_labels("labels", labels, "hidden", hidden)
+    _inputs.check_labels_in_range("labels", labels, weight.shape[0], ignore_index)
+    _inputs.check_choice("reduction", reduction, ("none", "sum", "mean"))
+    label_smoothing = _inputs.check_real("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    z_loss = _inputs.check_real("z_loss", z_loss, low=0.0, high=math.inf)
+    softcap = _check_softcap(softcap)
+    _inputs.check_num_items(num_items)
+    if num_items is not None and reduction == "none":
+        raise ValueError('num_items divides a reduced loss; it cannot be given with reduction="none"')
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    backend = resolve_backend(backend, hidden.device)
+    flat = (_flat_rows(hidden), weight, bias, labels.reshape(-1))
+    rows, lse, *_ = linear_cross_entropy_op(*flat, softcap, label_smoothing, ignore_index, backend)
+    rows, lse = rows.reshape(labels.shape), lse.reshape(labels.shape)
+    if z_loss > 0:
+        rows = rows + z_loss * lse.square()
+    loss = reduce_rows(rows, labels != ignore_index, reduction, num_items)
+    return (loss, lse) if return_lse else loss

@@ -210,3 +210,45 @@ def test_kl_rejects(overrides, error, message):
     )
     with pytest.raises(error, match=message):
         klops.fused_linear_kl(**(kw | overrides))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("label_smoothing, z_loss, softcap", [(0.0, 0.0, None), (0.1, 0.0, None), (0.0, 1e-3, 5.0),
+                                                              (0.2, 1e-2, 5.0)])  # fmt: skip
+def test_cross_entropy_matches_torch(label_smoothing, z_loss, softcap, reduction, backend, gen, small_chunks):
+    """Against torch.nn.functional.cross_entropy (+ z_loss lse^2) on the float64 logits."""
+    hidden, weight, bias = randn(2, 5, 24, gen=gen), randn(61, 24, gen=gen, scale=0.5), randn(61, gen=gen)
+    labels = torch.randint(0, 61, (2, 5), generator=gen).to(DEVICE)
+    labels[0, 1:3] = -100
+    (h, w, b), (h_ref, w_ref, b_ref) = leaves(hidden, weight, bias)
+    kw = dict(label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, reduction=reduction)
+    loss, lse = klops.fused_linear_cross_entropy(h, w, labels, bias=b, return_lse=True, backend=backend, **kw)
+    z = ref_logits(h_ref, w_ref, b_ref, softcap)
+    valid = labels != -100
+    rows = torch.nn.functional.cross_entropy(z.reshape(-1, 61), labels.reshape(-1), label_smoothing=label_smoothing,
+                                             reduction="none").reshape(2, 5)  # fmt: skip
+    ref_lse = torch.where(valid, torch.logsumexp(z, -1), 0.0)
+    rows = rows + z_loss * ref_lse.square()
+    ref = {"none": rows, "sum": rows.sum(), "mean": rows.sum() / valid.sum()}[reduction]
+    grad_out = randn(*ref.shape, gen=gen, dtype=torch.float64)
+    g_lse = randn(2, 5, gen=gen, dtype=torch.float64)
+    torch.autograd.backward([loss, lse], [grad_out.float(), g_lse.float()])
+    torch.autograd.backward([ref, ref_lse], [grad_out, g_lse])
+    assert_close(loss, ref, LOSS_TOL[torch.float32], "loss")
+    assert_close(lse, ref_lse, LOSS_TOL[torch.float32], "lse")
+    for name, ours_t, ref_t in (("hidden", h, h_ref), ("weight", w, w_ref), ("bias", b, b_ref)):
+        assert_close(ours_t.grad, ref_t.grad, GRAD_TOL[torch.float32], f"{name} grad")
+
+
+def test_cross_entropy_num_items_and_checks(gen):
+    hidden, weight = randn(4, 24, gen=gen), randn(61, 24, gen=gen)
+    labels = torch.tensor([3, -100, 7, 60], device=DEVICE)
+    total = klops.fused_linear_cross_entropy(hidden, weight, labels, reduction="sum", backend="torch")
+    assert_close(klops.fused_linear_cross_entropy(hidden, weight, labels, num_items=10, backend="torch"), total / 10,
+                 (1e-6, 0), "num_items")  # fmt: skip
+    with pytest.raises(ValueError, match="label_smoothing must lie in"):
+        klops.fused_linear_cross_entropy(hidden, weight, labels, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        klops.fused_linear_cross_entropy(hidden, weight, labels, reduction="batchmean")
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 61\)"):
+        klops.fused_linear_cross_entropy(hidden, weight, torch.tensor([0, 1, 2, 61]))
