@@ -135,18 +135,18 @@ def _collapsible(shape, stride) -> bool:
 
 
 def as_rows(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """View tensors of one shape [..., V] as (B, L, V) with a common (B, L), without copying.
+    """View tensors of one leading shape [...] (each with its own last dim: V for logits, D for hidden
+    states) as (B, L, last) with a common (B, L), without copying.
 
-    When the leading dims of every tensor collapse to one stride the view is (1, N, V); otherwise
+    When the leading dims of every tensor collapse to one stride the view is (1, N, last); otherwise
     (e.g. ``logits[:, :-1]``) the last leading dim is kept apart and the kernels index rows by two
     strides, so that slicing never costs a copy of the logits.
     """
     shape = tensors[0].shape
-    V = shape[-1]
     N = math.prod(shape[:-1])
     if N == 0:  # e.g. logits[:, :-1] of length-1 sequences: nothing is read, any (B, L) will do
-        return tuple(t.reshape(1, 0, V) for t in tensors)
+        return tuple(t.reshape(1, 0, t.shape[-1]) for t in tensors)
     if all(_collapsible(t.shape[:-1], t.stride()[:-1]) for t in tensors):
-        return tuple(t.view(1, N, V) for t in tensors)
+        return tuple(t.view(1, N, t.shape[-1]) for t in tensors)
     L = shape[-2]
-    return tuple(t.reshape(N // L, L, V) for t in tensors)
+    return tuple(t.reshape(N // L, L, t.shape[-1]) for t in tensors)

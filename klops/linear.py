@@ -36,14 +36,20 @@ from .logprobs import logprobs_backward_op, logprobs_op
 
 __all__ = ["fused_linear_logprobs", "fused_linear_kl", "fused_linear_cross_entropy"]
 
-# Entries of one chunk's logits: 2^24 is 64 MiB in fp32 (128 rows of a 128k vocabulary).
-LINEAR_CHUNK_ELEMENTS = 1 << 24
+# Entries of one chunk's logits by device: on a GPU 2^24 (64 MiB in fp32, 128 rows of a 128k vocabulary:
+# matmuls of M = 128 keep the tensor cores busy), on the CPU 2^18 (1 MiB: with the torch backend's dozen
+# row temporaries of the chunk's size, 21-29 MiB of extra peak memory at N=4096, D=256, V=32000 fp32
+# for logprobs / cross-entropy / KL, against 500 MiB for one [N, V] tensor).
+LINEAR_CHUNK_ELEMENTS = {"cuda": 1 << 24, "cpu": 1 << 18}
 
 
-def _row_chunks(N: int, V: int):
-    step = max(1, LINEAR_CHUNK_ELEMENTS // V)
-    for start in range(0, N, step):
-        yield slice(start, min(N, start + step))
+def _row_chunks(B: int, L: int, V: int, device: torch.device):
+    """(b, slice of l) index tuples of the (B, L) rows, LINEAR_CHUNK_ELEMENTS // V rows at most: they
+    index the (B, L, D) hidden states, the (B, L) per-row tensors and a (B, L, V) teacher alike."""
+    step = max(1, LINEAR_CHUNK_ELEMENTS.get(device.type, LINEAR_CHUNK_ELEMENTS["cpu"]) // V)
+    for b in range(B):
+        for start in range(0, L, step):
+            yield b, slice(start, min(L, start + step))
 
 
 def _chunk_logits(hidden, weight, bias, softcap):
@@ -64,7 +70,10 @@ def _accumulate_grads(dz, t, hidden, weight, grads, rows) -> None:
     dz = dz.to(weight.dtype)
     grad_hidden, grad_weight, grad_bias = grads
     grad_hidden[rows] = (dz @ weight).to(grad_hidden.dtype)
-    grad_weight += (dz.t() @ hidden.to(weight.dtype)).float()
+    if weight.dtype == torch.float32:
+        grad_weight.addmm_(dz.t(), hidden)  # no [V, D] temporary
+    else:
+        grad_weight += (dz.t() @ hidden).float()
     if grad_bias.numel():
         grad_bias += dz.float().sum(0)
 
@@ -79,8 +88,8 @@ def _new_grads(hidden, weight, bias):
 
 
 def _empty_rows(hidden, count: int):
-    """count [N] fp32 outputs of an op over the rows of hidden (the ops' fake implementations)."""
-    return tuple(hidden.new_empty(hidden.shape[0], dtype=torch.float32) for _ in range(count))
+    """count (B, L) fp32 outputs of an op over the rows of hidden (the ops' fake implementations)."""
+    return tuple(hidden.new_empty(hidden.shape[:2], dtype=torch.float32) for _ in range(count))
 
 
 def _fake_grads(hidden, weight, bias):
@@ -112,11 +121,11 @@ def linear_logprobs_op(
     ignore_index: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[N, D] hidden, [V, D] weight, [V] bias or None, [N] labels -> (logprob, entropy, max, logsum) [N]
-    fp32 of the rows' logits, a chunk of rows at a time."""
-    N, V = hidden.shape[0], weight.shape[0]
-    outputs = tuple(torch.zeros(N, dtype=torch.float32, device=hidden.device) for _ in range(4))
-    for rows in _row_chunks(N, V):
+    """(B, L, D) hidden, [V, D] weight, [V] bias or None, (B, L) labels -> (logprob, entropy, max, logsum),
+    each (B, L) fp32, of the rows' logits, a chunk of rows at a time."""
+    (B, L), V = hidden.shape[:2], weight.shape[0]
+    outputs = tuple(torch.zeros((B, L), dtype=torch.float32, device=hidden.device) for _ in range(4))
+    for rows in _row_chunks(B, L, V, hidden.device):
         z, _ = _chunk_logits(hidden[rows], weight, bias, softcap)
         chunk = logprobs_op(z[None], labels[rows][None], temperature, with_entropy, ignore_index, backend)
         for out, value in zip(outputs, chunk):
@@ -146,10 +155,10 @@ def linear_logprobs_backward_op(
     ignore_index: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[N] fp32 grads of logprob and entropy -> (grad_hidden [N, D], grad_weight [V, D], grad_bias [V] or
+    """(B, L) fp32 grads of logprob and entropy -> (grad_hidden (B, L, D), grad_weight [V, D], grad_bias [V] or
     [0] without bias), recomputing each chunk's logits."""
     grads = _new_grads(hidden, weight, bias)
-    for rows in _row_chunks(hidden.shape[0], weight.shape[0]):
+    for rows in _row_chunks(*hidden.shape[:2], weight.shape[0], hidden.device):
         z, t = _chunk_logits(hidden[rows], weight, bias, softcap)
         per_row = (grad_logp, grad_entropy, None, labels, max_z, logsum, entropy)
         args = [x if x is None else x[rows][None] for x in per_row]
@@ -203,11 +212,11 @@ def linear_cross_entropy_op(
     ignore_index: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[N] rows -> (loss, lse, max, logsum), each [N] fp32: ``loss = (1 - eps) (lse - z_y) + eps (lse -
+    """(B, L) rows -> (loss, lse, max, logsum), each (B, L) fp32: ``loss = (1 - eps) (lse - z_y) + eps (lse -
     mean_v z_v)`` and ``lse = log sum_v exp z_v`` per row, 0 for ignored rows."""
-    N, V = hidden.shape[0], weight.shape[0]
-    loss, lse, max_z, logsum = (torch.zeros(N, dtype=torch.float32, device=hidden.device) for _ in range(4))
-    for rows in _row_chunks(N, V):
+    (B, L), V = hidden.shape[:2], weight.shape[0]
+    loss, lse, max_z, logsum = (torch.zeros((B, L), dtype=torch.float32, device=hidden.device) for _ in range(4))
+    for rows in _row_chunks(B, L, V, hidden.device):
         z, _ = _chunk_logits(hidden[rows], weight, bias, softcap)
         logp, _, max_z[rows], logsum[rows] = (
             x[0] for x in logprobs_op(z[None], labels[rows][None], 1.0, False, ignore_index, backend)
@@ -245,7 +254,7 @@ def linear_cross_entropy_backward_op(
     grads = _new_grads(hidden, weight, bias)
     V = weight.shape[0]
     zeros = torch.zeros_like(grad_loss)
-    for rows in _row_chunks(hidden.shape[0], V):
+    for rows in _row_chunks(*hidden.shape[:2], V, hidden.device):
         z, t = _chunk_logits(hidden[rows], weight, bias, softcap)
         g = grad_loss[rows]
         per_row = (-(1.0 - label_smoothing) * g, zeros[rows], z, labels[rows], max_z[rows], logsum[rows], zeros[rows])
@@ -308,12 +317,12 @@ def linear_divergence_op(
     softcap: float | None,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The rows' (D, max_q, logsum_q, max_t, logsum_t, gbar), each [N] fp32, of the divergence between the
-    teacher (teacher_hidden @ teacher_weight^T + teacher_bias, or teacher_logits [N, V]) and the student's
+    """The rows' (D, max_q, logsum_q, max_t, logsum_t, gbar), each (B, L) fp32, of the divergence between the
+    teacher (teacher_hidden @ teacher_weight^T + teacher_bias, or teacher_logits (B, L, V)) and the student's
     logits, a chunk of rows at a time."""
-    N, V = hidden.shape[0], weight.shape[0]
-    outputs = tuple(torch.zeros(N, dtype=torch.float32, device=hidden.device) for _ in range(6))
-    for rows in _row_chunks(N, V):
+    (B, L), V = hidden.shape[:2], weight.shape[0]
+    outputs = tuple(torch.zeros((B, L), dtype=torch.float32, device=hidden.device) for _ in range(6))
+    for rows in _row_chunks(B, L, V, hidden.device):
         z, _ = _chunk_logits(hidden[rows], weight, bias, softcap)
         y = _teacher_chunk(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, softcap, rows)
         chunk = divergence_op(z[None], y[None], valid[rows][None], kind, target_is, temperature, coef, backend)
@@ -356,10 +365,10 @@ def linear_divergence_backward_op(
     softcap: float | None,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[N] fp32 grad of D -> the student's (grad_hidden, grad_weight, grad_bias or [0]); the teacher gets
+    """(B, L) fp32 grad of D -> the student's (grad_hidden, grad_weight, grad_bias or [0]); the teacher gets
     none."""
     grads = _new_grads(hidden, weight, bias)
-    for rows in _row_chunks(hidden.shape[0], weight.shape[0]):
+    for rows in _row_chunks(*hidden.shape[:2], weight.shape[0], hidden.device):
         z, t = _chunk_logits(hidden[rows], weight, bias, softcap)
         y = _teacher_chunk(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, softcap, rows)
         stats = (x[rows][None] for x in (max_q, logsum_q, max_t, logsum_t, gbar))
@@ -436,11 +445,6 @@ def _check_softcap(softcap):
     return _inputs.check_real("softcap", softcap, low=0.0, high=math.inf, open_low=True)
 
 
-def _flat_rows(hidden: torch.Tensor) -> torch.Tensor:
-    """hidden [..., D] as [N, D] (a copy only when the leading dims do not collapse, e.g. hidden[:, :-1])."""
-    return hidden.reshape(-1, hidden.shape[-1])
-
-
 def fused_linear_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -468,17 +472,9 @@ def fused_linear_logprobs(
     if not isinstance(return_entropy, bool):
         raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
     backend = resolve_backend(backend, hidden.device)
-    logp, entropy, *_ = linear_logprobs_op(
-        _flat_rows(hidden),
-        weight,
-        bias,
-        labels.reshape(-1),
-        temperature,
-        softcap,
-        return_entropy,
-        ignore_index,
-        backend,
-    )
+    (hidden3,) = _inputs.as_rows(hidden)  # (B, L, D) without a copy, e.g. of hidden[:, :-1]
+    rows = (hidden3, weight, bias, labels.reshape(hidden3.shape[:2]))
+    logp, entropy, *_ = linear_logprobs_op(*rows, temperature, softcap, return_entropy, ignore_index, backend)
     if return_entropy:
         return logp.reshape(labels.shape), entropy.reshape(labels.shape)
     return logp.reshape(labels.shape)
@@ -556,13 +552,15 @@ def fused_linear_kl(
     valid, weights = valid_rows_and_weights("student_hidden", student_hidden, V, labels, mask, weights, ignore_index)
     backend = resolve_backend(backend, student_hidden.device)
 
-    flat_teacher = (
-        (None, None, None, teacher_logits.reshape(-1, V))
-        if teacher_logits is not None
-        else (_flat_rows(teacher_hidden), teacher_weight, teacher_bias, None)
-    )
+    # (B, L, D) and (B, L, V) views without a copy, e.g. of hidden[:, :-1] or teacher_logits[:, :-1]
+    if teacher_logits is not None:
+        student3, teacher_logits3 = _inputs.as_rows(student_hidden, teacher_logits)
+        teacher = (None, None, None, teacher_logits3)
+    else:
+        student3, teacher3 = _inputs.as_rows(student_hidden, teacher_hidden)
+        teacher = (teacher3, teacher_weight, teacher_bias, None)
     rows, *_ = linear_divergence_op(
-        _flat_rows(student_hidden), student_weight, student_bias, *flat_teacher, valid.reshape(-1),
+        student3, student_weight, student_bias, *teacher, valid.reshape(student3.shape[:2]),
         kernel_kind, target_is, temperature, coef, softcap, backend,
     )  # fmt: skip
     rows = rows.reshape(valid.shape)
@@ -610,8 +608,9 @@ def fused_linear_cross_entropy(
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     backend = resolve_backend(backend, hidden.device)
-    flat = (_flat_rows(hidden), weight, bias, labels.reshape(-1))
-    rows, lse, *_ = linear_cross_entropy_op(*flat, softcap, label_smoothing, ignore_index, backend)
+    (hidden3,) = _inputs.as_rows(hidden)
+    inputs = (hidden3, weight, bias, labels.reshape(hidden3.shape[:2]))
+    rows, lse, *_ = linear_cross_entropy_op(*inputs, softcap, label_smoothing, ignore_index, backend)
     rows, lse = rows.reshape(labels.shape), lse.reshape(labels.shape)
     if z_loss > 0:
         rows = rows + z_loss * lse.square()

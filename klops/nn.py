@@ -3,9 +3,10 @@
 import torch
 
 from .divergence import fused_kl
+from .linear import fused_linear_cross_entropy, fused_linear_kl, fused_linear_logprobs
 from .logprobs import logprobs
 
-__all__ = ["FusedKL", "LogProbs"]
+__all__ = ["FusedKL", "LogProbs", "FusedLinearKL", "FusedLinearLogProbs", "FusedLinearCrossEntropy"]
 
 
 class FusedKL(torch.nn.Module):
@@ -68,3 +69,43 @@ class LogProbs(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, return_entropy={self.return_entropy}, backend={self.backend!r}"
+
+
+class _Options(torch.nn.Module):
+    """A module holding the keyword options of a klops function, given at construction."""
+
+    def __init__(self, **options):
+        super().__init__()
+        self.options = options
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class FusedLinearKL(_Options):
+    """``klops.fused_linear_kl`` with its options fixed at construction:
+    ``FusedLinearKL(kind="jsd", beta=0.5)(student_hidden, student_weight, teacher_hidden, teacher_weight)``;
+    per-call arguments are the tensors (``teacher_logits``, biases, ``labels``, ``mask``, ``weights``,
+    ``num_items``)."""
+
+    def forward(self, student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, **tensors):
+        return fused_linear_kl(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, **tensors, **self.options
+        )
+
+
+class FusedLinearLogProbs(_Options):
+    """``klops.fused_linear_logprobs`` with its options fixed: ``FusedLinearLogProbs(temperature=0.7)(hidden,
+    weight, labels, bias=None)``."""
+
+    def forward(self, hidden, weight, labels, bias=None):
+        return fused_linear_logprobs(hidden, weight, labels, bias=bias, **self.options)
+
+
+class FusedLinearCrossEntropy(_Options):
+    """``klops.fused_linear_cross_entropy`` with its options fixed, in place of Liger-Kernel's
+    ``LigerFusedLinearCrossEntropyLoss``: ``FusedLinearCrossEntropy(label_smoothing=0.1)(hidden, weight,
+    labels, bias=None, num_items=None)``."""
+
+    def forward(self, hidden, weight, labels, bias=None, num_items=None):
+        return fused_linear_cross_entropy(hidden, weight, labels, bias=bias, num_items=num_items, **self.options)

@@ -38,7 +38,7 @@ def leaves(*tensors):
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks of 3 rows, so that every test crosses chunk boundaries (and a ragged last chunk)."""
-    monkeypatch.setattr(klops.linear, "LINEAR_CHUNK_ELEMENTS", 3 * 61)
+    monkeypatch.setattr(klops.linear, "LINEAR_CHUNK_ELEMENTS", {"cpu": 3 * 61, "cuda": 3 * 61})
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -129,7 +129,7 @@ def test_one_chunk_equals_many(gen, monkeypatch):
     (hidden, weight), teacher, _ = kl_case(gen, "hidden")
     results = []
     for elements in (1 << 24, 2 * 61):
-        monkeypatch.setattr(klops.linear, "LINEAR_CHUNK_ELEMENTS", elements)
+        monkeypatch.setattr(klops.linear, "LINEAR_CHUNK_ELEMENTS", {"cpu": elements, "cuda": elements})
         (h, w), _ = leaves(hidden, weight)
         klops.fused_linear_kl(h, w, **teacher, kind="reverse", backend="torch").backward()
         results.append((h.grad, w.grad))
@@ -149,17 +149,27 @@ def test_empty_and_sliced(backend, gen):
     sliced = klops.fused_linear_logprobs(base[:, :-1], weight, labels[:, 1:], backend=backend)
     copied = klops.fused_linear_logprobs(base[:, :-1].contiguous(), weight, labels[:, 1:], backend=backend)
     assert_close(sliced, copied, (0, 0), "sliced")
+    # a sliced teacher's logits too, and the sliced student's gradient lands in the slice's shape
+    teacher = randn(2, 6, 61, gen=gen)
+    h = base.clone().requires_grad_()
+    kl = klops.fused_linear_kl(h[:, :-1], weight, teacher_logits=teacher[:, 1:], kind="reverse", backend=backend)
+    kl.backward()
+    h_ref = base.double().requires_grad_()
+    ref = fused_kl_reference(ref_logits(h_ref[:, :-1], weight), teacher[:, 1:], "reverse")
+    ref.backward()
+    assert_close(kl, ref, LOSS_TOL[torch.float32], "sliced kl")
+    assert_close(h.grad, h_ref.grad, GRAD_TOL[torch.float32], "sliced hidden grad")
 
 
 def test_opcheck(gen):
-    hidden, weight, bias = randn(5, 8, gen=gen), randn(13, 8, gen=gen), randn(13, gen=gen)
-    labels = torch.tensor([0, 3, -100, 12, 7], device=DEVICE)
+    hidden, weight, bias = randn(1, 5, 8, gen=gen), randn(13, 8, gen=gen), randn(13, gen=gen)
+    labels = torch.tensor([[0, 3, -100, 12, 7]], device=DEVICE)
     for b in (None, bias):
         torch.library.opcheck(
             linear_logprobs_op, (hidden.requires_grad_(), weight, b, labels, 0.8, 3.0, True, -100, "torch")
         )
-    valid = torch.tensor([True, False, True, True, True], device=DEVICE)
-    teacher = randn(5, 13, gen=gen)
+    valid = torch.tensor([[True, False, True, True, True]], device=DEVICE)
+    teacher = randn(1, 5, 13, gen=gen)
     args = (hidden, weight, bias, None, None, None, teacher, valid, "jsd", "logits", 1.2, 0.3, None, "torch")
     torch.library.opcheck(linear_divergence_op, args)
 
@@ -252,3 +262,50 @@ def test_cross_entropy_num_items_and_checks(gen):
         klops.fused_linear_cross_entropy(hidden, weight, labels, reduction="batchmean")
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 61\)"):
         klops.fused_linear_cross_entropy(hidden, weight, torch.tensor([0, 1, 2, 61]))
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="measures the CPU torch backend's resident memory")
+def test_cpu_memory_stays_far_below_one_logits_tensor(gen):
+    """fused_linear_kl (teacher as hidden + weight), forward + backward on the torch backend at N=4096,
+    V=32000: peak extra memory beyond the inputs and the gradients under 1/8 of one [N, V] fp32 tensor
+    (500 MiB); a path that formed the logits would need several of them."""
+    from klops.bench import PeakMemory
+
+    N, V = 4096, 32000
+    h = randn(N, 64, gen=gen).requires_grad_()
+    w = randn(V, 64, gen=gen, scale=0.1).requires_grad_()
+    th, tw = randn(N, 32, gen=gen), randn(V, 32, gen=gen, scale=0.1)
+    klops.fused_linear_kl(h[:512], w, th[:512], tw, kind="forward", backend="torch").backward()  # warm-up
+    h.grad = w.grad = None
+    with PeakMemory(DEVICE) as peak:
+        klops.fused_linear_kl(h, w, th, tw, kind="forward", backend="torch").backward()
+    extra = peak.peak - h.grad.nbytes - w.grad.nbytes
+    assert extra < N * V * 4 / 8, f"peak extra memory {extra / 2**20:.0f} MiB"
+
+
+def test_modules(gen):
+    (hidden, weight), teacher, _ = kl_case(gen, "hidden")
+    labels = torch.randint(0, 61, (3, 4), generator=gen).to(DEVICE)
+    kl = klops.nn.FusedLinearKL(kind="skew_forward", alpha=0.1, backend="torch")
+    expected = klops.fused_linear_kl(hidden, weight, **teacher, kind="skew_forward", alpha=0.1, backend="torch")
+    assert_close(kl(hidden, weight, teacher["teacher_hidden"], teacher["teacher_weight"]), expected, (0, 0), "kl")
+    ce = klops.nn.FusedLinearCrossEntropy(label_smoothing=0.1, backend="torch")
+    assert_close(ce(hidden, weight, labels), klops.fused_linear_cross_entropy(
+        hidden, weight, labels, label_smoothing=0.1, backend="torch"), (0, 0), "ce")  # fmt: skip
+    lp = klops.nn.FusedLinearLogProbs(temperature=0.7, backend="torch")
+    assert_close(lp(hidden, weight, labels), klops.fused_linear_logprobs(
+        hidden, weight, labels, temperature=0.7, backend="torch"), (0, 0), "logprobs")  # fmt: skip
+    assert "label_smoothing=0.1" in repr(ce)
+
+
+def test_mixed_student_teacher_dtypes(backend, gen, small_chunks):
+    """A bf16 student with an fp32 teacher (hidden + weight): bf16 gradients, fp32 loss."""
+    (hidden, weight), _, _ = kl_case(gen, "hidden", dtype=torch.bfloat16)
+    t_hidden, t_weight = randn(3, 4, 16, gen=gen), randn(61, 16, gen=gen, scale=0.5)
+    (h, w), (h_ref, w_ref) = leaves(hidden, weight)
+    loss = klops.fused_linear_kl(h, w, t_hidden, t_weight, kind="reverse", backend=backend)
+    ref = fused_kl_reference(ref_logits(h_ref, w_ref), ref_logits(t_hidden, t_weight), "reverse")
+    loss.backward(), ref.backward()
+    assert loss.dtype == torch.float32 and h.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.bfloat16
+    assert_close(loss, ref, LINEAR_LOSS_TOL[torch.bfloat16], "loss")
+    assert_close(w.grad, w_ref.grad, LINEAR_GRAD_TOL[torch.bfloat16], "weight grad")
