@@ -8,13 +8,13 @@ from . import nn, reference
 from ._inputs import set_host_checks
 from .backend import available_backends
 from .divergence import fused_kl
-from .grpo import group_advantages, grpo_loss, grpo_loss_from_logits, kl_estimate
+from .grpo import fused_linear_grpo_loss, group_advantages, grpo_loss, grpo_loss_from_logits, kl_estimate
 from .linear import fused_linear_cross_entropy, fused_linear_kl, fused_linear_logprobs
 from .logprobs import logprobs
 
 __version__ = "0.1.0"
 __all__ = [
     "fused_kl", "logprobs", "fused_linear_kl", "fused_linear_logprobs", "fused_linear_cross_entropy",
-    "group_advantages", "kl_estimate",
+    "fused_linear_grpo_loss", "group_advantages", "kl_estimate",
     "grpo_loss", "grpo_loss_from_logits", "nn", "reference", "available_backends", "set_host_checks", "__version__",
 ]  # fmt: skip

@@ -18,9 +18,10 @@ import torch
 
 from . import _inputs
 from .divergence import fused_kl
+from .linear import fused_linear_kl, fused_linear_logprobs
 from .logprobs import logprobs
 
-__all__ = ["group_advantages", "kl_estimate", "grpo_loss", "grpo_loss_from_logits"]
+__all__ = ["group_advantages", "kl_estimate", "grpo_loss", "grpo_loss_from_logits", "fused_linear_grpo_loss"]
 
 # Aggregation of each loss type: the unit num_items counts ("tokens" or "sequences").
 LOSS_TYPES = {
@@ -431,6 +432,36 @@ def grpo_loss(
     return loss, metrics
 
 
+IGNORE = -100  # completion positions outside the mask are never read by the sweeps
+
+
+def _loss_from_sweeps(sweep, ref_sweep, full_kl, ids, advantages, mask, ref_logp, old_logp, kl_estimator, kwargs):
+    """grpo_loss on the log-probs and entropy of ``sweep(labels)``, the reference log-probs of
+    ``ref_sweep(labels)`` (no gradient; None without a reference model) or the full-vocabulary reverse KL
+    ``full_kl(labels)``; labels are ``ids`` with the positions outside ``mask`` ignored."""
+    labels = torch.where(mask != 0, ids, IGNORE)
+    needs_entropy = kwargs.get("entropy_coef", 0.0) != 0 or kwargs.get("top_entropy_quantile", 1.0) < 1
+    logp, entropy = sweep(labels)
+    if not needs_entropy:
+        entropy = entropy.detach()
+    per_token_kl = None
+    if kl_estimator == "full":
+        if ref_sweep is None or ref_logp is not None:
+            raise ValueError(
+                'kl_estimator="full" needs the reference model (its logits or hidden states), not ref_logp'
+            )
+        if kwargs.get("beta", 0.0) > 0:
+            per_token_kl = full_kl(labels)
+        kl_estimator = "k3"  # not used: per_token_kl replaces the estimate
+    elif ref_sweep is not None:
+        if ref_logp is not None:
+            raise ValueError("give the reference model or ref_logp, not both")
+        with torch.no_grad():
+            ref_logp = ref_sweep(labels)
+    return grpo_loss(logp, advantages, mask, old_logp=old_logp, ref_logp=ref_logp, kl_estimator=kl_estimator,
+                     entropy=entropy, per_token_kl=per_token_kl, **kwargs)  # fmt: skip
+
+
 def grpo_loss_from_logits(
     logits: torch.Tensor,
     completion_ids: torch.Tensor,
@@ -461,24 +492,66 @@ def grpo_loss_from_logits(
     if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(logits.shape[:2]):
         raise ValueError(f"mask must have shape {tuple(logits.shape[:2])} (the rows of logits)")
     ids = _inputs.as_labels("completion_ids", completion_ids, "logits", logits)
-    ignore = -100
-    labels = torch.where(mask != 0, ids, ignore)
-    needs_entropy = kwargs.get("entropy_coef", 0.0) != 0 or kwargs.get("top_entropy_quantile", 1.0) < 1
-    logp, entropy = logprobs(logits, labels, temperature=temperature, return_entropy=True, backend=backend)
-    if not needs_entropy:
-        entropy = entropy.detach()
-    per_token_kl = None
-    if kl_estimator == "full":
-        if ref_logits is None or ref_logp is not None:
-            raise ValueError('kl_estimator="full" needs ref_logits (the whole reference distribution), not ref_logp')
-        if kwargs.get("beta", 0.0) > 0:
-            per_token_kl = fused_kl(logits, ref_logits, "reverse", temperature=temperature, labels=labels,
-                                    ignore_index=ignore, reduction="none", backend=backend)  # fmt: skip
-        kl_estimator = "k3"  # not used: per_token_kl replaces the estimate
-    elif ref_logits is not None:
-        if ref_logp is not None:
-            raise ValueError("give ref_logits or ref_logp, not both")
-        with torch.no_grad():
-            ref_logp = logprobs(ref_logits, labels, temperature=temperature, backend=backend)
-    return grpo_loss(logp, advantages, mask, old_logp=old_logp, ref_logp=ref_logp, kl_estimator=kl_estimator,
-                     entropy=entropy, per_token_kl=per_token_kl, **kwargs)  # fmt: skip
+    sample = dict(temperature=temperature, backend=backend)
+
+    def sweep(labels):
+        return logprobs(logits, labels, return_entropy=True, **sample)
+
+    def ref_sweep(labels):
+        return logprobs(ref_logits, labels, **sample)
+
+    def full_kl(labels):
+        return fused_kl(logits, ref_logits, "reverse", labels=labels, ignore_index=IGNORE, reduction="none", **sample)
+
+    reference = ref_sweep if ref_logits is not None else None
+    return _loss_from_sweeps(sweep, reference, full_kl, ids, advantages, mask, ref_logp, old_logp, kl_estimator, kwargs)
+
+
+def fused_linear_grpo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    completion_ids: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ref_hidden: torch.Tensor | None = None,
+    ref_weight: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+    old_logp: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    kl_estimator: str = "k3",
+    backend: str = "auto",
+    **kwargs,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``grpo_loss`` from the policy's last hidden states ``[B, L, D]`` and LM head ``weight [V, D]`` (and
+    ``bias``): the log-probs and entropy come from one ``klops.fused_linear_logprobs`` pass, so the
+    ``[B, L, V]`` logits are never formed, with gradients to ``hidden``, ``weight`` and ``bias``. The reference
+    is ``ref_logp`` or the reference model's ``ref_hidden`` / ``ref_weight`` / ``ref_bias`` (no gradient);
+    ``kl_estimator="full"`` takes the exact per-token reverse KL over the vocabulary from
+    ``klops.fused_linear_kl``. ``softcap`` applies to both models' logits. Other arguments: as ``grpo_loss``.
+    """
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+        raise ValueError(f"hidden must have shape [B, L, D], got {getattr(hidden, 'shape', type(hidden))}")
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(hidden.shape[:2]):
+        raise ValueError(f"mask must have shape {tuple(hidden.shape[:2])} (the rows of hidden)")
+    if (ref_hidden is None) != (ref_weight is None):
+        raise ValueError("the reference model needs both ref_hidden and ref_weight")
+    ids = _inputs.as_labels("completion_ids", completion_ids, "hidden", hidden)
+    sample = dict(temperature=temperature, softcap=softcap, backend=backend)
+
+    def sweep(labels):
+        return fused_linear_logprobs(hidden, weight, labels, bias=bias, return_entropy=True, **sample)
+
+    def ref_sweep(labels):
+        return fused_linear_logprobs(ref_hidden, ref_weight, labels, bias=ref_bias, **sample)
+
+    def full_kl(labels):
+        biases = dict(student_bias=bias, teacher_bias=ref_bias)
+        return fused_linear_kl(hidden, weight, ref_hidden, ref_weight, kind="reverse", labels=labels,
+                               ignore_index=IGNORE, reduction="none", **biases, **sample)  # fmt: skip
+
+    reference = ref_sweep if ref_hidden is not None else None
+    return _loss_from_sweeps(sweep, reference, full_kl, ids, advantages, mask, ref_logp, old_logp, kl_estimator, kwargs)

@@ -331,3 +331,27 @@ def test_off_policy_sequence_mask():
     kept = torch.tensor([0.0, 1.0, 1.0, 1.0], device=DEVICE)
     expected = (-advantages * torch.exp(-drift) * kept / 20)[:, None].expand(4, 5)
     assert_close(logp.grad, expected, (1e-6, 0), "grad")
+
+
+@pytest.mark.parametrize("kl", ["k3", "full"])
+def test_fused_linear_matches_logits_form(kl, backend, gen):
+    """fused_linear_grpo_loss equals grpo_loss_from_logits on logits formed explicitly (hidden @ W.T + b),
+    gradients to hidden, weight and bias included."""
+    V, D = 37, 12
+    _, _, ids, mask, advantages = from_logits_inputs(gen, V=V)
+    hidden, weight, bias = randn(3, 6, D, gen=gen), randn(V, D, gen=gen), randn(V, gen=gen)
+    ref_hidden, ref_weight = randn(3, 6, 8, gen=gen), randn(V, 8, gen=gen)
+    kw = dict(loss_type="dapo", beta=0.1, entropy_coef=0.01, kl_estimator=kl, temperature=0.8, backend=backend)
+    params = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    loss, metrics = klops.fused_linear_grpo_loss(*params[:2], ids, advantages, mask, bias=params[2],
+                                                 ref_hidden=ref_hidden, ref_weight=ref_weight, **kw)  # fmt: skip
+    loss.backward()
+    explicit = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    logits = explicit[0] @ explicit[1].t() + explicit[2]
+    expected, expected_metrics = klops.grpo_loss_from_logits(logits, ids, advantages, mask,
+                                                             ref_logits=ref_hidden @ ref_weight.t(), **kw)  # fmt: skip
+    expected.backward()
+    assert_close(loss, expected, (1e-5, 1e-6), "loss")
+    for name, ours, theirs in zip(("hidden", "weight", "bias"), params, explicit):
+        assert_close(ours.grad, theirs.grad, (1e-4, 1e-5), f"{name} grad")
+    assert_close(metrics["kl"], expected_metrics["kl"], (1e-5, 1e-7), "kl metric")
