@@ -18,27 +18,34 @@ import torch.nn.functional as F
 from . import reference
 from .backend import available_backends
 from .divergence import fused_kl
+from .linear import fused_linear_cross_entropy
 from .logprobs import logprobs
 
 
 @dataclasses.dataclass
 class Case:
-    op: str  # "fused_kl" | "logprobs"
+    op: str  # "fused_kl" | "logprobs" | "fused_linear_cross_entropy"
     rows: int
     vocab: int
     dtype: torch.dtype
     kind: str = "forward"
+    hidden: int = 0  # D of the fused-linear ops
 
     @property
     def name(self) -> str:
         dtype = str(self.dtype).removeprefix("torch.")
         kind = f" {self.kind}" if self.op == "fused_kl" else ""
-        return f"{self.op}{kind} N={self.rows} V={self.vocab} {dtype}"
+        hidden = f" D={self.hidden}" if self.hidden else ""
+        return f"{self.op}{kind} N={self.rows} V={self.vocab}{hidden} {dtype}"
 
     def min_bytes(self) -> int:
         """Read the logits (and the teacher) once, write the gradient once."""
         inputs = 2 if self.op == "fused_kl" else 1
         return (inputs + 1) * self.rows * self.vocab * self.dtype.itemsize
+
+    def min_flops(self) -> int:
+        """Fused-linear ops: the logits' matmul and the two gradient matmuls, 2 N V D each."""
+        return 6 * self.rows * self.vocab * self.hidden
 
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
@@ -54,6 +61,11 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
         for dtype in dtypes:
             out += [Case("fused_kl", rows, vocab, dtype, kind) for kind in kinds]
             out.append(Case("logprobs", rows, vocab, dtype))
+    # Llama-3 8B's head (D=4096, V=128256) on a GPU; a small head on the CPU.
+    linear = [(4096, 128256, 4096)] if device.type == "cuda" else [(256, 32000, 256)]
+    if device.type == "cuda" and not quick:
+        linear.append((16384, 128256, 4096))
+    out += [Case("fused_linear_cross_entropy", n, v, dtypes[0], hidden=d) for n, v, d in linear]
     return out
 
 
@@ -84,7 +96,11 @@ def eager_logprobs(logits, labels):
 def implementations(case: Case, device: torch.device) -> dict:
     """name -> callable(z, y_or_labels) returning a scalar loss."""
     impls = {}
-    if case.op == "fused_kl":
+    if case.op == "fused_linear_cross_entropy":
+        for backend in available_backends(device):
+            impls[f"klops[{backend}]"] = lambda h, y, b=backend: _klops_linear_cross_entropy(h, y, b)
+        eager = eager_linear_cross_entropy
+    elif case.op == "fused_kl":
         beta = {"jsd": dict(beta=0.5)}.get(case.kind, {})
         for backend in available_backends(device):
             impls[f"klops[{backend}]"] = lambda z, y, b=backend: fused_kl(
@@ -98,6 +114,16 @@ def implementations(case: Case, device: torch.device) -> dict:
     impls["torch eager"] = eager
     impls["torch.compile"] = torch.compile(eager, dynamic=False)
     return impls
+
+
+def eager_linear_cross_entropy(hidden, weight_and_labels):
+    weight, labels = weight_and_labels
+    return F.cross_entropy((hidden @ weight.t()).float(), labels)
+
+
+def _klops_linear_cross_entropy(hidden, weight_and_labels, backend):
+    weight, labels = weight_and_labels
+    return fused_linear_cross_entropy(hidden, weight, labels, backend=backend)
 
 
 def _klops_logprobs(logits, labels, backend):
@@ -182,7 +208,20 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * src.nbytes / (ms * 1e-3)
 
 
+def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
+    """Measured matmul rate in FLOP/s of this device and dtype (the ceiling of the fused-linear ops)."""
+    n = 4096 if device.type == "cuda" else 1024
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    ms = time_ms(lambda: a @ b, device, repeats=10)
+    return 2 * n**3 / (ms * 1e-3)
+
+
 def make_inputs(case: Case, device: torch.device, gen: torch.Generator):
+    if case.op == "fused_linear_cross_entropy":
+        hidden = torch.randn(case.rows, case.hidden, generator=gen).to(device=device, dtype=case.dtype)
+        weight = (torch.randn(case.vocab, case.hidden, generator=gen) / case.hidden**0.5).to(device, case.dtype)
+        labels = torch.randint(0, case.vocab, (case.rows,), generator=gen).to(device)
+        return hidden, (weight.requires_grad_(), labels)
     z = (torch.randn(case.rows, case.vocab, generator=gen) * 2).to(device=device, dtype=case.dtype)
     if case.op == "fused_kl":
         y = (torch.randn(case.rows, case.vocab, generator=gen) * 2).to(device=device, dtype=case.dtype)
@@ -195,6 +234,14 @@ def check_against_reference(case: Case, impl, z, y) -> float:
     """Largest error of the loss and gradient on the first rows vs the float64 reference, relative to
     the largest reference value."""
     rows = min(8, case.rows)
+    if case.op == "fused_linear_cross_entropy":
+        (weight, labels), z = y, z[:rows].detach().clone()
+        z_k, z_r = z.clone().requires_grad_(), z.double().requires_grad_()
+        loss = impl(z_k, (weight.detach(), labels[:rows]))
+        ref = F.cross_entropy(z_r @ weight.detach().double().t(), labels[:rows])
+        loss.backward(), ref.backward()
+        grad_err = ((z_k.grad.double() - z_r.grad).abs().max() / z_r.grad.abs().max().clamp(min=1e-30)).item()
+        return max(abs(loss.item() - ref.item()) / max(abs(ref.item()), 1e-12), grad_err)
     z, y = z[:rows].detach().clone(), y[:rows]
     z_k, z_r = z.clone().requires_grad_(), z.clone().requires_grad_()
     loss = impl(z_k, y)
@@ -215,7 +262,10 @@ def run(device: torch.device, quick: bool, repeats: int | None = None) -> dict:
     bandwidth = copy_bandwidth(device)
     gen = torch.Generator().manual_seed(0)
     results = []
+    rates = {}  # dtype -> measured matmul FLOP/s, for the fused-linear cases
     for case in cases(device, quick):
+        if case.hidden and case.dtype not in rates:
+            rates[case.dtype] = matmul_rate(device, case.dtype)
         z, y = make_inputs(case, device, gen)
         for name, impl in implementations(case, device).items():
             row = dict(case=case.name, impl=name)
@@ -232,12 +282,17 @@ def run(device: torch.device, quick: bool, repeats: int | None = None) -> dict:
                 with PeakMemory(device) as peak:
                     step()
                 row["peak_mib"] = peak.peak / 2**20
-                row["gbps"] = case.min_bytes() / (row["ms"] * 1e-3) / 1e9
-                row["bw_frac"] = row["gbps"] * 1e9 / bandwidth
+                if case.hidden:  # matmul-bound: the fraction of the measured matmul rate
+                    row["tflops"] = case.min_flops() / (row["ms"] * 1e-3) / 1e12
+                    row["flops_frac"] = row["tflops"] * 1e12 / rates[case.dtype]
+                else:
+                    row["gbps"] = case.min_bytes() / (row["ms"] * 1e-3) / 1e9
+                    row["bw_frac"] = row["gbps"] * 1e9 / bandwidth
             except Exception as error:  # a baseline that fails (OOM, compile error) is reported, not fatal
                 row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
             results.append(row)
-    return dict(device=device_name(device), bandwidth_gbps=bandwidth / 1e9, results=results)
+    matmul = {str(dtype).removeprefix("torch."): rate / 1e12 for dtype, rate in rates.items()}
+    return dict(device=device_name(device), bandwidth_gbps=bandwidth / 1e9, matmul_tflops=matmul, results=results)
 
 
 def device_name(device: torch.device) -> str:
@@ -248,7 +303,8 @@ def device_name(device: torch.device) -> str:
 
 def format_table(report: dict) -> str:
     lines = [
-        f"device: {report['device']}; measured copy bandwidth {report['bandwidth_gbps']:.1f} GB/s",
+        f"device: {report['device']}; measured copy bandwidth {report['bandwidth_gbps']:.1f} GB/s; matmul "
+        + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in report.get("matmul_tflops", {}).items()),
         "",
         "| case | impl | fwd+bwd ms | peak MiB | GB/s (min bytes) | % of copy bw | rel err vs fp64 |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -258,10 +314,11 @@ def format_table(report: dict) -> str:
             lines.append(f"| {r['case']} | {r['impl']} | {r['error']} | | | | |")
             continue
         err = f"{r['rel_err']:.1e}" if "rel_err" in r else "(baseline)"
-        lines.append(
-            f"| {r['case']} | {r['impl']} | {r['ms']:.3f} | {r['peak_mib']:.1f} | {r['gbps']:.1f} | "
-            f"{100 * r['bw_frac']:.1f} | {err} |"
-        )
+        if "flops_frac" in r:
+            rate, frac = f"{r['tflops']:.2f} TFLOP/s", f"{100 * r['flops_frac']:.1f} of matmul"
+        else:
+            rate, frac = f"{r['gbps']:.1f}", f"{100 * r['bw_frac']:.1f}"
+        lines.append(f"| {r['case']} | {r['impl']} | {r['ms']:.3f} | {r['peak_mib']:.1f} | {rate} | {frac} | {err} |")
     return "\n".join(lines)
 
 

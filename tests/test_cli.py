@@ -18,7 +18,8 @@ def test_info(capsys):
 
 
 def test_bench_checks_and_reports(tmp_path, monkeypatch, capsys):
-    tiny = [bench.Case("fused_kl", 4, 96, torch.float32, "jsd"), bench.Case("logprobs", 4, 96, torch.float32)]
+    tiny = [bench.Case("fused_kl", 4, 96, torch.float32, "jsd"), bench.Case("logprobs", 4, 96, torch.float32),
+            bench.Case("fused_linear_cross_entropy", 4, 96, torch.float32, hidden=16)]  # fmt: skip
     monkeypatch.setattr(bench, "cases", lambda device, quick: tiny)
     out_json = tmp_path / "report.json"
     assert cli.main(["bench", "--quick", "--device", "cpu", "--repeats", "1", "--json", str(out_json)]) == 0
@@ -32,6 +33,9 @@ def test_bench_checks_and_reports(tmp_path, monkeypatch, capsys):
         if row["impl"].startswith("klops"):
             assert row["rel_err"] < 1e-5, row
             assert row["impl"] in table
+        if "fused_linear" in row["case"]:
+            assert row["flops_frac"] > 0 and "of matmul" in table, row
+    assert report["matmul_tflops"]["float32"] > 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
