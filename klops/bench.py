@@ -18,13 +18,13 @@ import torch.nn.functional as F
 from . import reference
 from .backend import available_backends
 from .divergence import fused_kl
-from .linear import fused_linear_cross_entropy
+from .linear import fused_linear_cross_entropy, fused_linear_kl
 from .logprobs import logprobs
 
 
 @dataclasses.dataclass
 class Case:
-    op: str  # "fused_kl" | "logprobs" | "fused_linear_cross_entropy"
+    op: str  # "fused_kl" | "logprobs" | "fused_linear_cross_entropy" | "fused_linear_kl"
     rows: int
     vocab: int
     dtype: torch.dtype
@@ -34,7 +34,7 @@ class Case:
     @property
     def name(self) -> str:
         dtype = str(self.dtype).removeprefix("torch.")
-        kind = f" {self.kind}" if self.op == "fused_kl" else ""
+        kind = f" {self.kind}" if self.op in ("fused_kl", "fused_linear_kl") else ""
         hidden = f" D={self.hidden}" if self.hidden else ""
         return f"{self.op}{kind} N={self.rows} V={self.vocab}{hidden} {dtype}"
 
@@ -44,8 +44,10 @@ class Case:
         return (inputs + 1) * self.rows * self.vocab * self.dtype.itemsize
 
     def min_flops(self) -> int:
-        """Fused-linear ops: the logits' matmul and the two gradient matmuls, 2 N V D each."""
-        return 6 * self.rows * self.vocab * self.hidden
+        """Fused-linear ops: the logits' matmul and the two gradient matmuls, 2 N V D each, and for the KL
+        the teacher's logits too (the teacher has the student's D here)."""
+        products = 4 if self.op == "fused_linear_kl" else 3
+        return 2 * products * self.rows * self.vocab * self.hidden
 
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
@@ -66,6 +68,7 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
     if device.type == "cuda" and not quick:
         linear.append((16384, 128256, 4096))
     out += [Case("fused_linear_cross_entropy", n, v, dtypes[0], hidden=d) for n, v, d in linear]
+    out += [Case("fused_linear_kl", n, v, dtypes[0], "forward", hidden=d) for n, v, d in linear]
     return out
 
 
@@ -100,6 +103,10 @@ def implementations(case: Case, device: torch.device) -> dict:
         for backend in available_backends(device):
             impls[f"klops[{backend}]"] = lambda h, y, b=backend: _klops_linear_cross_entropy(h, y, b)
         eager = eager_linear_cross_entropy
+    elif case.op == "fused_linear_kl":
+        for backend in available_backends(device):
+            impls[f"klops[{backend}]"] = lambda h, y, b=backend: _klops_linear_kl(h, y, case.kind, b)
+        eager = lambda h, y: eager_linear_kl(h, y, case.kind)  # noqa: E731
     elif case.op == "fused_kl":
         beta = {"jsd": dict(beta=0.5)}.get(case.kind, {})
         for backend in available_backends(device):
@@ -119,6 +126,18 @@ def implementations(case: Case, device: torch.device) -> dict:
 def eager_linear_cross_entropy(hidden, weight_and_labels):
     weight, labels = weight_and_labels
     return F.cross_entropy((hidden @ weight.t()).float(), labels)
+
+
+def eager_linear_kl(hidden, heads, kind: str):
+    weight, teacher_hidden, teacher_weight = heads
+    return eager_kl(hidden @ weight.t(), teacher_hidden @ teacher_weight.t(), kind)
+
+
+def _klops_linear_kl(hidden, heads, kind, backend):
+    weight, teacher_hidden, teacher_weight = heads
+    return fused_linear_kl(
+        hidden, weight, teacher_hidden, teacher_weight, kind=kind, reduction="batchmean", backend=backend
+    )
 
 
 def _klops_linear_cross_entropy(hidden, weight_and_labels, backend):
@@ -217,11 +236,17 @@ def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
 
 
 def make_inputs(case: Case, device: torch.device, gen: torch.Generator):
-    if case.op == "fused_linear_cross_entropy":
+    if case.hidden:
+
+        def head():
+            return (torch.randn(case.vocab, case.hidden, generator=gen) / case.hidden**0.5).to(device, case.dtype)
+
         hidden = torch.randn(case.rows, case.hidden, generator=gen).to(device=device, dtype=case.dtype)
-        weight = (torch.randn(case.vocab, case.hidden, generator=gen) / case.hidden**0.5).to(device, case.dtype)
+        if case.op == "fused_linear_kl":  # the teacher: hidden states and a head of its own
+            teacher_hidden = torch.randn(case.rows, case.hidden, generator=gen).to(device=device, dtype=case.dtype)
+            return hidden, (head().requires_grad_(), teacher_hidden, head())
         labels = torch.randint(0, case.vocab, (case.rows,), generator=gen).to(device)
-        return hidden, (weight.requires_grad_(), labels)
+        return hidden, (head().requires_grad_(), labels)
     z = (torch.randn(case.rows, case.vocab, generator=gen) * 2).to(device=device, dtype=case.dtype)
     if case.op == "fused_kl":
         y = (torch.randn(case.rows, case.vocab, generator=gen) * 2).to(device=device, dtype=case.dtype)
@@ -234,11 +259,18 @@ def check_against_reference(case: Case, impl, z, y) -> float:
     """Largest error of the loss and gradient on the first rows vs the float64 reference, relative to
     the largest reference value."""
     rows = min(8, case.rows)
-    if case.op == "fused_linear_cross_entropy":
-        (weight, labels), z = y, z[:rows].detach().clone()
+    if case.hidden:
+        z = z[:rows].detach().clone()
         z_k, z_r = z.clone().requires_grad_(), z.double().requires_grad_()
-        loss = impl(z_k, (weight.detach(), labels[:rows]))
-        ref = F.cross_entropy(z_r @ weight.detach().double().t(), labels[:rows])
+        weight = y[0].detach()
+        if case.op == "fused_linear_kl":
+            teacher_hidden, teacher_weight = y[1][:rows], y[2]
+            loss = impl(z_k, (weight, teacher_hidden, teacher_weight))
+            teacher = teacher_hidden.double() @ teacher_weight.double().t()
+            ref = reference.fused_kl_reference(z_r @ weight.double().t(), teacher, case.kind, reduction="batchmean")
+        else:
+            loss = impl(z_k, (weight, y[1][:rows]))
+            ref = F.cross_entropy(z_r @ weight.double().t(), y[1][:rows])
         loss.backward(), ref.backward()
         grad_err = ((z_k.grad.double() - z_r.grad).abs().max() / z_r.grad.abs().max().clamp(min=1e-30)).item()
         return max(abs(loss.item() - ref.item()) / max(abs(ref.item()), 1e-12), grad_err)
