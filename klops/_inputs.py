@@ -111,9 +111,12 @@ def check_temperature(temperature) -> float:
     return check_real("temperature", temperature, low=0.0, high=math.inf, open_low=True)
 
 
-def check_num_items(num_items) -> None:
+def check_num_items(num_items, reduction: str | None = None) -> None:
+    """An int or 0-d tensor count that divides a reduced loss, so never with ``reduction="none"``."""
     if num_items is None:
         return
+    if reduction == "none":
+        raise ValueError('num_items divides a reduced loss; it cannot be given with reduction="none"')
     if isinstance(num_items, torch.Tensor):
         if num_items.dim() != 0:
             raise ValueError(f"num_items must be an int or a 0-d tensor, got shape {tuple(num_items.shape)}")

@@ -258,9 +258,7 @@ def check_divergence_options(kind, beta, alpha, temperature, target_is, reductio
     _inputs.check_choice("reduction", reduction, _inputs.REDUCTIONS)
     kernel_kind, coef = _check_coefficient(kind, beta, alpha)
     temperature = _inputs.check_temperature(temperature)
-    _inputs.check_num_items(num_items)
-    if num_items is not None and reduction == "none":
-        raise ValueError('num_items divides a reduced loss; it cannot be given with reduction="none"')
+    _inputs.check_num_items(num_items, reduction)
     return kernel_kind, coef, temperature
 
 

@@ -309,6 +309,10 @@ def grpo_loss(
         raise ValueError(f"rollout_clip_min={rollout_clip_min} must be below rollout_clip_max={rollout_clip_max}")
     for name, value in (("sapo_temperature_pos", sapo_temperature_pos), ("sapo_temperature_neg", sapo_temperature_neg)):
         _inputs.check_real(name, value, low=0.0, high=math.inf, open_low=True)
+    if off_policy_mask_threshold is not None:
+        off_policy_mask_threshold = _inputs.check_real(
+            "off_policy_mask_threshold", off_policy_mask_threshold, low=-math.inf, high=math.inf, open_low=True
+        )
     _inputs.check_num_items(num_items)
     if max_completion_length is not None and (
         isinstance(max_completion_length, bool) or not isinstance(max_completion_length, numbers.Integral)
@@ -383,11 +387,9 @@ def grpo_loss(
         loss_t = -A * lp
 
     if off_policy_mask_threshold is not None:
-        threshold = _inputs.check_real("off_policy_mask_threshold", off_policy_mask_threshold,
-                                       low=-math.inf, high=math.inf, open_low=True)  # fmt: skip
         sampler = old if rollout_logp is None else rollout_logp.float()
         drift = ((sampler - lp.detach()) * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
-        loss_t = loss_t * ((A >= 0) | (drift <= threshold)).float()
+        loss_t = loss_t * ((A >= 0) | (drift <= off_policy_mask_threshold)).float()
     token_weight = m
     if top_entropy_quantile < 1.0:
         h = entropy.detach().float()

@@ -381,11 +381,7 @@ def linear_divergence_backward_op(
 
 @linear_divergence_backward_op.register_fake
 def _(grad, hidden, weight, bias, *rest):
-    return (
-        torch.empty_like(hidden),
-        torch.empty_like(weight),
-        weight.new_empty(0) if bias is None else torch.empty_like(bias),
-    )
+    return _fake_grads(hidden, weight, bias)
 
 
 def _divergence_setup_context(ctx, inputs, output):
@@ -602,9 +598,7 @@ def fused_linear_cross_entropy(
     label_smoothing = _inputs.check_real("label_smoothing", label_smoothing, low=0.0, high=1.0)
     z_loss = _inputs.check_real("z_loss", z_loss, low=0.0, high=math.inf)
     softcap = _check_softcap(softcap)
-    _inputs.check_num_items(num_items)
-    if num_items is not None and reduction == "none":
-        raise ValueError('num_items divides a reduced loss; it cannot be given with reduction="none"')
+    _inputs.check_num_items(num_items, reduction)
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     backend = resolve_backend(backend, hidden.device)
