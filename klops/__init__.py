@@ -2,6 +2,7 @@
 
 loss = klops.fused_kl(student_logits, teacher_logits, kind="forward")
 logp, entropy = klops.logprobs(logits, labels, return_entropy=True)
+loss = klops.fused_kl(student_logits, klops.TopK(teacher_ids, teacher_logprobs, tail="bin"), kind="forward")
 """
 
 from . import nn, reference
@@ -11,10 +12,11 @@ from .divergence import fused_kl
 from .grpo import fused_linear_grpo_loss, group_advantages, grpo_loss, grpo_loss_from_logits, kl_estimate
 from .linear import fused_linear_cross_entropy, fused_linear_kl, fused_linear_logprobs
 from .logprobs import logprobs
+from .topk import TopK
 
 __version__ = "0.1.0"
 __all__ = [
-    "fused_kl", "logprobs", "fused_linear_kl", "fused_linear_logprobs", "fused_linear_cross_entropy",
+    "fused_kl", "TopK", "logprobs", "fused_linear_kl", "fused_linear_logprobs", "fused_linear_cross_entropy",
     "fused_linear_grpo_loss", "group_advantages", "kl_estimate",
     "grpo_loss", "grpo_loss_from_logits", "nn", "reference", "available_backends", "set_host_checks", "__version__",
 ]  # fmt: skip

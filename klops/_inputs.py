@@ -80,14 +80,22 @@ def check_labels_in_range(name: str, labels: torch.Tensor, vocab_size: int, igno
 
     On the host (CPU tensors, or set_host_checks(True)) a bad label raises ValueError; otherwise the
     check is torch._assert_async, a device-side assertion queued on the current stream."""
-    if labels.numel() == 0:
-        return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
-    expected = f"{name} must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}"
-    if torch.compiler.is_compiling() or not (labels.device.type == "cpu" or _host_checks):
+    check_none(bad, labels, f"{name} must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}")
+
+
+def check_none(bad: torch.Tensor, values: torch.Tensor, expected: str) -> None:
+    """No entry of the bool tensor ``bad`` is set; else ``ValueError(expected, got values[bad][0])``.
+
+    Checked on the host for CPU tensors and under set_host_checks(True); otherwise (GPU tensors, and
+    under torch.compile) with torch._assert_async, a device-side assertion queued on the current stream:
+    never a host sync."""
+    if bad.numel() == 0:
+        return
+    if torch.compiler.is_compiling() or not (bad.device.type == "cpu" or _host_checks):
         torch._assert_async(~bad.any(), expected)
     elif bool(bad.any()):
-        raise ValueError(f"{expected}, got {labels[bad][0].item()}")
+        raise ValueError(f"{expected}, got {values[bad][0].item()}")
 
 
 def check_choice(name: str, value, choices) -> None:

@@ -13,6 +13,7 @@ recomputation nothing of size [N, V] lives between them except the inputs the tr
 """
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,6 +21,9 @@ from . import _inputs
 from ._chunked import row_chunks, row_stats, scaled
 from .backend import resolve_backend
 from .kernels.launch import DIVERGENCE_KINDS, TARGET_KINDS
+
+if TYPE_CHECKING:
+    from .topk import TopK
 
 __all__ = ["fused_kl", "DIVERGENCE_KINDS"]
 
@@ -295,7 +299,7 @@ def reduce_rows(rows: torch.Tensor, valid: torch.Tensor, reduction: str, num_ite
 
 def fused_kl(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: "torch.Tensor | TopK",
     kind: str = "forward",
     *,
     beta: float | None = None,
@@ -333,7 +337,9 @@ def fused_kl(
     Args:
         student_logits: [..., V] fp32/bf16/fp16, stride 1 along V; receives the gradient
             ``dD/dz = q (g - sum q g) / T`` (docs/losses.md §1) in its own dtype.
-        teacher_logits: [..., V], any of those dtypes; gets no gradient (it is treated as a constant).
+        teacher_logits: [..., V], any of those dtypes; gets no gradient (it is treated as a constant). Or a
+            sparse ``klops.TopK`` teacher (its ids and log-probs ``[..., k]``; the temperature applies to the
+            student only; see ``TopK`` for its tail modes).
         beta: jsd's mixture weight (default 0.5); alpha: skew_forward / skew_reverse's mixture weight or
             Amari's alpha (default 0.5). A coefficient the kind does not take raises ValueError.
         labels, mask: [...] optional; rows whose label is ``ignore_index`` or whose mask is 0 give 0 and
@@ -347,11 +353,37 @@ def fused_kl(
 
     Returns the fp32 loss.
     """
+    from .topk import TopK, topk_rows  # topk builds on this module
+
     _inputs.check_logits("student_logits", student_logits)
-    _inputs.check_logits("teacher_logits", teacher_logits)
     kernel_kind, coef, temperature = check_divergence_options(
         kind, beta, alpha, temperature, target_is, reduction, num_items
     )
+    if isinstance(teacher_logits, TopK):
+        if target_is != "logits":
+            raise ValueError(f"a TopK teacher carries its log-probs; target_is={target_is!r} is for dense teachers")
+    else:
+        _check_dense_teacher(teacher_logits, student_logits)
+    valid, weights = valid_rows_and_weights(
+        "student_logits", student_logits, student_logits.shape[-1], labels, mask, weights, ignore_index
+    )
+    if isinstance(teacher_logits, TopK):
+        rows = topk_rows(student_logits, teacher_logits, valid, kernel_kind, kind, coef, temperature, backend)
+    else:
+        backend = resolve_backend(backend, student_logits.device)
+        student3, teacher3 = _inputs.as_rows(student_logits, teacher_logits)
+        rows, *_ = divergence_op(
+            student3, teacher3, valid.reshape(student3.shape[:2]), kernel_kind, target_is, temperature, coef, backend
+        )
+        rows = rows.reshape(valid.shape)
+    if weights is not None:
+        rows = rows * weights.float()
+    return reduce_rows(rows, valid, reduction, num_items)
+
+
+def _check_dense_teacher(teacher_logits, student_logits) -> None:
+    """teacher_logits [..., V] has the student's shape and device."""
+    _inputs.check_logits("teacher_logits", teacher_logits)
     if teacher_logits.shape[-1] != student_logits.shape[-1]:
         raise ValueError(
             f"vocabulary mismatch: student_logits has V={student_logits.shape[-1]}, teacher_logits has "
@@ -366,17 +398,3 @@ def fused_kl(
         raise ValueError(
             f"teacher_logits is on {teacher_logits.device} but student_logits is on {student_logits.device}"
         )
-    rows_shape = student_logits.shape[:-1]
-    valid, weights = valid_rows_and_weights(
-        "student_logits", student_logits, student_logits.shape[-1], labels, mask, weights, ignore_index
-    )
-    backend = resolve_backend(backend, student_logits.device)
-
-    student3, teacher3 = _inputs.as_rows(student_logits, teacher_logits)
-    rows, *_ = divergence_op(
-        student3, teacher3, valid.reshape(student3.shape[:2]), kernel_kind, target_is, temperature, coef, backend
-    )
-    rows = rows.reshape(rows_shape)
-    if weights is not None:
-        rows = rows * weights.float()
-    return reduce_rows(rows, valid, reduction, num_items)

@@ -19,6 +19,7 @@ gradient; logits given as ``teacher_logits`` are used as they are.
 """
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,9 @@ from .divergence import (
     valid_rows_and_weights,
 )
 from .logprobs import logprobs_backward_op, logprobs_op
+
+if TYPE_CHECKING:
+    from .topk import TopK
 
 __all__ = ["fused_linear_logprobs", "fused_linear_kl", "fused_linear_cross_entropy"]
 
@@ -479,7 +483,7 @@ def fused_linear_logprobs(
 def fused_linear_kl(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
-    teacher_hidden: torch.Tensor | None = None,
+    teacher_hidden: "torch.Tensor | TopK | None" = None,
     teacher_weight: torch.Tensor | None = None,
     *,
     teacher_logits: torch.Tensor | None = None,
@@ -504,14 +508,22 @@ def fused_linear_kl(
 
     The teacher is ``teacher_hidden [..., Dt]`` with ``teacher_weight [V, Dt]`` (and ``teacher_bias``; on-policy
     distillation: its logits are formed a chunk at a time too, with the same ``softcap``), or
-    ``teacher_logits [..., V]`` (used as they are, read as ``target_is``). Student and teacher may have
+    ``teacher_logits [..., V]`` (used as they are, read as ``target_is``), or a sparse ``klops.TopK`` in the
+    ``teacher_hidden`` position (no teacher weight; see ``TopK``). Student and teacher may have
     different hidden sizes; their vocabularies must match. Every kind, coefficient and option of
     ``fused_kl``, with the same semantics; gradients flow to ``student_hidden``, ``student_weight`` and
     ``student_bias``, and to ``weights`` (their gradient is the per-row divergence), never to the teacher.
     """
+    from .topk import TopK, linear_topk_rows  # topk builds on this module
+
     _check_linear("student_hidden", student_hidden, "student_weight", student_weight, "student_bias", student_bias)
     V = student_weight.shape[0]
-    if teacher_logits is not None:
+    if isinstance(teacher_hidden, TopK):
+        if teacher_weight is not None or teacher_bias is not None or teacher_logits is not None:
+            raise ValueError("a TopK teacher (in the teacher_hidden position) takes no teacher_weight, bias or logits")
+        if target_is != "logits":
+            raise ValueError(f"a TopK teacher carries its log-probs; target_is={target_is!r} is for teacher_logits")
+    elif teacher_logits is not None:
         if teacher_hidden is not None or teacher_weight is not None or teacher_bias is not None:
             raise ValueError("give the teacher as teacher_hidden + teacher_weight or as teacher_logits, not both")
         _inputs.check_logits("teacher_logits", teacher_logits)
@@ -546,6 +558,14 @@ def fused_linear_kl(
     )
     softcap = _check_softcap(softcap)
     valid, weights = valid_rows_and_weights("student_hidden", student_hidden, V, labels, mask, weights, ignore_index)
+    if isinstance(teacher_hidden, TopK):
+        rows = linear_topk_rows(
+            student_hidden, student_weight, student_bias, teacher_hidden, valid,
+            kernel_kind, kind, coef, temperature, softcap, backend,
+        )  # fmt: skip
+        if weights is not None:
+            rows = rows * weights.float()
+        return reduce_rows(rows, valid, reduction, num_items)
     backend = resolve_backend(backend, student_hidden.device)
 
     # (B, L, D) and (B, L, V) views without a copy, e.g. of hidden[:, :-1] or teacher_logits[:, :-1]

@@ -10,7 +10,7 @@ import math
 import torch
 
 __all__ = [
-    "divergence_reference", "fused_kl_reference", "logprobs_reference", "group_advantages_reference",
+    "divergence_reference", "fused_kl_reference", "topk_as_dense", "logprobs_reference", "group_advantages_reference",
     "grpo_loss_reference",
 ]  # fmt: skip
 
@@ -46,7 +46,12 @@ def divergence_reference(
     temperature: float = 1.0,
     target_is: str = "logits",
 ) -> torch.Tensor:
-    """Per-row divergence D(p, q) of docs/losses.md §1 in float64, shape ``student_logits.shape[:-1]``."""
+    """Per-row divergence D(p, q) of docs/losses.md §1 in float64, shape ``student_logits.shape[:-1]``; the
+    teacher dense, or a ``klops.TopK`` (``topk_as_dense``)."""
+    if not isinstance(teacher_logits, torch.Tensor):
+        student_logits, teacher_logits, target_is, temperature = topk_as_dense(
+            student_logits, teacher_logits, temperature
+        )
     log_q = torch.log_softmax(student_logits.double() / temperature, dim=-1)
     log_p = _teacher_logprobs(teacher_logits, target_is, temperature)
     q, p = log_q.exp(), log_p.exp()
@@ -76,6 +81,30 @@ def divergence_reference(
         s = torch.where(both_zero, 0.0, exponent.exp()).sum(-1)
         return (1 - s) / (alpha * (1 - alpha))
     raise ValueError(f"unknown kind {kind!r}")
+
+
+def topk_as_dense(student_logits: torch.Tensor, topk, temperature: float):
+    """(student, teacher, target_is, temperature) of the dense problem a TopK teacher defines, in float64.
+
+    tail="bin": distributions over the k top ids plus one tail outcome, the student's log-probs
+    (log q_S, log sum_{v not in S} q_v) as "logits" at T = 1 (log_softmax leaves them as they are) and the
+    teacher's (log p_S, log max(0, 1 - sum p_S)) as log-probs; no tail outcome when k = V.
+    tail="renormalize": the student as given, the teacher p_S / sum p_S scattered into zeros of [..., V].
+    """
+    idx = topk.indices.long()
+    log_p = topk.logprobs.double()
+    V, k = student_logits.shape[-1], idx.shape[-1]
+    if topk.tail == "renormalize":
+        p = torch.zeros(student_logits.shape, dtype=torch.float64, device=student_logits.device)
+        return student_logits, p.scatter(-1, idx, torch.softmax(log_p, dim=-1)), "probs", temperature
+    log_q = torch.log_softmax(student_logits.double() / temperature, dim=-1)
+    if k == V:
+        return log_q.gather(-1, idx), log_p, "logprobs", 1.0
+    outside = torch.ones_like(log_q, dtype=torch.bool).scatter(-1, idx, False)
+    log_tail_q = torch.logsumexp(log_q.masked_fill(~outside, -math.inf), dim=-1, keepdim=True)
+    log_tail_p = torch.log((1 - log_p.exp().sum(-1, keepdim=True)).clamp(min=0))
+    student = torch.cat([log_q.gather(-1, idx), log_tail_q], dim=-1)
+    return student, torch.cat([log_p, log_tail_p], dim=-1), "logprobs", 1.0
 
 
 def _valid_rows(shape, labels, mask, ignore_index, device) -> torch.Tensor:

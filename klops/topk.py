@@ -1,0 +1,379 @@
+"""Sparse top-k teachers: ``klops.TopK`` and the divergences of ``fused_kl`` / ``fused_linear_kl`` against one
+(docs/losses.md §1, sparse teachers; DCKD / ADPA store top-50 plus one bin for the leftover mass).
+
+Layers of this op: ``kernels/topk.py`` (Triton, where the math is written out), ``csrc/topk.cu`` (CUDA), the
+chunked torch backend below, the custom ops ``klops::topk_divergence`` / ``klops::linear_topk_divergence`` and
+their backwards. The public entry points are ``fused_kl`` and ``fused_linear_kl`` with a ``TopK`` teacher.
+
+The k teacher positions are gathered, never scattered into an [N, V] tensor: per row the forward keeps the
+student's statistics outside the top-k (so that its tail mass keeps full precision when tiny), the tail's
+gradient coefficient and k fp32 corrections; the backward writes ``dz = q times a per-row constant`` on
+every entry outside the top-k and the k corrections in place. Nothing of size [N, V] besides the gradient.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import _inputs
+from ._chunked import row_chunks, row_stats, scaled
+from .backend import resolve_backend
+from .divergence import _divergence_terms
+from .kernels.launch import DIVERGENCE_KINDS
+from .linear import _accumulate_grads, _cast_grads, _chunk_logits, _empty_rows, _fake_grads, _new_grads, _row_chunks
+
+__all__ = ["TopK", "TAILS"]
+
+TAILS = ("bin", "renormalize")
+
+
+@dataclass(frozen=True, eq=False)
+class TopK:
+    """A teacher stored as its top-k tokens, accepted wherever ``fused_kl`` / ``fused_linear_kl`` take a teacher.
+
+    Args:
+        indices: ``[..., k]`` integer token ids, distinct within a row, in any order; the rows ``[...]`` are the
+            student's (``[B, L-1, k]`` for ``logits[:, :-1]``).
+        logprobs: ``[..., k]`` float, the teacher's log-probabilities of those tokens, used as given: the
+            temperature of ``fused_kl`` applies to the student only. For a teacher temperature ``Tt``, produce the
+            top-k from ``log_softmax(teacher_logits / Tt)``.
+        tail: how the teacher's mass outside the top-k enters, with ``q = softmax(z / T)`` over the whole vocabulary:
+
+            - ``"bin"`` (DCKD / ADPA): the divergence between two distributions over k + 1 outcomes, the
+              teacher's ``(p_S, max(0, 1 - sum p_S))`` and the student's ``(q_S, 1 - sum q_S)``. A teacher mass
+              that exceeds 1 by rounding gives a tail of 0, never NaN. With k = V there is no tail: the dense op.
+            - ``"renormalize"``: the teacher is ``p_S / sum p_S`` on its top-k and 0 elsewhere (the dense op with
+              a sparse teacher). Kinds that are infinite where the teacher is 0 (reverse KL, jsd with beta = 1,
+              skew_reverse with alpha = 0, Amari alpha < 0) raise ValueError.
+    """
+
+    indices: torch.Tensor
+    logprobs: torch.Tensor
+    tail: str = "bin"
+
+    def __post_init__(self):
+        if not isinstance(self.indices, torch.Tensor) or not isinstance(self.logprobs, torch.Tensor):
+            raise TypeError("TopK indices and logprobs must be torch.Tensors")
+        if self.indices.dtype.is_floating_point or self.indices.dtype.is_complex or self.indices.dtype == torch.bool:
+            raise TypeError(f"TopK indices must be an integer tensor, got {self.indices.dtype}")
+        if self.logprobs.dtype not in _inputs.LOGIT_DTYPES:
+            raise TypeError(f"TopK logprobs must have dtype float32, bfloat16 or float16, got {self.logprobs.dtype}")
+        if self.indices.dim() < 1 or self.indices.shape[-1] == 0 or self.indices.shape != self.logprobs.shape:
+            raise ValueError(
+                f"TopK indices and logprobs must have one shape [..., k] with k >= 1, got {tuple(self.indices.shape)} "
+                f"and {tuple(self.logprobs.shape)}"
+            )
+        if self.indices.device != self.logprobs.device:
+            raise ValueError(f"TopK indices are on {self.indices.device} but logprobs on {self.logprobs.device}")
+        _inputs.check_choice("tail", self.tail, TAILS)
+
+
+def sorted_topk(topk: TopK, ref_name: str, ref: torch.Tensor, vocab_size: int, valid: torch.Tensor):
+    """(indices int32, logprobs) of ``topk`` sorted by token id within each row, ``[..., k]`` contiguous (what
+    every backend reads), after the checks of its rows against ``ref`` ([..., V] logits or [..., D] hidden
+    states) and of the valid rows' ids: in [0, V) and distinct (eager ValueError on CPU tensors; a
+    device-side assertion otherwise, see ``klops.set_host_checks``)."""
+    if not isinstance(topk, TopK):
+        raise TypeError(f"expected a klops.TopK teacher, got {type(topk).__name__}")
+    rows, k = tuple(ref.shape[:-1]), topk.indices.shape[-1]
+    if tuple(topk.indices.shape[:-1]) != rows:
+        raise ValueError(
+            f"TopK indices must have shape {rows + (k,)} (the rows of {ref_name}), got {tuple(topk.indices.shape)}"
+        )
+    if topk.indices.device != ref.device:
+        raise ValueError(f"TopK indices are on {topk.indices.device} but {ref_name} is on {ref.device}")
+    if k > vocab_size:
+        raise ValueError(f"TopK has k={k} ids per row, more than the vocabulary V={vocab_size}")
+    indices, order = topk.indices.long().sort(dim=-1)
+    keep = valid[..., None]
+    outside = keep & ((indices < 0) | (indices >= vocab_size))
+    _inputs.check_none(outside, indices, f"TopK indices must lie in [0, {vocab_size})")
+    repeated = keep & (indices[..., 1:] == indices[..., :-1])
+    _inputs.check_none(repeated, indices[..., 1:], "TopK indices must be distinct within a row")
+    # Ids outside [0, V) (possible only when the checks above are device-side) become -1 or V: never read.
+    return indices.clamp(-1, vocab_size).to(torch.int32), topk.logprobs.gather(-1, order)
+
+
+def renormalized_tail_terms(kind: str, coef: float, user_kind: str) -> tuple[float, float]:
+    """(tail_loss, tail_grad): an entry where the teacher is 0 contributes ``tail_loss q`` to D and
+    ``tail_grad q`` to a (docs/losses.md §1 at p = 0, linear in q); ValueError where that is infinite."""
+    if kind in ("forward", "skew_forward"):
+        return 0.0, 0.0
+    if kind == "jsd":  # (1 - beta) q log(q / ((1 - beta) q))
+        return (-(1 - coef) * math.log1p(-coef),) * 2
+    if kind == "skew_reverse" and coef > 0:  # q log(q / (alpha q))
+        return (-math.log(coef),) * 2
+    if kind == "tv":
+        return 0.5, 0.5
+    if kind == "alpha" and coef > 0:  # (q - 0) / (alpha (1 - alpha)), a = -p^alpha q^(1-alpha) / alpha = 0
+        return 1.0 / (coef * (1.0 - coef)), 0.0
+    raise ValueError(
+        f"kind={user_kind!r} is infinite against a teacher that is 0 outside its top-k (TopK tail='renormalize'); "
+        "use tail='bin', or a kind that is finite there (forward, jsd with beta < 1, skew_forward, skew_reverse "
+        "with alpha > 0, tv, alpha with alpha > 0)"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch backend: the kernels' math (kernels/topk.py), chunked over rows; a chunk's membership mask is the
+# only [chunk, V] temporary beyond the logits' fp32 copy.
+
+
+def _combine_lse(max_a, logsum_a, max_b, logsum_b, temperature):
+    """(max, logsum) of the union of two sets of entries from theirs; an empty set has logsum -inf."""
+    mx = torch.maximum(max_a, max_b)
+    mx = torch.where(logsum_a == -math.inf, max_b, torch.where(logsum_b == -math.inf, max_a, mx))
+    return mx, torch.logaddexp(scaled(max_a - mx, temperature) + logsum_a, scaled(max_b - mx, temperature) + logsum_b)
+
+
+def topk_forward_torch(student, indices, teacher_logprobs, valid, kind, tail, temperature, coef, tail_loss, tail_grad):
+    """Chunked torch forward over (B, L, V) rows: (D, max_c, logsum_c, tail_scale) each (B, L) fp32 and
+    member_d (B, L, K) fp32."""
+    B, L, V = student.shape
+    K = indices.shape[-1]
+    outputs = tuple(student.new_zeros((B, L), dtype=torch.float32) for _ in range(4))
+    member_d = student.new_zeros((B, L, K), dtype=torch.float32)
+    for b, rows in row_chunks(B, L, V):
+        z, idx = student[b, rows].float(), indices[b, rows].long()
+        member = torch.zeros_like(z, dtype=torch.bool).scatter_(-1, idx, True)
+        max_c, logsum_c = row_stats(z.masked_fill(member, -math.inf), temperature)
+        z_s = z.gather(-1, idx)
+        max_q, logsum_q = _combine_lse(max_c, logsum_c, *row_stats(z_s, temperature), temperature)
+        lq = scaled(z_s - max_q[:, None], temperature) - logsum_q[:, None]
+        log_tail_q = scaled(max_c - max_q, temperature) + logsum_c - logsum_q
+        lp = teacher_logprobs[b, rows].float()
+        log_mass_p = torch.logsumexp(lp, dim=-1)
+        if tail == "bin":
+            no_tail = torch.full_like(log_mass_p, -math.inf)
+            log_tail_p = (-torch.expm1(log_mass_p)).clamp(min=0).log() if K < V else no_tail
+            loss_tail, a_tail = _divergence_terms(log_tail_q, log_tail_p, kind, coef)
+        else:
+            lp = lp - log_mass_p[:, None]
+            loss_tail, a_tail = tail_loss * log_tail_q.exp(), tail_grad * log_tail_q.exp()
+        entry_loss, a = _divergence_terms(lq, lp, kind, coef)
+        gbar = a.sum(-1) + a_tail
+        keep = valid[b, rows]
+        values = (entry_loss.sum(-1) + loss_tail, max_c, logsum_c, a_tail - log_tail_q.exp() * gbar)
+        for out, value in zip(outputs, values):
+            out[b, rows] = torch.where(keep, value, 0.0)
+        member_d[b, rows] = torch.where(keep[:, None], a - lq.exp() * gbar[:, None], 0.0)
+    return (*outputs, member_d)
+
+
+def topk_backward_torch(grad, student, indices, valid, max_c, logsum_c, tail_scale, member_d, temperature):
+    """Chunked torch backward: grad[row] / T times (qc tail_scale outside the top-k, d on it), student dtype."""
+    B, L, V = student.shape
+    dz = torch.empty((B, L, V), dtype=student.dtype, device=student.device)
+    for b, rows in row_chunks(B, L, V):
+        z = student[b, rows].float()
+        scale = (grad[b, rows] / temperature)[:, None]
+        qc = torch.exp(scaled(z - max_c[b, rows][:, None], temperature) - logsum_c[b, rows][:, None])
+        chunk = torch.where(z == -math.inf, 0.0, scale * tail_scale[b, rows][:, None] * qc)
+        chunk.scatter_(-1, indices[b, rows].long(), scale * member_d[b, rows])
+        dz[b, rows] = torch.where(valid[b, rows][:, None], chunk, 0.0)
+    return dz
+
+
+# ----------------------------------------------------------------------------------------------------
+# custom ops
+
+
+def _cuda_forward(student, indices, teacher_logprobs, valid, kind, tail, temperature, coef, tail_loss, tail_grad):
+    return torch.ops.klops_C.topk_divergence_forward(
+        student, indices, teacher_logprobs, valid, DIVERGENCE_KINDS.index(kind), tail == "bin",
+        temperature, coef, tail_loss, tail_grad,
+    )  # fmt: skip
+
+
+def _launchers(backend: str):
+    """(forward, backward) launchers of a concrete backend; triton is imported only when used."""
+    if backend == "triton":
+        from .kernels import topk as triton_kernels
+
+        return triton_kernels.topk_divergence_forward, triton_kernels.topk_divergence_backward
+    if backend == "cuda":
+        return _cuda_forward, torch.ops.klops_C.topk_divergence_backward
+    return topk_forward_torch, topk_backward_torch
+
+
+@torch.library.custom_op("klops::topk_divergence", mutates_args=())
+def topk_divergence_op(
+    student: torch.Tensor,
+    indices: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    valid: torch.Tensor,
+    kind: str,
+    tail: str,
+    temperature: float,
+    coef: float,
+    tail_loss: float,
+    tail_grad: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, L, V) student; (B, L, K) sorted int32 ids and their teacher log-probs; (B, L) bool valid ->
+    (D, max_c, logsum_c, tail_scale) each (B, L) fp32 and member_d (B, L, K) fp32."""
+    forward, _ = _launchers(backend)
+    return forward(student, indices, teacher_logprobs, valid, kind, tail, temperature, coef, tail_loss, tail_grad)
+
+
+@topk_divergence_op.register_fake
+def _(student, indices, *rest):
+    rows = tuple(student.new_empty(student.shape[:2], dtype=torch.float32) for _ in range(4))
+    return (*rows, student.new_empty(indices.shape, dtype=torch.float32))
+
+
+@torch.library.custom_op("klops::topk_divergence_backward", mutates_args=())
+def topk_divergence_backward_op(
+    grad: torch.Tensor,
+    student: torch.Tensor,
+    indices: torch.Tensor,
+    valid: torch.Tensor,
+    max_c: torch.Tensor,
+    logsum_c: torch.Tensor,
+    tail_scale: torch.Tensor,
+    member_d: torch.Tensor,
+    temperature: float,
+    backend: str,
+) -> torch.Tensor:
+    """(B, L) fp32 grad of D -> (B, L, V) gradient of the student logits (student dtype)."""
+    _, backward = _launchers(backend)
+    return backward(grad, student, indices, valid, max_c, logsum_c, tail_scale, member_d, temperature)
+
+
+@topk_divergence_backward_op.register_fake
+def _(grad, student, *rest):
+    return torch.empty(student.shape, dtype=student.dtype, device=student.device)
+
+
+def _setup_context(ctx, inputs, output):
+    student, indices, _, valid, _, _, temperature, *_, backend = inputs
+    ctx.save_for_backward(student, indices, valid, *output[1:])
+    ctx.params = (temperature, backend)
+
+
+def _backward(ctx, grad_loss, *_grad_stats):
+    dz = topk_divergence_backward_op(grad_loss, *ctx.saved_tensors, *ctx.params)
+    return (dz,) + (None,) * 10
+
+
+torch.library.register_autograd("klops::topk_divergence", _backward, setup_context=_setup_context)
+
+
+# fused-linear form: the student's logits a chunk of rows at a time (klops/linear.py), each chunk through
+# the row ops above.
+
+
+@torch.library.custom_op("klops::linear_topk_divergence", mutates_args=())
+def linear_topk_divergence_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    indices: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    valid: torch.Tensor,
+    kind: str,
+    tail: str,
+    temperature: float,
+    coef: float,
+    tail_loss: float,
+    tail_grad: float,
+    softcap: float | None,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rows' (D, max_c, logsum_c, tail_scale) and member_d of topk_divergence_op for the student logits
+    softcap(hidden @ weight^T + bias), formed a chunk of rows at a time."""
+    (B, L), V = hidden.shape[:2], weight.shape[0]
+    outputs = tuple(torch.zeros((B, L), dtype=torch.float32, device=hidden.device) for _ in range(4))
+    member_d = torch.zeros(indices.shape, dtype=torch.float32, device=hidden.device)
+    for rows in _row_chunks(B, L, V, hidden.device):
+        z, _ = _chunk_logits(hidden[rows], weight, bias, softcap)
+        chunk = topk_divergence_op(
+            z[None], indices[rows][None], teacher_logprobs[rows][None], valid[rows][None],
+            kind, tail, temperature, coef, tail_loss, tail_grad, backend,
+        )  # fmt: skip
+        for out, value in zip((*outputs, member_d), chunk):
+            out[rows] = value[0]
+    return (*outputs, member_d)
+
+
+@linear_topk_divergence_op.register_fake
+def _(hidden, weight, bias, indices, *rest):
+    return (*_empty_rows(hidden, 4), hidden.new_empty(indices.shape, dtype=torch.float32))
+
+
+@torch.library.custom_op("klops::linear_topk_divergence_backward", mutates_args=())
+def linear_topk_divergence_backward_op(
+    grad: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    indices: torch.Tensor,
+    valid: torch.Tensor,
+    max_c: torch.Tensor,
+    logsum_c: torch.Tensor,
+    tail_scale: torch.Tensor,
+    member_d: torch.Tensor,
+    temperature: float,
+    softcap: float | None,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, L) fp32 grad of D -> (grad_hidden, grad_weight, grad_bias or [0]) of the student."""
+    grads = _new_grads(hidden, weight, bias)
+    for rows in _row_chunks(*hidden.shape[:2], weight.shape[0], hidden.device):
+        z, t = _chunk_logits(hidden[rows], weight, bias, softcap)
+        saved = (x[rows][None] for x in (indices, valid, max_c, logsum_c, tail_scale, member_d))
+        dz = topk_divergence_backward_op(grad[rows][None], z[None], *saved, temperature, backend)[0]
+        _accumulate_grads(dz, t, hidden[rows], weight, grads, rows)
+    return _cast_grads(grads, weight, bias)
+
+
+@linear_topk_divergence_backward_op.register_fake
+def _(grad, hidden, weight, bias, *rest):
+    return _fake_grads(hidden, weight, bias)
+
+
+def _linear_setup_context(ctx, inputs, output):
+    hidden, weight, bias, indices, _, valid, _, _, temperature, _, _, _, softcap, backend = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(hidden, weight, bias, indices, valid, *output[1:])
+    ctx.params = (temperature, softcap, backend)
+
+
+def _linear_backward(ctx, grad_rows, *_grad_stats):
+    grad_hidden, grad_weight, grad_bias = linear_topk_divergence_backward_op(grad_rows, *ctx.saved_tensors, *ctx.params)
+    return (grad_hidden, grad_weight, grad_bias if ctx.has_bias else None) + (None,) * 11
+
+
+torch.library.register_autograd("klops::linear_topk_divergence", _linear_backward, setup_context=_linear_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the rows of fused_kl / fused_linear_kl with a TopK teacher (their checks of every other argument done)
+
+
+def topk_rows(student_logits, topk, valid, kind, user_kind, coef, temperature, backend) -> torch.Tensor:
+    """Per-row D ``[...]`` fp32 between a TopK teacher and ``student_logits [..., V]``; 0 on invalid rows."""
+    V = student_logits.shape[-1]
+    tail_terms = renormalized_tail_terms(kind, coef, user_kind) if topk.tail == "renormalize" else (0.0, 0.0)
+    indices, logprobs = sorted_topk(topk, "student_logits", student_logits, V, valid)
+    backend = resolve_backend(backend, student_logits.device)
+    student3, indices3, logprobs3 = _inputs.as_rows(student_logits, indices, logprobs)
+    rows, *_ = topk_divergence_op(
+        student3, indices3, logprobs3, valid.reshape(student3.shape[:2]),
+        kind, topk.tail, temperature, coef, *tail_terms, backend,
+    )  # fmt: skip
+    return rows.reshape(valid.shape)
+
+
+def linear_topk_rows(hidden, weight, bias, topk, valid, kind, user_kind, coef, temperature, softcap, backend):
+    """Per-row D ``[...]`` fp32 between a TopK teacher and the student logits softcap(hidden @ weight^T + bias)."""
+    tail_terms = renormalized_tail_terms(kind, coef, user_kind) if topk.tail == "renormalize" else (0.0, 0.0)
+    indices, logprobs = sorted_topk(topk, "student_hidden", hidden, weight.shape[0], valid)
+    backend = resolve_backend(backend, hidden.device)
+    hidden3, indices3, logprobs3 = _inputs.as_rows(hidden, indices, logprobs)
+    rows, *_ = linear_topk_divergence_op(
+        hidden3, weight, bias, indices3, logprobs3, valid.reshape(hidden3.shape[:2]),
+        kind, topk.tail, temperature, coef, *tail_terms, softcap, backend,
+    )  # fmt: skip
+    return rows.reshape(valid.shape)
