@@ -66,7 +66,7 @@ def topk_divergence_forward_kernel(
     loss_ptr,  # (B*L,) fp32 out: D per row
     max_c_ptr,  # (B*L,) fp32 out: raw max of z outside the top-k (0 when none is finite)
     logsum_c_ptr,  # (B*L,) fp32 out: log sum exp((z - max_c)/T) outside the top-k
-    tail_scale_ptr,  # (B*L,) fp32 out: a_tail - Q gbar
+    tail_scale_ptr,  # (B*L,) fp32 out: a_tail - Q gbar, as a_tail sum q_S - Q sum a_S
     member_d_ptr,  # (B*L, K) fp32 out: d_i = a_i - q_i gbar
     # shapes
     L,
@@ -150,7 +150,8 @@ def topk_divergence_forward_kernel(
         loss_acc += tl.where(kmask, entry_loss, 0.0)
         gbar_acc += tl.where(kmask, a, 0.0)
         tl.store(d_row + kstart + kcols, a, mask=kmask)
-    gbar = tl.sum(gbar_acc, 0) + a_tail
+    a_members = tl.sum(gbar_acc, 0)
+    gbar = a_members + a_tail
     tl.debug_barrier()
 
     # Members, pass 3: d_i = a_i - q_i gbar.
@@ -162,7 +163,10 @@ def topk_divergence_forward_kernel(
     tl.store(loss_ptr + row, tl.sum(loss_acc, 0) + loss_tail)
     tl.store(max_c_ptr + row, max_c)
     tl.store(logsum_c_ptr + row, logsum_c)
-    tl.store(tail_scale_ptr + row, a_tail - tl.exp(log_tail_q) * gbar)
+    # a_tail - Q gbar = a_tail sum q_S - Q sum a_S: both factors of each product exact, nothing of size 1
+    # cancels when Q is near 1 (k small).
+    mass_q_s = tl.exp((max_s - max_q) * inv_temperature + logsum_s - logsum_q)
+    tl.store(tail_scale_ptr + row, a_tail * mass_q_s - tl.exp(log_tail_q) * a_members)
 
 
 @triton.jit

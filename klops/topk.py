@@ -92,7 +92,9 @@ def sorted_topk(topk: TopK, ref_name: str, ref: torch.Tensor, vocab_size: int, v
     repeated = keep & (indices[..., 1:] == indices[..., :-1])
     _inputs.check_none(repeated, indices[..., 1:], "TopK indices must be distinct within a row")
     # Ids outside [0, V) (possible only when the checks above are device-side) become -1 or V: never read.
-    return indices.clamp(-1, vocab_size).to(torch.int32), topk.logprobs.gather(-1, order)
+    # Ignored rows may hold anything (padding): they get the ids 0..k-1, so that no backend reads theirs.
+    indices = torch.where(keep, indices.clamp(-1, vocab_size), torch.arange(k, device=indices.device))
+    return indices.to(torch.int32), topk.logprobs.gather(-1, order)
 
 
 def renormalized_tail_terms(kind: str, coef: float, user_kind: str) -> tuple[float, float]:
@@ -139,7 +141,8 @@ def topk_forward_torch(student, indices, teacher_logprobs, valid, kind, tail, te
         member = torch.zeros_like(z, dtype=torch.bool).scatter_(-1, idx, True)
         max_c, logsum_c = row_stats(z.masked_fill(member, -math.inf), temperature)
         z_s = z.gather(-1, idx)
-        max_q, logsum_q = _combine_lse(max_c, logsum_c, *row_stats(z_s, temperature), temperature)
+        max_s, logsum_s = row_stats(z_s, temperature)
+        max_q, logsum_q = _combine_lse(max_c, logsum_c, max_s, logsum_s, temperature)
         lq = scaled(z_s - max_q[:, None], temperature) - logsum_q[:, None]
         log_tail_q = scaled(max_c - max_q, temperature) + logsum_c - logsum_q
         lp = teacher_logprobs[b, rows].float()
@@ -153,8 +156,11 @@ def topk_forward_torch(student, indices, teacher_logprobs, valid, kind, tail, te
             loss_tail, a_tail = tail_loss * log_tail_q.exp(), tail_grad * log_tail_q.exp()
         entry_loss, a = _divergence_terms(lq, lp, kind, coef)
         gbar = a.sum(-1) + a_tail
+        # a_tail - Q gbar without the cancellation of two numbers near a_tail when Q is near 1
+        mass_q_s = torch.exp(scaled(max_s - max_q, temperature) + logsum_s - logsum_q)
+        tail_scale = a_tail * mass_q_s - log_tail_q.exp() * a.sum(-1)
         keep = valid[b, rows]
-        values = (entry_loss.sum(-1) + loss_tail, max_c, logsum_c, a_tail - log_tail_q.exp() * gbar)
+        values = (entry_loss.sum(-1) + loss_tail, max_c, logsum_c, tail_scale)
         for out, value in zip(outputs, values):
             out[b, rows] = torch.where(keep, value, 0.0)
         member_d[b, rows] = torch.where(keep[:, None], a - lq.exp() * gbar[:, None], 0.0)

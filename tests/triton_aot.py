@@ -26,9 +26,19 @@ DIVERGENCE_VARIANTS = [(kind, "logits", "bf16", "bf16") for kind in DIVERGENCE_K
     ("reverse", "probs", "fp16", "fp32"),
     ("jsd", "logits", "fp32", "fp32"),
 ]
-VARIANTS = [f"divergence-{'-'.join(v)}-{d}" for v in DIVERGENCE_VARIANTS for d in ("fwd", "bwd")] + [
-    f"logprobs-entropy{int(e)}-sm{arch}" for e in (True, False) for arch in (80, 90)
+# (kind, tail, student dtype, teacher log-probs dtype, BLOCK_K): every kind with the bin, the renormalized tail,
+# and k past one block of members. The backward does not depend on the kind or tail.
+TOPK_VARIANTS = [(kind, "bin", "bf16", "fp32", 64) for kind in DIVERGENCE_KINDS] + [
+    ("forward", "renormalize", "bf16", "bf16", 64),
+    ("jsd", "renormalize", "fp16", "fp32", 256),
+    ("forward", "bin", "fp32", "fp32", 1),
 ]
+VARIANTS = (
+    [f"divergence-{'-'.join(v)}-{d}" for v in DIVERGENCE_VARIANTS for d in ("fwd", "bwd")]
+    + [f"logprobs-entropy{int(e)}-sm{arch}" for e in (True, False) for arch in (80, 90)]
+    + [f"topk-{kind}-{tail}-{student}-{teacher}-k{block}" for kind, tail, student, teacher, block in TOPK_VARIANTS]
+    + [f"topk-backward-{dtype}-sm{arch}" for dtype in ("bf16", "fp32") for arch in (80, 90)]
+)
 
 
 def divergence_signature(student, teacher, backward):
@@ -40,6 +50,17 @@ def divergence_signature(student, teacher, backward):
         sig |= {"loss_ptr": "*fp32"} | {name: "*fp32" for name in STATS}
     sig |= ROW_ARGS | {"stride_zb": "i64", "stride_zl": "i64", "stride_yb": "i64", "stride_yl": "i64"}
     return sig | {name: "fp32" for name in FLOAT_ARGS}
+
+
+def topk_signatures(student: str, teacher: str) -> tuple[dict, dict]:
+    """(forward, backward) signatures of kernels/topk.py's kernels."""
+    shapes = {"L": "i32", "V": "i32", "K": "i32", "stride_zb": "i64", "stride_zl": "i64", "inv_temperature": "fp32"}
+    stats = {"max_c_ptr": "*fp32", "logsum_c_ptr": "*fp32", "tail_scale_ptr": "*fp32", "member_d_ptr": "*fp32"}
+    inputs = {"z_ptr": f"*{student}", "idx_ptr": "*i32", "tlp_ptr": f"*{teacher}", "valid_ptr": "*i1"}
+    coefficients = {"coef": "fp32", "tail_loss": "fp32", "tail_grad": "fp32"}
+    forward = inputs | {"loss_ptr": "*fp32"} | stats | shapes | coefficients
+    backward = {"grad_ptr": "*fp32", "z_ptr": f"*{student}", "idx_ptr": "*i32", "valid_ptr": "*i1"} | stats
+    return forward, backward | {"dz_ptr": f"*{student}"} | shapes
 
 
 def loop_exps(ptx: str) -> list[int]:
@@ -74,7 +95,7 @@ def resource_usage(cubin: bytes) -> dict:
 
 def compile_all() -> dict[str, dict]:
     import triton
-    from klops.kernels import divergence, logprobs
+    from klops.kernels import divergence, logprobs, topk
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -112,6 +133,18 @@ def compile_all() -> dict[str, dict]:
             jobs[f"logprobs-entropy{int(with_entropy)}-sm{arch}"] = [
                 (logprobs.logprobs_forward_kernel, forward | common, constexprs, arch, FORWARD_SWEEP),
                 (logprobs.logprobs_backward_kernel, backward | common, constexprs, arch, BACKWARD_SWEEP),
+            ]
+    for kind, tail, student, teacher, block in TOPK_VARIANTS:
+        forward, _ = topk_signatures(student, teacher)
+        constexprs = {"KIND": DIVERGENCE_KINDS.index(kind), "BIN": tail == "bin", "BLOCK_K": block}
+        jobs[f"topk-{kind}-{tail}-{student}-{teacher}-k{block}"] = [
+            (topk.topk_divergence_forward_kernel, forward, constexprs, 90, FORWARD_SWEEP)
+        ]
+    for dtype in ("bf16", "fp32"):
+        for arch in (80, 90):
+            _, backward = topk_signatures(dtype, dtype)
+            jobs[f"topk-backward-{dtype}-sm{arch}"] = [
+                (topk.topk_divergence_backward_kernel, backward, {}, arch, BACKWARD_SWEEP)
             ]
     results = {}
     for name, kernels in jobs.items():
