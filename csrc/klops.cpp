@@ -1,5 +1,5 @@
 // klops._C: the CUDA kernels of klops as torch ops in the namespace klops_C (schemas here, CUDA
-// implementations in divergence.cu and logprobs.cu), plus build information for Python.
+// implementations in divergence.cu, topk.cu and logprobs.cu), plus build information for Python.
 
 #include <cuda.h>  // CUDA_VERSION
 #include <pybind11/pybind11.h>
@@ -45,6 +45,16 @@ TORCH_LIBRARY(klops_C, m) {
       "divergence_backward(Tensor grad, Tensor student, Tensor teacher, Tensor valid, "
       "Tensor max_q, Tensor logsum_q, Tensor max_t, Tensor logsum_t, Tensor gbar, int kind, "
       "int target, float temperature, float coef) -> Tensor");
+  // Sparse top-k teachers: indices (B, L, K) int32 sorted within each row, teacher_logprobs (B, L, K);
+  // max_c / logsum_c are the student's statistics outside the top-k, tail_scale the tail's gradient
+  // coefficient and member_d (B, L, K) the members' gradient numerators (kernels/topk.py).
+  m.def(
+      "topk_divergence_forward(Tensor student, Tensor indices, Tensor teacher_logprobs, Tensor valid, "
+      "int kind, bool bin, float temperature, float coef, float tail_loss, float tail_grad) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "topk_divergence_backward(Tensor grad, Tensor student, Tensor indices, Tensor valid, "
+      "Tensor max_c, Tensor logsum_c, Tensor tail_scale, Tensor member_d, float temperature) -> Tensor");
   m.def(
       "logprobs_forward(Tensor logits, Tensor labels, float temperature, bool with_entropy, "
       "int ignore_index) -> (Tensor, Tensor, Tensor, Tensor)");

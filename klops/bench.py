@@ -20,28 +20,32 @@ from .backend import available_backends
 from .divergence import fused_kl
 from .linear import fused_linear_cross_entropy, fused_linear_kl
 from .logprobs import logprobs
+from .topk import TopK
 
 
 @dataclasses.dataclass
 class Case:
-    op: str  # "fused_kl" | "logprobs" | "fused_linear_cross_entropy" | "fused_linear_kl"
+    op: str  # "fused_kl" | "fused_kl_topk" | "logprobs" | "fused_linear_cross_entropy" | "fused_linear_kl"
     rows: int
     vocab: int
     dtype: torch.dtype
     kind: str = "forward"
     hidden: int = 0  # D of the fused-linear ops
+    k: int = 0  # teacher ids per row of fused_kl_topk
 
     @property
     def name(self) -> str:
         dtype = str(self.dtype).removeprefix("torch.")
-        kind = f" {self.kind}" if self.op in ("fused_kl", "fused_linear_kl") else ""
+        kind = f" {self.kind}" if self.op in ("fused_kl", "fused_kl_topk", "fused_linear_kl") else ""
         hidden = f" D={self.hidden}" if self.hidden else ""
-        return f"{self.op}{kind} N={self.rows} V={self.vocab}{hidden} {dtype}"
+        k = f" k={self.k}" if self.k else ""
+        return f"{self.op}{kind} N={self.rows} V={self.vocab}{hidden}{k} {dtype}"
 
     def min_bytes(self) -> int:
-        """Read the logits (and the teacher) once, write the gradient once."""
+        """Read the logits (and a dense teacher) once, write the gradient once; a top-k teacher's ids (int64)
+        and fp32 log-probs are read once."""
         inputs = 2 if self.op == "fused_kl" else 1
-        return (inputs + 1) * self.rows * self.vocab * self.dtype.itemsize
+        return (inputs + 1) * self.rows * self.vocab * self.dtype.itemsize + self.rows * self.k * (8 + 4)
 
     def min_flops(self) -> int:
         """Fused-linear ops: the logits' matmul and the two gradient matmuls, 2 N V D each, and for the KL
@@ -69,6 +73,11 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
         linear.append((16384, 128256, 4096))
     out += [Case("fused_linear_cross_entropy", n, v, dtypes[0], hidden=d) for n, v, d in linear]
     out += [Case("fused_linear_kl", n, v, dtypes[0], "forward", hidden=d) for n, v, d in linear]
+    # A stored top-64 teacher over Qwen2.5's vocabulary (V=152064): the issue's N=16384 on a full GPU run.
+    topk = [(1024, 152064)] if device.type == "cuda" else [(128, 32000)]
+    if device.type == "cuda" and not quick:
+        topk.append((16384, 152064))
+    out += [Case("fused_kl_topk", n, v, dtypes[0], "forward", k=64) for n, v in topk]
     return out
 
 
@@ -89,6 +98,18 @@ def eager_kl(student, teacher, kind: str):
     return 0.5 * kl_pm + 0.5 * kl_qm
 
 
+def eager_topk_kl(student, teacher):
+    """Forward KL against a top-k teacher with a tail bin, the plain way: log_softmax, gather, and the
+    student's tail as 1 - sum q_S."""
+    indices, logprobs, _ = teacher
+    log_q_s = F.log_softmax(student.float(), dim=-1).gather(-1, indices)
+    log_tail_q = torch.log(-torch.expm1(torch.logsumexp(log_q_s, dim=-1)))
+    p_s = logprobs.exp()
+    tail_p = (1 - p_s.sum(-1)).clamp(min=0)
+    rows = (p_s * (logprobs - log_q_s)).sum(-1) + torch.xlogy(tail_p, tail_p) - tail_p * log_tail_q
+    return rows.mean()
+
+
 def eager_logprobs(logits, labels):
     log_q = F.log_softmax(logits.float(), dim=-1)
     logp = log_q.gather(-1, labels[:, None]).squeeze(-1)
@@ -107,6 +128,16 @@ def implementations(case: Case, device: torch.device) -> dict:
         for backend in available_backends(device):
             impls[f"klops[{backend}]"] = lambda h, y, b=backend: _klops_linear_kl(h, y, case.kind, b)
         eager = lambda h, y: eager_linear_kl(h, y, case.kind)  # noqa: E731
+    elif case.op == "fused_kl_topk":
+        for backend in available_backends(device):
+            impls[f"klops[{backend}]"] = lambda z, y, b=backend: fused_kl(
+                z, TopK(y[0], y[1]), case.kind, reduction="batchmean", backend=b
+            )
+        dense = available_backends(device)[0]  # the dense op on the teacher's full logits, for comparison
+        impls[f"klops[{dense}] dense teacher"] = lambda z, y: fused_kl(
+            z, y[2], case.kind, reduction="batchmean", backend=dense
+        )
+        eager = eager_topk_kl
     elif case.op == "fused_kl":
         beta = {"jsd": dict(beta=0.5)}.get(case.kind, {})
         for backend in available_backends(device):
@@ -248,6 +279,10 @@ def make_inputs(case: Case, device: torch.device, gen: torch.Generator):
         labels = torch.randint(0, case.vocab, (case.rows,), generator=gen).to(device)
         return hidden, (head().requires_grad_(), labels)
     z = (torch.randn(case.rows, case.vocab, generator=gen) * 2).to(device=device, dtype=case.dtype)
+    if case.op == "fused_kl_topk":  # (ids, log-probs) of the teacher's top-k, and its full logits
+        y = (torch.randn(case.rows, case.vocab, generator=gen) * 2).to(device=device, dtype=case.dtype)
+        top = torch.log_softmax(y.float(), dim=-1).topk(case.k, dim=-1)
+        return z, (top.indices, top.values, y)
     if case.op == "fused_kl":
         y = (torch.randn(case.rows, case.vocab, generator=gen) * 2).to(device=device, dtype=case.dtype)
     else:
@@ -255,7 +290,7 @@ def make_inputs(case: Case, device: torch.device, gen: torch.Generator):
     return z, y
 
 
-def check_against_reference(case: Case, impl, z, y) -> float:
+def check_against_reference(case: Case, name: str, impl, z, y) -> float:
     """Largest error of the loss and gradient on the first rows vs the float64 reference, relative to
     the largest reference value."""
     rows = min(8, case.rows)
@@ -272,10 +307,14 @@ def check_against_reference(case: Case, impl, z, y) -> float:
             loss = impl(z_k, (weight, y[1][:rows]))
             ref = F.cross_entropy(z_r @ weight.double().t(), y[1][:rows])
         return _relative_error(loss, ref, z_k, z_r)
-    z, y = z[:rows].detach().clone(), y[:rows]
+    z = z[:rows].detach().clone()
+    y = tuple(t[:rows] for t in y) if isinstance(y, tuple) else y[:rows]
     z_k, z_r = z.clone().requires_grad_(), z.clone().requires_grad_()
     loss = impl(z_k, y)
-    if case.op == "fused_kl":
+    if case.op == "fused_kl_topk":  # the impl's teacher: the top-k, or the full logits it was drawn from
+        teacher = y[2] if name.endswith("dense teacher") else TopK(y[0], y[1])
+        ref = reference.fused_kl_reference(z_r, teacher, case.kind, reduction="batchmean")
+    elif case.op == "fused_kl":
         ref = reference.fused_kl_reference(z_r, y, case.kind, beta=0.5, reduction="batchmean")
     else:
         logp, entropy = reference.logprobs_reference(z_r, y)
@@ -306,7 +345,7 @@ def run(device: torch.device, quick: bool, repeats: int | None = None) -> dict:
             row = dict(case=case.name, impl=name)
             try:
                 if name.startswith("klops"):  # the baselines are the usual torch ops, not under test
-                    row["rel_err"] = check_against_reference(case, impl, z, y)
+                    row["rel_err"] = check_against_reference(case, name, impl, z, y)
                 z_grad = z.detach().requires_grad_()
 
                 def step():

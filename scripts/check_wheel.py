@@ -5,6 +5,7 @@ scripts/build_wheel.sh, in a fresh environment):
 
 - the wheel's local version names the CUDA and torch it was built against, e.g. 0.1.0+cu130torch2.14;
 - ``import klops`` and ``klops._C`` come from site-packages, and klops uses the extension;
+- every op of klops._C has its CUDA kernel registered;
 - ``cuobjdump --list-elf`` (from the triton wheel) finds a cubin for each architecture asked, and no other;
 - ``backend="cuda"`` on CPU tensors raises the clear ValueError, and the torch backend runs.
 """
@@ -37,6 +38,10 @@ def main(wheel: str, archs: list[str]) -> None:
     assert klops._C.arch_list() == ";".join(archs), klops._C.arch_list()
     info = cli.info()
     assert "sm_" + archs[0].replace(".", "") in info, info
+
+    for op in ("divergence_forward", "divergence_backward", "topk_divergence_forward", "topk_divergence_backward",
+               "logprobs_forward", "logprobs_backward"):  # fmt: skip
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"klops_C::{op}", "CUDA"), f"no CUDA kernel for {op}"
 
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     listing = subprocess.run([cuobjdump, "--list-elf", klops._C.__file__], capture_output=True, text=True, check=True)
