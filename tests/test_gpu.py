@@ -1,5 +1,5 @@
-"""On a GPU (skipped without one): the op matrix on a device that is not the current one, no host sync
-in forward or backward, and capture of forward + backward in a CUDA graph.
+"""On a GPU (skipped without one): the op matrix (dense and top-k teachers) on a device that is not the
+current one, no host sync in forward or backward, and capture of forward + backward in a CUDA graph.
 
 With two GPUs the tensors live on cuda:1 while cuda:0 stays current (Hugging Face's device_map="auto"
 puts the LM head on the last GPU), so a launch on the current device instead of the tensors' would
@@ -56,6 +56,28 @@ def test_fused_kl_on_another_device(backend, kind, coef, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tail", ["bin", "renormalize"])
+@pytest.mark.parametrize("kind, coef", [kc for kc in KINDS if kc[0] != "reverse"])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_topk_on_another_device(backend, kind, coef, tail, dtype):
+    """A top-64 teacher over a 152064 vocabulary (Qwen2.5's), sliced student rows."""
+    student, teacher, labels = inputs((2, 9, 152064), dtype, seed=5)
+    top = torch.log_softmax(teacher[:, 1:].float(), dim=-1).topk(64, dim=-1)
+    topk = klops.TopK(top.indices, top.values, tail)
+    device = tensor_device()
+    with torch.cuda.device(0):
+        z = student[:, :-1].to(device).requires_grad_()
+        on_device = klops.TopK(topk.indices.to(device), topk.logprobs.to(device), tail)
+        loss = klops.fused_kl(z, on_device, kind, labels=labels[:, 1:].to(device), backend=backend, **coef)
+        loss.backward()
+    z_ref = student[:, :-1].clone().requires_grad_()
+    ref = fused_kl_reference(z_ref, topk, kind, labels=labels[:, 1:], **coef)
+    ref.backward()
+    assert_close(loss.cpu(), ref, LOSS_TOL[dtype], f"{kind} loss")
+    assert_close(z.grad.cpu(), z_ref.grad, GRAD_TOL[dtype], f"{kind} grad")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_logprobs_on_another_device(backend, dtype):
     logits, _, labels = inputs((2, 7, 32001), dtype, seed=2)
@@ -75,7 +97,9 @@ def test_logprobs_on_another_device(backend, dtype):
 def _step(backend, student, teacher, labels):
     kl = klops.fused_kl(student, teacher, "jsd", beta=0.3, labels=labels, backend=backend)
     logp, entropy = klops.logprobs(student, labels, return_entropy=True, backend=backend)
-    (kl - logp.mean() + 0.01 * entropy.mean()).backward()
+    top = torch.log_softmax(teacher.float(), dim=-1).topk(16, dim=-1)
+    sparse = klops.fused_kl(student, klops.TopK(top.indices, top.values), labels=labels, backend=backend)
+    (kl + sparse - logp.mean() + 0.01 * entropy.mean()).backward()
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
