@@ -52,6 +52,14 @@ def finite_or_zero(m):
 
 
 @triton.jit
+def zero_row(row_ptr, V, BLOCK_V: tl.constexpr):
+    """Writes V zeros to a contiguous row (the gradient of an ignored row), BLOCK_V at a time."""
+    cols = tl.arange(0, BLOCK_V)
+    for start in range(0, V, BLOCK_V):
+        tl.store(row_ptr + start + cols, tl.zeros([BLOCK_V], tl.float32), mask=start + cols < V)
+
+
+@triton.jit
 def online_lse_update(m, s, x, inv_temperature):
     """Per-lane online log-sum-exp in raw units: m = running max of x, s = sum exp((x - m) / T).
 
@@ -298,8 +306,7 @@ def divergence_backward_kernel(
     dz_row = dz_ptr + row * V
     cols = tl.arange(0, BLOCK_V)
     if tl.load(valid_ptr + row) == 0:
-        for start in range(0, V, BLOCK_V):
-            tl.store(dz_row + start + cols, tl.zeros([BLOCK_V], tl.float32), mask=start + cols < V)
+        zero_row(dz_row, V, BLOCK_V)
         return
     z_row = z_ptr + (row // L) * stride_zb + (row % L) * stride_zl
     y_row = y_ptr + (row // L) * stride_yb + (row % L) * stride_yl

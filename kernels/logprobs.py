@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .divergence import NEG_INF, finite_or_zero, lse_finalize, online_lse_update
+from .divergence import NEG_INF, finite_or_zero, lse_finalize, online_lse_update, zero_row
 from .launch import BACKWARD_SWEEP, FORWARD_SWEEP, launch_over_rows
 
 
@@ -124,8 +124,7 @@ def logprobs_backward_kernel(
     cols = tl.arange(0, BLOCK_V)
     label = tl.load(labels_ptr + row).to(tl.int64)
     if label == ignore_index:
-        for start in range(0, V, BLOCK_V):
-            tl.store(dz_row + start + cols, tl.zeros([BLOCK_V], tl.float32), mask=start + cols < V)
+        zero_row(dz_row, V, BLOCK_V)
         return
     z_row = z_ptr + (row // L) * stride_zb + (row % L) * stride_zl
     max_z = tl.load(max_ptr + row)

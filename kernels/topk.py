@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .divergence import NEG_INF, divergence_terms, lse_finalize, online_lse_update
+from .divergence import NEG_INF, divergence_terms, lse_finalize, online_lse_update, zero_row
 from .launch import BACKWARD_SWEEP, DIVERGENCE_KINDS, FORWARD_SWEEP, launch_over_rows
 
 # The walk's next member once every member of the row is behind it: past every block start + BLOCK_V.
@@ -196,8 +196,7 @@ def topk_divergence_backward_kernel(
     dz_row = dz_ptr + row * V
     cols = tl.arange(0, BLOCK_V)
     if tl.load(valid_ptr + row) == 0:
-        for start in range(0, V, BLOCK_V):
-            tl.store(dz_row + start + cols, tl.zeros([BLOCK_V], tl.float32), mask=start + cols < V)
+        zero_row(dz_row, V, BLOCK_V)
         return
     z_row = z_ptr + (row // L) * stride_zb + (row % L) * stride_zl
     idx_row = idx_ptr + row * K
