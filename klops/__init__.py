@@ -8,15 +8,18 @@ loss = klops.fused_kl(student_logits, klops.TopK(teacher_ids, teacher_logprobs, 
 from . import nn, reference
 from ._inputs import set_host_checks
 from .backend import available_backends
+from .distill import dckd_loss, kdrl_loss
 from .divergence import fused_kl
 from .grpo import fused_linear_grpo_loss, group_advantages, grpo_loss, grpo_loss_from_logits, kl_estimate
 from .linear import fused_linear_cross_entropy, fused_linear_kl, fused_linear_logprobs
 from .logprobs import logprobs
+from .preference import dpo_loss, sequence_logprobs, tdpo_loss
 from .topk import TopK
 
 __version__ = "0.1.0"
 __all__ = [
     "fused_kl", "TopK", "logprobs", "fused_linear_kl", "fused_linear_logprobs", "fused_linear_cross_entropy",
     "fused_linear_grpo_loss", "group_advantages", "kl_estimate",
-    "grpo_loss", "grpo_loss_from_logits", "nn", "reference", "available_backends", "set_host_checks", "__version__",
+    "grpo_loss", "grpo_loss_from_logits", "dpo_loss", "sequence_logprobs", "tdpo_loss", "dckd_loss", "kdrl_loss",
+    "nn", "reference", "available_backends", "set_host_checks", "__version__",
 ]  # fmt: skip

@@ -343,3 +343,56 @@ def _reference_is_ratio(old, rollout_logp, valid, i, t, mode, clip_min, clip_max
         return ratio.clamp(min=clip_min, max=clip_max)
     outside = (clip_min is not None and ratio < clip_min) or (clip_max is not None and ratio > clip_max)
     return ratio * 0.0 if outside else ratio
+
+
+def dpo_loss_reference(policy_chosen_logp, policy_rejected_logp, ref_chosen_logp, ref_rejected_logp, *, beta=0.1,
+                       loss_type="sigmoid", divergence="reverse", alpha=0.5, label_smoothing=0.0):  # fmt: skip
+    """The DPO / f-DPO loss of docs/losses.md §4 in float64, pair by pair (loss only)."""
+    import torch.nn.functional as F
+
+    def score(lr):
+        if divergence == "reverse" or (divergence == "alpha" and alpha == 1.0):
+            return lr
+        if divergence == "forward":
+            return -torch.exp(-lr)
+        if divergence == "jsd":
+            return F.logsigmoid(lr)
+        return torch.exp(torch.clamp((alpha - 1) * lr, max=80.0)) / (alpha - 1)
+
+    losses = []
+    for i in range(policy_chosen_logp.shape[0]):
+        chosen = policy_chosen_logp[i].double() - ref_chosen_logp[i].double()
+        rejected = policy_rejected_logp[i].double() - ref_rejected_logp[i].double()
+        delta = score(chosen) - score(rejected)
+        if loss_type == "sigmoid":
+            eps = label_smoothing
+            losses.append(-(1 - eps) * F.logsigmoid(beta * delta) - eps * F.logsigmoid(-beta * delta))
+        elif loss_type == "ipo":
+            losses.append((delta - 1 / (2 * beta)) ** 2)
+        else:
+            losses.append(torch.relu(1 - beta * delta))
+    return torch.stack(losses).mean()
+
+
+def tdpo_loss_reference(policy_logits, ref_logits, labels, mask, chosen_index, rejected_index, *, beta=0.1,
+                        alpha=0.5, variant=2, temperature=1.0, ignore_index=-100):  # fmt: skip
+    """TDPO1 / TDPO2 (docs/losses.md §4) in float64 from the full softmaxes, as the TDPO authors write it."""
+    import torch.nn.functional as F
+
+    log_q = torch.log_softmax(policy_logits.double() / temperature, dim=-1)
+    log_p = torch.log_softmax(ref_logits.double() / temperature, dim=-1).detach()
+    keep = labels != ignore_index
+    if mask is not None:
+        keep = keep & (mask != 0)
+    idx = torch.where(keep, labels, 0).long()[..., None]
+    position_kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    token_margin = (log_q.gather(-1, idx) - log_p.gather(-1, idx)).squeeze(-1)
+    margin = torch.where(keep, token_margin, 0.0).sum(-1)
+    seq_kl = torch.where(keep, position_kl, 0.0).sum(-1)
+    c, r = chosen_index.long(), rejected_index.long()
+    m = margin[c] - margin[r]
+    if variant == 1:
+        logits = m - (seq_kl[r] - seq_kl[c])
+    else:
+        logits = m - alpha * (seq_kl[r] - seq_kl[c].detach())
+    return -F.logsigmoid(beta * logits).mean()

@@ -1,0 +1,272 @@
+"""Preference losses (docs/losses.md §4): DPO and f-DPO from sequence log-probs, the fused sequence log-probs
+that feed them, and token-level DPO (TDPO1 / TDPO2) from logits or hidden states.
+
+Nothing here forms a ``[tokens, vocab]`` tensor besides the gradient: the per-token log-probs and KLs come
+from ``klops.logprobs`` / ``klops.fused_kl`` (or their fused-linear forms), the sequence-level steps work on
+``[B]`` tensors. Where TRL's ``DPOTrainer`` defines a convention the spec does not, it is followed and said so.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import _inputs
+from .divergence import fused_kl
+from .linear import fused_linear_kl, fused_linear_logprobs
+from .logprobs import logprobs
+
+__all__ = ["dpo_loss", "sequence_logprobs", "tdpo_loss", "DPO_LOSS_TYPES", "DPO_DIVERGENCES"]
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+DPO_DIVERGENCES = ("reverse", "forward", "jsd", "alpha")
+# The alpha score's exponent (alpha - 1) log-ratio is clamped here, as TRL does for fp32 / bf16, so that its
+# exp stays finite.
+ALPHA_EXPONENT_MAX = 80.0
+
+
+def _check_float_rows(name: str, x, ref_name: str | None = None, ref: torch.Tensor | None = None) -> None:
+    if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+        raise TypeError(
+            f"{name} must be a float tensor, got {type(x).__name__ if not isinstance(x, torch.Tensor) else x.dtype}"
+        )
+    if ref is not None and (x.shape != ref.shape or x.device != ref.device):
+        raise ValueError(
+            f"{name} must have the shape {tuple(ref.shape)} of {ref_name} on {ref.device}, "
+            f"got {tuple(x.shape)} on {x.device}"
+        )
+
+
+def dpo_scores(log_ratio: torch.Tensor, divergence: str, alpha: float) -> torch.Tensor:
+    """The f-DPO score of a sequence log-ratio ``lr = log pi(y) - log ref(y)`` (docs/losses.md §4; TRL's
+    ``f_divergence_type``): reverse ``lr``, forward ``-exp(-lr)``, jsd ``logsigmoid(lr)``, alpha
+    ``exp((alpha - 1) lr) / (alpha - 1)`` with the exponent clamped at ``ALPHA_EXPONENT_MAX`` (alpha = 1 is the
+    reverse limit, as in TRL)."""
+    lr = log_ratio.float()
+    if divergence == "reverse" or (divergence == "alpha" and abs(alpha - 1.0) < 1e-6):
+        return lr
+    if divergence == "forward":
+        return -torch.exp(-lr)
+    if divergence == "jsd":
+        return F.logsigmoid(lr)
+    return torch.exp(((alpha - 1.0) * lr).clamp(max=ALPHA_EXPONENT_MAX)) / (alpha - 1.0)
+
+
+def dpo_loss(
+    policy_chosen_logp: torch.Tensor,
+    policy_rejected_logp: torch.Tensor,
+    ref_chosen_logp: torch.Tensor,
+    ref_rejected_logp: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    divergence: str = "reverse",
+    alpha: float = 0.5,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DPO and f-DPO over ``P`` preference pairs: ``(loss, metrics)``, the loss the mean over pairs.
+
+    With the scores ``s = dpo_scores(log pi - log ref)`` of the chosen (w) and rejected (l) sequences and
+    ``delta = s_w - s_l`` (``divergence="reverse"``: DPO's ``h / beta``):
+
+    - ``"sigmoid"``: ``-(1 - eps) logsigmoid(beta delta) - eps logsigmoid(-beta delta)``; ``eps = label_smoothing``
+      is conservative DPO (cDPO), TRL's sigmoid loss before it moved the smoothing to its ``"robust"`` type.
+    - ``"ipo"``: ``(delta - 1 / (2 beta))^2``. TRL (and the IPO authors) take per-token averaged log-probs here:
+      pass ``sequence_logprobs(..., average=True)``.
+    - ``"hinge"``: ``relu(1 - beta delta)`` (SLiC).
+
+    Args:
+        policy_chosen_logp, policy_rejected_logp, ref_chosen_logp, ref_rejected_logp: ``[P]`` float sequence
+            log-probs (``klops.sequence_logprobs``); gradients flow to the policy's.
+        beta: > 0. divergence: the f-DPO generator (``alpha``'s exponent clamped). label_smoothing: in [0, 0.5),
+            sigmoid only.
+
+    Returns ``(loss, metrics)``; metrics are 0-d fp32 tensors without a host sync, TRL's names:
+    ``rewards/chosen`` and ``rewards/rejected`` (means of ``beta (log pi - log ref)``), ``rewards/margins``,
+    ``rewards/accuracies`` (the fraction of pairs whose chosen reward is the larger).
+    """
+    _check_float_rows("policy_chosen_logp", policy_chosen_logp)
+    if policy_chosen_logp.dim() != 1:
+        raise ValueError(f"policy_chosen_logp must have shape [P], got {tuple(policy_chosen_logp.shape)}")
+    for name, x in (("policy_rejected_logp", policy_rejected_logp), ("ref_chosen_logp", ref_chosen_logp),
+                    ("ref_rejected_logp", ref_rejected_logp)):  # fmt: skip
+        _check_float_rows(name, x, "policy_chosen_logp", policy_chosen_logp)
+    beta = _inputs.check_real("beta", beta, low=0.0, high=math.inf, open_low=True)
+    _inputs.check_choice("loss_type", loss_type, DPO_LOSS_TYPES)
+    _inputs.check_choice("divergence", divergence, DPO_DIVERGENCES)
+    alpha = _inputs.check_real("alpha", alpha, low=-math.inf, high=math.inf, open_low=True)
+    label_smoothing = _inputs.check_real("label_smoothing", label_smoothing, low=0.0, high=0.5)
+    if label_smoothing == 0.5:
+        raise ValueError("label_smoothing must lie in [0, 0.5), got 0.5")
+    if label_smoothing > 0 and loss_type != "sigmoid":
+        raise ValueError(f"label_smoothing applies to loss_type='sigmoid', not {loss_type!r}")
+
+    chosen_ratio = policy_chosen_logp.float() - ref_chosen_logp.float()
+    rejected_ratio = policy_rejected_logp.float() - ref_rejected_logp.float()
+    delta = dpo_scores(chosen_ratio, divergence, alpha) - dpo_scores(rejected_ratio, divergence, alpha)
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * delta) - label_smoothing * F.logsigmoid(-beta * delta)
+    elif loss_type == "ipo":
+        losses = (delta - 1 / (2 * beta)).square()
+    else:
+        losses = torch.relu(1 - beta * delta)
+    return losses.mean(), _reward_metrics(beta * chosen_ratio.detach(), beta * rejected_ratio.detach())
+
+
+def _reward_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {
+        "rewards/chosen": chosen.mean(),
+        "rewards/rejected": rejected.mean(),
+        "rewards/margins": (chosen - rejected).mean(),
+        "rewards/accuracies": (chosen > rejected).float().mean(),
+    }
+
+
+def _token_mask(labels: torch.Tensor, mask, ignore_index: int) -> torch.Tensor:
+    """fp32 [...]: 1 where the label is not ignore_index and the mask (if any) is nonzero."""
+    keep = labels != ignore_index
+    if mask is not None:
+        _inputs.check_same_rows("mask", mask, "labels", labels[..., None])
+        keep = keep & (mask != 0)
+    return keep.float()
+
+
+def _split_model(name: str, model):
+    """(logits, None, None) or (hidden, weight, bias) of a model given as logits or as (hidden, weight[, bias])."""
+    if isinstance(model, torch.Tensor):
+        return model, None, None
+    if isinstance(model, tuple | list) and len(model) in (2, 3):
+        return (*model, None) if len(model) == 2 else tuple(model)
+    raise TypeError(f"{name} must be logits [..., V] or a tuple (hidden [..., D], weight [V, D][, bias [V]])")
+
+
+def sequence_logprobs(
+    logits_or_hidden: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    average: bool = False,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Per-sequence log-probs ``sum_t m_t log q(y_t)`` (``average``: divided by ``max(1, sum_t m_t)``), fused.
+
+    ``logits_or_hidden`` is ``[B, L, V]`` logits, or ``[B, L, D]`` hidden states with the head ``weight [V, D]``
+    (and ``bias``, ``softcap``): then the logits are never formed (``klops.fused_linear_logprobs``). ``labels
+    [B, L]`` are the next tokens (already shifted); ``m`` is 1 where the label is not ``ignore_index`` and
+    ``mask`` (optional, ``[B, L]``) is nonzero. Returns fp32 ``[B]`` with gradients to the logits (or hidden
+    states, weight and bias); an all-masked sequence gives 0.
+    """
+    if weight is None:
+        if bias is not None or softcap is not None:
+            raise ValueError("bias and softcap apply to hidden states with a weight; logits are used as they are")
+        token_logp = logprobs(logits_or_hidden, labels, temperature=temperature, ignore_index=ignore_index,
+                              backend=backend)  # fmt: skip
+    else:
+        token_logp = fused_linear_logprobs(logits_or_hidden, weight, labels, bias=bias, temperature=temperature,
+                                           softcap=softcap, ignore_index=ignore_index, backend=backend)  # fmt: skip
+    if not isinstance(average, bool):
+        raise TypeError(f"average must be a bool, got {type(average).__name__}")
+    keep = _token_mask(labels, mask, ignore_index)
+    total = (token_logp * keep).sum(-1)
+    return total / keep.sum(-1).clamp(min=1) if average else total
+
+
+def _pair_index(name: str, index, batch: int, device) -> torch.Tensor:
+    if (
+        not isinstance(index, torch.Tensor)
+        or index.dim() != 1
+        or index.dtype.is_floating_point
+        or index.dtype == torch.bool
+    ):
+        raise TypeError(f"{name} must be a 1-D integer tensor of sequence indices")
+    if index.device != device:
+        raise ValueError(f"{name} is on {index.device} but the logits are on {device}")
+    _inputs.check_none((index < 0) | (index >= batch), index, f"{name} must lie in [0, {batch})")
+    return index
+
+
+def tdpo_loss(
+    policy,
+    ref,
+    labels: torch.Tensor,
+    mask: torch.Tensor | None,
+    chosen_index: torch.Tensor,
+    rejected_index: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    alpha: float = 0.5,
+    variant: int = 2,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Token-level DPO (TDPO1 / TDPO2, docs/losses.md §4): ``(loss, metrics)``, the loss the mean over pairs.
+
+    Per token, with ``q`` the policy's and ``p`` the reference's softmax at temperature ``T``: the log-ratio
+    ``log q(y_t) - log p(y_t)`` and the full-vocabulary ``KL_t = KL(p || q)``; per sequence their masked sums
+    ``margin`` and ``SeqKL``. For the pairs ``(w, l) = (chosen_index[i], rejected_index[i])`` (rows of the
+    batch: chosen and rejected responses may sit anywhere in it), ``M = margin_w - margin_l`` and
+
+        TDPO1: ``-logsigmoid(beta (M - (SeqKL_l - SeqKL_w)))``
+        TDPO2: ``-logsigmoid(beta (M - alpha (SeqKL_l - sg(SeqKL_w))))``   (sg: no gradient)
+
+    as in the TDPO authors' code. Gradients flow to the policy only.
+
+    Args:
+        policy, ref: ``[B, L, V]`` logits, or ``(hidden [B, L, D], weight [V, D][, bias])`` (neither model's
+            logits are then formed).
+        labels: ``[B, L]`` next tokens; mask: ``[B, L]`` or None (with labels != ignore_index, the response tokens).
+        chosen_index, rejected_index: ``[P]`` integer indices into the batch.
+
+    Metrics (0-d fp32): TRL's reward metrics with TDPO's rewards ``beta (margin + SeqKL)``, and ``kl/chosen``,
+    ``kl/rejected``: mean SeqKL. The per-token log-probs and KL come from the fused ops: the policy's row is
+    swept for its KL to the reference and for its log-probs (two fused ops, no [B, L, V] temporary).
+    """
+    beta = _inputs.check_real("beta", beta, low=0.0, high=math.inf, open_low=True)
+    alpha = _inputs.check_real("alpha", alpha, low=0.0, high=math.inf)
+    if variant not in (1, 2) or isinstance(variant, bool):
+        raise ValueError(f"variant must be 1 (TDPO1) or 2 (TDPO2), got {variant!r}")
+    policy_z, policy_w, policy_b = _split_model("policy", policy)
+    ref_z, ref_w, ref_b = _split_model("ref", ref)
+    if (policy_w is None) != (ref_w is None):
+        raise ValueError("give policy and ref both as logits or both as (hidden, weight)")
+    if policy_z.dim() != 3:
+        raise ValueError(f"policy must have shape [B, L, V] (or hidden [B, L, D]), got {tuple(policy_z.shape)}")
+    keep = _token_mask(labels, mask, ignore_index)
+    B = policy_z.shape[0]
+    chosen = _pair_index("chosen_index", chosen_index, B, policy_z.device)
+    rejected = _pair_index("rejected_index", rejected_index, B, policy_z.device)
+    if chosen.shape != rejected.shape:
+        raise ValueError(f"chosen_index and rejected_index must pair up: shapes {tuple(chosen.shape)} and "
+                         f"{tuple(rejected.shape)}")  # fmt: skip
+    common = dict(temperature=temperature, ignore_index=ignore_index, backend=backend)
+    if policy_w is None:
+        kl = fused_kl(policy_z, ref_z.detach(), "forward", labels=labels, mask=mask, reduction="none", **common)
+        policy_logp = logprobs(policy_z, labels, **common)
+        with torch.no_grad():
+            ref_logp = logprobs(ref_z, labels, **common)
+    else:
+        kl = fused_linear_kl(policy_z, policy_w, ref_z.detach(), ref_w.detach(), student_bias=policy_b,
+                             teacher_bias=None if ref_b is None else ref_b.detach(), kind="forward", labels=labels,
+                             mask=mask, reduction="none", **common)  # fmt: skip
+        policy_logp = fused_linear_logprobs(policy_z, policy_w, labels, bias=policy_b, **common)
+        with torch.no_grad():
+            ref_logp = fused_linear_logprobs(ref_z, ref_w, labels, bias=ref_b, **common)
+    margin = ((policy_logp - ref_logp) * keep).sum(-1)
+    seq_kl = (kl * keep).sum(-1)
+    m = margin[chosen] - margin[rejected]
+    if variant == 1:
+        logits = m - (seq_kl[rejected] - seq_kl[chosen])
+    else:
+        logits = m - alpha * (seq_kl[rejected] - seq_kl[chosen].detach())
+    loss = -F.logsigmoid(beta * logits).mean()
+    values = (beta * (margin + seq_kl)).detach()
+    metrics = _reward_metrics(values[chosen], values[rejected])
+    metrics["kl/chosen"] = seq_kl[chosen].detach().mean()
+    metrics["kl/rejected"] = seq_kl[rejected].detach().mean()
+    return loss, metrics

@@ -1,0 +1,237 @@
+"""dpo_loss, sequence_logprobs, tdpo_loss, dckd_loss and kdrl_loss against float64 references written from
+docs/losses.md §4 / §6, values and gradients, on every backend usable here."""
+
+import pytest
+import torch
+
+import klops
+from klops.reference import (
+    dpo_loss_reference,
+    fused_kl_reference,
+    grpo_loss_reference,
+    logprobs_reference,
+    tdpo_loss_reference,
+)
+
+from .conftest import DEVICE, GRAD_TOL, LOSS_TOL, assert_close, randn
+
+TOL = LOSS_TOL[torch.float32]
+GTOL = GRAD_TOL[torch.float32]
+
+
+def leaf(x):
+    return x.detach().clone().requires_grad_()
+
+
+@pytest.mark.parametrize("divergence", klops.preference.DPO_DIVERGENCES)
+@pytest.mark.parametrize("loss_type", klops.preference.DPO_LOSS_TYPES)
+def test_dpo_matches_reference(loss_type, divergence, gen):
+    inputs = [randn(12, gen=gen, scale=3.0) - 20 for _ in range(4)]
+    kw = dict(beta=0.2, loss_type=loss_type, divergence=divergence, alpha=0.3)
+    if loss_type == "sigmoid":
+        kw["label_smoothing"] = 0.1
+    got = [leaf(x) for x in inputs]
+    want = [leaf(x.double()) for x in inputs]
+    loss, metrics = klops.dpo_loss(*got, **kw)
+    ref = dpo_loss_reference(*want, **kw)
+    loss.backward(), ref.backward()
+    assert_close(loss, ref, TOL, "loss")
+    for name, g, w in zip(("policy_chosen", "policy_rejected"), got, want):
+        assert_close(g.grad, w.grad, GTOL, f"grad {name}")
+    chosen = 0.2 * (inputs[0] - inputs[2])
+    rejected = 0.2 * (inputs[1] - inputs[3])
+    assert_close(metrics["rewards/margins"], (chosen - rejected).mean(), TOL, "margins")
+    assert_close(metrics["rewards/accuracies"], (chosen > rejected).double().mean(), (1e-7, 0), "accuracy")
+
+
+def test_dpo_alpha_exponent_is_clamped(gen):
+    """A huge log-ratio with the alpha score stays finite (the exponent is clamped, as TRL does)."""
+    big = torch.full((3,), 500.0, device=DEVICE)
+    zero = torch.zeros(3, device=DEVICE)
+    loss, _ = klops.dpo_loss(leaf(big), zero, zero, zero, divergence="alpha", alpha=2.0)
+    assert torch.isfinite(loss)
+
+
+def test_dpo_bad_input(gen):
+    x = randn(4, gen=gen)
+    cases = [
+        (lambda: klops.dpo_loss(x, x, x, x[:3]), ValueError, "ref_rejected_logp must have the shape"),
+        (lambda: klops.dpo_loss(x, x, x, x, beta=0.0), ValueError, "beta"),
+        (lambda: klops.dpo_loss(x, x, x, x, loss_type="kto"), ValueError, "loss_type must be one of"),
+        (lambda: klops.dpo_loss(x, x, x, x, divergence="tv"), ValueError, "divergence must be one of"),
+        (lambda: klops.dpo_loss(x, x, x, x, loss_type="ipo", label_smoothing=0.1), ValueError, "sigmoid"),
+        (lambda: klops.dpo_loss(x, x, x, x, label_smoothing=0.5), ValueError, "label_smoothing"),
+        (lambda: klops.dpo_loss(x[None], x[None], x[None], x[None]), ValueError, r"shape \[P\]"),
+        (lambda: klops.dpo_loss(x.long(), x, x, x), TypeError, "float tensor"),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()
+
+
+def batch(gen, B=4, L=6, V=53, D=None):
+    """Policy and reference logits (or hidden states and heads), labels with prompt tokens ignored, a mask
+    that drops one whole sequence, and the chosen / rejected pairing (0, 1) and (2, 3)."""
+    labels = torch.randint(0, V, (B, L), generator=gen).to(DEVICE)
+    labels[:, :2] = -100
+    mask = torch.ones(B, L, device=DEVICE)
+    mask[3] = 0  # an all-masked rejected sequence
+    chosen, rejected = torch.tensor([0, 2], device=DEVICE), torch.tensor([1, 3], device=DEVICE)
+    if D is None:
+        return randn(B, L, V, gen=gen, scale=2.0), randn(B, L, V, gen=gen, scale=2.0), labels, mask, chosen, rejected
+    heads = [randn(V, D, gen=gen, scale=0.4) for _ in range(2)]
+    return (randn(B, L, D, gen=gen), heads[0]), (randn(B, L, D, gen=gen), heads[1]), labels, mask, chosen, rejected
+
+
+@pytest.mark.parametrize("average", [False, True])
+def test_sequence_logprobs(average, backend, gen):
+    z, _, labels, mask, *_ = batch(gen)
+    got = leaf(z)
+    seq = klops.sequence_logprobs(got, labels, mask, average=average, temperature=0.8, backend=backend)
+    want = leaf(z)
+    logp, _ = logprobs_reference(want, labels, temperature=0.8)
+    keep = ((labels != -100) & (mask != 0)).double()
+    ref = (logp * keep).sum(-1) / (keep.sum(-1).clamp(min=1) if average else 1)
+    (seq * torch.arange(1, 5, device=DEVICE)).sum().backward()
+    (ref * torch.arange(1, 5, device=DEVICE)).sum().backward()
+    assert seq[3] == 0
+    assert_close(seq, ref, TOL, "sequence log-probs")
+    assert_close(got.grad, want.grad, GTOL, "grad")
+
+
+def test_sequence_logprobs_from_hidden(backend, gen):
+    (hidden, weight), _, labels, mask, *_ = batch(gen, D=16)
+    h, w = leaf(hidden), leaf(weight)
+    seq = klops.sequence_logprobs(h, labels, mask, weight=w, backend=backend)
+    h_ref, w_ref = leaf(hidden.double()), leaf(weight.double())
+    logp, _ = logprobs_reference(h_ref @ w_ref.T, labels)
+    ref = (logp * ((labels != -100) & (mask != 0))).sum(-1)
+    seq.sum().backward(), ref.sum().backward()
+    assert_close(seq, ref, TOL, "sequence log-probs")
+    assert_close(h.grad, h_ref.grad, GTOL, "grad hidden")
+    assert_close(w.grad, w_ref.grad, GTOL, "grad weight")
+
+
+@pytest.mark.parametrize("variant", [1, 2])
+def test_tdpo_matches_reference(variant, backend, gen):
+    policy, ref_logits, labels, mask, chosen, rejected = batch(gen)
+    kw = dict(beta=0.5, alpha=0.7, variant=variant, temperature=1.3)
+    got = leaf(policy)
+    loss, metrics = klops.tdpo_loss(got, ref_logits, labels, mask, chosen, rejected, backend=backend, **kw)
+    want = leaf(policy.double())
+    ref = tdpo_loss_reference(want, ref_logits, labels, mask, chosen, rejected, **kw)
+    loss.backward(), ref.backward()
+    assert_close(loss, ref, TOL, "loss")
+    assert_close(got.grad, want.grad, GTOL, "grad")
+    assert metrics["kl/chosen"] > 0 and set(metrics) >= {"rewards/chosen", "rewards/accuracies"}
+
+
+def test_tdpo_from_hidden(backend, gen):
+    (hidden, weight), (ref_hidden, ref_weight), labels, mask, chosen, rejected = batch(gen, D=12)
+    h, w = leaf(hidden), leaf(weight)
+    loss, _ = klops.tdpo_loss((h, w), (ref_hidden, ref_weight), labels, mask, chosen, rejected, backend=backend)
+    h_ref, w_ref = leaf(hidden.double()), leaf(weight.double())
+    ref = tdpo_loss_reference(h_ref @ w_ref.T, ref_hidden.double() @ ref_weight.double().T, labels, mask, chosen,
+                              rejected)  # fmt: skip
+    loss.backward(), ref.backward()
+    assert_close(loss, ref, TOL, "loss")
+    assert_close(h.grad, h_ref.grad, GTOL, "grad hidden")
+    assert_close(w.grad, w_ref.grad, GTOL, "grad weight")
+
+
+def test_tdpo_compile_fullgraph(gen):
+    policy, ref_logits, labels, mask, chosen, rejected = batch(gen)
+
+    def step(z):
+        loss, metrics = klops.tdpo_loss(z, ref_logits, labels, mask, chosen, rejected, backend="torch")
+        return loss, metrics["rewards/margins"]
+
+    got = leaf(policy)
+    loss, _ = torch.compile(step, fullgraph=True)(got)
+    loss.backward()
+    want = leaf(policy.double())
+    ref = tdpo_loss_reference(want, ref_logits, labels, mask, chosen, rejected)
+    ref.backward()
+    assert_close(loss, ref, TOL, "compiled loss")
+    assert_close(got.grad, want.grad, GTOL, "compiled grad")
+
+
+def test_tdpo_bad_input(gen):
+    policy, ref_logits, labels, mask, chosen, rejected = batch(gen)
+    cases = [
+        (lambda: klops.tdpo_loss(policy, ref_logits, labels, mask, chosen, rejected, variant=3), "variant"),
+        (lambda: klops.tdpo_loss(policy, ref_logits, labels, mask, chosen, rejected[:1]), "pair up"),
+        (lambda: klops.tdpo_loss(policy, ref_logits, labels, mask, chosen, rejected + 4), r"lie in \[0, 4\)"),
+        (lambda: klops.tdpo_loss(policy, ref_logits, labels, mask, chosen, rejected, beta=-1.0), "beta"),
+        (lambda: klops.tdpo_loss(policy, (policy, policy), labels, mask, chosen, rejected), "both as logits"),
+    ]
+    for call, message in cases:
+        with pytest.raises((ValueError, TypeError), match=message):
+            call()
+
+
+def dckd_reference(student, teacher, labels, chosen, w, kind="forward", temperature=1.0, **coef):
+    kl = fused_kl_reference(student, teacher, kind, labels=labels, reduction="none", temperature=temperature,
+                            **coef)  # fmt: skip
+    logp, _ = logprobs_reference(student, labels)
+    tokens = labels != -100
+    on_chosen, on_rejected = tokens & chosen[:, None], tokens & ~chosen[:, None]
+
+    def mean(x, m):
+        return (x * m).sum() / max(1, int(m.sum()))
+
+    return w[0] * mean(-logp, on_chosen) + w[1] * (w[2] * mean(kl, on_chosen) + w[3] * mean(kl, on_rejected))
+
+
+@pytest.mark.parametrize("teacher_form", ["dense", "topk"])
+def test_dckd_matches_reference(teacher_form, backend, gen):
+    student, teacher, labels, _, *_ = batch(gen)
+    chosen = torch.tensor([True, False, True, False], device=DEVICE)
+    if teacher_form == "topk":
+        top = torch.log_softmax(teacher, dim=-1).topk(8, dim=-1)
+        teacher = klops.TopK(top.indices, top.values, tail="bin")
+    weights = dict(w_sft=0.7, w_distil=1.5, w_chosen=1.0, w_rejected=0.4)
+    got = leaf(student)
+    loss, metrics = klops.dckd_loss(got, teacher, labels, chosen, temperature=2.0, backend=backend, **weights)
+    want = leaf(student.double())
+    ref = dckd_reference(want, teacher, labels, chosen, list(weights.values()), temperature=2.0)
+    loss.backward(), ref.backward()
+    assert_close(loss, ref, TOL, "loss")
+    assert_close(got.grad, want.grad, GTOL, "grad")
+    assert set(metrics) == {"nll", "kl/chosen", "kl/rejected"}
+
+
+def test_dckd_from_hidden(backend, gen):
+    (hidden, weight), (t_hidden, t_weight), labels, _, *_ = batch(gen, D=10)
+    chosen = torch.tensor([True, True, False, False], device=DEVICE)
+    h, w = leaf(hidden), leaf(weight)
+    loss, _ = klops.dckd_loss((h, w), (t_hidden, t_weight), labels, chosen, kind="jsd", beta=0.3, backend=backend)
+    h_ref, w_ref = leaf(hidden.double()), leaf(weight.double())
+    ref = dckd_reference(h_ref @ w_ref.T, t_hidden.double() @ t_weight.double().T, labels, chosen, [1, 1, 1, 1],
+                         kind="jsd", beta=0.3)  # fmt: skip
+    loss.backward(), ref.backward()
+    assert_close(loss, ref, TOL, "loss")
+    assert_close(h.grad, h_ref.grad, GTOL, "grad hidden")
+    assert_close(w.grad, w_ref.grad, GTOL, "grad weight")
+
+
+@pytest.mark.parametrize("kl_estimator", ["k1", "k3"])
+def test_kdrl_matches_reference(kl_estimator, backend, gen):
+    """GRPO on the student's rollouts plus the KL to the teacher at the sampled token: the float64 GRPO
+    reference with the teacher's log-probs in the reference's place."""
+    logits, teacher, ids, mask, *_ = batch(gen)
+    ids = ids.clamp(min=0)
+    advantages = randn(4, gen=gen)
+    got = leaf(logits)
+    loss, _ = klops.kdrl_loss(got, ids, advantages, mask, teacher, kl_coef=0.3, kl_estimator=kl_estimator,
+                              loss_type="grpo", backend=backend)  # fmt: skip
+    want = leaf(logits.double())
+    logp, _ = logprobs_reference(want, ids)
+    teacher_logp, _ = logprobs_reference(teacher, ids)
+    ref = grpo_loss_reference(logp, advantages, mask, ref_logp=teacher_logp, beta=0.3, kl_estimator=kl_estimator,
+                              loss_type="grpo")  # fmt: skip
+    loss.backward(), ref.backward()
+    assert_close(loss, ref, TOL, "loss")
+    assert_close(got.grad, want.grad, GTOL, "grad")
+    with pytest.raises(ValueError, match="sets beta"):
+        klops.kdrl_loss(got, ids, advantages, mask, teacher, kl_coef=0.3, beta=0.1)
