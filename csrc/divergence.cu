@@ -30,6 +30,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <tuple>
 
 #include "divergence_terms.cuh"
@@ -282,14 +283,16 @@ __global__ void __launch_bounds__(kMaxThreads) divergence_forward_kernel(
 }
 
 // Backward of row r = blockIdx.x, 1 sweep: dz_v = grad_r c (a_v - q_v gbar_r), with q_v and a_v
-// recomputed from the saved max_q, logsum_q, max_t, logsum_t (logits only) and gbar. Zeros for an
-// invalid row.
+// recomputed from the saved max_q, logsum_q, max_t, logsum_t (logits only) and gbar, plus
+// grad_logp_r c (1[v = label_r] - q_v) with labels. Zeros for an invalid row.
 template <typename Fs, typename Ft, int KIND, int TARGET>
 __global__ void __launch_bounds__(kMaxThreads) divergence_backward_kernel(
     const float* __restrict__ grad,              // (B*L,) dLoss/dD
+    const float* __restrict__ grad_logp,         // (B*L,) dLoss/dlogp, or nullptr
     const typename Fs::Storage* __restrict__ z,  // (B, L, V) student logits, last-dim stride 1
     const typename Ft::Storage* __restrict__ y,  // (B, L, V) teacher, last-dim stride 1
     const bool* __restrict__ valid,              // (B*L,)
+    const int64_t* __restrict__ labels,          // (B*L,) (read with grad_logp only)
     const float* __restrict__ max_q_in,          // (B*L,)
     const float* __restrict__ logsum_q_in,       // (B*L,)
     const float* __restrict__ max_t_in,          // (B*L,) (read for logits only)
@@ -318,6 +321,8 @@ __global__ void __launch_bounds__(kMaxThreads) divergence_backward_kernel(
   const float logsum_t = TARGET == LOGITS ? logsum_t_in[row] : 0.0f;
   const float gbar = gbar_in[row];
   const float scale = grad[row] * c;
+  const float scale_logp = grad_logp != nullptr ? grad_logp[row] * c : 0.0f;
+  const int64_t label = grad_logp != nullptr ? labels[row] : -1;
   sweep_row<VEC>(V, plan, threadIdx.x, blockDim.x, load, [&](int64_t j, auto e) {
     constexpr int W = decltype(e)::kWidth;
     float out[W];
@@ -326,7 +331,8 @@ __global__ void __launch_bounds__(kMaxThreads) divergence_backward_kernel(
       const float lq = (Fs::to_float(e.z.val[i]) - max_q) * c - logsum_q;
       const float lp = teacher_log<TARGET>(Ft::to_float(e.y.val[i]), max_t, logsum_t, c);
       const Terms t = divergence_terms<KIND>(lq, lp, k);
-      out[i] = scale * (t.a - expf(lq) * gbar);
+      const float q = expf(lq);
+      out[i] = scale * (t.a - q * gbar) + scale_logp * ((j + i == label ? 1.0f : 0.0f) - q);
     }
     store_floats<Fs>(dz_row + j, out);
   });
@@ -399,8 +405,9 @@ divergence_forward(const at::Tensor& student, const at::Tensor& teacher, const a
   return {loss, max_q, logsum_q, max_t, logsum_t, gbar};
 }
 
-at::Tensor divergence_backward(const at::Tensor& grad, const at::Tensor& student,
-                               const at::Tensor& teacher, const at::Tensor& valid,
+at::Tensor divergence_backward(const at::Tensor& grad, const std::optional<at::Tensor>& grad_logp,
+                               const at::Tensor& student, const at::Tensor& teacher,
+                               const at::Tensor& valid, const std::optional<at::Tensor>& labels,
                                const at::Tensor& max_q, const at::Tensor& logsum_q,
                                const at::Tensor& max_t, const at::Tensor& logsum_t,
                                const at::Tensor& gbar, int64_t kind, int64_t target,
@@ -413,6 +420,14 @@ at::Tensor divergence_backward(const at::Tensor& grad, const at::Tensor& student
   check_per_row(max_t, "max_t", rows_shape, student.device(), {at::kFloat});
   check_per_row(logsum_t, "logsum_t", rows_shape, student.device(), {at::kFloat});
   check_per_row(gbar, "gbar", rows_shape, student.device(), {at::kFloat});
+  std::optional<at::Tensor> grad_logp_c, labels_c;  // both or neither
+  if (grad_logp.has_value()) {
+    TORCH_CHECK(labels.has_value(), "grad_logp needs labels");
+    check_per_row(*grad_logp, "grad_logp", rows_shape, student.device(), {at::kFloat});
+    check_per_row(*labels, "labels", rows_shape, student.device(), {at::kLong});
+    grad_logp_c = grad_logp->contiguous();
+    labels_c = labels->contiguous();
+  }
   const at::cuda::OptionalCUDAGuard device_guard(device_of(student));
   const int64_t B = student.size(0), L = student.size(1), V = student.size(2);
   at::Tensor dz = at::empty({B, L, V}, student.options());
@@ -433,8 +448,11 @@ at::Tensor divergence_backward(const at::Tensor& grad, const at::Tensor& student
     const int threads = row_threads(V, kDivergenceVec<Fs, Ft>);
     divergence_backward_kernel<Fs, Ft, decltype(kind_c)::value, decltype(target_c)::value>
         <<<static_cast<unsigned>(B * L), threads, 0, stream>>>(
-            grad_c.const_data_ptr<float>(), storage_ptr<Fs>(student), storage_ptr<Ft>(teacher),
-            valid_c.const_data_ptr<bool>(), max_q_c.const_data_ptr<float>(),
+            grad_c.const_data_ptr<float>(),
+            grad_logp_c.has_value() ? grad_logp_c->const_data_ptr<float>() : nullptr,
+            storage_ptr<Fs>(student), storage_ptr<Ft>(teacher), valid_c.const_data_ptr<bool>(),
+            labels_c.has_value() ? labels_c->const_data_ptr<int64_t>() : nullptr,
+            max_q_c.const_data_ptr<float>(),
             logsum_q_c.const_data_ptr<float>(), max_t_c.const_data_ptr<float>(),
             logsum_t_c.const_data_ptr<float>(), gbar_c.const_data_ptr<float>(),
             mutable_storage_ptr<Fs>(dz), L, V, student.stride(0), student.stride(1),

@@ -41,10 +41,12 @@ TORCH_LIBRARY(klops_C, m) {
   m.def(
       "divergence_forward(Tensor student, Tensor teacher, Tensor valid, int kind, int target, "
       "float temperature, float coef) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // With grad_logp and labels (int64) the backward adds grad_logp (1[v = label] - q) / T: the gradient
+  // of the label's log-prob, which the op computes from the forward's max_q and logsum_q.
   m.def(
-      "divergence_backward(Tensor grad, Tensor student, Tensor teacher, Tensor valid, "
-      "Tensor max_q, Tensor logsum_q, Tensor max_t, Tensor logsum_t, Tensor gbar, int kind, "
-      "int target, float temperature, float coef) -> Tensor");
+      "divergence_backward(Tensor grad, Tensor? grad_logp, Tensor student, Tensor teacher, "
+      "Tensor valid, Tensor? labels, Tensor max_q, Tensor logsum_q, Tensor max_t, Tensor logsum_t, "
+      "Tensor gbar, int kind, int target, float temperature, float coef) -> Tensor");
   // Sparse top-k teachers: indices (B, L, K) int32 sorted within each row, teacher_logprobs (B, L, K);
   // max_c / logsum_c are the student's statistics outside the top-k, tail_scale the tail's gradient
   // coefficient and member_d (B, L, K) the members' gradient numerators (kernels/topk.py).

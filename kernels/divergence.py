@@ -278,9 +278,11 @@ def divergence_forward_kernel(
 def divergence_backward_kernel(
     # data ptrs
     grad_ptr,  # (B*L,) fp32: dLoss/dD per row
+    grad_logp_ptr,  # (B*L,) fp32: dLoss/dlogp per row (WITH_LABELS only)
     z_ptr,  # (B, L, V) student logits
     y_ptr,  # (B, L, V) teacher
     valid_ptr,  # (B*L,) bool
+    labels_ptr,  # (B*L,) int64 (WITH_LABELS only)
     max_q_ptr,  # (B*L,) fp32: the forward's row statistics
     logsum_q_ptr,  # (B*L,) fp32
     max_t_ptr,  # (B*L,) fp32
@@ -300,6 +302,7 @@ def divergence_backward_kernel(
     coef,
     KIND: tl.constexpr,
     TARGET: tl.constexpr,
+    WITH_LABELS: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -316,6 +319,11 @@ def divergence_backward_kernel(
     logsum_t = tl.load(logsum_t_ptr + row)
     gbar = tl.load(gbar_ptr + row)
     scale = tl.load(grad_ptr + row) * inv_temperature
+    scale_logp = 0.0
+    label = -1
+    if WITH_LABELS:
+        scale_logp = tl.load(grad_logp_ptr + row) * inv_temperature
+        label = tl.load(labels_ptr + row)
     for start in range(0, V, BLOCK_V):
         mask = start + cols < V
         z = tl.load(z_row + start + cols, mask=mask, other=NEG_INF).to(tl.float32)
@@ -323,7 +331,10 @@ def divergence_backward_kernel(
         lq = (z - max_q) * inv_temperature - logsum_q
         lp = tl.where(mask, teacher_logprobs(y, max_t, logsum_t, inv_temperature, TARGET), NEG_INF)
         _, a = divergence_terms(lq, lp, coef, KIND)
-        dz = scale * (a - tl.exp(lq) * gbar)
+        q = tl.exp(lq)
+        dz = scale * (a - q * gbar)
+        if WITH_LABELS:  # + the label's log-prob: d log q(label) / dz = (onehot(label) - q) / T
+            dz += scale_logp * (tl.where(start + cols == label, 1.0, 0.0) - q)
         tl.store(dz_row + start + cols, dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
@@ -334,6 +345,11 @@ def _kind_args(kind: str, target_is: str, temperature: float, coef: float) -> di
         KIND=DIVERGENCE_KINDS.index(kind),
         TARGET=TARGET_KINDS.index(target_is),
     )
+
+
+def _or_placeholder(tensor, placeholder):
+    """tensor (contiguous), or a placeholder pointer for an argument the kernel variant never reads."""
+    return placeholder if tensor is None else tensor.contiguous()
 
 
 def divergence_forward(
@@ -360,9 +376,11 @@ def divergence_forward(
 
 def divergence_backward(
     grad: torch.Tensor,  # (B, L) fp32
+    grad_logp: torch.Tensor | None,  # (B, L) fp32
     student: torch.Tensor,  # (B, L, V)
     teacher: torch.Tensor,  # (B, L, V)
     valid: torch.Tensor,  # (B, L) bool
+    labels: torch.Tensor | None,  # (B, L) int64
     max_q: torch.Tensor,  # (B, L) fp32
     logsum_q: torch.Tensor,  # (B, L) fp32
     max_t: torch.Tensor,  # (B, L) fp32
@@ -373,15 +391,17 @@ def divergence_backward(
     temperature: float,
     coef: float,
 ) -> torch.Tensor:
-    """Launch the backward: returns dD/dz scaled per row by grad, (B, L, V) in the student's dtype."""
+    """Launch the backward: grad dD/dz + grad_logp dlogp/dz per row (the second term with labels and
+    grad_logp only), (B, L, V) in the student's dtype."""
     B, L, V = student.shape
     dz = torch.empty((B, L, V), dtype=student.dtype, device=student.device)
+    labels = labels if grad_logp is not None else None
     launch_over_rows(
         divergence_backward_kernel, student,
-        grad.contiguous(), student, teacher, valid.contiguous(),
-        *(t.contiguous() for t in (max_q, logsum_q, max_t, logsum_t, gbar)), dz,
+        grad.contiguous(), _or_placeholder(grad_logp, grad), student, teacher, valid.contiguous(),
+        _or_placeholder(labels, valid), *(t.contiguous() for t in (max_q, logsum_q, max_t, logsum_t, gbar)), dz,
         L, V,
         student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1),
-        **_kind_args(kind, target_is, temperature, coef), sweep=BACKWARD_SWEEP,
+        **_kind_args(kind, target_is, temperature, coef), WITH_LABELS=labels is not None, sweep=BACKWARD_SWEEP,
     )  # fmt: skip
     return dz

@@ -17,15 +17,18 @@ import torch.nn.functional as F
 
 from . import reference
 from .backend import available_backends
+from .distill import dckd_loss
 from .divergence import fused_kl
 from .linear import fused_linear_cross_entropy, fused_linear_kl
 from .logprobs import logprobs
+from .preference import tdpo_loss
 from .topk import TopK
 
 
 @dataclasses.dataclass
 class Case:
-    op: str  # "fused_kl" | "fused_kl_topk" | "logprobs" | "fused_linear_cross_entropy" | "fused_linear_kl"
+    op: str  # "fused_kl" | "fused_kl_topk" | "logprobs" | "fused_linear_cross_entropy" | "fused_linear_kl" |
+    # "tdpo_loss" | "dckd_loss"
     rows: int
     vocab: int
     dtype: torch.dtype
@@ -44,7 +47,7 @@ class Case:
     def min_bytes(self) -> int:
         """Read the logits (and a dense teacher) once, write the gradient once; a top-k teacher's ids (int64)
         and fp32 log-probs are read once."""
-        inputs = 2 if self.op == "fused_kl" else 1
+        inputs = 2 if self.op in ("fused_kl", "tdpo_loss") else 1
         return (inputs + 1) * self.rows * self.vocab * self.dtype.itemsize + self.rows * self.k * (8 + 4)
 
     def min_flops(self) -> int:
@@ -78,7 +81,14 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
     if device.type == "cuda" and not quick:
         topk.append((16384, 152064))
     out += [Case("fused_kl_topk", n, v, dtypes[0], "forward", k=64) for n, v in topk]
+    # Sequence-level objectives over SEQUENCES sequences of N / SEQUENCES tokens: TDPO (policy and reference
+    # logits, Llama-3's vocabulary) and DCKD (a stored top-50 teacher with its tail bin).
+    preference = (4096, 128256) if device.type == "cuda" else (128, 32000)
+    out += [Case("tdpo_loss", *preference, dtypes[0]), Case("dckd_loss", *preference, dtypes[0], k=50)]
     return out
+
+
+SEQUENCES = 4  # of the tdpo_loss / dckd_loss cases: the pairs (0, 1) and (2, 3); 0 and 2 are chosen
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -98,16 +108,45 @@ def eager_kl(student, teacher, kind: str):
     return 0.5 * kl_pm + 0.5 * kl_qm
 
 
-def eager_topk_kl(student, teacher):
-    """Forward KL against a top-k teacher with a tail bin, the plain way: log_softmax, gather, and the
-    student's tail as 1 - sum q_S."""
-    indices, logprobs, _ = teacher
-    log_q_s = F.log_softmax(student.float(), dim=-1).gather(-1, indices)
+def eager_topk_rows(log_q, indices, logprobs):
+    """Per-row forward KL against a top-k teacher with a tail bin, the plain way: a gather from the full
+    log_softmax, and the student's tail as 1 - sum q_S."""
+    log_q_s = log_q.gather(-1, indices)
     log_tail_q = torch.log(-torch.expm1(torch.logsumexp(log_q_s, dim=-1)))
     p_s = logprobs.exp()
     tail_p = (1 - p_s.sum(-1)).clamp(min=0)
-    rows = (p_s * (logprobs - log_q_s)).sum(-1) + torch.xlogy(tail_p, tail_p) - tail_p * log_tail_q
-    return rows.mean()
+    return (p_s * (logprobs - log_q_s)).sum(-1) + torch.xlogy(tail_p, tail_p) - tail_p * log_tail_q
+
+
+def eager_topk_kl(student, teacher):
+    indices, logprobs, _ = teacher
+    return eager_topk_rows(F.log_softmax(student.float(), dim=-1), indices, logprobs).mean()
+
+
+def eager_tdpo(policy, inputs):
+    """TDPO2 as its authors' code computes it: both full log_softmaxes, the per-position KL, gathers."""
+    ref, labels, chosen, rejected = inputs
+    keep, idx = labels != -100, labels.clamp(min=0)[..., None]
+    log_q, log_p = F.log_softmax(policy.float(), dim=-1), F.log_softmax(ref.float(), dim=-1)
+    seq_kl = ((log_p.exp() * (log_p - log_q)).sum(-1) * keep).sum(-1)
+    margin = ((log_q.gather(-1, idx) - log_p.gather(-1, idx)).squeeze(-1) * keep).sum(-1)
+    logits = margin[chosen] - margin[rejected] - 0.5 * (seq_kl[rejected] - seq_kl[chosen].detach())
+    return -F.logsigmoid(0.1 * logits).mean()
+
+
+def eager_dckd(student, inputs):
+    """DCKD the plain way: NLL on chosen tokens plus the top-k + tail-bin KL on chosen and rejected tokens."""
+    indices, logprobs, labels, chosen = inputs
+    log_q = F.log_softmax(student.float(), dim=-1)
+    keep = labels != -100
+    nll = -log_q.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    kl = eager_topk_rows(log_q, indices, logprobs)
+    on_chosen, on_rejected = keep & chosen[:, None], keep & ~chosen[:, None]
+
+    def mean(x, m):
+        return (x * m).sum() / m.sum().clamp(min=1)
+
+    return mean(nll, on_chosen) + mean(kl, on_chosen) + mean(kl, on_rejected)
 
 
 def eager_logprobs(logits, labels):
@@ -128,6 +167,14 @@ def implementations(case: Case, device: torch.device) -> dict:
         for backend in available_backends(device):
             impls[f"klops[{backend}]"] = lambda h, y, b=backend: _klops_linear_kl(h, y, case.kind, b)
         eager = lambda h, y: eager_linear_kl(h, y, case.kind)  # noqa: E731
+    elif case.op == "tdpo_loss":
+        for backend in available_backends(device):
+            impls[f"klops[{backend}]"] = lambda z, y, b=backend: tdpo_loss(z, y[0], y[1], None, *y[2:], backend=b)[0]
+        eager = eager_tdpo
+    elif case.op == "dckd_loss":
+        for backend in available_backends(device):
+            impls[f"klops[{backend}]"] = lambda z, y, b=backend: dckd_loss(z, TopK(y[0], y[1]), *y[2:], backend=b)[0]
+        eager = eager_dckd
     elif case.op == "fused_kl_topk":
         for backend in available_backends(device):
             impls[f"klops[{backend}]"] = lambda z, y, b=backend: fused_kl(
@@ -278,6 +325,8 @@ def make_inputs(case: Case, device: torch.device, gen: torch.Generator):
             return hidden, (head().requires_grad_(), teacher_hidden, head())
         labels = torch.randint(0, case.vocab, (case.rows,), generator=gen).to(device)
         return hidden, (head().requires_grad_(), labels)
+    if case.op in ("tdpo_loss", "dckd_loss"):
+        return _sequence_inputs(case, device, gen)
     z = (torch.randn(case.rows, case.vocab, generator=gen) * 2).to(device=device, dtype=case.dtype)
     if case.op == "fused_kl_topk":  # (ids, log-probs) of the teacher's top-k, and its full logits
         y = (torch.randn(case.rows, case.vocab, generator=gen) * 2).to(device=device, dtype=case.dtype)
@@ -288,6 +337,23 @@ def make_inputs(case: Case, device: torch.device, gen: torch.Generator):
     else:
         y = torch.randint(0, case.vocab, (case.rows,), generator=gen).to(device)
     return z, y
+
+
+def _sequence_inputs(case: Case, device: torch.device, gen: torch.Generator):
+    """(student / policy logits [S, L, V], the rest) of the tdpo_loss / dckd_loss cases; the first quarter of
+    each sequence is prompt (label -100)."""
+    shape = (SEQUENCES, case.rows // SEQUENCES, case.vocab)
+
+    def logits():
+        return (torch.randn(shape, generator=gen) * 2).to(device=device, dtype=case.dtype)
+
+    z, teacher = logits(), logits()
+    labels = torch.randint(0, case.vocab, shape[:2], generator=gen).to(device)
+    labels[:, : shape[1] // 4] = -100
+    if case.op == "tdpo_loss":
+        return z, (teacher, labels, torch.tensor([0, 2], device=device), torch.tensor([1, 3], device=device))
+    top = torch.log_softmax(teacher.float(), dim=-1).topk(case.k, dim=-1)
+    return z, (top.indices, top.values, labels, torch.tensor([True, False, True, False], device=device))
 
 
 def check_against_reference(case: Case, name: str, impl, z, y) -> float:
@@ -306,6 +372,15 @@ def check_against_reference(case: Case, name: str, impl, z, y) -> float:
         else:
             loss = impl(z_k, (weight, y[1][:rows]))
             ref = F.cross_entropy(z_r @ weight.double().t(), y[1][:rows])
+        return _relative_error(loss, ref, z_k, z_r)
+    if case.op in ("tdpo_loss", "dckd_loss"):  # the last two tokens of every sequence
+        z_k, z_r = z[:, -2:].detach().clone().requires_grad_(), z[:, -2:].detach().double().requires_grad_()
+        y = tuple(t[:, -2:] if t.dim() > 1 else t for t in y)
+        loss = impl(z_k, y)
+        if case.op == "tdpo_loss":
+            ref = reference.tdpo_loss_reference(z_r, y[0], y[1], None, y[2], y[3])
+        else:
+            ref = reference.dckd_loss_reference(z_r, TopK(y[0], y[1]), y[2], y[3])
         return _relative_error(loss, ref, z_k, z_r)
     z = z[:rows].detach().clone()
     y = tuple(t[:rows] for t in y) if isinstance(y, tuple) else y[:rows]

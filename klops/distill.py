@@ -11,11 +11,12 @@ import math
 import torch
 
 from . import _inputs
-from .divergence import fused_kl
+from .divergence import divergence_and_label_logprobs, fused_kl
 from .grpo import grpo_loss_from_logits
-from .linear import fused_linear_kl, fused_linear_logprobs
+from .linear import fused_linear_kl, fused_linear_logprobs, linear_divergence_and_label_logprobs
 from .logprobs import logprobs
 from .preference import _split_model, _token_mask
+from .topk import TopK
 
 __all__ = ["dckd_loss", "kdrl_loss"]
 
@@ -57,8 +58,9 @@ def dckd_loss(
             hidden-state student, ``(teacher_hidden, teacher_weight[, teacher_bias])``.
         labels: ``[B, L]`` next tokens. chosen: ``[B]`` bool, True for the chosen responses' sequences.
 
-    Gradients flow to the student only. Metrics: ``nll``, ``kl/chosen``, ``kl/rejected`` (0-d fp32). The NLL
-    and the KL are two fused ops over the student's rows.
+    Gradients flow to the student only. Metrics: ``nll``, ``kl/chosen``, ``kl/rejected`` (0-d fp32). With a
+    dense teacher (logits, or hidden states with a hidden-state student) at ``temperature=1`` the NLL and the
+    KL come from one fused sweep per direction; otherwise from two fused ops.
     """
     for name, value in (("w_sft", w_sft), ("w_distil", w_distil), ("w_chosen", w_chosen), ("w_rejected", w_rejected)):
         _inputs.check_real(name, value, low=0.0, high=math.inf)
@@ -67,20 +69,31 @@ def dckd_loss(
         raise ValueError(f"chosen must be a bool tensor of shape {tuple(labels.shape[:1])} (one flag per sequence)")
     common = dict(temperature=temperature, ignore_index=ignore_index, backend=backend)
     coef = dict(beta=beta, alpha=alpha)
+    # At T = 1 with a dense teacher the NLL's log-probs come from the KL's own sweep (one fused op, one
+    # gradient written); otherwise (a TopK teacher, or NLL and KL at different temperatures) from a second op.
+    one_sweep = temperature == 1.0 and not isinstance(teacher, TopK)
     if weight is None:
-        kl = fused_kl(z, teacher, kind, labels=labels, reduction="none", **coef, **common)
-        logp = logprobs(z, labels, ignore_index=ignore_index, backend=backend)
+        if one_sweep:
+            kl, logp, _ = divergence_and_label_logprobs(z, teacher, labels, kind, **coef, **common)
+        else:
+            kl = fused_kl(z, teacher, kind, labels=labels, reduction="none", **coef, **common)
+            logp = logprobs(z, labels, ignore_index=ignore_index, backend=backend)
     else:
         if isinstance(teacher, tuple | list):
             t_hidden, t_weight, t_bias = _split_model("teacher", tuple(teacher))
             teacher_args = dict(teacher_hidden=t_hidden, teacher_weight=t_weight, teacher_bias=t_bias)
         elif isinstance(teacher, torch.Tensor):
-            teacher_args = dict(teacher_logits=teacher)
+            teacher_args, one_sweep = dict(teacher_logits=teacher), False
         else:  # a TopK
             teacher_args = dict(teacher_hidden=teacher)
-        kl = fused_linear_kl(z, weight, student_bias=bias, kind=kind, labels=labels, reduction="none",
-                             **teacher_args, **coef, **common)  # fmt: skip
-        logp = fused_linear_logprobs(z, weight, labels, bias=bias, ignore_index=ignore_index, backend=backend)
+        if one_sweep:
+            kl, logp, _ = linear_divergence_and_label_logprobs(
+                z, weight, t_hidden, t_weight, labels, kind, student_bias=bias, teacher_bias=t_bias, **coef, **common
+            )
+        else:
+            kl = fused_linear_kl(z, weight, student_bias=bias, kind=kind, labels=labels, reduction="none",
+                                 **teacher_args, **coef, **common)  # fmt: skip
+            logp = fused_linear_logprobs(z, weight, labels, bias=bias, ignore_index=ignore_index, backend=backend)
     tokens = _token_mask(labels, None, ignore_index)
     on_chosen = tokens * chosen[:, None].float()
     on_rejected = tokens * (~chosen)[:, None].float()

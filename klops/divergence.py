@@ -106,10 +106,11 @@ def divergence_forward_torch(student, teacher, valid, kind: str, target_is: str,
 
 
 def divergence_backward_torch(
-    grad, student, teacher, valid, max_q, logsum_q, max_t, logsum_t, gbar,
+    grad, grad_logp, student, teacher, valid, labels, max_q, logsum_q, max_t, logsum_t, gbar,
     kind: str, target_is: str, temperature: float, coef: float,
 ):  # fmt: skip
-    """Chunked torch backward: grad[row] * (a - q gbar) / T, (B, L, V) in the student's dtype."""
+    """Chunked torch backward: (grad (a - q gbar) + grad_logp (onehot(label) - q)) / T per row, (B, L, V) in
+    the student's dtype; the second term only with labels and grad_logp."""
     B, L, V = student.shape
     dz = torch.empty((B, L, V), dtype=student.dtype, device=student.device)
     for b, rows in row_chunks(B, L, V):
@@ -117,6 +118,10 @@ def divergence_backward_torch(
         lq, lp = _row_logprobs(student[b, rows], teacher[b, rows], stats, target_is, temperature)
         _, a = _divergence_terms(lq, lp, kind, coef)
         chunk = (grad[b, rows] / temperature)[:, None] * (a - lq.exp() * gbar[b, rows][:, None])
+        if grad_logp is not None:
+            label = torch.where(valid[b, rows], labels[b, rows], 0).long()[:, None]
+            onehot_minus_q = (-lq.exp()).scatter_add_(-1, label, torch.ones_like(label, dtype=torch.float32))
+            chunk += (grad_logp[b, rows] / temperature)[:, None] * onehot_minus_q
         dz[b, rows] = torch.where(valid[b, rows][:, None], chunk, 0.0)
     return dz
 
@@ -132,10 +137,11 @@ def _cuda_forward(student, teacher, valid, kind, target_is, temperature, coef):
 
 
 def _cuda_backward(
-    grad, student, teacher, valid, max_q, logsum_q, max_t, logsum_t, gbar, kind, target_is, temperature, coef
-):
+    grad, grad_logp, student, teacher, valid, labels, max_q, logsum_q, max_t, logsum_t, gbar,
+    kind, target_is, temperature, coef,
+):  # fmt: skip
     return torch.ops.klops_C.divergence_backward(
-        grad, student, teacher, valid, max_q, logsum_q, max_t, logsum_t, gbar,
+        grad, grad_logp, student, teacher, valid, labels, max_q, logsum_q, max_t, logsum_t, gbar,
         DIVERGENCE_KINDS.index(kind), TARGET_KINDS.index(target_is), temperature, coef,
     )  # fmt: skip
 
@@ -156,29 +162,40 @@ def divergence_op(
     student: torch.Tensor,
     teacher: torch.Tensor,
     valid: torch.Tensor,
+    labels: torch.Tensor | None,
     kind: str,
     target_is: str,
     temperature: float,
     coef: float,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B, L, V) student, teacher; (B, L) bool valid -> (D, max_q, logsum_q, max_t, logsum_t, gbar),
-    each (B, L) fp32: the loss per row and what the backward needs to recompute q, p and dz."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, L, V) student, teacher; (B, L) bool valid; (B, L) int64 labels or None -> (D, max_q, logsum_q,
+    max_t, logsum_t, gbar, logp), each (B, L) fp32: the loss per row, what the backward needs to recompute
+    q, p and dz, and log q of the label, (z_label - max_q) / T - logsum_q from one gathered entry per row
+    (0 without labels and on invalid rows, whose labels must be in range but are not read)."""
     forward, _ = _launchers(backend)
-    return forward(student, teacher, valid, kind, target_is, temperature, coef)
+    outputs = forward(student, teacher, valid, kind, target_is, temperature, coef)
+    max_q, logsum_q = outputs[1], outputs[2]
+    if labels is None:
+        return (*outputs, torch.zeros_like(max_q))
+    z_label = student.gather(-1, torch.where(valid, labels, 0)[..., None])[..., 0]
+    logp = torch.where(valid, scaled(z_label - max_q, temperature) - logsum_q, 0.0)
+    return (*outputs, logp)
 
 
 @divergence_op.register_fake
-def _(student, teacher, valid, kind, target_is, temperature, coef, backend):
-    return tuple(student.new_empty(student.shape[:2], dtype=torch.float32) for _ in range(6))
+def _(student, teacher, valid, labels, kind, target_is, temperature, coef, backend):
+    return tuple(student.new_empty(student.shape[:2], dtype=torch.float32) for _ in range(7))
 
 
 @torch.library.custom_op("klops::divergence_backward", mutates_args=())
 def divergence_backward_op(
     grad: torch.Tensor,
+    grad_logp: torch.Tensor | None,
     student: torch.Tensor,
     teacher: torch.Tensor,
     valid: torch.Tensor,
+    labels: torch.Tensor | None,
     max_q: torch.Tensor,
     logsum_q: torch.Tensor,
     max_t: torch.Tensor,
@@ -190,29 +207,31 @@ def divergence_backward_op(
     coef: float,
     backend: str,
 ) -> torch.Tensor:
-    """(B, L) fp32 grad of D -> (B, L, V) gradient of the student logits (student dtype)."""
+    """(B, L) fp32 grads of D and of logp (or None) -> (B, L, V) gradient of the student logits (its dtype)."""
     _, backward = _launchers(backend)
     return backward(
-        grad, student, teacher, valid, max_q, logsum_q, max_t, logsum_t, gbar, kind, target_is, temperature, coef
-    )
+        grad, grad_logp, student, teacher, valid, labels, max_q, logsum_q, max_t, logsum_t, gbar,
+        kind, target_is, temperature, coef,
+    )  # fmt: skip
 
 
 @divergence_backward_op.register_fake
-def _(grad, student, teacher, valid, *stats_gbar_and_params):
+def _(grad, grad_logp, student, teacher, *stats_gbar_and_params):
     return torch.empty(student.shape, dtype=student.dtype, device=student.device)
 
 
 def _setup_context(ctx, inputs, output):
-    student, teacher, valid, kind, target_is, temperature, coef, backend = inputs
-    _, *stats_and_gbar = output
-    ctx.save_for_backward(student, teacher, valid, *stats_and_gbar)
+    student, teacher, valid, labels, kind, target_is, temperature, coef, backend = inputs
+    _, *stats_and_gbar, _ = output
+    ctx.save_for_backward(student, teacher, valid, labels, *stats_and_gbar)
     ctx.params = (kind, target_is, temperature, coef, backend)
 
 
-def _backward(ctx, grad_loss, *_grad_stats):
-    student, teacher, valid, *stats_and_gbar = ctx.saved_tensors
-    dz = divergence_backward_op(grad_loss, student, teacher, valid, *stats_and_gbar, *ctx.params)
-    return dz, None, None, None, None, None, None, None
+def _backward(ctx, grad_loss, *grad_stats_and_logp):
+    student, teacher, valid, labels, *stats_and_gbar = ctx.saved_tensors
+    grad_logp = None if labels is None else grad_stats_and_logp[-1]
+    dz = divergence_backward_op(grad_loss, grad_logp, student, teacher, valid, labels, *stats_and_gbar, *ctx.params)
+    return (dz,) + (None,) * 8
 
 
 torch.library.register_autograd("klops::divergence", _backward, setup_context=_setup_context)
@@ -372,9 +391,8 @@ def fused_kl(
     else:
         backend = resolve_backend(backend, student_logits.device)
         student3, teacher3 = _inputs.as_rows(student_logits, teacher_logits)
-        rows, *_ = divergence_op(
-            student3, teacher3, valid.reshape(student3.shape[:2]), kernel_kind, target_is, temperature, coef, backend
-        )
+        valid3 = valid.reshape(student3.shape[:2])
+        rows, *_ = divergence_op(student3, teacher3, valid3, None, kernel_kind, target_is, temperature, coef, backend)
         rows = rows.reshape(valid.shape)
     if weights is not None:
         rows = rows * weights.float()
@@ -398,3 +416,39 @@ def _check_dense_teacher(teacher_logits, student_logits) -> None:
         raise ValueError(
             f"teacher_logits is on {teacher_logits.device} but student_logits is on {student_logits.device}"
         )
+
+
+def divergence_and_label_logprobs(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    kind: str = "forward",
+    *,
+    beta: float | None = None,
+    alpha: float | None = None,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(D, log q(label), log p(label))`` per row ``[...]`` fp32 from one sweep over both logit rows: the
+    divergence of ``fused_kl(reduction="none")``, the student's log-prob of each row's label (with its gradient
+    ``(onehot - q) / T``, written in the same backward sweep as D's) and the teacher's (no gradient; from the
+    forward's row statistics and one gathered entry). Rows whose label is ``ignore_index`` or whose mask is 0
+    give 0 in all three. For TDPO (a reference and its policy) and SFT + distillation mixes."""
+    _inputs.check_logits("student_logits", student_logits)
+    _check_dense_teacher(teacher_logits, student_logits)
+    kernel_kind, coef, temperature = check_divergence_options(kind, beta, alpha, temperature, "logits", "none", None)
+    valid, _ = valid_rows_and_weights(
+        "student_logits", student_logits, student_logits.shape[-1], labels, mask, None, ignore_index
+    )
+    backend = resolve_backend(backend, student_logits.device)
+    student3, teacher3 = _inputs.as_rows(student_logits, teacher_logits)
+    rows_shape = student3.shape[:2]
+    valid3, labels3 = valid.reshape(rows_shape), torch.where(valid, labels, 0).long().reshape(rows_shape)
+    rows, _, _, max_t, logsum_t, _, logp = divergence_op(
+        student3, teacher3, valid3, labels3, kernel_kind, "logits", temperature, coef, backend
+    )
+    teacher_label = teacher3.gather(-1, labels3[..., None])[..., 0].float()
+    teacher_logp = torch.where(valid3, scaled(teacher_label - max_t, temperature) - logsum_t, 0.0)
+    return rows.reshape(valid.shape), logp.reshape(valid.shape), teacher_logp.detach().reshape(valid.shape)

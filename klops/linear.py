@@ -314,22 +314,26 @@ def linear_divergence_op(
     teacher_bias: torch.Tensor | None,
     teacher_logits: torch.Tensor | None,
     valid: torch.Tensor,
+    labels: torch.Tensor | None,
     kind: str,
     target_is: str,
     temperature: float,
     coef: float,
     softcap: float | None,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The rows' (D, max_q, logsum_q, max_t, logsum_t, gbar), each (B, L) fp32, of the divergence between the
-    teacher (teacher_hidden @ teacher_weight^T + teacher_bias, or teacher_logits (B, L, V)) and the student's
-    logits, a chunk of rows at a time."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rows' (D, max_q, logsum_q, max_t, logsum_t, gbar, logp), each (B, L) fp32, of the divergence between
+    the teacher (teacher_hidden @ teacher_weight^T + teacher_bias, or teacher_logits (B, L, V)) and the
+    student's logits, a chunk of rows at a time; logp is log q of the label (0 without labels)."""
     (B, L), V = hidden.shape[:2], weight.shape[0]
-    outputs = tuple(torch.zeros((B, L), dtype=torch.float32, device=hidden.device) for _ in range(6))
+    outputs = tuple(torch.zeros((B, L), dtype=torch.float32, device=hidden.device) for _ in range(7))
     for rows in _row_chunks(B, L, V, hidden.device):
         z, _ = _chunk_logits(hidden[rows], weight, bias, softcap)
         y = _teacher_chunk(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, softcap, rows)
-        chunk = divergence_op(z[None], y[None], valid[rows][None], kind, target_is, temperature, coef, backend)
+        chunk_labels = None if labels is None else labels[rows][None]
+        chunk = divergence_op(
+            z[None], y[None], valid[rows][None], chunk_labels, kind, target_is, temperature, coef, backend
+        )
         for out, value in zip(outputs, chunk):
             out[rows] = value[0]
     return outputs
@@ -343,12 +347,13 @@ def _teacher_chunk(teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
 
 @linear_divergence_op.register_fake
 def _(hidden, weight, *rest):
-    return _empty_rows(hidden, 6)
+    return _empty_rows(hidden, 7)
 
 
 @torch.library.custom_op("klops::linear_divergence_backward", mutates_args=())
 def linear_divergence_backward_op(
     grad: torch.Tensor,
+    grad_logp: torch.Tensor | None,
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -357,6 +362,7 @@ def linear_divergence_backward_op(
     teacher_bias: torch.Tensor | None,
     teacher_logits: torch.Tensor | None,
     valid: torch.Tensor,
+    labels: torch.Tensor | None,
     max_q: torch.Tensor,
     logsum_q: torch.Tensor,
     max_t: torch.Tensor,
@@ -369,39 +375,44 @@ def linear_divergence_backward_op(
     softcap: float | None,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B, L) fp32 grad of D -> the student's (grad_hidden, grad_weight, grad_bias or [0]); the teacher gets
-    none."""
+    """(B, L) fp32 grads of D and of logp (or None) -> the student's (grad_hidden, grad_weight, grad_bias or
+    [0]); the teacher gets none."""
     grads = _new_grads(hidden, weight, bias)
     for rows in _row_chunks(*hidden.shape[:2], weight.shape[0], hidden.device):
         z, t = _chunk_logits(hidden[rows], weight, bias, softcap)
         y = _teacher_chunk(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, softcap, rows)
         stats = (x[rows][None] for x in (max_q, logsum_q, max_t, logsum_t, gbar))
+        chunk_grad_logp = None if grad_logp is None else grad_logp[rows][None]
+        chunk_labels = None if grad_logp is None else labels[rows][None]
         dz = divergence_backward_op(
-            grad[rows][None], z[None], y[None], valid[rows][None], *stats, kind, target_is, temperature, coef, backend
-        )[0]
+            grad[rows][None], chunk_grad_logp, z[None], y[None], valid[rows][None], chunk_labels, *stats,
+            kind, target_is, temperature, coef, backend,
+        )[0]  # fmt: skip
         _accumulate_grads(dz, t, hidden[rows], weight, grads, rows)
     return _cast_grads(grads, weight, bias)
 
 
 @linear_divergence_backward_op.register_fake
-def _(grad, hidden, weight, bias, *rest):
+def _(grad, grad_logp, hidden, weight, bias, *rest):
     return _fake_grads(hidden, weight, bias)
 
 
 def _divergence_setup_context(ctx, inputs, output):
     *tensors, kind, target_is, temperature, coef, softcap, backend = inputs
-    _, *stats_and_gbar = output
+    _, *stats_and_gbar, _ = output
     ctx.has_bias = tensors[2] is not None
     ctx.save_for_backward(*tensors, *stats_and_gbar)
     ctx.params = (kind, target_is, temperature, coef, softcap, backend)
 
 
-def _divergence_backward(ctx, grad_rows, *_grad_stats):
-    hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits, valid, *stats = ctx.saved_tensors
+def _divergence_backward(ctx, grad_rows, *grad_stats_and_logp):
+    hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits, valid, labels, *stats = ctx.saved_tensors
+    grad_logp = None if labels is None else grad_stats_and_logp[-1]
     grad_hidden, grad_weight, grad_bias = linear_divergence_backward_op(
-        grad_rows, hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits, valid, *stats, *ctx.params
-    )
-    return (grad_hidden, grad_weight, grad_bias if ctx.has_bias else None) + (None,) * 11
+        grad_rows, grad_logp, hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits, valid, labels, *stats,
+        *ctx.params,
+    )  # fmt: skip
+    return (grad_hidden, grad_weight, grad_bias if ctx.has_bias else None) + (None,) * 12
 
 
 torch.library.register_autograd(
@@ -576,7 +587,7 @@ def fused_linear_kl(
         student3, teacher3 = _inputs.as_rows(student_hidden, teacher_hidden)
         teacher = (teacher3, teacher_weight, teacher_bias, None)
     rows, *_ = linear_divergence_op(
-        student3, student_weight, student_bias, *teacher, valid.reshape(student3.shape[:2]),
+        student3, student_weight, student_bias, *teacher, valid.reshape(student3.shape[:2]), None,
         kernel_kind, target_is, temperature, coef, softcap, backend,
     )  # fmt: skip
     rows = rows.reshape(valid.shape)
@@ -630,3 +641,53 @@ def fused_linear_cross_entropy(
         rows = rows + z_loss * lse.square()
     loss = reduce_rows(rows, labels != ignore_index, reduction, num_items)
     return (loss, lse) if return_lse else loss
+
+
+def linear_divergence_and_label_logprobs(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    labels: torch.Tensor,
+    kind: str = "forward",
+    *,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    beta: float | None = None,
+    alpha: float | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    mask: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``klops.divergence.divergence_and_label_logprobs`` from hidden states and heads, neither model's logits
+    formed: ``(D, log q(label), log p(label))`` per row, gradients to the student's hidden, weight and bias."""
+    _check_linear("student_hidden", student_hidden, "student_weight", student_weight, "student_bias", student_bias)
+    _check_linear("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight, "teacher_bias", teacher_bias)
+    V = student_weight.shape[0]
+    if teacher_weight.shape[0] != V or teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
+        raise ValueError(
+            f"the teacher must have V={V} and the rows {tuple(student_hidden.shape[:-1])} of student_hidden, got "
+            f"V={teacher_weight.shape[0]} and rows {tuple(teacher_hidden.shape[:-1])}"
+        )
+    kernel_kind, coef, temperature = check_divergence_options(kind, beta, alpha, temperature, "logits", "none", None)
+    softcap = _check_softcap(softcap)
+    valid, _ = valid_rows_and_weights("student_hidden", student_hidden, V, labels, mask, None, ignore_index)
+    backend = resolve_backend(backend, student_hidden.device)
+    student3, teacher3 = _inputs.as_rows(student_hidden, teacher_hidden)
+    rows_shape = student3.shape[:2]
+    valid3, labels3 = valid.reshape(rows_shape), torch.where(valid, labels, 0).long().reshape(rows_shape)
+    rows, _, _, max_t, logsum_t, _, logp = linear_divergence_op(
+        student3, student_weight, student_bias, teacher3, teacher_weight, teacher_bias, None, valid3, labels3,
+        kernel_kind, "logits", temperature, coef, softcap, backend,
+    )  # fmt: skip
+    with torch.no_grad():  # the teacher's logit of each label: one row of its head per token
+        y = (teacher3.float() * teacher_weight[labels3].float()).sum(-1)
+        if teacher_bias is not None:
+            y = y + teacher_bias[labels3].float()
+        y = y.to(teacher_weight.dtype).float()  # rounded as F.linear rounds the logits the kernels read
+        if softcap is not None:
+            y = softcap * torch.tanh(y / softcap)
+        teacher_logp = torch.where(valid3, (y - max_t) / temperature - logsum_t, 0.0)
+    return rows.reshape(valid.shape), logp.reshape(valid.shape), teacher_logp.reshape(valid.shape)

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from . import _inputs
-from .divergence import fused_kl
-from .linear import fused_linear_kl, fused_linear_logprobs
+from .divergence import divergence_and_label_logprobs
+from .linear import fused_linear_logprobs, linear_divergence_and_label_logprobs
 from .logprobs import logprobs
 
 __all__ = ["dpo_loss", "sequence_logprobs", "tdpo_loss", "DPO_LOSS_TYPES", "DPO_DIVERGENCES"]
@@ -224,8 +224,9 @@ def tdpo_loss(
         chosen_index, rejected_index: ``[P]`` integer indices into the batch.
 
     Metrics (0-d fp32): TRL's reward metrics with TDPO's rewards ``beta (margin + SeqKL)``, and ``kl/chosen``,
-    ``kl/rejected``: mean SeqKL. The per-token log-probs and KL come from the fused ops: the policy's row is
-    swept for its KL to the reference and for its log-probs (two fused ops, no [B, L, V] temporary).
+    ``kl/rejected``: mean SeqKL. One fused sweep over each token's policy and reference rows gives the KL and
+    both log-probs, and one backward sweep writes the policy's gradient (``a_t (onehot - q) + b_t (q - p)``);
+    nothing of size [B, L, V] besides it.
     """
     beta = _inputs.check_real("beta", beta, low=0.0, high=math.inf, open_low=True)
     alpha = _inputs.check_real("alpha", alpha, low=0.0, high=math.inf)
@@ -244,19 +245,15 @@ def tdpo_loss(
     if chosen.shape != rejected.shape:
         raise ValueError(f"chosen_index and rejected_index must pair up: shapes {tuple(chosen.shape)} and "
                          f"{tuple(rejected.shape)}")  # fmt: skip
-    common = dict(temperature=temperature, ignore_index=ignore_index, backend=backend)
+    common = dict(temperature=temperature, mask=mask, ignore_index=ignore_index, backend=backend)
     if policy_w is None:
-        kl = fused_kl(policy_z, ref_z.detach(), "forward", labels=labels, mask=mask, reduction="none", **common)
-        policy_logp = logprobs(policy_z, labels, **common)
-        with torch.no_grad():
-            ref_logp = logprobs(ref_z, labels, **common)
+        kl, policy_logp, ref_logp = divergence_and_label_logprobs(policy_z, ref_z.detach(), labels, **common)
     else:
-        kl = fused_linear_kl(policy_z, policy_w, ref_z.detach(), ref_w.detach(), student_bias=policy_b,
-                             teacher_bias=None if ref_b is None else ref_b.detach(), kind="forward", labels=labels,
-                             mask=mask, reduction="none", **common)  # fmt: skip
-        policy_logp = fused_linear_logprobs(policy_z, policy_w, labels, bias=policy_b, **common)
-        with torch.no_grad():
-            ref_logp = fused_linear_logprobs(ref_z, ref_w, labels, bias=ref_b, **common)
+        ref_b = None if ref_b is None else ref_b.detach()
+        kl, policy_logp, ref_logp = linear_divergence_and_label_logprobs(
+            policy_z, policy_w, ref_z.detach(), ref_w.detach(), labels, student_bias=policy_b, teacher_bias=ref_b,
+            **common,
+        )  # fmt: skip
     margin = ((policy_logp - ref_logp) * keep).sum(-1)
     seq_kl = (kl * keep).sum(-1)
     m = margin[chosen] - margin[rejected]

@@ -10,7 +10,8 @@ import math
 import torch
 
 __all__ = [
-    "divergence_reference", "fused_kl_reference", "topk_as_dense", "logprobs_reference", "group_advantages_reference",
+    "divergence_reference", "fused_kl_reference", "topk_as_dense", "dpo_loss_reference", "tdpo_loss_reference",
+    "dckd_loss_reference", "logprobs_reference", "group_advantages_reference",
     "grpo_loss_reference",
 ]  # fmt: skip
 
@@ -396,3 +397,20 @@ def tdpo_loss_reference(policy_logits, ref_logits, labels, mask, chosen_index, r
     else:
         logits = m - alpha * (seq_kl[r] - seq_kl[c].detach())
     return -F.logsigmoid(beta * logits).mean()
+
+
+def dckd_loss_reference(student_logits, teacher, labels, chosen, *, w_sft=1.0, w_distil=1.0, w_chosen=1.0,
+                        w_rejected=1.0, kind="forward", temperature=1.0, ignore_index=-100, **coef):  # fmt: skip
+    """DCKD (docs/losses.md §6) in float64: w_sft NLL(chosen) + w_distil (w_chosen KL(chosen) + w_rejected
+    KL(rejected)), each a mean over its tokens; the teacher dense or a TopK."""
+    kl = fused_kl_reference(student_logits, teacher, kind, labels=labels, ignore_index=ignore_index,
+                            reduction="none", temperature=temperature, **coef)  # fmt: skip
+    logp, _ = logprobs_reference(student_logits, labels, ignore_index=ignore_index)
+    tokens = labels != ignore_index
+    on_chosen, on_rejected = tokens & chosen[:, None], tokens & ~chosen[:, None]
+
+    def mean(x, m):
+        return torch.where(m, x, 0.0).sum() / max(1, int(m.sum()))
+
+    kl_part = w_chosen * mean(kl, on_chosen) + w_rejected * mean(kl, on_rejected)
+    return w_sft * mean(-logp, on_chosen) + w_distil * kl_part

@@ -14,8 +14,9 @@ def test_opcheck_divergence(backend, gen):
     z = randn(2, 3, 40, gen=gen).requires_grad_()
     valid = torch.ones(2, 3, dtype=torch.bool, device=DEVICE)
     valid[0, 1] = False
-    for kind, coef in [("forward", 0.0), ("jsd", 0.3), ("alpha", 1.5)]:
-        args = (z, randn(2, 3, 40, gen=gen), valid, kind, "logits", 1.3, coef, backend)
+    labels = torch.randint(0, 40, (2, 3), generator=gen).to(DEVICE)
+    for kind, coef, row_labels in [("forward", 0.0, None), ("jsd", 0.3, labels), ("alpha", 1.5, None)]:
+        args = (z, randn(2, 3, 40, gen=gen), valid, row_labels, kind, "logits", 1.3, coef, backend)
         torch.library.opcheck(divergence_op, args)
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import klops
-from klops.reference import divergence_reference, fused_kl_reference
+from klops.reference import divergence_reference, fused_kl_reference, logprobs_reference
 
 from .conftest import DEVICE, GRAD_TOL, LABEL_DTYPES, LOSS_TOL, assert_close, empty_rows, randn
 
@@ -301,3 +301,31 @@ def test_vocab_256k(kind, backend, gen):
     student[:, -100:] = -math.inf
     teacher[:, -100:] = -math.inf
     check(student, teacher, kind, backend, torch.bfloat16, **COEF.get(kind, {}))
+
+
+@pytest.mark.parametrize("kind", ["forward", "jsd", "tv"])
+def test_divergence_and_label_logprobs(kind, backend, gen):
+    """D, log q(label) and log p(label) from one sweep; the backward writes both gradients at once."""
+    student, teacher = randn(3, 5, 97, gen=gen, scale=2.0), randn(3, 5, 97, gen=gen, scale=2.0)
+    labels = torch.randint(0, 97, (3, 5), generator=gen).to(DEVICE)
+    labels[0, 1] = -100
+    mask = torch.ones(3, 5, device=DEVICE)
+    mask[2, 4] = 0
+    z = student[:, :4].detach().clone().requires_grad_()  # sliced rows
+    kw = dict(temperature=1.4, **COEF.get(kind, {}))
+    rows, logp, teacher_logp = klops.divergence.divergence_and_label_logprobs(
+        z, teacher[:, :4], labels[:, :4], kind, mask=mask[:, :4], backend=backend, **kw
+    )
+    g_rows, g_logp = randn(3, 4, gen=gen), randn(3, 4, gen=gen)
+    ((rows * g_rows).sum() + (logp * g_logp).sum()).backward()
+    z_ref = student[:, :4].detach().clone().requires_grad_()
+    keep = (labels[:, :4] != -100) & (mask[:, :4] != 0)
+    ref_rows = fused_kl_reference(z_ref, teacher[:, :4], kind, mask=keep, reduction="none", **kw)
+    ref_logp, _ = logprobs_reference(z_ref, torch.where(keep, labels[:, :4], -100), temperature=1.4)
+    ref_teacher, _ = logprobs_reference(teacher[:, :4], torch.where(keep, labels[:, :4], -100), temperature=1.4)
+    ((ref_rows * g_rows).sum() + (ref_logp * g_logp).sum()).backward()
+    assert_close(rows, ref_rows, LOSS_TOL[torch.float32], "rows")
+    assert_close(logp, ref_logp, LOSS_TOL[torch.float32], "logp")
+    assert_close(teacher_logp, ref_teacher, LOSS_TOL[torch.float32], "teacher logp")
+    assert_close(z.grad, z_ref.grad, GRAD_TOL[torch.float32], "grad")
+    assert (z.grad[0, 1] == 0).all()

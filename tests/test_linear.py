@@ -170,8 +170,10 @@ def test_opcheck(gen):
         )
     valid = torch.tensor([[True, False, True, True, True]], device=DEVICE)
     teacher = randn(1, 5, 13, gen=gen)
-    args = (hidden, weight, bias, None, None, None, teacher, valid, "jsd", "logits", 1.2, 0.3, None, "torch")
-    torch.library.opcheck(linear_divergence_op, args)
+    for row_labels in (None, labels.clamp(min=0)):
+        args = (hidden, weight, bias, None, None, None, teacher, valid, row_labels, "jsd", "logits", 1.2, 0.3, None,
+                "torch")  # fmt: skip
+        torch.library.opcheck(linear_divergence_op, args)
 
 
 def test_compile_fullgraph(gen):

@@ -21,10 +21,14 @@ FLOAT_ARGS = ("inv_temperature", "coef")
 ROW_ARGS = {"L": "i32", "V": "i32"}
 STATS = ("max_q_ptr", "logsum_q_ptr", "max_t_ptr", "logsum_t_ptr", "gbar_ptr")
 
-DIVERGENCE_VARIANTS = [(kind, "logits", "bf16", "bf16") for kind in DIVERGENCE_KINDS] + [
-    ("forward", "logprobs", "bf16", "fp32"),
-    ("reverse", "probs", "fp16", "fp32"),
-    ("jsd", "logits", "fp32", "fp32"),
+# (kind, target, student dtype, teacher dtype, labels): with "labels" the backward also writes the gradient of
+# the label's log-prob (the forward does not depend on it).
+DIVERGENCE_VARIANTS = [(kind, "logits", "bf16", "bf16", "") for kind in DIVERGENCE_KINDS] + [
+    ("forward", "logprobs", "bf16", "fp32", ""),
+    ("reverse", "probs", "fp16", "fp32", ""),
+    ("jsd", "logits", "fp32", "fp32", ""),
+    ("forward", "logits", "bf16", "bf16", "labels"),
+    ("jsd", "logits", "bf16", "fp32", "labels"),
 ]
 # (kind, tail, student dtype, teacher log-probs dtype, BLOCK_K): every kind with the bin, the renormalized tail,
 # and k past one block of members. The backward does not depend on the kind or tail.
@@ -34,7 +38,12 @@ TOPK_VARIANTS = [(kind, "bin", "bf16", "fp32", 64) for kind in DIVERGENCE_KINDS]
     ("forward", "bin", "fp32", "fp32", 1),
 ]
 VARIANTS = (
-    [f"divergence-{'-'.join(v)}-{d}" for v in DIVERGENCE_VARIANTS for d in ("fwd", "bwd")]
+    [
+        f"divergence-{'-'.join(filter(None, v))}-{d}"
+        for v in DIVERGENCE_VARIANTS
+        for d in ("fwd", "bwd")
+        if not (v[4] and d == "fwd")
+    ]
     + [f"logprobs-entropy{int(e)}-sm{arch}" for e in (True, False) for arch in (80, 90)]
     + [f"topk-{kind}-{tail}-{student}-{teacher}-k{block}" for kind, tail, student, teacher, block in TOPK_VARIANTS]
     + [f"topk-backward-{dtype}-sm{arch}" for dtype in ("bf16", "fp32") for arch in (80, 90)]
@@ -42,10 +51,10 @@ VARIANTS = (
 
 
 def divergence_signature(student, teacher, backward):
-    sig = {"grad_ptr": "*fp32"} if backward else {}
+    sig = {"grad_ptr": "*fp32", "grad_logp_ptr": "*fp32"} if backward else {}
     sig |= {"z_ptr": f"*{student}", "y_ptr": f"*{teacher}", "valid_ptr": "*i1"}
     if backward:
-        sig |= {name: "*fp32" for name in STATS} | {"dz_ptr": f"*{student}"}
+        sig |= {"labels_ptr": "*i64"} | {name: "*fp32" for name in STATS} | {"dz_ptr": f"*{student}"}
     else:
         sig |= {"loss_ptr": "*fp32"} | {name: "*fp32" for name in STATS}
     sig |= ROW_ARGS | {"stride_zb": "i64", "stride_zl": "i64", "stride_yb": "i64", "stride_yl": "i64"}
@@ -114,14 +123,18 @@ def compile_all() -> dict[str, dict]:
         }  # fmt: skip
 
     jobs = {}  # variant id -> [(kernel, signature, constexprs, arch, sweep), ...]
-    for kind, target, student, teacher in DIVERGENCE_VARIANTS:
+    for kind, target, student, teacher, labels in DIVERGENCE_VARIANTS:
         constexprs = {"KIND": DIVERGENCE_KINDS.index(kind), "TARGET": TARGET_KINDS.index(target)}
         for direction, kernel, sweep in (
             ("fwd", divergence.divergence_forward_kernel, FORWARD_SWEEP),
             ("bwd", divergence.divergence_backward_kernel, BACKWARD_SWEEP),
         ):
+            if labels and direction == "fwd":
+                continue
             sig = divergence_signature(student, teacher, direction == "bwd")
-            jobs[f"divergence-{kind}-{target}-{student}-{teacher}-{direction}"] = [(kernel, sig, constexprs, 90, sweep)]
+            extra = {"WITH_LABELS": labels == "labels"} if direction == "bwd" else {}
+            name = "-".join(filter(None, ("divergence", kind, target, student, teacher, labels, direction)))
+            jobs[name] = [(kernel, sig, constexprs | extra, 90, sweep)]
     common = ROW_ARGS | {"stride_zb": "i64", "stride_zl": "i64", "inv_temperature": "fp32", "ignore_index": "i64"}
     forward = {"z_ptr": "*bf16", "labels_ptr": "*i64", "logp_ptr": "*fp32", "entropy_ptr": "*fp32",
                "max_ptr": "*fp32", "logsum_ptr": "*fp32"}  # fmt: skip
