@@ -54,9 +54,12 @@ TORCH_LIBRARY(klops_C, m) {
       "topk_divergence_forward(Tensor student, Tensor indices, Tensor teacher_logprobs, Tensor valid, "
       "int kind, bool bin, float temperature, float coef, float tail_loss, float tail_grad) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The backward reads tail_coef (B, L) and member_value (B, L, K): the rows' gradients times tail_scale
+  // and member_d, less the -q part of the label's log-prob; label_coef / labels add its onehot.
   m.def(
-      "topk_divergence_backward(Tensor grad, Tensor student, Tensor indices, Tensor valid, "
-      "Tensor max_c, Tensor logsum_c, Tensor tail_scale, Tensor member_d, float temperature) -> Tensor");
+      "topk_divergence_backward(Tensor tail_coef, Tensor student, Tensor indices, Tensor valid, "
+      "Tensor max_c, Tensor logsum_c, Tensor member_value, Tensor? label_coef, Tensor? labels, "
+      "float temperature) -> Tensor");
   m.def(
       "logprobs_forward(Tensor logits, Tensor labels, float temperature, bool with_entropy, "
       "int ignore_index) -> (Tensor, Tensor, Tensor, Tensor)");

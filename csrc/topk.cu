@@ -10,8 +10,9 @@
 // for the (max, logsum) of the entries outside S (LseOp, raw units), so that log Q keeps full
 // precision however small Q is; then three passes over the k members (their lse and the teacher's
 // mass; their terms; d_i = a_i - q_i gbar). Backward: one sweep writing qc_j (a_tail - Q gbar) on
-// every entry, then, after a barrier, the k corrections d_i in place; it needs neither the teacher
-// nor the kind. Rows with valid = false get 0 in every output and a zero gradient.
+// every entry, then, after a barrier, the k corrections d_i in place (both scaled by the row's
+// gradient in klops/topk.py, with the label's log-prob folded in when asked); it needs neither the
+// teacher nor the kind. Rows with valid = false get 0 in every output and a zero gradient.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -21,6 +22,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <optional>
 #include <tuple>
 
 #include "divergence_terms.cuh"
@@ -164,18 +166,21 @@ __global__ void __launch_bounds__(kMaxThreads) topk_divergence_forward_kernel(
   }
 }
 
-// Backward of row r = blockIdx.x: dz_j = grad_r c qc_j tail_scale_r on every entry (0 where
-// z_j = -inf), then the k members' dz_i = grad_r c d_i over them. Zeros for an invalid row.
+// Backward of row r = blockIdx.x: dz_j = c qc_j tail_coef_r on every entry (0 where z_j = -inf), then
+// the k members' dz_i = c value_i over them; + c label_coef_r at the label when there are labels
+// (klops/topk.py folds the rows' gradients, and the -q of the label's log-prob, into tail_coef and
+// value). Zeros for an invalid row.
 template <typename Fs>
 __global__ void __launch_bounds__(kMaxThreads) topk_divergence_backward_kernel(
-    const float* __restrict__ grad,              // (B*L,) dLoss/dD
+    const float* __restrict__ tail_coef,         // (B*L,)
     const typename Fs::Storage* __restrict__ z,  // (B, L, V) student logits, last-dim stride 1
     const int32_t* __restrict__ indices,         // (B*L, K) sorted teacher ids
     const bool* __restrict__ valid,              // (B*L,)
     const float* __restrict__ max_c_in,          // (B*L,)
     const float* __restrict__ logsum_c_in,       // (B*L,)
-    const float* __restrict__ tail_scale_in,     // (B*L,)
-    const float* __restrict__ member_d,          // (B*L, K)
+    const float* __restrict__ member_value,      // (B*L, K)
+    const float* __restrict__ label_coef,        // (B*L,) or nullptr
+    const int64_t* __restrict__ labels,          // (B*L,) (read with label_coef only)
     typename Fs::Storage* __restrict__ dz,       // (B*L, V) out, contiguous, student dtype
     int64_t L, int64_t V, int K, int64_t stride_zb, int64_t stride_zl, float inv_temperature) {
   const int64_t row = blockIdx.x;
@@ -192,15 +197,17 @@ __global__ void __launch_bounds__(kMaxThreads) topk_divergence_backward_kernel(
 
   const float max_c = max_c_in[row];
   const float logsum_c = logsum_c_in[row];
-  const float scale = grad[row] * inv_temperature;
-  const float tail = scale * tail_scale_in[row];
+  const float tail = tail_coef[row] * inv_temperature;
+  const float label_scale = label_coef != nullptr ? label_coef[row] * inv_temperature : 0.0f;
+  const int64_t label = label_coef != nullptr ? labels[row] : -1;
   sweep_row<VEC>(V, plan, threadIdx.x, blockDim.x, load, [&](int64_t j, auto zv) {
     constexpr int W = decltype(zv)::kWidth;
     float out[W];
 #pragma unroll
     for (int i = 0; i < W; ++i) {
       const float zi = Fs::to_float(zv.val[i]);
-      out[i] = zi == kNegInf ? 0.0f : tail * expf((zi - max_c) * inv_temperature - logsum_c);
+      out[i] = (zi == kNegInf ? 0.0f : tail * expf((zi - max_c) * inv_temperature - logsum_c)) +
+               (j + i == label ? label_scale : 0.0f);
     }
     store_floats<Fs>(dz_row + j, out);
   });
@@ -208,7 +215,10 @@ __global__ void __launch_bounds__(kMaxThreads) topk_divergence_backward_kernel(
   const int32_t* ids = indices + row * K;
   for (int i = threadIdx.x; i < K; i += blockDim.x) {
     const int32_t id = ids[i];
-    if (0 <= id && id < V) dz_row[id] = Fs::from_float(scale * member_d[row * K + i]);
+    if (0 <= id && id < V) {
+      const float value = member_value[row * K + i] * inv_temperature + (id == label ? label_scale : 0.0f);
+      dz_row[id] = Fs::from_float(value);
+    }
   }
 }
 
@@ -279,40 +289,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_dive
   return {loss, max_c, logsum_c, tail_scale, member_d};
 }
 
-at::Tensor topk_divergence_backward(const at::Tensor& grad, const at::Tensor& student,
+at::Tensor topk_divergence_backward(const at::Tensor& tail_coef, const at::Tensor& student,
                                     const at::Tensor& indices, const at::Tensor& valid,
                                     const at::Tensor& max_c, const at::Tensor& logsum_c,
-                                    const at::Tensor& tail_scale, const at::Tensor& member_d,
-                                    double temperature) {
+                                    const at::Tensor& member_value,
+                                    const std::optional<at::Tensor>& label_coef,
+                                    const std::optional<at::Tensor>& labels, double temperature) {
   check_topk_inputs(student, indices, valid);
-  check_per_member(member_d, "member_d", indices);
+  check_per_member(member_value, "member_value", indices);
   const auto rows_shape = student.sizes().slice(0, 2);
-  check_per_row(grad, "grad", rows_shape, student.device(), {at::kFloat});
+  check_per_row(tail_coef, "tail_coef", rows_shape, student.device(), {at::kFloat});
   check_per_row(max_c, "max_c", rows_shape, student.device(), {at::kFloat});
   check_per_row(logsum_c, "logsum_c", rows_shape, student.device(), {at::kFloat});
-  check_per_row(tail_scale, "tail_scale", rows_shape, student.device(), {at::kFloat});
-  TORCH_CHECK(member_d.scalar_type() == at::kFloat, "member_d must be float32");
+  TORCH_CHECK(member_value.scalar_type() == at::kFloat, "member_value must be float32");
+  std::optional<at::Tensor> label_coef_c, labels_c;  // both or neither
+  if (label_coef.has_value()) {
+    TORCH_CHECK(labels.has_value(), "label_coef needs labels");
+    check_per_row(*label_coef, "label_coef", rows_shape, student.device(), {at::kFloat});
+    check_per_row(*labels, "labels", rows_shape, student.device(), {at::kLong});
+    label_coef_c = label_coef->contiguous();
+    labels_c = labels->contiguous();
+  }
   const at::cuda::OptionalCUDAGuard device_guard(device_of(student));
   const int64_t B = student.size(0), L = student.size(1), V = student.size(2);
   at::Tensor dz = at::empty({B, L, V}, student.options());
   if (B * L == 0) return dz;
 
-  const at::Tensor grad_c = grad.contiguous();
+  const at::Tensor tail_coef_c = tail_coef.contiguous();
   const at::Tensor valid_c = valid.contiguous();
   const at::Tensor max_c_c = max_c.contiguous();
   const at::Tensor logsum_c_c = logsum_c.contiguous();
-  const at::Tensor tail_scale_c = tail_scale.contiguous();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   dispatch_format(student.scalar_type(), [&](auto fs) {
     using Fs = decltype(fs);
     const int threads = row_threads(V, 16 / sizeof(typename Fs::Storage));
     topk_divergence_backward_kernel<Fs><<<static_cast<unsigned>(B * L), threads, 0, stream>>>(
-        grad_c.const_data_ptr<float>(), storage_ptr<Fs>(student), indices.const_data_ptr<int32_t>(),
+        tail_coef_c.const_data_ptr<float>(), storage_ptr<Fs>(student), indices.const_data_ptr<int32_t>(),
         valid_c.const_data_ptr<bool>(), max_c_c.const_data_ptr<float>(),
-        logsum_c_c.const_data_ptr<float>(), tail_scale_c.const_data_ptr<float>(),
-        member_d.const_data_ptr<float>(), mutable_storage_ptr<Fs>(dz), L, V,
-        static_cast<int>(indices.size(2)), student.stride(0), student.stride(1),
-        static_cast<float>(1.0 / temperature));
+        logsum_c_c.const_data_ptr<float>(), member_value.const_data_ptr<float>(),
+        label_coef_c.has_value() ? label_coef_c->const_data_ptr<float>() : nullptr,
+        labels_c.has_value() ? labels_c->const_data_ptr<int64_t>() : nullptr,
+        mutable_storage_ptr<Fs>(dz), L, V, static_cast<int>(indices.size(2)), student.stride(0),
+        student.stride(1), static_cast<float>(1.0 / temperature));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return dz;

@@ -21,7 +21,9 @@ The members' logits are gathered (k loads) and combined with (max_c, logsum_c) i
 Forward: one sweep over the row (1 exp per entry), then three passes over the k members. Backward: one
 sweep that writes dz (1 exp per entry) and puts the k corrections in place as the walk reaches them;
 it needs neither the teacher nor the kind. Per row the forward keeps D, max_c, logsum_c, the tail's
-coefficient a_tail - Q gbar, and the k corrections d (fp32).
+coefficient a_tail - Q gbar, and the k corrections d (fp32). The backward reads them already scaled by
+the row's gradient (klops/topk.py), with the gradient of the label's log-prob folded in when asked:
+-g q on every entry (into the coefficients) and +g at the label.
 """
 
 import torch
@@ -172,14 +174,15 @@ def topk_divergence_forward_kernel(
 @triton.jit
 def topk_divergence_backward_kernel(
     # data ptrs
-    grad_ptr,  # (B*L,) fp32: dLoss/dD per row
+    tail_coef_ptr,  # (B*L,) fp32: per row, the coefficient of qc outside the top-k
     z_ptr,  # (B, L, V) student logits
     idx_ptr,  # (B*L, K) int32 sorted ids
     valid_ptr,  # (B*L,) bool
     max_c_ptr,  # (B*L,) fp32: the forward's statistics outside the top-k
     logsum_c_ptr,  # (B*L,) fp32
-    tail_scale_ptr,  # (B*L,) fp32
-    member_d_ptr,  # (B*L, K) fp32
+    member_value_ptr,  # (B*L, K) fp32: per member, its gradient times T
+    label_coef_ptr,  # (B*L,) fp32: the gradient of the label's log-prob (WITH_LABELS only)
+    labels_ptr,  # (B*L,) int64 (WITH_LABELS only)
     dz_ptr,  # (B*L, V) out, contiguous, student dtype
     # shapes
     L,
@@ -190,6 +193,7 @@ def topk_divergence_backward_kernel(
     stride_zl,
     # constants
     inv_temperature,
+    WITH_LABELS: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -200,11 +204,15 @@ def topk_divergence_backward_kernel(
         return
     z_row = z_ptr + (row // L) * stride_zb + (row % L) * stride_zl
     idx_row = idx_ptr + row * K
-    d_row = member_d_ptr + row * K
+    value_row = member_value_ptr + row * K
     max_c = tl.load(max_c_ptr + row)
     logsum_c = tl.load(logsum_c_ptr + row)
-    scale = tl.load(grad_ptr + row) * inv_temperature
-    tail = scale * tl.load(tail_scale_ptr + row)
+    tail = tl.load(tail_coef_ptr + row) * inv_temperature
+    label = -1
+    label_scale = 0.0
+    if WITH_LABELS:
+        label = tl.load(labels_ptr + row)
+        label_scale = tl.load(label_coef_ptr + row) * inv_temperature
     ptr = 0
     nxt = tl.load(idx_row)
     for start in range(0, V, BLOCK_V):
@@ -212,9 +220,11 @@ def topk_divergence_backward_kernel(
         z = tl.load(z_row + start + cols, mask=mask, other=NEG_INF).to(tl.float32)
         dz = tl.where(z == NEG_INF, 0.0, tail * tl.exp((z - max_c) * inv_temperature - logsum_c))
         while nxt < start + BLOCK_V:
-            dz = tl.where(cols == nxt - start, scale * tl.load(d_row + ptr), dz)
+            dz = tl.where(cols == nxt - start, tl.load(value_row + ptr) * inv_temperature, dz)
             ptr += 1
             nxt = tl.load(idx_row + ptr, mask=ptr < K, other=PAST_THE_ROW)
+        if WITH_LABELS:  # the onehot of d log q(label) / dz = (onehot - q) / T (its -q is in the coefficients)
+            dz += tl.where(start + cols == label, label_scale, 0.0)
         tl.store(dz_row + start + cols, dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
@@ -251,24 +261,28 @@ def topk_divergence_forward(
 
 
 def topk_divergence_backward(
-    grad: torch.Tensor,  # (B, L) fp32
+    tail_coef: torch.Tensor,  # (B, L) fp32
     student: torch.Tensor,  # (B, L, V)
     indices: torch.Tensor,  # (B, L, K) int32, sorted, contiguous
     valid: torch.Tensor,  # (B, L) bool
     max_c: torch.Tensor,  # (B, L) fp32
     logsum_c: torch.Tensor,  # (B, L) fp32
-    tail_scale: torch.Tensor,  # (B, L) fp32
-    member_d: torch.Tensor,  # (B, L, K) fp32
+    member_value: torch.Tensor,  # (B, L, K) fp32
+    label_coef: torch.Tensor | None,  # (B, L) fp32
+    labels: torch.Tensor | None,  # (B, L) int64
     temperature: float,
 ) -> torch.Tensor:
-    """Launch the backward: dD/dz scaled per row by grad, (B, L, V) in the student's dtype."""
+    """Launch the backward: dz = (qc tail_coef outside the top-k, member_value on it, + label_coef at the label)
+    / T, (B, L, V) in the student's dtype."""
     B, L, V = student.shape
     dz = torch.empty((B, L, V), dtype=student.dtype, device=student.device)
+    with_labels = label_coef is not None
     launch_over_rows(
         topk_divergence_backward_kernel, student,
-        grad.contiguous(), student, indices, valid.contiguous(),
-        *(t.contiguous() for t in (max_c, logsum_c, tail_scale, member_d)), dz,
+        tail_coef.contiguous(), student, indices, valid.contiguous(), max_c.contiguous(), logsum_c.contiguous(),
+        member_value.contiguous(), (label_coef if with_labels else tail_coef).contiguous(),
+        (labels if with_labels else valid).contiguous(), dz,
         L, V, indices.shape[-1], student.stride(0), student.stride(1), 1.0 / temperature,
-        sweep=BACKWARD_SWEEP,
+        WITH_LABELS=with_labels, sweep=BACKWARD_SWEEP,
     )  # fmt: skip
     return dz

@@ -11,12 +11,12 @@ import math
 import torch
 
 from . import _inputs
-from .divergence import divergence_and_label_logprobs, fused_kl
+from .divergence import check_divergence_options, divergence_and_label_logprobs, fused_kl, valid_rows_and_weights
 from .grpo import grpo_loss_from_logits
-from .linear import fused_linear_kl, fused_linear_logprobs, linear_divergence_and_label_logprobs
+from .linear import _check_linear, fused_linear_kl, fused_linear_logprobs, linear_divergence_and_label_logprobs
 from .logprobs import logprobs
 from .preference import _split_model, _token_mask
-from .topk import TopK
+from .topk import TopK, linear_topk_rows
 
 __all__ = ["dckd_loss", "kdrl_loss"]
 
@@ -58,9 +58,9 @@ def dckd_loss(
             hidden-state student, ``(teacher_hidden, teacher_weight[, teacher_bias])``.
         labels: ``[B, L]`` next tokens. chosen: ``[B]`` bool, True for the chosen responses' sequences.
 
-    Gradients flow to the student only. Metrics: ``nll``, ``kl/chosen``, ``kl/rejected`` (0-d fp32). With a
-    dense teacher (logits, or hidden states with a hidden-state student) at ``temperature=1`` the NLL and the
-    KL come from one fused sweep per direction; otherwise from two fused ops.
+    Gradients flow to the student only. Metrics: ``nll``, ``kl/chosen``, ``kl/rejected`` (0-d fp32). At
+    ``temperature=1`` the NLL and the KL come from one fused op (one sweep per direction, one gradient written);
+    otherwise (the NLL is taken at temperature 1), and for a hidden-state student with teacher logits, from two.
     """
     for name, value in (("w_sft", w_sft), ("w_distil", w_distil), ("w_chosen", w_chosen), ("w_rejected", w_rejected)):
         _inputs.check_real(name, value, low=0.0, high=math.inf)
@@ -69,9 +69,9 @@ def dckd_loss(
         raise ValueError(f"chosen must be a bool tensor of shape {tuple(labels.shape[:1])} (one flag per sequence)")
     common = dict(temperature=temperature, ignore_index=ignore_index, backend=backend)
     coef = dict(beta=beta, alpha=alpha)
-    # At T = 1 with a dense teacher the NLL's log-probs come from the KL's own sweep (one fused op, one
-    # gradient written); otherwise (a TopK teacher, or NLL and KL at different temperatures) from a second op.
-    one_sweep = temperature == 1.0 and not isinstance(teacher, TopK)
+    # At T = 1 the NLL's log-probs come from the KL's own sweep (one fused op, one gradient written); at another
+    # temperature (the NLL is taken at 1), or for a hidden-state student with teacher logits, from a second op.
+    one_sweep = temperature == 1.0
     if weight is None:
         if one_sweep:
             kl, logp, _ = divergence_and_label_logprobs(z, teacher, labels, kind, **coef, **common)
@@ -86,7 +86,9 @@ def dckd_loss(
             teacher_args, one_sweep = dict(teacher_logits=teacher), False
         else:  # a TopK
             teacher_args = dict(teacher_hidden=teacher)
-        if one_sweep:
+        if one_sweep and isinstance(teacher, TopK):
+            kl, logp = _linear_topk_with_labels(z, weight, bias, teacher, labels, kind, coef, common)
+        elif one_sweep:
             kl, logp, _ = linear_divergence_and_label_logprobs(
                 z, weight, t_hidden, t_weight, labels, kind, student_bias=bias, teacher_bias=t_bias, **coef, **common
             )
@@ -102,6 +104,18 @@ def dckd_loss(
     loss = w_sft * nll + w_distil * (w_chosen * kl_chosen + w_rejected * kl_rejected)
     metrics = {"nll": nll.detach(), "kl/chosen": kl_chosen.detach(), "kl/rejected": kl_rejected.detach()}
     return loss, metrics
+
+
+def _linear_topk_with_labels(hidden, weight, bias, topk, labels, kind, coef, common):
+    """(D, log q(label)) per row of a hidden-state student against a TopK teacher, in one fused op."""
+    _check_linear("student_hidden", hidden, "student_weight", weight, "student_bias", bias)
+    kernel_kind, kernel_coef, temperature = check_divergence_options(
+        kind, coef["beta"], coef["alpha"], common["temperature"], "logits", "none", None
+    )
+    valid, _ = valid_rows_and_weights("student_hidden", hidden, weight.shape[0], labels, None, None,
+                                      common["ignore_index"])  # fmt: skip
+    return linear_topk_rows(hidden, weight, bias, topk, valid, kernel_kind, kind, kernel_coef, temperature, None,
+                            common["backend"], labels=labels)  # fmt: skip
 
 
 def kdrl_loss(

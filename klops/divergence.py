@@ -387,7 +387,7 @@ def fused_kl(
         "student_logits", student_logits, student_logits.shape[-1], labels, mask, weights, ignore_index
     )
     if isinstance(teacher_logits, TopK):
-        rows = topk_rows(student_logits, teacher_logits, valid, kernel_kind, kind, coef, temperature, backend)
+        rows, _ = topk_rows(student_logits, teacher_logits, valid, kernel_kind, kind, coef, temperature, backend)
     else:
         backend = resolve_backend(backend, student_logits.device)
         student3, teacher3 = _inputs.as_rows(student_logits, teacher_logits)
@@ -420,7 +420,7 @@ def _check_dense_teacher(teacher_logits, student_logits) -> None:
 
 def divergence_and_label_logprobs(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: "torch.Tensor | TopK",
     labels: torch.Tensor,
     kind: str = "forward",
     *,
@@ -430,18 +430,26 @@ def divergence_and_label_logprobs(
     mask: torch.Tensor | None = None,
     ignore_index: int = -100,
     backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(D, log q(label), log p(label))`` per row ``[...]`` fp32 from one sweep over both logit rows: the
     divergence of ``fused_kl(reduction="none")``, the student's log-prob of each row's label (with its gradient
     ``(onehot - q) / T``, written in the same backward sweep as D's) and the teacher's (no gradient; from the
     forward's row statistics and one gathered entry). Rows whose label is ``ignore_index`` or whose mask is 0
-    give 0 in all three. For TDPO (a reference and its policy) and SFT + distillation mixes."""
+    give 0 in all three. For TDPO (a reference and its policy) and SFT + distillation mixes. The teacher may be
+    a ``klops.TopK``: then the third value is None (the label need not be among its ids)."""
+    from .topk import TopK, topk_rows  # topk builds on this module
+
     _inputs.check_logits("student_logits", student_logits)
-    _check_dense_teacher(teacher_logits, student_logits)
+    if not isinstance(teacher_logits, TopK):
+        _check_dense_teacher(teacher_logits, student_logits)
     kernel_kind, coef, temperature = check_divergence_options(kind, beta, alpha, temperature, "logits", "none", None)
     valid, _ = valid_rows_and_weights(
         "student_logits", student_logits, student_logits.shape[-1], labels, mask, None, ignore_index
     )
+    if isinstance(teacher_logits, TopK):
+        rows, logp = topk_rows(student_logits, teacher_logits, valid, kernel_kind, kind, coef, temperature, backend,
+                               labels=labels)  # fmt: skip
+        return rows, logp, None
     backend = resolve_backend(backend, student_logits.device)
     student3, teacher3 = _inputs.as_rows(student_logits, teacher_logits)
     rows_shape = student3.shape[:2]

@@ -570,7 +570,7 @@ def fused_linear_kl(
     softcap = _check_softcap(softcap)
     valid, weights = valid_rows_and_weights("student_hidden", student_hidden, V, labels, mask, weights, ignore_index)
     if isinstance(teacher_hidden, TopK):
-        rows = linear_topk_rows(
+        rows, _ = linear_topk_rows(
             student_hidden, student_weight, student_bias, teacher_hidden, valid,
             kernel_kind, kind, coef, temperature, softcap, backend,
         )  # fmt: skip

@@ -167,18 +167,45 @@ def topk_forward_torch(student, indices, teacher_logprobs, valid, kind, tail, te
     return (*outputs, member_d)
 
 
-def topk_backward_torch(grad, student, indices, valid, max_c, logsum_c, tail_scale, member_d, temperature):
-    """Chunked torch backward: grad[row] / T times (qc tail_scale outside the top-k, d on it), student dtype."""
+def topk_backward_torch(tail_coef, student, indices, valid, max_c, logsum_c, member_value, label_coef, labels,
+                        temperature):  # fmt: skip
+    """Chunked torch backward: (qc tail_coef outside the top-k, member_value on it, + label_coef at the label)
+    / T per row, in the student's dtype."""
     B, L, V = student.shape
     dz = torch.empty((B, L, V), dtype=student.dtype, device=student.device)
     for b, rows in row_chunks(B, L, V):
         z = student[b, rows].float()
-        scale = (grad[b, rows] / temperature)[:, None]
         qc = torch.exp(scaled(z - max_c[b, rows][:, None], temperature) - logsum_c[b, rows][:, None])
-        chunk = torch.where(z == -math.inf, 0.0, scale * tail_scale[b, rows][:, None] * qc)
-        chunk.scatter_(-1, indices[b, rows].long(), scale * member_d[b, rows])
-        dz[b, rows] = torch.where(valid[b, rows][:, None], chunk, 0.0)
+        chunk = torch.where(z == -math.inf, 0.0, tail_coef[b, rows][:, None] * qc)
+        chunk.scatter_(-1, indices[b, rows].long(), member_value[b, rows])
+        if label_coef is not None:
+            chunk.scatter_add_(-1, labels[b, rows][:, None], label_coef[b, rows][:, None])
+        dz[b, rows] = torch.where(valid[b, rows][:, None], chunk / temperature, 0.0)
     return dz
+
+
+def _row_lse(student, indices, max_c, logsum_c, temperature):
+    """(max_q, logsum_q, z of the members) of the full rows from the statistics outside the top-k and the k
+    gathered logits (a [B, L, K] computation)."""
+    z_s = student.gather(-1, indices.long()).float()
+    max_s = z_s.amax(dim=-1)
+    max_s = torch.where(max_s == -math.inf, 0.0, max_s)
+    logsum_s = torch.logsumexp(scaled(z_s - max_s[..., None], temperature), dim=-1)
+    return (*_combine_lse(max_c, logsum_c, max_s, logsum_s, temperature), z_s)
+
+
+def _backward_coefficients(grad, grad_logp, student, indices, max_c, logsum_c, tail_scale, member_d, temperature):
+    """(tail_coef, member_value) of the backward kernels: the rows' gradient times (a_tail - Q gbar) and d, less
+    grad_logp times Q and q_i when the label's log-prob has a gradient (its -q part; the kernels add the
+    onehot)."""
+    tail_coef, member_value = grad * tail_scale, grad[..., None] * member_d
+    if grad_logp is not None:
+        max_q, logsum_q, z_s = _row_lse(student, indices, max_c, logsum_c, temperature)
+        log_tail_q = scaled(max_c - max_q, temperature) + logsum_c - logsum_q
+        q_s = torch.exp(scaled(z_s - max_q[..., None], temperature) - logsum_q[..., None])
+        tail_coef = tail_coef - grad_logp * log_tail_q.exp()
+        member_value = member_value - grad_logp[..., None] * q_s
+    return tail_coef, member_value
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -199,8 +226,14 @@ def _launchers(backend: str):
 
         return triton_kernels.topk_divergence_forward, triton_kernels.topk_divergence_backward
     if backend == "cuda":
-        return _cuda_forward, torch.ops.klops_C.topk_divergence_backward
+        return _cuda_forward, _cuda_backward
     return topk_forward_torch, topk_backward_torch
+
+
+def _cuda_backward(tail_coef, student, indices, valid, max_c, logsum_c, member_value, label_coef, labels, temperature):
+    return torch.ops.klops_C.topk_divergence_backward(
+        tail_coef, student, indices, valid, max_c, logsum_c, member_value, label_coef, labels, temperature
+    )
 
 
 @torch.library.custom_op("klops::topk_divergence", mutates_args=())
@@ -209,6 +242,7 @@ def topk_divergence_op(
     indices: torch.Tensor,
     teacher_logprobs: torch.Tensor,
     valid: torch.Tensor,
+    labels: torch.Tensor | None,
     kind: str,
     tail: str,
     temperature: float,
@@ -216,25 +250,33 @@ def topk_divergence_op(
     tail_loss: float,
     tail_grad: float,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B, L, V) student; (B, L, K) sorted int32 ids and their teacher log-probs; (B, L) bool valid ->
-    (D, max_c, logsum_c, tail_scale) each (B, L) fp32 and member_d (B, L, K) fp32."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, L, V) student; (B, L, K) sorted int32 ids and their teacher log-probs; (B, L) bool valid; (B, L)
+    int64 labels or None -> (D, max_c, logsum_c, tail_scale) each (B, L) fp32, member_d (B, L, K) fp32, and
+    log q of the label (B, L) (from the row statistics and K + 1 gathered logits; 0 without labels)."""
     forward, _ = _launchers(backend)
-    return forward(student, indices, teacher_logprobs, valid, kind, tail, temperature, coef, tail_loss, tail_grad)
+    outputs = forward(student, indices, teacher_logprobs, valid, kind, tail, temperature, coef, tail_loss, tail_grad)
+    if labels is None:
+        return (*outputs, torch.zeros_like(outputs[0]))
+    max_q, logsum_q, _ = _row_lse(student, indices, outputs[1], outputs[2], temperature)
+    z_label = student.gather(-1, torch.where(valid, labels, 0)[..., None])[..., 0]
+    return (*outputs, torch.where(valid, scaled(z_label - max_q, temperature) - logsum_q, 0.0))
 
 
 @topk_divergence_op.register_fake
 def _(student, indices, *rest):
     rows = tuple(student.new_empty(student.shape[:2], dtype=torch.float32) for _ in range(4))
-    return (*rows, student.new_empty(indices.shape, dtype=torch.float32))
+    return (*rows, student.new_empty(indices.shape, dtype=torch.float32), rows[0].new_empty(rows[0].shape))
 
 
 @torch.library.custom_op("klops::topk_divergence_backward", mutates_args=())
 def topk_divergence_backward_op(
     grad: torch.Tensor,
+    grad_logp: torch.Tensor | None,
     student: torch.Tensor,
     indices: torch.Tensor,
     valid: torch.Tensor,
+    labels: torch.Tensor | None,
     max_c: torch.Tensor,
     logsum_c: torch.Tensor,
     tail_scale: torch.Tensor,
@@ -242,25 +284,32 @@ def topk_divergence_backward_op(
     temperature: float,
     backend: str,
 ) -> torch.Tensor:
-    """(B, L) fp32 grad of D -> (B, L, V) gradient of the student logits (student dtype)."""
+    """(B, L) fp32 grads of D and of the label's log-prob (or None) -> (B, L, V) gradient of the student logits
+    (student dtype), in one sweep."""
     _, backward = _launchers(backend)
-    return backward(grad, student, indices, valid, max_c, logsum_c, tail_scale, member_d, temperature)
+    tail_coef, member_value = _backward_coefficients(
+        grad, grad_logp, student, indices, max_c, logsum_c, tail_scale, member_d, temperature
+    )
+    labels = None if grad_logp is None else torch.where(valid, labels, 0)
+    return backward(tail_coef, student, indices, valid, max_c, logsum_c, member_value, grad_logp, labels, temperature)
 
 
 @topk_divergence_backward_op.register_fake
-def _(grad, student, *rest):
+def _(grad, grad_logp, student, *rest):
     return torch.empty(student.shape, dtype=student.dtype, device=student.device)
 
 
 def _setup_context(ctx, inputs, output):
-    student, indices, _, valid, _, _, temperature, *_, backend = inputs
-    ctx.save_for_backward(student, indices, valid, *output[1:])
+    student, indices, _, valid, labels, _, _, temperature, *_, backend = inputs
+    ctx.save_for_backward(student, indices, valid, labels, *output[1:5])
     ctx.params = (temperature, backend)
 
 
-def _backward(ctx, grad_loss, *_grad_stats):
-    dz = topk_divergence_backward_op(grad_loss, *ctx.saved_tensors, *ctx.params)
-    return (dz,) + (None,) * 10
+def _backward(ctx, grad_loss, *grad_stats_and_logp):
+    student, indices, valid, labels, *stats = ctx.saved_tensors
+    grad_logp = None if labels is None else grad_stats_and_logp[-1]
+    dz = topk_divergence_backward_op(grad_loss, grad_logp, student, indices, valid, labels, *stats, *ctx.params)
+    return (dz,) + (None,) * 11
 
 
 torch.library.register_autograd("klops::topk_divergence", _backward, setup_context=_setup_context)
@@ -278,6 +327,7 @@ def linear_topk_divergence_op(
     indices: torch.Tensor,
     teacher_logprobs: torch.Tensor,
     valid: torch.Tensor,
+    labels: torch.Tensor | None,
     kind: str,
     tail: str,
     temperature: float,
@@ -286,36 +336,41 @@ def linear_topk_divergence_op(
     tail_grad: float,
     softcap: float | None,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The rows' (D, max_c, logsum_c, tail_scale) and member_d of topk_divergence_op for the student logits
-    softcap(hidden @ weight^T + bias), formed a chunk of rows at a time."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rows' (D, max_c, logsum_c, tail_scale), member_d and the label's log-prob of topk_divergence_op for
+    the student logits softcap(hidden @ weight^T + bias), formed a chunk of rows at a time."""
     (B, L), V = hidden.shape[:2], weight.shape[0]
     outputs = tuple(torch.zeros((B, L), dtype=torch.float32, device=hidden.device) for _ in range(4))
     member_d = torch.zeros(indices.shape, dtype=torch.float32, device=hidden.device)
+    logp = torch.zeros((B, L), dtype=torch.float32, device=hidden.device)
     for rows in _row_chunks(B, L, V, hidden.device):
         z, _ = _chunk_logits(hidden[rows], weight, bias, softcap)
         chunk = topk_divergence_op(
             z[None], indices[rows][None], teacher_logprobs[rows][None], valid[rows][None],
-            kind, tail, temperature, coef, tail_loss, tail_grad, backend,
+            None if labels is None else labels[rows][None], kind, tail, temperature, coef, tail_loss, tail_grad,
+            backend,
         )  # fmt: skip
-        for out, value in zip((*outputs, member_d), chunk):
+        for out, value in zip((*outputs, member_d, logp), chunk):
             out[rows] = value[0]
-    return (*outputs, member_d)
+    return (*outputs, member_d, logp)
 
 
 @linear_topk_divergence_op.register_fake
 def _(hidden, weight, bias, indices, *rest):
-    return (*_empty_rows(hidden, 4), hidden.new_empty(indices.shape, dtype=torch.float32))
+    rows = _empty_rows(hidden, 4)
+    return (*rows, hidden.new_empty(indices.shape, dtype=torch.float32), rows[0].new_empty(rows[0].shape))
 
 
 @torch.library.custom_op("klops::linear_topk_divergence_backward", mutates_args=())
 def linear_topk_divergence_backward_op(
     grad: torch.Tensor,
+    grad_logp: torch.Tensor | None,
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     indices: torch.Tensor,
     valid: torch.Tensor,
+    labels: torch.Tensor | None,
     max_c: torch.Tensor,
     logsum_c: torch.Tensor,
     tail_scale: torch.Tensor,
@@ -324,31 +379,41 @@ def linear_topk_divergence_backward_op(
     softcap: float | None,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B, L) fp32 grad of D -> (grad_hidden, grad_weight, grad_bias or [0]) of the student."""
+    """(B, L) fp32 grads of D and of the label's log-prob (or None) -> (grad_hidden, grad_weight, grad_bias or
+    [0]) of the student."""
     grads = _new_grads(hidden, weight, bias)
     for rows in _row_chunks(*hidden.shape[:2], weight.shape[0], hidden.device):
         z, t = _chunk_logits(hidden[rows], weight, bias, softcap)
-        saved = (x[rows][None] for x in (indices, valid, max_c, logsum_c, tail_scale, member_d))
-        dz = topk_divergence_backward_op(grad[rows][None], z[None], *saved, temperature, backend)[0]
+        chunk_grad_logp = None if grad_logp is None else grad_logp[rows][None]
+        chunk_labels = None if grad_logp is None else labels[rows][None]
+        stats = (x[rows][None] for x in (max_c, logsum_c, tail_scale, member_d))
+        dz = topk_divergence_backward_op(
+            grad[rows][None], chunk_grad_logp, z[None], indices[rows][None], valid[rows][None], chunk_labels, *stats,
+            temperature, backend,
+        )[0]  # fmt: skip
         _accumulate_grads(dz, t, hidden[rows], weight, grads, rows)
     return _cast_grads(grads, weight, bias)
 
 
 @linear_topk_divergence_backward_op.register_fake
-def _(grad, hidden, weight, bias, *rest):
+def _(grad, grad_logp, hidden, weight, bias, *rest):
     return _fake_grads(hidden, weight, bias)
 
 
 def _linear_setup_context(ctx, inputs, output):
-    hidden, weight, bias, indices, _, valid, _, _, temperature, _, _, _, softcap, backend = inputs
+    hidden, weight, bias, indices, _, valid, labels, _, _, temperature, _, _, _, softcap, backend = inputs
     ctx.has_bias = bias is not None
-    ctx.save_for_backward(hidden, weight, bias, indices, valid, *output[1:])
+    ctx.save_for_backward(hidden, weight, bias, indices, valid, labels, *output[1:5])
     ctx.params = (temperature, softcap, backend)
 
 
-def _linear_backward(ctx, grad_rows, *_grad_stats):
-    grad_hidden, grad_weight, grad_bias = linear_topk_divergence_backward_op(grad_rows, *ctx.saved_tensors, *ctx.params)
-    return (grad_hidden, grad_weight, grad_bias if ctx.has_bias else None) + (None,) * 11
+def _linear_backward(ctx, grad_rows, *grad_stats_and_logp):
+    hidden, weight, bias, indices, valid, labels, *stats = ctx.saved_tensors
+    grad_logp = None if labels is None else grad_stats_and_logp[-1]
+    grad_hidden, grad_weight, grad_bias = linear_topk_divergence_backward_op(
+        grad_rows, grad_logp, hidden, weight, bias, indices, valid, labels, *stats, *ctx.params
+    )
+    return (grad_hidden, grad_weight, grad_bias if ctx.has_bias else None) + (None,) * 12
 
 
 torch.library.register_autograd("klops::linear_topk_divergence", _linear_backward, setup_context=_linear_setup_context)
@@ -358,28 +423,37 @@ torch.library.register_autograd("klops::linear_topk_divergence", _linear_backwar
 # the rows of fused_kl / fused_linear_kl with a TopK teacher (their checks of every other argument done)
 
 
-def topk_rows(student_logits, topk, valid, kind, user_kind, coef, temperature, backend) -> torch.Tensor:
-    """Per-row D ``[...]`` fp32 between a TopK teacher and ``student_logits [..., V]``; 0 on invalid rows."""
+def topk_rows(student_logits, topk, valid, kind, user_kind, coef, temperature, backend, labels=None):
+    """(D, log q(label)) per row ``[...]`` fp32 between a TopK teacher and ``student_logits [..., V]``, 0 on
+    invalid rows; the log-probs (with their gradient, in the same backward sweep) only with labels."""
     V = student_logits.shape[-1]
     tail_terms = renormalized_tail_terms(kind, coef, user_kind) if topk.tail == "renormalize" else (0.0, 0.0)
     indices, logprobs = sorted_topk(topk, "student_logits", student_logits, V, valid)
     backend = resolve_backend(backend, student_logits.device)
     student3, indices3, logprobs3 = _inputs.as_rows(student_logits, indices, logprobs)
-    rows, *_ = topk_divergence_op(
-        student3, indices3, logprobs3, valid.reshape(student3.shape[:2]),
+    rows_shape = student3.shape[:2]
+    rows, *_, logp = topk_divergence_op(
+        student3, indices3, logprobs3, valid.reshape(rows_shape), _row_labels(labels, valid, rows_shape),
         kind, topk.tail, temperature, coef, *tail_terms, backend,
     )  # fmt: skip
-    return rows.reshape(valid.shape)
+    return rows.reshape(valid.shape), logp.reshape(valid.shape)
 
 
-def linear_topk_rows(hidden, weight, bias, topk, valid, kind, user_kind, coef, temperature, softcap, backend):
-    """Per-row D ``[...]`` fp32 between a TopK teacher and the student logits softcap(hidden @ weight^T + bias)."""
+def linear_topk_rows(hidden, weight, bias, topk, valid, kind, user_kind, coef, temperature, softcap, backend,
+                     labels=None):  # fmt: skip
+    """topk_rows for the student logits softcap(hidden @ weight^T + bias), never formed."""
     tail_terms = renormalized_tail_terms(kind, coef, user_kind) if topk.tail == "renormalize" else (0.0, 0.0)
     indices, logprobs = sorted_topk(topk, "student_hidden", hidden, weight.shape[0], valid)
     backend = resolve_backend(backend, hidden.device)
     hidden3, indices3, logprobs3 = _inputs.as_rows(hidden, indices, logprobs)
-    rows, *_ = linear_topk_divergence_op(
-        hidden3, weight, bias, indices3, logprobs3, valid.reshape(hidden3.shape[:2]),
+    rows_shape = hidden3.shape[:2]
+    rows, *_, logp = linear_topk_divergence_op(
+        hidden3, weight, bias, indices3, logprobs3, valid.reshape(rows_shape), _row_labels(labels, valid, rows_shape),
         kind, topk.tail, temperature, coef, *tail_terms, softcap, backend,
     )  # fmt: skip
-    return rows.reshape(valid.shape)
+    return rows.reshape(valid.shape), logp.reshape(valid.shape)
+
+
+def _row_labels(labels, valid, rows_shape):
+    """The int64 (B, L) labels of the ops (0 on invalid rows), or None."""
+    return None if labels is None else torch.where(valid, labels, 0).long().reshape(rows_shape)

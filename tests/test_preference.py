@@ -189,13 +189,20 @@ def test_dckd_matches_reference(teacher_form, temperature, backend, gen):
     assert set(metrics) == {"nll", "kl/chosen", "kl/rejected"}
 
 
-def test_dckd_from_hidden(backend, gen):
+@pytest.mark.parametrize("teacher_form", ["hidden", "topk"])
+def test_dckd_from_hidden(teacher_form, backend, gen):
+    """A hidden-state student at T = 1: NLL and KL from one fused-linear op, the teacher as hidden states and
+    head or as a TopK."""
     (hidden, weight), (t_hidden, t_weight), labels, _, *_ = batch(gen, D=10)
     chosen = torch.tensor([True, True, False, False], device=DEVICE)
-    h, w = leaf(hidden), leaf(weight)
-    loss, _ = klops.dckd_loss((h, w), (t_hidden, t_weight), labels, chosen, kind="jsd", beta=0.3, backend=backend)
-    h_ref, w_ref = leaf(hidden.double()), leaf(weight.double())
     teacher = t_hidden.double() @ t_weight.double().T
+    given = (t_hidden, t_weight)
+    if teacher_form == "topk":
+        top = torch.log_softmax(teacher, dim=-1).topk(6, dim=-1)
+        given = teacher = klops.TopK(top.indices, top.values.float())
+    h, w = leaf(hidden), leaf(weight)
+    loss, _ = klops.dckd_loss((h, w), given, labels, chosen, kind="jsd", beta=0.3, backend=backend)
+    h_ref, w_ref = leaf(hidden.double()), leaf(weight.double())
     ref = dckd_loss_reference(h_ref @ w_ref.T, teacher, labels, chosen, kind="jsd", beta=0.3)
     loss.backward(), ref.backward()
     assert_close(loss, ref, TOL, "loss")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import klops
-from klops.reference import fused_kl_reference
+from klops.reference import fused_kl_reference, logprobs_reference
 from klops.topk import topk_divergence_op
 
 from .conftest import DEVICE, GRAD_TOL, LOSS_TOL, assert_close, empty_rows, randn
@@ -198,7 +198,7 @@ def test_ids_outside_the_vocabulary_are_never_read(bad_id, backend, gen):
     V = 70
     ids = torch.tensor([[[3, 9, V if bad_id == "V" else -1]]], dtype=torch.int32, device=DEVICE).sort(-1).values
     out = topk_divergence_op(randn(1, 1, V, gen=gen), ids, torch.full((1, 1, 3), -2.0, device=DEVICE),
-                             torch.ones(1, 1, dtype=torch.bool, device=DEVICE),
+                             torch.ones(1, 1, dtype=torch.bool, device=DEVICE), None,
                              "forward", "bin", 1.0, 0.0, 0.0, 0.0, backend)  # fmt: skip
     assert torch.isnan(out[0]).all()
 
@@ -285,3 +285,30 @@ def test_fused_linear_bad_input(gen):
         klops.fused_linear_kl(hidden, weight, topk, weight)
     with pytest.raises(ValueError, match=r"shape \(3, 3\)"):
         klops.fused_linear_kl(hidden[:3], weight, topk)
+
+
+@pytest.mark.parametrize("tail", ["bin", "renormalize"])
+def test_with_label_logprobs(tail, backend, gen):
+    """D and log q(label) from one op against a TopK teacher; the label is sometimes one of the top-k ids
+    (its member correction and its onehot meet) and sometimes not; one backward sweep writes both gradients."""
+    V = 150
+    student = randn(3, 6, V, gen=gen, scale=2.0)
+    topk = teacher_topk((3, 6), V, 9, gen, tail)
+    labels = torch.randint(0, V, (3, 6), generator=gen).to(DEVICE)
+    labels[:, ::2] = topk.indices[:, ::2, 3]  # every other label among the ids
+    labels[1, 1] = -100
+    z = student.detach().clone().requires_grad_()
+    rows, logp, teacher_logp = klops.divergence.divergence_and_label_logprobs(
+        z, topk, labels, "jsd", beta=0.3, temperature=1.6, backend=backend
+    )
+    g_rows, g_logp = randn(3, 6, gen=gen), randn(3, 6, gen=gen)
+    ((rows * g_rows).sum() + (logp * g_logp).sum()).backward()
+    z_ref = student.detach().clone().requires_grad_()
+    keep = labels != -100
+    ref_rows = fused_kl_reference(z_ref, topk, "jsd", beta=0.3, temperature=1.6, mask=keep, reduction="none")
+    ref_logp, _ = logprobs_reference(z_ref, labels, temperature=1.6)
+    ((ref_rows * g_rows).sum() + (ref_logp * g_logp).sum()).backward()
+    assert teacher_logp is None
+    assert_close(rows, ref_rows, LOSS_TOL[torch.float32], "rows")
+    assert_close(logp, ref_logp, LOSS_TOL[torch.float32], "logp")
+    assert_close(z.grad, z_ref.grad, GRAD_TOL[torch.float32], "grad")

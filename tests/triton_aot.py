@@ -47,6 +47,7 @@ VARIANTS = (
     + [f"logprobs-entropy{int(e)}-sm{arch}" for e in (True, False) for arch in (80, 90)]
     + [f"topk-{kind}-{tail}-{student}-{teacher}-k{block}" for kind, tail, student, teacher, block in TOPK_VARIANTS]
     + [f"topk-backward-{dtype}-sm{arch}" for dtype in ("bf16", "fp32") for arch in (80, 90)]
+    + ["topk-backward-labels-bf16-sm90"]
 )
 
 
@@ -68,8 +69,10 @@ def topk_signatures(student: str, teacher: str) -> tuple[dict, dict]:
     inputs = {"z_ptr": f"*{student}", "idx_ptr": "*i32", "tlp_ptr": f"*{teacher}", "valid_ptr": "*i1"}
     coefficients = {"coef": "fp32", "tail_loss": "fp32", "tail_grad": "fp32"}
     forward = inputs | {"loss_ptr": "*fp32"} | stats | shapes | coefficients
-    backward = {"grad_ptr": "*fp32", "z_ptr": f"*{student}", "idx_ptr": "*i32", "valid_ptr": "*i1"} | stats
-    return forward, backward | {"dz_ptr": f"*{student}"} | shapes
+    backward = {"tail_coef_ptr": "*fp32", "z_ptr": f"*{student}", "idx_ptr": "*i32", "valid_ptr": "*i1",
+                "max_c_ptr": "*fp32", "logsum_c_ptr": "*fp32", "member_value_ptr": "*fp32", "label_coef_ptr": "*fp32",
+                "labels_ptr": "*i64", "dz_ptr": f"*{student}"}  # fmt: skip
+    return forward, backward | shapes
 
 
 def loop_exps(ptx: str) -> list[int]:
@@ -157,8 +160,12 @@ def compile_all() -> dict[str, dict]:
         for arch in (80, 90):
             _, backward = topk_signatures(dtype, dtype)
             jobs[f"topk-backward-{dtype}-sm{arch}"] = [
-                (topk.topk_divergence_backward_kernel, backward, {}, arch, BACKWARD_SWEEP)
+                (topk.topk_divergence_backward_kernel, backward, {"WITH_LABELS": False}, arch, BACKWARD_SWEEP)
             ]
+    jobs["topk-backward-labels-bf16-sm90"] = [
+        (topk.topk_divergence_backward_kernel, topk_signatures("bf16", "bf16")[1], {"WITH_LABELS": True}, 90,
+         BACKWARD_SWEEP)
+    ]  # fmt: skip
     results = {}
     for name, kernels in jobs.items():
         try:
