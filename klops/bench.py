@@ -19,7 +19,8 @@ from . import reference
 from .backend import available_backends
 from .distill import dckd_loss
 from .divergence import fused_kl
-from .linear import fused_linear_cross_entropy, fused_linear_kl
+from .grpo import fused_linear_grpo_loss
+from .linear import fused_linear_cross_entropy, fused_linear_kl, fused_linear_logprobs
 from .logprobs import logprobs
 from .preference import tdpo_loss
 from .topk import TopK
@@ -28,7 +29,7 @@ from .topk import TopK
 @dataclasses.dataclass
 class Case:
     op: str  # "fused_kl" | "fused_kl_topk" | "logprobs" | "fused_linear_cross_entropy" | "fused_linear_kl" |
-    # "tdpo_loss" | "dckd_loss"
+    # "fused_linear_logprobs" | "fused_linear_grpo_loss" | "tdpo_loss" | "dckd_loss"
     rows: int
     vocab: int
     dtype: torch.dtype
@@ -76,6 +77,8 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
         linear.append((16384, 128256, 4096))
     out += [Case("fused_linear_cross_entropy", n, v, dtypes[0], hidden=d) for n, v, d in linear]
     out += [Case("fused_linear_kl", n, v, dtypes[0], "forward", hidden=d) for n, v, d in linear]
+    out += [Case("fused_linear_logprobs", n, v, dtypes[0], hidden=d) for n, v, d in linear[:1]]
+    out += [Case("fused_linear_grpo_loss", n, v, dtypes[0], hidden=d) for n, v, d in linear[:1]]
     # A stored top-64 teacher over Qwen2.5's vocabulary (V=152064): the issue's N=16384 on a full GPU run.
     topk = [(1024, 152064)] if device.type == "cuda" else [(128, 32000)]
     if device.type == "cuda" and not quick:
@@ -150,10 +153,12 @@ def eager_dckd(student, inputs):
 
 
 def eager_logprobs(logits, labels):
+    """mean log-prob of the labels minus mean entropy (both terms negative: the check against the reference is
+    not a difference of two numbers near 10)."""
     log_q = F.log_softmax(logits.float(), dim=-1)
     logp = log_q.gather(-1, labels[:, None]).squeeze(-1)
     entropy = -(log_q.exp() * log_q).sum(-1)
-    return logp.mean() + entropy.mean()
+    return logp.mean() - entropy.mean()
 
 
 def implementations(case: Case, device: torch.device) -> dict:
@@ -167,6 +172,14 @@ def implementations(case: Case, device: torch.device) -> dict:
         for backend in available_backends(device):
             impls[f"klops[{backend}]"] = lambda h, y, b=backend: _klops_linear_kl(h, y, case.kind, b)
         eager = lambda h, y: eager_linear_kl(h, y, case.kind)  # noqa: E731
+    elif case.op == "fused_linear_logprobs":
+        for backend in available_backends(device):
+            impls[f"klops[{backend}]"] = lambda h, y, b=backend: _klops_linear_logprobs(h, y, b)
+        eager = eager_linear_logprobs
+    elif case.op == "fused_linear_grpo_loss":
+        for backend in available_backends(device):
+            impls[f"klops[{backend}]"] = lambda h, y, b=backend: _klops_linear_grpo(h, y, b)
+        eager = eager_linear_grpo
     elif case.op == "tdpo_loss":
         for backend in available_backends(device):
             impls[f"klops[{backend}]"] = lambda z, y, b=backend: tdpo_loss(z, y[0], y[1], None, *y[2:], backend=b)[0]
@@ -211,6 +224,40 @@ def eager_linear_kl(hidden, heads, kind: str):
     return eager_kl(hidden @ weight.t(), teacher_hidden @ teacher_weight.t(), kind)
 
 
+def eager_linear_logprobs(hidden, weight_and_labels):
+    weight, labels = weight_and_labels
+    return eager_logprobs(hidden @ weight.t(), labels)
+
+
+def _klops_linear_logprobs(hidden, weight_and_labels, backend):
+    weight, labels = weight_and_labels
+    logp, entropy = fused_linear_logprobs(hidden, weight, labels, return_entropy=True, backend=backend)
+    return logp.mean() - entropy.mean()
+
+
+def _grpo_batch(hidden, inputs):
+    """The fused_linear_grpo_loss case's rows as SEQUENCES sequences: (hidden [S, L, D], weight, ids [S, L],
+    advantages [S], mask [S, L] of ones)."""
+    weight, labels, advantages = inputs
+    ids = labels.view(SEQUENCES, -1)
+    return hidden.view(SEQUENCES, -1, hidden.shape[-1]), weight, ids, advantages, torch.ones_like(ids)
+
+
+def eager_linear_grpo(hidden, inputs):
+    """GRPO (dapo aggregation, one policy step: old log-probs = the detached ones) the plain way: logits,
+    log_softmax, gather, the clipped surrogate."""
+    hidden, weight, ids, advantages, mask = _grpo_batch(hidden, inputs)
+    logp = F.log_softmax((hidden @ weight.t()).float(), dim=-1).gather(-1, ids[..., None])[..., 0]
+    ratio = torch.exp(logp - logp.detach())
+    a = advantages[:, None]
+    per_token = -torch.min(ratio * a, ratio.clamp(0.8, 1.2) * a)
+    return (per_token * mask).sum() / mask.sum()
+
+
+def _klops_linear_grpo(hidden, inputs, backend):
+    return fused_linear_grpo_loss(*_grpo_batch(hidden, inputs), loss_type="dapo", backend=backend)[0]
+
+
 def _klops_linear_kl(hidden, heads, kind, backend):
     weight, teacher_hidden, teacher_weight = heads
     return fused_linear_kl(
@@ -225,7 +272,7 @@ def _klops_linear_cross_entropy(hidden, weight_and_labels, backend):
 
 def _klops_logprobs(logits, labels, backend):
     logp, entropy = logprobs(logits, labels, return_entropy=True, backend=backend)
-    return logp.mean() + entropy.mean()
+    return logp.mean() - entropy.mean()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -324,6 +371,8 @@ def make_inputs(case: Case, device: torch.device, gen: torch.Generator):
             teacher_hidden = torch.randn(case.rows, case.hidden, generator=gen).to(device=device, dtype=case.dtype)
             return hidden, (head().requires_grad_(), teacher_hidden, head())
         labels = torch.randint(0, case.vocab, (case.rows,), generator=gen).to(device)
+        if case.op == "fused_linear_grpo_loss":  # the completions' ids and one advantage per sequence
+            return hidden, (head().requires_grad_(), labels, torch.randn(SEQUENCES, generator=gen).to(device))
         return hidden, (head().requires_grad_(), labels)
     if case.op in ("tdpo_loss", "dckd_loss"):
         return _sequence_inputs(case, device, gen)
@@ -369,6 +418,15 @@ def check_against_reference(case: Case, name: str, impl, z, y) -> float:
             loss = impl(z_k, (weight, teacher_hidden, teacher_weight))
             teacher = teacher_hidden.double() @ teacher_weight.double().t()
             ref = reference.fused_kl_reference(z_r @ weight.double().t(), teacher, case.kind, reduction="batchmean")
+        elif case.op == "fused_linear_grpo_loss":
+            loss = impl(z_k, (weight, y[1][:rows], y[2]))
+            hidden, _, ids, advantages, mask = _grpo_batch(z_r, (weight, y[1][:rows], y[2]))
+            logp, _ = reference.logprobs_reference(hidden @ weight.double().t(), ids)
+            ref = reference.grpo_loss_reference(logp, advantages, mask, loss_type="dapo")
+        elif case.op == "fused_linear_logprobs":
+            loss = impl(z_k, (weight, y[1][:rows]))
+            logp, entropy = reference.logprobs_reference(z_r @ weight.double().t(), y[1][:rows])
+            ref = logp.mean() - entropy.mean()
         else:
             loss = impl(z_k, (weight, y[1][:rows]))
             ref = F.cross_entropy(z_r @ weight.double().t(), y[1][:rows])
@@ -393,7 +451,7 @@ def check_against_reference(case: Case, name: str, impl, z, y) -> float:
         ref = reference.fused_kl_reference(z_r, y, case.kind, beta=0.5, reduction="batchmean")
     else:
         logp, entropy = reference.logprobs_reference(z_r, y)
-        ref = logp.mean() + entropy.mean()
+        ref = logp.mean() - entropy.mean()
     return _relative_error(loss, ref, z_k, z_r)
 
 

@@ -22,7 +22,9 @@ def test_bench_checks_and_reports(tmp_path, monkeypatch, capsys):
             bench.Case("fused_linear_cross_entropy", 4, 96, torch.float32, hidden=16),
             bench.Case("fused_linear_kl", 4, 96, torch.float32, "reverse", hidden=16),
             bench.Case("fused_kl_topk", 4, 96, torch.float32, k=8), bench.Case("tdpo_loss", 16, 96, torch.float32),
-            bench.Case("dckd_loss", 16, 96, torch.float32, k=8)]  # fmt: skip
+            bench.Case("dckd_loss", 16, 96, torch.float32, k=8),
+            bench.Case("fused_linear_logprobs", 8, 96, torch.float32, hidden=16),
+            bench.Case("fused_linear_grpo_loss", 8, 96, torch.float32, hidden=16)]  # fmt: skip
     monkeypatch.setattr(bench, "cases", lambda device, quick: tiny)
     out_json = tmp_path / "report.json"
     assert cli.main(["bench", "--quick", "--device", "cpu", "--repeats", "1", "--json", str(out_json)]) == 0
