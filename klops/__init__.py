@@ -9,7 +9,7 @@ from . import nn, reference
 from ._inputs import set_host_checks
 from .backend import available_backends
 from .distill import dckd_loss, kdrl_loss
-from .divergence import fused_kl
+from .divergence import divergence_and_label_logprobs, fused_kl
 from .grpo import fused_linear_grpo_loss, group_advantages, grpo_loss, grpo_loss_from_logits, kl_estimate
 from .linear import fused_linear_cross_entropy, fused_linear_kl, fused_linear_logprobs
 from .logprobs import logprobs
@@ -18,7 +18,8 @@ from .topk import TopK
 
 __version__ = "0.1.0"
 __all__ = [
-    "fused_kl", "TopK", "logprobs", "fused_linear_kl", "fused_linear_logprobs", "fused_linear_cross_entropy",
+    "fused_kl", "TopK", "divergence_and_label_logprobs", "logprobs", "fused_linear_kl", "fused_linear_logprobs",
+    "fused_linear_cross_entropy",
     "fused_linear_grpo_loss", "group_advantages", "kl_estimate",
     "grpo_loss", "grpo_loss_from_logits", "dpo_loss", "sequence_logprobs", "tdpo_loss", "dckd_loss", "kdrl_loss",
     "nn", "reference", "available_backends", "set_host_checks", "__version__",
