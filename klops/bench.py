@@ -58,6 +58,11 @@ class Case:
         return 2 * products * self.rows * self.vocab * self.hidden
 
 
+# Every op klops bench measures, in its order: the values of Case.op and of ``klops bench --ops``.
+OPS = ("fused_kl", "logprobs", "fused_linear_cross_entropy", "fused_linear_kl", "fused_linear_logprobs",
+       "fused_linear_grpo_loss", "fused_kl_topk", "tdpo_loss", "dckd_loss")  # fmt: skip
+
+
 def cases(device: torch.device, quick: bool) -> list[Case]:
     if device.type == "cuda":
         sizes = [(1024, 128256)] if quick else [(1024, 32000), (4096, 128256), (2048, 262144)]
@@ -463,14 +468,17 @@ def _relative_error(loss, ref, z_k, z_r) -> float:
     return max(err, grad_err)
 
 
-def run(device: torch.device, quick: bool, repeats: int | None = None) -> dict:
-    """Run every case; returns {"device": ..., "bandwidth": ..., "results": [row, ...]}."""
+def run(device: torch.device, quick: bool, repeats: int | None = None, ops: list[str] | None = None) -> dict:
+    """Run every case (of the ``ops`` named, when given); returns {"device": ..., "bandwidth": ...,
+    "results": [row, ...]}."""
     repeats = (5 if quick else 20) if repeats is None else repeats
     bandwidth = copy_bandwidth(device)
     gen = torch.Generator().manual_seed(0)
     results = []
     rates = {}  # dtype -> measured matmul FLOP/s, for the fused-linear cases
     for case in cases(device, quick):
+        if ops is not None and case.op not in ops:
+            continue
         if case.hidden and case.dtype not in rates:
             rates[case.dtype] = matmul_rate(device, case.dtype)
         z, y = make_inputs(case, device, gen)

@@ -91,6 +91,17 @@ def bench_device(name: str | None) -> torch.device:
     return device
 
 
+def bench_ops(text: str | None) -> list[str] | None:
+    """The ops of ``klops bench --ops a,b`` (None: all); ValueError naming an unknown one."""
+    if text is None:
+        return None
+    ops = [op.strip() for op in text.split(",") if op.strip()]
+    unknown = [op for op in ops if op not in bench.OPS]
+    if unknown or not ops:
+        raise ValueError(f"--ops takes a comma-separated list of {', '.join(bench.OPS)}; got {text!r}")
+    return ops
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="klops", description=__doc__)
     parser.add_argument("--version", action="version", version=f"{DISTRIBUTION} {distribution_version()}")
@@ -103,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     bench_parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     bench_parser.add_argument("--repeats", type=positive_int, default=None, help="timed repetitions per case")
     bench_parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    bench_parser.add_argument(
+        "--ops", default=None, help=f"comma-separated ops to run (default: all of {', '.join(bench.OPS)})"
+    )
     args = parser.parse_args(argv)
 
     if args.command == "info":
@@ -110,11 +124,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         device = bench_device(args.device)
+        ops = bench_ops(args.ops)
     except ValueError as error:
         print(f"klops bench: error: {error}", file=sys.stderr)
         return 2
     print(info(), end="\n\n", flush=True)
-    report = bench.run(device, quick=args.quick, repeats=args.repeats)
+    report = bench.run(device, quick=args.quick, repeats=args.repeats, ops=ops)
     print(bench.format_table(report))
     if args.json:
         bench.write_json(report, args.json)

@@ -56,6 +56,21 @@ def test_bench_rejects_unknown_device(device, capsys):
     assert "--device must be cpu, cuda or cuda:N" in capsys.readouterr().err
 
 
+def test_bench_ops_selects_cases(monkeypatch, capsys, tmp_path):
+    tiny = [bench.Case("fused_kl", 4, 96, torch.float32), bench.Case("logprobs", 4, 96, torch.float32)]
+    monkeypatch.setattr(bench, "cases", lambda device, quick: tiny)
+    out_json = tmp_path / "report.json"
+    args = ["bench", "--device", "cpu", "--repeats", "1", "--ops", "logprobs", "--json", str(out_json)]
+    assert cli.main(args) == 0
+    assert {row["case"].split()[0] for row in json.loads(out_json.read_text())["results"]} == {"logprobs"}
+
+
+@pytest.mark.parametrize("ops", ["fused_kll", "", "logprobs,dpo"])
+def test_bench_rejects_unknown_ops(ops, capsys):
+    assert cli.main(["bench", "--device", "cpu", "--ops", ops]) == 2
+    assert "--ops takes a comma-separated list of fused_kl, logprobs" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("repeats", ["0", "-3"])
 def test_bench_rejects_non_positive_repeats(repeats, capsys):
     with pytest.raises(SystemExit):
@@ -68,3 +83,9 @@ def test_version(capsys):
         cli.main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.startswith(f"klops-kernels {klops.__version__}")
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_bench_ops_name_every_case(quick):
+    """--ops can select every case the bench runs (a new op must be added to bench.OPS)."""
+    assert {case.op for case in bench.cases(torch.device("cpu"), quick)} <= set(bench.OPS)
