@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .divergence import NEG_INF, divergence_terms, lse_finalize, online_lse_update, zero_row
+from .divergence import NEG_INF, _or_placeholder, divergence_terms, lse_finalize, online_lse_update, zero_row
 from .launch import BACKWARD_SWEEP, DIVERGENCE_KINDS, FORWARD_SWEEP, launch_over_rows
 
 # The walk's next member once every member of the row is behind it: past every block start + BLOCK_V.
@@ -280,8 +280,7 @@ def topk_divergence_backward(
     launch_over_rows(
         topk_divergence_backward_kernel, student,
         tail_coef.contiguous(), student, indices, valid.contiguous(), max_c.contiguous(), logsum_c.contiguous(),
-        member_value.contiguous(), (label_coef if with_labels else tail_coef).contiguous(),
-        (labels if with_labels else valid).contiguous(), dz,
+        member_value.contiguous(), _or_placeholder(label_coef, tail_coef), _or_placeholder(labels, valid), dz,
         L, V, indices.shape[-1], student.stride(0), student.stride(1), 1.0 / temperature,
         WITH_LABELS=with_labels, sweep=BACKWARD_SWEEP,
     )  # fmt: skip

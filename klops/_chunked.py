@@ -25,11 +25,11 @@ def scaled(x: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def row_stats(x: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(raw row max, log sum exp((x - max) / T)) of [rows, V] logits; the max of an all -inf row is 0.
+    """(raw row max, log sum exp((x - max) / T)) of [..., V] logits; the max of an all -inf row is 0.
 
     Subtracting the max in raw units before dividing by T keeps log-probabilities near the max exact,
     as the kernels do."""
     x = x.float()
     row_max = x.amax(dim=-1)
     row_max = torch.where(row_max == -math.inf, 0.0, row_max)
-    return row_max, torch.logsumexp(scaled(x - row_max[:, None], temperature), dim=-1)
+    return row_max, torch.logsumexp(scaled(x - row_max[..., None], temperature), dim=-1)

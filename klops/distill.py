@@ -11,12 +11,11 @@ import math
 import torch
 
 from . import _inputs
-from .divergence import check_divergence_options, divergence_and_label_logprobs, fused_kl, valid_rows_and_weights
+from .divergence import divergence_and_label_logprobs, fused_kl
 from .grpo import grpo_loss_from_logits
-from .linear import _check_linear, fused_linear_kl, fused_linear_logprobs, linear_divergence_and_label_logprobs
+from .linear import fused_linear_kl, fused_linear_logprobs, linear_divergence_and_label_logprobs
 from .logprobs import logprobs
 from .preference import _split_model, _token_mask
-from .topk import TopK, linear_topk_rows
 
 __all__ = ["dckd_loss", "kdrl_loss"]
 
@@ -78,23 +77,21 @@ def dckd_loss(
         else:
             kl = fused_kl(z, teacher, kind, labels=labels, reduction="none", **coef, **common)
             logp = logprobs(z, labels, ignore_index=ignore_index, backend=backend)
-    else:
+    elif isinstance(teacher, torch.Tensor):  # teacher logits beside a hidden-state student: two ops
+        kl = fused_linear_kl(z, weight, teacher_logits=teacher, student_bias=bias, kind=kind, labels=labels,
+                             reduction="none", **coef, **common)  # fmt: skip
+        logp = fused_linear_logprobs(z, weight, labels, bias=bias, ignore_index=ignore_index, backend=backend)
+    else:  # (teacher_hidden, teacher_weight[, bias]) or a TopK in the teacher_hidden position
+        t_hidden, t_weight, t_bias = (teacher, None, None)
         if isinstance(teacher, tuple | list):
             t_hidden, t_weight, t_bias = _split_model("teacher", tuple(teacher))
-            teacher_args = dict(teacher_hidden=t_hidden, teacher_weight=t_weight, teacher_bias=t_bias)
-        elif isinstance(teacher, torch.Tensor):
-            teacher_args, one_sweep = dict(teacher_logits=teacher), False
-        else:  # a TopK
-            teacher_args = dict(teacher_hidden=teacher)
-        if one_sweep and isinstance(teacher, TopK):
-            kl, logp = _linear_topk_with_labels(z, weight, bias, teacher, labels, kind, coef, common)
-        elif one_sweep:
-            kl, logp, _ = linear_divergence_and_label_logprobs(
-                z, weight, t_hidden, t_weight, labels, kind, student_bias=bias, teacher_bias=t_bias, **coef, **common
-            )
+        teacher_args = dict(student_bias=bias, teacher_bias=t_bias, **coef, **common)
+        if one_sweep:
+            kl, logp, _ = linear_divergence_and_label_logprobs(z, weight, t_hidden, t_weight, labels, kind,
+                                                               **teacher_args)  # fmt: skip
         else:
-            kl = fused_linear_kl(z, weight, student_bias=bias, kind=kind, labels=labels, reduction="none",
-                                 **teacher_args, **coef, **common)  # fmt: skip
+            kl = fused_linear_kl(z, weight, t_hidden, t_weight, kind=kind, labels=labels, reduction="none",
+                                 **teacher_args)  # fmt: skip
             logp = fused_linear_logprobs(z, weight, labels, bias=bias, ignore_index=ignore_index, backend=backend)
     tokens = _token_mask(labels, None, ignore_index)
     on_chosen = tokens * chosen[:, None].float()
@@ -104,18 +101,6 @@ def dckd_loss(
     loss = w_sft * nll + w_distil * (w_chosen * kl_chosen + w_rejected * kl_rejected)
     metrics = {"nll": nll.detach(), "kl/chosen": kl_chosen.detach(), "kl/rejected": kl_rejected.detach()}
     return loss, metrics
-
-
-def _linear_topk_with_labels(hidden, weight, bias, topk, labels, kind, coef, common):
-    """(D, log q(label)) per row of a hidden-state student against a TopK teacher, in one fused op."""
-    _check_linear("student_hidden", hidden, "student_weight", weight, "student_bias", bias)
-    kernel_kind, kernel_coef, temperature = check_divergence_options(
-        kind, coef["beta"], coef["alpha"], common["temperature"], "logits", "none", None
-    )
-    valid, _ = valid_rows_and_weights("student_hidden", hidden, weight.shape[0], labels, None, None,
-                                      common["ignore_index"])  # fmt: skip
-    return linear_topk_rows(hidden, weight, bias, topk, valid, kernel_kind, kind, kernel_coef, temperature, None,
-                            common["backend"], labels=labels)  # fmt: skip
 
 
 def kdrl_loss(

@@ -453,10 +453,10 @@ def divergence_and_label_logprobs(
     backend = resolve_backend(backend, student_logits.device)
     student3, teacher3 = _inputs.as_rows(student_logits, teacher_logits)
     rows_shape = student3.shape[:2]
-    valid3, labels3 = valid.reshape(rows_shape), torch.where(valid, labels, 0).long().reshape(rows_shape)
+    valid3, labels3 = valid.reshape(rows_shape), labels.long().reshape(rows_shape)
     rows, _, _, max_t, logsum_t, _, logp = divergence_op(
         student3, teacher3, valid3, labels3, kernel_kind, "logits", temperature, coef, backend
     )
-    teacher_label = teacher3.gather(-1, labels3[..., None])[..., 0].float()
+    teacher_label = teacher3.gather(-1, torch.where(valid3, labels3, 0)[..., None])[..., 0].float()
     teacher_logp = torch.where(valid3, scaled(teacher_label - max_t, temperature) - logsum_t, 0.0)
     return rows.reshape(valid.shape), logp.reshape(valid.shape), teacher_logp.detach().reshape(valid.shape)

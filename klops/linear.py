@@ -646,8 +646,8 @@ def fused_linear_cross_entropy(
 def linear_divergence_and_label_logprobs(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
+    teacher_hidden: "torch.Tensor | TopK",
+    teacher_weight: torch.Tensor | None,
     labels: torch.Tensor,
     kind: str = "forward",
     *,
@@ -660,32 +660,47 @@ def linear_divergence_and_label_logprobs(
     mask: torch.Tensor | None = None,
     ignore_index: int = -100,
     backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``klops.divergence.divergence_and_label_logprobs`` from hidden states and heads, neither model's logits
-    formed: ``(D, log q(label), log p(label))`` per row, gradients to the student's hidden, weight and bias."""
+    formed: ``(D, log q(label), log p(label))`` per row, gradients to the student's hidden, weight and bias. The
+    teacher may be a ``klops.TopK`` in the ``teacher_hidden`` position (no teacher weight); then the third value
+    is None."""
+    from .topk import TopK, linear_topk_rows  # topk builds on this module
+
     _check_linear("student_hidden", student_hidden, "student_weight", student_weight, "student_bias", student_bias)
-    _check_linear("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight, "teacher_bias", teacher_bias)
     V = student_weight.shape[0]
-    if teacher_weight.shape[0] != V or teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
-        raise ValueError(
-            f"the teacher must have V={V} and the rows {tuple(student_hidden.shape[:-1])} of student_hidden, got "
-            f"V={teacher_weight.shape[0]} and rows {tuple(teacher_hidden.shape[:-1])}"
-        )
+    topk = isinstance(teacher_hidden, TopK)
+    if topk and (teacher_weight is not None or teacher_bias is not None):
+        raise ValueError("a TopK teacher (in the teacher_hidden position) takes no teacher_weight or bias")
+    if not topk:
+        _check_linear("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight, "teacher_bias", teacher_bias)
+        if teacher_weight.shape[0] != V or teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
+            raise ValueError(
+                f"the teacher must have V={V} and the rows {tuple(student_hidden.shape[:-1])} of student_hidden, "
+                f"got V={teacher_weight.shape[0]} and rows {tuple(teacher_hidden.shape[:-1])}"
+            )
     kernel_kind, coef, temperature = check_divergence_options(kind, beta, alpha, temperature, "logits", "none", None)
     softcap = _check_softcap(softcap)
     valid, _ = valid_rows_and_weights("student_hidden", student_hidden, V, labels, mask, None, ignore_index)
+    if topk:
+        rows, logp = linear_topk_rows(
+            student_hidden, student_weight, student_bias, teacher_hidden, valid, kernel_kind, kind, coef, temperature,
+            softcap, backend, labels=labels,
+        )  # fmt: skip
+        return rows, logp, None
     backend = resolve_backend(backend, student_hidden.device)
     student3, teacher3 = _inputs.as_rows(student_hidden, teacher_hidden)
     rows_shape = student3.shape[:2]
-    valid3, labels3 = valid.reshape(rows_shape), torch.where(valid, labels, 0).long().reshape(rows_shape)
+    valid3, labels3 = valid.reshape(rows_shape), labels.long().reshape(rows_shape)
     rows, _, _, max_t, logsum_t, _, logp = linear_divergence_op(
         student3, student_weight, student_bias, teacher3, teacher_weight, teacher_bias, None, valid3, labels3,
         kernel_kind, "logits", temperature, coef, softcap, backend,
     )  # fmt: skip
     with torch.no_grad():  # the teacher's logit of each label: one row of its head per token
-        y = (teacher3.float() * teacher_weight[labels3].float()).sum(-1)
+        read = torch.where(valid3, labels3, 0)  # ignored rows' labels are not valid indices
+        y = (teacher3.float() * teacher_weight[read].float()).sum(-1)
         if teacher_bias is not None:
-            y = y + teacher_bias[labels3].float()
+            y = y + teacher_bias[read].float()
         y = y.to(teacher_weight.dtype).float()  # rounded as F.linear rounds the logits the kernels read
         if softcap is not None:
             y = softcap * torch.tanh(y / softcap)

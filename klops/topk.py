@@ -188,10 +188,7 @@ def _row_lse(student, indices, max_c, logsum_c, temperature):
     """(max_q, logsum_q, z of the members) of the full rows from the statistics outside the top-k and the k
     gathered logits (a [B, L, K] computation)."""
     z_s = student.gather(-1, indices.long()).float()
-    max_s = z_s.amax(dim=-1)
-    max_s = torch.where(max_s == -math.inf, 0.0, max_s)
-    logsum_s = torch.logsumexp(scaled(z_s - max_s[..., None], temperature), dim=-1)
-    return (*_combine_lse(max_c, logsum_c, max_s, logsum_s, temperature), z_s)
+    return (*_combine_lse(max_c, logsum_c, *row_stats(z_s, temperature), temperature), z_s)
 
 
 def _backward_coefficients(grad, grad_logp, student, indices, max_c, logsum_c, tail_scale, member_d, temperature):
@@ -433,7 +430,7 @@ def topk_rows(student_logits, topk, valid, kind, user_kind, coef, temperature, b
     student3, indices3, logprobs3 = _inputs.as_rows(student_logits, indices, logprobs)
     rows_shape = student3.shape[:2]
     rows, *_, logp = topk_divergence_op(
-        student3, indices3, logprobs3, valid.reshape(rows_shape), _row_labels(labels, valid, rows_shape),
+        student3, indices3, logprobs3, valid.reshape(rows_shape), _row_labels(labels, rows_shape),
         kind, topk.tail, temperature, coef, *tail_terms, backend,
     )  # fmt: skip
     return rows.reshape(valid.shape), logp.reshape(valid.shape)
@@ -448,12 +445,12 @@ def linear_topk_rows(hidden, weight, bias, topk, valid, kind, user_kind, coef, t
     hidden3, indices3, logprobs3 = _inputs.as_rows(hidden, indices, logprobs)
     rows_shape = hidden3.shape[:2]
     rows, *_, logp = linear_topk_divergence_op(
-        hidden3, weight, bias, indices3, logprobs3, valid.reshape(rows_shape), _row_labels(labels, valid, rows_shape),
+        hidden3, weight, bias, indices3, logprobs3, valid.reshape(rows_shape), _row_labels(labels, rows_shape),
         kind, topk.tail, temperature, coef, *tail_terms, softcap, backend,
     )  # fmt: skip
     return rows.reshape(valid.shape), logp.reshape(valid.shape)
 
 
-def _row_labels(labels, valid, rows_shape):
-    """The int64 (B, L) labels of the ops (0 on invalid rows), or None."""
-    return None if labels is None else torch.where(valid, labels, 0).long().reshape(rows_shape)
+def _row_labels(labels, rows_shape):
+    """The int64 (B, L) labels of the ops (which do not read those of invalid rows), or None."""
+    return None if labels is None else labels.long().reshape(rows_shape)
