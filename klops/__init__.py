@@ -3,6 +3,7 @@
 loss = klops.fused_kl(student_logits, teacher_logits, kind="forward")
 logp, entropy = klops.logprobs(logits, labels, return_entropy=True)
 loss = klops.fused_kl(student_logits, klops.TopK(teacher_ids, teacher_logprobs, tail="bin"), kind="forward")
+loss = klops.sinkhorn_distill_loss(student_logits, teacher_logits)
 """
 
 from . import nn, reference
@@ -14,6 +15,7 @@ from .grpo import fused_linear_grpo_loss, group_advantages, grpo_loss, grpo_loss
 from .linear import fused_linear_cross_entropy, fused_linear_kl, fused_linear_logprobs
 from .logprobs import logprobs
 from .preference import dpo_loss, sequence_logprobs, tdpo_loss
+from .sinkhorn import SinkhornResult, sinkhorn, sinkhorn_distill_loss, sinkhorn_divergence
 from .topk import TopK
 
 __version__ = "0.1.0"
@@ -22,5 +24,6 @@ __all__ = [
     "fused_linear_cross_entropy",
     "fused_linear_grpo_loss", "group_advantages", "kl_estimate",
     "grpo_loss", "grpo_loss_from_logits", "dpo_loss", "sequence_logprobs", "tdpo_loss", "dckd_loss", "kdrl_loss",
+    "sinkhorn", "sinkhorn_divergence", "sinkhorn_distill_loss", "SinkhornResult",
     "nn", "reference", "available_backends", "set_host_checks", "__version__",
 ]  # fmt: skip

@@ -414,3 +414,34 @@ def dckd_loss_reference(student_logits, teacher, labels, chosen, *, w_sft=1.0, w
 
     kl_part = w_chosen * mean(kl, on_chosen) + w_rejected * mean(kl, on_rejected)
     return w_sft * mean(-logp, on_chosen) + w_distil * kl_part
+
+
+def sinkhorn_reference(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, epsilon: float, n_iter: int):
+    """float64 log-domain Sinkhorn on [B, n, m] costs, exactly n_iter (f, g) updates from g = 0, each a plain
+    ``logsumexp`` over the whole matrix: (f, g, plan [B, n, m], <P, C> [B])."""
+    cost, log_a, log_b = cost.double(), torch.log(a.double()), torch.log(b.double())
+    g = torch.zeros_like(log_b)
+    for _ in range(n_iter):
+        f = -epsilon * torch.logsumexp(log_b[:, None, :] + (g[:, None, :] - cost) / epsilon, dim=2)
+        g = -epsilon * torch.logsumexp(log_a[:, :, None] + (f[:, :, None] - cost) / epsilon, dim=1)
+    plan = torch.exp(log_a[:, :, None] + log_b[:, None, :] + (f[:, :, None] + g[:, None, :] - cost) / epsilon)
+    return f, g, plan, (plan * cost).sum((1, 2))
+
+
+def sinkhorn_distill_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature=2.0,
+                               epsilon=0.1, n_iter=20, valid=None, envelope=False):  # fmt: skip
+    """SinKD's published procedure in float64 on [N, V] logits (differentiable by autograd, through the
+    iterations as the published code is, or with ``envelope`` through W only): W = cdist(p_s, p_t, L1) over
+    the valid rows, K = exp(-W / eps) normalized n_iter times (rows, then columns), loss sum(P W)."""
+    zs, zt = student_logits.double(), teacher_logits.double()
+    if valid is not None:
+        zs, zt = zs[valid], zt[valid]
+    if zs.shape[0] == 0:
+        return zs.sum() * 0.0
+    p_s, p_t = torch.softmax(zs / temperature, dim=-1), torch.softmax(zt / temperature, dim=-1)
+    w = (p_s[:, None, :] - p_t[None, :, :]).abs().sum(-1)
+    plan = torch.exp(-w / epsilon)
+    for _ in range(n_iter):
+        plan = plan / plan.sum(1, keepdim=True)
+        plan = plan / plan.sum(0, keepdim=True)
+    return ((plan.detach() if envelope else plan) * w).sum()

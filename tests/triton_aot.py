@@ -37,6 +37,10 @@ TOPK_VARIANTS = [(kind, "bin", "bf16", "fp32", 64) for kind in DIVERGENCE_KINDS]
     ("jsd", "renormalize", "fp16", "fp32", 256),
     ("forward", "bin", "fp32", "fp32", 1),
 ]
+# Sinkhorn's tile kernels: the soft-min from a cost matrix (fp32, bf16), from points and the points' gradient
+# (both costs), SinKD's L1 cost between softmax rows and its backward (bf16 logits).
+SINKHORN_VARIANTS = ["softmin-cost-fp32", "softmin-cost-bf16", "softmin-cost-fp32-transposed", "points-sqeuclidean",
+                     "points-l1", "softmax-l1-bf16"]  # fmt: skip
 VARIANTS = (
     [
         f"divergence-{'-'.join(filter(None, v))}-{d}"
@@ -48,6 +52,7 @@ VARIANTS = (
     + [f"topk-{kind}-{tail}-{student}-{teacher}-k{block}" for kind, tail, student, teacher, block in TOPK_VARIANTS]
     + [f"topk-backward-{dtype}-sm{arch}" for dtype in ("bf16", "fp32") for arch in (80, 90)]
     + ["topk-backward-labels-bf16-sm90"]
+    + [f"sinkhorn-{v}-sm{arch}" for v in SINKHORN_VARIANTS for arch in (80, 90)]
 )
 
 
@@ -73,6 +78,51 @@ def topk_signatures(student: str, teacher: str) -> tuple[dict, dict]:
                 "max_c_ptr": "*fp32", "logsum_c_ptr": "*fp32", "member_value_ptr": "*fp32", "label_coef_ptr": "*fp32",
                 "labels_ptr": "*i64", "dz_ptr": f"*{student}"}  # fmt: skip
     return forward, backward | shapes
+
+
+def sinkhorn_jobs(sinkhorn) -> dict[str, list]:
+    """SINKHORN_VARIANTS -> [(kernel, signature, constexprs, (None, num_warps))] at kernels/sinkhorn.py's tiles."""
+    block_n, block_m, num_warps = sinkhorn.SOFTMIN_TILE
+    tile = {"BLOCK_N": block_n, "BLOCK_M": block_m}
+    sizes = {"R": "i32", "S": "i32"}
+    potentials = {"h_ptr": "*fp32", "logw_ptr": "*fp32", "out_ptr": "*fp32", "cbar_ptr": "*fp32"}
+    strides = {name: "i64" for name in ("stride_xb", "stride_xi", "stride_xd", "stride_yb", "stride_yj", "stride_yd")}
+    jobs = {}
+    for dtype in ("fp32", "bf16"):
+        sig = {"c_ptr": f"*{dtype}"} | potentials | sizes | {"stride_cb": "i64", "stride_ci": "i64", "stride_cj": "i64"}
+        jobs[f"softmin-cost-{dtype}"] = [(sinkhorn.softmin_cost_kernel, sig | {"eps": "fp32"}, tile, (None, num_warps))]
+        if dtype == "fp32":
+            block_n_t, block_m_t, num_warps_t = sinkhorn.SOFTMIN_TILE_TRANSPOSED
+            jobs["softmin-cost-fp32-transposed"] = [
+                (
+                    sinkhorn.softmin_cost_kernel,
+                    sig | {"eps": "fp32"},
+                    {"BLOCK_N": block_n_t, "BLOCK_M": block_m_t},
+                    (None, num_warps_t),
+                )
+            ]
+    for cost_fn in sinkhorn.COST_FNS:
+        points = {"x_ptr": "*fp32", "y_ptr": "*fp32"}
+        shapes = sizes | {"D": "i32"} | strides | {"eps": "fp32"}
+        gradient = {"f_ptr": "*fp32", "g_ptr": "*fp32", "loga_ptr": "*fp32", "logb_ptr": "*fp32", "dx_ptr": "*fp32"}
+        constexprs = tile | {"COST": sinkhorn.COST_FNS.index(cost_fn)}
+        jobs[f"points-{cost_fn}"] = [
+            (sinkhorn.softmin_points_kernel, points | potentials | shapes, constexprs, (None, num_warps)),
+            (sinkhorn.points_gradient_kernel, points | gradient | shapes, constexprs, (None, num_warps)),
+        ]
+    block_n, block_m, block_v, num_warps = sinkhorn.L1_TILE
+    stats = {name: "*fp32" for name in ("max_s_ptr", "logsum_s_ptr", "max_t_ptr", "logsum_t_ptr")}
+    shapes = {"N": "i32", "V": "i32", "L": "i32", "stride_sb": "i64", "stride_sl": "i64", "stride_tb": "i64",
+              "stride_tl": "i64", "inv_temperature": "fp32"}  # fmt: skip
+    logits = {"zs_ptr": "*bf16", "zt_ptr": "*bf16"}
+    constexprs = {"BLOCK_N": block_n, "BLOCK_M": block_m, "BLOCK_V": block_v}
+    jobs["softmax-l1-bf16"] = [
+        (sinkhorn.softmax_l1_cost_kernel, logits | stats | {"valid_ptr": "*i1", "w_ptr": "*fp32"} | shapes, constexprs,
+         (None, num_warps)),
+        (sinkhorn.softmax_l1_cost_backward_kernel, {"dw_ptr": "*fp32"} | logits | stats | {"g_ptr": "*fp32"} | shapes,
+         constexprs, (None, num_warps)),
+    ]  # fmt: skip
+    return jobs
 
 
 def loop_exps(ptx: str) -> list[int]:
@@ -107,18 +157,22 @@ def resource_usage(cubin: bytes) -> dict:
 
 def compile_all() -> dict[str, dict]:
     import triton
-    from klops.kernels import divergence, logprobs, topk
+    from klops.kernels import divergence, logprobs, sinkhorn, topk
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     def compile_for(kernel, signature, constexprs, arch, sweep):
+        """sweep: (BLOCK_V, num_warps) of a row kernel, or (None, num_warps) of a tile kernel whose block
+        sizes are in constexprs (its entries per thread are those of one BLOCK_N x BLOCK_M tile)."""
         block_v, num_warps = sweep
-        constexprs = {**constexprs, "BLOCK_V": block_v}
+        if block_v is not None:
+            constexprs = {**constexprs, "BLOCK_V": block_v}
         signature = {**signature, **{name: "constexpr" for name in constexprs}}
         src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
         assert len(compiled.asm["cubin"]) > 0, "empty cubin"
-        entries_per_thread = block_v // (32 * num_warps)
+        tile = block_v or constexprs["BLOCK_N"] * constexprs.get("BLOCK_M", constexprs.get("BLOCK_V", 1))
+        entries_per_thread = tile / (32 * num_warps)
         return {
             "kernel": kernel.__name__, "arch": arch, "block_v": block_v, "num_warps": num_warps,
             **resource_usage(compiled.asm["cubin"]),
@@ -166,6 +220,10 @@ def compile_all() -> dict[str, dict]:
         (topk.topk_divergence_backward_kernel, topk_signatures("bf16", "bf16")[1], {"WITH_LABELS": True}, 90,
          BACKWARD_SWEEP)
     ]  # fmt: skip
+    for arch in (80, 90):
+        for variant, job in sinkhorn_jobs(sinkhorn).items():
+            jobs[f"sinkhorn-{variant}-sm{arch}"] = [(kernel, sig, constexprs, arch, sweep) for kernel, sig, constexprs,
+                                                     sweep in job]  # fmt: skip
     results = {}
     for name, kernels in jobs.items():
         try:
