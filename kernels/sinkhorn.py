@@ -17,6 +17,16 @@ streams the same tiles: 2 (x_i - y_j) for the squared euclidean cost, sign(x_i -
 SinKD's cost W_ij = sum_v |p_iv - q_jv| between the softmax rows of two logit matrices is built from each
 row's (max, logsum) in one program per (BLOCK_N x BLOCK_M) tile of W, streaming V in blocks; its backward
 G_iv = sum_j dW_ij sign(p_iv - q_jv) in one program per (BLOCK_N rows x BLOCK_V vocabulary) tile of G.
+
+What each kernel must move or compute, and what it does:
+- softmin_cost: must read the stored cost once per update, B n m elements of its dtype; reads exactly that
+  (plus the other side's potential and marginal once per row tile, m / BLOCK_N times: 2 x 4 bytes per
+  column per 16 (or 64) rows). One exp per entry.
+- softmin_points / points_gradient: must compute the cost, 3 d FLOPs per entry (sub, mul-add; sub, abs,
+  add), per update; read (n + m) d points, re-read from L1/L2 per tile. The gradient computes the cost
+  tile and then d slopes per entry: ~6 d FLOPs per entry, one exp.
+- softmax_l1_cost: N^2 V |p - q| terms (3 FLOPs each) are the work; each logit is re-read N / BLOCK_M times
+  (from L2) and each probability re-exponentiated as often (2 exps per 16 terms). Backward the same.
 """
 
 import contextlib

@@ -15,7 +15,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from . import reference
+from . import bench_sinkhorn, reference
 from .backend import available_backends
 from .distill import dckd_loss
 from .divergence import fused_kl
@@ -60,7 +60,8 @@ class Case:
 
 # Every op klops bench measures, in its order: the values of Case.op and of ``klops bench --ops``.
 OPS = ("fused_kl", "logprobs", "fused_linear_cross_entropy", "fused_linear_kl", "fused_linear_logprobs",
-       "fused_linear_grpo_loss", "fused_kl_topk", "tdpo_loss", "dckd_loss")  # fmt: skip
+       "fused_linear_grpo_loss", "fused_kl_topk", "tdpo_loss", "dckd_loss", "sinkhorn",
+       "sinkhorn_distill_loss")  # fmt: skip
 
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
@@ -476,17 +477,19 @@ def run(device: torch.device, quick: bool, repeats: int | None = None, ops: list
     gen = torch.Generator().manual_seed(0)
     results = []
     rates = {}  # dtype -> measured matmul FLOP/s, for the fused-linear cases
-    for case in cases(device, quick):
+    for case in cases(device, quick) + bench_sinkhorn.cases(device, quick):
         if ops is not None and case.op not in ops:
             continue
         if case.hidden and case.dtype not in rates:
             rates[case.dtype] = matmul_rate(device, case.dtype)
-        z, y = make_inputs(case, device, gen)
-        for name, impl in implementations(case, device).items():
+        sinkhorn_case = isinstance(case, bench_sinkhorn.SinkhornCase)
+        z, y = case.inputs(device, gen) if sinkhorn_case else make_inputs(case, device, gen)
+        for name, impl in (case.implementations(device) if sinkhorn_case else implementations(case, device)).items():
             row = dict(case=case.name, impl=name)
             try:
                 if name.startswith("klops"):  # the baselines are the usual torch ops, not under test
-                    row["rel_err"] = check_against_reference(case, name, impl, z, y)
+                    check = case.check if sinkhorn_case else lambda *args: check_against_reference(case, *args)
+                    row["rel_err"] = check(name, impl, z, y)
                 z_grad = z.detach().requires_grad_()
 
                 def step():
@@ -500,6 +503,11 @@ def run(device: torch.device, quick: bool, repeats: int | None = None, ops: list
                 if case.hidden:  # matmul-bound: the fraction of the measured matmul rate
                     row["tflops"] = case.min_flops() / (row["ms"] * 1e-3) / 1e12
                     row["flops_frac"] = row["tflops"] * 1e12 / rates[case.dtype]
+                elif sinkhorn_case:  # compute on CUDA cores (no measured ceiling), and SinKD's byte floor
+                    row["tflops"] = case.min_flops() / (row["ms"] * 1e-3) / 1e12
+                    if case.min_bytes():
+                        row["gbps"] = case.min_bytes() / (row["ms"] * 1e-3) / 1e9
+                        row["bw_frac"] = row["gbps"] * 1e9 / bandwidth
                 else:
                     row["gbps"] = case.min_bytes() / (row["ms"] * 1e-3) / 1e9
                     row["bw_frac"] = row["gbps"] * 1e9 / bandwidth
@@ -531,8 +539,12 @@ def format_table(report: dict) -> str:
         err = f"{r['rel_err']:.1e}" if "rel_err" in r else "(baseline)"
         if "flops_frac" in r:
             rate, frac = f"{r['tflops']:.2f} TFLOP/s", f"{100 * r['flops_frac']:.1f} of matmul"
-        else:
+        elif "gbps" in r:
             rate, frac = f"{r['gbps']:.1f}", f"{100 * r['bw_frac']:.1f}"
+        else:
+            rate, frac = "", ""
+        if "tflops" in r and "flops_frac" not in r:  # the Sinkhorn cases' compute rate
+            rate = f"{rate} ({1e3 * r['tflops']:.0f} GFLOP/s)".strip()
         lines.append(f"| {r['case']} | {r['impl']} | {r['ms']:.3f} | {r['peak_mib']:.1f} | {rate} | {frac} | {err} |")
     return "\n".join(lines)
 

@@ -13,8 +13,8 @@ iteration is the two soft-min updates
 from ``g = 0``. After the g update the columns of P sum to b exactly; the next f update ``f'`` gives the row
 sums ``r_i = a_i exp((f_i - f'_i)/eps)`` for free, hence the marginal error ``sum_i |r_i - a_i|``, and the
 same pass gives the Gibbs-weighted mean cost ``cbar_i``, hence ``<P, C> = sum_i r_i cbar_i``: no n x m
-plan is formed unless asked for. The error is computed every iteration on the device; only the stop test,
-every ``check_every`` iterations, reads it on the host.
+plan is formed unless asked for. The error is computed at the checks, every ``check_every`` iterations, and
+read on the host there (the only syncs), and after the last iteration.
 """
 
 import math
@@ -175,13 +175,15 @@ def _solve(geometry: _Geometry, log_a, log_b, schedule: list[float], tol: float 
     f, _ = softmin(geometry, g, log_b, schedule[0])
     for k, eps_k in enumerate(schedule, 1):
         g, _ = softmin(transposed, f, log_a, eps_k)
-        f_next, cbar = softmin(geometry, g, log_b, eps_k)
-        row_mass = torch.exp(log_a + (f - f_next) / eps_k)
-        error = (row_mass - log_a.exp()).abs().sum(-1)
-        if tol is not None and k % check_every == 0 and eps_k == eps and bool((error < tol).all()):  # host sync
-            break
-        if k < len(schedule):
-            f = f_next
+        f_next, cbar = softmin(geometry, g, log_b, eps_k)  # the next iteration's f update
+        last = k == len(schedule)
+        checking = tol is not None and k % check_every == 0 and eps_k == eps
+        if last or checking:
+            row_mass = torch.exp(log_a + (f - f_next) / eps_k)
+            error = (row_mass - log_a.exp()).abs().sum(-1)
+            if last or bool((error < tol).all()):  # the host sync of a check
+                break
+        f = f_next
     cost = (row_mass * cbar).sum(-1)
     objective = _dot(log_a, f) + _dot(log_b, g)
     return f, g, cost, objective, error, k
@@ -483,16 +485,17 @@ def softmax_l1_cost_torch(student, teacher, max_s, logsum_s, max_t, logsum_t, va
 
 
 def softmax_l1_cost_backward_torch(grad_w, student, teacher, max_s, logsum_s, max_t, logsum_t, temperature: float):
-    """(N, V) fp32 ``G_iv = sum_j dW_ij sign(p_iv - q_jv)``, blockwise over V ([N, N, block] at a time)."""
+    """(N, V) fp32 ``G_iv = sum_j dW_ij sign(p_iv - q_jv)``, blockwise over V: the backward of ``cdist(p, q, 1)``
+    (torch's own kernel, which forms no [N, N, block] tensor)."""
     B, L, V = student.shape
     zs, zt = student.reshape(B * L, V), teacher.reshape(B * L, V)
-    N = B * L
-    blocks = []
-    for cols in _row_blocks(V, N * N):
-        p = torch.exp((zs[:, cols].float() - max_s[:, None]) / temperature - logsum_s[:, None])
-        q = torch.exp((zt[:, cols].float() - max_t[:, None]) / temperature - logsum_t[:, None])
-        blocks.append((grad_w[:, :, None] * torch.sign(p[:, None, :] - q[None, :, :])).sum(1))
-    return torch.cat(blocks, 1) if blocks else student.new_zeros((N, V), dtype=torch.float32)
+    grad_p = torch.empty((B * L, V), dtype=torch.float32, device=student.device)
+    for cols in _row_blocks(V, 4 * B * L):
+        p = torch.exp((zs[:, cols].float() - max_s[:, None]) / temperature - logsum_s[:, None])[None]
+        q = torch.exp((zt[:, cols].float() - max_t[:, None]) / temperature - logsum_t[:, None])[None]
+        w = torch.cdist(p, q, p=1)
+        grad_p[:, cols] = torch.ops.aten._cdist_backward(grad_w[None].contiguous(), p, q, 1.0, w)[0]
+    return grad_p
 
 
 def _l1_launchers(backend: str):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import klops
-from klops import bench, cli
+from klops import bench, bench_sinkhorn, cli
 
 
 def test_info(capsys):
@@ -26,12 +26,15 @@ def test_bench_checks_and_reports(tmp_path, monkeypatch, capsys):
             bench.Case("fused_linear_logprobs", 8, 96, torch.float32, hidden=16),
             bench.Case("fused_linear_grpo_loss", 8, 96, torch.float32, hidden=16)]  # fmt: skip
     monkeypatch.setattr(bench, "cases", lambda device, quick: tiny)
+    tiny_sinkhorn = [bench_sinkhorn.SinkhornCase("sinkhorn", 16, 3, batch=2),
+                     bench_sinkhorn.SinkhornCase("sinkhorn_distill_loss", 8, 40)]  # fmt: skip
+    monkeypatch.setattr(bench_sinkhorn, "cases", lambda device, quick: tiny_sinkhorn)
     out_json = tmp_path / "report.json"
     assert cli.main(["bench", "--quick", "--device", "cpu", "--repeats", "1", "--json", str(out_json)]) == 0
     table = capsys.readouterr().out
     report = json.loads(out_json.read_text())
     impls = {row["impl"] for row in report["results"]}
-    assert {"klops[torch]", "torch eager", "torch.compile"} <= impls
+    assert {"klops[torch]", "torch eager", "torch.compile", "POT (ot.sinkhorn2, log)", "torch loop"} <= impls
     for row in report["results"]:
         assert "error" not in row, row
         assert row["ms"] > 0 and row["peak_mib"] >= 0
@@ -40,6 +43,8 @@ def test_bench_checks_and_reports(tmp_path, monkeypatch, capsys):
             assert row["impl"] in table
         if "fused_linear" in row["case"]:
             assert row["flops_frac"] > 0 and "of matmul" in table, row
+        if row["case"].startswith("sinkhorn"):
+            assert row["tflops"] > 0 and "GFLOP/s)" in table, row
     assert report["matmul_tflops"]["float32"] > 0
 
 
@@ -59,6 +64,7 @@ def test_bench_rejects_unknown_device(device, capsys):
 def test_bench_ops_selects_cases(monkeypatch, capsys, tmp_path):
     tiny = [bench.Case("fused_kl", 4, 96, torch.float32), bench.Case("logprobs", 4, 96, torch.float32)]
     monkeypatch.setattr(bench, "cases", lambda device, quick: tiny)
+    monkeypatch.setattr(bench_sinkhorn, "cases", lambda device, quick: [])
     out_json = tmp_path / "report.json"
     args = ["bench", "--device", "cpu", "--repeats", "1", "--ops", "logprobs", "--json", str(out_json)]
     assert cli.main(args) == 0
@@ -88,4 +94,5 @@ def test_version(capsys):
 @pytest.mark.parametrize("quick", [True, False])
 def test_bench_ops_name_every_case(quick):
     """--ops can select every case the bench runs (a new op must be added to bench.OPS)."""
-    assert {case.op for case in bench.cases(torch.device("cpu"), quick)} <= set(bench.OPS)
+    device = torch.device("cpu")
+    assert {case.op for case in bench.cases(device, quick) + bench_sinkhorn.cases(device, quick)} <= set(bench.OPS)

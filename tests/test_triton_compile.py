@@ -48,7 +48,8 @@ def test_no_register_spills(variant, compiled):
 
 
 # The first loop of each forward kernel is its online sweep: one exp per entry of each logit row it
-# reads (student and teacher logits: 2; the student only: 1). The online updates once took two per entry.
+# reads (student and teacher logits: 2; the student only: 1; Sinkhorn's soft-min: 1 per cost entry). The online
+# updates once took two per entry.
 SWEEP_EXPS = {"divergence-forward-logits-bf16-bf16-fwd": 2, "divergence-reverse-logits-bf16-bf16-fwd": 2,
               "divergence-jsd-logits-bf16-bf16-fwd": 2, "divergence-forward-logprobs-bf16-fp32-fwd": 1,
               "logprobs-entropy1-sm90": 1, "logprobs-entropy0-sm90": 1,
