@@ -101,3 +101,14 @@ def _warn_fallback_once(fallback: str) -> None:
     if not _warned_fallback and not torch.compiler.is_compiling():
         _warned_fallback = True
         warnings.warn(f"{CUDA_EXTENSION_PROBLEM}. backend='auto' uses {fallback} instead.", stacklevel=3)
+
+
+def resolve_triton_or_torch(backend: str, device: torch.device, op: str) -> str:
+    """resolve_backend for an op with Triton and torch kernels only: "auto" takes Triton on a GPU (the CUDA
+    extension has none of this op), and "cuda" is an error that says so."""
+    if backend == "cuda":
+        raise ValueError(f"backend='cuda': {op} has no CUDA kernels in klops._C; use 'triton' or 'torch'")
+    resolved = resolve_backend(backend, device)
+    if resolved == "cuda":
+        resolved = "triton" if "triton" in available_backends(device) else "torch"
+    return resolved

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from . import bench_sinkhorn, reference
 from .backend import available_backends
-from .distill import dckd_loss
+from .distill import akl_loss, dckd_loss
 from .divergence import fused_kl
 from .grpo import fused_linear_grpo_loss
 from .linear import fused_linear_cross_entropy, fused_linear_kl, fused_linear_logprobs
@@ -29,7 +29,7 @@ from .topk import TopK
 @dataclasses.dataclass
 class Case:
     op: str  # "fused_kl" | "fused_kl_topk" | "logprobs" | "fused_linear_cross_entropy" | "fused_linear_kl" |
-    # "fused_linear_logprobs" | "fused_linear_grpo_loss" | "tdpo_loss" | "dckd_loss"
+    # "fused_linear_logprobs" | "fused_linear_grpo_loss" | "tdpo_loss" | "dckd_loss" | "akl_loss"
     rows: int
     vocab: int
     dtype: torch.dtype
@@ -48,7 +48,7 @@ class Case:
     def min_bytes(self) -> int:
         """Read the logits (and a dense teacher) once, write the gradient once; a top-k teacher's ids (int64)
         and fp32 log-probs are read once."""
-        inputs = 2 if self.op in ("fused_kl", "tdpo_loss") else 1
+        inputs = 2 if self.op in ("fused_kl", "tdpo_loss", "akl_loss") else 1
         return (inputs + 1) * self.rows * self.vocab * self.dtype.itemsize + self.rows * self.k * (8 + 4)
 
     def min_flops(self) -> int:
@@ -60,7 +60,7 @@ class Case:
 
 # Every op klops bench measures, in its order: the values of Case.op and of ``klops bench --ops``.
 OPS = ("fused_kl", "logprobs", "fused_linear_cross_entropy", "fused_linear_kl", "fused_linear_logprobs",
-       "fused_linear_grpo_loss", "fused_kl_topk", "tdpo_loss", "dckd_loss", "sinkhorn",
+       "fused_linear_grpo_loss", "fused_kl_topk", "tdpo_loss", "dckd_loss", "akl_loss", "sinkhorn",
        "sinkhorn_distill_loss")  # fmt: skip
 
 
@@ -94,6 +94,8 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
     # logits, Llama-3's vocabulary) and DCKD (a stored top-50 teacher with its tail bin).
     preference = (4096, 128256) if device.type == "cuda" else (128, 32000)
     out += [Case("tdpo_loss", *preference, dtypes[0]), Case("dckd_loss", *preference, dtypes[0], k=50)]
+    # AKL: its weights (a radix select, 10 sweeps of the teacher) and the weighted forward + reverse KL.
+    out.append(Case("akl_loss", *sizes[0], dtypes[0]))
     return out
 
 
@@ -158,6 +160,20 @@ def eager_dckd(student, inputs):
     return mean(nll, on_chosen) + mean(kl, on_chosen) + mean(kl, on_rejected)
 
 
+def eager_akl(student, teacher):
+    """AKL as its authors' code computes it: a sort of the teacher's probabilities for the head / tail ratios,
+    then the two KLs weighted per token."""
+    log_q, log_p = F.log_softmax(student.float(), dim=-1), F.log_softmax(teacher.float(), dim=-1)
+    p, q = log_p.exp(), log_q.exp().detach()
+    p_sorted, order = p.sort(dim=-1, descending=True)
+    errors = (p_sorted - q.gather(-1, order)).abs()
+    tail = p_sorted.cumsum(-1) > 0.5
+    tail[:, 0] = False
+    s1, s2 = (errors * ~tail).sum(-1), (errors * tail).sum(-1)
+    forward, reverse = (p * (log_p - log_q)).sum(-1), (log_q.exp() * (log_q - log_p)).sum(-1)
+    return (s1 / (s1 + s2) * forward + s2 / (s1 + s2) * reverse).mean()
+
+
 def eager_logprobs(logits, labels):
     """mean log-prob of the labels minus mean entropy (both terms negative: the check against the reference is
     not a difference of two numbers near 10)."""
@@ -194,6 +210,10 @@ def implementations(case: Case, device: torch.device) -> dict:
         for backend in available_backends(device):
             impls[f"klops[{backend}]"] = lambda z, y, b=backend: dckd_loss(z, TopK(y[0], y[1]), *y[2:], backend=b)[0]
         eager = eager_dckd
+    elif case.op == "akl_loss":
+        for backend in (b for b in available_backends(device) if b != "cuda"):  # Triton and torch kernels
+            impls[f"klops[{backend}]"] = lambda z, y, b=backend: akl_loss(z, y, backend=b)
+        eager = eager_akl
     elif case.op == "fused_kl_topk":
         for backend in available_backends(device):
             impls[f"klops[{backend}]"] = lambda z, y, b=backend: fused_kl(
@@ -387,7 +407,7 @@ def make_inputs(case: Case, device: torch.device, gen: torch.Generator):
         y = (torch.randn(case.rows, case.vocab, generator=gen) * 2).to(device=device, dtype=case.dtype)
         top = torch.log_softmax(y.float(), dim=-1).topk(case.k, dim=-1)
         return z, (top.indices, top.values, y)
-    if case.op == "fused_kl":
+    if case.op in ("fused_kl", "akl_loss"):
         y = (torch.randn(case.rows, case.vocab, generator=gen) * 2).to(device=device, dtype=case.dtype)
     else:
         y = torch.randint(0, case.vocab, (case.rows,), generator=gen).to(device)
@@ -455,6 +475,11 @@ def check_against_reference(case: Case, name: str, impl, z, y) -> float:
         ref = reference.fused_kl_reference(z_r, teacher, case.kind, reduction="batchmean")
     elif case.op == "fused_kl":
         ref = reference.fused_kl_reference(z_r, y, case.kind, beta=0.5, reduction="batchmean")
+    elif case.op == "akl_loss":
+        w = reference.akl_weights_reference(z, y)
+        ref = reference.fused_kl_reference(z_r, y, "forward", weights=w) + reference.fused_kl_reference(
+            z_r, y, "reverse", weights=1 - w
+        )
     else:
         logp, entropy = reference.logprobs_reference(z_r, y)
         ref = logp.mean() - entropy.mean()

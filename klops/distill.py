@@ -1,9 +1,12 @@
 """Distillation objectives of the literature klops serves (docs/losses.md §6), built on the fused ops: DCKD
-(SFT on the chosen response plus the teacher's KL on chosen and rejected tokens) and KDRL (a GRPO loss plus
-the KL of the student from the teacher on its own rollouts).
+(SFT on the chosen response plus the teacher's KL on chosen and rejected tokens), KDRL (a GRPO loss plus
+the KL of the student from the teacher on its own rollouts) and AKL (forward and reverse KL mixed per token
+by the head / tail gaps of the teacher's distribution).
 
-Skew KL, generalized JSD, AKL-style and BD-KD-style mixtures are per-row weighted sums of ``fused_kl``'s kinds:
-``fused_kl(..., kind=..., weights=w, reduction="none")`` per kind, summed.
+Layers of AKL's weights: ``kernels/distill.py`` (Triton, a radix select instead of a sort), the chunked torch
+backend below (a sort per chunk of rows), the custom op ``klops::akl_head_weights`` (no gradient: the weights
+are constants, as in the authors' code). BD-KD-style mixtures are per-row weighted sums of ``fused_kl``'s
+kinds too: ``fused_kl(..., kind=..., weights=w)`` per kind, summed.
 """
 
 import math
@@ -11,13 +14,15 @@ import math
 import torch
 
 from . import _inputs
-from .divergence import divergence_and_label_logprobs, fused_kl
+from ._chunked import row_chunks, row_stats, scaled
+from .backend import resolve_triton_or_torch
+from .divergence import _check_dense_teacher, divergence_and_label_logprobs, fused_kl, valid_rows_and_weights
 from .grpo import grpo_loss_from_logits
 from .linear import fused_linear_kl, fused_linear_logprobs, linear_divergence_and_label_logprobs
 from .logprobs import logprobs
 from .preference import _split_model, _token_mask
 
-__all__ = ["dckd_loss", "kdrl_loss"]
+__all__ = ["dckd_loss", "kdrl_loss", "akl_weights", "akl_loss"]
 
 
 def _masked_mean(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -131,3 +136,127 @@ def kdrl_loss(
     kl_coef = _inputs.check_real("kl_coef", kl_coef, low=0.0, high=math.inf)
     return grpo_loss_from_logits(logits, completion_ids, advantages, mask, ref_logits=teacher_logits, beta=kl_coef,
                                  kl_estimator=kl_estimator, **grpo_kwargs)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------
+# AKL (Wu et al. 2024, "Rethinking Kullback-Leibler Divergence in Knowledge Distillation for LLMs")
+
+
+def akl_split(p: torch.Tensor, q: torch.Tensor, mu: float) -> torch.Tensor:
+    """[rows] forward-KL weights of [rows, V] probabilities (any float dtype): the boundary entry is the first
+    whose descending running sum of p exceeds mu; entries above it (and the argmax) are head, entries tied with
+    it count in the head in the proportion of them that fits under mu (the average over tie orders)."""
+    p_sorted = p.sort(dim=-1, descending=True).values
+    boundary = (p_sorted.cumsum(-1) <= mu).sum(-1, keepdim=True).clamp(max=p.shape[-1] - 1)
+    p_boundary = p_sorted.gather(-1, boundary)
+    above, tie, gap = p > p_boundary, p == p_boundary, (p - q).abs()
+    ties = tie.sum(-1)
+    fit = torch.floor((mu - (p * above).sum(-1)) / p_boundary[:, 0]).clamp(min=0).minimum(ties.to(p.dtype))
+    fit = torch.where(p_boundary[:, 0] == p_sorted[:, 0], fit.clamp(min=1), fit)
+    head = (gap * above).sum(-1) + torch.where(ties > 0, fit / ties.clamp(min=1), 0.0) * (gap * tie).sum(-1)
+    total = gap.sum(-1)
+    return torch.where(total > 0, head / torch.where(total > 0, total, 1.0), 0.5)
+
+
+def akl_head_weights_torch(student, teacher, valid, temperature: float, mu: float) -> torch.Tensor:
+    """Chunked torch backend: (B*L,) fp32 forward-KL weights, by a sort of each chunk of teacher rows."""
+    B, L, V = student.shape
+    w = student.new_zeros((B, L), dtype=torch.float32)
+    for b, rows in row_chunks(B, L, V):
+        logits_q, logits_p = student[b, rows], teacher[b, rows]
+        (max_q, logsum_q), (max_p, logsum_p) = row_stats(logits_q, temperature), row_stats(logits_p, temperature)
+        q = torch.exp(scaled(logits_q.float() - max_q[:, None], temperature) - logsum_q[:, None])
+        p = torch.exp(scaled(logits_p.float() - max_p[:, None], temperature) - logsum_p[:, None])
+        weight = akl_split(p, q, mu)
+        w[b, rows] = torch.where(valid[b, rows], weight, 0.0)
+    return w.reshape(-1)
+
+
+def _akl_launcher(backend: str):
+    if backend == "triton":
+        from .kernels import distill as kernels
+
+        return kernels.akl_head_weights
+    return akl_head_weights_torch
+
+
+@torch.library.custom_op("klops::akl_head_weights", mutates_args=())
+def akl_head_weights_op(
+    student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor, temperature: float, mu: float, backend: str
+) -> torch.Tensor:
+    """(B, L, V) logits, (B, L) valid -> (B*L,) fp32 forward-KL weights (0 on invalid rows)."""
+    return _akl_launcher(backend)(student, teacher, valid, temperature, mu)
+
+
+@akl_head_weights_op.register_fake
+def _(student, teacher, valid, temperature, mu, backend):
+    return student.new_empty(student.shape[0] * student.shape[1], dtype=torch.float32)
+
+
+def akl_weights(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    mu: float = 0.5,
+    temperature: float = 1.0,
+    labels: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """AKL's per-token weight of the forward KL (the reverse KL's is ``1 - w``), [...] fp32, no gradient.
+
+    With ``p = softmax(teacher / T)``, ``q = softmax(student / T)`` and p sorted in descending order, the head is
+    the first entry and every entry whose running sum of p is ``<= mu``, the tail the rest (the authors'
+    ``cumsum > mu`` mask with its first entry cleared); ``g_head = sum_head |p - q|``, ``g_tail`` likewise, and
+    ``w = g_head / (g_head + g_tail)`` (1/2 where p = q, where the authors' code divides 0 by 0). Invalid rows
+    (``ignore_index`` labels, ``mask`` 0) get 0. ``-inf`` logits are probability 0 here; the authors' code sets
+    them to logit 0 before its softmax. Entries tied in p with the boundary entry (frequent with bf16 logits)
+    count in the head in the proportion of them that fits under mu, the average over the orders in which a sort
+    may put them: the authors' split depends on how their sort breaks the tie.
+
+    The Triton kernel finds the boundary without sorting (kernels/distill.py): 10 sweeps of the teacher row, 2
+    of the student's, one fp32 out per row. The torch backend sorts each chunk of rows.
+    """
+    _inputs.check_logits("student_logits", student_logits)
+    _check_dense_teacher(teacher_logits, student_logits)
+    mu = _inputs.check_real("mu", mu, low=0.0, high=1.0, open_low=True)
+    if mu == 1.0:
+        raise ValueError("mu must lie in (0, 1), got 1.0")
+    temperature = _inputs.check_temperature(temperature)
+    valid, _ = valid_rows_and_weights(
+        "student_logits", student_logits, student_logits.shape[-1], labels, mask, None, ignore_index
+    )
+    backend = resolve_triton_or_torch(backend, student_logits.device, "akl_weights")
+    student3, teacher3 = _inputs.as_rows(student_logits.detach(), teacher_logits.detach())
+    weights = akl_head_weights_op(student3, teacher3, valid.reshape(student3.shape[:2]), temperature, mu, backend)
+    return weights.reshape(valid.shape)
+
+
+def akl_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    mu: float = 0.5,
+    temperature: float = 1.0,
+    labels: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items: int | torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Adaptive KL (AKL): per token ``w KL(p || q) + (1 - w) KL(q || p)`` with ``w = akl_weights(...)``, reduced
+    over the valid tokens as ``fused_kl`` does (``"mean"``: the authors' mean over non-ignored labels).
+
+    The weights are constants (the authors detach the student's probabilities and never differentiate the
+    teacher), so the gradient is ``w`` times forward KL's plus ``1 - w`` times reverse KL's. Three sweeps of the
+    rows here: the weights, then ``fused_kl`` forward and reverse with per-row weights (a fused mixed kind is
+    not written yet).
+    """
+    weights = akl_weights(student_logits, teacher_logits, mu=mu, temperature=temperature, labels=labels, mask=mask,
+                          ignore_index=ignore_index, backend=backend)  # fmt: skip
+    options = dict(temperature=temperature, labels=labels, mask=mask, ignore_index=ignore_index, reduction=reduction,
+                   num_items=num_items, backend=backend)  # fmt: skip
+    forward = fused_kl(student_logits, teacher_logits, "forward", weights=weights, **options)
+    return forward + fused_kl(student_logits, teacher_logits, "reverse", weights=1 - weights, **options)

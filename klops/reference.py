@@ -445,3 +445,14 @@ def sinkhorn_distill_reference(student_logits: torch.Tensor, teacher_logits: tor
         plan = plan / plan.sum(1, keepdim=True)
         plan = plan / plan.sum(0, keepdim=True)
     return ((plan.detach() if envelope else plan) * w).sum()
+
+
+def akl_weights_reference(student_logits, teacher_logits, *, mu=0.5, temperature=1.0):
+    """AKL's forward-KL weight per row in float64: the authors' ``get_ratio`` (descending sort, ``cumsum > mu``
+    is the tail, the first entry always head) with -inf logits as probability 0, 1/2 for 0/0, and the entries
+    tied with the boundary one split by klops.distill.akl_split's rule (the average over tie orders)."""
+    from .distill import akl_split
+
+    p = torch.softmax(teacher_logits.double() / temperature, dim=-1)
+    q = torch.softmax(student_logits.double() / temperature, dim=-1)
+    return akl_split(p.reshape(-1, p.shape[-1]), q.reshape(-1, q.shape[-1]), mu).reshape(p.shape[:-1])

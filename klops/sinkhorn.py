@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 
 from . import _inputs
-from .backend import resolve_backend
+from .backend import resolve_triton_or_torch
 from .logprobs import logprobs_op
 
 __all__ = ["SinkhornResult", "sinkhorn", "sinkhorn_divergence", "sinkhorn_distill_loss", "COST_FNS"]
@@ -272,6 +272,8 @@ def _geometry(cost, x, y, cost_fn) -> _Geometry:
     if (cost is None) == (x is None and y is None):
         raise ValueError("give either cost [B, n, m] or the points x [B, n, d] and y [B, m, d], not both")
     if cost is not None:
+        if cost_fn is not None:
+            raise ValueError("cost_fn applies to points x, y; a given cost matrix takes none")
         _check_float3("cost", cost, "[B, n, m]")
         if cost.shape[1] == 0 or cost.shape[2] == 0:
             raise ValueError(f"cost must have n >= 1 and m >= 1, got shape {tuple(cost.shape)}")
@@ -285,6 +287,7 @@ def _geometry(cost, x, y, cost_fn) -> _Geometry:
                          f"{x.device} and {tuple(y.shape)} on {y.device}")  # fmt: skip
     if x.shape[1] == 0 or y.shape[1] == 0:
         raise ValueError(f"x and y need at least one point each, got {tuple(x.shape)} and {tuple(y.shape)}")
+    cost_fn = "sqeuclidean" if cost_fn is None else cost_fn
     _inputs.check_choice("cost_fn", cost_fn, COST_FNS)
     return _Geometry(None, x, y, cost_fn)
 
@@ -317,22 +320,12 @@ def _check_bool(name: str, value) -> bool:
 
 def _resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """Sinkhorn has Triton and torch kernels; "auto" takes Triton on a GPU (torch for float64)."""
-    if backend == "cuda":
-        raise ValueError("backend='cuda': Sinkhorn has no CUDA kernels in klops._C; use 'triton' or 'torch'")
-    resolved = resolve_backend(backend, device)
-    if resolved == "cuda":
-        resolved = "triton" if "triton" in _available(device) else "torch"
+    resolved = resolve_triton_or_torch(backend, device, "Sinkhorn")
     if dtype == torch.float64 and resolved == "triton":
         if backend == "triton":
             raise ValueError("backend='triton' computes in float32; float64 inputs need backend='torch'")
         resolved = "torch"
     return resolved
-
-
-def _available(device):
-    from .backend import available_backends
-
-    return available_backends(device)
 
 
 def _schedule(geometry: _Geometry, epsilon: float, max_iter: int, anneal) -> list[float]:
@@ -368,7 +361,7 @@ def sinkhorn(
     *,
     x: torch.Tensor | None = None,
     y: torch.Tensor | None = None,
-    cost_fn: str = "sqeuclidean",
+    cost_fn: str | None = None,
     epsilon: float,
     max_iter: int = 100,
     tol: float | None = 1e-6,
@@ -386,8 +379,8 @@ def sinkhorn(
 
     Args:
         cost: [B, n, m] cost matrix; or None with ``x`` [B, n, d] and ``y`` [B, m, d], whose cost
-            (``cost_fn``: "sqeuclidean" ``sum_k (x_k - y_k)^2``, no 1/2, as POT's ``ot.dist``; or "l1")
-            is computed tile by tile, never stored.
+            (``cost_fn``: "sqeuclidean", the default, ``sum_k (x_k - y_k)^2``, no 1/2, as POT's ``ot.dist``;
+            or "l1") is computed tile by tile, never stored.
         a, b: [B, n], [B, m] nonnegative marginals summing to 1 (uniform when None).
         epsilon: the regularization eps > 0, in cost units.
         max_iter: most iterations (each one f and one g update).
@@ -395,7 +388,7 @@ def sinkhorn(
             ``check_every`` iterations (the only host syncs); None runs exactly max_iter, with no sync.
         anneal: None, or a factor in (0, 1): epsilon scaling from the largest cost down to epsilon
             (``eps_k = max(epsilon, C_max anneal^k)``); the annealing iterations count in max_iter.
-        return_plan: also return the dense plan [B, n, m].
+        return_plan: also return the dense plan [B, n, m] (differentiable only with unroll=True).
         unroll: backpropagate through the iterations (torch backend, the cost materialized, as SinKD's
             code does) instead of the envelope gradient.
         backend: "auto" | "triton" | "torch" (float64 inputs run on torch).
@@ -430,9 +423,10 @@ def sinkhorn(
             geometry.cost, geometry.x, geometry.y, log_a, log_b, geometry.cost_fn, schedule, tol, check_every, backend
         )
         iterations = int(iterations)
-    plan = plan_torch(geometry, log_a, log_b, f, g, epsilon) if return_plan else None
-    if not unroll:
+    if not unroll:  # the envelope: neither the potentials nor the plan carry a gradient
         f, g = f.detach(), g.detach()
+    with torch.set_grad_enabled(unroll and torch.is_grad_enabled()):
+        plan = plan_torch(geometry, log_a, log_b, f, g, epsilon) if return_plan else None
     return SinkhornResult(f, g, value, objective, iterations, error.detach(), plan)
 
 

@@ -24,7 +24,8 @@ def test_bench_checks_and_reports(tmp_path, monkeypatch, capsys):
             bench.Case("fused_kl_topk", 4, 96, torch.float32, k=8), bench.Case("tdpo_loss", 16, 96, torch.float32),
             bench.Case("dckd_loss", 16, 96, torch.float32, k=8),
             bench.Case("fused_linear_logprobs", 8, 96, torch.float32, hidden=16),
-            bench.Case("fused_linear_grpo_loss", 8, 96, torch.float32, hidden=16)]  # fmt: skip
+            bench.Case("fused_linear_grpo_loss", 8, 96, torch.float32, hidden=16),
+            bench.Case("akl_loss", 4, 96, torch.float32)]  # fmt: skip
     monkeypatch.setattr(bench, "cases", lambda device, quick: tiny)
     tiny_sinkhorn = [bench_sinkhorn.SinkhornCase("sinkhorn", 16, 3, batch=2),
                      bench_sinkhorn.SinkhornCase("sinkhorn_distill_loss", 8, 40)]  # fmt: skip

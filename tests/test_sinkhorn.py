@@ -346,6 +346,26 @@ def test_sinkhorn_distill_all_ignored_and_empty(backend, gen):
     assert float(loss) == 0.0 and empty.grad.shape == (0, 10)
 
 
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compile_fullgraph(compiler, gen):
+    """sinkhorn_distill_loss and an envelope sinkhorn are custom ops to torch.compile: no graph break."""
+    torch._dynamo.reset()
+    student, teacher, x = randn(12, 30, gen=gen), randn(12, 30, gen=gen), randn(2, 9, 3, gen=gen)
+
+    def loss_fn(z, points):
+        transport = klops.sinkhorn(x=points, y=points.flip(1) + 1, epsilon=0.5, max_iter=5, tol=None).cost.sum()
+        return klops.sinkhorn_distill_loss(z, teacher, n_iter=5) + transport
+
+    grads = []
+    for fn in (loss_fn, torch.compile(loss_fn, backend=compiler, fullgraph=True)):
+        z, points = student.clone().requires_grad_(), x.clone().requires_grad_()
+        fn(z, points).backward()
+        grads.append((z.grad, points.grad))
+    for (got_z, got_x), (want_z, want_x) in zip(grads[1:], grads[:1]):
+        assert_close(got_z, want_z, (1e-5, 1e-6), "d/dz")
+        assert_close(got_x, want_x, (1e-5, 1e-6), "d/dx")
+
+
 # ----------------------------------------------------------------------------------------------------
 # input checks
 
@@ -368,6 +388,8 @@ def test_bad_inputs_are_named():
         klops.sinkhorn(cost, epsilon=0.0)
     with pytest.raises(ValueError, match="cost_fn must be one of"):
         klops.sinkhorn(x=torch.rand(1, 2, 3), y=torch.rand(1, 2, 3), cost_fn="cosine", epsilon=0.1)
+    with pytest.raises(ValueError, match="a given cost matrix takes none"):
+        klops.sinkhorn(cost, cost_fn="l1", epsilon=0.1)
     with pytest.raises(ValueError, match="must share B, d"):
         klops.sinkhorn(x=torch.rand(1, 2, 3), y=torch.rand(1, 2, 4), epsilon=0.1)
     with pytest.raises(ValueError, match="max_iter must be an int >= 1"):

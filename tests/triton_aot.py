@@ -53,6 +53,7 @@ VARIANTS = (
     + [f"topk-backward-{dtype}-sm{arch}" for dtype in ("bf16", "fp32") for arch in (80, 90)]
     + ["topk-backward-labels-bf16-sm90"]
     + [f"sinkhorn-{v}-sm{arch}" for v in SINKHORN_VARIANTS for arch in (80, 90)]
+    + [f"akl-weights-{dtype}-sm{arch}" for dtype in ("bf16", "fp32") for arch in (80, 90)]
 )
 
 
@@ -157,7 +158,7 @@ def resource_usage(cubin: bytes) -> dict:
 
 def compile_all() -> dict[str, dict]:
     import triton
-    from klops.kernels import divergence, logprobs, sinkhorn, topk
+    from klops.kernels import distill, divergence, logprobs, sinkhorn, topk
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -224,6 +225,12 @@ def compile_all() -> dict[str, dict]:
         for variant, job in sinkhorn_jobs(sinkhorn).items():
             jobs[f"sinkhorn-{variant}-sm{arch}"] = [(kernel, sig, constexprs, arch, sweep) for kernel, sig, constexprs,
                                                      sweep in job]  # fmt: skip
+    for dtype in ("bf16", "fp32"):
+        akl = {"z_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "valid_ptr": "*i1", "w_ptr": "*fp32"} | ROW_ARGS
+        akl |= {name: "i64" for name in ("stride_zb", "stride_zl", "stride_yb", "stride_yl")}
+        for arch in (80, 90):
+            jobs[f"akl-weights-{dtype}-sm{arch}"] = [(distill.akl_head_weight_kernel, akl | {
+                "inv_temperature": "fp32", "mu": "fp32"}, {}, arch, distill.AKL_SWEEP)]  # fmt: skip
     results = {}
     for name, kernels in jobs.items():
         try:

@@ -1,0 +1,127 @@
+"""akl_weights and akl_loss (AKL, Wu et al. 2024; docs/losses.md §6) against float64 references: the authors'
+sort-based ratios, and the weighted forward + reverse KL through autograd."""
+
+import math
+
+import pytest
+import torch
+
+import klops
+from klops.reference import akl_weights_reference, fused_kl_reference
+
+from .conftest import BACKENDS, DEVICE, GRAD_TOL, LOSS_TOL, assert_close, randn
+
+AKL_BACKENDS = [b for b in BACKENDS if b != "cuda"]  # the weights have Triton and torch kernels
+
+
+def authors_ratio(student_logits, teacher_logits, mu, temperature):
+    """The authors' get_ratio in float64 (a sort; the boundary entry in the tail), for rows without ties."""
+    p = torch.softmax(teacher_logits.double() / temperature, dim=-1)
+    q = torch.softmax(student_logits.double() / temperature, dim=-1)
+    p_sorted, order = p.sort(dim=-1, descending=True)
+    errors = (p_sorted - q.gather(-1, order)).abs()
+    tail = p_sorted.cumsum(-1) > mu
+    tail[..., 0] = False
+    s1, s2 = (errors * ~tail).sum(-1), (errors * tail).sum(-1)
+    return s1 / (s1 + s2)
+
+
+def teacher_rows(V, gen, dtype=torch.float32):
+    """Teacher logits with the rows AKL treats specially: spread, flat, one token past mu, equal to the student."""
+    teacher = randn(6, V, gen=gen, scale=3.0, dtype=torch.float32)
+    teacher[1] = randn(V, gen=gen, scale=0.01)
+    teacher[2, 5] = 40.0
+    teacher[4, 3:9] = -math.inf
+    return teacher.to(dtype)
+
+
+@pytest.mark.parametrize("backend", AKL_BACKENDS)
+@pytest.mark.parametrize("V", [7, 300, 1500])  # 1500: three blocks of 512 and a partial one
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature, mu", [(1.0, 0.5), (0.7, 0.3)])
+def test_weights_match_the_sorted_reference(backend, V, dtype, temperature, mu, gen):
+    teacher = teacher_rows(V, gen, dtype)
+    student = randn(6, V, gen=gen, scale=2.0, dtype=dtype)
+    student[3] = teacher[3]
+    got = klops.akl_weights(student, teacher, mu=mu, temperature=temperature, backend=backend)
+    expected = akl_weights_reference(student, teacher, mu=mu, temperature=temperature)
+    assert_close(got, expected, (1e-5, 1e-6), "w")
+    assert float(got[3]) == 0.5, "p = q: both gaps are 0"
+    if dtype == torch.float32:  # no ties: the authors' sort gives the same split
+        rows = [0, 1, 2, 4, 5]
+        assert_close(got[rows], authors_ratio(student[rows], teacher[rows], mu, temperature), (1e-5, 1e-6), "authors")
+
+
+@pytest.mark.parametrize("backend", AKL_BACKENDS)
+def test_boundary_entry_belongs_to_the_tail(backend):
+    """Teacher p = (0.3, 0.15, 0.1, ...): the running sums 0.3, 0.45, 0.55 put the first two entries in the head
+    at mu = 0.5 and the one that crosses it in the tail; a uniform student makes the gaps plain numbers."""
+    V = 10
+    p = torch.tensor([0.3, 0.15, 0.1] + [0.45 / 7] * 7, dtype=torch.float64)
+    teacher = torch.log(p)[torch.tensor([4, 0, 7, 1, 2, 3, 5, 6, 8, 9])].float().to(DEVICE)[None]  # shuffled
+    sorted_p = p.sort(descending=True).values
+    head = (sorted_p[:2] - 1 / V).abs().sum()
+    expected = head / (sorted_p - 1 / V).abs().sum()
+    got = klops.akl_weights(torch.zeros(1, V, device=DEVICE), teacher, mu=0.5, backend=backend)
+    assert_close(got, expected[None], (1e-6, 0), "w")
+
+
+@pytest.mark.parametrize("backend", AKL_BACKENDS)
+def test_ties_at_the_boundary_are_averaged(backend):
+    """p = (0.2, 0.1, 0.1, 0.1, 0.1, rest): at mu = 0.45 the boundary falls inside the four tied entries, of
+    which floor((0.45 - 0.2) / 0.1) = 2 fit under mu: half of the tie group's gap counts in the head, whatever
+    order a sort would give them."""
+    p = torch.tensor([0.2] + [0.1] * 4 + [0.4 / 7] * 7, dtype=torch.float64)
+    q = torch.tensor([0.05] + [0.01, 0.3, 0.1, 0.04] + [0.5 / 7] * 7, dtype=torch.float64)
+    gap = (p - q).abs()
+    expected = (gap[0] + 0.5 * gap[1:5].sum()) / gap.sum()
+    got = klops.akl_weights(torch.log(q).float().to(DEVICE)[None], torch.log(p).float().to(DEVICE)[None], mu=0.45,
+                            backend=backend)  # fmt: skip
+    assert_close(got, expected[None], (1e-6, 0), "w")
+
+
+@pytest.mark.parametrize("backend", AKL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loss_matches_weighted_forward_and_reverse(backend, dtype, gen):
+    """AKL from sliced [B, L, V] logits (``logits[:, :-1]``) with ignored labels, against the float64 loss with the
+    reference weights held constant."""
+    V = 700
+    student_full, teacher_full = randn(2, 6, V, gen=gen, scale=2.0, dtype=dtype), randn(2, 6, V, gen=gen, scale=2.0)
+    student, teacher = student_full[:, :-1], teacher_full[:, :-1].to(dtype)
+    labels = torch.randint(0, V, (2, 5), generator=gen).to(DEVICE)
+    labels[0, :2] = -100
+    leaf = student.detach().clone().requires_grad_()
+    loss = klops.akl_loss(leaf, teacher, temperature=1.3, labels=labels, backend=backend)
+    loss.backward()
+    ref_leaf = student.detach().double().requires_grad_()
+    w = akl_weights_reference(student, teacher, temperature=1.3)
+    expected = fused_kl_reference(ref_leaf, teacher, "forward", temperature=1.3, labels=labels, weights=w)
+    expected = expected + fused_kl_reference(ref_leaf, teacher, "reverse", temperature=1.3, labels=labels,
+                                             weights=1 - w)  # fmt: skip
+    expected.backward()
+    assert_close(loss, expected.detach(), LOSS_TOL[dtype], "loss")
+    assert_close(leaf.grad, ref_leaf.grad, GRAD_TOL[dtype], "grad")
+    assert float(leaf.grad[0, :2].abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("backend", AKL_BACKENDS)
+def test_all_masked_and_empty(backend, gen):
+    student = randn(3, 40, gen=gen).requires_grad_()
+    loss = klops.akl_loss(student, randn(3, 40, gen=gen), mask=torch.zeros(3, device=DEVICE), backend=backend)
+    loss.backward()
+    assert float(loss) == 0.0 and float(student.grad.abs().sum()) == 0.0
+    empty = randn(0, 40, gen=gen).requires_grad_()
+    klops.akl_loss(empty, randn(0, 40, gen=gen), backend=backend).backward()
+    assert empty.grad.shape == (0, 40)
+
+
+def test_bad_input(gen):
+    student = randn(3, 40, gen=gen)
+    with pytest.raises(ValueError, match="mu must lie in"):
+        klops.akl_weights(student, student, mu=1.5)
+    with pytest.raises(ValueError, match="mu must lie in"):
+        klops.akl_weights(student, student, mu=1.0)
+    with pytest.raises(ValueError, match="vocabulary mismatch"):
+        klops.akl_loss(student, randn(3, 41, gen=gen))
+    with pytest.raises(ValueError, match="akl_weights has no CUDA kernels"):
+        klops.akl_weights(student, student, backend="cuda")
