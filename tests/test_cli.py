@@ -35,7 +35,7 @@ def test_bench_checks_and_reports(tmp_path, monkeypatch, capsys):
     table = capsys.readouterr().out
     report = json.loads(out_json.read_text())
     impls = {row["impl"] for row in report["results"]}
-    assert {"klops[torch]", "torch eager", "torch.compile", "POT (ot.sinkhorn2, log)", "torch loop"} <= impls
+    assert {"klops[torch]", "torch eager", "torch.compile", "POT (ot.sinkhorn, log)", "torch loop"} <= impls
     for row in report["results"]:
         assert "error" not in row, row
         assert row["ms"] > 0 and row["peak_mib"] >= 0
