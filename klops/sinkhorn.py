@@ -152,12 +152,22 @@ def _softmin(backend: str):
     return softmin_torch
 
 
-def _points_gradient(backend: str, geometry: _Geometry, log_a, log_b, f, g, eps: float) -> torch.Tensor:
+@torch.library.custom_op("klops::sinkhorn_points_gradient", mutates_args=())
+def points_gradient_op(
+    x: torch.Tensor, y: torch.Tensor, f: torch.Tensor, g: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor,
+    eps: float, cost_fn: str, backend: str,
+) -> torch.Tensor:  # fmt: skip
+    """[B, n, d] (the potentials' dtype): ``sum_j P_ij dc(x_i, y_j)/dx_i``, streamed (no n x m tensor on Triton)."""
     if backend == "triton":
         from .kernels import sinkhorn as kernels
 
-        return kernels.points_gradient(geometry.x, geometry.y, f, g, log_a, log_b, eps, geometry.cost_fn)
-    return points_gradient_torch(geometry, log_a, log_b, f, g, eps)
+        return kernels.points_gradient(x, y, f, g, log_a, log_b, eps, cost_fn).to(f.dtype)
+    return points_gradient_torch(_Geometry(None, x, y, cost_fn), log_a, log_b, f, g, eps)
+
+
+@points_gradient_op.register_fake
+def _(x, y, f, g, log_a, log_b, eps, cost_fn, backend):
+    return x.new_empty(x.shape, dtype=f.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -242,10 +252,9 @@ def _sinkhorn_backward(ctx, _grad_f, _grad_g, grad_cost, grad_objective, _grad_e
     if cost is not None and ctx.needs_input_grad[0]:
         d_cost = (scale[:, None, None] * plan_torch(geometry, log_a, log_b, f, g, eps)).to(cost.dtype)
     if x is not None and ctx.needs_input_grad[1]:
-        d_x = (scale[:, None, None] * _points_gradient(backend, geometry, log_a, log_b, f, g, eps)).to(x.dtype)
+        d_x = (scale[:, None, None] * points_gradient_op(x, y, f, g, log_a, log_b, eps, cost_fn, backend)).to(x.dtype)
     if y is not None and ctx.needs_input_grad[2]:
-        d_y = scale[:, None, None] * _points_gradient(backend, geometry.transposed(), log_b, log_a, g, f, eps)
-        d_y = d_y.to(y.dtype)
+        d_y = (scale[:, None, None] * points_gradient_op(y, x, g, f, log_b, log_a, eps, cost_fn, backend)).to(y.dtype)
     d_log_a = scale[:, None] * torch.where(log_a > -math.inf, log_a.exp() * f, 0.0)
     d_log_b = scale[:, None] * torch.where(log_b > -math.inf, log_b.exp() * g, 0.0)
     return d_cost, d_x, d_y, d_log_a, d_log_b, None, None, None, None, None

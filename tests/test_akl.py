@@ -115,6 +115,27 @@ def test_all_masked_and_empty(backend, gen):
     assert empty.grad.shape == (0, 40)
 
 
+@pytest.mark.parametrize("backend", AKL_BACKENDS)
+def test_opcheck(backend, gen):
+    from klops.distill import akl_head_weights_op
+
+    valid = torch.tensor([[True, False, True]], device=DEVICE)
+    torch.library.opcheck(akl_head_weights_op, (randn(1, 3, 50, gen=gen), randn(1, 3, 50, gen=gen), valid, 1.0, 0.5,
+                                                backend))  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", AKL_BACKENDS)
+def test_compile_fullgraph(backend, gen):
+    torch._dynamo.reset()
+    student, teacher = randn(2, 5, 60, gen=gen), randn(2, 5, 60, gen=gen)
+    grads = []
+    for fn in (klops.akl_loss, torch.compile(klops.akl_loss, backend="aot_eager", fullgraph=True)):
+        leaf = student.clone().requires_grad_()
+        fn(leaf, teacher, backend=backend).backward()
+        grads.append(leaf.grad)
+    assert_close(grads[1], grads[0], (1e-6, 1e-7), "compiled grad")
+
+
 def test_bad_input(gen):
     student = randn(3, 40, gen=gen)
     with pytest.raises(ValueError, match="mu must lie in"):

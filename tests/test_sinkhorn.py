@@ -346,15 +346,30 @@ def test_sinkhorn_distill_all_ignored_and_empty(backend, gen):
     assert float(loss) == 0.0 and empty.grad.shape == (0, 10)
 
 
+@pytest.mark.parametrize("backend", SINKHORN_BACKENDS)
+def test_opcheck(backend, gen):
+    from klops.sinkhorn import sinkhorn_op, softmax_l1_cost_op
+
+    log_a, log_b = torch.full((2, 5), -math.log(5), device=DEVICE), torch.full((2, 4), -math.log(4), device=DEVICE)
+    cost = torch.rand(2, 5, 4, generator=gen).to(DEVICE).requires_grad_()
+    torch.library.opcheck(sinkhorn_op, (cost, None, None, log_a, log_b, "sqeuclidean", [0.5] * 4, None, 1, backend))
+    x, y = randn(2, 5, 3, gen=gen).requires_grad_(), randn(2, 4, 3, gen=gen)
+    torch.library.opcheck(sinkhorn_op, (None, x, y, log_a, log_b, "l1", [0.5] * 4, 1e-3, 2, backend))
+    valid = torch.ones(1, 6, dtype=torch.bool, device=DEVICE)
+    args = (randn(1, 6, 20, gen=gen).requires_grad_(), randn(1, 6, 20, gen=gen), valid, 2.0, backend)
+    torch.library.opcheck(softmax_l1_cost_op, args)
+
+
+@pytest.mark.parametrize("backend", SINKHORN_BACKENDS)
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
-def test_compile_fullgraph(compiler, gen):
+def test_compile_fullgraph(compiler, backend, gen):
     """sinkhorn_distill_loss and an envelope sinkhorn are custom ops to torch.compile: no graph break."""
     torch._dynamo.reset()
     student, teacher, x = randn(12, 30, gen=gen), randn(12, 30, gen=gen), randn(2, 9, 3, gen=gen)
 
     def loss_fn(z, points):
-        transport = klops.sinkhorn(x=points, y=points.flip(1) + 1, epsilon=0.5, max_iter=5, tol=None).cost.sum()
-        return klops.sinkhorn_distill_loss(z, teacher, n_iter=5) + transport
+        transport = klops.sinkhorn(x=points, y=points.flip(1) + 1, epsilon=0.5, max_iter=5, tol=None, backend=backend)
+        return klops.sinkhorn_distill_loss(z, teacher, n_iter=5, backend=backend) + transport.cost.sum()
 
     grads = []
     for fn in (loss_fn, torch.compile(loss_fn, backend=compiler, fullgraph=True)):
