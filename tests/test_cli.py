@@ -47,6 +47,26 @@ def test_bench_checks_and_reports(tmp_path, monkeypatch, capsys):
         if row["case"].startswith("sinkhorn"):
             assert row["tflops"] > 0 and "GFLOP/s)" in table, row
     assert report["matmul_tflops"]["float32"] > 0
+    assert report["versions"]["torch"] == torch.__version__ and report["versions"]["klops"] == klops.__version__
+    assert report["date"].startswith("20") and report["repeats"] == 1
+    assert all(row["pass"] for row in report["results"] if row["impl"].startswith("klops"))
+
+
+def test_bench_does_not_time_a_failing_kernel(monkeypatch, capsys):
+    """A klops implementation that disagrees with the reference is reported FAILED, untimed, and the exit is 1."""
+    monkeypatch.setattr(bench, "cases", lambda device, quick: [bench.Case("logprobs", 4, 96, torch.float32)])
+    monkeypatch.setattr(bench_sinkhorn, "cases", lambda device, quick: [])
+    real = bench.implementations
+
+    def broken(case, device):
+        impls = real(case, device)
+        impls["klops[torch]"] = lambda z, y: 1.5 * impls["torch eager"](z, y)
+        return impls
+
+    monkeypatch.setattr(bench, "implementations", broken)
+    assert cli.main(["bench", "--device", "cpu", "--repeats", "1"]) == 1
+    out = capsys.readouterr()
+    assert "FAILED the reference check (not timed)" in out.out and "1 klops case(s) failed" in out.err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
