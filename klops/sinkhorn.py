@@ -175,17 +175,24 @@ def _(x, y, f, g, log_a, log_b, eps, cost_fn, backend):
 
 
 def _solve(geometry: _Geometry, log_a, log_b, schedule: list[float], tol: float | None, check_every: int,
-           backend: str):  # fmt: skip
+           backend: str, symmetric: bool = False):  # fmt: skip
     """Runs the iterations with the regularizations of ``schedule`` (one per iteration, ending at eps) and
-    returns (f, g, cost, objective, marginal_error, iterations)."""
+    returns (f, g, cost, objective, marginal_error, iterations).
+
+    ``symmetric`` (OT(a, a) on a symmetric cost, for the divergence's debiasing terms): g = f and the averaged
+    update ``f <- (f + T(f)) / 2``, T(f) the soft-min of f, one pass per iteration (GeomLoss's; the plain
+    alternation oscillates on these problems and converges far more slowly)."""
     softmin = _softmin(backend)
     transposed = geometry.transposed()
     eps = schedule[-1]
     g = log_b.new_zeros(log_b.shape)
     f, _ = softmin(geometry, g, log_b, schedule[0])
     for k, eps_k in enumerate(schedule, 1):
-        g, _ = softmin(transposed, f, log_a, eps_k)
-        f_next, cbar = softmin(geometry, g, log_b, eps_k)  # the next iteration's f update
+        if symmetric:
+            g = f
+        else:
+            g, _ = softmin(transposed, f, log_a, eps_k)
+        f_next, cbar = softmin(geometry, g, log_b, eps_k)  # the next f update, and the row sums of (f, g)
         last = k == len(schedule)
         checking = tol is not None and k % check_every == 0 and eps_k == eps
         if last or checking:
@@ -193,7 +200,7 @@ def _solve(geometry: _Geometry, log_a, log_b, schedule: list[float], tol: float 
             error = (row_mass - log_a.exp()).abs().sum(-1)
             if last or bool((error < tol).all()):  # the host sync of a check
                 break
-        f = f_next
+        f = 0.5 * (f + f_next) if symmetric else f_next
     cost = (row_mass * cbar).sum(-1)
     objective = _dot(log_a, f) + _dot(log_b, g)
     return f, g, cost, objective, error, k
@@ -216,23 +223,25 @@ def sinkhorn_op(
     tol: float | None,
     check_every: int,
     backend: str,
+    symmetric: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (f [B, n], g [B, m], cost [B], objective [B], marginal_error [B], iterations (0-d int64))."""
     f, g, value, objective, error, iterations = _solve(
-        _Geometry(cost, x, y, cost_fn), log_a, log_b, schedule, tol, check_every, backend
+        _Geometry(cost, x, y, cost_fn), log_a, log_b, schedule, tol, check_every, backend, symmetric
     )
+    g = g.clone() if g is f else g  # the symmetric solve's g is f; a custom op's outputs may not alias
     return f, g, value, objective, error, torch.tensor(iterations)
 
 
 @sinkhorn_op.register_fake
-def _(cost, x, y, log_a, log_b, cost_fn, schedule, tol, check_every, backend):
+def _(cost, x, y, log_a, log_b, cost_fn, schedule, tol, check_every, backend, symmetric):
     B = log_a.shape[0]
     new = log_a.new_empty
     return new(log_a.shape), new(log_b.shape), new(B), new(B), new(B), torch.empty((), dtype=torch.int64)
 
 
 def _sinkhorn_setup(ctx, inputs, output):
-    cost, x, y, log_a, log_b, cost_fn, schedule, tol, check_every, backend = inputs
+    cost, x, y, log_a, log_b, cost_fn, schedule, tol, check_every, backend, _symmetric = inputs
     f, g, *_ = output
     ctx.save_for_backward(cost, x, y, log_a, log_b, f, g)
     ctx.params = (cost_fn, schedule[-1], backend)
@@ -245,7 +254,7 @@ def _sinkhorn_backward(ctx, _grad_f, _grad_g, grad_cost, grad_objective, _grad_e
     cost_fn, eps, backend = ctx.params
     grads = [grad for grad in (grad_cost, grad_objective) if grad is not None]
     if not grads:
-        return (None,) * 10
+        return (None,) * 11
     scale = sum(grads)
     geometry = _Geometry(cost, x, y, cost_fn)
     d_cost = d_x = d_y = None
@@ -257,7 +266,7 @@ def _sinkhorn_backward(ctx, _grad_f, _grad_g, grad_cost, grad_objective, _grad_e
         d_y = (scale[:, None, None] * points_gradient_op(y, x, g, f, log_b, log_a, eps, cost_fn, backend)).to(y.dtype)
     d_log_a = scale[:, None] * torch.where(log_a > -math.inf, log_a.exp() * f, 0.0)
     d_log_b = scale[:, None] * torch.where(log_b > -math.inf, log_b.exp() * g, 0.0)
-    return d_cost, d_x, d_y, d_log_a, d_log_b, None, None, None, None, None
+    return d_cost, d_x, d_y, d_log_a, d_log_b, None, None, None, None, None, None
 
 
 torch.library.register_autograd("klops::sinkhorn", _sinkhorn_backward, setup_context=_sinkhorn_setup)
@@ -408,6 +417,13 @@ def sinkhorn(
 
     Returns a ``SinkhornResult`` (f, g, cost, objective, iterations, marginal_error, plan).
     """
+    return _sinkhorn(cost, a, b, x, y, cost_fn=cost_fn, epsilon=epsilon, max_iter=max_iter, tol=tol,
+                     check_every=check_every, anneal=anneal, return_plan=return_plan, unroll=unroll, backend=backend,
+                     symmetric=False)  # fmt: skip
+
+
+def _sinkhorn(cost, a, b, x, y, *, cost_fn, epsilon, max_iter, tol, check_every, anneal, return_plan, unroll, backend,
+              symmetric: bool) -> SinkhornResult:  # fmt: skip
     geometry = _geometry(cost, x, y, cost_fn)
     B, n, m = geometry.shape
     ref = geometry.cost if geometry.cost is not None else geometry.x
@@ -426,11 +442,12 @@ def sinkhorn(
 
     if unroll:
         f, g, value, objective, error, iterations = _solve(geometry, log_a, log_b, schedule, tol, check_every,
-                                                           "torch")  # fmt: skip
+                                                           "torch", symmetric)  # fmt: skip
     else:
         f, g, value, objective, error, iterations = sinkhorn_op(
-            geometry.cost, geometry.x, geometry.y, log_a, log_b, geometry.cost_fn, schedule, tol, check_every, backend
-        )
+            geometry.cost, geometry.x, geometry.y, log_a, log_b, geometry.cost_fn, schedule, tol, check_every, backend,
+            symmetric,
+        )  # fmt: skip
         iterations = int(iterations)
     if not unroll:  # the envelope: neither the potentials nor the plan carry a gradient
         f, g = f.detach(), g.detach()
@@ -454,7 +471,9 @@ def sinkhorn_divergence(
     ``cost`` is the tuple ``(C_ab [B, n, m], C_aa [B, n, n], C_bb [B, m, m])``, or None with points x, y (the
     self-costs then come from the same points). ``value="objective"`` (default) uses the entropic value, which
     makes S >= 0 and S = 0 only when a = b (Feydy et al. 2019, GeomLoss); ``"cost"`` uses ``<P, C>``.
-    ``options`` are sinkhorn's (epsilon, cost_fn, max_iter, tol, check_every, anneal, unroll, backend).
+    ``options`` are sinkhorn's (epsilon, cost_fn, max_iter, tol, check_every, anneal, unroll, backend). The two
+    self terms run the symmetric update ``f <- (f + T(f)) / 2`` (one soft-min pass per iteration; the plain
+    alternation oscillates on them), so ``C_aa`` and ``C_bb`` must be symmetric.
     """
     _inputs.check_choice("value", value, ("objective", "cost"))
     if "return_plan" in options:
@@ -466,7 +485,16 @@ def sinkhorn_divergence(
         problems = ((c_ab, a, b, None, None), (c_aa, a, a, None, None), (c_bb, b, b, None, None))
     else:
         problems = ((None, a, b, x, y), (None, a, a, x, x), (None, b, b, y, y))
-    values = [getattr(sinkhorn(c, u, v, x=p, y=q, **options), value) for c, u, v, p, q in problems]
+    settings = {"cost_fn": None, "max_iter": 100, "tol": 1e-6, "check_every": 10, "anneal": None, "unroll": False,
+                "backend": "auto"}  # fmt: skip
+    unknown = set(options) - set(settings) - {"epsilon"}
+    if unknown or "epsilon" not in options:
+        raise TypeError(f"sinkhorn_divergence takes epsilon= and {', '.join(settings)}; got {sorted(options)}")
+    settings |= options
+    values = [
+        getattr(_sinkhorn(*problem, **settings, return_plan=False, symmetric=i > 0), value)
+        for i, problem in enumerate(problems)
+    ]
     return values[0] - 0.5 * values[1] - 0.5 * values[2]
 
 
@@ -629,5 +657,5 @@ def sinkhorn_distill_loss(
                                  "torch")  # fmt: skip
     else:
         _, _, value, *_ = sinkhorn_op(w[None], None, None, log_marginal, log_marginal, "sqeuclidean", schedule, None, 1,
-                                      backend)  # fmt: skip
+                                      backend, False)  # fmt: skip
     return n_valid * value[0]

@@ -298,6 +298,22 @@ def test_divergence_is_debiased(gen):
     assert_close(by_cost, expected, FP64_TOL, "S on <P, C>")
 
 
+def test_symmetric_update_of_the_self_terms():
+    """OT(x, x) by the averaged symmetric update reaches the plain alternation's solution in far fewer iterations
+    (here eps is 1/30 of the costs' spread: 27 iterations against 3446)."""
+    from klops.sinkhorn import _sinkhorn
+
+    # a fixed draw: the plain alternation's iteration count varies a lot from one draw to another (3446 here)
+    x = torch.randn(2, 12, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    options = dict(cost_fn=None, epsilon=0.3, max_iter=200000, tol=1e-11, check_every=1, anneal=None,
+                   return_plan=False, unroll=False, backend="torch")  # fmt: skip
+    plain = _sinkhorn(None, None, None, x, x, **options, symmetric=False)
+    symmetric = _sinkhorn(None, None, None, x, x, **options, symmetric=True)
+    assert_close(symmetric.objective, plain.objective, FP64_TOL, "OT(x, x)")
+    assert_close(symmetric.f, symmetric.g, (0, 0), "g = f", floor=1e-15)
+    assert symmetric.iterations * 10 < plain.iterations, (symmetric.iterations, plain.iterations)
+
+
 # ----------------------------------------------------------------------------------------------------
 # SinKD
 
@@ -352,9 +368,13 @@ def test_opcheck(backend, gen):
 
     log_a, log_b = torch.full((2, 5), -math.log(5), device=DEVICE), torch.full((2, 4), -math.log(4), device=DEVICE)
     cost = torch.rand(2, 5, 4, generator=gen).to(DEVICE).requires_grad_()
-    torch.library.opcheck(sinkhorn_op, (cost, None, None, log_a, log_b, "sqeuclidean", [0.5] * 4, None, 1, backend))
+    args = (cost, None, None, log_a, log_b, "sqeuclidean", [0.5] * 4, None, 1, backend, False)
+    torch.library.opcheck(sinkhorn_op, args)
     x, y = randn(2, 5, 3, gen=gen).requires_grad_(), randn(2, 4, 3, gen=gen)
-    torch.library.opcheck(sinkhorn_op, (None, x, y, log_a, log_b, "l1", [0.5] * 4, 1e-3, 2, backend))
+    torch.library.opcheck(sinkhorn_op, (None, x, y, log_a, log_b, "l1", [0.5] * 4, 1e-3, 2, backend, False))
+    log_a = torch.full((2, 4), -math.log(4), device=DEVICE)
+    torch.library.opcheck(sinkhorn_op, (None, y.requires_grad_(), y, log_a, log_a, "sqeuclidean", [0.5] * 4, None, 1,
+                                        backend, True))  # fmt: skip
     valid = torch.ones(1, 6, dtype=torch.bool, device=DEVICE)
     args = (randn(1, 6, 20, gen=gen).requires_grad_(), randn(1, 6, 20, gen=gen), valid, 2.0, backend)
     torch.library.opcheck(softmax_l1_cost_op, args)
