@@ -33,3 +33,8 @@ def row_stats(x: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.
     row_max = x.amax(dim=-1)
     row_max = torch.where(row_max == -math.inf, 0.0, row_max)
     return row_max, torch.logsumexp(scaled(x - row_max[..., None], temperature), dim=-1)
+
+
+def log_softmax_from_stats(x: torch.Tensor, row_max: torch.Tensor, logsum: torch.Tensor, temperature: float):
+    """fp32 log softmax(x / T) of [rows, cols] logits from their rows' saved (raw max, logsum) [rows]."""
+    return scaled(x.float() - row_max[:, None], temperature) - logsum[:, None]

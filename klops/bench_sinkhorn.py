@@ -16,6 +16,7 @@ sign(p - q), and where a student and a teacher probability agree to fp32 roundin
 """
 
 import dataclasses
+import math
 
 import torch
 
@@ -139,8 +140,8 @@ def _pot_sinkhorn(x, y, epsilon):
 def _torch_loop_sinkhorn(x, y, epsilon):
     """The plain log-domain loop over the stored [B, n, m] cost; the plan's <P, C> differentiated with P fixed."""
     cost = torch.cdist(x, y).square()
-    log_a = torch.full(x.shape[:2], -torch.log(torch.tensor(float(x.shape[1]))).item(), device=x.device)
-    log_b = torch.full(y.shape[:2], -torch.log(torch.tensor(float(y.shape[1]))).item(), device=x.device)
+    log_a = torch.full(x.shape[:2], -math.log(x.shape[1]), device=x.device)
+    log_b = torch.full(y.shape[:2], -math.log(y.shape[1]), device=x.device)
     with torch.no_grad():
         c = cost.float()
         g = torch.zeros_like(log_b)

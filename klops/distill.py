@@ -14,7 +14,7 @@ import math
 import torch
 
 from . import _inputs
-from ._chunked import row_chunks, row_stats, scaled
+from ._chunked import log_softmax_from_stats, row_chunks, row_stats
 from .backend import resolve_triton_or_torch
 from .divergence import _check_dense_teacher, divergence_and_label_logprobs, fused_kl, valid_rows_and_weights
 from .grpo import grpo_loss_from_logits
@@ -165,8 +165,8 @@ def akl_head_weights_torch(student, teacher, valid, temperature: float, mu: floa
     for b, rows in row_chunks(B, L, V):
         logits_q, logits_p = student[b, rows], teacher[b, rows]
         (max_q, logsum_q), (max_p, logsum_p) = row_stats(logits_q, temperature), row_stats(logits_p, temperature)
-        q = torch.exp(scaled(logits_q.float() - max_q[:, None], temperature) - logsum_q[:, None])
-        p = torch.exp(scaled(logits_p.float() - max_p[:, None], temperature) - logsum_p[:, None])
+        q = torch.exp(log_softmax_from_stats(logits_q, max_q, logsum_q, temperature))
+        p = torch.exp(log_softmax_from_stats(logits_p, max_p, logsum_p, temperature))
         weight = akl_split(p, q, mu)
         w[b, rows] = torch.where(valid[b, rows], weight, 0.0)
     return w.reshape(-1)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import _inputs
-from ._chunked import row_chunks, row_stats, scaled
+from ._chunked import log_softmax_from_stats, row_chunks, row_stats, scaled
 from .backend import resolve_backend
 from .kernels.launch import DIVERGENCE_KINDS, TARGET_KINDS
 
@@ -80,9 +80,9 @@ def _row_logprobs(student, teacher, stats, target_is: str, temperature: float):
     """(log q, log p) of a chunk of rows from their (max_q, logsum_q, max_t, logsum_t): the max is
     subtracted in raw units before dividing by T, as in the kernels."""
     max_q, logsum_q, max_t, logsum_t = stats
-    lq = scaled(student.float() - max_q[:, None], temperature) - logsum_q[:, None]
+    lq = log_softmax_from_stats(student, max_q, logsum_q, temperature)
     if target_is == "logits":
-        return lq, scaled(teacher.float() - max_t[:, None], temperature) - logsum_t[:, None]
+        return lq, log_softmax_from_stats(teacher, max_t, logsum_t, temperature)
     return lq, (teacher.float() if target_is == "logprobs" else teacher.float().log())
 
 

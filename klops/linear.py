@@ -480,8 +480,7 @@ def fused_linear_logprobs(
     _inputs.check_labels_in_range("labels", labels, weight.shape[0], ignore_index)
     temperature = _inputs.check_temperature(temperature)
     softcap = _check_softcap(softcap)
-    if not isinstance(return_entropy, bool):
-        raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
+    _inputs.check_bool("return_entropy", return_entropy)
     backend = resolve_backend(backend, hidden.device)
     (hidden3,) = _inputs.as_rows(hidden)  # (B, L, D) without a copy, e.g. of hidden[:, :-1]
     rows = (hidden3, weight, bias, labels.reshape(hidden3.shape[:2]))
@@ -630,8 +629,7 @@ def fused_linear_cross_entropy(
     z_loss = _inputs.check_real("z_loss", z_loss, low=0.0, high=math.inf)
     softcap = _check_softcap(softcap)
     _inputs.check_num_items(num_items, reduction)
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    _inputs.check_bool("return_lse", return_lse)
     backend = resolve_backend(backend, hidden.device)
     (hidden3,) = _inputs.as_rows(hidden)
     inputs = (hidden3, weight, bias, labels.reshape(hidden3.shape[:2]))

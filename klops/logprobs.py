@@ -9,7 +9,7 @@ row (fp32); the backward recomputes ``q`` from them.
 import torch
 
 from . import _inputs
-from ._chunked import row_chunks, row_stats, scaled
+from ._chunked import log_softmax_from_stats, row_chunks, row_stats
 from .backend import resolve_backend
 
 __all__ = ["logprobs"]
@@ -26,7 +26,7 @@ def logprobs_forward_torch(logits, labels, temperature: float, with_entropy: boo
     for b, rows in row_chunks(B, L, V):
         keep = labels[b, rows] != ignore_index
         row_max, logsum = row_stats(logits[b, rows], temperature)
-        log_q = scaled(logits[b, rows].float() - row_max[:, None], temperature) - logsum[:, None]
+        log_q = log_softmax_from_stats(logits[b, rows], row_max, logsum, temperature)
         picked = log_q.gather(-1, torch.where(keep, labels[b, rows], 0)[:, None]).squeeze(-1)
         entropy = -(log_q.exp() * torch.where(log_q > -torch.inf, log_q, 0.0)).sum(-1) if with_entropy else None
         for out, value in zip(outputs, (picked, entropy, row_max, logsum)):
@@ -44,7 +44,7 @@ def logprobs_backward_torch(
     dz = torch.empty((B, L, V), dtype=logits.dtype, device=logits.device)
     for b, rows in row_chunks(B, L, V):
         keep = labels[b, rows] != ignore_index
-        log_q = scaled(logits[b, rows].float() - max_z[b, rows][:, None], temperature) - logsum[b, rows][:, None]
+        log_q = log_softmax_from_stats(logits[b, rows], max_z[b, rows], logsum[b, rows], temperature)
         q = log_q.exp()
         onehot = torch.zeros_like(q).scatter_(-1, torch.where(keep, labels[b, rows], 0)[:, None], 1.0)
         chunk = grad_logp[b, rows][:, None] * (onehot - q)
@@ -166,8 +166,7 @@ def logprobs(
     labels = _inputs.as_labels("labels", labels, "logits", logits)
     _inputs.check_labels_in_range("labels", labels, logits.shape[-1], ignore_index)
     temperature = _inputs.check_temperature(temperature)
-    if not isinstance(return_entropy, bool):
-        raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
+    _inputs.check_bool("return_entropy", return_entropy)
     backend = resolve_backend(backend, logits.device)
 
     (logits3,) = _inputs.as_rows(logits)

@@ -169,8 +169,7 @@ def sequence_logprobs(
     else:
         token_logp = fused_linear_logprobs(logits_or_hidden, weight, labels, bias=bias, temperature=temperature,
                                            softcap=softcap, ignore_index=ignore_index, backend=backend)  # fmt: skip
-    if not isinstance(average, bool):
-        raise TypeError(f"average must be a bool, got {type(average).__name__}")
+    _inputs.check_bool("average", average)
     keep = _token_mask(labels, mask, ignore_index)
     total = (token_logp * keep).sum(-1)
     return total / keep.sum(-1).clamp(min=1) if average else total

@@ -18,12 +18,12 @@ read on the host there (the only syncs), and after the last iteration.
 """
 
 import math
-import numbers
 from typing import NamedTuple
 
 import torch
 
 from . import _inputs
+from ._chunked import log_softmax_from_stats
 from .backend import resolve_triton_or_torch
 from .logprobs import logprobs_op
 
@@ -112,14 +112,15 @@ def softmin_torch(geometry: _Geometry, h, log_w, eps: float):
     return torch.cat(outs, 1), torch.cat(cbars, 1)
 
 
+def _plan_rows(rows: slice, c, log_a, log_b, f, g, eps: float) -> torch.Tensor:
+    """``a_i b_j exp((f_i + g_j - C_ij)/eps)`` of ``rows``, [B, len(rows), m], from their cost ``c``."""
+    return torch.exp(log_a[:, rows, None] + log_b[:, None, :] + (f[:, rows, None] + g[:, None, :] - c) / eps)
+
+
 def plan_torch(geometry: _Geometry, log_a, log_b, f, g, eps: float) -> torch.Tensor:
     """The dense plan [B, n, m] ``a_i b_j exp((f_i + g_j - C_ij)/eps)``."""
     B, n, m = geometry.shape
-    blocks = []
-    for rows in _row_blocks(n, B * m):
-        c = geometry.rows(rows, f.dtype)
-        log_p = log_a[:, rows, None] + log_b[:, None, :] + (f[:, rows, None] + g[:, None, :] - c) / eps
-        blocks.append(torch.exp(log_p))
+    blocks = [_plan_rows(rows, geometry.rows(rows, f.dtype), log_a, log_b, f, g, eps) for rows in _row_blocks(n, B * m)]
     return torch.cat(blocks, 1)
 
 
@@ -130,8 +131,7 @@ def points_gradient_torch(geometry: _Geometry, log_a, log_b, f, g, eps: float) -
     per_row = B * m * (x.shape[-1] if geometry.cost_fn == "l1" else 1)
     blocks = []
     for rows in _row_blocks(n, per_row):
-        c = pairwise_cost(x[:, rows], y, geometry.cost_fn)
-        p = torch.exp(log_a[:, rows, None] + log_b[:, None, :] + (f[:, rows, None] + g[:, None, :] - c) / eps)
+        p = _plan_rows(rows, pairwise_cost(x[:, rows], y, geometry.cost_fn), log_a, log_b, f, g, eps)
         if geometry.cost_fn == "l1":
             blocks.append((p[..., None] * torch.sign(x[:, rows, None, :] - y[:, None, :, :])).sum(2))
         else:
@@ -206,9 +206,14 @@ def _solve(geometry: _Geometry, log_a, log_b, schedule: list[float], tol: float 
     return f, g, cost, objective, error, k
 
 
+def _weighted(log_w, h):
+    """exp(log_w) h, with 0 for entries of weight 0 (whatever h is there)."""
+    return torch.where(log_w > -math.inf, log_w.exp() * h, 0.0)
+
+
 def _dot(log_w, h):
-    """<exp(log_w), h> per problem, with 0 for entries of weight 0."""
-    return torch.where(log_w > -math.inf, log_w.exp() * h, 0.0).sum(-1)
+    """<exp(log_w), h> per problem."""
+    return _weighted(log_w, h).sum(-1)
 
 
 @torch.library.custom_op("klops::sinkhorn", mutates_args=())
@@ -264,8 +269,8 @@ def _sinkhorn_backward(ctx, _grad_f, _grad_g, grad_cost, grad_objective, _grad_e
         d_x = (scale[:, None, None] * points_gradient_op(x, y, f, g, log_a, log_b, eps, cost_fn, backend)).to(x.dtype)
     if y is not None and ctx.needs_input_grad[2]:
         d_y = (scale[:, None, None] * points_gradient_op(y, x, g, f, log_b, log_a, eps, cost_fn, backend)).to(y.dtype)
-    d_log_a = scale[:, None] * torch.where(log_a > -math.inf, log_a.exp() * f, 0.0)
-    d_log_b = scale[:, None] * torch.where(log_b > -math.inf, log_b.exp() * g, 0.0)
+    d_log_a = scale[:, None] * _weighted(log_a, f)
+    d_log_b = scale[:, None] * _weighted(log_b, g)
     return d_cost, d_x, d_y, d_log_a, d_log_b, None, None, None, None, None, None
 
 
@@ -322,18 +327,6 @@ def _log_marginal(name: str, w, B: int, n: int, ref: torch.Tensor, dtype) -> tor
     total = w.sum(-1, dtype=torch.float64)
     _inputs.check_none((total - 1).abs() > MARGINAL_SUM_TOL, total, f"{name} must sum to 1 over its last dim")
     return torch.log(w.to(dtype)).contiguous()
-
-
-def _check_int(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return int(value)
-
-
-def _check_bool(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
 
 
 def _resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -432,11 +425,11 @@ def _sinkhorn(cost, a, b, x, y, *, cost_fn, epsilon, max_iter, tol, check_every,
     log_a = _log_marginal("a", a, B, n, ref, dtype)
     log_b = _log_marginal("b", b, B, m, ref, dtype)
     epsilon = _inputs.check_real("epsilon", epsilon, low=0.0, high=math.inf, open_low=True)
-    max_iter = _check_int("max_iter", max_iter, 1)
-    check_every = _check_int("check_every", check_every, 1)
+    max_iter = _inputs.check_int("max_iter", max_iter, 1)
+    check_every = _inputs.check_int("check_every", check_every, 1)
     if tol is not None:
         tol = _inputs.check_real("tol", tol, low=0.0, high=math.inf, open_low=True)
-    return_plan, unroll = _check_bool("return_plan", return_plan), _check_bool("unroll", unroll)
+    return_plan, unroll = _inputs.check_bool("return_plan", return_plan), _inputs.check_bool("unroll", unroll)
     backend = _resolve(backend, ref.device, dtype)
     schedule = _schedule(geometry, epsilon, max_iter, anneal)
 
@@ -509,8 +502,8 @@ def softmax_l1_cost_torch(student, teacher, max_s, logsum_s, max_t, logsum_t, va
     N = B * L
     w = student.new_zeros((N, N), dtype=torch.float32)
     for cols in _row_blocks(V, 4 * N):
-        p = torch.exp((zs[:, cols].float() - max_s[:, None]) / temperature - logsum_s[:, None])
-        q = torch.exp((zt[:, cols].float() - max_t[:, None]) / temperature - logsum_t[:, None])
+        p = torch.exp(log_softmax_from_stats(zs[:, cols], max_s, logsum_s, temperature))
+        q = torch.exp(log_softmax_from_stats(zt[:, cols], max_t, logsum_t, temperature))
         w += torch.cdist(p[None], q[None], p=1)[0]
     return torch.where(valid[:, None] & valid[None, :], w, 0.0)
 
@@ -522,8 +515,8 @@ def softmax_l1_cost_backward_torch(grad_w, student, teacher, max_s, logsum_s, ma
     zs, zt = student.reshape(B * L, V), teacher.reshape(B * L, V)
     grad_p = torch.empty((B * L, V), dtype=torch.float32, device=student.device)
     for cols in _row_blocks(V, 4 * B * L):
-        p = torch.exp((zs[:, cols].float() - max_s[:, None]) / temperature - logsum_s[:, None])[None]
-        q = torch.exp((zt[:, cols].float() - max_t[:, None]) / temperature - logsum_t[:, None])[None]
+        p = torch.exp(log_softmax_from_stats(zs[:, cols], max_s, logsum_s, temperature))[None]
+        q = torch.exp(log_softmax_from_stats(zt[:, cols], max_t, logsum_t, temperature))[None]
         w = torch.cdist(p, q, p=1)
         grad_p[:, cols] = torch.ops.aten._cdist_backward(grad_w[None].contiguous(), p, q, 1.0, w)[0]
     return grad_p
@@ -570,7 +563,7 @@ def softmax_l1_cost_backward_op(
     dz = torch.empty((B * L, V), dtype=student.dtype, device=student.device)
     zs = student.reshape(B * L, V)
     for rows in _row_blocks(B * L, V):
-        p = torch.exp((zs[rows].float() - max_s[rows, None]) / temperature - logsum_s[rows, None])
+        p = torch.exp(log_softmax_from_stats(zs[rows], max_s[rows], logsum_s[rows], temperature))
         chunk = p * (grad_p[rows] - (p * grad_p[rows]).sum(-1, keepdim=True)) / temperature
         dz[rows] = torch.where(valid.reshape(-1)[rows, None], chunk, 0.0)
     return dz.reshape(B, L, V)
@@ -636,8 +629,8 @@ def sinkhorn_distill_loss(
                          f"got {tuple(teacher_logits.shape)} on {teacher_logits.device}")  # fmt: skip
     temperature = _inputs.check_temperature(temperature)
     epsilon = _inputs.check_real("epsilon", epsilon, low=0.0, high=math.inf, open_low=True)
-    n_iter = _check_int("n_iter", n_iter, 1)
-    unroll = _check_bool("unroll", unroll)
+    n_iter = _inputs.check_int("n_iter", n_iter, 1)
+    unroll = _inputs.check_bool("unroll", unroll)
     if labels is None:
         valid = torch.ones(student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device)
     else:
@@ -653,8 +646,8 @@ def sinkhorn_distill_loss(
     log_marginal = torch.where(valid.reshape(1, -1), -torch.log(n_valid.clamp_min(1).float()), -math.inf)
     schedule = [epsilon] * n_iter
     if unroll:
-        _, _, value, *_ = _solve(_Geometry(w[None], None, None, "l1"), log_marginal, log_marginal, schedule, None, 1,
-                                 "torch")  # fmt: skip
+        geometry = _Geometry(w[None], None, None, "sqeuclidean")
+        _, _, value, *_ = _solve(geometry, log_marginal, log_marginal, schedule, None, 1, "torch")
     else:
         _, _, value, *_ = sinkhorn_op(w[None], None, None, log_marginal, log_marginal, "sqeuclidean", schedule, None, 1,
                                       backend, False)  # fmt: skip

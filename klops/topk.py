@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _inputs
-from ._chunked import row_chunks, row_stats, scaled
+from ._chunked import log_softmax_from_stats, row_chunks, row_stats, scaled
 from .backend import resolve_backend
 from .divergence import _divergence_terms
 from .kernels.launch import DIVERGENCE_KINDS
@@ -143,7 +143,7 @@ def topk_forward_torch(student, indices, teacher_logprobs, valid, kind, tail, te
         z_s = z.gather(-1, idx)
         max_s, logsum_s = row_stats(z_s, temperature)
         max_q, logsum_q = _combine_lse(max_c, logsum_c, max_s, logsum_s, temperature)
-        lq = scaled(z_s - max_q[:, None], temperature) - logsum_q[:, None]
+        lq = log_softmax_from_stats(z_s, max_q, logsum_q, temperature)
         log_tail_q = scaled(max_c - max_q, temperature) + logsum_c - logsum_q
         lp = teacher_logprobs[b, rows].float()
         log_mass_p = torch.logsumexp(lp, dim=-1)
@@ -175,7 +175,7 @@ def topk_backward_torch(tail_coef, student, indices, valid, max_c, logsum_c, mem
     dz = torch.empty((B, L, V), dtype=student.dtype, device=student.device)
     for b, rows in row_chunks(B, L, V):
         z = student[b, rows].float()
-        qc = torch.exp(scaled(z - max_c[b, rows][:, None], temperature) - logsum_c[b, rows][:, None])
+        qc = torch.exp(log_softmax_from_stats(z, max_c[b, rows], logsum_c[b, rows], temperature))
         chunk = torch.where(z == -math.inf, 0.0, tail_coef[b, rows][:, None] * qc)
         chunk.scatter_(-1, indices[b, rows].long(), member_value[b, rows])
         if label_coef is not None:
