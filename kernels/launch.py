@@ -43,5 +43,11 @@ def launch_over_rows(kernel, logits, *args, sweep: tuple[int, int], **constexprs
     if B * L == 0:
         return
     block_v, num_warps = row_config(V, sweep)
-    with torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext():
+    with on_device(logits):
         kernel[(B * L,)](*args, **constexprs, BLOCK_V=block_v, num_warps=num_warps)
+
+
+def on_device(tensor: torch.Tensor):
+    """A context in which a kernel launch runs on the tensor's GPU (and its current stream), whatever the
+    current device is; nothing for CPU tensors (the interpreter)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()

@@ -29,13 +29,12 @@ What each kernel must move or compute, and what it does:
   (from L2) and each probability re-exponentiated as often (2 exps per 16 terms). Backward the same.
 """
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
 from .divergence import NEG_INF, finite_or_zero
+from .launch import on_device
 
 SQEUCLIDEAN = tl.constexpr(0)
 L1 = tl.constexpr(1)
@@ -325,10 +324,6 @@ def softmax_l1_cost_backward_kernel(
 # launchers
 
 
-def _on_device(tensor):
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
-
-
 def softmin_cost(cost, h, log_w, eps: float):
     """(out, cbar), each (B, R) fp32, of the soft-min over the last dim of the (B, R, S) cost view."""
     B, R, S = cost.shape
@@ -338,7 +333,7 @@ def softmin_cost(cost, h, log_w, eps: float):
         return out, cbar
     transposed = cost.stride(1) == 1 and cost.stride(2) != 1
     block_n, block_m, num_warps = SOFTMIN_TILE_TRANSPOSED if transposed else SOFTMIN_TILE
-    with _on_device(cost):
+    with on_device(cost):
         softmin_cost_kernel[(triton.cdiv(R, block_n), B)](
             cost, h, log_w, out, cbar, R, S, *cost.stride(), eps,
             BLOCK_N=block_n, BLOCK_M=block_m, num_warps=num_warps,
@@ -356,7 +351,7 @@ def softmin_points(x, y, h, log_w, eps: float, cost_fn: str):
     if B * R == 0:
         return out, cbar
     block_n, block_m, num_warps = SOFTMIN_TILE
-    with _on_device(x):
+    with on_device(x):
         softmin_points_kernel[(triton.cdiv(R, block_n), B)](
             x, y, h, log_w, out, cbar, R, S, D, *x.stride(), *y.stride(), eps,
             COST=COST_FNS.index(cost_fn), BLOCK_N=block_n, BLOCK_M=block_m, num_warps=num_warps,
@@ -372,7 +367,7 @@ def points_gradient(x, y, f, g, log_a, log_b, eps: float, cost_fn: str):
     if B * R == 0:
         return dx
     block_n, block_m, num_warps = SOFTMIN_TILE
-    with _on_device(x):
+    with on_device(x):
         points_gradient_kernel[(triton.cdiv(R, block_n), B)](
             x, y, f, g, log_a, log_b, dx, R, S, D, *x.stride(), *y.stride(), eps,
             COST=COST_FNS.index(cost_fn), BLOCK_N=block_n, BLOCK_M=block_m, num_warps=num_warps,
@@ -389,7 +384,7 @@ def softmax_l1_cost(student, teacher, max_s, logsum_s, max_t, logsum_t, valid, t
     if N == 0:
         return w
     block_n, block_m, block_v, num_warps = L1_TILE
-    with _on_device(student):
+    with on_device(student):
         softmax_l1_cost_kernel[(triton.cdiv(N, block_n), triton.cdiv(N, block_m))](
             student, teacher, max_s, logsum_s, max_t, logsum_t, valid, w, N, V, L,
             student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1), 1.0 / temperature,
@@ -406,7 +401,7 @@ def softmax_l1_cost_backward(grad_w, student, teacher, max_s, logsum_s, max_t, l
     if N == 0:
         return grad_p
     block_n, block_m, block_v, num_warps = L1_TILE
-    with _on_device(student):
+    with on_device(student):
         softmax_l1_cost_backward_kernel[(triton.cdiv(N, block_n), triton.cdiv(V, block_v))](
             grad_w, student, teacher, max_s, logsum_s, max_t, logsum_t, grad_p, N, V, L,
             student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1), 1.0 / temperature,

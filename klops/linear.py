@@ -127,6 +127,13 @@ def linear_logprobs_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(B, L, D) hidden, [V, D] weight, [V] bias or None, (B, L) labels -> (logprob, entropy, max, logsum),
     each (B, L) fp32, of the rows' logits, a chunk of rows at a time."""
+    if backend == "triton":
+        from .kernels import linear as fused
+
+        row_stats = fused.linear_logprobs_forward(
+            hidden, weight, bias, labels, temperature, softcap, with_entropy, False, ignore_index
+        )
+        return row_stats[:4]
     (B, L), V = hidden.shape[:2], weight.shape[0]
     outputs = tuple(torch.zeros((B, L), dtype=torch.float32, device=hidden.device) for _ in range(4))
     for rows in _row_chunks(B, L, V, hidden.device):
@@ -160,7 +167,16 @@ def linear_logprobs_backward_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(B, L) fp32 grads of logprob and entropy -> (grad_hidden (B, L, D), grad_weight [V, D], grad_bias [V] or
-    [0] without bias), recomputing each chunk's logits."""
+    [0] without bias), recomputing each chunk's logits (or each tile's, on the Triton backend)."""
+    if backend == "triton":  # dz = g/T onehot - q (g + g_H H)/T - g_H/T q log q
+        from .kernels import linear as fused
+
+        valid = labels != ignore_index
+        g = torch.where(valid, grad_logp / temperature, 0.0)
+        g_entropy = torch.where(valid, grad_entropy / temperature, 0.0) if with_entropy else torch.zeros_like(g)
+        coefs = torch.stack((g, -(g + g_entropy * entropy), -g_entropy, torch.zeros_like(g)))
+        grads = fused.linear_rows_backward(hidden, weight, bias, labels, max_z, logsum, coefs, temperature, softcap)
+        return _cast_grads(grads, weight, bias)
     grads = _new_grads(hidden, weight, bias)
     for rows in _row_chunks(*hidden.shape[:2], weight.shape[0], hidden.device):
         z, t = _chunk_logits(hidden[rows], weight, bias, softcap)
@@ -219,17 +235,26 @@ def linear_cross_entropy_op(
     """(B, L) rows -> (loss, lse, max, logsum), each (B, L) fp32: ``loss = (1 - eps) (lse - z_y) + eps (lse -
     mean_v z_v)`` and ``lse = log sum_v exp z_v`` per row, 0 for ignored rows."""
     (B, L), V = hidden.shape[:2], weight.shape[0]
-    loss, lse, max_z, logsum = (torch.zeros((B, L), dtype=torch.float32, device=hidden.device) for _ in range(4))
-    for rows in _row_chunks(B, L, V, hidden.device):
-        z, _ = _chunk_logits(hidden[rows], weight, bias, softcap)
-        logp, _, max_z[rows], logsum[rows] = (
-            x[0] for x in logprobs_op(z[None], labels[rows][None], 1.0, False, ignore_index, backend)
+    if backend == "triton":
+        from .kernels import linear as fused
+
+        logp, _, max_z, logsum, sum_z = fused.linear_logprobs_forward(
+            hidden, weight, bias, labels, 1.0, softcap, False, label_smoothing > 0, ignore_index
         )
-        valid = labels[rows] != ignore_index
-        lse[rows] = torch.where(valid, max_z[rows] + logsum[rows], 0.0)
-        loss[rows] = -(1.0 - label_smoothing) * logp
-        if label_smoothing > 0:
-            loss[rows] += torch.where(valid, label_smoothing * (lse[rows] - z.float().mean(-1)), 0.0)
+    else:
+        logp, max_z, logsum, sum_z = (torch.zeros((B, L), dtype=torch.float32, device=hidden.device) for _ in range(4))
+        for rows in _row_chunks(B, L, V, hidden.device):
+            z, _ = _chunk_logits(hidden[rows], weight, bias, softcap)
+            logp[rows], _, max_z[rows], logsum[rows] = (
+                x[0] for x in logprobs_op(z[None], labels[rows][None], 1.0, False, ignore_index, backend)
+            )
+            if label_smoothing > 0:
+                sum_z[rows] = z.float().sum(-1)
+    valid = labels != ignore_index
+    lse = torch.where(valid, max_z + logsum, 0.0)
+    loss = -(1.0 - label_smoothing) * logp
+    if label_smoothing > 0:
+        loss = loss + torch.where(valid, label_smoothing * (lse - sum_z / V), 0.0)
     return loss, lse, max_z, logsum
 
 
@@ -255,8 +280,17 @@ def linear_cross_entropy_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dz = g (1 - eps) (q - onehot) from the row kernel, plus ``q (eps g + g_lse) - eps g / V`` (a chunk-sized
     torch pass, only with label smoothing or a gradient of lse, e.g. from z_loss)."""
-    grads = _new_grads(hidden, weight, bias)
     V = weight.shape[0]
+    if backend == "triton":  # dz = -(1 - eps) g onehot + (g + g_lse) q - eps g / V
+        from .kernels import linear as fused
+
+        valid = labels != ignore_index
+        g = torch.where(valid, grad_loss, 0.0)
+        g_lse = torch.zeros_like(g) if grad_lse is None else torch.where(valid, grad_lse, 0.0)
+        coefs = torch.stack((-(1.0 - label_smoothing) * g, g + g_lse, torch.zeros_like(g), -label_smoothing * g / V))
+        grads = fused.linear_rows_backward(hidden, weight, bias, labels, max_z, logsum, coefs, 1.0, softcap)
+        return _cast_grads(grads, weight, bias)
+    grads = _new_grads(hidden, weight, bias)
     zeros = torch.zeros_like(grad_loss)
     for rows in _row_chunks(*hidden.shape[:2], V, hidden.device):
         z, t = _chunk_logits(hidden[rows], weight, bias, softcap)

@@ -133,8 +133,9 @@ def test_one_chunk_equals_many(gen, monkeypatch):
         (h, w), _ = leaves(hidden, weight)
         klops.fused_linear_kl(h, w, **teacher, kind="reverse", backend="torch").backward()
         results.append((h.grad, w.grad))
-    assert_close(results[1][0], results[0][0], (1e-6, 1e-7), "hidden grad")
-    assert_close(results[1][1], results[0][1], (1e-6, 1e-7), "weight grad")
+    # equal up to fp32 rounding: BLAS blocks a 2-row and a 12-row matmul differently on some CPUs
+    assert_close(results[1][0], results[0][0], (1e-5, 1e-6), "hidden grad")
+    assert_close(results[1][1], results[0][1], (1e-5, 1e-6), "weight grad")
 
 
 def test_empty_and_sliced(backend, gen):
@@ -148,7 +149,8 @@ def test_empty_and_sliced(backend, gen):
     labels = torch.randint(0, 61, (2, 6), generator=gen).to(DEVICE)
     sliced = klops.fused_linear_logprobs(base[:, :-1], weight, labels[:, 1:], backend=backend)
     copied = klops.fused_linear_logprobs(base[:, :-1].contiguous(), weight, labels[:, 1:], backend=backend)
-    assert_close(sliced, copied, (0, 0), "sliced")
+    # equal up to the matmul's rounding: BLAS may order the sums differently for a strided operand
+    assert_close(sliced, copied, (1e-6, 0), "sliced")
     # a sliced teacher's logits too, and the sliced student's gradient lands in the slice's shape
     teacher = randn(2, 6, 61, gen=gen)
     h = base.clone().requires_grad_()

@@ -41,6 +41,21 @@ TOPK_VARIANTS = [(kind, "bin", "bf16", "fp32", 64) for kind in DIVERGENCE_KINDS]
 # (both costs), SinKD's L1 cost between softmax rows and its backward (bf16 logits).
 SINKHORN_VARIANTS = ["softmin-cost-fp32", "softmin-cost-bf16", "softmin-cost-fp32-transposed", "points-sqeuclidean",
                      "points-l1", "softmax-l1-bf16"]  # fmt: skip
+# The fused-linear tile kernels (kernels/linear.py), forward and backward, on sm_80 and sm_90:
+# (hidden / weight dtype, dot precision, HAS_BIAS, SOFTCAP, WITH_ENTROPY, WITH_SUM): log-probs + entropy,
+# the cross-entropy with bias, soft cap and label smoothing, fp16, and fp32 as torch runs it (ieee by default,
+# tf32 under allow_tf32).
+LINEAR_VARIANTS = [("bf16", "ieee", False, False, True, False), ("bf16", "ieee", True, True, False, True),
+                   ("fp16", "ieee", False, False, False, False), ("fp32", "ieee", True, False, True, False),
+                   ("fp32", "tf32", False, True, False, False)]  # fmt: skip
+
+
+def linear_variant_name(variant) -> str:
+    dtype, precision, bias, softcap, entropy, with_sum = variant
+    flags = [name for name, on in (("bias", bias), ("softcap", softcap), ("entropy", entropy), ("sum", with_sum)) if on]
+    return "-".join([dtype, precision] + flags)
+
+
 VARIANTS = (
     [
         f"divergence-{'-'.join(filter(None, v))}-{d}"
@@ -54,7 +69,37 @@ VARIANTS = (
     + ["topk-backward-labels-bf16-sm90"]
     + [f"sinkhorn-{v}-sm{arch}" for v in SINKHORN_VARIANTS for arch in (80, 90)]
     + [f"akl-weights-{dtype}-sm{arch}" for dtype in ("bf16", "fp32") for arch in (80, 90)]
+    + [f"linear-{linear_variant_name(v)}-sm{arch}" for v in LINEAR_VARIANTS for arch in (80, 90)]
 )
+
+
+def linear_jobs(linear, variant) -> list:
+    """[(kernel, signature, constexprs, (None, num_warps, num_stages))] of kernels/linear.py's forward and
+    backward for one LINEAR_VARIANTS entry, at its GPU tiles, with unit strides along D (as Triton
+    specializes them at run time)."""
+    dtype, precision, bias, softcap, entropy, with_sum = variant
+    inputs = {"h_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "labels_ptr": "*i64"}
+    shapes = {"N": "i32", "L": "i32", "V": "i32", "D": "i32"}
+    strides = {"stride_hb": "i64", "stride_hl": "i64", "stride_hd": "constexpr", "stride_wv": "i64",
+               "stride_wd": "constexpr"}  # fmt: skip
+    matmul = {"HAS_BIAS": bias, "SOFTCAP": softcap, "DOT_FP32": False, "PRECISION": precision,
+              "stride_hd": 1, "stride_wd": 1}  # fmt: skip
+    forward = inputs | {name: "*fp32" for name in ("m_ptr", "s_ptr", "w_sum_ptr", "z_label_ptr", "z_sum_ptr")}
+    forward |= shapes | {"split_size": "i32"} | strides | {"inv_temperature": "fp32", "softcap": "fp32",
+                                                           "ignore_index": "i64"}  # fmt: skip
+    backward = inputs | {name: "*fp32" for name in ("max_ptr", "logsum_ptr", "coef_ptr", "grad_h_ptr", "grad_w_ptr",
+                                                     "grad_b_ptr")}  # fmt: skip
+    backward |= shapes | strides | {"inv_temperature": "fp32", "softcap": "fp32"}
+    jobs = []
+    for kernel, signature, tile, extra in (
+        (linear.linear_logprobs_forward_kernel, forward, linear.FORWARD_TILE,
+         {"WITH_ENTROPY": entropy, "WITH_SUM": with_sum}),
+        (linear.linear_rows_backward_kernel, backward, linear.BACKWARD_TILE, {}),
+    ):  # fmt: skip
+        block_m, block_v, block_k, num_warps, num_stages = tile
+        blocks = {"BLOCK_M": block_m, "BLOCK_V": block_v, "BLOCK_K": block_k}
+        jobs.append((kernel, signature, matmul | extra | blocks, (None, num_warps, num_stages)))
+    return jobs
 
 
 def divergence_signature(student, teacher, backward):
@@ -158,21 +203,28 @@ def resource_usage(cubin: bytes) -> dict:
 
 def compile_all() -> dict[str, dict]:
     import triton
-    from klops.kernels import distill, divergence, logprobs, sinkhorn, topk
+    from klops.kernels import distill, divergence, linear, logprobs, sinkhorn, topk
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     def compile_for(kernel, signature, constexprs, arch, sweep):
-        """sweep: (BLOCK_V, num_warps) of a row kernel, or (None, num_warps) of a tile kernel whose block
-        sizes are in constexprs (its entries per thread are those of one BLOCK_N x BLOCK_M tile)."""
-        block_v, num_warps = sweep
+        """sweep: (BLOCK_V, num_warps) of a row kernel, or (None, num_warps[, num_stages]) of a tile kernel whose
+        block sizes are in constexprs (its entries per thread are those of one BLOCK_N x BLOCK_M tile, or
+        BLOCK_M x BLOCK_V for the fused-linear kernels)."""
+        block_v, num_warps, *num_stages = sweep
         if block_v is not None:
             constexprs = {**constexprs, "BLOCK_V": block_v}
         signature = {**signature, **{name: "constexpr" for name in constexprs}}
         src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+        options = {"num_warps": num_warps} | ({"num_stages": num_stages[0]} if num_stages else {})
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
         assert len(compiled.asm["cubin"]) > 0, "empty cubin"
-        tile = block_v or constexprs["BLOCK_N"] * constexprs.get("BLOCK_M", constexprs.get("BLOCK_V", 1))
+        if block_v is not None:
+            tile = block_v
+        elif "BLOCK_N" in constexprs:
+            tile = constexprs["BLOCK_N"] * constexprs.get("BLOCK_M", constexprs.get("BLOCK_V", 1))
+        else:
+            tile = constexprs["BLOCK_M"] * constexprs["BLOCK_V"]
         entries_per_thread = tile / (32 * num_warps)
         return {
             "kernel": kernel.__name__, "arch": arch, "block_v": block_v, "num_warps": num_warps,
@@ -231,6 +283,11 @@ def compile_all() -> dict[str, dict]:
         for arch in (80, 90):
             jobs[f"akl-weights-{dtype}-sm{arch}"] = [(distill.akl_head_weight_kernel, akl | {
                 "inv_temperature": "fp32", "mu": "fp32"}, {}, arch, distill.AKL_SWEEP)]  # fmt: skip
+    for variant in LINEAR_VARIANTS:
+        for arch in (80, 90):
+            jobs[f"linear-{linear_variant_name(variant)}-sm{arch}"] = [
+                (kernel, sig, constexprs, arch, sweep) for kernel, sig, constexprs, sweep in linear_jobs(linear, variant)
+            ]
     results = {}
     for name, kernels in jobs.items():
         try:

@@ -1,0 +1,369 @@
+"""Triton kernels for the fused-linear log-probs and cross-entropy (docs/losses.md §2): the logits
+``z = softcap(h @ W^T + b)`` are formed a ``[BLOCK_M, BLOCK_V]`` tile at a time in registers (``tl.dot``,
+fp32 accumulation) and folded into per-row statistics; no ``[N, V]`` tensor reaches global memory.
+
+With d = (z - m) / T relative to a running row max m (raw logit units, as a standard log_softmax):
+
+    forward, per row and vocabulary split:   m = max z,  s = sum exp(d),  w = sum exp(d) d,
+                                             z_y (the label's logit),  sum_v z_v (label smoothing)
+    merged over splits (torch, O(splits N)):  logsum = log S,  log q = (z - max)/T - logsum,
+                                             logprob = (z_y - max)/T - logsum,  entropy = logsum - W/S
+    backward, per tile (recomputed):         dz_v = c1 [v = y] + q_v (c2 + c3 log q_v) + c4,
+                                             times 1 - tanh^2(x / softcap) under a soft cap;
+                                             grad_h += dz @ W,  grad_W += dz^T h,  grad_b += sum dz
+
+The four per-row coefficients (computed in torch from the upstream gradients, 0 on ignored rows) cover
+``logprobs`` (c1 = g/T, c2 = -(g + g_H H)/T, c3 = -g_H/T, c4 = 0) and the cross-entropy with label
+smoothing eps and an lse gradient (c1 = -(1 - eps) g, c2 = g + g_lse, c3 = 0, c4 = -eps g / V). The
+backward accumulates ``grad_h`` and ``grad_W`` in fp32 with atomic adds (each program adds a
+``[BLOCK_M, D]`` and a ``[BLOCK_V, D]`` block, as Cut Cross-Entropy's backward does), and skips row
+blocks whose coefficients are all 0 (ignored prompt tokens) before any matmul: exactly, not by a
+threshold on the softmax as CCE's filter does.
+
+FLOPs, in products of 2 N D V: forward 1 (the logits), backward 3 (the logits again, grad_h, grad_W): 4
+in all, where a trainer that stores the logits does 3 and keeps ``[N, V]``. Computing the gradient in the
+forward instead (no recomputation) would cost 3 but hold fp32 ``grad_h`` / ``grad_W`` per upstream input
+(two for logprob + entropy) and need the upstream gradients before they exist.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .divergence import NEG_INF, finite_or_zero
+from .launch import on_device
+
+# (BLOCK_M, BLOCK_V, BLOCK_K, num_warps, num_stages) of the tile kernels on a GPU (no spills on sm_80 /
+# sm_90 in tests/triton_aot.py; untimed), and the 16-wide tiles run under the interpreter so that the CPU
+# tests cross row-block, vocabulary-tile, split and K boundaries at small sizes (tl.dot's least size).
+FORWARD_TILE = (128, 128, 64, 8, 3)
+BACKWARD_TILE = (64, 128, 64, 8, 2)
+INTERPRETER_TILE = (16, 16, 16, 1, 1)
+
+
+@triton.jit
+def tanh(x):
+    """tanh(x) = sign(x) (1 - e) / (1 + e) with e = exp(-2 |x|): no overflow, one exp."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0.0, -t, t)
+
+
+@triton.jit
+def logit_tile(
+    h_ptr, w_ptr, b_ptr, row_offsets, row_mask, cols, col_mask, D, stride_hd, stride_wv, stride_wd, softcap,
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """(z, t): the [BLOCK_M, BLOCK_V] fp32 logits softcap(h W^T + b) of the rows at ``row_offsets`` (element
+    offsets of their hidden states) and the vocabulary entries ``cols``, -inf outside ``col_mask``; and
+    t = tanh(x / softcap) for the gradient (0 without a soft cap). DOT_FP32 upcasts the operands (the
+    interpreter's bf16 tl.dot is wrong)."""
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
+    for k in range(0, D, BLOCK_K):
+        k_mask = k + ks < D
+        h = tl.load(h_ptr + row_offsets[:, None] + (k + ks)[None, :] * stride_hd,
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)  # fmt: skip
+        w = tl.load(w_ptr + cols[None, :].to(tl.int64) * stride_wv + (k + ks)[:, None] * stride_wd,
+                    mask=col_mask[None, :] & k_mask[:, None], other=0.0)  # fmt: skip
+        if DOT_FP32:
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(h, w, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    t = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
+    if SOFTCAP:
+        t = tanh(acc / softcap)
+        acc = softcap * t
+    return tl.where(col_mask[None, :], acc, NEG_INF), t
+
+
+@triton.jit
+def hidden_offsets(rows, L, stride_hb, stride_hl):
+    """Element offsets of the hidden states of rows r = b L + l of a (B, L, D) view, in int64."""
+    rows = rows.to(tl.int64)
+    return (rows // L) * stride_hb + (rows % L) * stride_hl
+
+
+@triton.jit
+def linear_logprobs_forward_kernel(
+    # data ptrs
+    h_ptr,  # (B, L, D) hidden states
+    w_ptr,  # [V, D] weight
+    b_ptr,  # [V] bias (HAS_BIAS only)
+    labels_ptr,  # (N,) int64, N = B L
+    m_ptr,  # (S, N) fp32 out: per split, the row max of z
+    s_ptr,  # (S, N) fp32 out: sum exp((z - m) / T)
+    w_sum_ptr,  # (S, N) fp32 out: sum exp(d) d (WITH_ENTROPY only)
+    z_label_ptr,  # (S, N) fp32 out: z of the label if the split holds it, else 0
+    z_sum_ptr,  # (S, N) fp32 out: sum z (WITH_SUM only)
+    # shapes
+    N,
+    L,
+    V,
+    D,
+    split_size,  # vocabulary entries per split, a multiple of BLOCK_V
+    # strides
+    stride_hb,
+    stride_hl,
+    stride_hd,
+    stride_wv,
+    stride_wd,
+    # constants
+    inv_temperature,
+    softcap,
+    ignore_index,
+    HAS_BIAS: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
+    WITH_SUM: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < N
+    labels = tl.load(labels_ptr + rows, mask=row_mask, other=ignore_index)
+    if tl.max((labels != ignore_index).to(tl.int32), 0) == 0:
+        return  # every row ignored: the merge never reads this block's partials
+    row_offsets = hidden_offsets(rows, L, stride_hb, stride_hl)
+    v_start = tl.program_id(1) * split_size
+    v_end = tl.minimum(v_start + split_size, V)
+    m = tl.full([BLOCK_M], NEG_INF, tl.float32)
+    s = tl.zeros([BLOCK_M], tl.float32)
+    w_sum = tl.zeros([BLOCK_M], tl.float32)
+    z_label = tl.zeros([BLOCK_M], tl.float32)
+    z_sum = tl.zeros([BLOCK_M], tl.float32)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < v_end
+        z, _ = logit_tile(
+            h_ptr, w_ptr, b_ptr, row_offsets, row_mask, cols, col_mask, D, stride_hd, stride_wv, stride_wd,
+            softcap, HAS_BIAS, SOFTCAP, DOT_FP32, PRECISION, BLOCK_M, BLOCK_V, BLOCK_K,
+        )  # fmt: skip
+        m_new = tl.maximum(m, tl.max(z, 1))
+        m_ref = finite_or_zero(m_new)
+        d = (z - m_ref[:, None]) * inv_temperature
+        e = tl.exp(d)  # one exp per logit; 0 for -inf entries
+        if WITH_ENTROPY:  # w' = r (w + shift s) + sum e d, shift = (m - m') / T, r = exp(shift)
+            shift = tl.where(m == NEG_INF, 0.0, (m - m_ref) * inv_temperature)
+            w_sum = tl.exp(shift) * (w_sum + shift * s) + tl.sum(tl.where(e > 0.0, e * d, 0.0), 1)
+        s = s * tl.exp((m - m_ref) * inv_temperature) + tl.sum(e, 1)
+        m = m_new
+        z_label += tl.sum(tl.where(cols[None, :] == labels[:, None], z, 0.0), 1)
+        if WITH_SUM:
+            z_sum += tl.sum(tl.where(col_mask[None, :], z, 0.0), 1)
+    out = tl.program_id(1).to(tl.int64) * N + rows
+    tl.store(m_ptr + out, m, mask=row_mask)
+    tl.store(s_ptr + out, s, mask=row_mask)
+    tl.store(z_label_ptr + out, z_label, mask=row_mask)
+    if WITH_ENTROPY:
+        tl.store(w_sum_ptr + out, w_sum, mask=row_mask)
+    if WITH_SUM:
+        tl.store(z_sum_ptr + out, z_sum, mask=row_mask)
+
+
+@triton.jit
+def linear_rows_backward_kernel(
+    # data ptrs
+    h_ptr,  # (B, L, D) hidden states
+    w_ptr,  # [V, D] weight
+    b_ptr,  # [V] bias (HAS_BIAS only)
+    labels_ptr,  # (N,) int64
+    max_ptr,  # (N,) fp32: row max of z
+    logsum_ptr,  # (N,) fp32: log sum exp((z - max) / T)
+    coef_ptr,  # (4, N) fp32: c1..c4 of dz = c1 onehot + q (c2 + c3 log q) + c4, 0 on ignored rows
+    grad_h_ptr,  # (N, D) fp32, accumulated
+    grad_w_ptr,  # [V, D] fp32, accumulated
+    grad_b_ptr,  # [V] fp32, accumulated (HAS_BIAS only)
+    # shapes
+    N,
+    L,
+    V,
+    D,
+    # strides
+    stride_hb,
+    stride_hl,
+    stride_hd,
+    stride_wv,
+    stride_wd,
+    # constants
+    inv_temperature,
+    softcap,
+    HAS_BIAS: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < N
+    c1 = tl.load(coef_ptr + rows, mask=row_mask, other=0.0)
+    c2 = tl.load(coef_ptr + N + rows, mask=row_mask, other=0.0)
+    c3 = tl.load(coef_ptr + 2 * N + rows, mask=row_mask, other=0.0)
+    c4 = tl.load(coef_ptr + 3 * N + rows, mask=row_mask, other=0.0)
+    if tl.max(tl.abs(c1) + tl.abs(c2) + tl.abs(c3) + tl.abs(c4), 0) == 0.0:
+        return  # a zero gradient: nothing to add
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_mask = cols < V
+    row_offsets = hidden_offsets(rows, L, stride_hb, stride_hl)
+    z, t = logit_tile(
+        h_ptr, w_ptr, b_ptr, row_offsets, row_mask, cols, col_mask, D, stride_hd, stride_wv, stride_wd,
+        softcap, HAS_BIAS, SOFTCAP, DOT_FP32, PRECISION, BLOCK_M, BLOCK_V, BLOCK_K,
+    )  # fmt: skip
+    labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
+    max_z = tl.load(max_ptr + rows, mask=row_mask, other=0.0)
+    logsum = tl.load(logsum_ptr + rows, mask=row_mask, other=0.0)
+    log_q = (z - max_z[:, None]) * inv_temperature - logsum[:, None]
+    q = tl.exp(log_q)
+    dz = tl.where(q > 0.0, q * (c2[:, None] + c3[:, None] * log_q), 0.0) + c4[:, None]
+    dz += tl.where(cols[None, :] == labels[:, None], c1[:, None], 0.0)
+    dz = tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
+    if SOFTCAP:
+        dz *= 1.0 - t * t
+    if HAS_BIAS:
+        tl.atomic_add(grad_b_ptr + cols, tl.sum(dz, 0), mask=col_mask)
+    if DOT_FP32:
+        dz_op = dz
+    else:
+        dz_op = dz.to(w_ptr.dtype.element_ty)
+    ks = tl.arange(0, BLOCK_K)
+    for k in range(0, D, BLOCK_K):
+        k_mask = k + ks < D
+        w = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_wv + (k + ks)[None, :] * stride_wd,
+                    mask=col_mask[:, None] & k_mask[None, :], other=0.0)  # fmt: skip
+        h = tl.load(h_ptr + row_offsets[:, None] + (k + ks)[None, :] * stride_hd,
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)  # fmt: skip
+        if DOT_FP32:
+            w = w.to(tl.float32)
+            h = h.to(tl.float32)
+        grad_h = tl.dot(dz_op, w, input_precision=PRECISION)  # [BLOCK_M, BLOCK_K]
+        tl.atomic_add(grad_h_ptr + rows[:, None].to(tl.int64) * D + (k + ks)[None, :], grad_h,
+                      mask=row_mask[:, None] & k_mask[None, :])  # fmt: skip
+        grad_w = tl.dot(tl.trans(dz_op), h, input_precision=PRECISION)  # [BLOCK_V, BLOCK_K]
+        tl.atomic_add(grad_w_ptr + cols[:, None].to(tl.int64) * D + (k + ks)[None, :], grad_w,
+                      mask=col_mask[:, None] & k_mask[None, :])  # fmt: skip
+
+
+def _tile(tile: tuple[int, ...], device: torch.device) -> tuple[int, ...]:
+    return tile if device.type == "cuda" else INTERPRETER_TILE
+
+
+def _matmul_args(hidden: torch.Tensor, weight: torch.Tensor, bias, softcap) -> dict:
+    """The constexprs shared by the tile kernels: fp32 operands run as tf32 when torch's matmuls do."""
+    interpreted = hidden.device.type != "cuda"
+    tf32 = hidden.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreted
+    return dict(
+        HAS_BIAS=bias is not None,
+        SOFTCAP=softcap is not None,
+        DOT_FP32=interpreted,
+        PRECISION="tf32" if tf32 else "ieee",
+    )
+
+
+def _hidden_strides(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[int, ...]:
+    return (*hidden.stride(), *weight.stride())
+
+
+def _vocabulary_splits(row_blocks: int, V: int, block_v: int, device: torch.device) -> int:
+    """Splits of the vocabulary per row block, so that the grid holds about two programs per SM (each
+    split is a whole number of tiles); 4 on the CPU, so that the tests exercise the merge."""
+    tiles = triton.cdiv(V, block_v)
+    if device.type == "cuda":
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 4 * row_blocks
+    return max(1, min(tiles, triton.cdiv(target, row_blocks)))
+
+
+def linear_logprobs_forward(
+    hidden: torch.Tensor,  # (B, L, D)
+    weight: torch.Tensor,  # [V, D]
+    bias: torch.Tensor | None,  # [V]
+    labels: torch.Tensor,  # (B, L) int
+    temperature: float,
+    softcap: float | None,
+    with_entropy: bool,
+    with_sum: bool,
+    ignore_index: int,
+) -> tuple[torch.Tensor, ...]:
+    """Launch the forward and merge its splits: (logprob, entropy, max, logsum, sum_z), each (B, L) fp32
+    (entropy and sum_z 0 unless asked; every output 0 on ignored rows)."""
+    (B, L, D), V = hidden.shape, weight.shape[0]
+    N = B * L
+    labels = labels.reshape(N).long()
+    valid = labels != ignore_index
+    if N == 0:
+        return tuple(torch.zeros((B, L), dtype=torch.float32, device=hidden.device) for _ in range(5))
+    block_m, block_v, block_k, num_warps, num_stages = _tile(FORWARD_TILE, hidden.device)
+    row_blocks = triton.cdiv(N, block_m)
+    splits = _vocabulary_splits(row_blocks, V, block_v, hidden.device)
+    split_size = triton.cdiv(triton.cdiv(V, splits), block_v) * block_v
+    splits = triton.cdiv(V, split_size)
+    m, s, w_sum, z_label, z_sum = (
+        torch.empty((splits, N), dtype=torch.float32, device=hidden.device) for _ in range(5)
+    )
+    with on_device(hidden):
+        linear_logprobs_forward_kernel[(row_blocks, splits)](
+            hidden, weight, bias if bias is not None else weight, labels, m, s, w_sum, z_label, z_sum,
+            N, L, V, D, split_size,
+            *_hidden_strides(hidden, weight),
+            1.0 / temperature, softcap or 1.0, ignore_index,
+            WITH_ENTROPY=with_entropy, WITH_SUM=with_sum, **_matmul_args(hidden, weight, bias, softcap),
+            BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
+        )  # fmt: skip
+    # Merge the splits: every split moved to the row max (ignored rows' partials were never written).
+    max_z = torch.where(valid, m.amax(0), 0.0)
+    max_z = torch.where(max_z == float("-inf"), 0.0, max_z)
+    shift = torch.where(m == float("-inf"), 0.0, (m - max_z) / temperature)
+    rescale = torch.where(m == float("-inf"), 0.0, torch.exp(shift))
+    total = (rescale * s).sum(0)
+    logsum = torch.where(valid, torch.log(total), 0.0)
+    in_range = (labels >= 0) & (labels < V)  # a label the device-side check let through gives NaN
+    logp = torch.where(in_range, (z_label.sum(0) - max_z) / temperature - logsum, float("nan"))
+    outputs = [torch.where(valid, logp, 0.0)]
+    zeros = torch.zeros(N, dtype=torch.float32, device=hidden.device)
+    outputs.append(torch.where(valid, logsum - (rescale * (w_sum + shift * s)).sum(0) / total, 0.0) if with_entropy
+                   else zeros)  # fmt: skip
+    outputs += [max_z, logsum, torch.where(valid, z_sum.sum(0), 0.0) if with_sum else zeros]
+    return tuple(x.reshape(B, L) for x in outputs)
+
+
+def linear_rows_backward(
+    hidden: torch.Tensor,  # (B, L, D)
+    weight: torch.Tensor,  # [V, D]
+    bias: torch.Tensor | None,  # [V]
+    labels: torch.Tensor,  # (B, L) int
+    max_z: torch.Tensor,  # (B, L) fp32
+    logsum: torch.Tensor,  # (B, L) fp32
+    coefs: torch.Tensor,  # (4, B, L) fp32: c1..c4, 0 on ignored rows
+    temperature: float,
+    softcap: float | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward: (grad_hidden (B, L, D) in the hidden dtype, grad_weight [V, D] fp32, grad_bias [V]
+    fp32 or [0] without bias) of the rows' dz = c1 onehot + q (c2 + c3 log q) + c4."""
+    (B, L, D), V = hidden.shape, weight.shape[0]
+    N = B * L
+    grad_h = torch.zeros((N, D), dtype=torch.float32, device=hidden.device)
+    grad_w = torch.zeros((V, D), dtype=torch.float32, device=weight.device)
+    grad_b = torch.zeros((V if bias is not None else 0,), dtype=torch.float32, device=weight.device)
+    if N > 0:
+        block_m, block_v, block_k, num_warps, num_stages = _tile(BACKWARD_TILE, hidden.device)
+        with on_device(hidden):
+            linear_rows_backward_kernel[(triton.cdiv(N, block_m), triton.cdiv(V, block_v))](
+                hidden, weight, bias if bias is not None else weight, labels.reshape(N).long(),
+                max_z.reshape(N).contiguous(), logsum.reshape(N).contiguous(), coefs.reshape(4, N).contiguous(),
+                grad_h, grad_w, grad_b if bias is not None else grad_w,
+                N, L, V, D,
+                *_hidden_strides(hidden, weight),
+                1.0 / temperature, softcap or 1.0,
+                **_matmul_args(hidden, weight, bias, softcap),
+                BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
+            )  # fmt: skip
+    return grad_h.to(hidden.dtype).reshape(B, L, D), grad_w, grad_b
