@@ -39,6 +39,10 @@ from .launch import on_device
 FORWARD_TILE = (128, 128, 64, 8, 3)
 BACKWARD_TILE = (64, 128, 64, 8, 2)
 INTERPRETER_TILE = (16, 16, 16, 1, 1)
+# Rows of the fp32 buffer in which a bf16 / fp16 weight's gradient is accumulated, by device type (a multiple of
+# every BLOCK_V): on a GPU 8192, 128 MiB at D = 4096 where an fp32 [V, D] accumulator is 2 GiB at V = 128256; 32
+# under the interpreter, so that the tests cross ranges.
+GRAD_WEIGHT_ROWS = {"cpu": 32, "cuda": 8192}
 
 
 @triton.jit
@@ -78,6 +82,39 @@ def logit_tile(
         t = tanh(acc / softcap)
         acc = softcap * t
     return tl.where(col_mask[None, :], acc, NEG_INF), t
+
+
+@triton.jit
+def accumulate_linear_grads(
+    dz, h_ptr, w_ptr, grad_h_ptr, grad_w_ptr, grad_b_ptr, rows, row_offsets, row_mask, cols, col_mask, v_start,
+    D, stride_hd, stride_wv, stride_wd, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """grad_h[rows] += dz @ W[cols], grad_W[cols - v_start] += dz^T h[rows], grad_b[cols] += sum_rows dz: atomic
+    fp32 adds of a [BLOCK_M, D] and a [BLOCK_V, D] block, BLOCK_K columns at a time, from the [BLOCK_M, BLOCK_V]
+    fp32 dz (0 outside the masks), rounded to the weight's dtype for the matmuls."""
+    if HAS_BIAS:
+        tl.atomic_add(grad_b_ptr + cols, tl.sum(dz, 0), mask=col_mask)
+    if DOT_FP32:
+        dz_op = dz
+    else:
+        dz_op = dz.to(w_ptr.dtype.element_ty)
+    ks = tl.arange(0, BLOCK_K)
+    for k in range(0, D, BLOCK_K):
+        k_mask = k + ks < D
+        w = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_wv + (k + ks)[None, :] * stride_wd,
+                    mask=col_mask[:, None] & k_mask[None, :], other=0.0)  # fmt: skip
+        h = tl.load(h_ptr + row_offsets[:, None] + (k + ks)[None, :] * stride_hd,
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)  # fmt: skip
+        if DOT_FP32:
+            w = w.to(tl.float32)
+            h = h.to(tl.float32)
+        grad_h = tl.dot(dz_op, w, input_precision=PRECISION)  # [BLOCK_M, BLOCK_K]
+        tl.atomic_add(grad_h_ptr + rows[:, None].to(tl.int64) * D + (k + ks)[None, :], grad_h,
+                      mask=row_mask[:, None] & k_mask[None, :])  # fmt: skip
+        grad_w = tl.dot(tl.trans(dz_op), h, input_precision=PRECISION)  # [BLOCK_V, BLOCK_K]
+        tl.atomic_add(grad_w_ptr + (cols - v_start)[:, None].to(tl.int64) * D + (k + ks)[None, :], grad_w,
+                      mask=col_mask[:, None] & k_mask[None, :])  # fmt: skip
 
 
 @triton.jit
@@ -178,12 +215,12 @@ def linear_rows_backward_kernel(
     logsum_ptr,  # (N,) fp32: log sum exp((z - max) / T)
     coef_ptr,  # (4, N) fp32: c1..c4 of dz = c1 onehot + q (c2 + c3 log q) + c4, 0 on ignored rows
     grad_h_ptr,  # (N, D) fp32, accumulated
-    grad_w_ptr,  # [V, D] fp32, accumulated
+    grad_w_ptr,  # [V - v_start, D] fp32, accumulated: the rows of entries v_start..V-1
     grad_b_ptr,  # [V] fp32, accumulated (HAS_BIAS only)
     # shapes
     N,
     L,
-    V,
+    V,  # the end of this launch's vocabulary range
     D,
     # strides
     stride_hb,
@@ -192,6 +229,7 @@ def linear_rows_backward_kernel(
     stride_wv,
     stride_wd,
     # constants
+    v_start,  # the first vocabulary entry of this launch's range
     inv_temperature,
     softcap,
     HAS_BIAS: tl.constexpr,
@@ -210,7 +248,7 @@ def linear_rows_backward_kernel(
     c4 = tl.load(coef_ptr + 3 * N + rows, mask=row_mask, other=0.0)
     if tl.max(tl.abs(c1) + tl.abs(c2) + tl.abs(c3) + tl.abs(c4), 0) == 0.0:
         return  # a zero gradient: nothing to add
-    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    cols = v_start + tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_mask = cols < V
     row_offsets = hidden_offsets(rows, L, stride_hb, stride_hl)
     z, t = logit_tile(
@@ -227,59 +265,60 @@ def linear_rows_backward_kernel(
     dz = tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
     if SOFTCAP:
         dz *= 1.0 - t * t
-    if HAS_BIAS:
-        tl.atomic_add(grad_b_ptr + cols, tl.sum(dz, 0), mask=col_mask)
-    if DOT_FP32:
-        dz_op = dz
-    else:
-        dz_op = dz.to(w_ptr.dtype.element_ty)
-    ks = tl.arange(0, BLOCK_K)
-    for k in range(0, D, BLOCK_K):
-        k_mask = k + ks < D
-        w = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_wv + (k + ks)[None, :] * stride_wd,
-                    mask=col_mask[:, None] & k_mask[None, :], other=0.0)  # fmt: skip
-        h = tl.load(h_ptr + row_offsets[:, None] + (k + ks)[None, :] * stride_hd,
-                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)  # fmt: skip
-        if DOT_FP32:
-            w = w.to(tl.float32)
-            h = h.to(tl.float32)
-        grad_h = tl.dot(dz_op, w, input_precision=PRECISION)  # [BLOCK_M, BLOCK_K]
-        tl.atomic_add(grad_h_ptr + rows[:, None].to(tl.int64) * D + (k + ks)[None, :], grad_h,
-                      mask=row_mask[:, None] & k_mask[None, :])  # fmt: skip
-        grad_w = tl.dot(tl.trans(dz_op), h, input_precision=PRECISION)  # [BLOCK_V, BLOCK_K]
-        tl.atomic_add(grad_w_ptr + cols[:, None].to(tl.int64) * D + (k + ks)[None, :], grad_w,
-                      mask=col_mask[:, None] & k_mask[None, :])  # fmt: skip
+    accumulate_linear_grads(
+        dz, h_ptr, w_ptr, grad_h_ptr, grad_w_ptr, grad_b_ptr, rows, row_offsets, row_mask, cols, col_mask, v_start,
+        D, stride_hd, stride_wv, stride_wd, HAS_BIAS, DOT_FP32, PRECISION, BLOCK_K,
+    )  # fmt: skip
 
 
-def _tile(tile: tuple[int, ...], device: torch.device) -> tuple[int, ...]:
+def tile_config(tile: tuple[int, ...], device: torch.device) -> tuple[int, ...]:
+    """(BLOCK_M, BLOCK_V, BLOCK_K, num_warps, num_stages): ``tile`` on a GPU, INTERPRETER_TILE on the CPU."""
     return tile if device.type == "cuda" else INTERPRETER_TILE
 
 
-def _matmul_args(hidden: torch.Tensor, weight: torch.Tensor, bias, softcap) -> dict:
-    """The constexprs shared by the tile kernels: fp32 operands run as tf32 when torch's matmuls do."""
+def matmul_args(hidden: torch.Tensor, bias, softcap) -> dict:
+    """The constexprs shared by the tile kernels. fp32 operands run as tf32 when torch's matmuls do
+    (``torch.backends.cuda.matmul.allow_tf32``); the precision does not apply to bf16 / fp16 operands."""
     interpreted = hidden.device.type != "cuda"
-    tf32 = hidden.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreted
     return dict(
         HAS_BIAS=bias is not None,
         SOFTCAP=softcap is not None,
         DOT_FP32=interpreted,
-        PRECISION="tf32" if tf32 else "ieee",
+        PRECISION="tf32" if torch.backends.cuda.matmul.allow_tf32 and not interpreted else "ieee",
     )
 
 
-def _hidden_strides(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[int, ...]:
+def linear_strides(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[int, ...]:
+    """(stride_hb, stride_hl, stride_hd, stride_wv, stride_wd) of a (B, L, D) hidden and its [V, D] weight."""
     return (*hidden.stride(), *weight.stride())
 
 
-def _vocabulary_splits(row_blocks: int, V: int, block_v: int, device: torch.device) -> int:
-    """Splits of the vocabulary per row block, so that the grid holds about two programs per SM (each
-    split is a whole number of tiles); 4 on the CPU, so that the tests exercise the merge."""
-    tiles = triton.cdiv(V, block_v)
+def forward_grid(N: int, V: int, device: torch.device) -> tuple[tuple[int, ...], tuple[int, int], int]:
+    """(tile config, (row blocks, splits), split size) of a forward sweep: the vocabulary is split so that the
+    grid holds about two programs per SM (each split a whole number of BLOCK_V tiles); 4 splits per row
+    block on the CPU, so that the tests exercise the merge."""
+    tile = tile_config(FORWARD_TILE, device)
+    block_m, block_v = tile[:2]
+    row_blocks = triton.cdiv(N, block_m)
     if device.type == "cuda":
         target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
     else:
         target = 4 * row_blocks
-    return max(1, min(tiles, triton.cdiv(target, row_blocks)))
+    splits = max(1, min(triton.cdiv(V, block_v), triton.cdiv(target, row_blocks)))
+    split_size = triton.cdiv(triton.cdiv(V, splits), block_v) * block_v
+    return tile, (row_blocks, triton.cdiv(V, split_size)), split_size
+
+
+def merge_lse(m: torch.Tensor, s: torch.Tensor, temperature: float):
+    """(max, logsum, rescale, shift) of (S, N) per-split online states (m, s): max = max_i m_i (0 for an all
+    -inf row), shift_i = (m_i - max) / T and rescale_i = exp(shift_i) (0 and 0 for an empty split), logsum =
+    log sum_i rescale_i s_i."""
+    max_x = m.amax(0)
+    max_x = torch.where(max_x == float("-inf"), 0.0, max_x)
+    empty = m == float("-inf")
+    shift = torch.where(empty, 0.0, (m - max_x) / temperature)
+    rescale = torch.where(empty, 0.0, torch.exp(shift))
+    return max_x, torch.log((rescale * s).sum(0)), rescale, shift
 
 
 def linear_logprobs_forward(
@@ -301,30 +340,21 @@ def linear_logprobs_forward(
     valid = labels != ignore_index
     if N == 0:
         return tuple(torch.zeros((B, L), dtype=torch.float32, device=hidden.device) for _ in range(5))
-    block_m, block_v, block_k, num_warps, num_stages = _tile(FORWARD_TILE, hidden.device)
-    row_blocks = triton.cdiv(N, block_m)
-    splits = _vocabulary_splits(row_blocks, V, block_v, hidden.device)
-    split_size = triton.cdiv(triton.cdiv(V, splits), block_v) * block_v
-    splits = triton.cdiv(V, split_size)
-    m, s, w_sum, z_label, z_sum = (
-        torch.empty((splits, N), dtype=torch.float32, device=hidden.device) for _ in range(5)
-    )
+    (block_m, block_v, block_k, num_warps, num_stages), grid, split_size = forward_grid(N, V, hidden.device)
+    m, s, w_sum, z_label, z_sum = torch.empty((5, grid[1], N), dtype=torch.float32, device=hidden.device)
     with on_device(hidden):
-        linear_logprobs_forward_kernel[(row_blocks, splits)](
+        linear_logprobs_forward_kernel[grid](
             hidden, weight, bias if bias is not None else weight, labels, m, s, w_sum, z_label, z_sum,
             N, L, V, D, split_size,
-            *_hidden_strides(hidden, weight),
+            *linear_strides(hidden, weight),
             1.0 / temperature, softcap or 1.0, ignore_index,
-            WITH_ENTROPY=with_entropy, WITH_SUM=with_sum, **_matmul_args(hidden, weight, bias, softcap),
+            WITH_ENTROPY=with_entropy, WITH_SUM=with_sum, **matmul_args(hidden, bias, softcap),
             BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
-    # Merge the splits: every split moved to the row max (ignored rows' partials were never written).
-    max_z = torch.where(valid, m.amax(0), 0.0)
-    max_z = torch.where(max_z == float("-inf"), 0.0, max_z)
-    shift = torch.where(m == float("-inf"), 0.0, (m - max_z) / temperature)
-    rescale = torch.where(m == float("-inf"), 0.0, torch.exp(shift))
-    total = (rescale * s).sum(0)
-    logsum = torch.where(valid, torch.log(total), 0.0)
+    # Ignored rows' partials may never have been written: every output is 0 there.
+    max_z, logsum, rescale, shift = merge_lse(m, s, temperature)
+    max_z, logsum = torch.where(valid, max_z, 0.0), torch.where(valid, logsum, 0.0)
+    total = torch.exp(logsum)
     in_range = (labels >= 0) & (labels < V)  # a label the device-side check let through gives NaN
     logp = torch.where(in_range, (z_label.sum(0) - max_z) / temperature - logsum, float("nan"))
     outputs = [torch.where(valid, logp, 0.0)]
@@ -333,6 +363,35 @@ def linear_logprobs_forward(
                    else zeros)  # fmt: skip
     outputs += [max_z, logsum, torch.where(valid, z_sum.sum(0), 0.0) if with_sum else zeros]
     return tuple(x.reshape(B, L) for x in outputs)
+
+
+def backward_over_vocabulary(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, launch):
+    """(grad_hidden (B, L, D) in the hidden dtype, grad_weight [V, D] in the weight's dtype, grad_bias [V] fp32 or
+    [0] without bias) from a backward kernel launched over vocabulary ranges of GRAD_WEIGHT_ROWS entries:
+    ``launch(grid, tile, v_start, v_end, grad_h, grad_w_rows, grad_b)`` adds the fp32 sums of entries
+    v_start..v_end-1 into grad_h (N, D), grad_w_rows [v_end - v_start, D] and grad_b [V]. A non-fp32 weight's
+    gradient is accumulated in one fp32 buffer of GRAD_WEIGHT_ROWS rows, cast into place after each range: the
+    same rounding as an fp32 [V, D] accumulator without holding one."""
+    (B, L, D), V = hidden.shape, weight.shape[0]
+    N = B * L
+    fp32 = weight.dtype == torch.float32
+    grad_h = torch.zeros((N, D), dtype=torch.float32, device=hidden.device)
+    grad_w = (torch.zeros if fp32 or N == 0 else torch.empty)((V, D), dtype=weight.dtype, device=weight.device)
+    grad_b = torch.zeros((V if bias is not None else 0,), dtype=torch.float32, device=weight.device)
+    if N > 0:
+        tile = tile_config(BACKWARD_TILE, hidden.device)
+        step = V if fp32 else GRAD_WEIGHT_ROWS[hidden.device.type]
+        buffer = None if fp32 else torch.empty((min(step, V), D), dtype=torch.float32, device=weight.device)
+        with on_device(hidden):
+            for v_start in range(0, V, step):
+                v_end = min(V, v_start + step)
+                rows = grad_w[v_start:v_end] if fp32 else buffer[: v_end - v_start].zero_()
+                launch((triton.cdiv(N, tile[0]), triton.cdiv(v_end - v_start, tile[1])), tile, v_start, v_end, grad_h,
+                       rows, grad_b)  # fmt: skip
+                if not fp32:
+                    grad_w[v_start:v_end] = rows
+        del buffer
+    return grad_h.to(hidden.dtype).reshape(B, L, D), grad_w, grad_b
 
 
 def linear_rows_backward(
@@ -346,24 +405,23 @@ def linear_rows_backward(
     temperature: float,
     softcap: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the backward: (grad_hidden (B, L, D) in the hidden dtype, grad_weight [V, D] fp32, grad_bias [V]
-    fp32 or [0] without bias) of the rows' dz = c1 onehot + q (c2 + c3 log q) + c4."""
-    (B, L, D), V = hidden.shape, weight.shape[0]
+    """Launch the backward: (grad_hidden (B, L, D), grad_weight [V, D], grad_bias [V] fp32 or [0] without bias)
+    of the rows' dz = c1 onehot + q (c2 + c3 log q) + c4 (backward_over_vocabulary)."""
+    (B, L, D) = hidden.shape
     N = B * L
-    grad_h = torch.zeros((N, D), dtype=torch.float32, device=hidden.device)
-    grad_w = torch.zeros((V, D), dtype=torch.float32, device=weight.device)
-    grad_b = torch.zeros((V if bias is not None else 0,), dtype=torch.float32, device=weight.device)
-    if N > 0:
-        block_m, block_v, block_k, num_warps, num_stages = _tile(BACKWARD_TILE, hidden.device)
-        with on_device(hidden):
-            linear_rows_backward_kernel[(triton.cdiv(N, block_m), triton.cdiv(V, block_v))](
-                hidden, weight, bias if bias is not None else weight, labels.reshape(N).long(),
-                max_z.reshape(N).contiguous(), logsum.reshape(N).contiguous(), coefs.reshape(4, N).contiguous(),
-                grad_h, grad_w, grad_b if bias is not None else grad_w,
-                N, L, V, D,
-                *_hidden_strides(hidden, weight),
-                1.0 / temperature, softcap or 1.0,
-                **_matmul_args(hidden, weight, bias, softcap),
-                BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
-            )  # fmt: skip
-    return grad_h.to(hidden.dtype).reshape(B, L, D), grad_w, grad_b
+    row_inputs = (labels.reshape(N).long(), max_z.reshape(N).contiguous(), logsum.reshape(N).contiguous(),
+                  coefs.reshape(4, N).contiguous())  # fmt: skip
+
+    def launch(grid, tile, v_start, v_end, grad_h, grad_w_rows, grad_b):
+        block_m, block_v, block_k, num_warps, num_stages = tile
+        linear_rows_backward_kernel[grid](
+            hidden, weight, bias if bias is not None else weight, *row_inputs,
+            grad_h, grad_w_rows, grad_b if bias is not None else grad_h,
+            N, L, v_end, D,
+            *linear_strides(hidden, weight),
+            v_start, 1.0 / temperature, softcap or 1.0,
+            **matmul_args(hidden, bias, softcap),
+            BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
+        )  # fmt: skip
+
+    return backward_over_vocabulary(hidden, weight, bias, launch)

@@ -5,13 +5,36 @@ Layers of these ops: the custom ops ``klops::linear_logprobs`` / ``klops::linear
 backwards, over the row ops of ``klops.logprobs`` and ``klops.divergence`` (so each chunk runs on the
 chosen backend's kernels: Triton, CUDA or the chunked torch code), and the public functions.
 
-Strategy (as Cut Cross-Entropy's): rows are taken in chunks of ``C = LINEAR_CHUNK_ELEMENTS // V``; a chunk's
-logits ``[C, V]`` come from one matmul, are swept by the row kernel and dropped, and the forward keeps the
-row statistics only. The backward forms each chunk's logits again, turns the row gradient ``dz [C, V]``
-into ``grad_hidden = dz @ W`` and ``grad_weight += dz^T @ h`` (an fp32 accumulator, cast at the end) and
-drops it. Extra memory: two ``[C, V]`` temporaries and the fp32 ``[V, D]`` weight gradient, whatever
-``N``; FLOPs ``8 N V D`` (the forward matmul, its recomputation, the two gradient matmuls) where a trainer
-that stores the logits spends ``6 N V D`` and ``N V`` of memory per stored tensor.
+Two paths, chosen by the backend:
+
+- ``backend="triton"``: fused kernels (kernels/linear.py for log-probs and cross-entropy,
+  kernels/linear_divergence.py for the divergences). Each ``[BLOCK_M, BLOCK_V]`` logit tile is formed in
+  registers by ``tl.dot`` (fp32 accumulation; fp32 operands as tf32 only when torch's matmuls are) and folded
+  into per-row online statistics over vocabulary splits; the backward forms each tile again and adds
+  ``dz @ W`` and ``dz^T h`` into fp32 ``grad_hidden`` / ``grad_weight`` with atomic adds. No ``[N, V]`` tile
+  ever reaches global memory, and neither model's logits exist, not even a chunk of them. FLOPs in products
+  of ``2 N D V``: log-probs / cross-entropy 1 forward + 3 backward; forward / reverse KL with the teacher
+  from hidden states 2 + 4 = 6 (the issue's floor is 4: student and teacher logits, ``grad_hidden``,
+  ``grad_weight``; recomputation, choice (b), costs the two logit products again), the other kinds 4 + 4 = 8
+  (their second forward sweep needs both rows' log-sum-exp first). Choice (a), the gradient computed in the
+  forward, needs those row statistics before any gradient entry, so it would not save the forward's extra
+  sweep, would hold fp32 ``grad_hidden`` and ``grad_weight`` from the forward to the backward, and could not
+  serve a loss with two upstream gradients (log-prob and entropy, or D and the label's log-prob).
+- every other backend: the chunked path (as Cut Cross-Entropy's recomputation, with cuBLAS matmuls): rows
+  are taken in chunks of ``C = LINEAR_CHUNK_ELEMENTS // V``; a chunk's logits ``[C, V]`` come from one matmul,
+  are swept by the chosen backend's row kernel (CUDA or the chunked torch code) and dropped, and the forward
+  keeps the row statistics only. The backward forms each chunk's logits again, turns the row gradient
+  ``dz [C, V]`` into ``grad_hidden = dz @ W`` and ``grad_weight += dz^T h`` (an fp32 accumulator, cast at the
+  end) and drops it. Extra memory: two ``[C, V]`` temporaries and the fp32 ``[V, D]`` weight gradient,
+  whatever ``N``; the same FLOPs as the fused path. A ``klops.TopK`` teacher always takes this path.
+
+``backend="auto"`` resolves as for every op: on CUDA tensors ``cuda`` (the chunked path over the CUDA row
+kernels) when ``klops._C`` is built, else ``triton`` (the fused kernels); ``torch`` on the CPU. Per shape,
+the fused path saves the chunk temporaries (``2 C V`` entries, 128 MiB of fp32 at the GPU chunk size) and
+the row kernels' reads and writes of them (about ``6 N V`` bytes in bf16); the chunked path runs its matmuls
+at cuBLAS rates without atomics. Neither has been timed on a GPU yet, so ``auto`` keeps the foundation's
+order until a GPU run of ``klops bench`` (both are in its table, as ``klops[cuda]`` and ``klops[triton]``)
+says which wins where.
 
 ``softcap`` is Gemma-2's final-logit soft-capping ``s tanh(z / s)``, applied before the temperature to the
 logits formed from hidden states (student and teacher), with its derivative ``1 - tanh^2`` in the
@@ -358,7 +381,16 @@ def linear_divergence_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The rows' (D, max_q, logsum_q, max_t, logsum_t, gbar, logp), each (B, L) fp32, of the divergence between
     the teacher (teacher_hidden @ teacher_weight^T + teacher_bias, or teacher_logits (B, L, V)) and the
-    student's logits, a chunk of rows at a time; logp is log q of the label (0 without labels)."""
+    student's logits, a chunk of rows at a time (or a tile at a time, neither model's logits stored, on the
+    Triton backend); logp is log q of the label (0 without labels)."""
+    if backend == "triton":
+        from .kernels import linear_divergence as fused
+
+        teacher = teacher_hidden if teacher_logits is None else teacher_logits
+        return fused.linear_divergence_forward(
+            hidden, weight, bias, teacher, teacher_weight, teacher_bias, valid, labels, kind, target_is, temperature,
+            coef, softcap,
+        )  # fmt: skip
     (B, L), V = hidden.shape[:2], weight.shape[0]
     outputs = tuple(torch.zeros((B, L), dtype=torch.float32, device=hidden.device) for _ in range(7))
     for rows in _row_chunks(B, L, V, hidden.device):
@@ -411,6 +443,15 @@ def linear_divergence_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(B, L) fp32 grads of D and of logp (or None) -> the student's (grad_hidden, grad_weight, grad_bias or
     [0]); the teacher gets none."""
+    if backend == "triton":
+        from .kernels import linear_divergence as fused
+
+        teacher = teacher_hidden if teacher_logits is None else teacher_logits
+        grads = fused.linear_divergence_backward(
+            grad, grad_logp, hidden, weight, bias, teacher, teacher_weight, teacher_bias, valid, labels,
+            (max_q, logsum_q, max_t, logsum_t, gbar), kind, target_is, temperature, coef, softcap,
+        )  # fmt: skip
+        return _cast_grads(grads, weight, bias)
     grads = _new_grads(hidden, weight, bias)
     for rows in _row_chunks(*hidden.shape[:2], weight.shape[0], hidden.device):
         z, t = _chunk_logits(hidden[rows], weight, bias, softcap)
@@ -733,7 +774,8 @@ def linear_divergence_and_label_logprobs(
         y = (teacher3.float() * teacher_weight[read].float()).sum(-1)
         if teacher_bias is not None:
             y = y + teacher_bias[read].float()
-        y = y.to(teacher_weight.dtype).float()  # rounded as F.linear rounds the logits the kernels read
+        if backend != "triton":  # rounded as F.linear rounds the chunks' logits (the fused kernels keep fp32)
+            y = y.to(teacher_weight.dtype).float()
         if softcap is not None:
             y = softcap * torch.tanh(y / softcap)
         teacher_logp = torch.where(valid3, (y - max_t) / temperature - logsum_t, 0.0)

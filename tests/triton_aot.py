@@ -50,6 +50,19 @@ LINEAR_VARIANTS = [("bf16", "ieee", False, False, True, False), ("bf16", "ieee",
                    ("fp32", "tf32", False, True, False, False)]  # fmt: skip
 
 
+# The fused-linear divergence kernels (kernels/linear_divergence.py) on sm_90: (kind, target, teacher as "hidden"
+# states + head or "logits" (B, L, V), student dtype, teacher dtype, flags): every kind from hidden states (forward /
+# reverse KL with the online KL sweep, the others with sweep 2), labels, bias + soft cap, mixed dtypes, and the
+# teacher encodings read in place.
+LINEAR_DIVERGENCE_VARIANTS = [(kind, "logits", "hidden", "bf16", "bf16", "") for kind in DIVERGENCE_KINDS] + [
+    ("reverse", "logits", "hidden", "bf16", "fp32", "bias-softcap"),
+    ("jsd", "logits", "hidden", "bf16", "bf16", "labels"),
+    ("forward", "logits", "logits", "bf16", "bf16", "labels"),
+    ("forward", "logprobs", "logits", "bf16", "fp32", ""),
+    ("tv", "probs", "logits", "fp16", "fp32", "bias"),
+]
+
+
 def linear_variant_name(variant) -> str:
     dtype, precision, bias, softcap, entropy, with_sum = variant
     flags = [name for name, on in (("bias", bias), ("softcap", softcap), ("entropy", entropy), ("sum", with_sum)) if on]
@@ -70,6 +83,7 @@ VARIANTS = (
     + [f"sinkhorn-{v}-sm{arch}" for v in SINKHORN_VARIANTS for arch in (80, 90)]
     + [f"akl-weights-{dtype}-sm{arch}" for dtype in ("bf16", "fp32") for arch in (80, 90)]
     + [f"linear-{linear_variant_name(v)}-sm{arch}" for v in LINEAR_VARIANTS for arch in (80, 90)]
+    + [f"linear-divergence-{'-'.join(filter(None, v))}" for v in LINEAR_DIVERGENCE_VARIANTS]
 )
 
 
@@ -89,7 +103,7 @@ def linear_jobs(linear, variant) -> list:
                                                            "ignore_index": "i64"}  # fmt: skip
     backward = inputs | {name: "*fp32" for name in ("max_ptr", "logsum_ptr", "coef_ptr", "grad_h_ptr", "grad_w_ptr",
                                                      "grad_b_ptr")}  # fmt: skip
-    backward |= shapes | strides | {"inv_temperature": "fp32", "softcap": "fp32"}
+    backward |= shapes | strides | {"v_start": "i32", "inv_temperature": "fp32", "softcap": "fp32"}
     jobs = []
     for kernel, signature, tile, extra in (
         (linear.linear_logprobs_forward_kernel, forward, linear.FORWARD_TILE,
@@ -100,6 +114,38 @@ def linear_jobs(linear, variant) -> list:
         blocks = {"BLOCK_M": block_m, "BLOCK_V": block_v, "BLOCK_K": block_k}
         jobs.append((kernel, signature, matmul | extra | blocks, (None, num_warps, num_stages)))
     return jobs
+
+
+def linear_divergence_jobs(kernels, variant) -> list:
+    """[(kernel, signature, constexprs, (None, num_warps, num_stages))] of kernels/linear_divergence.py's sweep 1,
+    sweep 2 (every kind but forward / reverse KL between logits) and backward for one LINEAR_DIVERGENCE_VARIANTS
+    entry, with unit strides along D and V as Triton specializes them."""
+    from klops.kernels import linear
+
+    kind, target, teacher, student_dtype, teacher_dtype, flags = variant
+    pointers = {"h_ptr": f"*{student_dtype}", "w_ptr": f"*{student_dtype}", "b_ptr": f"*{student_dtype}",
+                "t_ptr": f"*{teacher_dtype}", "tw_ptr": f"*{teacher_dtype}", "tb_ptr": f"*{teacher_dtype}"}  # fmt: skip
+    shapes = {"N": "i32", "L": "i32", "V": "i32", "D": "i32", "Dt": "i32"}
+    unit = ("stride_hd", "stride_wd", "stride_td", "stride_twd") + (("stride_twv",) if teacher == "logits" else ())
+    strides = {name: "constexpr" if name in unit else "i64" for name in ("stride_hb", "stride_hl", "stride_hd",
+               "stride_wv", "stride_wd", "stride_tb", "stride_tl", "stride_td", "stride_twv", "stride_twd")}  # fmt: skip
+    constants = {"inv_temperature": "fp32", "softcap": "fp32"}
+    constexprs = {"KIND": DIVERGENCE_KINDS.index(kind), "TARGET": TARGET_KINDS.index(target),
+                  "TEACHER_HIDDEN": teacher == "hidden", "T_HAS_BIAS": "bias" in flags, "HAS_BIAS": "bias" in flags,
+                  "SOFTCAP": "softcap" in flags, "DOT_FP32": False, "PRECISION": "ieee", **{name: 1 for name in unit}}  # fmt: skip
+    labels = {"WITH_LABELS": "labels" in flags}
+    stats = pointers | {"valid_ptr": "*i1", "labels_ptr": "*i64", "part_ptr": "*fp32"} | shapes | {"split_size": "i32"}
+    terms = pointers | {"valid_ptr": "*i1", "stats_ptr": "*fp32", "part_ptr": "*fp32"} | shapes | {"split_size": "i32"}
+    backward = pointers | {"labels_ptr": "*i64", "stats_ptr": "*fp32", "coef_ptr": "*fp32", "grad_h_ptr": "*fp32",
+                           "grad_w_ptr": "*fp32", "grad_b_ptr": "*fp32"} | shapes  # fmt: skip
+    jobs = [(kernels.linear_divergence_stats_kernel, stats | strides | constants, constexprs | labels, linear.FORWARD_TILE)]
+    if not (target == "logits" and kind in ("forward", "reverse")):
+        jobs.append((kernels.linear_divergence_terms_kernel, terms | strides | constants | {"coef": "fp32"}, constexprs,
+                     linear.FORWARD_TILE))  # fmt: skip
+    jobs.append((kernels.linear_divergence_backward_kernel, backward | strides | {"v_start": "i32"} | constants | {"coef": "fp32"},
+                 constexprs | labels, linear.BACKWARD_TILE))  # fmt: skip
+    return [(kernel, sig, cx | {"BLOCK_M": tile[0], "BLOCK_V": tile[1], "BLOCK_K": tile[2]}, (None, *tile[3:]))
+            for kernel, sig, cx, tile in jobs]  # fmt: skip
 
 
 def divergence_signature(student, teacher, backward):
@@ -203,7 +249,7 @@ def resource_usage(cubin: bytes) -> dict:
 
 def compile_all() -> dict[str, dict]:
     import triton
-    from klops.kernels import distill, divergence, linear, logprobs, sinkhorn, topk
+    from klops.kernels import distill, divergence, linear, linear_divergence, logprobs, sinkhorn, topk
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -288,6 +334,11 @@ def compile_all() -> dict[str, dict]:
             jobs[f"linear-{linear_variant_name(variant)}-sm{arch}"] = [
                 (kernel, sig, constexprs, arch, sweep) for kernel, sig, constexprs, sweep in linear_jobs(linear, variant)
             ]
+    for variant in LINEAR_DIVERGENCE_VARIANTS:
+        jobs[f"linear-divergence-{'-'.join(filter(None, variant))}"] = [
+            (kernel, sig, constexprs, 90, sweep)
+            for kernel, sig, constexprs, sweep in linear_divergence_jobs(linear_divergence, variant)
+        ]
     results = {}
     for name, kernels in jobs.items():
         try:
