@@ -103,12 +103,19 @@ def _warn_fallback_once(fallback: str) -> None:
         warnings.warn(f"{CUDA_EXTENSION_PROBLEM}. backend='auto' uses {fallback} instead.", stacklevel=3)
 
 
+def resolve_preferring_triton(backend: str, device: torch.device) -> str:
+    """resolve_backend for an op whose preferred GPU path is its Triton kernels: "auto" takes Triton on a GPU
+    wherever Triton is usable (the fused-linear ops, whose "cuda" form is the chunked path)."""
+    resolved = resolve_backend(backend, device)
+    if backend == "auto" and resolved == "cuda" and "triton" in available_backends(device):
+        return "triton"
+    return resolved
+
+
 def resolve_triton_or_torch(backend: str, device: torch.device, op: str) -> str:
     """resolve_backend for an op with Triton and torch kernels only: "auto" takes Triton on a GPU (the CUDA
     extension has none of this op), and "cuda" is an error that says so."""
     if backend == "cuda":
         raise ValueError(f"backend='cuda': {op} has no CUDA kernels in klops._C; use 'triton' or 'torch'")
-    resolved = resolve_backend(backend, device)
-    if resolved == "cuda":
-        resolved = "triton" if "triton" in available_backends(device) else "torch"
-    return resolved
+    resolved = resolve_preferring_triton(backend, device)
+    return "torch" if resolved == "cuda" else resolved

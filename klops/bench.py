@@ -1,5 +1,6 @@
 """``klops bench``: check each op against the float64 reference on this machine's device, then time
-forward + backward and measure peak memory against plain PyTorch (eager and torch.compile).
+forward + backward and measure peak memory against plain PyTorch (eager and torch.compile), and against
+Liger-Kernel and Cut Cross-Entropy on the fused-linear cases they share when they are installed.
 
 Each case reports the median time of forward + backward, the peak memory allocated above the inputs,
 and the effective bandwidth: the minimum bytes the op must move (read both inputs once, write the
@@ -9,6 +10,7 @@ gradient once) over the time, as a fraction of this device's measured copy bandw
 import ctypes
 import dataclasses
 import datetime
+import importlib.util
 import json
 import statistics
 import time
@@ -242,6 +244,33 @@ def implementations(case: Case, device: torch.device) -> dict:
         eager = eager_logprobs
     impls["torch eager"] = eager
     impls["torch.compile"] = torch.compile(eager, dynamic=False)
+    impls.update(fused_linear_baselines(case))
+    return impls
+
+
+def fused_linear_baselines(case: Case) -> dict:
+    """The fused-linear losses of Liger-Kernel (its fused linear cross-entropy, and its fused linear JSD: forward
+    KL at beta = 0, reverse at 1) and of Cut Cross-Entropy, for the cases they share and each only if importable:
+    name -> callable(hidden, inputs) with the klops case's loss (mean over the rows; batchmean for the KL)."""
+    impls = {}
+    if case.op == "fused_linear_cross_entropy":
+        if importlib.util.find_spec("liger_kernel") is not None:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+            liger_ce = LigerFusedLinearCrossEntropyLoss()
+            impls["liger-kernel"] = lambda h, y: liger_ce(y[0], h, y[1])
+        if importlib.util.find_spec("cut_cross_entropy") is not None:
+            from cut_cross_entropy import linear_cross_entropy
+
+            impls["cut-cross-entropy"] = lambda h, y: linear_cross_entropy(
+                h, y[0], y[1], impl="cce" if h.is_cuda else "torch_compile"
+            )
+    elif case.op == "fused_linear_kl" and case.kind in ("forward", "reverse", "jsd"):
+        if importlib.util.find_spec("liger_kernel") is not None:
+            from liger_kernel.transformers import LigerFusedLinearJSD
+
+            liger_jsd = LigerFusedLinearJSD(jsd_beta={"forward": 0.0, "reverse": 1.0, "jsd": 0.5}[case.kind])
+            impls["liger-kernel"] = lambda h, y: liger_jsd(h, y[0], y[1], y[2], None)
     return impls
 
 

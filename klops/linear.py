@@ -28,13 +28,15 @@ Two paths, chosen by the backend:
   end) and drops it. Extra memory: two ``[C, V]`` temporaries and the fp32 ``[V, D]`` weight gradient,
   whatever ``N``; the same FLOPs as the fused path. A ``klops.TopK`` teacher always takes this path.
 
-``backend="auto"`` resolves as for every op: on CUDA tensors ``cuda`` (the chunked path over the CUDA row
-kernels) when ``klops._C`` is built, else ``triton`` (the fused kernels); ``torch`` on the CPU. Per shape,
-the fused path saves the chunk temporaries (``2 C V`` entries, 128 MiB of fp32 at the GPU chunk size) and
-the row kernels' reads and writes of them (about ``6 N V`` bytes in bf16); the chunked path runs its matmuls
-at cuBLAS rates without atomics. Neither has been timed on a GPU yet, so ``auto`` keeps the foundation's
-order until a GPU run of ``klops bench`` (both are in its table, as ``klops[cuda]`` and ``klops[triton]``)
-says which wins where.
+``backend="auto"`` takes the fused kernels on CUDA tensors wherever Triton is usable (``torch`` on the CPU;
+the chunked CUDA path only without Triton), for every shape, because of memory, which is known without a
+GPU: the fused path's extra memory is the fp32 ``grad_hidden`` ``[N, D]`` and an fp32 buffer of
+``GRAD_WEIGHT_ROWS`` (8192) weight rows (384 MiB at N = 16384, D = 4096), where the chunked path holds an
+fp32 ``[V, D]`` weight-gradient accumulator (2 GiB at V = 128256) and two ``[C, V]`` chunk temporaries
+(128 MiB). The fused path also saves the row kernels' reads and writes of those chunks (about ``6 N V``
+bytes in bf16); the chunked path runs its matmuls at cuBLAS rates without atomics. Neither has been timed
+on a GPU yet: ``klops bench`` runs both (``klops[triton]``, ``klops[cuda]``) beside Liger-Kernel and Cut
+Cross-Entropy, and its first GPU run decides whether ``auto`` should take the chunked path for some shapes.
 
 ``softcap`` is Gemma-2's final-logit soft-capping ``s tanh(z / s)``, applied before the temperature to the
 logits formed from hidden states (student and teacher), with its derivative ``1 - tanh^2`` in the
@@ -48,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _inputs
-from .backend import resolve_backend
+from .backend import resolve_preferring_triton
 from .divergence import (
     check_divergence_options,
     divergence_backward_op,
@@ -556,7 +558,7 @@ def fused_linear_logprobs(
     temperature = _inputs.check_temperature(temperature)
     softcap = _check_softcap(softcap)
     _inputs.check_bool("return_entropy", return_entropy)
-    backend = resolve_backend(backend, hidden.device)
+    backend = resolve_preferring_triton(backend, hidden.device)
     (hidden3,) = _inputs.as_rows(hidden)  # (B, L, D) without a copy, e.g. of hidden[:, :-1]
     rows = (hidden3, weight, bias, labels.reshape(hidden3.shape[:2]))
     logp, entropy, *_ = linear_logprobs_op(*rows, temperature, softcap, return_entropy, ignore_index, backend)
@@ -651,7 +653,7 @@ def fused_linear_kl(
         if weights is not None:
             rows = rows * weights.float()
         return reduce_rows(rows, valid, reduction, num_items)
-    backend = resolve_backend(backend, student_hidden.device)
+    backend = resolve_preferring_triton(backend, student_hidden.device)
 
     # (B, L, D) and (B, L, V) views without a copy, e.g. of hidden[:, :-1] or teacher_logits[:, :-1]
     if teacher_logits is not None:
@@ -705,7 +707,7 @@ def fused_linear_cross_entropy(
     softcap = _check_softcap(softcap)
     _inputs.check_num_items(num_items, reduction)
     _inputs.check_bool("return_lse", return_lse)
-    backend = resolve_backend(backend, hidden.device)
+    backend = resolve_preferring_triton(backend, hidden.device)
     (hidden3,) = _inputs.as_rows(hidden)
     inputs = (hidden3, weight, bias, labels.reshape(hidden3.shape[:2]))
     rows, lse, *_ = linear_cross_entropy_op(*inputs, softcap, label_smoothing, ignore_index, backend)
@@ -761,7 +763,7 @@ def linear_divergence_and_label_logprobs(
             softcap, backend, labels=labels,
         )  # fmt: skip
         return rows, logp, None
-    backend = resolve_backend(backend, student_hidden.device)
+    backend = resolve_preferring_triton(backend, student_hidden.device)
     student3, teacher3 = _inputs.as_rows(student_hidden, teacher_hidden)
     rows_shape = student3.shape[:2]
     valid3, labels3 = valid.reshape(rows_shape), labels.long().reshape(rows_shape)

@@ -76,3 +76,15 @@ def test_cuda_backend_on_cpu_tensors_is_a_clear_error():
         pytest.skip("klops._C is present but unusable here")
     with pytest.raises(ValueError, match="backend='cuda' cannot run on cpu tensors here"):
         backend.resolve_backend("cuda", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("usable, expected", [(["cuda", "triton", "torch"], "triton"), (["cuda", "torch"], "cuda"),
+                                              (["triton", "torch"], "triton")])  # fmt: skip
+def test_fused_linear_auto_prefers_triton_on_a_gpu(monkeypatch, usable, expected):
+    """The fused-linear ops' auto: their Triton kernels wherever Triton runs on a GPU, else the chunked CUDA path;
+    an explicit backend is kept, and CPU tensors take torch."""
+    monkeypatch.setattr(backend, "CUDA_EXTENSION_PROBLEM", None)
+    monkeypatch.setattr(backend, "available_backends", lambda device: usable if device.type == "cuda" else ["torch"])
+    assert backend.resolve_preferring_triton("auto", torch.device("cuda")) == expected
+    assert backend.resolve_preferring_triton(usable[0], torch.device("cuda")) == usable[0]
+    assert backend.resolve_preferring_triton("auto", torch.device("cpu")) == "torch"
