@@ -24,6 +24,16 @@ FLOPs, in products of 2 N D V: forward 1 (the logits), backward 3 (the logits ag
 in all, where a trainer that stores the logits does 3 and keeps ``[N, V]``. Computing the gradient in the
 forward instead (no recomputation) would cost 3 but hold fp32 ``grad_h`` / ``grad_W`` per upstream input
 (two for logprob + entropy) and need the upstream gradients before they exist.
+
+Bytes (bf16 inputs; at N = 16384, D = 4096, V = 128256): the inputs are N D + V D entries (1.1 GiB) and must
+be read once; like any matmul tiling, the tiles re-read them from L2 (h once per vocabulary tile, W once
+per row block), and the launch orders keep the resident programs on few row blocks so that those re-reads
+hit L2 (split_program, grouped_tile). The forward writes a few fp32 numbers per row and split. The backward
+adds N D V / BLOCK_V fp32 into grad_h and V D N / BLOCK_M into grad_W by atomics (2 x 6.7e10 at 128 x 128
+tiles: 0.5 TiB of atomic traffic to L2, against 0.55 PFLOP of matmuls; the exact skip of zero-gradient row
+blocks removes the prompt's share). That traffic is this design's risk (Cut Cross-Entropy's backward has the
+same and filters blocks of negligible gradient); the chunked path has none. Untimed: no GPU has run these
+kernels yet.
 """
 
 import torch
@@ -37,12 +47,16 @@ from .launch import on_device
 # sm_90 in tests/triton_aot.py; untimed), and the 16-wide tiles run under the interpreter so that the CPU
 # tests cross row-block, vocabulary-tile, split and K boundaries at small sizes (tl.dot's least size).
 FORWARD_TILE = (128, 128, 64, 8, 3)
-BACKWARD_TILE = (64, 128, 64, 8, 2)
+BACKWARD_TILE = (128, 128, 64, 8, 2)
 INTERPRETER_TILE = (16, 16, 16, 1, 1)
 # Rows of the fp32 buffer in which a bf16 / fp16 weight's gradient is accumulated, by device type (a multiple of
 # every BLOCK_V): on a GPU 8192, 128 MiB at D = 4096 where an fp32 [V, D] accumulator is 2 GiB at V = 128256; 32
 # under the interpreter, so that the tests cross ranges.
 GRAD_WEIGHT_ROWS = {"cpu": 32, "cuda": 8192}
+# Least vocabulary splits of a forward sweep on a GPU (forward_grid), and row blocks per group of the backward's
+# grouped order (grouped_tile): both keep the programs resident at once on a few row blocks' hidden states.
+MIN_SPLITS = 8
+GROUP_M = 8
 
 
 @triton.jit
@@ -118,6 +132,31 @@ def accumulate_linear_grads(
 
 
 @triton.jit
+def split_program(N, V, split_size, BLOCK_M: tl.constexpr):
+    """(rows, split) of a forward program. The 1-D grid runs the vocabulary splits of one row block side by side,
+    so that the programs resident at once share a few row blocks' hidden states and walk the weight's tiles
+    together: both stay in L2 (row blocks in order would hold every row's hidden states at once)."""
+    num_splits = tl.cdiv(V, split_size)
+    pid = tl.program_id(0)
+    return (pid // num_splits) * BLOCK_M + tl.arange(0, BLOCK_M), pid % num_splits
+
+
+@triton.jit
+def grouped_tile(N, V, v_start, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, GROUP_M: tl.constexpr):
+    """(rows, cols) of a backward program over vocabulary entries v_start..V-1, in the grouped order of Triton's
+    matmul tutorial: GROUP_M row blocks by every vocabulary tile, the row blocks varying fastest, so that the
+    resident programs share GROUP_M blocks of hidden states and a few tiles of the weight in L2."""
+    num_row_blocks = tl.cdiv(N, BLOCK_M)
+    per_group = GROUP_M * tl.cdiv(V - v_start, BLOCK_V)
+    pid = tl.program_id(0)
+    first = (pid // per_group) * GROUP_M
+    size = tl.minimum(num_row_blocks - first, GROUP_M)
+    row_block = first + (pid % per_group) % size
+    tile = (pid % per_group) // size
+    return row_block * BLOCK_M + tl.arange(0, BLOCK_M), v_start + tile * BLOCK_V + tl.arange(0, BLOCK_V)
+
+
+@triton.jit
 def hidden_offsets(rows, L, stride_hb, stride_hl):
     """Element offsets of the hidden states of rows r = b L + l of a (B, L, D) view, in int64."""
     rows = rows.to(tl.int64)
@@ -162,13 +201,13 @@ def linear_logprobs_forward_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows, split = split_program(N, V, split_size, BLOCK_M)
     row_mask = rows < N
     labels = tl.load(labels_ptr + rows, mask=row_mask, other=ignore_index)
     if tl.max((labels != ignore_index).to(tl.int32), 0) == 0:
         return  # every row ignored: the merge never reads this block's partials
     row_offsets = hidden_offsets(rows, L, stride_hb, stride_hl)
-    v_start = tl.program_id(1) * split_size
+    v_start = split * split_size
     v_end = tl.minimum(v_start + split_size, V)
     m = tl.full([BLOCK_M], NEG_INF, tl.float32)
     s = tl.zeros([BLOCK_M], tl.float32)
@@ -194,7 +233,7 @@ def linear_logprobs_forward_kernel(
         z_label += tl.sum(tl.where(cols[None, :] == labels[:, None], z, 0.0), 1)
         if WITH_SUM:
             z_sum += tl.sum(tl.where(col_mask[None, :], z, 0.0), 1)
-    out = tl.program_id(1).to(tl.int64) * N + rows
+    out = split.to(tl.int64) * N + rows
     tl.store(m_ptr + out, m, mask=row_mask)
     tl.store(s_ptr + out, s, mask=row_mask)
     tl.store(z_label_ptr + out, z_label, mask=row_mask)
@@ -239,8 +278,9 @@ def linear_rows_backward_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows, cols = grouped_tile(N, V, v_start, BLOCK_M, BLOCK_V, GROUP_M)
     row_mask = rows < N
     c1 = tl.load(coef_ptr + rows, mask=row_mask, other=0.0)
     c2 = tl.load(coef_ptr + N + rows, mask=row_mask, other=0.0)
@@ -248,7 +288,6 @@ def linear_rows_backward_kernel(
     c4 = tl.load(coef_ptr + 3 * N + rows, mask=row_mask, other=0.0)
     if tl.max(tl.abs(c1) + tl.abs(c2) + tl.abs(c3) + tl.abs(c4), 0) == 0.0:
         return  # a zero gradient: nothing to add
-    cols = v_start + tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_mask = cols < V
     row_offsets = hidden_offsets(rows, L, stride_hb, stride_hl)
     z, t = logit_tile(
@@ -293,20 +332,23 @@ def linear_strides(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[int, ...
     return (*hidden.stride(), *weight.stride())
 
 
-def forward_grid(N: int, V: int, device: torch.device) -> tuple[tuple[int, ...], tuple[int, int], int]:
-    """(tile config, (row blocks, splits), split size) of a forward sweep: the vocabulary is split so that the
-    grid holds about two programs per SM (each split a whole number of BLOCK_V tiles); 4 splits per row
+def forward_grid(N: int, V: int, device: torch.device) -> tuple[tuple[int, ...], tuple[int], int, int]:
+    """(tile config, 1-D grid, splits, split size) of a forward sweep (split_program). The vocabulary is split
+    into whole numbers of BLOCK_V tiles: on a GPU at least MIN_SPLITS (the resident programs then cover about
+    SMs / MIN_SPLITS row blocks, whose hidden states stay in L2) and enough for two programs per SM; 4 per row
     block on the CPU, so that the tests exercise the merge."""
     tile = tile_config(FORWARD_TILE, device)
     block_m, block_v = tile[:2]
     row_blocks = triton.cdiv(N, block_m)
     if device.type == "cuda":
-        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        wanted = max(MIN_SPLITS, triton.cdiv(2 * sms, row_blocks))
     else:
-        target = 4 * row_blocks
-    splits = max(1, min(triton.cdiv(V, block_v), triton.cdiv(target, row_blocks)))
+        wanted = 4
+    splits = max(1, min(triton.cdiv(V, block_v), wanted))
     split_size = triton.cdiv(triton.cdiv(V, splits), block_v) * block_v
-    return tile, (row_blocks, triton.cdiv(V, split_size)), split_size
+    splits = triton.cdiv(V, split_size)
+    return tile, (row_blocks * splits,), splits, split_size
 
 
 def merge_lse(m: torch.Tensor, s: torch.Tensor, temperature: float):
@@ -340,8 +382,8 @@ def linear_logprobs_forward(
     valid = labels != ignore_index
     if N == 0:
         return tuple(torch.zeros((B, L), dtype=torch.float32, device=hidden.device) for _ in range(5))
-    (block_m, block_v, block_k, num_warps, num_stages), grid, split_size = forward_grid(N, V, hidden.device)
-    m, s, w_sum, z_label, z_sum = torch.empty((5, grid[1], N), dtype=torch.float32, device=hidden.device)
+    (block_m, block_v, block_k, num_warps, num_stages), grid, splits, split_size = forward_grid(N, V, hidden.device)
+    m, s, w_sum, z_label, z_sum = torch.empty((5, splits, N), dtype=torch.float32, device=hidden.device)
     with on_device(hidden):
         linear_logprobs_forward_kernel[grid](
             hidden, weight, bias if bias is not None else weight, labels, m, s, w_sum, z_label, z_sum,
@@ -386,8 +428,8 @@ def backward_over_vocabulary(hidden: torch.Tensor, weight: torch.Tensor, bias: t
             for v_start in range(0, V, step):
                 v_end = min(V, v_start + step)
                 rows = grad_w[v_start:v_end] if fp32 else buffer[: v_end - v_start].zero_()
-                launch((triton.cdiv(N, tile[0]), triton.cdiv(v_end - v_start, tile[1])), tile, v_start, v_end, grad_h,
-                       rows, grad_b)  # fmt: skip
+                grid = (triton.cdiv(N, tile[0]) * triton.cdiv(v_end - v_start, tile[1]),)
+                launch(grid, tile, v_start, v_end, grad_h, rows, grad_b)
                 if not fp32:
                     grad_w[v_start:v_end] = rows
         del buffer
@@ -421,7 +463,8 @@ def linear_rows_backward(
             *linear_strides(hidden, weight),
             v_start, 1.0 / temperature, softcap or 1.0,
             **matmul_args(hidden, bias, softcap),
-            BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
+            BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, GROUP_M=GROUP_M, num_warps=num_warps,
+            num_stages=num_stages,
         )  # fmt: skip
 
     return backward_over_vocabulary(hidden, weight, bias, launch)

@@ -30,14 +30,17 @@ import triton.language as tl
 from .divergence import FORWARD, LOGITS, NEG_INF, REVERSE, divergence_terms, finite_or_zero, teacher_logprobs
 from .launch import DIVERGENCE_KINDS, TARGET_KINDS, on_device
 from .linear import (
+    GROUP_M,
     accumulate_linear_grads,
     backward_over_vocabulary,
     forward_grid,
+    grouped_tile,
     hidden_offsets,
     linear_strides,
     logit_tile,
     matmul_args,
     merge_lse,
+    split_program,
 )
 
 
@@ -138,7 +141,7 @@ def linear_divergence_stats_kernel(
 ):
     """Sweep 1 over a split: the online (max, sum) of both rows (the teacher's only as logits), and for forward
     / reverse KL between logit rows the KL accumulator of tile_kl_update, so that they need no sweep 2."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows, split = split_program(N, V, split_size, BLOCK_M)
     row_mask = rows < N
     if tl.max(tl.load(valid_ptr + rows, mask=row_mask, other=0).to(tl.int32), 0) == 0:
         return  # every row ignored: the merge never reads this block's partials
@@ -147,7 +150,7 @@ def linear_divergence_stats_kernel(
     labels = tl.full([BLOCK_M], -1, tl.int64)
     if WITH_LABELS:
         labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
-    v_start = tl.program_id(1) * split_size
+    v_start = split * split_size
     v_end = tl.minimum(v_start + split_size, V)
     m_q = tl.full([BLOCK_M], NEG_INF, tl.float32)
     s_q = tl.zeros([BLOCK_M], tl.float32)
@@ -179,8 +182,8 @@ def linear_divergence_stats_kernel(
                 m_t, s_t = tile_lse_update(m_t, s_t, y, inv_temperature)
         else:
             m_q, s_q = tile_lse_update(m_q, s_q, z, inv_temperature)
-    out = part_ptr + tl.program_id(1).to(tl.int64) * N + rows
-    plane = tl.num_programs(1).to(tl.int64) * N
+    out = part_ptr + split.to(tl.int64) * N + rows
+    plane = tl.cdiv(V, split_size).to(tl.int64) * N
     tl.store(out, m_q, mask=row_mask)
     tl.store(out + plane, s_q, mask=row_mask)
     tl.store(out + 2 * plane, m_t, mask=row_mask)
@@ -256,13 +259,13 @@ def linear_divergence_terms_kernel(
 ):
     """Sweep 2 over a split (every kind but forward / reverse KL between logit rows): D = sum loss_v and
     gbar = sum a_v of divergence_terms, from the merged row statistics."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows, split = split_program(N, V, split_size, BLOCK_M)
     row_mask = rows < N
     if tl.max(tl.load(valid_ptr + rows, mask=row_mask, other=0).to(tl.int32), 0) == 0:
         return
     row_offsets = hidden_offsets(rows, L, stride_hb, stride_hl)
     t_offsets = hidden_offsets(rows, L, stride_tb, stride_tl)
-    v_start = tl.program_id(1) * split_size
+    v_start = split * split_size
     v_end = tl.minimum(v_start + split_size, V)
     loss = tl.zeros([BLOCK_M], tl.float32)
     gbar = tl.zeros([BLOCK_M], tl.float32)
@@ -282,9 +285,9 @@ def linear_divergence_terms_kernel(
         entry_loss, a = divergence_terms(lq, lp, coef, KIND)
         loss += tl.sum(entry_loss, 1)
         gbar += tl.sum(a, 1)
-    out = part_ptr + tl.program_id(1).to(tl.int64) * N + rows
+    out = part_ptr + split.to(tl.int64) * N + rows
     tl.store(out, loss, mask=row_mask)
-    tl.store(out + tl.num_programs(1).to(tl.int64) * N, gbar, mask=row_mask)
+    tl.store(out + tl.cdiv(V, split_size).to(tl.int64) * N, gbar, mask=row_mask)
 
 
 @triton.jit
@@ -336,17 +339,17 @@ def linear_divergence_backward_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """dz = g_D (a - q gbar) / T + g_logp (onehot(label) - q) / T on a recomputed tile, times 1 - tanh^2 under a
     soft cap, into the student's grad_h / grad_W / grad_b."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows, cols = grouped_tile(N, V, v_start, BLOCK_M, BLOCK_V, GROUP_M)
     row_mask = rows < N
     gbar = tl.load(coef_ptr + rows, mask=row_mask, other=0.0)
     scale = tl.load(coef_ptr + N + rows, mask=row_mask, other=0.0)
     scale_logp = tl.load(coef_ptr + 2 * N + rows, mask=row_mask, other=0.0)
     if tl.max(tl.abs(scale) + tl.abs(scale_logp), 0) == 0.0:
         return  # a zero gradient: nothing to add
-    cols = v_start + tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_mask = cols < V
     row_offsets = hidden_offsets(rows, L, stride_hb, stride_hl)
     z, t = logit_tile(
@@ -416,7 +419,7 @@ def linear_divergence_forward(
     if N == 0:
         return tuple(torch.zeros((B, L), dtype=torch.float32, device=hidden.device) for _ in range(7))
     valid = valid.reshape(N).contiguous()
-    (block_m, block_v, block_k, num_warps, num_stages), grid, split_size = forward_grid(N, V, hidden.device)
+    (block_m, block_v, block_k, num_warps, num_stages), grid, splits, split_size = forward_grid(N, V, hidden.device)
     t_ptr, tw_ptr, tb_ptr, Dt, *teacher_strides = _teacher_args(teacher, teacher_weight, teacher_bias, weight)
     pointers = (hidden, weight, bias if bias is not None else weight, t_ptr, tw_ptr, tb_ptr, valid)
     shapes_and_strides = (N, L, V, D, Dt, split_size, *linear_strides(hidden, weight), *teacher_strides)
@@ -424,7 +427,7 @@ def linear_divergence_forward(
         **_kind_args(kind, target_is, teacher_weight, teacher_bias, hidden, bias, softcap),
         BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
-    part = torch.empty((6, grid[1], N), dtype=torch.float32, device=hidden.device)
+    part = torch.empty((6, splits, N), dtype=torch.float32, device=hidden.device)
     labels_flat = labels.reshape(N).contiguous() if labels is not None else valid
     with on_device(hidden):
         linear_divergence_stats_kernel[grid](
@@ -447,7 +450,7 @@ def linear_divergence_forward(
         gbar = -torch.ones_like(loss) if kind == "forward" else loss
     else:
         stats = torch.where(valid, torch.stack((max_q, logsum_q, max_t, logsum_t)), 0.0)
-        terms = torch.empty((2, grid[1], N), dtype=torch.float32, device=hidden.device)
+        terms = torch.empty((2, splits, N), dtype=torch.float32, device=hidden.device)
         with on_device(hidden):
             linear_divergence_terms_kernel[grid](
                 *pointers, stats, terms, *shapes_and_strides, 1.0 / temperature, softcap or 1.0, coef, **launch
@@ -497,7 +500,8 @@ def linear_divergence_backward(
             *linear_strides(hidden, weight), *teacher_strides,
             v_start, 1.0 / temperature, softcap or 1.0, coef,
             WITH_LABELS=with_labels, **_kind_args(kind, target_is, teacher_weight, teacher_bias, hidden, bias, softcap),
-            BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
+            BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, GROUP_M=GROUP_M, num_warps=num_warps,
+            num_stages=num_stages,
         )  # fmt: skip
 
     return backward_over_vocabulary(hidden, weight, bias, launch)

@@ -360,3 +360,19 @@ def test_fully_masked_batch(backend, gen):
     for value in losses:
         assert value.item() == 0
     assert (hidden.grad == 0).all() and (weight.grad == 0).all()
+
+
+def test_many_row_blocks_and_vocabulary_ranges(backend, gen):
+    """More row blocks than one group of the Triton backward's grouped order (and a ragged last group), several
+    vocabulary ranges of a bf16 weight's gradient buffer, and a ragged last vocabulary tile."""
+    hidden, weight = randn(300, 16, gen=gen, dtype=torch.bfloat16), randn(83, 16, gen=gen, dtype=torch.bfloat16)
+    labels = torch.randint(0, 83, (300,), generator=gen).to(DEVICE)
+    labels[::7] = -100
+    (h, w), (h_ref, w_ref) = leaves(hidden, weight)
+    logp, entropy = klops.fused_linear_logprobs(h, w, labels, return_entropy=True, backend=backend)
+    ref_logp, ref_entropy = logprobs_reference(ref_logits(h_ref, w_ref), labels)
+    (logp - entropy).sum().backward(), (ref_logp - ref_entropy).sum().backward()
+    assert_close(logp, ref_logp, LINEAR_LOSS_TOL[torch.bfloat16], "logprob")
+    assert_close(entropy, ref_entropy, LINEAR_LOSS_TOL[torch.bfloat16], "entropy")
+    assert_close(h.grad, h_ref.grad, LINEAR_GRAD_TOL[torch.bfloat16], "hidden grad")
+    assert_close(w.grad, w_ref.grad, LINEAR_GRAD_TOL[torch.bfloat16], "weight grad")

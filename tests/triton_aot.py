@@ -108,7 +108,7 @@ def linear_jobs(linear, variant) -> list:
     for kernel, signature, tile, extra in (
         (linear.linear_logprobs_forward_kernel, forward, linear.FORWARD_TILE,
          {"WITH_ENTROPY": entropy, "WITH_SUM": with_sum}),
-        (linear.linear_rows_backward_kernel, backward, linear.BACKWARD_TILE, {}),
+        (linear.linear_rows_backward_kernel, backward, linear.BACKWARD_TILE, {"GROUP_M": linear.GROUP_M}),
     ):  # fmt: skip
         block_m, block_v, block_k, num_warps, num_stages = tile
         blocks = {"BLOCK_M": block_m, "BLOCK_V": block_v, "BLOCK_K": block_k}
@@ -143,7 +143,7 @@ def linear_divergence_jobs(kernels, variant) -> list:
         jobs.append((kernels.linear_divergence_terms_kernel, terms | strides | constants | {"coef": "fp32"}, constexprs,
                      linear.FORWARD_TILE))  # fmt: skip
     jobs.append((kernels.linear_divergence_backward_kernel, backward | strides | {"v_start": "i32"} | constants | {"coef": "fp32"},
-                 constexprs | labels, linear.BACKWARD_TILE))  # fmt: skip
+                 constexprs | labels | {"GROUP_M": linear.GROUP_M}, linear.BACKWARD_TILE))  # fmt: skip
     return [(kernel, sig, cx | {"BLOCK_M": tile[0], "BLOCK_V": tile[1], "BLOCK_K": tile[2]}, (None, *tile[3:]))
             for kernel, sig, cx, tile in jobs]  # fmt: skip
 
