@@ -30,7 +30,7 @@ be read once; like any matmul tiling, the tiles re-read them from L2 (h once per
 per row block), and the launch orders keep the resident programs on few row blocks so that those re-reads
 hit L2 (split_program, grouped_tile). The forward writes a few fp32 numbers per row and split. The backward
 adds N D V / BLOCK_V fp32 into grad_h and V D N / BLOCK_M into grad_W by atomics (2 x 6.7e10 at 128 x 128
-tiles: 0.5 TiB of atomic traffic to L2, against 0.55 PFLOP of matmuls; the exact skip of zero-gradient row
+tiles: 0.5 TiB of atomic traffic to L2, against 6.9e13 FLOP of matmuls; the exact skip of zero-gradient row
 blocks removes the prompt's share). That traffic is this design's risk (Cut Cross-Entropy's backward has the
 same and filters blocks of negligible gradient); the chunked path has none. Untimed: no GPU has run these
 kernels yet.
