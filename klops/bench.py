@@ -249,8 +249,9 @@ def implementations(case: Case, device: torch.device) -> dict:
 
 
 def fused_linear_baselines(case: Case) -> dict:
-    """The fused-linear losses of Liger-Kernel (its fused linear cross-entropy, and its fused linear JSD: forward
-    KL at beta = 0, reverse at 1) and of Cut Cross-Entropy, for the cases they share and each only if importable:
+    """The fused-linear losses of Liger-Kernel (its fused linear cross-entropy, its fused linear JSD: forward KL at
+    beta = 0, reverse at 1, and its chunked GRPO loss) and of Cut Cross-Entropy, for the cases they share and each
+    only if importable:
     name -> callable(hidden, inputs) with the klops case's loss (mean over the rows; batchmean for the KL)."""
     impls = {}
     if case.op == "fused_linear_cross_entropy":
@@ -271,6 +272,17 @@ def fused_linear_baselines(case: Case) -> dict:
 
             liger_jsd = LigerFusedLinearJSD(jsd_beta={"forward": 0.0, "reverse": 1.0, "jsd": 0.5}[case.kind])
             impls["liger-kernel"] = lambda h, y: liger_jsd(h, y[0], y[1], y[2], None)
+    elif case.op == "fused_linear_grpo_loss" and importlib.util.find_spec("liger_kernel") is not None:
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+        liger_grpo = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="dapo")
+
+        def liger(h, y):  # no old log-probs: one policy step, as the klops case
+            hidden, weight, ids, advantages, mask = _grpo_batch(h, y)
+            out = liger_grpo(hidden, weight, ids, mask, advantages)
+            return out[0] if isinstance(out, tuple) else out
+
+        impls["liger-kernel"] = liger
     return impls
 
 
