@@ -12,6 +12,8 @@ import dataclasses
 import datetime
 import importlib.util
 import json
+import pathlib
+import re
 import statistics
 import time
 
@@ -67,39 +69,74 @@ OPS = ("fused_kl", "logprobs", "fused_linear_cross_entropy", "fused_linear_kl", 
        "sinkhorn_distill_loss")  # fmt: skip
 
 
-def cases(device: torch.device, quick: bool) -> list[Case]:
-    if device.type == "cuda":
+# Shapes of real models' heads, (N tokens, V, D), for ``klops bench --shapes``; "cpu-small" for a CPU.
+SHAPE_PRESETS = {"llama3-8b": (4096, 128256, 4096), "qwen2.5-7b": (4096, 152064, 3584),
+                 "gemma2-9b": (4096, 256000, 3584), "cpu-small": (128, 32000, 256)}  # fmt: skip
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def cases(
+    device: torch.device, quick: bool, shapes: list[tuple] | None = None, dtype: torch.dtype | None = None
+) -> list[Case]:
+    """The cases of a run: the default sizes per device (``quick``: one small case per op), or every op at each
+    of ``shapes`` ((N, V) or (N, V, D); D defaults to 4096 on a GPU, 256 on the CPU), in ``dtype`` if given."""
+    gpu = device.type == "cuda"
+    if gpu:
         sizes = [(1024, 128256)] if quick else [(1024, 32000), (4096, 128256), (2048, 262144)]
         dtypes = [torch.bfloat16] if quick else [torch.bfloat16, torch.float32]
     else:
         sizes = [(128, 32000)] if quick else [(128, 32000), (256, 128256)]
         dtypes = [torch.float32]
+    # Llama-3 8B's head (D=4096, V=128256) on a GPU, also at the issue's N=16384; a small head on the CPU.
+    linear = [(4096, 128256, 4096)] if gpu else [(256, 32000, 256)]
+    linear += [(16384, 128256, 4096)] if gpu and not quick else []
+    # A stored top-64 teacher over Qwen2.5's vocabulary (V=152064): the issue's N=16384 on a full GPU run.
+    topk = [(1024, 152064)] if gpu else [(128, 32000)]
+    topk += [(16384, 152064)] if gpu and not quick else []
+    preference = (4096, 128256) if gpu else (128, 32000)
+    if shapes:
+        sizes = topk = [shape[:2] for shape in shapes]
+        linear = [(n, v, d[0] if d else (4096 if gpu else 256)) for n, v, *d in shapes]
+        preference = sizes[0]
+    dtypes = [dtype] if dtype is not None else dtypes
     kinds = ["forward"] if quick else ["forward", "reverse", "jsd"]
     out = []
     for rows, vocab in sizes:
-        for dtype in dtypes:
-            out += [Case("fused_kl", rows, vocab, dtype, kind) for kind in kinds]
-            out.append(Case("logprobs", rows, vocab, dtype))
-    # Llama-3 8B's head (D=4096, V=128256) on a GPU; a small head on the CPU.
-    linear = [(4096, 128256, 4096)] if device.type == "cuda" else [(256, 32000, 256)]
-    if device.type == "cuda" and not quick:
-        linear.append((16384, 128256, 4096))
+        for case_dtype in dtypes:
+            out += [Case("fused_kl", rows, vocab, case_dtype, kind) for kind in kinds]
+            out.append(Case("logprobs", rows, vocab, case_dtype))
     out += [Case("fused_linear_cross_entropy", n, v, dtypes[0], hidden=d) for n, v, d in linear]
     out += [Case("fused_linear_kl", n, v, dtypes[0], "forward", hidden=d) for n, v, d in linear]
     out += [Case("fused_linear_logprobs", n, v, dtypes[0], hidden=d) for n, v, d in linear[:1]]
     out += [Case("fused_linear_grpo_loss", n, v, dtypes[0], hidden=d) for n, v, d in linear[:1]]
-    # A stored top-64 teacher over Qwen2.5's vocabulary (V=152064): the issue's N=16384 on a full GPU run.
-    topk = [(1024, 152064)] if device.type == "cuda" else [(128, 32000)]
-    if device.type == "cuda" and not quick:
-        topk.append((16384, 152064))
     out += [Case("fused_kl_topk", n, v, dtypes[0], "forward", k=64) for n, v in topk]
     # Sequence-level objectives over SEQUENCES sequences of N / SEQUENCES tokens: TDPO (policy and reference
-    # logits, Llama-3's vocabulary) and DCKD (a stored top-50 teacher with its tail bin).
-    preference = (4096, 128256) if device.type == "cuda" else (128, 32000)
+    # logits) and DCKD (a stored top-50 teacher with its tail bin).
     out += [Case("tdpo_loss", *preference, dtypes[0]), Case("dckd_loss", *preference, dtypes[0], k=50)]
     # AKL: its weights (a radix select, 10 sweeps of the teacher) and the weighted forward + reverse KL.
     out.append(Case("akl_loss", *sizes[0], dtypes[0]))
     return out
+
+
+BASELINES = ("eager", "compile", "liger", "cce", "pot")
+
+
+def baseline_family(impl: str) -> str | None:
+    """What ``klops bench --baselines`` calls an implementation: eager, compile, liger, cce or pot; None for klops."""
+    if impl.startswith("klops"):
+        return None
+    for prefix, family in (("torch.compile", "compile"), ("liger", "liger"), ("cut-cross", "cce"), ("POT", "pot")):
+        if impl.startswith(prefix):
+            return family
+    return "eager"  # the plain PyTorch ways: eager ops, loops, published code
+
+
+def selected(impl: str, backends: set[str] | None, baselines: set[str] | None) -> bool:
+    """Whether ``impl`` runs under ``--backends`` (concrete backend names) and ``--baselines`` (families)."""
+    family = baseline_family(impl)
+    if family is None:
+        return backends is None or impl[len("klops[") : impl.index("]")] in backends
+    return baselines is None or family in baselines
 
 
 # A klops implementation whose loss or gradient is further than this from float64 (relative to the largest value)
@@ -402,15 +439,29 @@ def _sync(device):
 
 
 def time_ms(fn, device: torch.device, repeats: int) -> float:
-    """Median wall time of fn() in milliseconds, after two warm-up calls."""
+    """Median time of fn() in milliseconds, after two warm-up calls: on a GPU from CUDA events, with the L2 cache
+    flushed before each call (a write of twice its size) so that inputs left there by the previous call do not
+    flatter the time; on the CPU the wall clock."""
     for _ in range(2):
         fn()
     _sync(device)
+    if device.type == "cuda":
+        l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20)
+        flush = torch.empty(2 * l2_bytes // 4, dtype=torch.int32, device=device)
+        events = []
+        for _ in range(repeats):
+            flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            events.append((start, end))
+        torch.cuda.synchronize()
+        return statistics.median(start.elapsed_time(end) for start, end in events)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        _sync(device)
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
@@ -540,22 +591,38 @@ def _relative_error(loss, ref, z_k, z_r) -> float:
     return max(err, grad_err)
 
 
-def run(device: torch.device, quick: bool, repeats: int | None = None, ops: list[str] | None = None) -> dict:
-    """Run every case (of the ``ops`` named, when given); returns {"device": ..., "bandwidth": ...,
-    "results": [row, ...]}."""
+def run(
+    device: torch.device,
+    quick: bool,
+    repeats: int | None = None,
+    ops: list[str] | None = None,
+    shapes: list[tuple] | None = None,
+    dtype: torch.dtype | None = None,
+    backends: set[str] | None = None,
+    baselines: set[str] | None = None,
+    progress=None,
+) -> dict:
+    """Run every case (of the ``ops`` named, at ``shapes`` in ``dtype`` when given; the klops ``backends`` and
+    baseline families named, when given); returns {"device": ..., "bandwidth": ..., "results": [row, ...]}.
+    ``progress(i, n, name)`` is called before each case."""
     repeats = (5 if quick else 20) if repeats is None else repeats
     bandwidth = copy_bandwidth(device)
     gen = torch.Generator().manual_seed(0)
     results = []
     rates = {}  # dtype -> measured matmul FLOP/s, for the fused-linear cases
-    for case in cases(device, quick) + bench_sinkhorn.cases(device, quick):
-        if ops is not None and case.op not in ops:
-            continue
+    sinkhorn_cases = [] if shapes or dtype is not None else bench_sinkhorn.cases(device, quick)
+    todo = [case for case in cases(device, quick, shapes=shapes, dtype=dtype) + sinkhorn_cases
+            if ops is None or case.op in ops]  # fmt: skip
+    for index, case in enumerate(todo):
+        if progress is not None:
+            progress(index, len(todo), case.name)
         if case.hidden and case.dtype not in rates:
             rates[case.dtype] = matmul_rate(device, case.dtype)
         sinkhorn_case = isinstance(case, bench_sinkhorn.SinkhornCase)
         z, y = case.inputs(device, gen) if sinkhorn_case else make_inputs(case, device, gen)
         for name, impl in (case.implementations(device) if sinkhorn_case else implementations(case, device)).items():
+            if not selected(name, backends, baselines):
+                continue
             row = dict(case=case.name, impl=name)
             try:
                 if name.startswith("klops"):  # the baselines are the usual torch ops, not under test
@@ -626,7 +693,15 @@ def format_table(report: dict) -> str:
         f"device: {report['device']}; measured copy bandwidth {report['bandwidth_gbps']:.1f} GB/s; matmul "
         + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in report.get("matmul_tflops", {}).items()),
         f"{report.get('date', '')}; {versions}; times: median of {report.get('repeats', '?')} forward + backward "
-        "steps after 2 warm-ups",
+        "steps after 2 warm-ups (GPU: CUDA events, L2 flushed before each step)",
+        "peak MiB: above the inputs (GPU: allocator peak; CPU: resident-set peak). GB/s (min bytes): the bytes the op "
+        "must move (inputs read once, gradient written once) over the time; fused-linear cases: TFLOP/s of the "
+        "matmuls they must do (3 or 4 products of 2 N V D) and its fraction of the matmul rate measured above.",
+    ]
+    if report["device"].startswith("cpu"):
+        lines.append("On the CPU only klops's torch backend runs: the portable fallback that bounds memory, not the "
+                     "GPU kernels; it is expected to be slower than eager PyTorch here and to hold less memory.")  # fmt: skip
+    lines += [
         "",
         "| case | impl | fwd+bwd ms | peak MiB | GB/s (min bytes) | % of copy bw | rel err vs fp64 |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -650,6 +725,19 @@ def format_table(report: dict) -> str:
             rate = f"{rate} ({1e3 * r['tflops']:.0f} GFLOP/s)".strip()
         lines.append(f"| {r['case']} | {r['impl']} | {r['ms']:.3f} | {r['peak_mib']:.1f} | {rate} | {frac} | {err} |")
     return "\n".join(lines)
+
+
+def write_report(report: dict, out_dir, info: str) -> pathlib.Path:
+    """Writes ``<out_dir>/<date>-<device>.json`` (the report, with ``info``) and ``.md`` (info and table); returns
+    that path without its suffix."""
+    report = dict(report, info=info)
+    slug = re.sub(r"[^a-z0-9]+", "-", report["device"].lower()).strip("-")
+    out = pathlib.Path(out_dir) / f"{report['date'][:10]}-{slug}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(report, str(out.with_suffix(".json")))
+    text = f"# klops benchmark, {report['date']}\n\n```\n{info}\n```\n\n{format_table(report)}\n"
+    out.with_suffix(".md").write_text(text)
+    return out
 
 
 def write_json(report: dict, path: str) -> None:

@@ -9,6 +9,7 @@ import torch
 
 from . import __version__, _inputs, bench
 from .backend import (
+    BACKENDS,
     CUDA_EXTENSION,
     CUDA_EXTENSION_PROBLEM,
     TRITON_VERSION,
@@ -102,6 +103,53 @@ def bench_ops(text: str | None) -> list[str] | None:
     return ops
 
 
+def bench_shapes(specs: list[str] | None) -> list[tuple] | None:
+    """The shapes of ``klops bench --shapes PRESET|N,V[,D] ...`` (None: the default sizes); ValueError naming a
+    bad one."""
+    if specs is None:
+        return None
+    shapes = []
+    for spec in specs:
+        if spec in bench.SHAPE_PRESETS:
+            shapes.append(bench.SHAPE_PRESETS[spec])
+            continue
+        try:
+            numbers = tuple(int(x) for x in spec.split(","))
+        except ValueError:
+            numbers = ()
+        if len(numbers) not in (2, 3) or min(numbers) < 1:
+            raise ValueError(f"--shapes takes presets ({', '.join(bench.SHAPE_PRESETS)}) or N,V[,D] with positive "
+                             f"integers; got {spec!r}")  # fmt: skip
+        shapes.append(numbers)
+    return shapes
+
+
+def bench_names(text: str | None, flag: str, allowed: tuple[str, ...]) -> list[str] | None:
+    """The comma-separated names of ``klops bench --<flag>`` (None: all); ValueError naming an unknown one."""
+    if text is None:
+        return None
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names or any(name not in allowed for name in names):
+        raise ValueError(f"--{flag} takes a comma-separated list of {', '.join(allowed)}; got {text!r}")
+    return names
+
+
+def bench_backends(text: str | None, device: torch.device) -> set[str] | None:
+    """The concrete klops backends of ``--backends`` on ``device`` ("auto": the one auto picks there)."""
+    names = bench_names(text, "backends", BACKENDS)
+    if names is None:
+        return None
+    usable = available_backends(device)
+    backends = {resolve_backend("auto", device) if name == "auto" else name for name in names}
+    if not backends <= set(usable):
+        raise ValueError(f"--backends {text}: usable on {device.type} here: {', '.join(usable)}")
+    return backends
+
+
+def progress(index: int, total: int, name: str) -> None:
+    print(f"[{index + 1}/{total}] {name}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="klops", description=__doc__)
     parser.add_argument("--version", action="version", version=f"{DISTRIBUTION} {distribution_version()}")
@@ -117,6 +165,17 @@ def main(argv: list[str] | None = None) -> int:
     bench_parser.add_argument(
         "--ops", default=None, help=f"comma-separated ops to run (default: all of {', '.join(bench.OPS)})"
     )
+    bench_parser.add_argument(
+        "--shapes", nargs="+", default=None, metavar="PRESET|N,V[,D]",
+        help=f"every token op at these shapes instead of the defaults (presets: {', '.join(bench.SHAPE_PRESETS)}; "
+        "D of the fused-linear ops: 4096 on a GPU, 256 on the CPU, if not given); the Sinkhorn cases then do not run",
+    )  # fmt: skip
+    bench_parser.add_argument("--dtype", default=None, choices=tuple(bench.DTYPES), help="the inputs' dtype")
+    bench_parser.add_argument("--backends", default=None, help=f"klops backends to time, of {', '.join(BACKENDS)}")
+    bench_parser.add_argument(
+        "--baselines", default=None, help=f"baselines to time, of {', '.join(bench.BASELINES)} (default: all found)"
+    )
+    bench_parser.add_argument("--out", default=None, help="write <date>-<device>.json and .md to this folder")
     args = parser.parse_args(argv)
 
     if args.command == "info":
@@ -125,14 +184,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = bench_device(args.device)
         ops = bench_ops(args.ops)
+        shapes = bench_shapes(args.shapes)
+        backends = bench_backends(args.backends, device)
+        baselines = bench_names(args.baselines, "baselines", bench.BASELINES)
     except ValueError as error:
         print(f"klops bench: error: {error}", file=sys.stderr)
         return 2
     print(info(), end="\n\n", flush=True)
-    report = bench.run(device, quick=args.quick, repeats=args.repeats, ops=ops)
+    report = bench.run(
+        device, quick=args.quick, repeats=args.repeats, ops=ops, shapes=shapes, dtype=bench.DTYPES.get(args.dtype),
+        backends=backends, baselines=None if baselines is None else set(baselines), progress=progress,
+    )  # fmt: skip
     print(bench.format_table(report))
     if args.json:
         bench.write_json(report, args.json)
+    if args.out:
+        print(f"wrote {bench.write_report(report, args.out, info())}.md and .json")
     results = report["results"]
     failed = [r for r in results if r.get("pass") is False or ("error" in r and r["impl"].startswith("klops"))]
     if failed:
