@@ -352,15 +352,15 @@ def forward_grid(N: int, V: int, device: torch.device) -> tuple[tuple[int, ...],
 
 
 def merge_lse(m: torch.Tensor, s: torch.Tensor, temperature: float):
-    """(max, logsum, rescale, shift) of (S, N) per-split online states (m, s): max = max_i m_i (0 for an all
-    -inf row), shift_i = (m_i - max) / T and rescale_i = exp(shift_i) (0 and 0 for an empty split), logsum =
-    log sum_i rescale_i s_i."""
+    """(max, total, rescale, shift) of (S, N) per-split online states (m, s): max = max_i m_i (0 for an all
+    -inf row), shift_i = (m_i - max) / T and rescale_i = exp(shift_i) (0 and 0 for an empty split), total =
+    sum_i rescale_i s_i = sum_v exp((x_v - max) / T), whose log is the row's logsum."""
     max_x = m.amax(0)
     max_x = torch.where(max_x == float("-inf"), 0.0, max_x)
     empty = m == float("-inf")
     shift = torch.where(empty, 0.0, (m - max_x) / temperature)
     rescale = torch.where(empty, 0.0, torch.exp(shift))
-    return max_x, torch.log((rescale * s).sum(0)), rescale, shift
+    return max_x, (rescale * s).sum(0), rescale, shift
 
 
 def linear_logprobs_forward(
@@ -394,9 +394,8 @@ def linear_logprobs_forward(
             BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
     # Ignored rows' partials may never have been written: every output is 0 there.
-    max_z, logsum, rescale, shift = merge_lse(m, s, temperature)
-    max_z, logsum = torch.where(valid, max_z, 0.0), torch.where(valid, logsum, 0.0)
-    total = torch.exp(logsum)
+    max_z, total, rescale, shift = merge_lse(m, s, temperature)
+    max_z, logsum = torch.where(valid, max_z, 0.0), torch.where(valid, torch.log(total), 0.0)
     in_range = (labels >= 0) & (labels < V)  # a label the device-side check let through gives NaN
     logp = torch.where(in_range, (z_label.sum(0) - max_z) / temperature - logsum, float("nan"))
     outputs = [torch.where(valid, logp, 0.0)]

@@ -435,18 +435,20 @@ def linear_divergence_forward(
             WITH_LABELS=labels is not None, **launch,
         )  # fmt: skip
     m_q, s_q, m_t, s_t, acc, z_label = part
-    max_q, logsum_q, rescale_q, shift_q = merge_lse(m_q, s_q, temperature)
+    max_q, total_q, rescale_q, shift_q = merge_lse(m_q, s_q, temperature)
+    logsum_q = torch.log(total_q)
     zeros = torch.zeros_like(max_q)
-    max_t, logsum_t, rescale_t, shift_t = (zeros,) * 4
+    max_t = total_t = rescale_t = shift_t = logsum_t = zeros
     if target_is == "logits":
-        max_t, logsum_t, rescale_t, shift_t = merge_lse(m_t, s_t, temperature)
+        max_t, total_t, rescale_t, shift_t = merge_lse(m_t, s_t, temperature)
+        logsum_t = torch.log(total_t)
     if target_is == "logits" and kind in ("forward", "reverse"):
         # KL(P_a || P_b) = A / S_a - logsum_a + logsum_b, A = sum_i r_a,i (acc_i + (shift_a,i - shift_b,i) s_a,i)
-        a, b = ((rescale_t, shift_t, s_t, logsum_t), (shift_q, logsum_q))
+        a, b = ((rescale_t, shift_t, s_t, total_t, logsum_t), (shift_q, logsum_q))
         if kind == "reverse":
-            a, b = ((rescale_q, shift_q, s_q, logsum_q), (shift_t, logsum_t))
-        (rescale_a, shift_a, s_a, logsum_a), (shift_b, logsum_b) = a, b
-        loss = (rescale_a * (acc + (shift_a - shift_b) * s_a)).sum(0) / torch.exp(logsum_a) - logsum_a + logsum_b
+            a, b = ((rescale_q, shift_q, s_q, total_q, logsum_q), (shift_t, logsum_t))
+        (rescale_a, shift_a, s_a, total_a, logsum_a), (shift_b, logsum_b) = a, b
+        loss = (rescale_a * (acc + (shift_a - shift_b) * s_a)).sum(0) / total_a - logsum_a + logsum_b
         gbar = -torch.ones_like(loss) if kind == "forward" else loss
     else:
         stats = torch.where(valid, torch.stack((max_q, logsum_q, max_t, logsum_t)), 0.0)

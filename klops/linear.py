@@ -1,9 +1,10 @@
 """Fused-linear losses: from the last hidden states and the LM head to the loss, never forming the
 ``[N, V]`` logits (docs/losses.md §1 and §2 on ``logits = softcap(hidden @ weight.T + bias)``).
 
-Layers of these ops: the custom ops ``klops::linear_logprobs`` / ``klops::linear_divergence`` and their
-backwards, over the row ops of ``klops.logprobs`` and ``klops.divergence`` (so each chunk runs on the
-chosen backend's kernels: Triton, CUDA or the chunked torch code), and the public functions.
+Layers of these ops: the custom ops ``klops::linear_logprobs`` / ``klops::linear_cross_entropy`` /
+``klops::linear_divergence`` and their backwards, over the fused Triton kernels (``backend="triton"``) or the
+row ops of ``klops.logprobs`` and ``klops.divergence`` (the chunked path, on the CUDA or torch kernels), and
+the public functions.
 
 Two paths, chosen by the backend:
 
