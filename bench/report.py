@@ -1,9 +1,9 @@
-"""Run the full benchmark on this machine and commit-ready results to bench/results/.
+"""Run the full benchmark on this machine and write commit-ready results under bench/results/<device>/.
 
     python bench/report.py [--device cuda] [--quick]
 
-Writes ``bench/results/<date>-<device>.md`` (versions, device, table) and the same data as JSON (as
-``klops bench --out bench/results``).
+Writes ``bench/results/<device>/<date>-<device>.md`` (versions, device, table, plots), the same data as JSON and
+the PNG plots, as ``klops bench --out bench/results/<device>`` does.
 """
 
 import argparse
@@ -11,7 +11,7 @@ import pathlib
 
 import torch
 
-from klops import bench, cli
+from klops import bench, bench_report, cli
 
 
 def main() -> None:
@@ -20,9 +20,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     report = bench.run(torch.device(args.device), quick=args.quick, progress=cli.progress)
-    out = bench.write_report(report, pathlib.Path(__file__).parent / "results", cli.info())
+    folder = pathlib.Path(__file__).parent / "results" / bench_report.slug(report["device"])
+    out, plots = bench_report.write_report(report, folder, cli.info())
     print(out.with_suffix(".md").read_text())
-    print(f"wrote {out}.md and .json")
+    print(f"wrote {out}.md and .json, {len(plots)} plot(s)")
 
 
 if __name__ == "__main__":

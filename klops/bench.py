@@ -11,11 +11,9 @@ import ctypes
 import dataclasses
 import datetime
 import importlib.util
-import json
-import pathlib
-import re
 import statistics
 import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -50,16 +48,22 @@ class Case:
         k = f" k={self.k}" if self.k else ""
         return f"{self.op}{kind} N={self.rows} V={self.vocab}{hidden}{k} {dtype}"
 
-    def min_bytes(self) -> int:
-        """Read the logits (and a dense teacher) once, write the gradient once; a top-k teacher's ids (int64)
-        and fp32 log-probs are read once."""
-        inputs = 2 if self.op in ("fused_kl", "tdpo_loss", "akl_loss") else 1
-        return (inputs + 1) * self.rows * self.vocab * self.dtype.itemsize + self.rows * self.k * (8 + 4)
+    @property
+    def shape(self) -> dict:
+        """The case's sizes by name, for the JSON report: N, V, and D or k where the op has them."""
+        return dict(N=self.rows, V=self.vocab, **({"D": self.hidden} if self.hidden else {}),
+                    **({"k": self.k} if self.k else {}))  # fmt: skip
 
-    def min_flops(self) -> int:
-        """Fused-linear ops: the logits' matmul and the two gradient matmuls, 2 N V D each, and for the KL
-        the teacher's logits too (the teacher has the student's D here)."""
-        products = 4 if self.op == "fused_linear_kl" else 3
+    def min_bytes(self, backward: bool = True) -> int:
+        """Read the logits (and a dense teacher) once, and with the backward write the gradient once; a top-k
+        teacher's ids (int64) and fp32 log-probs are read once."""
+        inputs = 2 if self.op in ("fused_kl", "tdpo_loss", "akl_loss") else 1
+        return (inputs + backward) * self.rows * self.vocab * self.dtype.itemsize + self.rows * self.k * (8 + 4)
+
+    def min_flops(self, backward: bool = True) -> int:
+        """Fused-linear ops: the logits' matmul, and with the backward the two gradient matmuls, 2 N V D each; for
+        the KL the teacher's logits too (the teacher has the student's D here)."""
+        products = (1 + 2 * backward) + (self.op == "fused_linear_kl")
         return 2 * products * self.rows * self.vocab * self.hidden
 
 
@@ -69,9 +73,16 @@ OPS = ("fused_kl", "logprobs", "fused_linear_cross_entropy", "fused_linear_kl", 
        "sinkhorn_distill_loss")  # fmt: skip
 
 
-# Shapes of real models' heads, (N tokens, V, D), for ``klops bench --shapes``; "cpu-small" for a CPU.
-SHAPE_PRESETS = {"llama3-8b": (4096, 128256, 4096), "qwen2.5-7b": (4096, 152064, 3584),
-                 "gemma2-9b": (4096, 256000, 3584), "cpu-small": (128, 32000, 256)}  # fmt: skip
+# Shapes of real models' heads, (N tokens, V, D), for ``klops bench --shapes``, and sweeps for the plots (time and
+# memory against V at one N and against N at one V); "cpu-small" and "cpu-sweep" for a CPU.
+SHAPE_PRESETS = {
+    "llama3-8b": [(4096, 128256, 4096)],
+    "qwen2.5-7b": [(4096, 152064, 3584)],
+    "gemma2-9b": [(4096, 256000, 3584)],
+    "sweep": [(4096, 32000), (4096, 128256), (4096, 256000), (1024, 128256), (16384, 128256)],
+    "cpu-small": [(128, 32000, 256)],
+    "cpu-sweep": [(128, 8000), (128, 32000), (128, 128256), (32, 32000), (512, 32000)],
+}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -603,63 +614,94 @@ def run(
     progress=None,
 ) -> dict:
     """Run every case (of the ``ops`` named, at ``shapes`` in ``dtype`` when given; the klops ``backends`` and
-    baseline families named, when given); returns {"device": ..., "bandwidth": ..., "results": [row, ...]}.
-    ``progress(i, n, name)`` is called before each case."""
+    baseline families named, when given). Returns the report: ``device``, ``date``, ``versions``, ``ceilings``
+    (the copy bandwidth and the matmul rates measured in this run), ``repeats`` and ``results``, the rows of
+    ``measure``. ``progress(i, n, name, seconds)`` is called before each case."""
     repeats = (5 if quick else 20) if repeats is None else repeats
-    bandwidth = copy_bandwidth(device)
+    ceilings = dict(copy_bandwidth_gbps=copy_bandwidth(device) / 1e9, matmul_tflops={})
     gen = torch.Generator().manual_seed(0)
     results = []
-    rates = {}  # dtype -> measured matmul FLOP/s, for the fused-linear cases
     sinkhorn_cases = [] if shapes or dtype is not None else bench_sinkhorn.cases(device, quick)
     todo = [case for case in cases(device, quick, shapes=shapes, dtype=dtype) + sinkhorn_cases
             if ops is None or case.op in ops]  # fmt: skip
+    start = time.perf_counter()
     for index, case in enumerate(todo):
         if progress is not None:
-            progress(index, len(todo), case.name)
-        if case.hidden and case.dtype not in rates:
-            rates[case.dtype] = matmul_rate(device, case.dtype)
+            progress(index, len(todo), case.name, time.perf_counter() - start)
+        if case.hidden and dtype_name(case.dtype) not in ceilings["matmul_tflops"]:
+            ceilings["matmul_tflops"][dtype_name(case.dtype)] = matmul_rate(device, case.dtype) / 1e12
         sinkhorn_case = isinstance(case, bench_sinkhorn.SinkhornCase)
         z, y = case.inputs(device, gen) if sinkhorn_case else make_inputs(case, device, gen)
         for name, impl in (case.implementations(device) if sinkhorn_case else implementations(case, device)).items():
-            if not selected(name, backends, baselines):
-                continue
-            row = dict(case=case.name, impl=name)
-            try:
-                if name.startswith("klops"):  # the baselines are the usual torch ops, not under test
-                    check = case.check if sinkhorn_case else lambda *args: check_against_reference(case, *args)
-                    row["rel_err"] = check(name, impl, z, y)
-                    row["pass"] = row["rel_err"] <= PASS_REL_ERR
-                    if not row["pass"]:  # a kernel that disagrees with the reference is not timed
-                        results.append(row)
-                        continue
-                z_grad = z.detach().requires_grad_()
-
-                def step():
-                    impl(z_grad, y).backward()
-                    z_grad.grad = None
-
-                row["ms"] = time_ms(step, device, repeats)
-                with PeakMemory(device) as peak:
-                    step()
-                row["peak_mib"] = peak.peak / 2**20
-                if case.hidden:  # matmul-bound: the fraction of the measured matmul rate
-                    row["tflops"] = case.min_flops() / (row["ms"] * 1e-3) / 1e12
-                    row["flops_frac"] = row["tflops"] * 1e12 / rates[case.dtype]
-                elif sinkhorn_case:  # compute on CUDA cores (no measured ceiling), and SinKD's byte floor
-                    row["tflops"] = case.min_flops() / (row["ms"] * 1e-3) / 1e12
-                    if case.min_bytes():
-                        row["gbps"] = case.min_bytes() / (row["ms"] * 1e-3) / 1e9
-                        row["bw_frac"] = row["gbps"] * 1e9 / bandwidth
-                else:
-                    row["gbps"] = case.min_bytes() / (row["ms"] * 1e-3) / 1e9
-                    row["bw_frac"] = row["gbps"] * 1e9 / bandwidth
-            except Exception as error:  # a baseline that fails (OOM, compile error) is reported, not fatal
-                row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
-            results.append(row)
-    matmul = {str(dtype).removeprefix("torch."): rate / 1e12 for dtype, rate in rates.items()}
+            if selected(name, backends, baselines):
+                results += measure(case, name, impl, z, y, device, repeats, ceilings)
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    return dict(device=device_name(device), date=date, versions=versions(), repeats=repeats,
-                bandwidth_gbps=bandwidth / 1e9, matmul_tflops=matmul, results=results)  # fmt: skip
+    return dict(device=device_name(device), date=date, versions=versions(), ceilings=ceilings, repeats=repeats,
+                results=results)  # fmt: skip
+
+
+PASSES = ("forward", "forward+backward")
+
+
+def measure(case, name: str, impl, z, y, device: torch.device, repeats: int, ceilings: dict) -> list[dict]:
+    """The result rows of one implementation of a case. A klops implementation is first checked against float64:
+    one row with ``correct`` False and no time if it disagrees. Then one row per pass (forward, forward+backward):
+    ``op``, ``impl``, ``case``, ``shape``, ``dtype``, ``pass``, ``time_ms``, ``peak_mem_mib`` and the achieved rate,
+    ``gb_per_s`` with its ``bandwidth_fraction`` of the copy bandwidth, or for fused-linear ops ``tflop_per_s`` with
+    its ``flops_fraction`` of the matmul rate; ``correct`` (None for baselines) and ``rel_err``. A pass that raises
+    (OOM, an unsupported case) is a row with ``error`` instead."""
+    common = dict(op=case.op, impl=name, case=case.name, shape=case.shape, dtype=dtype_name(case.dtype), correct=None)
+    if case.op in ("fused_kl", "fused_kl_topk", "fused_linear_kl"):
+        common["kind"] = case.kind
+    if name.startswith("klops"):  # the baselines are the usual torch ops, not under test
+        check = case.check if isinstance(case, bench_sinkhorn.SinkhornCase) else partial(check_against_reference, case)
+        try:
+            common["rel_err"] = check(name, impl, z, y)
+        except Exception as error:
+            return [dict(common, error=error_text(error), **{"pass": PASSES[1]})]
+        common["correct"] = common["rel_err"] <= PASS_REL_ERR
+        if not common["correct"]:  # a kernel that disagrees with the reference is not timed
+            return [dict(common, **{"pass": PASSES[1]})]
+    z_grad = z.detach().requires_grad_()
+
+    def forward():
+        return impl(z_grad, y)
+
+    def forward_backward():
+        forward().backward()
+        z_grad.grad = None
+
+    rows = []
+    for pass_name, step in zip(PASSES, (forward, forward_backward)):
+        row = dict(common, **{"pass": pass_name})
+        rows.append(row)
+        try:
+            row["time_ms"] = time_ms(step, device, repeats)
+            with PeakMemory(device) as peak:  # the forward's peak includes what it saves for the backward
+                step()
+        except Exception as error:
+            row["error"] = error_text(error)
+            continue
+        row["peak_mem_mib"] = peak.peak / 2**20
+        backward, seconds = pass_name != "forward", row["time_ms"] * 1e-3
+        if case.hidden:  # matmul-bound: the fraction of the measured matmul rate
+            row["tflop_per_s"] = case.min_flops(backward) / seconds / 1e12
+            row["flops_fraction"] = row["tflop_per_s"] / ceilings["matmul_tflops"][row["dtype"]]
+            continue
+        if isinstance(case, bench_sinkhorn.SinkhornCase):  # compute on CUDA cores: a rate, no measured ceiling
+            row["tflop_per_s"] = case.min_flops(backward) / seconds / 1e12
+        if case.min_bytes(backward):
+            row["gb_per_s"] = case.min_bytes(backward) / seconds / 1e9
+            row["bandwidth_fraction"] = row["gb_per_s"] / ceilings["copy_bandwidth_gbps"]
+    return rows
+
+
+def error_text(error: Exception) -> str:
+    return f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def versions() -> dict:
@@ -673,7 +715,7 @@ def versions() -> dict:
     found = {"klops": __version__, "torch": torch.__version__, "cuda": torch.version.cuda, "triton": TRITON_VERSION,
              "python": platform.python_version(),
              "klops._C": "built" if CUDA_EXTENSION is not None else None}  # fmt: skip
-    for name in ("pot", "liger-kernel", "cut-cross-entropy"):
+    for name in ("pot", "liger-kernel", "cut-cross-entropy", "matplotlib"):
         try:
             found[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -685,61 +727,3 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({torch.get_num_threads()} threads)"
-
-
-def format_table(report: dict) -> str:
-    versions = ", ".join(f"{k} {v}" for k, v in report.get("versions", {}).items() if v is not None)
-    lines = [
-        f"device: {report['device']}; measured copy bandwidth {report['bandwidth_gbps']:.1f} GB/s; matmul "
-        + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in report.get("matmul_tflops", {}).items()),
-        f"{report.get('date', '')}; {versions}; times: median of {report.get('repeats', '?')} forward + backward "
-        "steps after 2 warm-ups (GPU: CUDA events, L2 flushed before each step)",
-        "peak MiB: above the inputs (GPU: allocator peak; CPU: resident-set peak). GB/s (min bytes): the bytes the op "
-        "must move (inputs read once, gradient written once) over the time; fused-linear cases: TFLOP/s of the "
-        "matmuls they must do (3 or 4 products of 2 N V D) and its fraction of the matmul rate measured above.",
-    ]
-    if report["device"].startswith("cpu"):
-        lines.append("On the CPU only klops's torch backend runs: the portable fallback that bounds memory, not the "
-                     "GPU kernels; it is expected to be slower than eager PyTorch here and to hold less memory.")  # fmt: skip
-    lines += [
-        "",
-        "| case | impl | fwd+bwd ms | peak MiB | GB/s (min bytes) | % of copy bw | rel err vs fp64 |",
-        "|---|---|---:|---:|---:|---:|---:|",
-    ]
-    for r in report["results"]:
-        if "error" in r:
-            lines.append(f"| {r['case']} | {r['impl']} | {r['error']} | | | | |")
-            continue
-        if r.get("pass") is False:
-            failed = "FAILED the reference check (not timed)"
-            lines.append(f"| {r['case']} | {r['impl']} | {failed} | | | | {r['rel_err']:.1e} |")
-            continue
-        err = f"{r['rel_err']:.1e}" if "rel_err" in r else "(baseline)"
-        if "flops_frac" in r:
-            rate, frac = f"{r['tflops']:.2f} TFLOP/s", f"{100 * r['flops_frac']:.1f} of matmul"
-        elif "gbps" in r:
-            rate, frac = f"{r['gbps']:.1f}", f"{100 * r['bw_frac']:.1f}"
-        else:
-            rate, frac = "", ""
-        if "tflops" in r and "flops_frac" not in r:  # the Sinkhorn cases' compute rate
-            rate = f"{rate} ({1e3 * r['tflops']:.0f} GFLOP/s)".strip()
-        lines.append(f"| {r['case']} | {r['impl']} | {r['ms']:.3f} | {r['peak_mib']:.1f} | {rate} | {frac} | {err} |")
-    return "\n".join(lines)
-
-
-def write_report(report: dict, out_dir, info: str) -> pathlib.Path:
-    """Writes ``<out_dir>/<date>-<device>.json`` (the report, with ``info``) and ``.md`` (info and table); returns
-    that path without its suffix."""
-    report = dict(report, info=info)
-    slug = re.sub(r"[^a-z0-9]+", "-", report["device"].lower()).strip("-")
-    out = pathlib.Path(out_dir) / f"{report['date'][:10]}-{slug}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(report, str(out.with_suffix(".json")))
-    text = f"# klops benchmark, {report['date']}\n\n```\n{info}\n```\n\n{format_table(report)}\n"
-    out.with_suffix(".md").write_text(text)
-    return out
-
-
-def write_json(report: dict, path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1)

@@ -43,14 +43,24 @@ class SinkhornCase:
             return f"sinkhorn B={self.batch} n=m={self.rows} d={self.size} it={SINKHORN_ITERATIONS} {dtype}"
         return f"sinkhorn_distill_loss N={self.rows} V={self.size} {dtype}"
 
-    def min_bytes(self) -> int:
-        """SinKD: both logits read once, the gradient written once; sinkhorn: none worth counting (compute)."""
-        return 3 * self.rows * self.size * self.dtype.itemsize if self.op == "sinkhorn_distill_loss" else 0
+    @property
+    def shape(self) -> dict:
+        """The case's sizes by name, for the JSON report."""
+        if self.op == "sinkhorn":
+            return dict(B=self.batch, n=self.rows, m=self.rows, d=self.size, iterations=SINKHORN_ITERATIONS)
+        return dict(N=self.rows, V=self.size)
 
-    def min_flops(self) -> int:
+    def min_bytes(self, backward: bool = True) -> int:
+        """SinKD: both logits read once, and with the backward the gradient written once; sinkhorn: none worth
+        counting (compute)."""
+        return (2 + backward) * self.rows * self.size * self.dtype.itemsize if self.op == "sinkhorn_distill_loss" else 0
+
+    def min_flops(self, backward: bool = True) -> int:
+        """sinkhorn: the iterations' soft-min updates (the envelope backward adds one pass, not counted); SinKD:
+        |p - q| and its sum in the forward, sign times dW in the backward."""
         if self.op == "sinkhorn":
             return SINKHORN_ITERATIONS * 2 * self.batch * self.rows**2 * (3 * self.size + 6)
-        return 2 * 3 * self.rows**2 * self.size  # |p - q| and its sum, forward; sign times dW, backward
+        return 2 * (2 + backward) * self.rows**2 * self.size
 
     def inputs(self, device: torch.device, gen: torch.Generator):
         if self.op == "sinkhorn":

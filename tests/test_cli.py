@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import klops
-from klops import bench, bench_sinkhorn, cli
+from klops import bench, bench_report, bench_sinkhorn, cli
 
 
 def test_info(capsys):
@@ -36,20 +36,100 @@ def test_bench_checks_and_reports(tmp_path, monkeypatch, capsys):
     report = json.loads(out_json.read_text())
     impls = {row["impl"] for row in report["results"]}
     assert {"klops[torch]", "torch eager", "torch.compile", "POT (ot.sinkhorn, log)", "torch loop"} <= impls
+    passes = {}
     for row in report["results"]:
         assert "error" not in row, row
-        assert row["ms"] > 0 and row["peak_mib"] >= 0
+        assert ROW_FIELDS <= row.keys() and row["shape"]["N" if "N" in row["shape"] else "n"] > 0, row
+        assert row["op"] == row["case"].split()[0] and row["dtype"] == "float32"
+        passes.setdefault((row["case"], row["impl"]), []).append(row["pass"])
+        assert row["time_ms"] > 0 and row["peak_mem_mib"] >= 0
         if row["impl"].startswith("klops"):
-            assert row["rel_err"] < 1e-5, row
+            assert row["rel_err"] < 1e-5 and row["correct"] is True, row
             assert row["impl"] in table
+        else:
+            assert row["correct"] is None and "rel_err" not in row
         if "fused_linear" in row["case"]:
-            assert row["flops_frac"] > 0 and "of matmul" in table, row
-        if row["case"].startswith("sinkhorn"):
-            assert row["tflops"] > 0 and "GFLOP/s)" in table, row
-    assert report["matmul_tflops"]["float32"] > 0
+            assert row["flops_fraction"] > 0 and "bandwidth_fraction" not in row and "of matmul" in table, row
+        elif row["case"].startswith("sinkhorn"):
+            assert row["tflop_per_s"] > 0 and "GFLOP/s)" in table, row
+        else:
+            assert 0 < row["bandwidth_fraction"] == row["gb_per_s"] / report["ceilings"]["copy_bandwidth_gbps"], row
+    assert set(map(tuple, passes.values())) == {("forward", "forward+backward")}
+    assert report["ceilings"]["matmul_tflops"]["float32"] > 0 and report["ceilings"]["copy_bandwidth_gbps"] > 0
     assert report["versions"]["torch"] == torch.__version__ and report["versions"]["klops"] == klops.__version__
-    assert report["date"].startswith("20") and report["repeats"] == 1
-    assert all(row["pass"] for row in report["results"] if row["impl"].startswith("klops"))
+    assert report["date"].startswith("20") and report["repeats"] == 1 and report["device"].startswith("cpu")
+
+
+# The fields of every timed row of klops bench's JSON report (issue 20's schema).
+ROW_FIELDS = {"op", "impl", "shape", "dtype", "pass", "time_ms", "peak_mem_mib", "correct"}
+
+
+def test_bench_byte_and_flop_counts():
+    """The floors: the forward reads the inputs once; the backward adds one gradient write (bytes), or two matmuls
+    of 2 N V D (FLOPs)."""
+    n, v, d = 4, 96, 16
+    assert bench.Case("fused_kl", n, v, torch.bfloat16).min_bytes(backward=False) == 2 * n * v * 2
+    assert bench.Case("fused_kl", n, v, torch.bfloat16).min_bytes() == 3 * n * v * 2
+    assert bench.Case("logprobs", n, v, torch.float32).min_bytes() == 2 * n * v * 4
+    assert bench.Case("fused_kl_topk", n, v, torch.float32, k=8).min_bytes(False) == n * v * 4 + n * 8 * 12
+    assert bench.Case("fused_linear_cross_entropy", n, v, torch.float32, hidden=d).min_flops(False) == 2 * n * v * d
+    assert bench.Case("fused_linear_cross_entropy", n, v, torch.float32, hidden=d).min_flops() == 6 * n * v * d
+    assert bench.Case("fused_linear_kl", n, v, torch.float32, hidden=d).min_flops(False) == 4 * n * v * d
+    assert bench.Case("fused_linear_kl", n, v, torch.float32, hidden=d).min_flops() == 8 * n * v * d
+    sinkd = bench_sinkhorn.SinkhornCase("sinkhorn_distill_loss", n, v)
+    assert (sinkd.min_bytes(False), sinkd.min_bytes()) == (2 * n * v * 4, 3 * n * v * 4)
+    assert bench.Case("fused_kl_topk", n, v, torch.float32, k=8).shape == {"N": n, "V": v, "k": 8}
+
+
+def _timed_row(op, impl, n, v, ms, mib, **extra):
+    shape = {"N": n, "V": v}
+    return dict(op=op, impl=impl, case=f"{op} N={n} V={v}", shape=shape, dtype="float32", time_ms=ms,
+                peak_mem_mib=mib, correct=None, **{"pass": "forward+backward"}, **extra)  # fmt: skip
+
+
+def test_bench_report_files_and_plots(tmp_path, monkeypatch):
+    """--out's files: the JSON as run() returned it, the Markdown table and one PNG per op measured at two or more
+    shapes (time and memory against V and N); none, and no failure, without matplotlib."""
+    rows = [_timed_row("logprobs", impl, n, v, 1.0 + n * v / 1e5, 2.0, rel_err=1e-7)
+            for impl in ("klops[torch]", "torch eager") for n, v in ((4, 96), (8, 96), (4, 192))]  # fmt: skip
+    rows.append(_timed_row("fused_kl", "torch eager", 4, 96, 1.0, 1.0, kind="jsd"))  # one shape: no plot
+    report = dict(device="cpu (2 threads)", date="2026-12-04T00:00:00+00:00", versions={"klops": "0"},
+                  ceilings=dict(copy_bandwidth_gbps=10.0, matmul_tflops={}), repeats=1, results=rows)  # fmt: skip
+    out, plots = bench_report.write_report(report, tmp_path / "cpu", "info line")
+    assert out == tmp_path / "cpu" / "2026-12-04-cpu-2-threads"
+    assert [path.name for path in plots] == ["2026-12-04-cpu-2-threads-logprobs-float32.png"]
+    assert plots[0].read_bytes().startswith(b"\x89PNG") and plots[0].stat().st_size > 10_000
+    assert json.loads(out.with_suffix(".json").read_text()) == dict(report, info="info line")
+    markdown = out.with_suffix(".md").read_text()
+    assert "info line" in markdown and f"]({plots[0].name})" in markdown
+    assert "| logprobs N=8 V=96 | torch eager |" in markdown
+    monkeypatch.setattr(bench_report, "can_plot", lambda: False)
+    assert bench_report.write_plots(report, tmp_path / "again") == []
+
+
+def test_bench_absent_and_failing_baselines(monkeypatch, capsys):
+    """A baseline that is not installed is not listed; one that raises (here in its backward) is an error row for that
+    pass, with the forward still timed, and does not fail the run."""
+    case = bench.Case("fused_linear_cross_entropy", 4, 96, torch.float32, hidden=16)
+    monkeypatch.setattr(bench.importlib.util, "find_spec", lambda name: None)
+    assert bench.fused_linear_baselines(case) == {}
+    monkeypatch.setattr(bench, "cases", lambda device, quick, **_: [bench.Case("logprobs", 4, 96, torch.float32)])
+    monkeypatch.setattr(bench_sinkhorn, "cases", lambda device, quick: [])
+    real = bench.implementations
+
+    def with_broken_baseline(case, device):
+        impls = real(case, device)
+        impls["torch eager"] = lambda z, y: z.detach().sum()  # no gradient: backward() raises
+        return impls
+
+    monkeypatch.setattr(bench, "implementations", with_broken_baseline)
+    report = bench.run(torch.device("cpu"), quick=True, repeats=1)
+    forward, backward = [row for row in report["results"] if row["impl"] == "torch eager"]
+    assert forward["pass"] == "forward" and forward["time_ms"] > 0 and "error" not in forward
+    assert backward["pass"] == "forward+backward" and backward["error"].startswith("RuntimeError: ")
+    assert "time_ms" not in backward
+    assert cli.main(["bench", "--device", "cpu", "--repeats", "1"]) == 0
+    assert "| logprobs N=4 V=96 float32 | torch eager | " in capsys.readouterr().out
 
 
 def test_bench_does_not_time_a_failing_kernel(monkeypatch, capsys):
@@ -134,14 +214,15 @@ def test_bench_shapes_dtype_backends_baselines_and_out(monkeypatch, tmp_path, ca
     args = ["bench", "--device", "cpu", "--repeats", "1", "--shapes", "cpu-small", "64,1000", "--dtype", "fp32",
             "--backends", "auto", "--baselines", "eager", "--out", str(tmp_path)]  # fmt: skip
     assert cli.main(args) == 0
-    assert made == [([bench.SHAPE_PRESETS["cpu-small"], (64, 1000)], torch.float32)]
+    assert made == [([*bench.SHAPE_PRESETS["cpu-small"], (64, 1000)], torch.float32)]
     (report,) = tmp_path.glob("*.json")
     assert report.with_suffix(".md").exists() and "| case | impl |" in report.with_suffix(".md").read_text()
+    captured = capsys.readouterr()
+    assert "wrote " in captured.out and "[1/2] 0:00 logprobs N=4 V=96 float32" in captured.err
     rows = json.loads(report.read_text())["results"]
     assert {row["impl"] for row in rows} == {"klops[torch]", "torch eager"}
     assert {row["case"] for row in rows} == {"logprobs N=4 V=96 float32",
                                              "fused_linear_cross_entropy N=4 V=96 D=16 float32"}  # fmt: skip
-    assert "[1/2] logprobs N=4 V=96 float32" in capsys.readouterr().err
 
 
 def test_bench_cases_at_shapes():

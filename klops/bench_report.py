@@ -1,0 +1,152 @@
+"""The outputs of ``klops bench``: the terminal / Markdown table, the JSON report and the PNG plots.
+
+The JSON report (``write_json``) is ``bench.run``'s dict as is: top level ``device``, ``date``, ``versions``,
+``ceilings`` (``copy_bandwidth_gbps``, ``matmul_tflops`` per dtype, both measured in the run), ``repeats``; one
+object per case, implementation and pass in ``results`` (the fields are listed in ``bench.measure``).
+"""
+
+import importlib.util
+import json
+import pathlib
+import re
+
+
+def format_table(report: dict) -> str:
+    """The report as a legend and a Markdown table, one line per case and implementation."""
+    versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v is not None)
+    ceilings = report["ceilings"]
+    rates = ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in ceilings["matmul_tflops"].items())
+    lines = [
+        f"device: {report['device']}; measured copy bandwidth {ceilings['copy_bandwidth_gbps']:.1f} GB/s"
+        + (f"; measured matmul rate {rates}" if rates else ""),
+        f"{report['date']}; {versions}",
+        f"ms: median of {report['repeats']} steps after 2 warm-ups (GPU: CUDA events, L2 flushed before each step; "
+        "CPU: wall clock). peak MiB: above the inputs (GPU: allocator peak; CPU: resident-set peak), forward / "
+        "forward + backward.",
+        "rate: the bytes the op must move (inputs read once, the gradient written once) over the forward + backward "
+        "time, as a fraction of the copy bandwidth; fused-linear cases: the matmul FLOPs they must do (3 products "
+        "of 2 N V D, 4 with a teacher head) as a fraction of the matmul rate. rel err: the larger of the loss's and "
+        "the gradient's error against float64; a klops case beyond 2e-2 is FAILED and not timed.",
+    ]
+    if report["device"].startswith("cpu"):
+        lines.append(
+            "On the CPU only klops's torch backend runs: the portable fallback that bounds memory, not the GPU "
+            "kernels; it is expected to be slower than eager PyTorch here and to hold less memory."
+        )
+    lines += [
+        "",
+        "| case | impl | fwd ms | fwd+bwd ms | peak MiB | rate (fwd+bwd) | of ceiling | rel err vs fp64 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (case, impl), rows in _by_case_and_impl(report["results"]).items():
+        rows = {row["pass"]: row for row in rows}
+        last = rows["forward+backward"]
+        err = f"{last['rel_err']:.1e}" if "rel_err" in last else "(baseline)"
+        if last["correct"] is False:
+            lines.append(f"| {case} | {impl} | FAILED the reference check (not timed) | | | | | {err} |")
+            continue
+        times = [_time_cell(rows.get(pass_name, {})) for pass_name in ("forward", "forward+backward")]
+        peaks = " / ".join(f"{row['peak_mem_mib']:.1f}" for row in rows.values() if "peak_mem_mib" in row)
+        rate, fraction = _rate(last)
+        lines.append(f"| {case} | {impl} | {' | '.join(times)} | {peaks} | {rate} | {fraction} | {err} |")
+    return "\n".join(lines)
+
+
+def _by_case_and_impl(results: list[dict]) -> dict:
+    groups = {}
+    for row in results:
+        groups.setdefault((row["case"], row["impl"]), []).append(row)
+    return groups
+
+
+def _time_cell(row: dict) -> str:
+    return f"{row['time_ms']:.3f}" if "time_ms" in row else row.get("error", "")
+
+
+def _rate(row: dict) -> tuple[str, str]:
+    """(achieved rate, fraction of its ceiling) of a row, as table cells."""
+    if "flops_fraction" in row:
+        return f"{row['tflop_per_s']:.2f} TFLOP/s", f"{100 * row['flops_fraction']:.1f}% of matmul"
+    rate = f"{row['gb_per_s']:.1f} GB/s" if "gb_per_s" in row else ""
+    if "tflop_per_s" in row:  # the Sinkhorn cases' compute rate
+        rate = f"{rate} ({1e3 * row['tflop_per_s']:.0f} GFLOP/s)".strip()
+    fraction = f"{100 * row['bandwidth_fraction']:.1f}% of copy" if "bandwidth_fraction" in row else ""
+    return rate, fraction
+
+
+def write_report(report: dict, out_dir, info: str) -> tuple[pathlib.Path, list[pathlib.Path]]:
+    """Writes ``<out_dir>/<date>-<device>.json`` (the report, with ``info``), the plots of ``write_plots`` and
+    ``.md`` (info, table, plots); returns (that path without its suffix, the plots' paths)."""
+    report = dict(report, info=info)
+    out = pathlib.Path(out_dir) / f"{report['date'][:10]}-{slug(report['device'])}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(report, str(out.with_suffix(".json")))
+    plots = write_plots(report, out)
+    figures = "".join(f"\n![{path.stem}]({path.name})\n" for path in plots)
+    text = f"# klops benchmark, {report['date']}\n\n```\n{info}\n```\n\n{format_table(report)}\n{figures}"
+    out.with_suffix(".md").write_text(text)
+    return out, plots
+
+
+def slug(text: str) -> str:
+    """``text`` as a file name: "NVIDIA H200" -> "nvidia-h200", "cpu (2 threads)" -> "cpu-2-threads"."""
+    return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-")
+
+
+def write_json(report: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+
+
+def can_plot() -> bool:
+    """Whether matplotlib (the ``bench`` extra) is installed."""
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def write_plots(report: dict, stem: pathlib.Path) -> list[pathlib.Path]:
+    """For each op (with its kind and dtype) measured at two or more (N, V): ``<stem>-<op>.png``, forward + backward
+    time and peak memory against V (at the N with the most V values) and against N (at the V with the most N values),
+    one line per implementation. Returns the paths written: none without matplotlib (the ``bench`` extra)."""
+    if not can_plot():
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = {}
+    for row in report["results"]:
+        if row["pass"] == "forward+backward" and "time_ms" in row and {"N", "V"} <= row["shape"].keys():
+            groups.setdefault(" ".join(filter(None, (row["op"], row.get("kind"), row["dtype"]))), []).append(row)
+    paths = []
+    for title, rows in groups.items():
+        if len({(row["shape"]["N"], row["shape"]["V"]) for row in rows}) < 2:
+            continue
+        figure, axes = plt.subplots(2, 2, figsize=(12, 8))
+        for column, (x, fixed) in enumerate((("V", "N"), ("N", "V"))):
+            xs_at = {}
+            for row in rows:
+                xs_at.setdefault(row["shape"][fixed], set()).add(row["shape"][x])
+            at = max(xs_at, key=lambda size: (len(xs_at[size]), size))
+            for impl in dict.fromkeys(row["impl"] for row in rows):
+                points = sorted((row["shape"][x], row["time_ms"], row["peak_mem_mib"]) for row in rows
+                                if row["impl"] == impl and row["shape"][fixed] == at)  # fmt: skip
+                if points:
+                    sizes, times, peaks = zip(*points)
+                    axes[0][column].plot(sizes, times, marker="o", label=impl)
+                    axes[1][column].plot(sizes, peaks, marker="o", label=impl)
+            axes[0][column].set(title=f"{fixed} = {at}", ylabel="forward + backward ms")
+            axes[1][column].set(xlabel=x, ylabel="peak MiB above the inputs")
+            axes[0][column].set_yscale("log")
+            axes[1][column].set_ylim(bottom=0)  # a peak can be 0 (CPU: nothing kept above the inputs)
+            for axis in (axes[0][column], axes[1][column]):
+                axis.set_xscale("log", base=2)
+                axis.grid(True, which="both", alpha=0.3)
+        axes[0][0].legend(fontsize=8)
+        figure.suptitle(f"{title} on {report['device']}")
+        figure.tight_layout()
+        path = stem.parent / f"{stem.name}-{slug(title)}.png"
+        figure.savefig(path, dpi=90)
+        plt.close(figure)
+        paths.append(path)
+    return paths
