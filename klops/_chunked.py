@@ -4,10 +4,14 @@ import math
 
 import torch
 
-# The torch backend materializes about a dozen fp32 temporaries per chunk of rows: cap a chunk at this
-# many entries (4 MiB per temporary, ~50 MiB in all), so that its extra memory is O(chunk * V), not
-# O(N * V). Rows are never split: a chunk holds at least one row.
+# The torch backend holds a handful of fp32 temporaries of a chunk of rows at a time (log q, q, and as many
+# for the teacher; the helpers below work in place where they can): cap a chunk at this many entries (4 MiB
+# per temporary, ~25 MiB in all), so that its extra memory is O(chunk * V), not O(N * V). Rows are never
+# split: a chunk holds at least one row.
 TORCH_CHUNK_ELEMENTS = 1 << 20
+
+# The most negative fp32 number: log q = -inf clamped to it makes q log q = 0 * it = 0 instead of NaN.
+FLOAT32_MIN = torch.finfo(torch.float32).min
 
 
 def row_chunks(B: int, L: int, V: int):
@@ -24,17 +28,37 @@ def scaled(x: torch.Tensor, temperature: float) -> torch.Tensor:
     return x if temperature == 1.0 else x / temperature
 
 
-def row_stats(x: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(raw row max, log sum exp((x - max) / T)) of [..., V] logits; the max of an all -inf row is 0.
+def _row_max(x: torch.Tensor) -> torch.Tensor:
+    """The raw fp32 max of each row of [..., V] logits, 0 for an all -inf row."""
+    row_max = x.amax(dim=-1).float()
+    return torch.where(row_max == -math.inf, 0.0, row_max)
 
-    Subtracting the max in raw units before dividing by T keeps log-probabilities near the max exact,
-    as the kernels do."""
-    x = x.float()
-    row_max = x.amax(dim=-1)
-    row_max = torch.where(row_max == -math.inf, 0.0, row_max)
-    return row_max, torch.logsumexp(scaled(x - row_max[..., None], temperature), dim=-1)
+
+def _shifted(x: torch.Tensor, row_max: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(x - max) / T as a new fp32 tensor, the one temporary (x of any float dtype; the max is subtracted in raw
+    units before dividing by T, which keeps log-probabilities near the max exact, as the kernels do)."""
+    shifted = x - row_max[..., None]  # fp32: row_max is
+    return shifted if temperature == 1.0 else shifted.div_(temperature)
+
+
+def row_stats(x: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(raw row max, log sum exp((x - max) / T)) of [..., V] logits; the max of an all -inf row is 0."""
+    row_max = _row_max(x)
+    return row_max, _shifted(x, row_max, temperature).exp_().sum(-1).log()
+
+
+def log_softmax_rows(x: torch.Tensor, temperature: float):
+    """(log q, q, raw row max, logsum) of [..., V] logits with q = softmax(x / T): two fp32 temporaries and one exp
+    per entry (q = exp((x - max) / T) / its sum, log q = (x - max) / T - logsum)."""
+    row_max = _row_max(x)
+    log_q = _shifted(x, row_max, temperature)
+    q = log_q.exp()
+    total = q.sum(-1)
+    logsum = total.log()
+    return log_q.sub_(logsum[..., None]), q.div_(total[..., None]), row_max, logsum
 
 
 def log_softmax_from_stats(x: torch.Tensor, row_max: torch.Tensor, logsum: torch.Tensor, temperature: float):
-    """fp32 log softmax(x / T) of [rows, cols] logits from their rows' saved (raw max, logsum) [rows]."""
-    return scaled(x.float() - row_max[:, None], temperature) - logsum[:, None]
+    """fp32 log softmax(x / T) of [rows, cols] logits from their rows' saved (raw max, logsum) [rows], as one new
+    tensor."""
+    return _shifted(x, row_max, temperature).sub_(logsum[..., None])

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import _inputs
-from ._chunked import log_softmax_from_stats, row_chunks, row_stats, scaled
+from ._chunked import log_softmax_from_stats, log_softmax_rows, row_chunks, scaled
 from .backend import resolve_backend
 from .kernels.launch import DIVERGENCE_KINDS, TARGET_KINDS
 
@@ -41,18 +41,23 @@ def mixture_logs(coef: float) -> tuple[float, float]:
     return (math.log(coef) if coef > 0 else -math.inf), (math.log1p(-coef) if coef < 1 else -math.inf)
 
 
-def _divergence_terms(lq: torch.Tensor, lp: torch.Tensor, kind: str, coef: float):
-    """Per-entry (loss_v, a_v) with D = sum loss_v and dD/dz = (a - q sum a) / T; mirrors the kernel."""
-    q, p = lq.exp(), lp.exp()
+def _kl_entries(la: torch.Tensor, lb: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """a (log a - log b) per entry as a new tensor, 0 where a = 0 (log a = -inf)."""
+    return (la - lb).mul_(a).masked_fill_(la == -math.inf, 0.0)
+
+
+def _divergence_terms(lq: torch.Tensor, q: torch.Tensor, lp: torch.Tensor, p: torch.Tensor, kind: str, coef: float):
+    """Per-entry (loss_v, a_v) with D = sum loss_v and dD/dz = (a - q sum a) / T, from log q, q, log p and p;
+    mirrors the kernel. Both are new tensors (reverse KL: one new tensor twice); the inputs are not written."""
+    if kind == "forward":
+        return _kl_entries(lp, lq, p), -p
+    if kind == "reverse":
+        loss = _kl_entries(lq, lp, q)
+        return loss, loss
     q_pos, p_pos = lq != -math.inf, lp != -math.inf
     log_coef, log_1m_coef = mixture_logs(coef)
     zero = lq.new_zeros(())
-    if kind == "forward":
-        loss, a = torch.where(p_pos, p * (lp - lq), zero), -p
-    elif kind == "reverse":
-        loss = torch.where(q_pos, q * (lq - lp), zero)
-        a = loss
-    elif kind == "jsd":
+    if kind == "jsd":
         lm = torch.logaddexp(log_coef + lp, log_1m_coef + lq)
         kl_qm = torch.where(q_pos, q * (lq - lm), zero)
         loss = coef * torch.where(p_pos, p * (lp - lm), zero) + (1 - coef) * kl_qm
@@ -76,14 +81,21 @@ def _divergence_terms(lq: torch.Tensor, lp: torch.Tensor, kind: str, coef: float
     return loss, a
 
 
-def _row_logprobs(student, teacher, stats, target_is: str, temperature: float):
-    """(log q, log p) of a chunk of rows from their (max_q, logsum_q, max_t, logsum_t): the max is
-    subtracted in raw units before dividing by T, as in the kernels."""
-    max_q, logsum_q, max_t, logsum_t = stats
-    lq = log_softmax_from_stats(student, max_q, logsum_q, temperature)
-    if target_is == "logits":
-        return lq, log_softmax_from_stats(teacher, max_t, logsum_t, temperature)
-    return lq, (teacher.float() if target_is == "logprobs" else teacher.float().log())
+def _row_sums(lq, q, lp, p, kind: str, coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(D, gbar) = (sum loss_v, sum a_v) per row; forward KL's gbar = -sum p without an [rows, V] a."""
+    if kind == "forward":
+        return _kl_entries(lp, lq, p).sum(-1), -p.sum(-1)
+    loss, a = _divergence_terms(lq, q, lp, p, kind, coef)
+    return loss.sum(-1), a.sum(-1)
+
+
+def _teacher_probs(teacher, target_is: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p, p) of a chunk of teacher rows given as log-probs or probs."""
+    if target_is == "logprobs":
+        lp = teacher.float()
+        return lp, lp.exp()
+    p = teacher.float()
+    return p.log(), p
 
 
 def divergence_forward_torch(student, teacher, valid, kind: str, target_is: str, temperature: float, coef: float):
@@ -92,15 +104,14 @@ def divergence_forward_torch(student, teacher, valid, kind: str, target_is: str,
     B, L, V = student.shape
     outputs = tuple(student.new_zeros((B, L), dtype=torch.float32) for _ in range(6))
     for b, rows in row_chunks(B, L, V):
-        stats = row_stats(student[b, rows], temperature)
+        lq, q, *stats = log_softmax_rows(student[b, rows], temperature)
         if target_is == "logits":
-            stats += row_stats(teacher[b, rows], temperature)
+            lp, p, *teacher_stats = log_softmax_rows(teacher[b, rows], temperature)
         else:
-            stats += (torch.zeros_like(stats[0]),) * 2
-        lq, lp = _row_logprobs(student[b, rows], teacher[b, rows], stats, target_is, temperature)
-        entry_loss, a = _divergence_terms(lq, lp, kind, coef)
+            (lp, p), teacher_stats = _teacher_probs(teacher[b, rows], target_is), (torch.zeros_like(stats[0]),) * 2
+        loss, gbar = _row_sums(lq, q, lp, p, kind, coef)
         keep = valid[b, rows]
-        for out, value in zip(outputs, (entry_loss.sum(-1), *stats, a.sum(-1))):
+        for out, value in zip(outputs, (loss, *stats, *teacher_stats, gbar)):
             out[b, rows] = torch.where(keep, value, 0.0)
     return outputs
 
@@ -110,19 +121,24 @@ def divergence_backward_torch(
     kind: str, target_is: str, temperature: float, coef: float,
 ):  # fmt: skip
     """Chunked torch backward: (grad (a - q gbar) + grad_logp (onehot(label) - q)) / T per row, (B, L, V) in
-    the student's dtype; the second term only with labels and grad_logp."""
+    the student's dtype; the second term only with labels and grad_logp. Built in place in the chunk's a."""
     B, L, V = student.shape
     dz = torch.empty((B, L, V), dtype=student.dtype, device=student.device)
     for b, rows in row_chunks(B, L, V):
-        stats = tuple(t[b, rows] for t in (max_q, logsum_q, max_t, logsum_t))
-        lq, lp = _row_logprobs(student[b, rows], teacher[b, rows], stats, target_is, temperature)
-        _, a = _divergence_terms(lq, lp, kind, coef)
-        chunk = (grad[b, rows] / temperature)[:, None] * (a - lq.exp() * gbar[b, rows][:, None])
+        lq = log_softmax_from_stats(student[b, rows], max_q[b, rows], logsum_q[b, rows], temperature)
+        if target_is == "logits":
+            lp = log_softmax_from_stats(teacher[b, rows], max_t[b, rows], logsum_t[b, rows], temperature)
+            p = lp.exp()
+        else:
+            lp, p = _teacher_probs(teacher[b, rows], target_is)
+        q = lq.exp()
+        chunk = -p if kind == "forward" else _divergence_terms(lq, q, lp, p, kind, coef)[1]  # a, a new tensor
+        chunk.addcmul_(q, gbar[b, rows][:, None], value=-1.0).mul_((grad[b, rows] / temperature)[:, None])
         if grad_logp is not None:
+            g = (grad_logp[b, rows] / temperature)[:, None]
             label = torch.where(valid[b, rows], labels[b, rows], 0).long()[:, None]
-            onehot_minus_q = (-lq.exp()).scatter_add_(-1, label, torch.ones_like(label, dtype=torch.float32))
-            chunk += (grad_logp[b, rows] / temperature)[:, None] * onehot_minus_q
-        dz[b, rows] = torch.where(valid[b, rows][:, None], chunk, 0.0)
+            chunk.addcmul_(q, g, value=-1.0).scatter_add_(-1, label, g)
+        dz[b, rows] = chunk.masked_fill_(~valid[b, rows][:, None], 0.0)
     return dz
 
 

@@ -9,7 +9,7 @@ row (fp32); the backward recomputes ``q`` from them.
 import torch
 
 from . import _inputs
-from ._chunked import log_softmax_from_stats, row_chunks, row_stats
+from ._chunked import FLOAT32_MIN, log_softmax_from_stats, log_softmax_rows, row_chunks
 from .backend import resolve_backend
 
 __all__ = ["logprobs"]
@@ -25,10 +25,10 @@ def logprobs_forward_torch(logits, labels, temperature: float, with_entropy: boo
     outputs = tuple(logits.new_zeros((B, L), dtype=torch.float32) for _ in range(4))
     for b, rows in row_chunks(B, L, V):
         keep = labels[b, rows] != ignore_index
-        row_max, logsum = row_stats(logits[b, rows], temperature)
-        log_q = log_softmax_from_stats(logits[b, rows], row_max, logsum, temperature)
+        log_q, q, row_max, logsum = log_softmax_rows(logits[b, rows], temperature)
         picked = log_q.gather(-1, torch.where(keep, labels[b, rows], 0)[:, None]).squeeze(-1)
-        entropy = -(log_q.exp() * torch.where(log_q > -torch.inf, log_q, 0.0)).sum(-1) if with_entropy else None
+        # -sum q log q, with log q = -inf (q = 0) entries clamped to a finite number so that they add 0
+        entropy = -q.mul_(log_q.clamp_(min=FLOAT32_MIN)).sum(-1) if with_entropy else None
         for out, value in zip(outputs, (picked, entropy, row_max, logsum)):
             if value is not None:
                 out[b, rows] = torch.where(keep, value, 0.0)
@@ -39,19 +39,22 @@ def logprobs_backward_torch(
     grad_logp, grad_entropy, logits, labels, max_z, logsum, entropy,
     temperature: float, with_entropy: bool, ignore_index: int,
 ):  # fmt: skip
-    """Chunked torch backward: ((onehot - q) g_logp - q (log q + H) g_H) / T in the logits' dtype."""
+    """Chunked torch backward: ((onehot - q) g_logp - q (log q + H) g_H) / T in the logits' dtype, built in place
+    in the chunk's log q (and q, with the entropy)."""
     B, L, V = logits.shape
     dz = torch.empty((B, L, V), dtype=logits.dtype, device=logits.device)
     for b, rows in row_chunks(B, L, V):
         keep = labels[b, rows] != ignore_index
+        g = (grad_logp[b, rows] / temperature)[:, None]
         log_q = log_softmax_from_stats(logits[b, rows], max_z[b, rows], logsum[b, rows], temperature)
-        q = log_q.exp()
-        onehot = torch.zeros_like(q).scatter_(-1, torch.where(keep, labels[b, rows], 0)[:, None], 1.0)
-        chunk = grad_logp[b, rows][:, None] * (onehot - q)
-        if with_entropy:
-            q_log_q_h = q * torch.where(q > 0, log_q + entropy[b, rows][:, None], 0.0)
-            chunk = chunk - grad_entropy[b, rows][:, None] * q_log_q_h
-        dz[b, rows] = torch.where(keep[:, None], chunk / temperature, 0.0)
+        if with_entropy:  # q (log q + H), 0 where q = 0 (log q clamped to a finite number), times -g_H / T
+            q = log_q.exp()
+            chunk = log_q.clamp_(min=FLOAT32_MIN).add_(entropy[b, rows][:, None]).mul_(q)
+            chunk.mul_((-grad_entropy[b, rows] / temperature)[:, None]).addcmul_(q, g, value=-1.0)
+        else:
+            chunk = log_q.exp_().mul_(-g)
+        chunk.scatter_add_(-1, torch.where(keep, labels[b, rows], 0)[:, None], g)
+        dz[b, rows] = chunk.masked_fill_(~keep[:, None], 0.0)
     return dz
 
 

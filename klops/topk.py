@@ -150,11 +150,13 @@ def topk_forward_torch(student, indices, teacher_logprobs, valid, kind, tail, te
         if tail == "bin":
             no_tail = torch.full_like(log_mass_p, -math.inf)
             log_tail_p = (-torch.expm1(log_mass_p)).clamp(min=0).log() if K < V else no_tail
-            loss_tail, a_tail = _divergence_terms(log_tail_q, log_tail_p, kind, coef)
+            loss_tail, a_tail = _divergence_terms(
+                log_tail_q, log_tail_q.exp(), log_tail_p, log_tail_p.exp(), kind, coef
+            )
         else:
             lp = lp - log_mass_p[:, None]
             loss_tail, a_tail = tail_loss * log_tail_q.exp(), tail_grad * log_tail_q.exp()
-        entry_loss, a = _divergence_terms(lq, lp, kind, coef)
+        entry_loss, a = _divergence_terms(lq, lq.exp(), lp, lp.exp(), kind, coef)
         gbar = a.sum(-1) + a_tail
         # a_tail - Q gbar without the cancellation of two numbers near a_tail when Q is near 1
         mass_q_s = torch.exp(scaled(max_s - max_q, temperature) + logsum_s - logsum_q)
