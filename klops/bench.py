@@ -292,17 +292,26 @@ def implementations(case: Case, device: torch.device) -> dict:
         eager = eager_logprobs
     impls["torch eager"] = eager
     impls["torch.compile"] = torch.compile(eager, dynamic=False)
-    impls.update(fused_linear_baselines(case))
+    impls.update(library_baselines(case))
     return impls
 
 
-def fused_linear_baselines(case: Case) -> dict:
-    """The fused-linear losses of Liger-Kernel (its fused linear cross-entropy, its fused linear JSD: forward KL at
-    beta = 0, reverse at 1, and its chunked GRPO loss) and of Cut Cross-Entropy, for the cases they share and each
-    only if importable:
-    name -> callable(hidden, inputs) with the klops case's loss (mean over the rows; batchmean for the KL)."""
+def library_baselines(case: Case) -> dict:
+    """The losses of Liger-Kernel (its JSD on log-probs and its fused linear JSD: forward KL at beta = 0, reverse at
+    1; its fused linear cross-entropy and chunked GRPO loss) and of Cut Cross-Entropy, for the cases they share and
+    each only if importable: name -> callable(logits or hidden, inputs) with the klops case's loss (mean over the
+    rows; batchmean for the KL)."""
     impls = {}
-    if case.op == "fused_linear_cross_entropy":
+    jsd_beta = {"forward": 0.0, "reverse": 1.0, "jsd": 0.5}.get(getattr(case, "kind", None))
+    if case.op == "fused_kl" and jsd_beta is not None and importlib.util.find_spec("liger_kernel") is not None:
+        from liger_kernel.transformers import LigerJSD
+
+        liger_logits_jsd = LigerJSD(beta=jsd_beta)
+        # Liger's JSD takes log-probs: the log_softmax of both logits is part of its time and memory.
+        impls["liger-kernel (log_softmax + JSD)"] = lambda z, y: liger_logits_jsd(
+            F.log_softmax(z.float(), dim=-1), F.log_softmax(y.float(), dim=-1)
+        )
+    elif case.op == "fused_linear_cross_entropy":
         if importlib.util.find_spec("liger_kernel") is not None:
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
@@ -314,11 +323,11 @@ def fused_linear_baselines(case: Case) -> dict:
             impls["cut-cross-entropy"] = lambda h, y: linear_cross_entropy(
                 h, y[0], y[1], impl="cce" if h.is_cuda else "torch_compile"
             )
-    elif case.op == "fused_linear_kl" and case.kind in ("forward", "reverse", "jsd"):
+    elif case.op == "fused_linear_kl" and jsd_beta is not None:
         if importlib.util.find_spec("liger_kernel") is not None:
             from liger_kernel.transformers import LigerFusedLinearJSD
 
-            liger_jsd = LigerFusedLinearJSD(jsd_beta={"forward": 0.0, "reverse": 1.0, "jsd": 0.5}[case.kind])
+            liger_jsd = LigerFusedLinearJSD(jsd_beta=jsd_beta)
             impls["liger-kernel"] = lambda h, y: liger_jsd(h, y[0], y[1], y[2], None)
     elif case.op == "fused_linear_grpo_loss" and importlib.util.find_spec("liger_kernel") is not None:
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
@@ -644,17 +653,20 @@ PASSES = ("forward", "forward+backward")
 
 
 def measure(case, name: str, impl, z, y, device: torch.device, repeats: int, ceilings: dict) -> list[dict]:
-    """The result rows of one implementation of a case. A klops implementation is first checked against float64:
-    one row with ``correct`` False and no time if it disagrees. Then one row per pass (forward, forward+backward):
+    """The result rows of one implementation of a case. Each implementation is first checked against float64 (but
+    ``torch.compile``, which runs the function checked as ``torch eager``: compiling it again for the check's
+    smaller shape would only add a compile; and the Sinkhorn baselines, whose stopping rules and gradients are their
+    own): one row with ``correct`` False and no time if it disagrees. Then one row per pass (forward, forward+backward):
     ``op``, ``impl``, ``case``, ``shape``, ``dtype``, ``pass``, ``time_ms``, ``peak_mem_mib`` and the achieved rate,
     ``gb_per_s`` with its ``bandwidth_fraction`` of the copy bandwidth, or for fused-linear ops ``tflop_per_s`` with
-    its ``flops_fraction`` of the matmul rate; ``correct`` (None for baselines) and ``rel_err``. A pass that raises
+    its ``flops_fraction`` of the matmul rate; ``correct`` (None where not checked) and ``rel_err``. A pass that raises
     (OOM, an unsupported case) is a row with ``error`` instead."""
     common = dict(op=case.op, impl=name, case=case.name, shape=case.shape, dtype=dtype_name(case.dtype), correct=None)
     if case.op in ("fused_kl", "fused_kl_topk", "fused_linear_kl"):
         common["kind"] = case.kind
-    if name.startswith("klops"):  # the baselines are the usual torch ops, not under test
-        check = case.check if isinstance(case, bench_sinkhorn.SinkhornCase) else partial(check_against_reference, case)
+    sinkhorn_case = isinstance(case, bench_sinkhorn.SinkhornCase)
+    if name.startswith("klops") or not (sinkhorn_case or baseline_family(name) == "compile"):
+        check = case.check if sinkhorn_case else partial(check_against_reference, case)
         try:
             common["rel_err"] = check(name, impl, z, y)
         except Exception as error:
@@ -688,7 +700,7 @@ def measure(case, name: str, impl, z, y, device: torch.device, repeats: int, cei
             row["tflop_per_s"] = case.min_flops(backward) / seconds / 1e12
             row["flops_fraction"] = row["tflop_per_s"] / ceilings["matmul_tflops"][row["dtype"]]
             continue
-        if isinstance(case, bench_sinkhorn.SinkhornCase):  # compute on CUDA cores: a rate, no measured ceiling
+        if sinkhorn_case:  # compute on CUDA cores: a rate, no measured ceiling
             row["tflop_per_s"] = case.min_flops(backward) / seconds / 1e12
         if case.min_bytes(backward):
             row["gb_per_s"] = case.min_bytes(backward) / seconds / 1e9

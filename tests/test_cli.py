@@ -43,10 +43,11 @@ def test_bench_checks_and_reports(tmp_path, monkeypatch, capsys):
         assert row["op"] == row["case"].split()[0] and row["dtype"] == "float32"
         passes.setdefault((row["case"], row["impl"]), []).append(row["pass"])
         assert row["time_ms"] > 0 and row["peak_mem_mib"] >= 0
-        if row["impl"].startswith("klops"):
+        baseline_unchecked = row["impl"].startswith("torch.compile") or row["op"].startswith("sinkhorn")
+        if row["impl"].startswith("klops") or not baseline_unchecked:
             assert row["rel_err"] < 1e-5 and row["correct"] is True, row
             assert row["impl"] in table
-        else:
+        else:  # torch.compile runs the function checked as torch eager; the Sinkhorn baselines stop their own way
             assert row["correct"] is None and "rel_err" not in row
         if "fused_linear" in row["case"]:
             assert row["flops_fraction"] > 0 and "bandwidth_fraction" not in row and "of matmul" in table, row
@@ -108,28 +109,33 @@ def test_bench_report_files_and_plots(tmp_path, monkeypatch):
 
 
 def test_bench_absent_and_failing_baselines(monkeypatch, capsys):
-    """A baseline that is not installed is not listed; one that raises (here in its backward) is an error row for that
-    pass, with the forward still timed, and does not fail the run."""
+    """A baseline that is not installed is not listed; one that disagrees with float64 is FAILED and not timed; one
+    that raises (here in its backward) is an error row for that pass, with the forward still timed. Neither fails the
+    run."""
     case = bench.Case("fused_linear_cross_entropy", 4, 96, torch.float32, hidden=16)
     monkeypatch.setattr(bench.importlib.util, "find_spec", lambda name: None)
-    assert bench.fused_linear_baselines(case) == {}
+    assert bench.library_baselines(case) == {}
     monkeypatch.setattr(bench, "cases", lambda device, quick, **_: [bench.Case("logprobs", 4, 96, torch.float32)])
     monkeypatch.setattr(bench_sinkhorn, "cases", lambda device, quick: [])
     real = bench.implementations
 
     def with_broken_baseline(case, device):
         impls = real(case, device)
-        impls["torch eager"] = lambda z, y: z.detach().sum()  # no gradient: backward() raises
+        impls["torch.compile"] = lambda z, y: z.detach().sum()  # not checked (as eager); no gradient: backward raises
+        impls["torch eager"] = lambda z, y: z.sum()  # checked: FAILED, not timed
         return impls
 
     monkeypatch.setattr(bench, "implementations", with_broken_baseline)
     report = bench.run(torch.device("cpu"), quick=True, repeats=1)
-    forward, backward = [row for row in report["results"] if row["impl"] == "torch eager"]
+    (eager,) = [row for row in report["results"] if row["impl"] == "torch eager"]
+    assert eager["correct"] is False and eager["rel_err"] > 1e-2 and "time_ms" not in eager
+    forward, backward = [row for row in report["results"] if row["impl"] == "torch.compile"]
     assert forward["pass"] == "forward" and forward["time_ms"] > 0 and "error" not in forward
     assert backward["pass"] == "forward+backward" and backward["error"].startswith("RuntimeError: ")
     assert "time_ms" not in backward
     assert cli.main(["bench", "--device", "cpu", "--repeats", "1"]) == 0
-    assert "| logprobs N=4 V=96 float32 | torch eager | " in capsys.readouterr().out
+    table = capsys.readouterr().out
+    assert "| logprobs N=4 V=96 float32 | torch.compile | " in table and "| torch eager | FAILED" in table
 
 
 def test_bench_does_not_time_a_failing_kernel(monkeypatch, capsys):
