@@ -1,8 +1,10 @@
-"""Row helpers of the torch backend: chunks of rows, and the per-row statistics the kernels keep."""
+"""Helpers of the chunked paths: the torch backend's chunks of rows and the per-row statistics the kernels keep,
+and the fused-linear chunked path's logits and gradient sums of a chunk of rows (klops/linear.py)."""
 
 import math
 
 import torch
+import torch.nn.functional as F
 
 # The torch backend holds a handful of fp32 temporaries of a chunk of rows at a time (log q, q, and as many
 # for the teacher; the helpers below work in place where they can): cap a chunk at this many entries (4 MiB
@@ -62,3 +64,39 @@ def log_softmax_from_stats(x: torch.Tensor, row_max: torch.Tensor, logsum: torch
     """fp32 log softmax(x / T) of [rows, cols] logits from their rows' saved (raw max, logsum) [rows], as one new
     tensor."""
     return _shifted(x, row_max, temperature).sub_(logsum[..., None])
+
+
+def chunk_logits(hidden, weight, bias, softcap):
+    """(logits [C, V], tanh(z / s) or None) of a chunk of rows: ``F.linear`` in the inputs' dtype, then
+    the soft cap in fp32 when asked."""
+    z = F.linear(hidden, weight, bias)
+    if softcap is None:
+        return z, None
+    t = torch.tanh(z.float() / softcap)
+    return softcap * t, t
+
+
+def accumulate_grads(dz, t, hidden, weight, grads, rows) -> None:
+    """grad_hidden[rows] = dz' @ W, grad_weight += dz'^T h, grad_bias += sum dz' with dz' = dz (1 - t^2)
+    under a soft cap; the matmuls run in the weight's dtype, the sums over chunks in fp32."""
+    if t is not None:
+        dz = torch.mul(t, t).neg_().add_(1.0).mul_(dz)
+    dz = dz.to(weight.dtype)
+    grad_hidden, grad_weight, grad_bias = grads
+    grad_hidden[rows] = (dz @ weight).to(grad_hidden.dtype)
+    if weight.dtype == torch.float32:
+        grad_weight.addmm_(dz.t(), hidden)  # no [V, D] temporary
+    else:
+        grad_weight += (dz.t() @ hidden).float()
+    if grad_bias.numel():
+        grad_bias += dz.float().sum(0)
+
+
+def new_grads(hidden, weight, bias):
+    """(grad_hidden, fp32 grad_weight accumulator [V, D], fp32 grad_bias accumulator [V] or [0]) to fill."""
+    V, D = weight.shape
+    return (
+        torch.empty_like(hidden),
+        torch.zeros((V, D), dtype=torch.float32, device=weight.device),
+        torch.zeros((V if bias is not None else 0,), dtype=torch.float32, device=weight.device),
+    )

@@ -14,7 +14,7 @@ import math
 import torch
 
 from . import _inputs
-from ._chunked import log_softmax_from_stats, row_chunks, row_stats
+from ._chunked import log_softmax_rows, row_chunks
 from .backend import resolve_triton_or_torch
 from .divergence import _check_dense_teacher, divergence_and_label_logprobs, fused_kl, valid_rows_and_weights
 from .grpo import grpo_loss_from_logits
@@ -162,12 +162,8 @@ def akl_head_weights_torch(student, teacher, valid, temperature: float, mu: floa
     """Chunked torch backend: (B*L,) fp32 forward-KL weights, by a sort of each chunk of teacher rows."""
     B, L, V = student.shape
     w = student.new_zeros((B, L), dtype=torch.float32)
-    for b, rows in row_chunks(B, L, V):
-        logits_q, logits_p = student[b, rows], teacher[b, rows]
-        (max_q, logsum_q), (max_p, logsum_p) = row_stats(logits_q, temperature), row_stats(logits_p, temperature)
-        q = torch.exp(log_softmax_from_stats(logits_q, max_q, logsum_q, temperature))
-        p = torch.exp(log_softmax_from_stats(logits_p, max_p, logsum_p, temperature))
-        weight = akl_split(p, q, mu)
+    for b, rows in row_chunks(B, L, V):  # p and q (log_softmax_rows' second values) live only through the split
+        weight = akl_split(*(log_softmax_rows(x[b, rows], temperature)[1] for x in (teacher, student)), mu)
         w[b, rows] = torch.where(valid[b, rows], weight, 0.0)
     return w.reshape(-1)
 

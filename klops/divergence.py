@@ -104,16 +104,21 @@ def divergence_forward_torch(student, teacher, valid, kind: str, target_is: str,
     B, L, V = student.shape
     outputs = tuple(student.new_zeros((B, L), dtype=torch.float32) for _ in range(6))
     for b, rows in row_chunks(B, L, V):
-        lq, q, *stats = log_softmax_rows(student[b, rows], temperature)
-        if target_is == "logits":
-            lp, p, *teacher_stats = log_softmax_rows(teacher[b, rows], temperature)
-        else:
-            (lp, p), teacher_stats = _teacher_probs(teacher[b, rows], target_is), (torch.zeros_like(stats[0]),) * 2
-        loss, gbar = _row_sums(lq, q, lp, p, kind, coef)
-        keep = valid[b, rows]
-        for out, value in zip(outputs, (loss, *stats, *teacher_stats, gbar)):
-            out[b, rows] = torch.where(keep, value, 0.0)
+        values = _divergence_rows(student[b, rows], teacher[b, rows], kind, target_is, temperature, coef)
+        for out, value in zip(outputs, values):
+            out[b, rows] = torch.where(valid[b, rows], value, 0.0)
     return outputs
+
+
+def _divergence_rows(student, teacher, kind: str, target_is: str, temperature: float, coef: float):
+    """(D, max_q, logsum_q, max_t, logsum_t, gbar) of a chunk of rows [C, V] (its temporaries freed on return)."""
+    lq, q, max_q, logsum_q = log_softmax_rows(student, temperature)
+    if target_is == "logits":
+        lp, p, max_t, logsum_t = log_softmax_rows(teacher, temperature)
+    else:
+        (lp, p), max_t, logsum_t = _teacher_probs(teacher, target_is), torch.zeros_like(max_q), torch.zeros_like(max_q)
+    loss, gbar = _row_sums(lq, q, lp, p, kind, coef)
+    return loss, max_q, logsum_q, max_t, logsum_t, gbar
 
 
 def divergence_backward_torch(
@@ -121,25 +126,40 @@ def divergence_backward_torch(
     kind: str, target_is: str, temperature: float, coef: float,
 ):  # fmt: skip
     """Chunked torch backward: (grad (a - q gbar) + grad_logp (onehot(label) - q)) / T per row, (B, L, V) in
-    the student's dtype; the second term only with labels and grad_logp. Built in place in the chunk's a."""
+    the student's dtype; the second term only with labels and grad_logp."""
     B, L, V = student.shape
     dz = torch.empty((B, L, V), dtype=student.dtype, device=student.device)
     for b, rows in row_chunks(B, L, V):
-        lq = log_softmax_from_stats(student[b, rows], max_q[b, rows], logsum_q[b, rows], temperature)
-        if target_is == "logits":
-            lp = log_softmax_from_stats(teacher[b, rows], max_t[b, rows], logsum_t[b, rows], temperature)
-            p = lp.exp()
-        else:
-            lp, p = _teacher_probs(teacher[b, rows], target_is)
-        q = lq.exp()
-        chunk = -p if kind == "forward" else _divergence_terms(lq, q, lp, p, kind, coef)[1]  # a, a new tensor
-        chunk.addcmul_(q, gbar[b, rows][:, None], value=-1.0).mul_((grad[b, rows] / temperature)[:, None])
+        stats = tuple(t[b, rows] for t in (max_q, logsum_q, max_t, logsum_t, gbar))
+        label_grad = None
         if grad_logp is not None:
-            g = (grad_logp[b, rows] / temperature)[:, None]
-            label = torch.where(valid[b, rows], labels[b, rows], 0).long()[:, None]
-            chunk.addcmul_(q, g, value=-1.0).scatter_add_(-1, label, g)
-        dz[b, rows] = chunk.masked_fill_(~valid[b, rows][:, None], 0.0)
+            label_grad = (torch.where(valid[b, rows], labels[b, rows], 0).long(), grad_logp[b, rows])
+        dz[b, rows] = _divergence_grad_rows(
+            grad[b, rows], label_grad, student[b, rows], teacher[b, rows], *stats, kind, target_is, temperature, coef
+        ).masked_fill_(~valid[b, rows][:, None], 0.0)
     return dz
+
+
+def _divergence_grad_rows(
+    grad, label_grad, student, teacher, max_q, logsum_q, max_t, logsum_t, gbar,
+    kind: str, target_is: str, temperature: float, coef: float,
+):  # fmt: skip
+    """The fp32 gradient [C, V] of a chunk of rows, built in place in its a; label_grad: (labels, grad_logp) or
+    None. The temporaries are freed on return."""
+    lq = log_softmax_from_stats(student, max_q, logsum_q, temperature)
+    if target_is == "logits":
+        lp = log_softmax_from_stats(teacher, max_t, logsum_t, temperature)
+        p = lp.exp()
+    else:
+        lp, p = _teacher_probs(teacher, target_is)
+    q = lq.exp()
+    chunk = -p if kind == "forward" else _divergence_terms(lq, q, lp, p, kind, coef)[1]  # a, a new tensor
+    chunk.addcmul_(q, gbar[:, None], value=-1.0).mul_((grad / temperature)[:, None])
+    if label_grad is not None:
+        labels, grad_logp = label_grad
+        g = (grad_logp / temperature)[:, None]
+        chunk.addcmul_(q, g, value=-1.0).scatter_add_(-1, labels[:, None], g)
+    return chunk
 
 
 # ----------------------------------------------------------------------------------------------------

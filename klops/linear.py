@@ -48,9 +48,9 @@ import math
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 from . import _inputs
+from ._chunked import accumulate_grads, chunk_logits, new_grads
 from .backend import resolve_preferring_triton
 from .divergence import (
     check_divergence_options,
@@ -82,43 +82,29 @@ def _row_chunks(B: int, L: int, V: int, device: torch.device):
             yield b, slice(start, min(L, start + step))
 
 
-def _chunk_logits(hidden, weight, bias, softcap):
-    """(logits [C, V], tanh(z / s) or None) of a chunk of rows: ``F.linear`` in the inputs' dtype, then
-    the soft cap in fp32 when asked."""
-    z = F.linear(hidden, weight, bias)
-    if softcap is None:
-        return z, None
-    t = torch.tanh(z.float() / softcap)
-    return softcap * t, t
+def _chunked_rows(hidden, weight, bias, softcap, outputs, chunk_rows):
+    """Fills the (B, L) outputs a chunk of rows at a time from ``chunk_rows(z [1, C, V], rows)``, the chunk's
+    values ``[1, C]`` per output; returns them. A chunk's logits are freed before the next chunk's are made."""
+    for rows in _row_chunks(*hidden.shape[:2], weight.shape[0], hidden.device):
+        values = chunk_rows(chunk_logits(hidden[rows], weight, bias, softcap)[0][None], rows)
+        for out, value in zip(outputs, values):
+            out[rows] = value[0]
+    return outputs
 
 
-def _accumulate_grads(dz, t, hidden, weight, grads, rows) -> None:
-    """grad_hidden[rows] = dz' @ W, grad_weight += dz'^T h, grad_bias += sum dz' with dz' = dz (1 - t^2)
-    under a soft cap; the matmuls run in the weight's dtype, the sums over chunks in fp32."""
-    if t is not None:
-        dz = dz.float() * (1.0 - t * t)
-    dz = dz.to(weight.dtype)
-    grad_hidden, grad_weight, grad_bias = grads
-    grad_hidden[rows] = (dz @ weight).to(grad_hidden.dtype)
-    if weight.dtype == torch.float32:
-        grad_weight.addmm_(dz.t(), hidden)  # no [V, D] temporary
-    else:
-        grad_weight += (dz.t() @ hidden).float()
-    if grad_bias.numel():
-        grad_bias += dz.float().sum(0)
-
-
-def _new_grads(hidden, weight, bias):
-    V, D = weight.shape
-    return (
-        torch.empty_like(hidden),
-        torch.zeros((V, D), dtype=torch.float32, device=weight.device),
-        torch.zeros((V if bias is not None else 0,), dtype=torch.float32, device=weight.device),
-    )
+def _chunked_backward(hidden, weight, bias, softcap, chunk_grad):
+    """(grad_hidden, grad_weight, grad_bias or [0]) from ``chunk_grad(z [1, C, V], rows)``, the gradient of each
+    chunk's logits (formed again here), a chunk of rows at a time, freed before the next chunk's are made."""
+    grads = new_grads(hidden, weight, bias)
+    for rows in _row_chunks(*hidden.shape[:2], weight.shape[0], hidden.device):
+        z, t = chunk_logits(hidden[rows], weight, bias, softcap)
+        accumulate_grads(chunk_grad(z[None], rows)[0], t, hidden[rows], weight, grads, rows)
+        del z, t
+    return _cast_grads(grads, weight, bias)
 
 
 def _empty_rows(hidden, count: int):
-    """count (B, L) fp32 outputs of an op over the rows of hidden (the ops' fake implementations)."""
+    """count uninitialized (B, L) fp32 outputs of an op over the rows of hidden."""
     return tuple(hidden.new_empty(hidden.shape[:2], dtype=torch.float32) for _ in range(count))
 
 
@@ -160,14 +146,11 @@ def linear_logprobs_op(
             hidden, weight, bias, labels, temperature, softcap, with_entropy, False, ignore_index
         )
         return row_stats[:4]
-    (B, L), V = hidden.shape[:2], weight.shape[0]
-    outputs = tuple(torch.zeros((B, L), dtype=torch.float32, device=hidden.device) for _ in range(4))
-    for rows in _row_chunks(B, L, V, hidden.device):
-        z, _ = _chunk_logits(hidden[rows], weight, bias, softcap)
-        chunk = logprobs_op(z[None], labels[rows][None], temperature, with_entropy, ignore_index, backend)
-        for out, value in zip(outputs, chunk):
-            out[rows] = value[0]
-    return outputs
+    outputs = _empty_rows(hidden, 4)
+    return _chunked_rows(
+        hidden, weight, bias, softcap, outputs,
+        lambda z, rows: logprobs_op(z, labels[rows][None], temperature, with_entropy, ignore_index, backend),
+    )  # fmt: skip
 
 
 @linear_logprobs_op.register_fake
@@ -203,24 +186,20 @@ def linear_logprobs_backward_op(
         coefs = torch.stack((g, -(g + g_entropy * entropy), -g_entropy, torch.zeros_like(g)))
         grads = fused.linear_rows_backward(hidden, weight, bias, labels, max_z, logsum, coefs, temperature, softcap)
         return _cast_grads(grads, weight, bias)
-    grads = _new_grads(hidden, weight, bias)
-    for rows in _row_chunks(*hidden.shape[:2], weight.shape[0], hidden.device):
-        z, t = _chunk_logits(hidden[rows], weight, bias, softcap)
-        per_row = (grad_logp, grad_entropy, None, labels, max_z, logsum, entropy)
-        args = [x if x is None else x[rows][None] for x in per_row]
-        args[2] = z[None]
-        dz = logprobs_backward_op(*args, temperature, with_entropy, ignore_index, backend)[0]
-        _accumulate_grads(dz, t, hidden[rows], weight, grads, rows)
-    return _cast_grads(grads, weight, bias)
+
+    def chunk_grad(z, rows):
+        per_row = (grad_logp, grad_entropy, labels, max_z, logsum, entropy)
+        g_logp, g_entropy, chunk_labels, *stats = (x[rows][None] for x in per_row)
+        return logprobs_backward_op(
+            g_logp, g_entropy, z, chunk_labels, *stats, temperature, with_entropy, ignore_index, backend
+        )
+
+    return _chunked_backward(hidden, weight, bias, softcap, chunk_grad)
 
 
 @linear_logprobs_backward_op.register_fake
 def _(grad_logp, grad_entropy, hidden, weight, bias, *rest):
-    return (
-        torch.empty_like(hidden),
-        torch.empty_like(weight),
-        weight.new_empty(0) if bias is None else torch.empty_like(bias),
-    )
+    return _fake_grads(hidden, weight, bias)
 
 
 def _logprobs_setup_context(ctx, inputs, output):
@@ -260,7 +239,7 @@ def linear_cross_entropy_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(B, L) rows -> (loss, lse, max, logsum), each (B, L) fp32: ``loss = (1 - eps) (lse - z_y) + eps (lse -
     mean_v z_v)`` and ``lse = log sum_v exp z_v`` per row, 0 for ignored rows."""
-    (B, L), V = hidden.shape[:2], weight.shape[0]
+    V = weight.shape[0]
     if backend == "triton":
         from .kernels import linear as fused
 
@@ -268,14 +247,12 @@ def linear_cross_entropy_op(
             hidden, weight, bias, labels, 1.0, softcap, False, label_smoothing > 0, ignore_index
         )
     else:
-        logp, max_z, logsum, sum_z = (torch.zeros((B, L), dtype=torch.float32, device=hidden.device) for _ in range(4))
-        for rows in _row_chunks(B, L, V, hidden.device):
-            z, _ = _chunk_logits(hidden[rows], weight, bias, softcap)
-            logp[rows], _, max_z[rows], logsum[rows] = (
-                x[0] for x in logprobs_op(z[None], labels[rows][None], 1.0, False, ignore_index, backend)
-            )
-            if label_smoothing > 0:
-                sum_z[rows] = z.float().sum(-1)
+
+        def chunk_rows(z, rows):
+            logp, _, max_z, logsum = logprobs_op(z, labels[rows][None], 1.0, False, ignore_index, backend)
+            return logp, max_z, logsum, z.float().sum(-1) if label_smoothing > 0 else torch.zeros_like(logp)
+
+        logp, max_z, logsum, sum_z = _chunked_rows(hidden, weight, bias, softcap, _empty_rows(hidden, 4), chunk_rows)
     valid = labels != ignore_index
     lse = torch.where(valid, max_z + logsum, 0.0)
     loss = -(1.0 - label_smoothing) * logp
@@ -316,21 +293,21 @@ def linear_cross_entropy_backward_op(
         coefs = torch.stack((-(1.0 - label_smoothing) * g, g + g_lse, torch.zeros_like(g), -label_smoothing * g / V))
         grads = fused.linear_rows_backward(hidden, weight, bias, labels, max_z, logsum, coefs, 1.0, softcap)
         return _cast_grads(grads, weight, bias)
-    grads = _new_grads(hidden, weight, bias)
     zeros = torch.zeros_like(grad_loss)
-    for rows in _row_chunks(*hidden.shape[:2], V, hidden.device):
-        z, t = _chunk_logits(hidden[rows], weight, bias, softcap)
+
+    def chunk_grad(z, rows):
         g = grad_loss[rows]
-        per_row = (-(1.0 - label_smoothing) * g, zeros[rows], z, labels[rows], max_z[rows], logsum[rows], zeros[rows])
-        dz = logprobs_backward_op(*(x[None] for x in per_row), 1.0, False, ignore_index, backend)[0]
-        if label_smoothing > 0 or grad_lse is not None:
+        per_row = (-(1.0 - label_smoothing) * g, zeros[rows], labels[rows], max_z[rows], logsum[rows], zeros[rows])
+        g_logp, g_entropy, chunk_labels, *stats = (x[None] for x in per_row)
+        dz = logprobs_backward_op(g_logp, g_entropy, z, chunk_labels, *stats, 1.0, False, ignore_index, backend)
+        if label_smoothing > 0 or grad_lse is not None:  # + q scale - eps g / V on valid rows, in fp32
             valid = (labels[rows] != ignore_index).float()
-            scale = label_smoothing * g + (0.0 if grad_lse is None else grad_lse[rows])
-            q = torch.exp(z.float() - (max_z[rows] + logsum[rows])[:, None])
-            extra = q * scale[:, None] - (label_smoothing * g / V)[:, None]
-            dz = (dz.float() + extra * valid[:, None]).to(dz.dtype)
-        _accumulate_grads(dz, t, hidden[rows], weight, grads, rows)
-    return _cast_grads(grads, weight, bias)
+            scale = (label_smoothing * g + (0.0 if grad_lse is None else grad_lse[rows])) * valid
+            extra = torch.exp(z[0].float() - (max_z[rows] + logsum[rows])[:, None])  # q
+            dz[0].add_(extra.mul_(scale[:, None]).sub_((label_smoothing * g / V * valid)[:, None]))
+        return dz
+
+    return _chunked_backward(hidden, weight, bias, softcap, chunk_grad)
 
 
 @linear_cross_entropy_backward_op.register_fake
@@ -344,6 +321,7 @@ def _cross_entropy_setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
     ctx.save_for_backward(hidden, weight, bias, labels, max_z, logsum)
     ctx.params = (softcap, label_smoothing, ignore_index, backend)
+    ctx.set_materialize_grads(False)  # an unused lse has no gradient (None), not zeros that cost a pass over q
 
 
 def _cross_entropy_backward(ctx, grad_loss, grad_lse, *_grad_stats):
@@ -394,24 +372,20 @@ def linear_divergence_op(
             hidden, weight, bias, teacher, teacher_weight, teacher_bias, valid, labels, kind, target_is, temperature,
             coef, softcap,
         )  # fmt: skip
-    (B, L), V = hidden.shape[:2], weight.shape[0]
-    outputs = tuple(torch.zeros((B, L), dtype=torch.float32, device=hidden.device) for _ in range(7))
-    for rows in _row_chunks(B, L, V, hidden.device):
-        z, _ = _chunk_logits(hidden[rows], weight, bias, softcap)
+
+    def chunk_rows(z, rows):
         y = _teacher_chunk(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, softcap, rows)
         chunk_labels = None if labels is None else labels[rows][None]
-        chunk = divergence_op(
-            z[None], y[None], valid[rows][None], chunk_labels, kind, target_is, temperature, coef, backend
-        )
-        for out, value in zip(outputs, chunk):
-            out[rows] = value[0]
-    return outputs
+        return divergence_op(z, y, valid[rows][None], chunk_labels, kind, target_is, temperature, coef, backend)
+
+    return _chunked_rows(hidden, weight, bias, softcap, _empty_rows(hidden, 7), chunk_rows)
 
 
 def _teacher_chunk(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, softcap, rows):
+    """The teacher's logits [1, C, V] of a chunk of rows."""
     if teacher_logits is not None:
-        return teacher_logits[rows]
-    return _chunk_logits(teacher_hidden[rows], teacher_weight, teacher_bias, softcap)[0]
+        return teacher_logits[rows][None]
+    return chunk_logits(teacher_hidden[rows], teacher_weight, teacher_bias, softcap)[0][None]
 
 
 @linear_divergence_op.register_fake
@@ -455,19 +429,18 @@ def linear_divergence_backward_op(
             (max_q, logsum_q, max_t, logsum_t, gbar), kind, target_is, temperature, coef, softcap,
         )  # fmt: skip
         return _cast_grads(grads, weight, bias)
-    grads = _new_grads(hidden, weight, bias)
-    for rows in _row_chunks(*hidden.shape[:2], weight.shape[0], hidden.device):
-        z, t = _chunk_logits(hidden[rows], weight, bias, softcap)
+
+    def chunk_grad(z, rows):
         y = _teacher_chunk(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, softcap, rows)
         stats = (x[rows][None] for x in (max_q, logsum_q, max_t, logsum_t, gbar))
         chunk_grad_logp = None if grad_logp is None else grad_logp[rows][None]
         chunk_labels = None if grad_logp is None else labels[rows][None]
-        dz = divergence_backward_op(
-            grad[rows][None], chunk_grad_logp, z[None], y[None], valid[rows][None], chunk_labels, *stats,
+        return divergence_backward_op(
+            grad[rows][None], chunk_grad_logp, z, y, valid[rows][None], chunk_labels, *stats,
             kind, target_is, temperature, coef, backend,
-        )[0]  # fmt: skip
-        _accumulate_grads(dz, t, hidden[rows], weight, grads, rows)
-    return _cast_grads(grads, weight, bias)
+        )  # fmt: skip
+
+    return _chunked_backward(hidden, weight, bias, softcap, chunk_grad)
 
 
 @linear_divergence_backward_op.register_fake

@@ -25,37 +25,50 @@ def logprobs_forward_torch(logits, labels, temperature: float, with_entropy: boo
     outputs = tuple(logits.new_zeros((B, L), dtype=torch.float32) for _ in range(4))
     for b, rows in row_chunks(B, L, V):
         keep = labels[b, rows] != ignore_index
-        log_q, q, row_max, logsum = log_softmax_rows(logits[b, rows], temperature)
-        picked = log_q.gather(-1, torch.where(keep, labels[b, rows], 0)[:, None]).squeeze(-1)
-        # -sum q log q, with log q = -inf (q = 0) entries clamped to a finite number so that they add 0
-        entropy = -q.mul_(log_q.clamp_(min=FLOAT32_MIN)).sum(-1) if with_entropy else None
-        for out, value in zip(outputs, (picked, entropy, row_max, logsum)):
+        values = _logprobs_rows(logits[b, rows], torch.where(keep, labels[b, rows], 0), temperature, with_entropy)
+        for out, value in zip(outputs, values):
             if value is not None:
                 out[b, rows] = torch.where(keep, value, 0.0)
     return outputs
+
+
+def _logprobs_rows(logits, labels, temperature: float, with_entropy: bool):
+    """(logprob, entropy or None, max, logsum) of a chunk of rows [C, V] (its temporaries freed on return)."""
+    log_q, q, row_max, logsum = log_softmax_rows(logits, temperature)
+    picked = log_q.gather(-1, labels[:, None]).squeeze(-1)
+    # -sum q log q, with log q = -inf (q = 0) entries clamped to a finite number so that they add 0
+    entropy = -q.mul_(log_q.clamp_(min=FLOAT32_MIN)).sum(-1) if with_entropy else None
+    return picked, entropy, row_max, logsum
 
 
 def logprobs_backward_torch(
     grad_logp, grad_entropy, logits, labels, max_z, logsum, entropy,
     temperature: float, with_entropy: bool, ignore_index: int,
 ):  # fmt: skip
-    """Chunked torch backward: ((onehot - q) g_logp - q (log q + H) g_H) / T in the logits' dtype, built in place
-    in the chunk's log q (and q, with the entropy)."""
+    """Chunked torch backward: ((onehot - q) g_logp - q (log q + H) g_H) / T in the logits' dtype."""
     B, L, V = logits.shape
     dz = torch.empty((B, L, V), dtype=logits.dtype, device=logits.device)
     for b, rows in row_chunks(B, L, V):
         keep = labels[b, rows] != ignore_index
-        g = (grad_logp[b, rows] / temperature)[:, None]
-        log_q = log_softmax_from_stats(logits[b, rows], max_z[b, rows], logsum[b, rows], temperature)
-        if with_entropy:  # q (log q + H), 0 where q = 0 (log q clamped to a finite number), times -g_H / T
-            q = log_q.exp()
-            chunk = log_q.clamp_(min=FLOAT32_MIN).add_(entropy[b, rows][:, None]).mul_(q)
-            chunk.mul_((-grad_entropy[b, rows] / temperature)[:, None]).addcmul_(q, g, value=-1.0)
-        else:
-            chunk = log_q.exp_().mul_(-g)
-        chunk.scatter_add_(-1, torch.where(keep, labels[b, rows], 0)[:, None], g)
-        dz[b, rows] = chunk.masked_fill_(~keep[:, None], 0.0)
+        dz[b, rows] = _logprobs_grad_rows(
+            logits[b, rows], torch.where(keep, labels[b, rows], 0), max_z[b, rows], logsum[b, rows], entropy[b, rows],
+            grad_logp[b, rows], grad_entropy[b, rows] if with_entropy else None, temperature,
+        ).masked_fill_(~keep[:, None], 0.0)  # fmt: skip
     return dz
+
+
+def _logprobs_grad_rows(logits, labels, row_max, logsum, entropy, grad_logp, grad_entropy, temperature: float):
+    """The fp32 gradient [C, V] of a chunk of rows, built in place in its log q (and q, with a gradient of the
+    entropy); the temporaries are freed on return."""
+    g = (grad_logp / temperature)[:, None]
+    log_q = log_softmax_from_stats(logits, row_max, logsum, temperature)
+    if grad_entropy is None:
+        chunk = log_q.exp_().mul_(-g)
+    else:  # q (log q + H), 0 where q = 0 (log q clamped to a finite number), times -g_H / T
+        q = log_q.exp()
+        chunk = log_q.clamp_(min=FLOAT32_MIN).add_(entropy[:, None]).mul_(q)
+        chunk.mul_((-grad_entropy / temperature)[:, None]).addcmul_(q, g, value=-1.0)
+    return chunk.scatter_add_(-1, labels[:, None], g)
 
 
 # ----------------------------------------------------------------------------------------------------

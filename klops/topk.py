@@ -21,7 +21,7 @@ from ._chunked import log_softmax_from_stats, row_chunks, row_stats, scaled
 from .backend import resolve_backend
 from .divergence import _divergence_terms
 from .kernels.launch import DIVERGENCE_KINDS
-from .linear import _accumulate_grads, _cast_grads, _chunk_logits, _empty_rows, _fake_grads, _new_grads, _row_chunks
+from .linear import _chunked_backward, _chunked_rows, _empty_rows, _fake_grads
 
 __all__ = ["TopK", "TAILS"]
 
@@ -338,20 +338,17 @@ def linear_topk_divergence_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The rows' (D, max_c, logsum_c, tail_scale), member_d and the label's log-prob of topk_divergence_op for
     the student logits softcap(hidden @ weight^T + bias), formed a chunk of rows at a time."""
-    (B, L), V = hidden.shape[:2], weight.shape[0]
-    outputs = tuple(torch.zeros((B, L), dtype=torch.float32, device=hidden.device) for _ in range(4))
-    member_d = torch.zeros(indices.shape, dtype=torch.float32, device=hidden.device)
-    logp = torch.zeros((B, L), dtype=torch.float32, device=hidden.device)
-    for rows in _row_chunks(B, L, V, hidden.device):
-        z, _ = _chunk_logits(hidden[rows], weight, bias, softcap)
-        chunk = topk_divergence_op(
-            z[None], indices[rows][None], teacher_logprobs[rows][None], valid[rows][None],
+
+    def chunk_rows(z, rows):
+        return topk_divergence_op(
+            z, indices[rows][None], teacher_logprobs[rows][None], valid[rows][None],
             None if labels is None else labels[rows][None], kind, tail, temperature, coef, tail_loss, tail_grad,
             backend,
         )  # fmt: skip
-        for out, value in zip((*outputs, member_d, logp), chunk):
-            out[rows] = value[0]
-    return (*outputs, member_d, logp)
+
+    rows = _empty_rows(hidden, 4)
+    member_d = torch.empty(indices.shape, dtype=torch.float32, device=hidden.device)
+    return _chunked_rows(hidden, weight, bias, softcap, (*rows, member_d, torch.empty_like(rows[0])), chunk_rows)
 
 
 @linear_topk_divergence_op.register_fake
@@ -380,18 +377,17 @@ def linear_topk_divergence_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(B, L) fp32 grads of D and of the label's log-prob (or None) -> (grad_hidden, grad_weight, grad_bias or
     [0]) of the student."""
-    grads = _new_grads(hidden, weight, bias)
-    for rows in _row_chunks(*hidden.shape[:2], weight.shape[0], hidden.device):
-        z, t = _chunk_logits(hidden[rows], weight, bias, softcap)
+
+    def chunk_grad(z, rows):
         chunk_grad_logp = None if grad_logp is None else grad_logp[rows][None]
         chunk_labels = None if grad_logp is None else labels[rows][None]
         stats = (x[rows][None] for x in (max_c, logsum_c, tail_scale, member_d))
-        dz = topk_divergence_backward_op(
-            grad[rows][None], chunk_grad_logp, z[None], indices[rows][None], valid[rows][None], chunk_labels, *stats,
+        return topk_divergence_backward_op(
+            grad[rows][None], chunk_grad_logp, z, indices[rows][None], valid[rows][None], chunk_labels, *stats,
             temperature, backend,
-        )[0]  # fmt: skip
-        _accumulate_grads(dz, t, hidden[rows], weight, grads, rows)
-    return _cast_grads(grads, weight, bias)
+        )  # fmt: skip
+
+    return _chunked_backward(hidden, weight, bias, softcap, chunk_grad)
 
 
 @linear_topk_divergence_backward_op.register_fake
