@@ -3,12 +3,13 @@
 ``grpo_loss`` takes the per-token log-probs of the sampled completion tokens (``[B, L]``, with gradient:
 ``klops.logprobs`` computes them with the entropy in one sweep over the vocabulary) and returns the loss
 and its metrics; ``grpo_loss_from_logits`` does both steps from the ``[B, L, V]`` logits. Everything here is
-``[B, L]``-sized torch math in fp32: nothing of size ``[B, L, V]``, no host sync (metrics are 0-d
-tensors), and ``torch.compile(fullgraph=True)`` traces it.
+``[B, L]``-sized torch math in fp32 (in float64 for float64 inputs): nothing of size ``[B, L, V]``, no host
+sync (metrics are 0-d tensors), and ``torch.compile(fullgraph=True)`` traces it.
 
-Conventions follow TRL's ``GRPOTrainer._compute_loss`` (trl/trainer/grpo_trainer.py, commit f2cd577)
-and Liger-Kernel's ``chunked_loss/grpo_loss.py`` (commit ead96b6); verl's ``core_algos.py`` (commit
-b178a3c) for ``gpg``. Where klops differs from them, the docstring of ``grpo_loss`` says so.
+Conventions follow TRL's ``GRPOTrainer._compute_loss`` (trl/trainer/grpo_trainer.py, TRL 1.16.0, which
+tests/test_trl.py runs on the same tensors) and Liger-Kernel's ``chunked_loss/grpo_loss.py`` (commit ead96b6);
+verl's ``core_algos.py`` (commit b178a3c) for ``gpg``. Where klops differs from them, the docstring of
+``grpo_loss`` says so.
 """
 
 import math
@@ -78,12 +79,14 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3
 
     ``k1 = -rho``, ``k2 = rho^2 / 2``, ``k3 = exp(rho) - rho - 1`` (TRL's default; verl's ``low_var_kl``),
     ``abs = |rho|``. ``rho`` is clamped to [-20, 20] inside the ``exp`` (docs/losses.md §3), where TRL does not
-    clamp. Gradients flow to ``logp`` only: ``dk3/dlogp = 1 - exp(rho)``. Same shape as ``logp``, fp32.
+    clamp. Gradients flow to ``logp`` only: ``dk3/dlogp = 1 - exp(rho)``. Same shape as ``logp``, fp32 (float64
+    for float64 inputs).
     """
     _inputs.check_choice("estimator", estimator, KL_ESTIMATORS)
     if not isinstance(ref_logp, torch.Tensor) or ref_logp.shape != logp.shape:
         raise ValueError(f"ref_logp must have the shape of logp {tuple(logp.shape)}")
-    rho = ref_logp.detach().float() - logp.float()
+    dtype = _compute_dtype(logp)
+    rho = ref_logp.detach().to(dtype) - logp.to(dtype)
     if estimator == "k1":
         return -rho
     if estimator == "k2":
@@ -93,9 +96,14 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3
     return torch.exp(rho.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)) - rho - 1.0
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp32, or float64 for float64 inputs."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def _masked_mean(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """sum(x weight) / max(1, sum(weight)) over broadcast [B, L] (x may be [B, 1]); detached."""
-    x, weight = torch.broadcast_tensors(x.detach().float(), weight)
+    """sum(x weight) / max(1, sum(weight)) over broadcast [B, L] (x may be [B, 1]); detached, fp32."""
+    x, weight = torch.broadcast_tensors(x.detach().float(), weight.float())
     return (x * weight).sum() / weight.sum().clamp(min=1.0)
 
 
@@ -113,7 +121,7 @@ def _check_per_token(name: str, x, shape, device) -> None:
 def _rollout_ratio(old, rollout_logp, m, mode: str, clip_min, clip_max) -> torch.Tensor:
     """TRL's vLLM importance-sampling correction pi_old / pi_rollout: per token, or per sequence
     from the summed log-ratio ([B, 1]); truncated to [clip_min, clip_max] or zeroed outside it."""
-    diff = (old - rollout_logp.float()) * m
+    diff = (old - rollout_logp.to(old.dtype)) * m
     if mode.startswith("sequence"):
         diff = diff.sum(-1, keepdim=True)
     ratio = torch.exp(diff.clamp(max=LOG_RATIO_CLAMP))
@@ -133,8 +141,8 @@ def _vespo_weights(log_ratio, m, advantages, log_is, k_pos, lambda_pos, k_neg, l
         log_w = log_w + log_is.clamp(lower, LOG_RATIO_CLAMP).sum(-1, keepdim=True)
     log_w = log_w.clamp(lower, LOG_RATIO_CLAMP)
     nonneg = advantages >= 0
-    k = torch.where(nonneg, k_pos, k_neg)
-    lam = torch.where(nonneg, lambda_pos, lambda_neg).clamp(min=1e-4)
+    k = torch.where(nonneg, advantages.new_tensor(k_pos), advantages.new_tensor(k_neg))
+    lam = torch.where(nonneg, advantages.new_tensor(lambda_pos), advantages.new_tensor(lambda_neg)).clamp(min=1e-4)
     return torch.exp(lam + k * log_w - lam * log_w.exp()).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
 
@@ -242,16 +250,25 @@ def grpo_loss(
 
     ``n_seq = B`` and ``n_tok = sum m`` unless ``num_items`` (an int or 0-d tensor) gives the global count of
     the type's unit (sequences or tokens; ``LOSS_TYPES``), so that micro-batch losses add up to the
-    full-batch loss. The entropy bonus subtracts ``entropy_coef`` times the entropy over the (entropy-
-    masked) valid tokens, normalized as the loss for the token-unit types but bnpo, and as a token mean
-    otherwise (TRL). TRL's division by the gradient-accumulation steps is left to the trainer.
+    full-batch loss. The entropy bonus subtracts ``entropy_coef`` times the mean entropy of the kept tokens
+    (valid and, with ``top_entropy_quantile < 1``, entropy-masked), whatever the loss type (TRL 1.16).
 
-    Differences from TRL: the log-ratios are clamped to [-20, 20] inside every exp; luspo sums masked
-    tokens (TRL's token-level luspo averages over padding too); clip metrics are taken before ``delta``
-    (as Liger) and token-weighted at sequence level; vespo, gpg, geo_mean, clip_cov and kl_cov reject
-    sequence-level ratios (their ratio is per sequence already, or none, or verl defines them per
-    token). The sequence-level cispo / sapo that Liger rejects are computed as TRL does. The entropy bonus
-    of clip_cov / kl_cov is normalized as their loss.
+    Mapping from TRL's ``GRPOTrainer`` (one process; tests/test_trl.py checks it): ``epsilon`` is its
+    ``epsilon`` (``epsilon_low``), ``mask`` its ``completion_mask * tool_mask``, ``rollout_logp`` its
+    ``sampling_per_token_logps`` with ``rollout_correction = vllm_importance_sampling_mode``. TRL divides the
+    loss of grpo, bnpo, dr_grpo, sapo and luspo, and the entropy bonus, by the gradient-accumulation steps
+    ``G`` in training; here that is ``num_items = B G`` (grpo, dr_grpo, sapo, luspo), ``num_items = G sum m``
+    (bnpo) and ``entropy_coef / G``. For dapo, cispo and vespo ``num_items`` is TRL's
+    ``num_items_in_batch G / steps_per_generation`` (``num_items_in_batch`` in eval).
+
+    Differences from TRL: the log-ratios are clamped to [-20, 20] inside every exp; TRL's default is
+    ``use_bias_correction_kl=True``, klops's ``False`` (the plain k3 term); clip metrics are taken before
+    ``delta`` (as Liger) and token-weighted at sequence level (TRL averages sequences); vespo, gpg,
+    geo_mean, clip_cov and kl_cov reject sequence-level ratios (their ratio is per sequence already, or
+    none, or verl defines them per token; TRL's sequence-level vespo differs from its token-level one only
+    in the bias-corrected KL). The sequence-level cispo / sapo that Liger rejects are computed as TRL does.
+    A tie between the clipped and unclipped branches (a ratio exactly on a clip bound) takes the whole
+    unclipped gradient, where TRL's ``torch.min`` splits it.
 
     Metrics (0-d fp32, detached, token means over valid tokens): ``ratio``; ``clip_ratio/low``, ``/high``,
     ``/region`` (``r < 1 - epsilon`` with ``A < 0``, ``r > 1 + epsilon_high`` with ``A > 0``, for the clipped
@@ -320,10 +337,11 @@ def grpo_loss(
     ):  # fmt: skip
         raise ValueError(f"max_completion_length must be a positive int, got {max_completion_length!r}")
 
-    m = (mask != 0).float()
-    A = advantages.float()[:, None] if advantages.dim() == 1 else advantages.float()
-    lp = logp.float()
-    old = lp.detach() if old_logp is None else old_logp.float()
+    dtype = _compute_dtype(logp)
+    m = (mask != 0).to(dtype)
+    A = advantages.to(dtype)[:, None] if advantages.dim() == 1 else advantages.to(dtype)
+    lp = logp.to(dtype)
+    old = lp.detach() if old_logp is None else old_logp.to(dtype)
     log_ratio = lp - old
     if importance_sampling_level == "sequence":
         log_w = (log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
@@ -349,7 +367,7 @@ def grpo_loss(
         loss_t = -ratio.clamp(max=epsilon_high).detach() * A * lp
         metrics["clip_ratio/high"] = _masked_mean((ratio > epsilon_high) & (A > 0), m)
     elif loss_type == "sapo":
-        tau = torch.where(A > 0, sapo_temperature_pos, sapo_temperature_neg)
+        tau = torch.where(A > 0, A.new_tensor(sapo_temperature_pos), A.new_tensor(sapo_temperature_neg))
         loss_t = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * A
     elif loss_type == "vespo":
         log_is = None if is_ratio is None else is_ratio.clamp(min=1e-30).log()
@@ -376,30 +394,30 @@ def grpo_loss(
         k = (clip_cov_ratio * m.sum()).floor().clamp(min=1.0)
         priority = torch.rand(m.shape, generator=generator, device=device)
         dropped = _top_entries(priority, eligible, k)
-        loss_t = -torch.where(unclipped <= clipped, unclipped, clipped) * (~dropped).float()
+        loss_t = -torch.where(unclipped <= clipped, unclipped, clipped) * (~dropped).to(dtype)
         metrics["cov_fraction"] = _masked_mean(dropped, m)
     elif loss_type == "kl_cov":
         k = (kl_cov_ratio * m.sum()).floor().clamp(min=1.0)
         penalized = _top_entries(_batch_covariance(A, lp, m), m > 0, k)
-        loss_t = -ratio * A + kl_cov_coef * penalized.float() * (lp - old).abs()
+        loss_t = -ratio * A + kl_cov_coef * penalized.to(dtype) * (lp - old).abs()
         metrics["cov_fraction"] = _masked_mean(penalized, m)
     else:  # gpg
         loss_t = -A * lp
 
     if off_policy_mask_threshold is not None:
-        sampler = old if rollout_logp is None else rollout_logp.float()
+        sampler = old if rollout_logp is None else rollout_logp.to(dtype)
         drift = ((sampler - lp.detach()) * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
-        loss_t = loss_t * ((A >= 0) | (drift <= off_policy_mask_threshold)).float()
+        loss_t = loss_t * ((A >= 0) | (drift <= off_policy_mask_threshold)).to(dtype)
     token_weight = m
     if top_entropy_quantile < 1.0:
-        h = entropy.detach().float()
+        h = entropy.detach().to(dtype)
         cutoff = torch.nanquantile(torch.where(m > 0, h, torch.nan).flatten(), 1.0 - top_entropy_quantile)
-        token_weight = m * (h >= cutoff).float()  # no valid token: cutoff NaN, nothing kept
+        token_weight = m * (h >= cutoff).to(dtype)  # no valid token: cutoff NaN, nothing kept
         loss_t = loss_t * token_weight
     if is_ratio is not None and loss_type not in ("vespo", "geo_mean"):
         loss_t = loss_t * is_ratio
     if beta > 0 or per_token_kl is not None or ref_logp is not None:
-        kl = kl_estimate(lp, ref_logp, kl_estimator) if per_token_kl is None else per_token_kl.float()
+        kl = kl_estimate(lp, ref_logp, kl_estimator) if per_token_kl is None else per_token_kl.to(dtype)
         if use_bias_correction_kl:
             kl = kl * ratio
         metrics["kl"] = _masked_mean(kl, m)
@@ -410,7 +428,7 @@ def grpo_loss(
     B, L = shape
     if unit == "tokens":
         count = m.sum() if num_items is None else num_items
-        denominator = torch.as_tensor(count, dtype=torch.float32, device=device).clamp(min=1.0)
+        denominator = torch.as_tensor(count, dtype=dtype, device=device).clamp(min=1.0)
         loss = (loss_t * m).sum() / denominator
     else:
         n_seq = B if num_items is None else num_items
@@ -419,18 +437,13 @@ def grpo_loss(
             per_seq = per_seq / m.sum(-1).clamp(min=1.0)
         elif loss_type == "dr_grpo":
             per_seq = per_seq / (L if max_completion_length is None else max_completion_length)
-        loss = per_seq.sum() / torch.as_tensor(n_seq, dtype=torch.float32, device=device).clamp(min=1.0)
+        loss = per_seq.sum() / torch.as_tensor(n_seq, dtype=dtype, device=device).clamp(min=1.0)
 
     if entropy is not None:
-        h = entropy.float()
+        h = entropy.to(dtype)
         metrics["entropy"] = _masked_mean(h, m)
-        if entropy_coef != 0:
-            total = (h * token_weight).sum()
-            if unit == "tokens" and loss_type != "bnpo":
-                bonus = total / denominator
-            else:
-                bonus = total / token_weight.sum().clamp(min=1.0)
-            loss = loss - entropy_coef * bonus
+        if entropy_coef != 0:  # TRL: the mean entropy of the kept tokens, whatever the loss's normalizer
+            loss = loss - entropy_coef * (h * token_weight).sum() / token_weight.sum().clamp(min=1.0)
     return loss, metrics
 
 

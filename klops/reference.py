@@ -296,9 +296,8 @@ def grpo_loss_reference(logp, advantages, mask, *, old_logp=None, ref_logp=None,
     by_tokens = loss_type in ("bnpo", "dapo", "cispo", "vespo", "gpg", "clip_cov", "kl_cov")
     count = (sum(n_tok) if by_tokens else B) if num_items is None else float(num_items)
     loss = total / max(1.0, count)
-    if entropy_coef != 0:
-        per_token = by_tokens and loss_type != "bnpo"
-        loss = loss - entropy_coef * entropy_total / (max(1.0, count) if per_token else max(1, entropy_count))
+    if entropy_coef != 0:  # the mean entropy of the kept tokens (TRL 1.16)
+        loss = loss - entropy_coef * entropy_total / max(1, entropy_count)
     return loss
 
 
