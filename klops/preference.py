@@ -70,10 +70,18 @@ def dpo_loss(
     ``delta = s_w - s_l`` (``divergence="reverse"``: DPO's ``h / beta``):
 
     - ``"sigmoid"``: ``-(1 - eps) logsigmoid(beta delta) - eps logsigmoid(-beta delta)``; ``eps = label_smoothing``
-      is conservative DPO (cDPO), TRL's sigmoid loss before it moved the smoothing to its ``"robust"`` type.
-    - ``"ipo"``: ``(delta - 1 / (2 beta))^2``. TRL (and the IPO authors) take per-token averaged log-probs here:
-      pass ``sequence_logprobs(..., average=True)``.
+      is conservative DPO (cDPO). TRL 1.16's ``sigmoid`` takes no smoothing; its ``aot`` / ``aot_unpaired`` use
+      this form on sorted log-ratios (the same when the sort keeps the pairs), and its ``robust`` type is Robust
+      DPO's ``((1 - eps) l(h) - eps l(-h)) / (1 - 2 eps)``, a different loss, not offered here.
+    - ``"ipo"``: ``(delta - 1 / (2 beta))^2``. TRL (with the IPO authors) divides each sequence's score by its
+      completion's token count: pass ``sequence_logprobs(..., average=True)``, which equals TRL's IPO for
+      ``divergence="reverse"`` (for the other divergences TRL divides the score, klops scores the averaged
+      log-ratio); the reward metrics are then those of the averaged log-ratios.
     - ``"hinge"``: ``relu(1 - beta delta)`` (SLiC).
+
+    TRL's scores for forward (``1 - exp(-lr)``), jsd (``log 2 + logsigmoid(lr)``) and alpha
+    (``(exp((alpha - 1) lr) - 1) / (alpha - 1)``) differ from these by constants, which cancel in ``delta``;
+    tests/test_trl.py checks loss, gradient and metrics against TRL 1.16's ``DPOTrainer._compute_loss``.
 
     Args:
         policy_chosen_logp, policy_rejected_logp, ref_chosen_logp, ref_rejected_logp: ``[P]`` float sequence
