@@ -14,9 +14,15 @@ import math
 import torch
 
 from . import _inputs
-from ._chunked import log_softmax_rows, row_chunks
+from ._chunked import log_softmax_from_stats, log_softmax_rows, row_chunks
 from .backend import resolve_triton_or_torch
-from .divergence import _check_dense_teacher, divergence_and_label_logprobs, fused_kl, valid_rows_and_weights
+from .divergence import (
+    _check_dense_teacher,
+    divergence_and_label_logprobs,
+    fused_kl,
+    reduce_rows,
+    valid_rows_and_weights,
+)
 from .grpo import grpo_loss_from_logits
 from .linear import fused_linear_kl, fused_linear_logprobs, linear_divergence_and_label_logprobs
 from .logprobs import logprobs
@@ -189,6 +195,115 @@ def _(student, teacher, valid, temperature, mu, backend):
     return student.new_empty(student.shape[0] * student.shape[1], dtype=torch.float32)
 
 
+def akl_divergence_torch(student, teacher, valid, temperature: float, mu: float):
+    """Chunked torch backend of ``akl_divergence_op``: the weights by a sort of each chunk of rows, both KLs from
+    the chunk's log-probabilities."""
+    B, L, V = student.shape
+    w = student.new_zeros((B, L), dtype=torch.float32)
+    stats = student.new_zeros((B, L, 6), dtype=torch.float32)
+    for b, rows in row_chunks(B, L, V):
+        log_p, p, max_p, logsum_p = log_softmax_rows(teacher[b, rows], temperature)
+        log_q, q, max_q, logsum_q = log_softmax_rows(student[b, rows], temperature)
+        weight = akl_split(p, q, mu)
+        kl_pq = torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
+        kl_qp = torch.where(q > 0, q * (log_q - log_p), 0.0).sum(-1)
+        rows_stats = torch.stack((weight * kl_pq + (1 - weight) * kl_qp, max_q, logsum_q, max_p, logsum_p, kl_qp), -1)
+        keep = valid[b, rows]
+        w[b, rows] = torch.where(keep, weight, 0.0)
+        stats[b, rows] = torch.where(keep[:, None], rows_stats, 0.0)
+    return w.reshape(-1), stats.reshape(-1, 6)
+
+
+def akl_divergence_backward_torch(grad, student, teacher, valid, w, stats, temperature: float):
+    """Chunked torch backend of ``akl_divergence_backward_op``."""
+    B, L, V = student.shape
+    dz = torch.empty_like(student)
+    w, stats = w.reshape(B, L), stats.reshape(B, L, 6)
+    scale = (grad.reshape(B, L) * valid) / temperature
+    for b, rows in row_chunks(B, L, V):
+        _, max_q, logsum_q, max_p, logsum_p, kl_qp = stats[b, rows].unbind(-1)
+        log_q = log_softmax_from_stats(student[b, rows], max_q, logsum_q, temperature)
+        log_p = log_softmax_from_stats(teacher[b, rows], max_p, logsum_p, temperature)
+        q, weight = log_q.exp(), w[b, rows, None]
+        reverse = torch.where(q > 0, q * (log_q - log_p - kl_qp[:, None]), 0.0)
+        dz[b, rows] = ((weight * (q - log_p.exp()) + (1 - weight) * reverse) * scale[b, rows, None]).to(dz.dtype)
+    return dz
+
+
+def _akl_divergence_launchers(backend: str):
+    if backend == "triton":
+        from .kernels import distill as kernels
+
+        return kernels.akl_forward, kernels.akl_backward
+    return akl_divergence_torch, akl_divergence_backward_torch
+
+
+@torch.library.custom_op("klops::akl_divergence", mutates_args=())
+def akl_divergence_op(
+    student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor, temperature: float, mu: float, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L, V) logits, (B, L) valid -> (B*L,) fp32 forward-KL weights w and (B*L, 6) fp32 per row
+    (D = w KL(p||q) + (1 - w) KL(q||p), max_q, logsum_q, max_p, logsum_p, KL(q||p)); 0 on invalid rows."""
+    return _akl_divergence_launchers(backend)[0](student, teacher, valid, temperature, mu)
+
+
+@akl_divergence_op.register_fake
+def _(student, teacher, valid, temperature, mu, backend):
+    rows = student.shape[0] * student.shape[1]
+    return student.new_empty(rows, dtype=torch.float32), student.new_empty((rows, 6), dtype=torch.float32)
+
+
+@torch.library.custom_op("klops::akl_divergence_backward", mutates_args=())
+def akl_divergence_backward_op(
+    grad: torch.Tensor,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    valid: torch.Tensor,
+    w: torch.Tensor,
+    stats: torch.Tensor,
+    temperature: float,
+    backend: str,
+) -> torch.Tensor:
+    """(B*L,) fp32 grads of D -> (B, L, V) gradient of the student logits (its dtype): the weights are constants,
+    dD/dz = (w (q - p) + (1 - w) q (log q - log p - KL(q||p))) / T."""
+    return _akl_divergence_launchers(backend)[1](grad, student, teacher, valid, w, stats, temperature)
+
+
+@akl_divergence_backward_op.register_fake
+def _(grad, student, *rest):
+    return torch.empty(student.shape, dtype=student.dtype, device=student.device)
+
+
+def _akl_setup_context(ctx, inputs, output):
+    student, teacher, valid, temperature, mu, backend = inputs
+    ctx.save_for_backward(student, teacher, valid, *output)
+    ctx.params = (temperature, backend)
+
+
+def _akl_backward(ctx, grad_w, grad_stats):
+    student, teacher, valid, w, stats = ctx.saved_tensors
+    grad = grad_stats[:, 0].contiguous()  # only D is differentiable; the weights and statistics are constants
+    dz = akl_divergence_backward_op(grad, student, teacher, valid, w, stats, *ctx.params)
+    return (dz,) + (None,) * 5
+
+
+torch.library.register_autograd("klops::akl_divergence", _akl_backward, setup_context=_akl_setup_context)
+
+
+def _akl_checks(op, student_logits, teacher_logits, mu, temperature, labels, mask, ignore_index, backend):
+    """(valid [...], mu, temperature, backend) of akl_weights / akl_loss (``op``), raising on bad input."""
+    _inputs.check_logits("student_logits", student_logits)
+    _check_dense_teacher(teacher_logits, student_logits)
+    mu = _inputs.check_real("mu", mu, low=0.0, high=1.0, open_low=True)
+    if mu == 1.0:
+        raise ValueError("mu must lie in (0, 1), got 1.0")
+    temperature = _inputs.check_temperature(temperature)
+    valid, _ = valid_rows_and_weights(
+        "student_logits", student_logits, student_logits.shape[-1], labels, mask, None, ignore_index
+    )
+    return valid, mu, temperature, resolve_triton_or_torch(backend, student_logits.device, op)
+
+
 def akl_weights(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -214,16 +329,9 @@ def akl_weights(
     The Triton kernel finds the boundary without sorting (kernels/distill.py): 10 sweeps of the teacher row, 2
     of the student's, one fp32 out per row. The torch backend sorts each chunk of rows.
     """
-    _inputs.check_logits("student_logits", student_logits)
-    _check_dense_teacher(teacher_logits, student_logits)
-    mu = _inputs.check_real("mu", mu, low=0.0, high=1.0, open_low=True)
-    if mu == 1.0:
-        raise ValueError("mu must lie in (0, 1), got 1.0")
-    temperature = _inputs.check_temperature(temperature)
-    valid, _ = valid_rows_and_weights(
-        "student_logits", student_logits, student_logits.shape[-1], labels, mask, None, ignore_index
+    valid, mu, temperature, backend = _akl_checks(
+        "akl_weights", student_logits, teacher_logits, mu, temperature, labels, mask, ignore_index, backend
     )
-    backend = resolve_triton_or_torch(backend, student_logits.device, "akl_weights")
     student3, teacher3 = _inputs.as_rows(student_logits.detach(), teacher_logits.detach())
     weights = akl_head_weights_op(student3, teacher3, valid.reshape(student3.shape[:2]), temperature, mu, backend)
     return weights.reshape(valid.shape)
@@ -246,13 +354,16 @@ def akl_loss(
     over the valid tokens as ``fused_kl`` does (``"mean"``: the authors' mean over non-ignored labels).
 
     The weights are constants (the authors detach the student's probabilities and never differentiate the
-    teacher), so the gradient is ``w`` times forward KL's plus ``1 - w`` times reverse KL's. Three sweeps of the
-    rows here: the weights, then ``fused_kl`` forward and reverse with per-row weights (a fused mixed kind is
-    not written yet).
+    teacher), so the gradient is ``w`` times forward KL's plus ``1 - w`` times reverse KL's. One op: on the Triton
+    backend the weights' kernel also accumulates both KLs online in its first sweep (no further read of either
+    row) and the backward is one sweep writing ``(w (q - p) + (1 - w) q (log q - log p - KL(q||p))) / T``; the
+    torch backend sorts each chunk of rows for the weights and forms both KLs from its log-probabilities.
     """
-    weights = akl_weights(student_logits, teacher_logits, mu=mu, temperature=temperature, labels=labels, mask=mask,
-                          ignore_index=ignore_index, backend=backend)  # fmt: skip
-    options = dict(temperature=temperature, labels=labels, mask=mask, ignore_index=ignore_index, reduction=reduction,
-                   num_items=num_items, backend=backend)  # fmt: skip
-    forward = fused_kl(student_logits, teacher_logits, "forward", weights=weights, **options)
-    return forward + fused_kl(student_logits, teacher_logits, "reverse", weights=1 - weights, **options)
+    _inputs.check_choice("reduction", reduction, _inputs.REDUCTIONS)
+    _inputs.check_num_items(num_items, reduction)
+    valid, mu, temperature, backend = _akl_checks(
+        "akl_loss", student_logits, teacher_logits, mu, temperature, labels, mask, ignore_index, backend
+    )
+    student3, teacher3 = _inputs.as_rows(student_logits, teacher_logits.detach())
+    _, stats = akl_divergence_op(student3, teacher3, valid.reshape(student3.shape[:2]), temperature, mu, backend)
+    return reduce_rows(stats[:, 0].reshape(valid.shape), valid, reduction, num_items)

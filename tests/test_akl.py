@@ -105,6 +105,32 @@ def test_loss_matches_weighted_forward_and_reverse(backend, dtype, gen):
 
 
 @pytest.mark.parametrize("backend", AKL_BACKENDS)
+@pytest.mark.parametrize("V", [7, 1500])  # 1500: the forward's 512-wide blocks and a partial one
+@pytest.mark.parametrize("reduction, num_items", [("none", None), ("sum", 4)])
+def test_loss_rows_padded_vocabulary(backend, V, reduction, num_items, gen):
+    """The fused op per row, w KL(p || q) + (1 - w) KL(q || p), with the rows AKL treats specially (a flat
+    teacher, one token past mu, p = q) and a padded vocabulary (-inf in both models' logits), against float64."""
+    teacher = teacher_rows(V, gen)
+    student = randn(6, V, gen=gen, scale=2.0)
+    student[3] = teacher[3]
+    student[4, 3:9] = -math.inf
+    leaf = student.clone().requires_grad_()
+    loss = klops.akl_loss(leaf, teacher, temperature=0.8, reduction=reduction, num_items=num_items, backend=backend)
+    upstream = torch.rand(loss.shape, generator=gen, dtype=torch.float64).to(DEVICE)
+    (loss * upstream).sum().backward()
+    ref_leaf = student.double().requires_grad_()
+    w = akl_weights_reference(student, teacher, temperature=0.8)
+    options = dict(temperature=0.8, reduction=reduction, num_items=num_items)
+    expected = fused_kl_reference(ref_leaf, teacher, "forward", weights=w, **options) + fused_kl_reference(
+        ref_leaf, teacher, "reverse", weights=1 - w, **options
+    )
+    (expected * upstream).sum().backward()
+    assert_close(loss, expected.detach(), LOSS_TOL[torch.float32], "loss")
+    assert_close(leaf.grad, ref_leaf.grad, GRAD_TOL[torch.float32], "grad")
+    assert float(leaf.grad[4, 3:9].abs().sum()) == 0.0 and float(leaf.grad[3].abs().max()) < 1e-6
+
+
+@pytest.mark.parametrize("backend", AKL_BACKENDS)
 def test_all_masked_and_empty(backend, gen):
     student = randn(3, 40, gen=gen).requires_grad_()
     loss = klops.akl_loss(student, randn(3, 40, gen=gen), mask=torch.zeros(3, device=DEVICE), backend=backend)
@@ -117,11 +143,13 @@ def test_all_masked_and_empty(backend, gen):
 
 @pytest.mark.parametrize("backend", AKL_BACKENDS)
 def test_opcheck(backend, gen):
-    from klops.distill import akl_head_weights_op
+    from klops.distill import akl_divergence_op, akl_head_weights_op
 
     valid = torch.tensor([[True, False, True]], device=DEVICE)
     torch.library.opcheck(akl_head_weights_op, (randn(1, 3, 50, gen=gen), randn(1, 3, 50, gen=gen), valid, 1.0, 0.5,
                                                 backend))  # fmt: skip
+    student = randn(1, 3, 50, gen=gen).requires_grad_()
+    torch.library.opcheck(akl_divergence_op, (student, randn(1, 3, 50, gen=gen), valid, 0.7, 0.5, backend))
 
 
 @pytest.mark.parametrize("backend", AKL_BACKENDS)
