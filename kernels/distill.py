@@ -15,10 +15,10 @@ their next 4 bits (16 bins), and the bin where the mass above crosses mu extends
 both rows' (max, log-sum-exp), 8 for the 32 bits (teacher only), 1 for the gaps (both rows): 10 reads of
 the teacher row and 2 of the student's, one exp per entry each, nothing stored but one fp32 per row.
 
-The AKL loss (WITH_KL) is the same kernel: its first sweep also accumulates KL(p || q) and KL(q || p) online
-(online_kl_update, the two sharing their exps), so the loss per row, w KL(p || q) + (1 - w) KL(q || p), costs
-no further read; the backward is one sweep of both rows writing
-dz = (w (q - p) + (1 - w) q (log q - log p - KL(q || p))) / T.
+Both KLs (WITH_KL; for akl_loss and forward_reverse_kl) come from the same kernel: its first sweep also
+accumulates KL(p || q) and KL(q || p) online (online_kl_update, the two sharing their exps), so they cost no
+further read (without AKL_WEIGHTS that sweep is all the kernel does); the backward is one sweep of both rows
+writing dz = (g_pq (q - p) + g_qp q (log q - log p - KL(q || p))) / T for the upstream grads g of the two KLs.
 """
 
 import torch
@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .divergence import NEG_INF, kl_finalize, lse_finalize, online_kl_update, online_lse_update, zero_row
-from .launch import BACKWARD_SWEEP, launch_over_rows
+from .launch import BACKWARD_SWEEP, FORWARD_SWEEP, launch_over_rows
 
 # (BLOCK_V, num_warps): the radix sweeps bin each block into 16 sums, a [BLOCK_V, 16] selection; at 2 entries
 # per thread it takes 114 registers on sm_90 (4 per thread: 190).
@@ -43,51 +43,9 @@ def teacher_probs_and_keys(y_row, start, cols, V, max_p, logsum_p, inv_temperatu
 
 
 @triton.jit
-def akl_head_weight_kernel(
-    z_ptr,  # (B, L, V) student logits, last-dim stride 1
-    y_ptr,  # (B, L, V) teacher logits
-    valid_ptr,  # (B*L,) bool
-    w_ptr,  # (B*L,) fp32 out: the forward-KL weight (0 for invalid rows)
-    kl_ptr,  # (B*L, 6) fp32 out (WITH_KL): D = w KL(p||q) + (1-w) KL(q||p), max_q, logsum_q, max_p, logsum_p, KL(q||p)
-    L,
-    V,
-    stride_zb,
-    stride_zl,
-    stride_yb,
-    stride_yl,
-    inv_temperature,
-    mu,
-    WITH_KL: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    if not tl.load(valid_ptr + row):
-        tl.store(w_ptr + row, 0.0)
-        if WITH_KL:
-            tl.store(kl_ptr + row * 6 + tl.arange(0, 8), tl.zeros([8], tl.float32), mask=tl.arange(0, 8) < 6)
-        return
-    z_row = z_ptr + (row // L) * stride_zb + (row % L) * stride_zl
-    y_row = y_ptr + (row // L) * stride_yb + (row % L) * stride_yl
-    cols = tl.arange(0, BLOCK_V)
-    m_q = tl.full([BLOCK_V], NEG_INF, tl.float32)
-    s_q = tl.zeros([BLOCK_V], tl.float32)
-    m_p = tl.full([BLOCK_V], NEG_INF, tl.float32)
-    s_p = tl.zeros([BLOCK_V], tl.float32)
-    kl_pq = tl.zeros([BLOCK_V], tl.float32)
-    kl_qp = tl.zeros([BLOCK_V], tl.float32)
-    for start in range(0, V, BLOCK_V):
-        in_row = start + cols < V
-        z = tl.load(z_row + start + cols, mask=in_row, other=NEG_INF).to(tl.float32)
-        y = tl.load(y_row + start + cols, mask=in_row, other=NEG_INF).to(tl.float32)
-        if WITH_KL:  # both KLs from the lanes' state before this block (the two calls' exps are the same)
-            _, _, _, _, kl_qp = online_kl_update(m_q, s_q, m_p, s_p, kl_qp, z, y, inv_temperature)
-            m_p, s_p, m_q, s_q, kl_pq = online_kl_update(m_p, s_p, m_q, s_q, kl_pq, y, z, inv_temperature)
-        else:
-            m_q, s_q = online_lse_update(m_q, s_q, z, inv_temperature)
-            m_p, s_p = online_lse_update(m_p, s_p, y, inv_temperature)
-    max_q, logsum_q = lse_finalize(m_q, s_q, inv_temperature)
-    max_p, logsum_p = lse_finalize(m_p, s_p, inv_temperature)
-
+def akl_weight(z_row, y_row, cols, V, max_q, logsum_q, max_p, logsum_p, inv_temperature, mu, BLOCK_V: tl.constexpr):
+    """[1] fp32 forward-KL weight of a row from both rows' (max, log-sum-exp): 8 radix sweeps of the teacher row,
+    then one sweep of both rows for the gaps."""
     digits = tl.arange(0, 16)
     prefix = tl.zeros([1], tl.int64)
     above = tl.zeros([1], tl.float32)  # teacher mass of the entries above the prefix's range
@@ -128,28 +86,78 @@ def akl_head_weight_kernel(
     fit = tl.where(prefix == top_key, tl.maximum(fit, 1.0), fit)
     head_sum = tl.sum(g_head, 0) + tl.where(ties > 0, fit / ties, 0.0) * tl.sum(g_tie, 0)
     total = tl.sum(g_all, 0)
-    w = tl.where(total > 0, head_sum / total, 0.5)
-    tl.store(w_ptr + row + tl.arange(0, 1), w)
+    return tl.where(total > 0, head_sum / total, 0.5)
+
+
+@triton.jit
+def kl_pair_forward_kernel(
+    z_ptr,  # (B, L, V) student logits, last-dim stride 1
+    y_ptr,  # (B, L, V) teacher logits
+    valid_ptr,  # (B*L,) bool
+    w_ptr,  # (B*L,) fp32 out (AKL_WEIGHTS): AKL's forward-KL weight (0 for invalid rows)
+    kl_ptr,  # (B*L, 6) fp32 out (WITH_KL): KL(p||q), KL(q||p), max_q, logsum_q, max_p, logsum_p (0 for invalid rows)
+    L,
+    V,
+    stride_zb,
+    stride_zl,
+    stride_yb,
+    stride_yl,
+    inv_temperature,
+    mu,
+    AKL_WEIGHTS: tl.constexpr,
+    WITH_KL: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    if not tl.load(valid_ptr + row):
+        if AKL_WEIGHTS:
+            tl.store(w_ptr + row, 0.0)
+        if WITH_KL:
+            tl.store(kl_ptr + row * 6 + tl.arange(0, 8), tl.zeros([8], tl.float32), mask=tl.arange(0, 8) < 6)
+        return
+    z_row = z_ptr + (row // L) * stride_zb + (row % L) * stride_zl
+    y_row = y_ptr + (row // L) * stride_yb + (row % L) * stride_yl
+    cols = tl.arange(0, BLOCK_V)
+    m_q = tl.full([BLOCK_V], NEG_INF, tl.float32)
+    s_q = tl.zeros([BLOCK_V], tl.float32)
+    m_p = tl.full([BLOCK_V], NEG_INF, tl.float32)
+    s_p = tl.zeros([BLOCK_V], tl.float32)
+    kl_pq = tl.zeros([BLOCK_V], tl.float32)
+    kl_qp = tl.zeros([BLOCK_V], tl.float32)
+    for start in range(0, V, BLOCK_V):
+        in_row = start + cols < V
+        z = tl.load(z_row + start + cols, mask=in_row, other=NEG_INF).to(tl.float32)
+        y = tl.load(y_row + start + cols, mask=in_row, other=NEG_INF).to(tl.float32)
+        if WITH_KL:  # both KLs from the lanes' state before this block (the two calls' exps are the same)
+            _, _, _, _, kl_qp = online_kl_update(m_q, s_q, m_p, s_p, kl_qp, z, y, inv_temperature)
+            m_p, s_p, m_q, s_q, kl_pq = online_kl_update(m_p, s_p, m_q, s_q, kl_pq, y, z, inv_temperature)
+        else:
+            m_q, s_q = online_lse_update(m_q, s_q, z, inv_temperature)
+            m_p, s_p = online_lse_update(m_p, s_p, y, inv_temperature)
+    max_q, logsum_q = lse_finalize(m_q, s_q, inv_temperature)
+    max_p, logsum_p = lse_finalize(m_p, s_p, inv_temperature)
     if WITH_KL:
         _, _, _, _, kl_pq_row = kl_finalize(m_p, s_p, m_q, s_q, kl_pq, inv_temperature)
         _, _, _, _, kl_qp_row = kl_finalize(m_q, s_q, m_p, s_p, kl_qp, inv_temperature)
         out = kl_ptr + row * 6
-        tl.store(out + tl.arange(0, 1), w * kl_pq_row + (1.0 - w) * kl_qp_row)
-        tl.store(out + 1, max_q)
-        tl.store(out + 2, logsum_q)
-        tl.store(out + 3, max_p)
-        tl.store(out + 4, logsum_p)
-        tl.store(out + 5, kl_qp_row)
+        tl.store(out, kl_pq_row)
+        tl.store(out + 1, kl_qp_row)
+        tl.store(out + 2, max_q)
+        tl.store(out + 3, logsum_q)
+        tl.store(out + 4, max_p)
+        tl.store(out + 5, logsum_p)
+    if AKL_WEIGHTS:
+        w = akl_weight(z_row, y_row, cols, V, max_q, logsum_q, max_p, logsum_p, inv_temperature, mu, BLOCK_V)
+        tl.store(w_ptr + row + tl.arange(0, 1), w)
 
 
 @triton.jit
-def akl_backward_kernel(
-    grad_ptr,  # (B*L,) fp32: dLoss/dD per row
+def kl_pair_backward_kernel(
+    grad_ptr,  # (B*L, 2) fp32: dLoss/dKL(p||q), dLoss/dKL(q||p) per row
     z_ptr,  # (B, L, V) student logits, last-dim stride 1
     y_ptr,  # (B, L, V) teacher logits
     valid_ptr,  # (B*L,) bool
-    w_ptr,  # (B*L,) fp32: the forward-KL weights
-    kl_ptr,  # (B*L, 6) fp32: the forward's D, max_q, logsum_q, max_p, logsum_p, KL(q||p)
+    kl_ptr,  # (B*L, 6) fp32: the forward's KL(p||q), KL(q||p), max_q, logsum_q, max_p, logsum_p
     dz_ptr,  # (B*L, V) out, contiguous, student dtype
     L,
     V,
@@ -168,14 +176,14 @@ def akl_backward_kernel(
     z_row = z_ptr + (row // L) * stride_zb + (row % L) * stride_zl
     y_row = y_ptr + (row // L) * stride_yb + (row % L) * stride_yl
     cols = tl.arange(0, BLOCK_V)
-    w = tl.load(w_ptr + row)
     stats = kl_ptr + row * 6
-    max_q = tl.load(stats + 1)
-    logsum_q = tl.load(stats + 2)
-    max_p = tl.load(stats + 3)
-    logsum_p = tl.load(stats + 4)
-    kl_qp = tl.load(stats + 5)
-    scale = tl.load(grad_ptr + row) * inv_temperature
+    kl_qp = tl.load(stats + 1)
+    max_q = tl.load(stats + 2)
+    logsum_q = tl.load(stats + 3)
+    max_p = tl.load(stats + 4)
+    logsum_p = tl.load(stats + 5)
+    scale_pq = tl.load(grad_ptr + row * 2) * inv_temperature
+    scale_qp = tl.load(grad_ptr + row * 2 + 1) * inv_temperature
     for start in range(0, V, BLOCK_V):
         in_row = start + cols < V
         z = tl.load(z_row + start + cols, mask=in_row, other=NEG_INF).to(tl.float32)
@@ -184,7 +192,7 @@ def akl_backward_kernel(
         lp = (y - max_p) * inv_temperature - logsum_p
         q = tl.exp(lq)
         reverse = tl.where(lq != NEG_INF, q * (lq - lp - kl_qp), 0.0)
-        dz = scale * (w * (q - tl.exp(lp)) + (1.0 - w) * reverse)
+        dz = scale_pq * (q - tl.exp(lp)) + scale_qp * reverse
         tl.store(dz_row + start + cols, dz.to(dz_ptr.dtype.element_ty), mask=in_row)
 
 
@@ -194,31 +202,33 @@ def _rows_args(student, teacher):
 
 
 def akl_head_weights(student, teacher, valid, temperature: float, mu: float):
-    """(B*L,) fp32 forward-KL weights of (B, L, V) logits."""
+    """(B*L,) fp32 AKL forward-KL weights of (B, L, V) logits."""
     w = torch.empty(student.shape[0] * student.shape[1], dtype=torch.float32, device=student.device)
     launch_over_rows(
-        akl_head_weight_kernel, student, student, teacher, valid.reshape(-1), w, w, *_rows_args(student, teacher),
-        1.0 / temperature, mu, WITH_KL=False, sweep=AKL_SWEEP,
+        kl_pair_forward_kernel, student, student, teacher, valid.reshape(-1), w, w, *_rows_args(student, teacher),
+        1.0 / temperature, mu, AKL_WEIGHTS=True, WITH_KL=False, sweep=AKL_SWEEP,
     )  # fmt: skip
     return w
 
 
-def akl_forward(student, teacher, valid, temperature: float, mu: float):
-    """(B*L,) fp32 weights and (B*L, 6) fp32 (D, max_q, logsum_q, max_p, logsum_p, KL(q||p)) of (B, L, V) logits."""
-    w = torch.empty(student.shape[0] * student.shape[1], dtype=torch.float32, device=student.device)
-    stats = torch.empty((w.shape[0], 6), dtype=torch.float32, device=student.device)
+def kl_pair_forward(student, teacher, valid, temperature: float, mu: float, akl_weights: bool):
+    """(B*L,) fp32 AKL weights (with ``akl_weights``; else 0) and (B*L, 6) fp32 (KL(p||q), KL(q||p), max_q,
+    logsum_q, max_p, logsum_p) of (B, L, V) logits."""
+    rows = student.shape[0] * student.shape[1]
+    w = torch.zeros(rows, dtype=torch.float32, device=student.device)
+    stats = torch.empty((rows, 6), dtype=torch.float32, device=student.device)
     launch_over_rows(
-        akl_head_weight_kernel, student, student, teacher, valid.reshape(-1), w, stats,
-        *_rows_args(student, teacher), 1.0 / temperature, mu, WITH_KL=True, sweep=AKL_SWEEP,
+        kl_pair_forward_kernel, student, student, teacher, valid.reshape(-1), w, stats, *_rows_args(student, teacher),
+        1.0 / temperature, mu, AKL_WEIGHTS=akl_weights, WITH_KL=True, sweep=AKL_SWEEP if akl_weights else FORWARD_SWEEP,
     )  # fmt: skip
     return w, stats
 
 
-def akl_backward(grad, student, teacher, valid, w, stats, temperature: float):
-    """(B, L, V) gradient of the student logits (its dtype) from the (B*L,) fp32 grads of D."""
+def kl_pair_backward(grad, student, teacher, valid, stats, temperature: float):
+    """(B, L, V) gradient of the student logits (its dtype) from the (B*L, 2) fp32 grads of both KLs."""
     dz = torch.empty(student.shape, dtype=student.dtype, device=student.device)
     launch_over_rows(
-        akl_backward_kernel, student, grad.reshape(-1).contiguous(), student, teacher, valid.reshape(-1), w, stats,
-        dz, *_rows_args(student, teacher), 1.0 / temperature, sweep=BACKWARD_SWEEP,
+        kl_pair_backward_kernel, student, grad.contiguous(), student, teacher, valid.reshape(-1), stats, dz,
+        *_rows_args(student, teacher), 1.0 / temperature, sweep=BACKWARD_SWEEP,
     )  # fmt: skip
     return dz

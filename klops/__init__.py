@@ -9,7 +9,7 @@ loss = klops.sinkhorn_distill_loss(student_logits, teacher_logits)
 from . import nn, reference
 from ._inputs import set_host_checks
 from .backend import available_backends
-from .distill import akl_loss, akl_weights, dckd_loss, kdrl_loss
+from .distill import akl_loss, akl_weights, dckd_loss, forward_reverse_kl, kdrl_loss
 from .divergence import divergence_and_label_logprobs, fused_kl
 from .grpo import fused_linear_grpo_loss, group_advantages, grpo_loss, grpo_loss_from_logits, kl_estimate
 from .linear import fused_linear_cross_entropy, fused_linear_kl, fused_linear_logprobs
@@ -24,7 +24,7 @@ __all__ = [
     "fused_linear_cross_entropy",
     "fused_linear_grpo_loss", "group_advantages", "kl_estimate",
     "grpo_loss", "grpo_loss_from_logits", "dpo_loss", "sequence_logprobs", "tdpo_loss", "dckd_loss", "kdrl_loss",
-    "akl_loss", "akl_weights",
+    "akl_loss", "akl_weights", "forward_reverse_kl",
     "sinkhorn", "sinkhorn_divergence", "sinkhorn_distill_loss", "SinkhornResult",
     "nn", "reference", "available_backends", "set_host_checks", "__version__",
 ]  # fmt: skip

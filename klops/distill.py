@@ -195,113 +195,154 @@ def _(student, teacher, valid, temperature, mu, backend):
     return student.new_empty(student.shape[0] * student.shape[1], dtype=torch.float32)
 
 
-def akl_divergence_torch(student, teacher, valid, temperature: float, mu: float):
-    """Chunked torch backend of ``akl_divergence_op``: the weights by a sort of each chunk of rows, both KLs from
-    the chunk's log-probabilities."""
+def kl_pair_torch(student, teacher, valid, temperature: float, mu: float, akl_weights: bool):
+    """Chunked torch backend of ``kl_pair_op``: both KLs from each chunk's log-probabilities, the AKL weights by a
+    sort of the chunk's rows."""
     B, L, V = student.shape
     w = student.new_zeros((B, L), dtype=torch.float32)
     stats = student.new_zeros((B, L, 6), dtype=torch.float32)
     for b, rows in row_chunks(B, L, V):
         log_p, p, max_p, logsum_p = log_softmax_rows(teacher[b, rows], temperature)
         log_q, q, max_q, logsum_q = log_softmax_rows(student[b, rows], temperature)
-        weight = akl_split(p, q, mu)
         kl_pq = torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
         kl_qp = torch.where(q > 0, q * (log_q - log_p), 0.0).sum(-1)
-        rows_stats = torch.stack((weight * kl_pq + (1 - weight) * kl_qp, max_q, logsum_q, max_p, logsum_p, kl_qp), -1)
         keep = valid[b, rows]
-        w[b, rows] = torch.where(keep, weight, 0.0)
-        stats[b, rows] = torch.where(keep[:, None], rows_stats, 0.0)
+        row_stats = torch.stack((kl_pq, kl_qp, max_q, logsum_q, max_p, logsum_p), -1)
+        stats[b, rows] = torch.where(keep[:, None], row_stats, 0.0)
+        if akl_weights:
+            w[b, rows] = torch.where(keep, akl_split(p, q, mu), 0.0)
     return w.reshape(-1), stats.reshape(-1, 6)
 
 
-def akl_divergence_backward_torch(grad, student, teacher, valid, w, stats, temperature: float):
-    """Chunked torch backend of ``akl_divergence_backward_op``."""
+def kl_pair_backward_torch(grad, student, teacher, valid, stats, temperature: float):
+    """Chunked torch backend of ``kl_pair_backward_op``."""
     B, L, V = student.shape
     dz = torch.empty_like(student)
-    w, stats = w.reshape(B, L), stats.reshape(B, L, 6)
-    scale = (grad.reshape(B, L) * valid) / temperature
+    stats = stats.reshape(B, L, 6)
+    scale = (grad.reshape(B, L, 2) * valid[..., None]) / temperature
     for b, rows in row_chunks(B, L, V):
-        _, max_q, logsum_q, max_p, logsum_p, kl_qp = stats[b, rows].unbind(-1)
+        _, kl_qp, max_q, logsum_q, max_p, logsum_p = stats[b, rows].unbind(-1)
         log_q = log_softmax_from_stats(student[b, rows], max_q, logsum_q, temperature)
         log_p = log_softmax_from_stats(teacher[b, rows], max_p, logsum_p, temperature)
-        q, weight = log_q.exp(), w[b, rows, None]
+        q, g_pq, g_qp = log_q.exp(), scale[b, rows, 0, None], scale[b, rows, 1, None]
         reverse = torch.where(q > 0, q * (log_q - log_p - kl_qp[:, None]), 0.0)
-        dz[b, rows] = ((weight * (q - log_p.exp()) + (1 - weight) * reverse) * scale[b, rows, None]).to(dz.dtype)
+        dz[b, rows] = (g_pq * (q - log_p.exp()) + g_qp * reverse).to(dz.dtype)
     return dz
 
 
-def _akl_divergence_launchers(backend: str):
+def _kl_pair_launchers(backend: str):
     if backend == "triton":
         from .kernels import distill as kernels
 
-        return kernels.akl_forward, kernels.akl_backward
-    return akl_divergence_torch, akl_divergence_backward_torch
+        return kernels.kl_pair_forward, kernels.kl_pair_backward
+    return kl_pair_torch, kl_pair_backward_torch
 
 
-@torch.library.custom_op("klops::akl_divergence", mutates_args=())
-def akl_divergence_op(
-    student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor, temperature: float, mu: float, backend: str
+@torch.library.custom_op("klops::kl_pair", mutates_args=())
+def kl_pair_op(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    valid: torch.Tensor,
+    temperature: float,
+    mu: float,
+    akl_weights: bool,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, L, V) logits, (B, L) valid -> (B*L,) fp32 forward-KL weights w and (B*L, 6) fp32 per row
-    (D = w KL(p||q) + (1 - w) KL(q||p), max_q, logsum_q, max_p, logsum_p, KL(q||p)); 0 on invalid rows."""
-    return _akl_divergence_launchers(backend)[0](student, teacher, valid, temperature, mu)
+    """(B, L, V) logits, (B, L) valid -> (B*L,) fp32 AKL forward-KL weights (with ``akl_weights``, else 0; no
+    gradient) and (B*L, 6) fp32 per row: KL(p||q), KL(q||p) (differentiable), then max_q, logsum_q, max_p,
+    logsum_p; 0 on invalid rows."""
+    return _kl_pair_launchers(backend)[0](student, teacher, valid, temperature, mu, akl_weights)
 
 
-@akl_divergence_op.register_fake
-def _(student, teacher, valid, temperature, mu, backend):
+@kl_pair_op.register_fake
+def _(student, teacher, valid, temperature, mu, akl_weights, backend):
     rows = student.shape[0] * student.shape[1]
     return student.new_empty(rows, dtype=torch.float32), student.new_empty((rows, 6), dtype=torch.float32)
 
 
-@torch.library.custom_op("klops::akl_divergence_backward", mutates_args=())
-def akl_divergence_backward_op(
+@torch.library.custom_op("klops::kl_pair_backward", mutates_args=())
+def kl_pair_backward_op(
     grad: torch.Tensor,
     student: torch.Tensor,
     teacher: torch.Tensor,
     valid: torch.Tensor,
-    w: torch.Tensor,
     stats: torch.Tensor,
     temperature: float,
     backend: str,
 ) -> torch.Tensor:
-    """(B*L,) fp32 grads of D -> (B, L, V) gradient of the student logits (its dtype): the weights are constants,
-    dD/dz = (w (q - p) + (1 - w) q (log q - log p - KL(q||p))) / T."""
-    return _akl_divergence_launchers(backend)[1](grad, student, teacher, valid, w, stats, temperature)
+    """(B*L, 2) fp32 grads of KL(p||q), KL(q||p) -> (B, L, V) gradient of the student logits (its dtype):
+    ``(g_pq (q - p) + g_qp q (log q - log p - KL(q||p))) / T``."""
+    return _kl_pair_launchers(backend)[1](grad, student, teacher, valid, stats, temperature)
 
 
-@akl_divergence_backward_op.register_fake
+@kl_pair_backward_op.register_fake
 def _(grad, student, *rest):
     return torch.empty(student.shape, dtype=student.dtype, device=student.device)
 
 
-def _akl_setup_context(ctx, inputs, output):
-    student, teacher, valid, temperature, mu, backend = inputs
-    ctx.save_for_backward(student, teacher, valid, *output)
+def _kl_pair_setup_context(ctx, inputs, output):
+    student, teacher, valid, temperature, mu, akl_weights, backend = inputs
+    ctx.save_for_backward(student, teacher, valid, output[1])
     ctx.params = (temperature, backend)
 
 
-def _akl_backward(ctx, grad_w, grad_stats):
-    student, teacher, valid, w, stats = ctx.saved_tensors
-    grad = grad_stats[:, 0].contiguous()  # only D is differentiable; the weights and statistics are constants
-    dz = akl_divergence_backward_op(grad, student, teacher, valid, w, stats, *ctx.params)
-    return (dz,) + (None,) * 5
+def _kl_pair_backward(ctx, grad_w, grad_stats):
+    student, teacher, valid, stats = ctx.saved_tensors
+    grad = grad_stats[:, :2].contiguous()  # the weights and the row statistics are constants
+    return (kl_pair_backward_op(grad, student, teacher, valid, stats, *ctx.params),) + (None,) * 6
 
 
-torch.library.register_autograd("klops::akl_divergence", _akl_backward, setup_context=_akl_setup_context)
+torch.library.register_autograd("klops::kl_pair", _kl_pair_backward, setup_context=_kl_pair_setup_context)
 
 
-def _akl_checks(op, student_logits, teacher_logits, mu, temperature, labels, mask, ignore_index, backend):
-    """(valid [...], mu, temperature, backend) of akl_weights / akl_loss (``op``), raising on bad input."""
+def forward_reverse_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    labels: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token ``KL(p || q)`` and ``KL(q || p)`` ([...] fp32 each, 0 on invalid rows), both from one sweep of
+    the two rows, for any per-row mixture of forward and reverse KL (BD-KD-style weighting, or your own):
+    ``loss = (w_f * kl_forward + w_r * kl_reverse).sum() / n``, with weights that may depend on the tokens.
+
+    ``q = softmax(student_logits / T)``, ``p = softmax(teacher_logits / T)`` ([..., V] logits of the same shape;
+    the teacher gets no gradient). Both outputs are differentiable; the backward is one sweep writing
+    ``(g_f (q - p) + g_r q (log q - log p - KL(q || p))) / T`` for their upstream gradients ``g_f``, ``g_r``, where
+    two ``fused_kl`` calls read both rows twice forward and backward and write two gradients. Rows whose label is
+    ``ignore_index`` or whose mask is 0 give 0. Backends: "triton" (GPU or interpreter) and "torch".
+    """
+    valid, temperature, backend = _kl_pair_checks(
+        "forward_reverse_kl", student_logits, teacher_logits, temperature, labels, mask, ignore_index, backend
+    )
+    student3, teacher3 = _inputs.as_rows(student_logits, teacher_logits.detach())
+    _, stats = kl_pair_op(student3, teacher3, valid.reshape(student3.shape[:2]), temperature, 0.5, False, backend)
+    return stats[:, 0].reshape(valid.shape), stats[:, 1].reshape(valid.shape)
+
+
+def _kl_pair_checks(op, student_logits, teacher_logits, temperature, labels, mask, ignore_index, backend):
+    """(valid [...], temperature, backend) of forward_reverse_kl / akl_weights / akl_loss (``op``)."""
     _inputs.check_logits("student_logits", student_logits)
     _check_dense_teacher(teacher_logits, student_logits)
-    mu = _inputs.check_real("mu", mu, low=0.0, high=1.0, open_low=True)
-    if mu == 1.0:
-        raise ValueError("mu must lie in (0, 1), got 1.0")
     temperature = _inputs.check_temperature(temperature)
     valid, _ = valid_rows_and_weights(
         "student_logits", student_logits, student_logits.shape[-1], labels, mask, None, ignore_index
     )
-    return valid, mu, temperature, resolve_triton_or_torch(backend, student_logits.device, op)
+    return valid, temperature, resolve_triton_or_torch(backend, student_logits.device, op)
+
+
+def _akl_checks(op, student_logits, teacher_logits, mu, temperature, labels, mask, ignore_index, backend):
+    """(valid [...], mu, temperature, backend) of akl_weights / akl_loss (``op``), raising on bad input."""
+    valid, temperature, backend = _kl_pair_checks(
+        op, student_logits, teacher_logits, temperature, labels, mask, ignore_index, backend
+    )
+    mu = _inputs.check_real("mu", mu, low=0.0, high=1.0, open_low=True)
+    if mu == 1.0:
+        raise ValueError("mu must lie in (0, 1), got 1.0")
+    return valid, mu, temperature, backend
 
 
 def akl_weights(
@@ -355,9 +396,10 @@ def akl_loss(
 
     The weights are constants (the authors detach the student's probabilities and never differentiate the
     teacher), so the gradient is ``w`` times forward KL's plus ``1 - w`` times reverse KL's. One op: on the Triton
-    backend the weights' kernel also accumulates both KLs online in its first sweep (no further read of either
-    row) and the backward is one sweep writing ``(w (q - p) + (1 - w) q (log q - log p - KL(q||p))) / T``; the
-    torch backend sorts each chunk of rows for the weights and forms both KLs from its log-probabilities.
+    backend the weights' kernel also accumulates both KLs online in its first sweep (``forward_reverse_kl``'s, no
+    further read of either row) and the backward is one sweep writing
+    ``(w (q - p) + (1 - w) q (log q - log p - KL(q||p))) / T``; the torch backend sorts each chunk of rows for the
+    weights and forms both KLs from its log-probabilities.
     """
     _inputs.check_choice("reduction", reduction, _inputs.REDUCTIONS)
     _inputs.check_num_items(num_items, reduction)
@@ -365,5 +407,6 @@ def akl_loss(
         "akl_loss", student_logits, teacher_logits, mu, temperature, labels, mask, ignore_index, backend
     )
     student3, teacher3 = _inputs.as_rows(student_logits, teacher_logits.detach())
-    _, stats = akl_divergence_op(student3, teacher3, valid.reshape(student3.shape[:2]), temperature, mu, backend)
-    return reduce_rows(stats[:, 0].reshape(valid.shape), valid, reduction, num_items)
+    w, stats = kl_pair_op(student3, teacher3, valid.reshape(student3.shape[:2]), temperature, mu, True, backend)
+    rows = w * stats[:, 0] + (1 - w) * stats[:, 1]
+    return reduce_rows(rows.reshape(valid.shape), valid, reduction, num_items)

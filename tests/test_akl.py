@@ -131,6 +131,35 @@ def test_loss_rows_padded_vocabulary(backend, V, reduction, num_items, gen):
 
 
 @pytest.mark.parametrize("backend", AKL_BACKENDS)
+@pytest.mark.parametrize("V", [7, 1500, 5000])  # 5000: the forward's 1024-wide blocks and the backward's 2048
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_reverse_kl(backend, V, dtype, gen):
+    """Both KLs per token from one op, against float64, on sliced [B, L, V] logits with ignored labels, a padded
+    vocabulary (-inf in both models) and p = q tokens; each output gets its own upstream gradient, so a mix-up of
+    the two gradient terms fails."""
+    student_full, teacher_full = randn(2, 5, V, gen=gen, scale=2.0), randn(2, 5, V, gen=gen, scale=2.0)
+    student_full[1, :, -3:] = teacher_full[1, :, -3:] = -math.inf
+    student_full[0, 1] = teacher_full[0, 1]
+    student, teacher = student_full[:, :-1].to(dtype), teacher_full[:, :-1].to(dtype)
+    labels = torch.randint(0, V - 3, (2, 4), generator=gen).to(DEVICE)
+    labels[0, 0] = -100
+    leaf = student.detach().clone().requires_grad_()
+    kl_forward, kl_reverse = klops.forward_reverse_kl(leaf, teacher, temperature=0.9, labels=labels, backend=backend)
+    g_f, g_r = (torch.rand(2, 4, generator=gen, dtype=torch.float64).to(DEVICE) for _ in range(2))
+    ((kl_forward * g_f).sum() + (kl_reverse * g_r).sum()).backward()
+    ref_leaf = student.detach().double().requires_grad_()
+    options = dict(temperature=0.9, labels=labels, reduction="none")
+    expected_f = fused_kl_reference(ref_leaf, teacher, "forward", **options)
+    expected_r = fused_kl_reference(ref_leaf, teacher, "reverse", **options)
+    ((expected_f * g_f).sum() + (expected_r * g_r).sum()).backward()
+    assert_close(kl_forward, expected_f.detach(), LOSS_TOL[dtype], "KL(p||q)")
+    assert_close(kl_reverse, expected_r.detach(), LOSS_TOL[dtype], "KL(q||p)")
+    assert_close(leaf.grad, ref_leaf.grad, GRAD_TOL[dtype], "grad")
+    assert float(kl_forward[0, 0]) == 0.0 and float(leaf.grad[0, 0].abs().sum()) == 0.0
+    assert float(leaf.grad[1, :, -3:].abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("backend", AKL_BACKENDS)
 def test_all_masked_and_empty(backend, gen):
     student = randn(3, 40, gen=gen).requires_grad_()
     loss = klops.akl_loss(student, randn(3, 40, gen=gen), mask=torch.zeros(3, device=DEVICE), backend=backend)
@@ -143,13 +172,14 @@ def test_all_masked_and_empty(backend, gen):
 
 @pytest.mark.parametrize("backend", AKL_BACKENDS)
 def test_opcheck(backend, gen):
-    from klops.distill import akl_divergence_op, akl_head_weights_op
+    from klops.distill import akl_head_weights_op, kl_pair_op
 
     valid = torch.tensor([[True, False, True]], device=DEVICE)
     torch.library.opcheck(akl_head_weights_op, (randn(1, 3, 50, gen=gen), randn(1, 3, 50, gen=gen), valid, 1.0, 0.5,
                                                 backend))  # fmt: skip
-    student = randn(1, 3, 50, gen=gen).requires_grad_()
-    torch.library.opcheck(akl_divergence_op, (student, randn(1, 3, 50, gen=gen), valid, 0.7, 0.5, backend))
+    for akl_weights in (True, False):
+        student = randn(1, 3, 50, gen=gen).requires_grad_()
+        torch.library.opcheck(kl_pair_op, (student, randn(1, 3, 50, gen=gen), valid, 0.7, 0.5, akl_weights, backend))
 
 
 @pytest.mark.parametrize("backend", AKL_BACKENDS)

@@ -81,7 +81,8 @@ VARIANTS = (
     + [f"topk-backward-{dtype}-sm{arch}" for dtype in ("bf16", "fp32") for arch in (80, 90)]
     + ["topk-backward-labels-bf16-sm90"]
     + [f"sinkhorn-{v}-sm{arch}" for v in SINKHORN_VARIANTS for arch in (80, 90)]
-    + [f"akl-{op}-{dtype}-sm{arch}" for op in ("weights", "loss") for dtype in ("bf16", "fp32") for arch in (80, 90)]
+    + [f"akl-{op}-{dtype}-sm{arch}" for op in ("weights", "loss", "kl-pair") for dtype in ("bf16", "fp32")
+       for arch in (80, 90)]
     + [f"linear-{linear_variant_name(v)}-sm{arch}" for v in LINEAR_VARIANTS for arch in (80, 90)]
     + [f"linear-divergence-{'-'.join(filter(None, v))}" for v in LINEAR_DIVERGENCE_VARIANTS]
 )
@@ -327,15 +328,17 @@ def compile_all() -> dict[str, dict]:
         rows = {"z_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "valid_ptr": "*i1", "w_ptr": "*fp32", "kl_ptr": "*fp32"}
         strides = {name: "i64" for name in ("stride_zb", "stride_zl", "stride_yb", "stride_yl")}
         weights = rows | ROW_ARGS | strides | {"inv_temperature": "fp32", "mu": "fp32"}
-        backward = {"grad_ptr": "*fp32"} | rows | {"dz_ptr": f"*{dtype}"} | ROW_ARGS | strides | {"inv_temperature": "fp32"}
+        backward = {"grad_ptr": "*fp32", "z_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "valid_ptr": "*i1",
+                    "kl_ptr": "*fp32", "dz_ptr": f"*{dtype}"} | ROW_ARGS | strides | {"inv_temperature": "fp32"}
         for arch in (80, 90):
-            jobs[f"akl-weights-{dtype}-sm{arch}"] = [
-                (distill.akl_head_weight_kernel, weights, {"WITH_KL": False}, arch, distill.AKL_SWEEP)
-            ]
-            jobs[f"akl-loss-{dtype}-sm{arch}"] = [
-                (distill.akl_head_weight_kernel, weights, {"WITH_KL": True}, arch, distill.AKL_SWEEP),
-                (distill.akl_backward_kernel, backward, {}, arch, BACKWARD_SWEEP),
-            ]
+            for name, akl_weights, with_kl in (("weights", True, False), ("loss", True, True), ("kl-pair", False, True)):
+                constexprs = {"AKL_WEIGHTS": akl_weights, "WITH_KL": with_kl}
+                jobs[f"akl-{name}-{dtype}-sm{arch}"] = [(distill.kl_pair_forward_kernel, weights, constexprs, arch,
+                                                         distill.AKL_SWEEP if akl_weights else FORWARD_SWEEP)]  # fmt: skip
+                if with_kl:
+                    jobs[f"akl-{name}-{dtype}-sm{arch}"].append(
+                        (distill.kl_pair_backward_kernel, backward, {}, arch, BACKWARD_SWEEP)
+                    )
     for variant in LINEAR_VARIANTS:
         for arch in (80, 90):
             jobs[f"linear-{linear_variant_name(variant)}-sm{arch}"] = [
