@@ -6,10 +6,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-# The torch backend holds a handful of fp32 temporaries of a chunk of rows at a time (log q, q, and as many
-# for the teacher; the helpers below work in place where they can): cap a chunk at this many entries (4 MiB
-# per temporary, ~25 MiB in all), so that its extra memory is O(chunk * V), not O(N * V). Rows are never
-# split: a chunk holds at least one row.
+# The torch backend holds a few fp32 temporaries of a chunk of rows at a time (log q and q, as many for a
+# teacher, and a divergence's a; the helpers below work in place where they can): cap a chunk at this many
+# entries (4 MiB per temporary, about 20 MiB in all), so that its extra memory is O(chunk * V), not O(N * V).
+# Rows are never split: a chunk holds at least one row.
 TORCH_CHUNK_ELEMENTS = 1 << 20
 
 # The most negative fp32 number: log q = -inf clamped to it makes q log q = 0 * it = 0 instead of NaN.

@@ -26,8 +26,10 @@ Two paths, chosen by the backend:
   are swept by the chosen backend's row kernel (CUDA or the chunked torch code) and dropped, and the forward
   keeps the row statistics only. The backward forms each chunk's logits again, turns the row gradient
   ``dz [C, V]`` into ``grad_hidden = dz @ W`` and ``grad_weight += dz^T h`` (an fp32 accumulator, cast at the
-  end) and drops it. Extra memory: two ``[C, V]`` temporaries and the fp32 ``[V, D]`` weight gradient,
-  whatever ``N``; the same FLOPs as the fused path. A ``klops.TopK`` teacher always takes this path.
+  end) and drops it. Extra memory: two ``[C, V]`` temporaries (logits and ``dz``; three with a teacher formed
+  from hidden states; the torch row code adds a few of at most ``TORCH_CHUNK_ELEMENTS``) and the fp32 ``[V, D]``
+  weight gradient, whatever ``N``; the same FLOPs as the fused path. A ``klops.TopK`` teacher always takes this
+  path.
 
 ``backend="auto"`` takes the fused kernels on CUDA tensors wherever Triton is usable (``torch`` on the CPU;
 the chunked CUDA path only without Triton), for every shape, because of memory, which is known without a
@@ -67,10 +69,13 @@ if TYPE_CHECKING:
 __all__ = ["fused_linear_logprobs", "fused_linear_kl", "fused_linear_cross_entropy"]
 
 # Entries of one chunk's logits by device: on a GPU 2^24 (64 MiB in fp32, 128 rows of a 128k vocabulary:
-# matmuls of M = 128 keep the tensor cores busy), on the CPU 2^18 (1 MiB: with the torch backend's dozen
-# row temporaries of the chunk's size, 21-29 MiB of extra peak memory at N=4096, D=256, V=32000 fp32
-# for logprobs / cross-entropy / KL, against 500 MiB for one [N, V] tensor).
-LINEAR_CHUNK_ELEMENTS = {"cuda": 1 << 24, "cpu": 1 << 18}
+# matmuls of M = 128 keep the tensor cores busy), on the CPU 2^19 (2 MiB, 16 rows of a 32k vocabulary: at
+# D=256 a chunk's four products run at 42% of their rate at M = 256, against 26% at M = 8, 80% at M = 65;
+# peak memory above the inputs over forward + backward at N=4096, D=256, V=32000 fp32, the 31 MiB fp32 weight
+# gradient included: 41 MiB for logprobs / cross-entropy, 49 MiB for KL from the teacher's hidden states,
+# against 500 MiB for one [N, V] tensor; 2^20 and up make test_cpu_memory_stays_far_below_one_logits_tensor's
+# resident-set peak vary past its bound).
+LINEAR_CHUNK_ELEMENTS = {"cuda": 1 << 24, "cpu": 1 << 19}
 
 
 def _row_chunks(B: int, L: int, V: int, device: torch.device):
