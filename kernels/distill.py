@@ -1,4 +1,5 @@
-"""Triton kernel for AKL's adaptive weights (Wu et al. 2024; docs/losses.md §6), one program per row.
+"""Triton kernels for AKL's adaptive weights (Wu et al. 2024; docs/losses.md §6) and the forward / reverse KL
+pair, one program per row.
 
 AKL splits the teacher's vocabulary at cumulative mass mu: sorting p = softmax(y/T) in descending order,
 the head is the first entry and every entry whose running sum is <= mu, the tail the rest; with
@@ -13,23 +14,23 @@ radix select on the fp32 bit pattern of p (for p >= 0 the bits order like the va
 over the teacher row: per sweep the mass of the entries that match the prefix found so far is binned by
 their next 4 bits (16 bins), and the bin where the mass above crosses mu extends the prefix. Sweeps: 1 for
 both rows' (max, log-sum-exp), 8 for the 32 bits (teacher only), 1 for the gaps (both rows): 10 reads of
-the teacher row and 2 of the student's, one exp per entry each, nothing stored but one fp32 per row.
+the teacher row and 2 of the student's, one exp per entry each.
 
-Both KLs (WITH_KL; for akl_loss and forward_reverse_kl) come from the same kernel: its first sweep also
-accumulates KL(p || q) and KL(q || p) online (online_kl_update, the two sharing their exps), so they cost no
-further read (without AKL_WEIGHTS that sweep is all the kernel does); the backward is one sweep of both rows
-writing dz = (g_pq (q - p) + g_qp q (log q - log p - KL(q || p))) / T for the upstream grads g of the two KLs.
+The first sweep also accumulates KL(p || q) and KL(q || p) online (online_kl_update, the two sharing their
+exps), so both KLs cost no further read (without AKL_WEIGHTS, for forward_reverse_kl, that sweep is all the
+kernel does); 7 fp32 out per row. The backward is one sweep of both rows writing
+dz = (g_pq (q - p) + g_qp q (log q - log p - KL(q || p))) / T for the upstream grads g of the two KLs.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from .divergence import NEG_INF, kl_finalize, lse_finalize, online_kl_update, online_lse_update, zero_row
+from .divergence import NEG_INF, kl_finalize, online_kl_update, zero_row
 from .launch import BACKWARD_SWEEP, FORWARD_SWEEP, launch_over_rows
 
 # (BLOCK_V, num_warps): the radix sweeps bin each block into 16 sums, a [BLOCK_V, 16] selection; at 2 entries
-# per thread it takes 114 registers on sm_90 (4 per thread: 190).
+# per thread the kernel takes 112-113 registers on sm_90 (the weights alone at 4 per thread took 190).
 AKL_SWEEP = (512, 8)
 RADIX_BITS = tl.constexpr(4)
 
@@ -95,7 +96,7 @@ def kl_pair_forward_kernel(
     y_ptr,  # (B, L, V) teacher logits
     valid_ptr,  # (B*L,) bool
     w_ptr,  # (B*L,) fp32 out (AKL_WEIGHTS): AKL's forward-KL weight (0 for invalid rows)
-    kl_ptr,  # (B*L, 6) fp32 out (WITH_KL): KL(p||q), KL(q||p), max_q, logsum_q, max_p, logsum_p (0 for invalid rows)
+    kl_ptr,  # (B*L, 6) fp32 out: KL(p||q), KL(q||p), max_q, logsum_q, max_p, logsum_p (0 for invalid rows)
     L,
     V,
     stride_zb,
@@ -105,15 +106,13 @@ def kl_pair_forward_kernel(
     inv_temperature,
     mu,
     AKL_WEIGHTS: tl.constexpr,
-    WITH_KL: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     if not tl.load(valid_ptr + row):
         if AKL_WEIGHTS:
             tl.store(w_ptr + row, 0.0)
-        if WITH_KL:
-            tl.store(kl_ptr + row * 6 + tl.arange(0, 8), tl.zeros([8], tl.float32), mask=tl.arange(0, 8) < 6)
+        tl.store(kl_ptr + row * 6 + tl.arange(0, 8), tl.zeros([8], tl.float32), mask=tl.arange(0, 8) < 6)
         return
     z_row = z_ptr + (row // L) * stride_zb + (row % L) * stride_zl
     y_row = y_ptr + (row // L) * stride_yb + (row % L) * stride_yl
@@ -128,24 +127,18 @@ def kl_pair_forward_kernel(
         in_row = start + cols < V
         z = tl.load(z_row + start + cols, mask=in_row, other=NEG_INF).to(tl.float32)
         y = tl.load(y_row + start + cols, mask=in_row, other=NEG_INF).to(tl.float32)
-        if WITH_KL:  # both KLs from the lanes' state before this block (the two calls' exps are the same)
-            _, _, _, _, kl_qp = online_kl_update(m_q, s_q, m_p, s_p, kl_qp, z, y, inv_temperature)
-            m_p, s_p, m_q, s_q, kl_pq = online_kl_update(m_p, s_p, m_q, s_q, kl_pq, y, z, inv_temperature)
-        else:
-            m_q, s_q = online_lse_update(m_q, s_q, z, inv_temperature)
-            m_p, s_p = online_lse_update(m_p, s_p, y, inv_temperature)
-    max_q, logsum_q = lse_finalize(m_q, s_q, inv_temperature)
-    max_p, logsum_p = lse_finalize(m_p, s_p, inv_temperature)
-    if WITH_KL:
-        _, _, _, _, kl_pq_row = kl_finalize(m_p, s_p, m_q, s_q, kl_pq, inv_temperature)
-        _, _, _, _, kl_qp_row = kl_finalize(m_q, s_q, m_p, s_p, kl_qp, inv_temperature)
-        out = kl_ptr + row * 6
-        tl.store(out, kl_pq_row)
-        tl.store(out + 1, kl_qp_row)
-        tl.store(out + 2, max_q)
-        tl.store(out + 3, logsum_q)
-        tl.store(out + 4, max_p)
-        tl.store(out + 5, logsum_p)
+        # both KLs from the lanes' state before this block (the two calls' exps are the same)
+        _, _, _, _, kl_qp = online_kl_update(m_q, s_q, m_p, s_p, kl_qp, z, y, inv_temperature)
+        m_p, s_p, m_q, s_q, kl_pq = online_kl_update(m_p, s_p, m_q, s_q, kl_pq, y, z, inv_temperature)
+    max_p, logsum_p, max_q, logsum_q, kl_pq_row = kl_finalize(m_p, s_p, m_q, s_q, kl_pq, inv_temperature)
+    _, _, _, _, kl_qp_row = kl_finalize(m_q, s_q, m_p, s_p, kl_qp, inv_temperature)
+    out = kl_ptr + row * 6
+    tl.store(out, kl_pq_row)
+    tl.store(out + 1, kl_qp_row)
+    tl.store(out + 2, max_q)
+    tl.store(out + 3, logsum_q)
+    tl.store(out + 4, max_p)
+    tl.store(out + 5, logsum_p)
     if AKL_WEIGHTS:
         w = akl_weight(z_row, y_row, cols, V, max_q, logsum_q, max_p, logsum_p, inv_temperature, mu, BLOCK_V)
         tl.store(w_ptr + row + tl.arange(0, 1), w)
@@ -201,16 +194,6 @@ def _rows_args(student, teacher):
     return L, V, student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1)
 
 
-def akl_head_weights(student, teacher, valid, temperature: float, mu: float):
-    """(B*L,) fp32 AKL forward-KL weights of (B, L, V) logits."""
-    w = torch.empty(student.shape[0] * student.shape[1], dtype=torch.float32, device=student.device)
-    launch_over_rows(
-        kl_pair_forward_kernel, student, student, teacher, valid.reshape(-1), w, w, *_rows_args(student, teacher),
-        1.0 / temperature, mu, AKL_WEIGHTS=True, WITH_KL=False, sweep=AKL_SWEEP,
-    )  # fmt: skip
-    return w
-
-
 def kl_pair_forward(student, teacher, valid, temperature: float, mu: float, akl_weights: bool):
     """(B*L,) fp32 AKL weights (with ``akl_weights``; else 0) and (B*L, 6) fp32 (KL(p||q), KL(q||p), max_q,
     logsum_q, max_p, logsum_p) of (B, L, V) logits."""
@@ -219,7 +202,7 @@ def kl_pair_forward(student, teacher, valid, temperature: float, mu: float, akl_
     stats = torch.empty((rows, 6), dtype=torch.float32, device=student.device)
     launch_over_rows(
         kl_pair_forward_kernel, student, student, teacher, valid.reshape(-1), w, stats, *_rows_args(student, teacher),
-        1.0 / temperature, mu, AKL_WEIGHTS=akl_weights, WITH_KL=True, sweep=AKL_SWEEP if akl_weights else FORWARD_SWEEP,
+        1.0 / temperature, mu, AKL_WEIGHTS=akl_weights, sweep=AKL_SWEEP if akl_weights else FORWARD_SWEEP,
     )  # fmt: skip
     return w, stats
 

@@ -42,7 +42,7 @@ class Case:
 
     @property
     def name(self) -> str:
-        dtype = str(self.dtype).removeprefix("torch.")
+        dtype = dtype_name(self.dtype)
         kind = f" {self.kind}" if self.op in ("fused_kl", "fused_kl_topk", "fused_linear_kl") else ""
         hidden = f" D={self.hidden}" if self.hidden else ""
         k = f" k={self.k}" if self.k else ""

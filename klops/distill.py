@@ -3,10 +3,10 @@
 the KL of the student from the teacher on its own rollouts) and AKL (forward and reverse KL mixed per token
 by the head / tail gaps of the teacher's distribution).
 
-Layers of AKL's weights: ``kernels/distill.py`` (Triton, a radix select instead of a sort), the chunked torch
-backend below (a sort per chunk of rows), the custom op ``klops::akl_head_weights`` (no gradient: the weights
-are constants, as in the authors' code). BD-KD-style mixtures are per-row weighted sums of ``fused_kl``'s
-kinds too: ``fused_kl(..., kind=..., weights=w)`` per kind, summed.
+Layers of AKL and of the forward / reverse KL pair: ``kernels/distill.py`` (Triton: both KLs online in one sweep,
+the weights by a radix select instead of a sort), the chunked torch backend below (a sort per chunk of rows), the
+custom op ``klops::kl_pair`` (the KLs differentiable; the weights have no gradient: they are constants, as in the
+authors' code). BD-KD-style mixtures weight ``forward_reverse_kl``'s two KLs per row.
 """
 
 import math
@@ -162,37 +162,6 @@ def akl_split(p: torch.Tensor, q: torch.Tensor, mu: float) -> torch.Tensor:
     head = (gap * above).sum(-1) + torch.where(ties > 0, fit / ties.clamp(min=1), 0.0) * (gap * tie).sum(-1)
     total = gap.sum(-1)
     return torch.where(total > 0, head / torch.where(total > 0, total, 1.0), 0.5)
-
-
-def akl_head_weights_torch(student, teacher, valid, temperature: float, mu: float) -> torch.Tensor:
-    """Chunked torch backend: (B*L,) fp32 forward-KL weights, by a sort of each chunk of teacher rows."""
-    B, L, V = student.shape
-    w = student.new_zeros((B, L), dtype=torch.float32)
-    for b, rows in row_chunks(B, L, V):  # p and q (log_softmax_rows' second values) live only through the split
-        weight = akl_split(*(log_softmax_rows(x[b, rows], temperature)[1] for x in (teacher, student)), mu)
-        w[b, rows] = torch.where(valid[b, rows], weight, 0.0)
-    return w.reshape(-1)
-
-
-def _akl_launcher(backend: str):
-    if backend == "triton":
-        from .kernels import distill as kernels
-
-        return kernels.akl_head_weights
-    return akl_head_weights_torch
-
-
-@torch.library.custom_op("klops::akl_head_weights", mutates_args=())
-def akl_head_weights_op(
-    student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor, temperature: float, mu: float, backend: str
-) -> torch.Tensor:
-    """(B, L, V) logits, (B, L) valid -> (B*L,) fp32 forward-KL weights (0 on invalid rows)."""
-    return _akl_launcher(backend)(student, teacher, valid, temperature, mu)
-
-
-@akl_head_weights_op.register_fake
-def _(student, teacher, valid, temperature, mu, backend):
-    return student.new_empty(student.shape[0] * student.shape[1], dtype=torch.float32)
 
 
 def kl_pair_torch(student, teacher, valid, temperature: float, mu: float, akl_weights: bool):
@@ -368,13 +337,14 @@ def akl_weights(
     may put them: the authors' split depends on how their sort breaks the tie.
 
     The Triton kernel finds the boundary without sorting (kernels/distill.py): 10 sweeps of the teacher row, 2
-    of the student's, one fp32 out per row. The torch backend sorts each chunk of rows.
+    of the student's; it is ``akl_loss``'s kernel, whose KLs are dropped here. The torch backend sorts each chunk
+    of rows.
     """
     valid, mu, temperature, backend = _akl_checks(
         "akl_weights", student_logits, teacher_logits, mu, temperature, labels, mask, ignore_index, backend
     )
     student3, teacher3 = _inputs.as_rows(student_logits.detach(), teacher_logits.detach())
-    weights = akl_head_weights_op(student3, teacher3, valid.reshape(student3.shape[:2]), temperature, mu, backend)
+    weights, _ = kl_pair_op(student3, teacher3, valid.reshape(student3.shape[:2]), temperature, mu, True, backend)
     return weights.reshape(valid.shape)
 
 

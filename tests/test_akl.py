@@ -172,11 +172,11 @@ def test_all_masked_and_empty(backend, gen):
 
 @pytest.mark.parametrize("backend", AKL_BACKENDS)
 def test_opcheck(backend, gen):
-    from klops.distill import akl_head_weights_op, kl_pair_op
+    from klops.distill import kl_pair_op
 
     valid = torch.tensor([[True, False, True]], device=DEVICE)
-    torch.library.opcheck(akl_head_weights_op, (randn(1, 3, 50, gen=gen), randn(1, 3, 50, gen=gen), valid, 1.0, 0.5,
-                                                backend))  # fmt: skip
+    torch.library.opcheck(kl_pair_op, (randn(1, 3, 50, gen=gen), randn(1, 3, 50, gen=gen), valid, 1.0, 0.5, True,
+                                       backend))  # fmt: skip
     for akl_weights in (True, False):
         student = randn(1, 3, 50, gen=gen).requires_grad_()
         torch.library.opcheck(kl_pair_op, (student, randn(1, 3, 50, gen=gen), valid, 0.7, 0.5, akl_weights, backend))

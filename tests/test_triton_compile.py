@@ -55,8 +55,8 @@ SWEEP_EXPS = {"divergence-forward-logits-bf16-bf16-fwd": 2, "divergence-reverse-
               "logprobs-entropy1-sm90": 1, "logprobs-entropy0-sm90": 1,
               "topk-forward-bin-bf16-fp32-k64": 1, "topk-backward-bf16-sm90": 1,
               "sinkhorn-softmin-cost-fp32-sm90": 1, "sinkhorn-softmin-cost-fp32-transposed-sm90": 1,
-              "sinkhorn-points-l1-sm90": 1, "akl-weights-bf16-sm90": 2,
-              "akl-loss-bf16-sm90": 2, "akl-kl-pair-bf16-sm90": 2}  # fmt: skip
+              "sinkhorn-points-l1-sm90": 1, "akl-loss-bf16-sm90": 2,
+              "akl-kl-pair-bf16-sm90": 2}  # fmt: skip
 
 
 @pytest.mark.parametrize("variant", sorted(SWEEP_EXPS))

@@ -81,8 +81,7 @@ VARIANTS = (
     + [f"topk-backward-{dtype}-sm{arch}" for dtype in ("bf16", "fp32") for arch in (80, 90)]
     + ["topk-backward-labels-bf16-sm90"]
     + [f"sinkhorn-{v}-sm{arch}" for v in SINKHORN_VARIANTS for arch in (80, 90)]
-    + [f"akl-{op}-{dtype}-sm{arch}" for op in ("weights", "loss", "kl-pair") for dtype in ("bf16", "fp32")
-       for arch in (80, 90)]
+    + [f"akl-{op}-{dtype}-sm{arch}" for op in ("loss", "kl-pair") for dtype in ("bf16", "fp32") for arch in (80, 90)]
     + [f"linear-{linear_variant_name(v)}-sm{arch}" for v in LINEAR_VARIANTS for arch in (80, 90)]
     + [f"linear-divergence-{'-'.join(filter(None, v))}" for v in LINEAR_DIVERGENCE_VARIANTS]
 )
@@ -331,14 +330,12 @@ def compile_all() -> dict[str, dict]:
         backward = {"grad_ptr": "*fp32", "z_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "valid_ptr": "*i1",
                     "kl_ptr": "*fp32", "dz_ptr": f"*{dtype}"} | ROW_ARGS | strides | {"inv_temperature": "fp32"}
         for arch in (80, 90):
-            for name, akl_weights, with_kl in (("weights", True, False), ("loss", True, True), ("kl-pair", False, True)):
-                constexprs = {"AKL_WEIGHTS": akl_weights, "WITH_KL": with_kl}
-                jobs[f"akl-{name}-{dtype}-sm{arch}"] = [(distill.kl_pair_forward_kernel, weights, constexprs, arch,
-                                                         distill.AKL_SWEEP if akl_weights else FORWARD_SWEEP)]  # fmt: skip
-                if with_kl:
-                    jobs[f"akl-{name}-{dtype}-sm{arch}"].append(
-                        (distill.kl_pair_backward_kernel, backward, {}, arch, BACKWARD_SWEEP)
-                    )
+            for name, akl_weights in (("loss", True), ("kl-pair", False)):
+                jobs[f"akl-{name}-{dtype}-sm{arch}"] = [
+                    (distill.kl_pair_forward_kernel, weights, {"AKL_WEIGHTS": akl_weights}, arch,
+                     distill.AKL_SWEEP if akl_weights else FORWARD_SWEEP),
+                    (distill.kl_pair_backward_kernel, backward, {}, arch, BACKWARD_SWEEP),
+                ]  # fmt: skip
     for variant in LINEAR_VARIANTS:
         for arch in (80, 90):
             jobs[f"linear-{linear_variant_name(variant)}-sm{arch}"] = [
