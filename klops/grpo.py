@@ -155,6 +155,19 @@ def _top_entries(score: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor) -
     return (rank.view(score.shape) < k) & eligible
 
 
+def _masked_quantile(values: torch.Tensor, keep: torch.Tensor, q: float) -> torch.Tensor:
+    """torch.quantile (linear interpolation) of the kept entries of values; NaN when none is kept. The same
+    as torch.nanquantile(torch.where(keep, values, nan), q), from a sort and gathers: nanquantile's check for
+    NaNs is a data-dependent op that torch.compile(fullgraph=True) rejects before torch 2.13."""
+    if values.numel() == 0:
+        return values.new_full((), math.nan)
+    ordered = torch.where(keep, values, math.inf).flatten().sort().values  # the kept entries first
+    count = keep.sum()
+    rank = (count - 1).clamp(min=0).to(values.dtype) * q
+    below, above = ordered.gather(0, torch.stack([rank.floor(), rank.ceil()]).long())
+    return torch.where(count > 0, torch.lerp(below, above, rank - rank.floor()), math.nan)
+
+
 def _batch_covariance(A: torch.Tensor, lp: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """Per-token (A - mean A)(logp - mean logp), the means over the valid tokens of the batch (verl's
     Clip-Cov / KL-Cov); detached."""
@@ -411,7 +424,7 @@ def grpo_loss(
     token_weight = m
     if top_entropy_quantile < 1.0:
         h = entropy.detach().to(dtype)
-        cutoff = torch.nanquantile(torch.where(m > 0, h, torch.nan).flatten(), 1.0 - top_entropy_quantile)
+        cutoff = _masked_quantile(h, m > 0, 1.0 - top_entropy_quantile)
         token_weight = m * (h >= cutoff).to(dtype)  # no valid token: cutoff NaN, nothing kept
         loss_t = loss_t * token_weight
     if is_ratio is not None and loss_type not in ("vespo", "geo_mean"):

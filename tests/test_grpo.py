@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import klops
+from klops import grpo as grpo_module
 from klops.reference import (
     fused_kl_reference,
     group_advantages_reference,
@@ -297,6 +298,22 @@ def test_from_logits(kl, backend, gen):
     assert_close(loss, expected, (1e-5, 1e-6), "loss")
     assert_close(z.grad, z_ref.grad, (1e-4, 1e-5), "logits grad")
     assert "entropy" in metrics and "kl" in metrics
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_masked_quantile_is_nanquantile(dtype, gen):
+    """The entropy cutoff's quantile (a sort, compilable with fullgraph=True on torch 2.11) equals torch.nanquantile
+    over the kept entries to the bit, with ties, q at 0 and 1, and NaN when nothing is kept or there is nothing."""
+    for trial in range(60):
+        n = int(torch.randint(0, 30, (), generator=gen))
+        values = torch.randn(3, n, generator=gen, dtype=torch.float64).to(dtype)
+        values = values.round() if trial % 3 == 0 else values  # ties
+        keep = torch.rand(3, n, generator=gen) < [0.0, 1.0, 0.5, 0.1][trial % 4]
+        q = [0.0, 1.0, float(torch.rand((), generator=gen))][trial % 3]
+        got = grpo_module._masked_quantile(values.to(DEVICE), keep.to(DEVICE), q).cpu()
+        none = torch.tensor(math.nan, dtype=dtype)
+        expected = torch.nanquantile(torch.where(keep, values, torch.nan).flatten(), q) if n else none
+        assert got.dtype == dtype and (got == expected or (got.isnan() and expected.isnan())), (got, expected, q)
 
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
