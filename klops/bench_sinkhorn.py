@@ -16,6 +16,7 @@ sign(p - q), and where a student and a teacher probability agree to fp32 roundin
 """
 
 import dataclasses
+import importlib.util
 import math
 
 import torch
@@ -78,7 +79,8 @@ class SinkhornCase:
         if self.op == "sinkhorn":
             epsilon = 0.05 * self.size  # squared distances of unit normals are ~2 d
             impls = {f"klops[{b}]": lambda x, y, b=b: _klops_sinkhorn(x, y, epsilon, b) for b in backends}
-            impls["POT (ot.sinkhorn, log)"] = lambda x, y: _pot_sinkhorn(x, y, epsilon)
+            if importlib.util.find_spec("ot") is not None:  # POT, where installed
+                impls["POT (ot.sinkhorn, log)"] = lambda x, y: _pot_sinkhorn(x, y, epsilon)
             impls["torch loop"] = lambda x, y: _torch_loop_sinkhorn(x, y, epsilon)
             return impls
         impls = {f"klops[{b}]": lambda z, y, b=b: sinkhorn_distill_loss(z, y, backend=b) for b in backends}

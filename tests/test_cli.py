@@ -1,5 +1,6 @@
 """The command line: `klops info` and `klops bench` (on tiny cases)."""
 
+import importlib.util
 import json
 
 import pytest
@@ -35,7 +36,8 @@ def test_bench_checks_and_reports(tmp_path, monkeypatch, capsys):
     table = capsys.readouterr().out
     report = json.loads(out_json.read_text())
     impls = {row["impl"] for row in report["results"]}
-    assert {"klops[torch]", "torch eager", "torch.compile", "POT (ot.sinkhorn, log)", "torch loop"} <= impls
+    assert {"klops[torch]", "torch eager", "torch.compile", "torch loop"} <= impls
+    assert ("POT (ot.sinkhorn, log)" in impls) == (importlib.util.find_spec("ot") is not None)  # where installed
     passes = {}
     for row in report["results"]:
         assert "error" not in row, row
@@ -95,7 +97,8 @@ def test_bench_report_files_and_plots(tmp_path, monkeypatch):
             for impl in ("klops[torch]", "torch eager") for n, v in ((4, 96), (8, 96), (4, 192))]  # fmt: skip
     rows.append(_timed_row("fused_kl", "torch eager", 4, 96, 1.0, 1.0, kind="jsd"))  # one shape: no plot
     report = dict(device="cpu (2 threads)", date="2026-12-04T00:00:00+00:00", versions={"klops": "0"},
-                  ceilings=dict(copy_bandwidth_gbps=10.0, matmul_tflops={}), repeats=1, results=rows)  # fmt: skip
+                  ceilings=dict(copy_bandwidth_gbps=10.0, matmul_tflops={}), repeats=1, results=rows,
+                  not_run=[])  # fmt: skip
     out, plots = bench_report.write_report(report, tmp_path / "cpu", "info line")
     assert out == tmp_path / "cpu" / "2026-12-04-cpu-2-threads"
     assert [path.name for path in plots] == ["2026-12-04-cpu-2-threads-logprobs-float32.png"]
@@ -176,6 +179,38 @@ def test_bench_ops_selects_cases(monkeypatch, capsys, tmp_path):
     args = ["bench", "--device", "cpu", "--repeats", "1", "--ops", "logprobs", "--json", str(out_json)]
     assert cli.main(args) == 0
     assert {row["case"].split()[0] for row in json.loads(out_json.read_text())["results"]} == {"logprobs"}
+
+
+def test_bench_time_limit(monkeypatch, capsys, tmp_path):
+    """No case starts once --time-limit seconds have passed: the one already running ends and is reported, the rest
+    are listed as not run (JSON and table), and the exit is 0. Without the limit every case runs."""
+    tiny = [bench.Case("logprobs", 4, 96, torch.float32), bench.Case("fused_kl", 4, 96, torch.float32),
+            bench.Case("fused_kl", 4, 96, torch.float32, "reverse")]  # fmt: skip
+    monkeypatch.setattr(bench, "cases", lambda device, quick, **_: tiny)
+    monkeypatch.setattr(bench_sinkhorn, "cases", lambda device, quick: [])
+    real_clock = bench.time.perf_counter
+    clock = iter(range(0, 10_000, 10))  # each perf_counter() call is 10 s after the previous: the first case runs
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+    out_json = tmp_path / "report.json"
+    args = ["bench", "--device", "cpu", "--repeats", "1", "--baselines", "eager", "--json", str(out_json)]
+    assert cli.main([*args, "--time-limit", "15"]) == 0
+    report = json.loads(out_json.read_text())
+    assert {row["case"] for row in report["results"]} == {tiny[0].name}
+    assert report["not_run"] == [tiny[1].name, tiny[2].name]
+    not_run = f"Not run (the time limit had passed): 2 case(s): {tiny[1].name}; {tiny[2].name}."
+    assert not_run in capsys.readouterr().out
+    monkeypatch.setattr(bench.time, "perf_counter", real_clock)
+    assert cli.main(args) == 0
+    report = json.loads(out_json.read_text())
+    assert report["not_run"] == [] and len({row["case"] for row in report["results"]}) == 3
+    assert "Not run" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("limit", ["-1", "nan", "soon"])
+def test_bench_rejects_bad_time_limit(limit, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--time-limit", limit])
+    assert "--time-limit" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("ops", ["fused_kll", "", "logprobs,dpo"])
