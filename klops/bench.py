@@ -621,11 +621,14 @@ def run(
     backends: set[str] | None = None,
     baselines: set[str] | None = None,
     progress=None,
+    time_limit: float | None = None,
 ) -> dict:
     """Run every case (of the ``ops`` named, at ``shapes`` in ``dtype`` when given; the klops ``backends`` and
     baseline families named, when given). Returns the report: ``device``, ``date``, ``versions``, ``ceilings``
-    (the copy bandwidth and the matmul rates measured in this run), ``repeats`` and ``results``, the rows of
-    ``measure``. ``progress(i, n, name, seconds)`` is called before each case."""
+    (the copy bandwidth and the matmul rates measured in this run), ``repeats``, ``results`` (the rows of
+    ``measure``) and ``not_run``, the names of the cases left when ``time_limit`` seconds had passed (no case
+    starts after that; a case already started runs to its end). ``progress(i, n, name, seconds)`` is called
+    before each case."""
     repeats = (5 if quick else 20) if repeats is None else repeats
     ceilings = dict(copy_bandwidth_gbps=copy_bandwidth(device) / 1e9, matmul_tflops={})
     gen = torch.Generator().manual_seed(0)
@@ -634,7 +637,11 @@ def run(
     todo = [case for case in cases(device, quick, shapes=shapes, dtype=dtype) + sinkhorn_cases
             if ops is None or case.op in ops]  # fmt: skip
     start = time.perf_counter()
+    not_run = []
     for index, case in enumerate(todo):
+        if time_limit is not None and time.perf_counter() - start > time_limit:
+            not_run = [case.name for case in todo[index:]]
+            break
         if progress is not None:
             progress(index, len(todo), case.name, time.perf_counter() - start)
         if case.hidden and dtype_name(case.dtype) not in ceilings["matmul_tflops"]:
@@ -646,7 +653,7 @@ def run(
                 results += measure(case, name, impl, z, y, device, repeats, ceilings)
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     return dict(device=device_name(device), date=date, versions=versions(), ceilings=ceilings, repeats=repeats,
-                results=results)  # fmt: skip
+                results=results, not_run=not_run)  # fmt: skip
 
 
 PASSES = ("forward", "forward+backward")

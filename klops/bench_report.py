@@ -2,7 +2,8 @@
 
 The JSON report (``write_json``) is ``bench.run``'s dict as is: top level ``device``, ``date``, ``versions``,
 ``ceilings`` (``copy_bandwidth_gbps``, ``matmul_tflops`` per dtype, both measured in the run), ``repeats``; one
-object per case, implementation and pass in ``results`` (the fields are listed in ``bench.measure``).
+object per case, implementation and pass in ``results`` (the fields are listed in ``bench.measure``); ``not_run``,
+the cases a time limit left out.
 """
 
 import importlib.util
@@ -51,6 +52,9 @@ def format_table(report: dict) -> str:
         peaks = " / ".join(f"{row['peak_mem_mib']:.1f}" for row in rows.values() if "peak_mem_mib" in row)
         rate, fraction = _rate(last)
         lines.append(f"| {case} | {impl} | {' | '.join(times)} | {peaks} | {rate} | {fraction} | {err} |")
+    if report["not_run"]:
+        lines += ["", f"Not run (the time limit had passed): {len(report['not_run'])} case(s): "
+                  + "; ".join(report["not_run"]) + "."]  # fmt: skip
     return "\n".join(lines)
 
 

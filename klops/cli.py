@@ -73,6 +73,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also NaN
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text}")
+    return value
+
+
 def bench_device(name: str | None) -> torch.device:
     """The device ``klops bench --device name`` runs on (a GPU when there is one); ValueError when it
     cannot run here."""
@@ -178,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
         "--baselines", default=None, help=f"baselines to time, of {', '.join(bench.BASELINES)} (default: all found)"
     )
     bench_parser.add_argument("--out", default=None, help="write <date>-<device>.json and .md to this folder")
+    bench_parser.add_argument(
+        "--time-limit", type=non_negative_float, default=None, metavar="SECONDS",
+        help="start no case after this many seconds (a case already started runs to its end); the report lists "
+        "the cases left",
+    )  # fmt: skip
     args = parser.parse_args(argv)
 
     if args.command == "info":
@@ -196,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     report = bench.run(
         device, quick=args.quick, repeats=args.repeats, ops=ops, shapes=shapes, dtype=bench.DTYPES.get(args.dtype),
         backends=backends, baselines=None if baselines is None else set(baselines), progress=progress,
+        time_limit=args.time_limit,
     )  # fmt: skip
     print(bench_report.format_table(report))
     if args.json:
