@@ -284,8 +284,9 @@ def test_bench_rejects_bad_selection(args, message, capsys):
 
 
 def test_bench_baseline_families():
-    families = {name: bench.baseline_family(name) for name in ("klops[triton]", "torch eager", "torch.compile",
-                "liger-kernel", "cut-cross-entropy", "POT (ot.sinkhorn, log)", "torch loop", "torch eager (published)")}  # fmt: skip
+    names = ("klops[triton]", "torch eager", "torch.compile", "liger-kernel", "cut-cross-entropy",
+             "POT (ot.sinkhorn, log)", "torch loop", "torch eager (published)")  # fmt: skip
+    families = {name: bench.baseline_family(name) for name in names}
     assert list(families.values()) == [None, "eager", "compile", "liger", "cce", "pot", "eager", "eager"]
     assert bench.selected("klops[torch] dense teacher", {"torch"}, None)
     assert not bench.selected("klops[triton]", {"torch"}, None) and not bench.selected("torch.compile", None, {"eager"})

@@ -172,8 +172,8 @@ def _steps(backend, seed):
     hidden, teacher_hidden = (torch.randn(64, 256, generator=gen).to(device, torch.bfloat16) for _ in range(2))
     weight = (torch.randn(32000, 256, generator=gen) / 16).to(device, torch.bfloat16)
     hidden_labels = torch.randint(0, 32000, (64,), generator=gen).to(device)
-    return [(_step, (student.requires_grad_(), teacher, labels)),
-            (_linear_step, (hidden.requires_grad_(), weight.requires_grad_(), teacher_hidden, hidden_labels))]  # fmt: skip
+    linear_args = (hidden.requires_grad_(), weight.requires_grad_(), teacher_hidden, hidden_labels)
+    return [(_step, (student.requires_grad_(), teacher, labels)), (_linear_step, linear_args)]
 
 
 @pytest.mark.parametrize("step", [0, 1], ids=["row ops", "fused-linear ops"])

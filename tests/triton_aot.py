@@ -127,23 +127,29 @@ def linear_divergence_jobs(kernels, variant) -> list:
                 "t_ptr": f"*{teacher_dtype}", "tw_ptr": f"*{teacher_dtype}", "tb_ptr": f"*{teacher_dtype}"}  # fmt: skip
     shapes = {"N": "i32", "L": "i32", "V": "i32", "D": "i32", "Dt": "i32"}
     unit = ("stride_hd", "stride_wd", "stride_td", "stride_twd") + (("stride_twv",) if teacher == "logits" else ())
-    strides = {name: "constexpr" if name in unit else "i64" for name in ("stride_hb", "stride_hl", "stride_hd",
-               "stride_wv", "stride_wd", "stride_tb", "stride_tl", "stride_td", "stride_twv", "stride_twd")}  # fmt: skip
+    names = ("stride_hb", "stride_hl", "stride_hd", "stride_wv", "stride_wd", "stride_tb", "stride_tl", "stride_td",
+             "stride_twv", "stride_twd")  # fmt: skip
+    strides = {name: "constexpr" if name in unit else "i64" for name in names}
     constants = {"inv_temperature": "fp32", "softcap": "fp32"}
     constexprs = {"KIND": DIVERGENCE_KINDS.index(kind), "TARGET": TARGET_KINDS.index(target),
                   "TEACHER_HIDDEN": teacher == "hidden", "T_HAS_BIAS": "bias" in flags, "HAS_BIAS": "bias" in flags,
-                  "SOFTCAP": "softcap" in flags, "DOT_FP32": False, "PRECISION": "ieee", **{name: 1 for name in unit}}  # fmt: skip
+                  "SOFTCAP": "softcap" in flags, "DOT_FP32": False, "PRECISION": "ieee",
+                  **{name: 1 for name in unit}}  # fmt: skip
     labels = {"WITH_LABELS": "labels" in flags}
     stats = pointers | {"valid_ptr": "*i1", "labels_ptr": "*i64", "part_ptr": "*fp32"} | shapes | {"split_size": "i32"}
     terms = pointers | {"valid_ptr": "*i1", "stats_ptr": "*fp32", "part_ptr": "*fp32"} | shapes | {"split_size": "i32"}
     backward = pointers | {"labels_ptr": "*i64", "stats_ptr": "*fp32", "coef_ptr": "*fp32", "grad_h_ptr": "*fp32",
                            "grad_w_ptr": "*fp32", "grad_b_ptr": "*fp32"} | shapes  # fmt: skip
-    jobs = [(kernels.linear_divergence_stats_kernel, stats | strides | constants, constexprs | labels, linear.FORWARD_TILE)]
+    coef = constants | {"coef": "fp32"}
+    stats_constexprs = constexprs | labels
+    jobs = [
+        (kernels.linear_divergence_stats_kernel, stats | strides | constants, stats_constexprs, linear.FORWARD_TILE)
+    ]
     if not (target == "logits" and kind in ("forward", "reverse")):
-        jobs.append((kernels.linear_divergence_terms_kernel, terms | strides | constants | {"coef": "fp32"}, constexprs,
-                     linear.FORWARD_TILE))  # fmt: skip
-    jobs.append((kernels.linear_divergence_backward_kernel, backward | strides | {"v_start": "i32"} | constants | {"coef": "fp32"},
-                 constexprs | labels | {"GROUP_M": linear.GROUP_M}, linear.BACKWARD_TILE))  # fmt: skip
+        jobs.append((kernels.linear_divergence_terms_kernel, terms | strides | coef, constexprs, linear.FORWARD_TILE))
+    backward_constexprs = constexprs | labels | {"GROUP_M": linear.GROUP_M}
+    jobs.append((kernels.linear_divergence_backward_kernel, backward | strides | {"v_start": "i32"} | coef,
+                 backward_constexprs, linear.BACKWARD_TILE))  # fmt: skip
     return [(kernel, sig, cx | {"BLOCK_M": tile[0], "BLOCK_V": tile[1], "BLOCK_K": tile[2]}, (None, *tile[3:]))
             for kernel, sig, cx, tile in jobs]  # fmt: skip
 
@@ -327,8 +333,9 @@ def compile_all() -> dict[str, dict]:
         rows = {"z_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "valid_ptr": "*i1", "w_ptr": "*fp32", "kl_ptr": "*fp32"}
         strides = {name: "i64" for name in ("stride_zb", "stride_zl", "stride_yb", "stride_yl")}
         weights = rows | ROW_ARGS | strides | {"inv_temperature": "fp32", "mu": "fp32"}
-        backward = {"grad_ptr": "*fp32", "z_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "valid_ptr": "*i1",
-                    "kl_ptr": "*fp32", "dz_ptr": f"*{dtype}"} | ROW_ARGS | strides | {"inv_temperature": "fp32"}
+        grads = {"grad_ptr": "*fp32", "z_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "valid_ptr": "*i1",
+                 "kl_ptr": "*fp32", "dz_ptr": f"*{dtype}"}  # fmt: skip
+        backward = grads | ROW_ARGS | strides | {"inv_temperature": "fp32"}
         for arch in (80, 90):
             for name, akl_weights in (("loss", True), ("kl-pair", False)):
                 jobs[f"akl-{name}-{dtype}-sm{arch}"] = [
@@ -339,7 +346,7 @@ def compile_all() -> dict[str, dict]:
     for variant in LINEAR_VARIANTS:
         for arch in (80, 90):
             jobs[f"linear-{linear_variant_name(variant)}-sm{arch}"] = [
-                (kernel, sig, constexprs, arch, sweep) for kernel, sig, constexprs, sweep in linear_jobs(linear, variant)
+                (kernel, sig, cx, arch, sweep) for kernel, sig, cx, sweep in linear_jobs(linear, variant)
             ]
     for variant in LINEAR_DIVERGENCE_VARIANTS:
         jobs[f"linear-divergence-{'-'.join(filter(None, variant))}"] = [
