@@ -78,7 +78,7 @@ struct Kl {
   }
   __device__ __forceinline__ Lse lse_a() const { return {m_a, s_a}; }
   __device__ __forceinline__ Lse lse_b() const { return {m_b, s_b}; }
-  // Once reduced over the row. Infinite where P_a > 0 = P_b (inf or NaN).
+  // Once reduced over the row. Infinite where P_a > 0 = P_b.
   __device__ __forceinline__ float kl() const { return acc / s_a - logf(s_a) + logf(s_b); }
 };
 
@@ -92,8 +92,9 @@ struct KlOp {
   // moves the reference point of every earlier term: with shift = (m - m') c (0 when m = -inf) and
   // r = exp(shift), acc' = r_a (acc + (shift_a - shift_b) s_a). Per row, on a new max x the exp is
   // r and the entry's d is 0; else shift = 0, r = 1 and the exp is exp(d) of the entry. The new
-  // term is exp(d_a) (d_a - d_b), 0 for a = -inf whatever b (an entry -inf in both rows adds
-  // nothing). b = -inf < a gives acc = inf (D inf or NaN); NaN entries give NaN.
+  // term is exp(d_a) (d_a - d_b). A term or an earlier acc whose weight (exp(d_a), r_a) is 0 in fp32
+  // adds nothing (P_a = 0 there: a = -inf, or an underflow), so that b = -inf meets no 0 * inf;
+  // b = -inf where P_a > 0 gives acc = inf (D inf). NaN entries give NaN (through s).
   __device__ __forceinline__ void push(Kl& k, float a, float b) const {
     const bool up_a = a > k.m_a;
     const bool up_b = b > k.m_b;
@@ -107,8 +108,10 @@ struct KlOp {
     const float shift_b = up_b ? finite_or_zero(x_b) : 0.0f;
     const float d_a = up_a ? 0.0f : x_a;
     const float d_b = up_b ? 0.0f : x_b;
-    const float term = a == kNegInf ? 0.0f : (up_a ? 1.0f : e_a) * (d_a - d_b);
-    k.acc = (up_a ? e_a : 1.0f) * (k.acc + (shift_a - shift_b) * k.s_a) + term;
+    const float weight = up_a ? 1.0f : e_a;
+    const float r_a = up_a ? e_a : 1.0f;
+    const float term = weight > 0.0f ? weight * (d_a - d_b) : 0.0f;
+    k.acc = (r_a > 0.0f ? r_a * (k.acc + (shift_a - shift_b) * k.s_a) : 0.0f) + term;
     k.s_a = up_a ? fmaf(k.s_a, e_a, 1.0f) : k.s_a + e_a;
     k.s_b = up_b ? fmaf(k.s_b, e_b, 1.0f) : k.s_b + e_b;
     k.m_a = m_a;
@@ -132,8 +135,8 @@ struct KlOp {
     // finite_or_zero: shift = -inf only for an empty side (m_i = -inf), which moves nothing
     const float dx = finite_or_zero(shift_xa) - finite_or_zero(shift_xb);
     const float dy = finite_or_zero(shift_ya) - finite_or_zero(shift_yb);
-    const float acc_x = r_xa * (x.acc + dx * x.s_a);
-    const float acc_y = r_ya * (y.acc + dy * y.s_a);
+    const float acc_x = r_xa > 0.0f ? r_xa * (x.acc + dx * x.s_a) : 0.0f;  // as push
+    const float acc_y = r_ya > 0.0f ? r_ya * (y.acc + dy * y.s_a) : 0.0f;
     return {m_a, x.s_a * r_xa + y.s_a * r_ya, m_b,
             x.s_b * expf(shift_xb) + y.s_b * expf(shift_yb), acc_x + acc_y};
   }

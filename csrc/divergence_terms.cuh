@@ -66,11 +66,12 @@ __device__ __forceinline__ Terms divergence_terms(float lq, float lp, const Dive
   const bool p_pos = lp != kNegInf;
   const float coef = k.coef;
   Terms t;
+  // p = 0 (or q = 0) adds nothing, also for a finite lp (lq) whose exp underflows: no 0 * inf against -inf.
   if constexpr (KIND == FORWARD) {  // sum p (log p - log q); g = -u
-    t.loss = p_pos ? p * (lp - lq) : 0.0f;
+    t.loss = p > 0.0f ? p * (lp - lq) : 0.0f;
     t.a = -p;
   } else if constexpr (KIND == REVERSE) {  // sum q (log q - log p); g = log q - log p + const
-    t.loss = q_pos ? q * (lq - lp) : 0.0f;
+    t.loss = q > 0.0f ? q * (lq - lp) : 0.0f;
     t.a = t.loss;
   } else if constexpr (KIND == JSD) {
     // m = beta p + (1-beta) q; beta KL(p||m) + (1-beta) KL(q||m)

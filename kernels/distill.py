@@ -30,7 +30,7 @@ from .divergence import NEG_INF, kl_finalize, online_kl_update, zero_row
 from .launch import BACKWARD_SWEEP, FORWARD_SWEEP, launch_over_rows
 
 # (BLOCK_V, num_warps): the radix sweeps bin each block into 16 sums, a [BLOCK_V, 16] selection; at 2 entries
-# per thread the kernel takes 112-113 registers on sm_90 (the weights alone at 4 per thread took 190).
+# per thread the kernel takes 112 registers on sm_90 (the weights alone at 4 per thread took 190).
 AKL_SWEEP = (512, 8)
 RADIX_BITS = tl.constexpr(4)
 
@@ -184,7 +184,7 @@ def kl_pair_backward_kernel(
         lq = (z - max_q) * inv_temperature - logsum_q
         lp = (y - max_p) * inv_temperature - logsum_p
         q = tl.exp(lq)
-        reverse = tl.where(lq != NEG_INF, q * (lq - lp - kl_qp), 0.0)
+        reverse = tl.where(q > 0.0, q * (lq - lp - kl_qp), 0.0)  # q = 0 adds nothing, even where lp = -inf
         dz = scale_pq * (q - tl.exp(lp)) + scale_qp * reverse
         tl.store(dz_row + start + cols, dz.to(dz_ptr.dtype.element_ty), mask=in_row)
 

@@ -90,7 +90,9 @@ def online_kl_update(m_a, s_a, m_b, s_b, acc, a, b, inv_temperature):
 
     One exp per entry of each row, as in online_lse_update: x = shift on a new max (then d = 0 and the
     entry's exp is 1), else x = d (then shift = 0, r = 1). shift = -inf only when the lane was empty
-    (m = -inf, s = acc = 0): taken as 0. b = -inf < a gives acc = inf (D infinite); NaN gives NaN.
+    (m = -inf, s = acc = 0): taken as 0. An entry, or a lane's earlier terms, whose weight exp(d_a) or r_a is
+    0 in fp32 adds nothing (P_a = 0 there: a = -inf, or an underflow), so that b = -inf meets no 0 * inf;
+    b = -inf where P_a > 0 gives acc = inf (D infinite). NaN gives NaN (through s).
     """
     up_a = a > m_a
     up_b = b > m_b
@@ -102,8 +104,9 @@ def online_kl_update(m_a, s_a, m_b, s_b, acc, a, b, inv_temperature):
     e_b = tl.exp(x_b)
     shift = tl.where(up_a, finite_or_zero(x_a), 0.0) - tl.where(up_b, finite_or_zero(x_b), 0.0)
     d_diff = tl.where(up_a, 0.0, x_a) - tl.where(up_b, 0.0, x_b)
-    term = tl.where(a == NEG_INF, 0.0, tl.where(up_a, 1.0, e_a) * d_diff)
-    acc = tl.where(up_a, e_a, 1.0) * (acc + shift * s_a) + term
+    weight = tl.where(up_a, 1.0, e_a)
+    r_a = tl.where(up_a, e_a, 1.0)
+    acc = tl.where(r_a > 0.0, r_a * (acc + shift * s_a), 0.0) + tl.where(weight > 0.0, weight * d_diff, 0.0)
     s_a = tl.where(up_a, s_a * e_a + 1.0, s_a + e_a)
     s_b = tl.where(up_b, s_b * e_b + 1.0, s_b + e_b)
     return m_a_new, s_a, m_b_new, s_b, acc
@@ -119,7 +122,7 @@ def kl_finalize(m_a, s_a, m_b, s_b, acc, inv_temperature):
     shift_a = tl.where(m_a == NEG_INF, 0.0, (m_a - max_a) * inv_temperature)
     shift_b = tl.where(m_b == NEG_INF, 0.0, (m_b - max_b) * inv_temperature)
     r_a = tl.where(m_a == NEG_INF, 0.0, tl.exp(shift_a))
-    acc_row = tl.sum(r_a * (acc + (shift_a - shift_b) * s_a), 0)
+    acc_row = tl.sum(tl.where(r_a > 0.0, r_a * (acc + (shift_a - shift_b) * s_a), 0.0), 0)  # as online_kl_update
     return max_a, logsum_a, max_b, logsum_b, acc_row / tl.exp(logsum_a) - logsum_a + logsum_b
 
 
@@ -148,11 +151,11 @@ def divergence_terms(lq, lp, coef, KIND: tl.constexpr):
     p = tl.exp(lp)
     q_pos = lq != NEG_INF
     p_pos = lp != NEG_INF
-    if KIND == FORWARD:  # sum p (log p - log q); g = -u
-        loss = tl.where(p_pos, p * (lp - lq), 0.0)
+    if KIND == FORWARD:  # sum p (log p - log q); g = -u. p = 0 adds nothing, even for a finite lp that underflows.
+        loss = tl.where(p > 0.0, p * (lp - lq), 0.0)
         a = -p
     elif KIND == REVERSE:  # sum q (log q - log p); g = log q - log p + const
-        loss = tl.where(q_pos, q * (lq - lp), 0.0)
+        loss = tl.where(q > 0.0, q * (lq - lp), 0.0)
         a = loss
     elif KIND == JSD:  # m = beta p + (1-beta) q; beta KL(p||m) + (1-beta) KL(q||m)
         lm = tl.log(coef * p + (1.0 - coef) * q)

@@ -16,7 +16,7 @@ TARGET_KINDS = ("logits", "logprobs", "probs")
 # in flight: about 25 KB per SM covers HBM3's latency at full rate (4.8 TB/s x ~700 ns / 132 SMs).
 # Forward sweeps keep 3-5 online accumulators per lane, so they take 8 entries per thread; at 4096/8
 # warps the forward / reverse KL forward needed 179 registers, one block of 8 warps per SM and 16 KB
-# of bf16 loads in flight, at 1024/4 it needs 76-77: 6 blocks, 24 warps and 24 KB per SM (jsd 28 KB).
+# of bf16 loads in flight, at 1024/4 it needs 80: 6 blocks, 24 warps and 24 KB per SM (jsd 28 KB).
 # Backward sweeps keep no accumulator: 16 entries per thread, 72-80 registers, 6-7 blocks, 48-56 KB.
 FORWARD_SWEEP = (1024, 4)
 BACKWARD_SWEEP = (2048, 4)

@@ -87,7 +87,9 @@ def tile_kl_update(m_a, s_a, m_b, s_b, acc, a, b, inv_temperature):
     d_b = (b - ref_b[:, None]) * inv_temperature
     e_a = tl.exp(d_a)
     r_a = tl.exp(shift_a)
-    acc = r_a * (acc + (shift_a - shift_b) * s_a) + tl.sum(tl.where(e_a > 0.0, e_a * (d_a - d_b), 0.0), 1)
+    # Terms of weight 0 in fp32 (P_a = 0) add nothing, even against b = -inf: no 0 * inf (online_kl_update).
+    moved = tl.where(r_a > 0.0, r_a * (acc + (shift_a - shift_b) * s_a), 0.0)
+    acc = moved + tl.sum(tl.where(e_a > 0.0, e_a * (d_a - d_b), 0.0), 1)
     s_a = s_a * r_a + tl.sum(e_a, 1)
     s_b = s_b * tl.exp(shift_b) + tl.sum(tl.exp(d_b), 1)
     return m_a_new, s_a, m_b_new, s_b, acc
@@ -448,7 +450,8 @@ def linear_divergence_forward(
         if kind == "reverse":
             a, b = ((rescale_q, shift_q, s_q, total_q, logsum_q), (shift_t, logsum_t))
         (rescale_a, shift_a, s_a, total_a, logsum_a), (shift_b, logsum_b) = a, b
-        loss = (rescale_a * (acc + (shift_a - shift_b) * s_a)).sum(0) / total_a - logsum_a + logsum_b
+        moved = torch.where(rescale_a > 0, rescale_a * (acc + (shift_a - shift_b) * s_a), 0.0)  # as tile_kl_update
+        loss = moved.sum(0) / total_a - logsum_a + logsum_b
         gbar = -torch.ones_like(loss) if kind == "forward" else loss
     else:
         stats = torch.where(valid, torch.stack((max_q, logsum_q, max_t, logsum_t)), 0.0)

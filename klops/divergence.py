@@ -42,8 +42,9 @@ def mixture_logs(coef: float) -> tuple[float, float]:
 
 
 def _kl_entries(la: torch.Tensor, lb: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """a (log a - log b) per entry as a new tensor, 0 where a = 0 (log a = -inf)."""
-    return (la - lb).mul_(a).masked_fill_(la == -math.inf, 0.0)
+    """a (log a - log b) per entry as a new tensor, 0 where a = 0: log a = -inf, or a finite log a whose exp
+    underflows (then log b = -inf would give 0 * inf)."""
+    return (la - lb).mul_(a).masked_fill_(a == 0, 0.0)
 
 
 def _divergence_terms(lq: torch.Tensor, q: torch.Tensor, lp: torch.Tensor, p: torch.Tensor, kind: str, coef: float):

@@ -160,6 +160,28 @@ def test_forward_reverse_kl(backend, V, dtype, gen):
 
 
 @pytest.mark.parametrize("backend", AKL_BACKENDS)
+def test_underflowed_entries_against_neg_inf(backend, gen):
+    """Entries floored at -1e30 in one model (probability 0) and -inf in the other add nothing to either KL, as in the
+    reference; no NaN in the KLs, the AKL loss or the gradient (V = 1500 crosses the 1024-wide blocks)."""
+    student, teacher = randn(6, 1500, gen=gen, scale=2), randn(6, 1500, gen=gen, scale=2)
+    student[:, 7::5], teacher[:, 7::5] = -math.inf, -1e30
+    student[::2, 1400:], teacher[::2, 1400:] = -1e30, -math.inf
+    leaf, ref_leaf = student.clone().requires_grad_(), student.double().requires_grad_()
+    kl_forward, kl_reverse = klops.forward_reverse_kl(leaf, teacher, backend=backend)
+    (kl_forward.sum() + 0.5 * kl_reverse.sum()).backward()
+    expected_f = fused_kl_reference(ref_leaf, teacher, "forward", reduction="none")
+    expected_r = fused_kl_reference(ref_leaf, teacher, "reverse", reduction="none")
+    (expected_f.sum() + 0.5 * expected_r.sum()).backward()
+    assert_close(kl_forward, expected_f.detach(), LOSS_TOL[torch.float32], "KL(p||q)")
+    assert_close(kl_reverse, expected_r.detach(), LOSS_TOL[torch.float32], "KL(q||p)")
+    assert_close(leaf.grad, ref_leaf.grad, GRAD_TOL[torch.float32], "grad")
+    akl_leaf = student.clone().requires_grad_()
+    loss = klops.akl_loss(akl_leaf, teacher, backend=backend)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(akl_leaf.grad).all()
+
+
+@pytest.mark.parametrize("backend", AKL_BACKENDS)
 def test_all_masked_and_empty(backend, gen):
     student = randn(3, 40, gen=gen).requires_grad_()
     loss = klops.akl_loss(student, randn(3, 40, gen=gen), mask=torch.zeros(3, device=DEVICE), backend=backend)

@@ -93,6 +93,25 @@ def test_neg_inf_logits(kind, backend, gen):
     assert (grad[:, 140:] == 0).all()
 
 
+@pytest.mark.parametrize("target_is", ["logits", "logprobs"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_underflowed_entries_against_neg_inf(kind, target_is, backend, gen):
+    """A finite logit so low that its probability is 0 (a mask of -1e30, as finfo(dtype).min masks are) facing -inf in
+    the other model: the entry adds nothing (the reference's 0 log 0 = 0), as where both are -inf; no NaN. Teacher
+    floored where the student is -inf (every row), and the other way round (even rows). The entries lie in every
+    online lane (V = 1500 crosses 1024-wide blocks), some lanes holding nothing else, so that a lane's rescaling
+    underflows too."""
+    student, teacher = randn(6, 1500, gen=gen, scale=2), randn(6, 1500, gen=gen, scale=2)
+    student[:, 7::5] = -math.inf
+    teacher[:, 7::5] = -1e30
+    student[::2, 1400:] = -1e30
+    teacher[::2, 1400:] = -math.inf
+    if target_is == "logprobs":
+        teacher = torch.log_softmax(teacher, dim=-1)  # -1e30 stays finite, -inf stays -inf
+    loss, grad = check(student, teacher, kind, backend, reduction="none", target_is=target_is, **COEF.get(kind, {}))
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_fully_masked(kind, backend, gen):
     """All rows masked: loss 0, gradient 0, no NaN even with garbage (NaN, inf) in the masked rows."""

@@ -343,6 +343,33 @@ def test_padded_vocabulary_and_teacher_encodings(kind, target_is, backend, gen):
     assert (w.grad[-5:] == 0).all()
 
 
+@pytest.mark.parametrize("floored", ["teacher", "student"])
+@pytest.mark.parametrize("teacher_form", ["hidden", "logits"])
+@pytest.mark.parametrize("kind", ["forward", "reverse", "jsd"])
+def test_underflowed_entries_against_neg_inf(kind, teacher_form, floored, backend, gen, small_chunks):
+    """Vocabulary entries masked by a -1e30 bias in one model (probability 0) and -inf in the other add nothing, as
+    in the reference; no NaN. The masked entries come first and fill a whole 16-wide tile, so that the running row
+    maxima start on them and their rescaling underflows at the next tile."""
+    hidden, weight = randn(37, 19, gen=gen), randn(77, 19, gen=gen, scale=0.5)
+    bias, t_bias = randn(77, gen=gen), randn(77, gen=gen)
+    bias[:20], t_bias[:20] = (float("-inf"), -1e30) if floored == "teacher" else (-1e30, float("-inf"))
+    t_hidden, t_weight = randn(37, 11, gen=gen), randn(77, 11, gen=gen, scale=0.5)
+    teacher_z = ref_logits(t_hidden, t_weight, t_bias)
+    if teacher_form == "hidden":
+        teacher = dict(teacher_hidden=t_hidden, teacher_weight=t_weight, teacher_bias=t_bias)
+    else:
+        teacher = dict(teacher_logits=teacher_z.float())
+    (h, w), (h_ref, w_ref) = leaves(hidden, weight)
+    kw = dict(kind=kind, temperature=0.8, **COEF.get(kind, {}))
+    loss = klops.fused_linear_kl(h, w, **teacher, student_bias=bias, backend=backend, **kw)
+    ref = fused_kl_reference(ref_logits(h_ref, w_ref, bias), teacher_z, **kw)
+    loss.backward(), ref.backward()
+    assert torch.isfinite(loss) and torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
+    assert_close(loss, ref, LOSS_TOL[torch.float32], f"{kind} loss")
+    assert_close(h.grad, h_ref.grad, GRAD_TOL[torch.float32], f"{kind} hidden grad")
+    assert_close(w.grad, w_ref.grad, GRAD_TOL[torch.float32], f"{kind} weight grad")
+
+
 def test_fully_masked_batch(backend, gen):
     """Every row ignored: zero losses (sums), zero gradients, no NaN, on every fused-linear op."""
     hidden, weight = randn(2, 20, 24, gen=gen).requires_grad_(), randn(61, 24, gen=gen).requires_grad_()
