@@ -2,7 +2,7 @@
 //
 // One thread block handles one row (token) r = b * L + l and streams its V entries; nothing of size
 // (N, V) is allocated besides the gradient. With z the student logits, y the teacher, c = 1/T and
-// the raw row maxes / shifted log-sums of row_reduce.cuh (Lse):
+// the raw row maxes / shifted log-sums of online_stats.cuh (Lse):
 //
 //     log q = (z - max_q) c - logsum_q            logsum_q = log sum_v exp((z_v - max_q) c)
 //     log p = (y - max_t) c - logsum_t   (target "logits")
@@ -59,88 +59,6 @@ __device__ __forceinline__ float teacher_log(float y, float max_t, float logsum_
     return logf(y);
   }
 }
-
-// KL(P_a || P_b) between two logit rows in one sweep, P = softmax(x c): the online (max, sum) of
-// both rows as in Lse, and
-//     acc = sum_v exp(d_a) (d_a - d_b),   d = (x_v - m) c
-// relative to the running raw maxima m_a, m_b, so that its terms keep the precision of
-// log-probabilities. Once moved to the row maxima, KL = acc / s_a - log s_a + log s_b.
-struct Kl {
-  float m_a;
-  float s_a;
-  float m_b;
-  float s_b;
-  float acc;
-
-  __device__ __forceinline__ Kl shfl_xor(int lane_mask) const {
-    const auto shfl = [lane_mask](float v) { return __shfl_xor_sync(0xffffffffu, v, lane_mask); };
-    return {shfl(m_a), shfl(s_a), shfl(m_b), shfl(s_b), shfl(acc)};
-  }
-  __device__ __forceinline__ Lse lse_a() const { return {m_a, s_a}; }
-  __device__ __forceinline__ Lse lse_b() const { return {m_b, s_b}; }
-  // Once reduced over the row. Infinite where P_a > 0 = P_b.
-  __device__ __forceinline__ float kl() const { return acc / s_a - logf(s_a) + logf(s_b); }
-};
-
-struct KlOp {
-  using Acc = Kl;
-  float c;  // 1 / T
-
-  __device__ __forceinline__ Kl identity() const { return {kNegInf, 0.0f, kNegInf, 0.0f, 0.0f}; }
-
-  // Folds the entry pair (a, b) in with one exp per row, as LseOp::push (same m and s). A new max
-  // moves the reference point of every earlier term: with shift = (m - m') c (0 when m = -inf) and
-  // r = exp(shift), acc' = r_a (acc + (shift_a - shift_b) s_a). Per row, on a new max x the exp is
-  // r and the entry's d is 0; else shift = 0, r = 1 and the exp is exp(d) of the entry. The new
-  // term is exp(d_a) (d_a - d_b). A term or an earlier acc whose weight (exp(d_a), r_a) is 0 in fp32
-  // adds nothing (P_a = 0 there: a = -inf, or an underflow), so that b = -inf meets no 0 * inf;
-  // b = -inf where P_a > 0 gives acc = inf (D inf). NaN entries give NaN (through s).
-  __device__ __forceinline__ void push(Kl& k, float a, float b) const {
-    const bool up_a = a > k.m_a;
-    const bool up_b = b > k.m_b;
-    const float m_a = up_a ? a : k.m_a;
-    const float m_b = up_b ? b : k.m_b;
-    const float x_a = ((up_a ? k.m_a : a) - finite_or_zero(m_a)) * c;  // shift_a or d_a
-    const float x_b = ((up_b ? k.m_b : b) - finite_or_zero(m_b)) * c;  // shift_b or d_b
-    const float e_a = expf(x_a);
-    const float e_b = expf(x_b);
-    const float shift_a = up_a ? finite_or_zero(x_a) : 0.0f;
-    const float shift_b = up_b ? finite_or_zero(x_b) : 0.0f;
-    const float d_a = up_a ? 0.0f : x_a;
-    const float d_b = up_b ? 0.0f : x_b;
-    const float weight = up_a ? 1.0f : e_a;
-    const float r_a = up_a ? e_a : 1.0f;
-    const float term = weight > 0.0f ? weight * (d_a - d_b) : 0.0f;
-    k.acc = (r_a > 0.0f ? r_a * (k.acc + (shift_a - shift_b) * k.s_a) : 0.0f) + term;
-    k.s_a = up_a ? fmaf(k.s_a, e_a, 1.0f) : k.s_a + e_a;
-    k.s_b = up_b ? fmaf(k.s_b, e_b, 1.0f) : k.s_b + e_b;
-    k.m_a = m_a;
-    k.m_b = m_b;
-  }
-
-  // Both sides moved to the common maxima M_a, M_b: with shift_i = (m_i - M) c (0 for an empty
-  // side) and r_i = exp((m_i - M) c), s = sum_i r_i s_i per row and
-  // acc = sum_i r_a,i (acc_i + (shift_a,i - shift_b,i) s_a,i). (s_a, s_b) as LseOp::combine.
-  __device__ __forceinline__ Kl combine(const Kl& x, const Kl& y) const {
-    const float m_a = fmaxf(x.m_a, y.m_a);
-    const float m_b = fmaxf(x.m_b, y.m_b);
-    const float m_a_safe = finite_or_zero(m_a);
-    const float m_b_safe = finite_or_zero(m_b);
-    const float shift_xa = (x.m_a - m_a_safe) * c;
-    const float shift_ya = (y.m_a - m_a_safe) * c;
-    const float shift_xb = (x.m_b - m_b_safe) * c;
-    const float shift_yb = (y.m_b - m_b_safe) * c;
-    const float r_xa = expf(shift_xa);
-    const float r_ya = expf(shift_ya);
-    // finite_or_zero: shift = -inf only for an empty side (m_i = -inf), which moves nothing
-    const float dx = finite_or_zero(shift_xa) - finite_or_zero(shift_xb);
-    const float dy = finite_or_zero(shift_ya) - finite_or_zero(shift_yb);
-    const float acc_x = r_xa > 0.0f ? r_xa * (x.acc + dx * x.s_a) : 0.0f;  // as push
-    const float acc_y = r_ya > 0.0f ? r_ya * (y.acc + dy * y.s_a) : 0.0f;
-    return {m_a, x.s_a * r_xa + y.s_a * r_ya, m_b,
-            x.s_b * expf(shift_xb) + y.s_b * expf(shift_yb), acc_x + acc_y};
-  }
-};
 
 // W consecutive entries of the student and teacher rows, as stored.
 template <typename Ss, typename St, int W>

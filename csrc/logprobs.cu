@@ -1,7 +1,7 @@
 // Log-softmax-gather and entropy (docs/losses.md §2): the CUDA twin of kernels/logprobs.py.
 //
 // One thread block handles one row (token) r = b * L + l. With c = 1/T, the raw row max (max_z) and
-// the shifted log-sum of row_reduce.cuh (Lse), q = softmax(z c) and y the label of the row:
+// the shifted log-sum of online_stats.cuh (Lse), q = softmax(z c) and y the label of the row:
 //
 //     log q_j = (z_j - max_z) c - logsum       logsum = log sum_v exp((z_v - max_z) c)
 //     logprob = log q_y                        d logprob / dz_j = (1[j = y] - q_j) / T

@@ -1,9 +1,10 @@
 // Shared pieces of the row kernels of klops._C: one thread block streams one row of V entries.
 //
 //   - host: input checks, the dispatch from a float dtype to its storage format, the block size;
-//   - device: the storage formats (fp32, bf16, fp16 and their conversions), the online log-sum-exp
-//     accumulators in raw logit units and a block-wide reduction of any accumulator with
-//     combine/shfl_xor. The row sweep and its vector loads / stores are in row_sweep.cuh.
+//   - device: the storage formats (fp32, bf16, fp16 and their conversions) and a block-wide
+//     reduction of any accumulator with combine/shfl_xor. The online accumulators (log-sum-exp,
+//     entropy, KL) are in online_stats.cuh, the row sweep and its vector loads / stores in
+//     row_sweep.cuh.
 //
 // Offsets into the (B, L, V) tensors are int64: B * L * V exceeds 2^31 for LLM vocabularies.
 #pragma once
@@ -12,6 +13,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "online_stats.cuh"
 #include "row_sweep.cuh"
 
 #include <cstdint>
@@ -23,7 +25,6 @@
 namespace klops {
 
 constexpr int kMaxThreads = 256;  // block size cap of every row kernel (a multiple of 32, <= 1024)
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // ------------------------------------------------------------------------------------------------
 // Storage formats: how the entries of a (B, L, V) tensor are stored and converted to/from fp32
@@ -148,97 +149,6 @@ __device__ __forceinline__ void zero_row(S* p, int64_t n) {
       [](int64_t, auto width) { return width; },
       [&](int64_t j, auto width) { store_vec(p + j, AlignedVec<S, decltype(width)::value>{}); });
 }
-
-__device__ __forceinline__ float finite_or_zero(float m) { return m == kNegInf ? 0.0f : m; }
-
-// Online log-sum-exp of the scaled row x = z c (c = 1/T) in raw units: m = max z (before the
-// scale), s = sum exp((z - m) c). The kernels keep m and log s apart, as the row's
-//     max = m (0 when m = -inf),   logsum = log s   (-inf for an empty or all -inf row)
-// and form log softmax(x) = (z - max) c - logsum: z - max is exact near the max (Sterbenz), where
-// z c - logsumexp(x) would carry the rounding error eps |z c| of both terms.
-struct Lse {
-  float m;
-  float s;
-
-  __device__ __forceinline__ Lse shfl_xor(int lane_mask) const {
-    return {__shfl_xor_sync(0xffffffffu, m, lane_mask), __shfl_xor_sync(0xffffffffu, s, lane_mask)};
-  }
-  __device__ __forceinline__ float max() const { return finite_or_zero(m); }
-  __device__ __forceinline__ float logsum() const { return logf(s); }
-};
-
-// The operations on Lse for the scale c: identity, push of one raw entry, combine (block_reduce).
-struct LseOp {
-  using Acc = Lse;
-  float c;  // 1 / T
-
-  __device__ __forceinline__ Lse identity() const { return {kNegInf, 0.0f}; }
-
-  // Folds z in with one exp: on a new max z, exp((old m - z) c) rescales s; else
-  // s += exp((z - m) c). A NaN z is never "up", so it makes s NaN; -inf entries change nothing.
-  __device__ __forceinline__ void push(Lse& a, float z) const {
-    const bool up = z > a.m;
-    const float m_new = up ? z : a.m;
-    const float e = expf(((up ? a.m : z) - finite_or_zero(m_new)) * c);
-    a.s = up ? fmaf(a.s, e, 1.0f) : a.s + e;
-    a.m = m_new;
-  }
-
-  __device__ __forceinline__ Lse combine(const Lse& a, const Lse& b) const {
-    const float m = fmaxf(a.m, b.m);
-    const float m_safe = finite_or_zero(m);
-    return {m, a.s * expf((a.m - m_safe) * c) + b.s * expf((b.m - m_safe) * c)};
-  }
-};
-
-// Lse plus w = sum exp(d) d with d = (z - m) c, relative to the running raw max m: the row's
-// entropy H = log s - w / s (docs/losses.md §2).
-struct Entropy {
-  float m;
-  float s;
-  float w;
-
-  __device__ __forceinline__ Entropy shfl_xor(int lane_mask) const {
-    return {__shfl_xor_sync(0xffffffffu, m, lane_mask), __shfl_xor_sync(0xffffffffu, s, lane_mask),
-            __shfl_xor_sync(0xffffffffu, w, lane_mask)};
-  }
-  __device__ __forceinline__ float max() const { return finite_or_zero(m); }
-  __device__ __forceinline__ float logsum() const { return logf(s); }
-  __device__ __forceinline__ float entropy() const { return logf(s) - w / s; }
-};
-
-struct EntropyOp {
-  using Acc = Entropy;
-  float c;  // 1 / T
-
-  __device__ __forceinline__ Entropy identity() const { return {kNegInf, 0.0f, 0.0f}; }
-
-  // As LseOp::push. On a new max z, with d = (old m - z) c: w = exp(d) (w + d s), the shift d
-  // taken as 0 when old m = -inf (s = w = 0 then); the new entry adds exp(0) 0. Else, with
-  // d = (z - m) c: w += exp(d) d, nothing for d = -inf (a -inf entry).
-  __device__ __forceinline__ void push(Entropy& a, float z) const {
-    const bool up = z > a.m;
-    const float m_new = up ? z : a.m;
-    const float d = ((up ? a.m : z) - finite_or_zero(m_new)) * c;
-    const float e = expf(d);
-    const float d_safe = finite_or_zero(d);
-    a.w = up ? e * (a.w + d_safe * a.s) : a.w + e * d_safe;
-    a.s = up ? fmaf(a.s, e, 1.0f) : a.s + e;
-    a.m = m_new;
-  }
-
-  // Both sides moved to the common max M: with r_i = exp((m_i - M) c) and the shift
-  // (m_i - M) c (0 for an empty side), s = sum r_i s_i, w = sum r_i (w_i + shift_i s_i).
-  __device__ __forceinline__ Entropy combine(const Entropy& a, const Entropy& b) const {
-    const float m = fmaxf(a.m, b.m);
-    const float m_safe = finite_or_zero(m);
-    const float shift_a = a.m == kNegInf ? 0.0f : (a.m - m_safe) * c;
-    const float shift_b = b.m == kNegInf ? 0.0f : (b.m - m_safe) * c;
-    const float ra = expf((a.m - m_safe) * c);
-    const float rb = expf((b.m - m_safe) * c);
-    return {m, a.s * ra + b.s * rb, ra * (a.w + shift_a * a.s) + rb * (b.w + shift_b * b.s)};
-  }
-};
 
 // Reduces acc over the block (blockDim.x a multiple of 32); every thread gets the result.
 // op provides identity() and combine(a, b), acc provides shfl_xor(lane_mask). Safe to call

@@ -16,10 +16,12 @@
 #include <cstring>
 #include <type_traits>
 
+#ifndef KLOPS_DEVICE  // also defined by online_stats.cuh
 #ifdef __CUDACC__
 #define KLOPS_DEVICE __device__ __forceinline__
 #else
 #define KLOPS_DEVICE inline
+#endif
 #endif
 
 // Hooks of the host check (tests/csrc/sweep_check.cpp): every access, its address and size.

@@ -1,0 +1,201 @@
+// The online accumulators of the row kernels of klops._C, in raw logit units: log-sum-exp (Lse),
+// entropy (Entropy) and KL between two rows (Kl), each with its operations (identity, push of one
+// entry, combine of two partial states) for block_reduce (row_reduce.cuh). Plain C++ apart from the
+// warp shuffles, so that tests/csrc/online_check.cpp runs them on the CPU against float64.
+#pragma once
+
+#include <cmath>
+#include <limits>
+
+#ifndef KLOPS_DEVICE  // also defined by row_sweep.cuh
+#ifdef __CUDACC__
+#define KLOPS_DEVICE __device__ __forceinline__
+#else
+#define KLOPS_DEVICE inline
+#endif
+#endif
+
+namespace klops {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+KLOPS_DEVICE float finite_or_zero(float m) { return m == kNegInf ? 0.0f : m; }
+
+// Online log-sum-exp of the scaled row x = z c (c = 1/T) in raw units: m = max z (before the
+// scale), s = sum exp((z - m) c). The kernels keep m and log s apart, as the row's
+//     max = m (0 when m = -inf),   logsum = log s   (-inf for an empty or all -inf row)
+// and form log softmax(x) = (z - max) c - logsum: z - max is exact near the max (Sterbenz), where
+// z c - logsumexp(x) would carry the rounding error eps |z c| of both terms.
+struct Lse {
+  float m;
+  float s;
+
+#ifdef __CUDACC__
+  KLOPS_DEVICE Lse shfl_xor(int lane_mask) const {
+    return {__shfl_xor_sync(0xffffffffu, m, lane_mask), __shfl_xor_sync(0xffffffffu, s, lane_mask)};
+  }
+#endif
+  KLOPS_DEVICE float max() const { return finite_or_zero(m); }
+  KLOPS_DEVICE float logsum() const { return logf(s); }
+};
+
+// The operations on Lse for the scale c: identity, push of one raw entry, combine (block_reduce).
+struct LseOp {
+  using Acc = Lse;
+  float c;  // 1 / T
+
+  KLOPS_DEVICE Lse identity() const { return {kNegInf, 0.0f}; }
+
+  // Folds z in with one exp: on a new max z, exp((old m - z) c) rescales s; else
+  // s += exp((z - m) c). A NaN z is never "up", so it makes s NaN; -inf entries change nothing.
+  KLOPS_DEVICE void push(Lse& a, float z) const {
+    const bool up = z > a.m;
+    const float m_new = up ? z : a.m;
+    const float e = expf(((up ? a.m : z) - finite_or_zero(m_new)) * c);
+    a.s = up ? fmaf(a.s, e, 1.0f) : a.s + e;
+    a.m = m_new;
+  }
+
+  KLOPS_DEVICE Lse combine(const Lse& a, const Lse& b) const {
+    const float m = fmaxf(a.m, b.m);
+    const float m_safe = finite_or_zero(m);
+    return {m, a.s * expf((a.m - m_safe) * c) + b.s * expf((b.m - m_safe) * c)};
+  }
+};
+
+// Lse plus w = sum exp(d) d with d = (z - m) c, relative to the running raw max m: the row's
+// entropy H = log s - w / s (docs/losses.md §2).
+struct Entropy {
+  float m;
+  float s;
+  float w;
+
+#ifdef __CUDACC__
+  KLOPS_DEVICE Entropy shfl_xor(int lane_mask) const {
+    return {__shfl_xor_sync(0xffffffffu, m, lane_mask), __shfl_xor_sync(0xffffffffu, s, lane_mask),
+            __shfl_xor_sync(0xffffffffu, w, lane_mask)};
+  }
+#endif
+  KLOPS_DEVICE float max() const { return finite_or_zero(m); }
+  KLOPS_DEVICE float logsum() const { return logf(s); }
+  KLOPS_DEVICE float entropy() const { return logf(s) - w / s; }
+};
+
+struct EntropyOp {
+  using Acc = Entropy;
+  float c;  // 1 / T
+
+  KLOPS_DEVICE Entropy identity() const { return {kNegInf, 0.0f, 0.0f}; }
+
+  // As LseOp::push. On a new max z, with d = (old m - z) c: w = exp(d) (w + d s), the shift d
+  // taken as 0 when old m = -inf (s = w = 0 then); the new entry adds exp(0) 0. Else, with
+  // d = (z - m) c: w += exp(d) d, nothing for d = -inf (a -inf entry).
+  KLOPS_DEVICE void push(Entropy& a, float z) const {
+    const bool up = z > a.m;
+    const float m_new = up ? z : a.m;
+    const float d = ((up ? a.m : z) - finite_or_zero(m_new)) * c;
+    const float e = expf(d);
+    const float d_safe = finite_or_zero(d);
+    a.w = up ? e * (a.w + d_safe * a.s) : a.w + e * d_safe;
+    a.s = up ? fmaf(a.s, e, 1.0f) : a.s + e;
+    a.m = m_new;
+  }
+
+  // Both sides moved to the common max M: with r_i = exp((m_i - M) c) and the shift
+  // (m_i - M) c (0 for an empty side), s = sum r_i s_i, w = sum r_i (w_i + shift_i s_i).
+  KLOPS_DEVICE Entropy combine(const Entropy& a, const Entropy& b) const {
+    const float m = fmaxf(a.m, b.m);
+    const float m_safe = finite_or_zero(m);
+    const float shift_a = a.m == kNegInf ? 0.0f : (a.m - m_safe) * c;
+    const float shift_b = b.m == kNegInf ? 0.0f : (b.m - m_safe) * c;
+    const float ra = expf((a.m - m_safe) * c);
+    const float rb = expf((b.m - m_safe) * c);
+    return {m, a.s * ra + b.s * rb, ra * (a.w + shift_a * a.s) + rb * (b.w + shift_b * b.s)};
+  }
+};
+
+// KL(P_a || P_b) between two logit rows in one sweep, P = softmax(x c): the online (max, sum) of
+// both rows as in Lse, and
+//     acc = sum_v exp(d_a) (d_a - d_b),   d = (x_v - m) c
+// relative to the running raw maxima m_a, m_b, so that its terms keep the precision of
+// log-probabilities. Once moved to the row maxima, KL = acc / s_a - log s_a + log s_b.
+struct Kl {
+  float m_a;
+  float s_a;
+  float m_b;
+  float s_b;
+  float acc;
+
+#ifdef __CUDACC__
+  KLOPS_DEVICE Kl shfl_xor(int lane_mask) const {
+    const auto shfl = [lane_mask](float v) { return __shfl_xor_sync(0xffffffffu, v, lane_mask); };
+    return {shfl(m_a), shfl(s_a), shfl(m_b), shfl(s_b), shfl(acc)};
+  }
+#endif
+  KLOPS_DEVICE Lse lse_a() const { return {m_a, s_a}; }
+  KLOPS_DEVICE Lse lse_b() const { return {m_b, s_b}; }
+  // Once reduced over the row. Infinite where P_a > 0 = P_b.
+  KLOPS_DEVICE float kl() const { return acc / s_a - logf(s_a) + logf(s_b); }
+};
+
+struct KlOp {
+  using Acc = Kl;
+  float c;  // 1 / T
+
+  KLOPS_DEVICE Kl identity() const { return {kNegInf, 0.0f, kNegInf, 0.0f, 0.0f}; }
+
+  // Folds the entry pair (a, b) in with one exp per row, as LseOp::push (same m and s). A new max
+  // moves the reference point of every earlier term: with shift = (m - m') c (0 when m = -inf) and
+  // r = exp(shift), acc' = r_a (acc + (shift_a - shift_b) s_a). Per row, on a new max x the exp is
+  // r and the entry's d is 0; else shift = 0, r = 1 and the exp is exp(d) of the entry. The new
+  // term is exp(d_a) (d_a - d_b). A term or an earlier acc whose weight (exp(d_a), r_a) is 0 in fp32
+  // adds nothing (P_a = 0 there: a = -inf, or an underflow), so that b = -inf meets no 0 * inf;
+  // b = -inf where P_a > 0 gives acc = inf (D inf). NaN entries give NaN (through s).
+  KLOPS_DEVICE void push(Kl& k, float a, float b) const {
+    const bool up_a = a > k.m_a;
+    const bool up_b = b > k.m_b;
+    const float m_a = up_a ? a : k.m_a;
+    const float m_b = up_b ? b : k.m_b;
+    const float x_a = ((up_a ? k.m_a : a) - finite_or_zero(m_a)) * c;  // shift_a or d_a
+    const float x_b = ((up_b ? k.m_b : b) - finite_or_zero(m_b)) * c;  // shift_b or d_b
+    const float e_a = expf(x_a);
+    const float e_b = expf(x_b);
+    const float shift_a = up_a ? finite_or_zero(x_a) : 0.0f;
+    const float shift_b = up_b ? finite_or_zero(x_b) : 0.0f;
+    const float d_a = up_a ? 0.0f : x_a;
+    const float d_b = up_b ? 0.0f : x_b;
+    const float weight = up_a ? 1.0f : e_a;
+    const float r_a = up_a ? e_a : 1.0f;
+    const float term = weight > 0.0f ? weight * (d_a - d_b) : 0.0f;
+    k.acc = (r_a > 0.0f ? r_a * (k.acc + (shift_a - shift_b) * k.s_a) : 0.0f) + term;
+    k.s_a = up_a ? fmaf(k.s_a, e_a, 1.0f) : k.s_a + e_a;
+    k.s_b = up_b ? fmaf(k.s_b, e_b, 1.0f) : k.s_b + e_b;
+    k.m_a = m_a;
+    k.m_b = m_b;
+  }
+
+  // Both sides moved to the common maxima M_a, M_b: with shift_i = (m_i - M) c (0 for an empty
+  // side) and r_i = exp((m_i - M) c), s = sum_i r_i s_i per row and
+  // acc = sum_i r_a,i (acc_i + (shift_a,i - shift_b,i) s_a,i). (s_a, s_b) as LseOp::combine.
+  KLOPS_DEVICE Kl combine(const Kl& x, const Kl& y) const {
+    const float m_a = fmaxf(x.m_a, y.m_a);
+    const float m_b = fmaxf(x.m_b, y.m_b);
+    const float m_a_safe = finite_or_zero(m_a);
+    const float m_b_safe = finite_or_zero(m_b);
+    const float shift_xa = (x.m_a - m_a_safe) * c;
+    const float shift_ya = (y.m_a - m_a_safe) * c;
+    const float shift_xb = (x.m_b - m_b_safe) * c;
+    const float shift_yb = (y.m_b - m_b_safe) * c;
+    const float r_xa = expf(shift_xa);
+    const float r_ya = expf(shift_ya);
+    // finite_or_zero: shift = -inf only for an empty side (m_i = -inf), which moves nothing
+    const float dx = finite_or_zero(shift_xa) - finite_or_zero(shift_xb);
+    const float dy = finite_or_zero(shift_ya) - finite_or_zero(shift_yb);
+    const float acc_x = r_xa > 0.0f ? r_xa * (x.acc + dx * x.s_a) : 0.0f;  // as push
+    const float acc_y = r_ya > 0.0f ? r_ya * (y.acc + dy * y.s_a) : 0.0f;
+    return {m_a, x.s_a * r_xa + y.s_a * r_ya, m_b,
+            x.s_b * expf(shift_xb) + y.s_b * expf(shift_yb), acc_x + acc_y};
+  }
+};
+
+}  // namespace klops
