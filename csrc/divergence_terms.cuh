@@ -1,13 +1,20 @@
 // Per-entry terms of the token-level divergences (docs/losses.md §1) shared by the row kernels of
 // divergence.cu (dense teachers) and topk.cu (sparse top-k teachers): the kinds, their parameters,
-// loss_v and a_v = q_v g_v of one entry from its log-probabilities, and the (D, gbar) sums.
+// loss_v and a_v = q_v g_v of one entry from its log-probabilities, and the (D, gbar) sums. Plain
+// C++ apart from the torch checks and the warp shuffles, so that tests/csrc/terms_check.cpp runs
+// the terms on the CPU.
 
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 #include <limits>
 
-#include "row_reduce.cuh"
+#ifdef __CUDACC__
+#include <c10/util/Exception.h>  // TORCH_CHECK
+#endif
+
+#include "online_stats.cuh"
 
 namespace klops {
 namespace {
@@ -24,6 +31,7 @@ struct DivergenceParams {
   float inv_alpha_norm;   // 1 / (coef (1 - coef)) (alpha)
 };
 
+#ifdef __CUDACC__
 // Checks the kind index and that the mixture weight of jsd / skew_* lies in [0, 1] (host).
 inline void check_kind_and_coef(int64_t kind, double coef) {
   TORCH_CHECK(0 <= kind && kind < kNumKinds, "kind must be in [0, ", int{kNumKinds}, "), got ", kind);
@@ -31,6 +39,7 @@ inline void check_kind_and_coef(int64_t kind, double coef) {
   TORCH_CHECK(!mixture || (0.0 <= coef && coef <= 1.0), "coef must be in [0, 1] for kind ", kind,
               ", got ", coef);
 }
+#endif
 
 // The kernels' DivergenceParams for a temperature and a coefficient (host).
 inline DivergenceParams make_params(double temperature, double coef) {
@@ -46,7 +55,7 @@ inline DivergenceParams make_params(double temperature, double coef) {
 }
 
 // log(exp(a) + exp(b)), -inf when both are -inf.
-__device__ __forceinline__ float logaddexp(float a, float b) {
+KLOPS_DEVICE float logaddexp(float a, float b) {
   const float mx = fmaxf(a, b);
   const float mn = fminf(a, b);
   return mx + logf(1.0f + expf(mn - finite_or_zero(mx)));
@@ -59,7 +68,7 @@ struct Terms {
 
 // Per-entry terms of the kind from lq = log q_v and lp = log p_v (either may be -inf).
 template <int KIND>
-__device__ __forceinline__ Terms divergence_terms(float lq, float lp, const DivergenceParams& k) {
+KLOPS_DEVICE Terms divergence_terms(float lq, float lp, const DivergenceParams& k) {
   const float q = expf(lq);
   const float p = expf(lp);
   const bool q_pos = lq != kNegInf;
@@ -108,14 +117,16 @@ struct Sum2 {
   float loss;
   float gbar;
 
-  __device__ __forceinline__ Sum2 shfl_xor(int lane_mask) const {
+#ifdef __CUDACC__
+  KLOPS_DEVICE Sum2 shfl_xor(int lane_mask) const {
     return {__shfl_xor_sync(0xffffffffu, loss, lane_mask), __shfl_xor_sync(0xffffffffu, gbar, lane_mask)};
   }
+#endif
 };
 
 struct Sum2Op {
-  __device__ __forceinline__ Sum2 identity() const { return {0.0f, 0.0f}; }
-  __device__ __forceinline__ Sum2 combine(const Sum2& a, const Sum2& b) const {
+  KLOPS_DEVICE Sum2 identity() const { return {0.0f, 0.0f}; }
+  KLOPS_DEVICE Sum2 combine(const Sum2& a, const Sum2& b) const {
     return {a.loss + b.loss, a.gbar + b.gbar};
   }
 };

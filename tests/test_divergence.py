@@ -72,12 +72,14 @@ def test_temperature(kind, temperature, backend, gen):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_large_logits(kind, backend, gen):
-    """Logits of magnitude 1e4: lse must be taken in a stable way; fp32 rounds z/T at ~1e-3."""
+    """Logits of magnitude 1e4: lse must be taken in a stable way; fp32 rounds z/T at ~1e-3. The gradient
+    (a_v - q_v gbar) / T cancels terms as large as the loss (reverse KL: a_v ~ gbar = D ~ 1e4 at the argmax), so
+    its error is a few fp32 ulps of max |D| / T, however small the exact gradient: that is its atol floor."""
     student, teacher = randn(6, 97, gen=gen, scale=1e4), randn(6, 97, gen=gen, scale=1e4)
-    loss, grad, ref, ref_grad = run_both(student, teacher, kind, backend, **COEF.get(kind, {}))
+    loss, grad, ref, ref_grad = run_both(student, teacher, kind, backend, reduction="none", **COEF.get(kind, {}))
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
     assert_close(loss, ref, (1e-4, 1e-6), f"{kind} loss")
-    assert_close(grad, ref_grad, (1e-4, 1e-5), f"{kind} grad")
+    assert_close(grad, ref_grad, (1e-4, 1e-5), f"{kind} grad", floor=1e-6 * float(ref.abs().max()))
 
 
 @pytest.mark.parametrize("kind", KINDS)
