@@ -7,13 +7,7 @@
 #include <cmath>
 #include <limits>
 
-#ifndef KLOPS_DEVICE  // also defined by row_sweep.cuh
-#ifdef __CUDACC__
-#define KLOPS_DEVICE __device__ __forceinline__
-#else
-#define KLOPS_DEVICE inline
-#endif
-#endif
+#include "device.cuh"
 
 namespace klops {
 

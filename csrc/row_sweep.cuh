@@ -16,13 +16,7 @@
 #include <cstring>
 #include <type_traits>
 
-#ifndef KLOPS_DEVICE  // also defined by online_stats.cuh
-#ifdef __CUDACC__
-#define KLOPS_DEVICE __device__ __forceinline__
-#else
-#define KLOPS_DEVICE inline
-#endif
-#endif
+#include "device.cuh"
 
 // Hooks of the host check (tests/csrc/sweep_check.cpp): every access, its address and size.
 #ifndef KLOPS_TRACE_ACCESS
