@@ -31,8 +31,9 @@
 namespace klops {
 namespace {
 
-// The bitmap of S must fit the default 48 KiB of dynamic shared memory: V <= 393216.
-constexpr int64_t kMaxTopkVocab = 48 * 1024 * 8;
+// The bitmap of S and the kernel's static shared memory (block_reduce's partial arrays, 512 B) must fit
+// the 48 KiB a launch gets without opting in to more: 1 KiB is left for the static part, V <= 385024.
+constexpr int64_t kMaxTopkVocab = (48 - 1) * 1024 * 8;
 
 // (max, logsum) of the union of two sets of entries from theirs; an empty set has logsum -inf.
 __device__ __forceinline__ Lse combine_lse(float max_a, float logsum_a, float max_b,

@@ -230,8 +230,10 @@ def _launchers(backend: str):
 
 
 def _cuda_backward(tail_coef, student, indices, valid, max_c, logsum_c, member_value, label_coef, labels, temperature):
+    # member_value = grad[..., None] * member_d has grad's layout (a transposed upstream gradient of
+    # reduction="none" makes it non-contiguous); the kernel reads it contiguous, as the Triton launcher does.
     return torch.ops.klops_C.topk_divergence_backward(
-        tail_coef, student, indices, valid, max_c, logsum_c, member_value, label_coef, labels, temperature
+        tail_coef, student, indices, valid, max_c, logsum_c, member_value.contiguous(), label_coef, labels, temperature
     )
 
 

@@ -94,6 +94,15 @@ def test_sliced_student(backend, gen):
     assert grad.shape == (3, 8, 211)
 
 
+def test_sliced_student_with_a_transposed_upstream_gradient(backend, gen):
+    """logits[:, :-1] (rows by two strides) and reduction="none" with an upstream gradient stored transposed: the
+    backward's per-member values then inherit a non-contiguous layout, which every backend must accept."""
+    logits = randn(3, 9, 211, gen=gen, scale=2.0)
+    topk = teacher_topk((3, 8), 211, 12, gen)
+    grad_out = torch.rand(8, 3, generator=gen).to(DEVICE).t()
+    check(logits[:, :-1], topk, "jsd", backend, grad_out=grad_out, reduction="none", beta=0.3)
+
+
 def test_tiny_student_tail_keeps_precision(backend, gen):
     """The student puts all but ~1e-11 of its mass on the top-k, the teacher 5% outside it: the tail term
     0.05 log(0.05 / Q) needs Q to full relative precision, which 1 - sum q_S (rounding ~1e-7) cannot give."""
