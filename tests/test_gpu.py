@@ -6,6 +6,8 @@ puts the LM head on the last GPU), so a launch on the current device instead of 
 fault or read unordered memory; with one GPU the same tests run on it.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -75,6 +77,28 @@ def test_topk_on_another_device(backend, kind, coef, tail, dtype):
     ref.backward()
     assert_close(loss.cpu(), ref, LOSS_TOL[dtype], f"{kind} loss")
     assert_close(z.grad.cpu(), z_ref.grad, GRAD_TOL[dtype], f"{kind} grad")
+
+
+@pytest.mark.skipif("cuda" not in GPU_BACKENDS, reason="needs klops._C")
+def test_topk_cuda_vocabulary_limit():
+    """The CUDA top-k forward keeps a bitmap of the row's ids in shared memory: it launches at its largest V
+    (385024: 47 KiB of bits beside the kernel's static shared memory, within the 48 KiB of a default launch) and
+    names the limit and the Triton backend one entry above it."""
+    limit = 47 * 1024 * 8
+    student, teacher, _ = inputs((1, 2, limit), torch.float32, seed=6)
+    top = torch.log_softmax(teacher, dim=-1).topk(16, dim=-1)
+    topk = klops.TopK(top.indices.cuda(), top.values.cuda())
+    z = student.cuda().requires_grad_()
+    loss = klops.fused_kl(z, topk, "forward", backend="cuda")
+    loss.backward()
+    z_ref = student.clone().requires_grad_()
+    ref = fused_kl_reference(z_ref, klops.TopK(top.indices, top.values), "forward")
+    ref.backward()
+    assert_close(loss.cpu(), ref, LOSS_TOL[torch.float32], "loss")
+    assert_close(z.grad.cpu(), z_ref.grad, GRAD_TOL[torch.float32], "grad")
+    wide = torch.nn.functional.pad(z.detach(), (0, 1), value=-math.inf)
+    with pytest.raises(RuntimeError, match=f"the CUDA top-k kernels take V <= {limit}.*backend='triton'"):
+        klops.fused_kl(wide, topk, "forward", backend="cuda")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
