@@ -420,13 +420,24 @@ torch.library.register_autograd("klops::linear_topk_divergence", _linear_backwar
 # the rows of fused_kl / fused_linear_kl with a TopK teacher (their checks of every other argument done)
 
 
+# The largest V of the CUDA top-k kernels (kMaxTopkVocab in csrc/topk.cu: a bitmap of the row's ids in the 48 KiB of
+# shared memory a default launch gets, beside the kernel's static part); backend="auto" takes Triton beyond it.
+CUDA_MAX_VOCAB = 47 * 1024 * 8
+
+
+def _resolve(backend: str, device: torch.device, V: int) -> str:
+    """resolve_backend for a top-k op over a vocabulary of V."""
+    resolved = resolve_backend(backend, device)
+    return "triton" if backend == "auto" and resolved == "cuda" and V > CUDA_MAX_VOCAB else resolved
+
+
 def topk_rows(student_logits, topk, valid, kind, user_kind, coef, temperature, backend, labels=None):
     """(D, log q(label)) per row ``[...]`` fp32 between a TopK teacher and ``student_logits [..., V]``, 0 on
     invalid rows; the log-probs (with their gradient, in the same backward sweep) only with labels."""
     V = student_logits.shape[-1]
     tail_terms = renormalized_tail_terms(kind, coef, user_kind) if topk.tail == "renormalize" else (0.0, 0.0)
     indices, logprobs = sorted_topk(topk, "student_logits", student_logits, V, valid)
-    backend = resolve_backend(backend, student_logits.device)
+    backend = _resolve(backend, student_logits.device, V)
     student3, indices3, logprobs3 = _inputs.as_rows(student_logits, indices, logprobs)
     rows_shape = student3.shape[:2]
     rows, *_, logp = topk_divergence_op(
@@ -441,7 +452,7 @@ def linear_topk_rows(hidden, weight, bias, topk, valid, kind, user_kind, coef, t
     """topk_rows for the student logits softcap(hidden @ weight^T + bias), never formed."""
     tail_terms = renormalized_tail_terms(kind, coef, user_kind) if topk.tail == "renormalize" else (0.0, 0.0)
     indices, logprobs = sorted_topk(topk, "student_hidden", hidden, weight.shape[0], valid)
-    backend = resolve_backend(backend, hidden.device)
+    backend = _resolve(backend, hidden.device, weight.shape[0])
     hidden3, indices3, logprobs3 = _inputs.as_rows(hidden, indices, logprobs)
     rows_shape = hidden3.shape[:2]
     rows, *_, logp = linear_topk_divergence_op(

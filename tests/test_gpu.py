@@ -83,8 +83,8 @@ def test_topk_on_another_device(backend, kind, coef, tail, dtype):
 def test_topk_cuda_vocabulary_limit():
     """The CUDA top-k forward keeps a bitmap of the row's ids in shared memory: it launches at its largest V
     (385024: 47 KiB of bits beside the kernel's static shared memory, within the 48 KiB of a default launch) and
-    names the limit and the Triton backend one entry above it."""
-    limit = 47 * 1024 * 8
+    names the limit and the Triton backend one entry above it, where backend="auto" takes Triton."""
+    limit = klops.topk.CUDA_MAX_VOCAB
     student, teacher, _ = inputs((1, 2, limit), torch.float32, seed=6)
     top = torch.log_softmax(teacher, dim=-1).topk(16, dim=-1)
     topk = klops.TopK(top.indices.cuda(), top.values.cuda())
@@ -99,6 +99,7 @@ def test_topk_cuda_vocabulary_limit():
     wide = torch.nn.functional.pad(z.detach(), (0, 1), value=-math.inf)
     with pytest.raises(RuntimeError, match=f"the CUDA top-k kernels take V <= {limit}.*backend='triton'"):
         klops.fused_kl(wide, topk, "forward", backend="cuda")
+    assert_close(klops.fused_kl(wide, topk, "forward").cpu(), ref, LOSS_TOL[torch.float32], "auto beyond the limit")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

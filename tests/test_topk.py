@@ -212,6 +212,17 @@ def test_ids_outside_the_vocabulary_are_never_read(bad_id, backend, gen):
     assert torch.isnan(out[0]).all()
 
 
+def test_auto_takes_triton_beyond_the_cuda_vocabulary_limit(monkeypatch):
+    """backend="auto" where it would take the CUDA top-k kernels: Triton for V above their limit (the bitmap of
+    csrc/topk.cu's kMaxTopkVocab), CUDA up to it; an explicit backend="cuda" stays (and its op names the limit)."""
+    monkeypatch.setattr(klops.topk, "resolve_backend", lambda backend, device: "cuda")
+    limit, device = klops.topk.CUDA_MAX_VOCAB, torch.device("cuda")
+    assert limit == 47 * 1024 * 8
+    assert klops.topk._resolve("auto", device, limit) == "cuda"
+    assert klops.topk._resolve("auto", device, limit + 1) == "triton"
+    assert klops.topk._resolve("cuda", device, limit + 1) == "cuda"
+
+
 def test_bad_input(gen):
     V = 30
     z = randn(4, V, gen=gen)
