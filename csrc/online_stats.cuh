@@ -15,6 +15,12 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 KLOPS_DEVICE float finite_or_zero(float m) { return m == kNegInf ? 0.0f : m; }
 
+// An online KL accumulator moved to new row maxima: r_a (acc + shift s_a), 0 where r_a = 0 (its terms'
+// weight underflowed, P_a = 0 there), so that an acc of inf (b = -inf) meets no 0 * inf.
+KLOPS_DEVICE float move_kl_acc(float acc, float r_a, float shift, float s_a) {
+  return r_a > 0.0f ? r_a * (acc + shift * s_a) : 0.0f;
+}
+
 // Online log-sum-exp of the scaled row x = z c (c = 1/T) in raw units: m = max z (before the
 // scale), s = sum exp((z - m) c). The kernels keep m and log s apart, as the row's
 //     max = m (0 when m = -inf),   logsum = log s   (-inf for an empty or all -inf row)
@@ -161,7 +167,7 @@ struct KlOp {
     const float weight = up_a ? 1.0f : e_a;
     const float r_a = up_a ? e_a : 1.0f;
     const float term = weight > 0.0f ? weight * (d_a - d_b) : 0.0f;
-    k.acc = (r_a > 0.0f ? r_a * (k.acc + (shift_a - shift_b) * k.s_a) : 0.0f) + term;
+    k.acc = move_kl_acc(k.acc, r_a, shift_a - shift_b, k.s_a) + term;
     k.s_a = up_a ? fmaf(k.s_a, e_a, 1.0f) : k.s_a + e_a;
     k.s_b = up_b ? fmaf(k.s_b, e_b, 1.0f) : k.s_b + e_b;
     k.m_a = m_a;
@@ -185,10 +191,8 @@ struct KlOp {
     // finite_or_zero: shift = -inf only for an empty side (m_i = -inf), which moves nothing
     const float dx = finite_or_zero(shift_xa) - finite_or_zero(shift_xb);
     const float dy = finite_or_zero(shift_ya) - finite_or_zero(shift_yb);
-    const float acc_x = r_xa > 0.0f ? r_xa * (x.acc + dx * x.s_a) : 0.0f;  // as push
-    const float acc_y = r_ya > 0.0f ? r_ya * (y.acc + dy * y.s_a) : 0.0f;
-    return {m_a, x.s_a * r_xa + y.s_a * r_ya, m_b,
-            x.s_b * expf(shift_xb) + y.s_b * expf(shift_yb), acc_x + acc_y};
+    return {m_a, x.s_a * r_xa + y.s_a * r_ya, m_b, x.s_b * expf(shift_xb) + y.s_b * expf(shift_yb),
+            move_kl_acc(x.acc, r_xa, dx, x.s_a) + move_kl_acc(y.acc, r_ya, dy, y.s_a)};
   }
 };
 

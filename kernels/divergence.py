@@ -80,6 +80,13 @@ def lse_finalize(m, s, inv_temperature):
 
 
 @triton.jit
+def move_kl_acc(acc, r_a, shift, s_a):
+    """An online KL accumulator moved to new row maxima: r_a (acc + shift s_a), 0 where r_a = 0 (its terms' weight
+    underflowed, P_a = 0 there), so that an acc of inf (b = -inf) meets no 0 * inf."""
+    return tl.where(r_a > 0.0, r_a * (acc + shift * s_a), 0.0)
+
+
+@triton.jit
 def online_kl_update(m_a, s_a, m_b, s_b, acc, a, b, inv_temperature):
     """One block of KL(P_a || P_b) between two logit rows in one sweep (P = softmax(x / T)).
 
@@ -106,7 +113,7 @@ def online_kl_update(m_a, s_a, m_b, s_b, acc, a, b, inv_temperature):
     d_diff = tl.where(up_a, 0.0, x_a) - tl.where(up_b, 0.0, x_b)
     weight = tl.where(up_a, 1.0, e_a)
     r_a = tl.where(up_a, e_a, 1.0)
-    acc = tl.where(r_a > 0.0, r_a * (acc + shift * s_a), 0.0) + tl.where(weight > 0.0, weight * d_diff, 0.0)
+    acc = move_kl_acc(acc, r_a, shift, s_a) + tl.where(weight > 0.0, weight * d_diff, 0.0)
     s_a = tl.where(up_a, s_a * e_a + 1.0, s_a + e_a)
     s_b = tl.where(up_b, s_b * e_b + 1.0, s_b + e_b)
     return m_a_new, s_a, m_b_new, s_b, acc
@@ -122,7 +129,7 @@ def kl_finalize(m_a, s_a, m_b, s_b, acc, inv_temperature):
     shift_a = tl.where(m_a == NEG_INF, 0.0, (m_a - max_a) * inv_temperature)
     shift_b = tl.where(m_b == NEG_INF, 0.0, (m_b - max_b) * inv_temperature)
     r_a = tl.where(m_a == NEG_INF, 0.0, tl.exp(shift_a))
-    acc_row = tl.sum(tl.where(r_a > 0.0, r_a * (acc + (shift_a - shift_b) * s_a), 0.0), 0)  # as online_kl_update
+    acc_row = tl.sum(move_kl_acc(acc, r_a, shift_a - shift_b, s_a), 0)
     return max_a, logsum_a, max_b, logsum_b, acc_row / tl.exp(logsum_a) - logsum_a + logsum_b
 
 

@@ -27,7 +27,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .divergence import FORWARD, LOGITS, NEG_INF, REVERSE, divergence_terms, finite_or_zero, teacher_logprobs
+from .divergence import (
+    FORWARD,
+    LOGITS,
+    NEG_INF,
+    REVERSE,
+    divergence_terms,
+    finite_or_zero,
+    move_kl_acc,
+    teacher_logprobs,
+)
 from .launch import DIVERGENCE_KINDS, TARGET_KINDS, on_device
 from .linear import (
     GROUP_M,
@@ -87,9 +96,7 @@ def tile_kl_update(m_a, s_a, m_b, s_b, acc, a, b, inv_temperature):
     d_b = (b - ref_b[:, None]) * inv_temperature
     e_a = tl.exp(d_a)
     r_a = tl.exp(shift_a)
-    # Terms of weight 0 in fp32 (P_a = 0) add nothing, even against b = -inf: no 0 * inf (online_kl_update).
-    moved = tl.where(r_a > 0.0, r_a * (acc + (shift_a - shift_b) * s_a), 0.0)
-    acc = moved + tl.sum(tl.where(e_a > 0.0, e_a * (d_a - d_b), 0.0), 1)
+    acc = move_kl_acc(acc, r_a, shift_a - shift_b, s_a) + tl.sum(tl.where(e_a > 0.0, e_a * (d_a - d_b), 0.0), 1)
     s_a = s_a * r_a + tl.sum(e_a, 1)
     s_b = s_b * tl.exp(shift_b) + tl.sum(tl.exp(d_b), 1)
     return m_a_new, s_a, m_b_new, s_b, acc

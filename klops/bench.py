@@ -640,7 +640,7 @@ def run(
     not_run = []
     for index, case in enumerate(todo):
         if time_limit is not None and time.perf_counter() - start > time_limit:
-            not_run = [case.name for case in todo[index:]]
+            not_run = [left.name for left in todo[index:]]
             break
         if progress is not None:
             progress(index, len(todo), case.name, time.perf_counter() - start)
