@@ -155,17 +155,26 @@ def _top_entries(score: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor) -
     return (rank.view(score.shape) < k) & eligible
 
 
+# torch.nanquantile rounds q to the values' dtype, then forms the rank q (n - 1) in that dtype up to torch 2.13
+# and in float64 from torch 2.14 (the interpolation weight is then rounded to the values' dtype): an fp32
+# cutoff differs by an ulp between the two in about a third of random cases, enough to move a token across the
+# entropy mask.
+_QUANTILE_RANK_FLOAT64 = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 14)
+
+
 def _masked_quantile(values: torch.Tensor, keep: torch.Tensor, q: float) -> torch.Tensor:
-    """torch.quantile (linear interpolation) of the kept entries of values; NaN when none is kept. The same
-    as torch.nanquantile(torch.where(keep, values, nan), q), from a sort and gathers: nanquantile's check for
-    NaNs is a data-dependent op that torch.compile(fullgraph=True) rejects before torch 2.13."""
+    """torch.quantile (linear interpolation) of the kept entries of values; NaN when none is kept. Bitwise the
+    same as torch.nanquantile(torch.where(keep, values, nan), q) of the installed torch, from a sort and gathers:
+    nanquantile's check for NaNs is a data-dependent op that torch.compile(fullgraph=True) rejects before 2.13."""
     if values.numel() == 0:
         return values.new_full((), math.nan)
     ordered = torch.where(keep, values, math.inf).flatten().sort().values  # the kept entries first
     count = keep.sum()
-    rank = (count - 1).clamp(min=0).to(values.dtype) * q
+    rank_dtype = torch.float64 if _QUANTILE_RANK_FLOAT64 else values.dtype
+    rank = (count - 1).clamp(min=0).to(rank_dtype) * values.new_tensor(q).to(rank_dtype)
     below, above = ordered.gather(0, torch.stack([rank.floor(), rank.ceil()]).long())
-    return torch.where(count > 0, torch.lerp(below, above, rank - rank.floor()), math.nan)
+    weight = (rank - rank.floor()).to(values.dtype)
+    return torch.where(count > 0, torch.lerp(below, above, weight), math.nan)
 
 
 def _batch_covariance(A: torch.Tensor, lp: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -424,8 +433,9 @@ def grpo_loss(
     token_weight = m
     if top_entropy_quantile < 1.0:
         h = entropy.detach().to(dtype)
-        cutoff = _masked_quantile(h, m > 0, 1.0 - top_entropy_quantile)
-        token_weight = m * (h >= cutoff).to(dtype)  # no valid token: cutoff NaN, nothing kept
+        # The cutoff is the quantile of the fp32 entropies whatever their dtype, as TRL forms it.
+        cutoff = _masked_quantile(h.float(), m > 0, 1.0 - top_entropy_quantile)
+        token_weight = m * (h >= cutoff.to(dtype)).to(dtype)  # no valid token: cutoff NaN, nothing kept
         loss_t = loss_t * token_weight
     if is_ratio is not None and loss_type not in ("vespo", "geo_mean"):
         loss_t = loss_t * is_ratio
