@@ -303,7 +303,8 @@ def test_from_logits(kl, backend, gen):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_masked_quantile_is_nanquantile(dtype, gen):
     """The entropy cutoff's quantile (a sort, compilable with fullgraph=True on torch 2.11) equals the installed
-    torch's nanquantile over the kept entries to the bit, with ties, q at 0 and 1, and NaN when nothing is kept or there is nothing."""
+    torch's nanquantile over the kept entries to the bit, with ties, q at 0 and 1, and NaN when nothing is kept or
+    there is nothing."""
     for trial in range(600):  # an ulp off in a third of the trials (torch 2.14's float64 rank) fails it
         n = int(torch.randint(0, 30, (), generator=gen))
         values = torch.randn(3, n, generator=gen, dtype=torch.float64).to(dtype)
