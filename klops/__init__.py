@@ -6,7 +6,7 @@ loss = klops.fused_kl(student_logits, klops.TopK(teacher_ids, teacher_logprobs, 
 loss = klops.sinkhorn_distill_loss(student_logits, teacher_logits)
 """
 
-from . import nn, reference
+from . import _eager, nn, reference
 from ._inputs import set_host_checks
 from .backend import available_backends
 from .distill import akl_loss, akl_weights, dckd_loss, forward_reverse_kl, kdrl_loss
@@ -17,6 +17,8 @@ from .logprobs import logprobs
 from .preference import dpo_loss, sequence_logprobs, tdpo_loss
 from .sinkhorn import SinkhornResult, sinkhorn, sinkhorn_distill_loss, sinkhorn_divergence
 from .topk import TopK
+
+_eager.import_dynamo_lazily(__name__)  # the first eager call imports neither torch._dynamo nor triton
 
 __version__ = "0.1.0"
 __all__ = [

@@ -1,5 +1,8 @@
 """Which backend runs, and when the CUDA extension is not used (built against another torch or CUDA)."""
 
+import os
+import subprocess
+import sys
 import types
 import warnings
 
@@ -88,3 +91,46 @@ def test_fused_linear_auto_prefers_triton_on_a_gpu(monkeypatch, usable, expected
     assert backend.resolve_preferring_triton("auto", torch.device("cuda")) == expected
     assert backend.resolve_preferring_triton(usable[0], torch.device("cuda")) == usable[0]
     assert backend.resolve_preferring_triton("auto", torch.device("cpu")) == "torch"
+
+
+FIRST_CALLS = """
+import sys
+import torch
+import klops
+
+g = torch.Generator().manual_seed(0)
+B, L, V, D = 2, 5, 48, 16
+s = torch.randn(B, L, V, generator=g, requires_grad=True)
+t = torch.randn(B, L, V, generator=g)
+labels = torch.randint(0, V, (B, L), generator=g)
+h = torch.randn(B, L, D, generator=g, requires_grad=True)
+w = torch.randn(V, D, generator=g, requires_grad=True)
+top = torch.log_softmax(t, -1).topk(4, -1)
+teacher = klops.TopK(top.indices, top.values)
+x, y = torch.randn(1, 6, 3, generator=g, requires_grad=True), torch.randn(1, 7, 3, generator=g)
+klops.fused_kl(s, t, backend="torch").backward()
+klops.logprobs(s, labels, return_entropy=True, backend="auto")[1].sum().backward()
+klops.fused_linear_cross_entropy(h, w, labels, backend="torch").backward()
+klops.fused_linear_kl(h, w, teacher_logits=t, backend="torch").backward()
+klops.fused_linear_kl(h, w, teacher, backend="torch").backward()
+klops.fused_kl(s, teacher, backend="torch").backward()
+klops.grpo_loss_from_logits(s, labels, torch.randn(B, generator=g), torch.ones(B, L), ref_logits=t, backend="torch")[
+    0
+].backward()
+klops.forward_reverse_kl(s, t, backend="torch")[0].sum().backward()
+klops.sinkhorn(x=x, y=y, cost_fn="sqeuclidean", epsilon=0.5, backend="torch").cost.sum().backward()
+klops.sinkhorn_distill_loss(s, t, backend="torch").backward()
+klops.tdpo_loss(s, t, labels, None, torch.tensor([0]), torch.tensor([1]), backend="torch")[0].backward()
+klops.dpo_loss(*torch.randn(4, 1, generator=g))
+print(sorted({"triton", "torch._dynamo"} & set(sys.modules)))
+"""
+
+
+def test_torch_backend_imports_no_triton():
+    """The first call of each family of ops on the torch backend (and on "auto" with CPU tensors), forward and
+    backward, imports neither triton nor torch._dynamo, which imports triton whenever it is installed (together
+    about 160 MiB resident and a second of start-up)."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", FIRST_CALLS], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]", f"imported on the torch backend: {run.stdout.strip()}"
