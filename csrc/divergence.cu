@@ -7,7 +7,8 @@
 //     log q = (z - max_q) c - logsum_q            logsum_q = log sum_v exp((z_v - max_q) c)
 //     log p = (y - max_t) c - logsum_t   (target "logits")
 //     log p = t                          (target "logprobs", t = y; "probs", t = log y; not
-//                                         renormalized, max_t = logsum_t = 0)
+//                                         renormalized; the forward leaves in max_t, logsum_t the
+//                                         statistics of their check, TeacherCheck)
 //
 //     D    = sum_v loss_v                         loss_v: the kind's per-entry term
 //     a_v  = q_v g_v                              g_v = f(u_v) - u_v f'(u_v), u = p/q
@@ -95,7 +96,8 @@ constexpr bool kOneSweepKl = TARGET == LOGITS && (KIND == FORWARD || KIND == REV
 //   sweep 1: max_q, logsum_q of z and, for logits only, max_t, logsum_t of y (Lse, raw units);
 //            for log-probs / probs the teacher is not read and max_t = logsum_t = 0
 //   sweep 2: D = sum_v loss_v, gbar = sum_v a_v, with log q_v = (z_v - max_q) c - logsum_q and
-//            log p_v from teacher_log;
+//            log p_v from teacher_log; for log-probs / probs also TeacherCheck, stored as
+//            max_t = its top (max_v log p_v or max_v -p_v) and logsum_t = log sum_v p_v;
 // or in 1 sweep for forward / reverse KL between logit rows (kOneSweepKl): KL(P_a || P_b) with
 // (a, b) = (y, z) for forward, (z, y) for reverse, and the max / logsum of both rows from the same
 // KlOp state (equal to those of LseOp); gbar = sum_v q_v g_v is -sum_v p_v = -1 (forward) or
@@ -188,17 +190,25 @@ __global__ void __launch_bounds__(kMaxThreads) divergence_forward_kernel(
     const float logsum_q = acc_q.logsum();
 
     Sum2 acc{0.0f, 0.0f};
+    TeacherCheck check = TeacherCheckOp{}.identity();
     sweep_row<VEC>(V, plan, tid, threads, load, [&](int64_t, auto e) {
 #pragma unroll
       for (int i = 0; i < decltype(e)::kWidth; ++i) {
         const float lq = (Fs::to_float(e.z.val[i]) - max_q) * c - logsum_q;
-        const float lp = teacher_log<TARGET>(Ft::to_float(e.y.val[i]), max_t, logsum_t, c);
+        const float yi = Ft::to_float(e.y.val[i]);
+        const float lp = teacher_log<TARGET>(yi, max_t, logsum_t, c);
         const Terms t = divergence_terms<KIND>(lq, lp, k);
         acc.loss += t.loss;
         acc.gbar += t.a;
+        if constexpr (TARGET != LOGITS) check.push<TARGET == PROBS>(yi, lp);
       }
     });
     acc = block_reduce(acc, Sum2Op{});
+    if constexpr (TARGET != LOGITS) {
+      check = block_reduce(check, TeacherCheckOp{});
+      max_t = check.top;
+      logsum_t = logf(check.mass);
+    }
     store(acc.loss, max_q, logsum_q, max_t, logsum_t, acc.gbar);
   }
 }

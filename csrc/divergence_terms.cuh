@@ -1,6 +1,7 @@
 // Per-entry terms of the token-level divergences (docs/losses.md §1) shared by the row kernels of
 // divergence.cu (dense teachers) and topk.cu (sparse top-k teachers): the kinds, their parameters,
-// loss_v and a_v = q_v g_v of one entry from its log-probabilities, and the (D, gbar) sums. Plain
+// loss_v and a_v = q_v g_v of one entry from its log-probabilities, the (D, gbar) sums and the check
+// statistics of a teacher given as log-probs or probabilities. Plain
 // C++ apart from the torch checks and the warp shuffles, so that tests/csrc/terms_check.cpp runs
 // the terms on the CPU.
 
@@ -128,6 +129,40 @@ struct Sum2Op {
   KLOPS_DEVICE Sum2 identity() const { return {0.0f, 0.0f}; }
   KLOPS_DEVICE Sum2 combine(const Sum2& a, const Sum2& b) const {
     return {a.loss + b.loss, a.gbar + b.gbar};
+  }
+};
+
+// The statistics of a teacher given as log-probs or probabilities for the check that it is normalized
+// (check_teacher_rows in klops/_inputs.py; kernels/divergence.py's teacher_check_terms): top, the largest
+// entry that must not be positive, log p (log-probs) or -p (probabilities); mass = sum_v p_v, NaN for a
+// NaN entry. Reduced over a row like Sum2.
+struct TeacherCheck {
+  float top;
+  float mass;
+
+  // One entry: y as stored (in fp32) and lp = log p.
+  template <bool PROBS>
+  KLOPS_DEVICE void push(float y, float lp) {
+    if constexpr (PROBS) {
+      top = fmaxf(top, -y);
+      mass += y;
+    } else {
+      top = fmaxf(top, lp);
+      mass += expf(lp);
+    }
+  }
+
+#ifdef __CUDACC__
+  KLOPS_DEVICE TeacherCheck shfl_xor(int lane_mask) const {
+    return {__shfl_xor_sync(0xffffffffu, top, lane_mask), __shfl_xor_sync(0xffffffffu, mass, lane_mask)};
+  }
+#endif
+};
+
+struct TeacherCheckOp {
+  KLOPS_DEVICE TeacherCheck identity() const { return {-std::numeric_limits<float>::infinity(), 0.0f}; }
+  KLOPS_DEVICE TeacherCheck combine(const TeacherCheck& a, const TeacherCheck& b) const {
+    return {fmaxf(a.top, b.top), a.mass + b.mass};
   }
 };
 

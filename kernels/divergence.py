@@ -5,7 +5,9 @@ One program handles one row (token) and streams its V logits in blocks of BLOCK_
 
     log q = (z - max_q)/T - logsum_q            max_q = max_v z_v, logsum_q = log sum exp((z - max_q)/T)
     log p = (y - max_t)/T - logsum_t            (target_is="logits"; likewise)
-    log p = y  or  log y                        (target_is="logprobs" / "probs": taken as given)
+    log p = y  or  log y                        (target_is="logprobs" / "probs": taken as given; the forward
+                                                 leaves max_t = max_v log p_v or max_v -p_v, logsum_t = log sum_v p_v
+                                                 for their check, see teacher_check_terms)
 
     D    = sum_v loss_v                         loss_v: the kind's per-entry term
     a_v  = q_v g_v                              g_v = f(u_v) - u_v f'(u_v), u = p/q
@@ -147,6 +149,21 @@ def teacher_logprobs(y, max_t, logsum_t, inv_temperature, TARGET: tl.constexpr):
 
 
 @triton.jit
+def teacher_check_terms(y, lp, inside, TARGET: tl.constexpr):
+    """(top, p) per entry of a teacher given as log-probs or probabilities (y as stored, 0 outside the row; lp its
+    log p, -inf outside; inside: the row's entries): the entry that must not be positive, log p (log-probs) or -p
+    (probs), -inf outside, and p. Their max and sum over a row are what the check that it is normalized reads
+    (klops._inputs.check_teacher_rows), from max_t and logsum_t = log sum_v p_v; a NaN entry makes the sum NaN."""
+    if TARGET == LOGPROBS:
+        top = lp
+        p = tl.exp(lp)
+    else:
+        p = y.to(tl.float32)
+        top = tl.where(inside, -p, NEG_INF)
+    return top, p
+
+
+@triton.jit
 def divergence_terms(lq, lp, coef, KIND: tl.constexpr):
     """Per-entry (loss_v, a_v) of docs/losses.md §1; coef is beta (jsd) or alpha (skew_*, alpha).
 
@@ -197,8 +214,8 @@ def divergence_forward_kernel(
     loss_ptr,  # (B*L,) fp32 out: D per row
     max_q_ptr,  # (B*L,) fp32 out: raw row max of z
     logsum_q_ptr,  # (B*L,) fp32 out: log sum exp((z - max_q)/T)
-    max_t_ptr,  # (B*L,) fp32 out: the same for teacher logits (0 for other targets)
-    logsum_t_ptr,  # (B*L,) fp32 out
+    max_t_ptr,  # (B*L,) fp32 out: the same for teacher logits; for other targets max_v log p_v or max_v -p_v
+    logsum_t_ptr,  # (B*L,) fp32 out; for other targets log sum_v p_v (teacher_check_terms)
     gbar_ptr,  # (B*L,) fp32 out
     # shapes
     L,
@@ -262,9 +279,11 @@ def divergence_forward_kernel(
         logsum_t = 0.0
         if TARGET == LOGITS:  # log-probs and probs are taken as given, not renormalized
             max_t, logsum_t = lse_finalize(m_t, s_t, inv_temperature)
-        # Sweep 2: D = sum loss_v, gbar = sum a_v.
+        # Sweep 2: D = sum loss_v, gbar = sum a_v; and the check statistics of a teacher given as log-probs / probs.
         loss_acc = tl.zeros([BLOCK_V], tl.float32)
         gbar_acc = tl.zeros([BLOCK_V], tl.float32)
+        top_acc = tl.full([BLOCK_V], NEG_INF, tl.float32)
+        mass_acc = tl.zeros([BLOCK_V], tl.float32)
         for start in range(0, V, BLOCK_V):
             mask = start + cols < V
             z = tl.load(z_row + start + cols, mask=mask, other=NEG_INF).to(tl.float32)
@@ -274,8 +293,15 @@ def divergence_forward_kernel(
             entry_loss, a = divergence_terms(lq, lp, coef, KIND)
             loss_acc += entry_loss
             gbar_acc += a
+            if TARGET != LOGITS:
+                top, p = teacher_check_terms(y, lp, mask, TARGET)
+                top_acc = tl.maximum(top_acc, top)
+                mass_acc += p
         loss = tl.sum(loss_acc, 0)
         gbar = tl.sum(gbar_acc, 0)
+        if TARGET != LOGITS:
+            max_t = tl.max(top_acc, 0)
+            logsum_t = tl.log(tl.sum(mass_acc, 0))
     tl.store(loss_ptr + row, loss)
     tl.store(max_q_ptr + row, max_q)
     tl.store(logsum_q_ptr + row, logsum_q)
@@ -371,7 +397,8 @@ def divergence_forward(
     temperature: float,
     coef: float,
 ) -> tuple[torch.Tensor, ...]:
-    """Launch the forward: returns (D, max_q, logsum_q, max_t, logsum_t, gbar), each (B, L) fp32."""
+    """Launch the forward: returns (D, max_q, logsum_q, max_t, logsum_t, gbar), each (B, L) fp32 (max_t / logsum_t
+    of a teacher given as log-probs or probs: the statistics of its check, teacher_check_terms)."""
     B, L, V = student.shape
     outputs = tuple(torch.empty((B, L), dtype=torch.float32, device=student.device) for _ in range(6))
     launch_over_rows(

@@ -35,6 +35,7 @@ from .divergence import (
     divergence_terms,
     finite_or_zero,
     move_kl_acc,
+    teacher_check_terms,
     teacher_logprobs,
 )
 from .launch import DIVERGENCE_KINDS, TARGET_KINDS, on_device
@@ -231,7 +232,7 @@ def linear_divergence_terms_kernel(
     tb_ptr,  # [V] (T_HAS_BIAS only)
     valid_ptr,  # (N,) bool
     stats_ptr,  # (4, N) fp32: max_q, logsum_q, max_t, logsum_t (merged)
-    part_ptr,  # (2, S, N) fp32 out: per split sum_v loss_v and sum_v a_v
+    part_ptr,  # (2 or 4, S, N) fp32 out: per split sum_v loss_v, sum_v a_v (and the teacher's check statistics)
     # shapes
     N,
     L,
@@ -267,7 +268,8 @@ def linear_divergence_terms_kernel(
     BLOCK_K: tl.constexpr,
 ):
     """Sweep 2 over a split (every kind but forward / reverse KL between logit rows): D = sum loss_v and
-    gbar = sum a_v of divergence_terms, from the merged row statistics."""
+    gbar = sum a_v of divergence_terms, from the merged row statistics; for a teacher given as log-probs or probs
+    also max_v top_v and sum_v p_v of teacher_check_terms, the statistics of its check."""
     rows, split = split_program(N, V, split_size, BLOCK_M)
     row_mask = rows < N
     if tl.max(tl.load(valid_ptr + rows, mask=row_mask, other=0).to(tl.int32), 0) == 0:
@@ -278,6 +280,8 @@ def linear_divergence_terms_kernel(
     v_end = tl.minimum(v_start + split_size, V)
     loss = tl.zeros([BLOCK_M], tl.float32)
     gbar = tl.zeros([BLOCK_M], tl.float32)
+    top = tl.full([BLOCK_M], NEG_INF, tl.float32)
+    mass = tl.zeros([BLOCK_M], tl.float32)
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < v_end
@@ -294,9 +298,17 @@ def linear_divergence_terms_kernel(
         entry_loss, a = divergence_terms(lq, lp, coef, KIND)
         loss += tl.sum(entry_loss, 1)
         gbar += tl.sum(a, 1)
+        if TARGET != LOGITS:
+            entry_top, p = teacher_check_terms(y, lp, col_mask[None, :], TARGET)
+            top = tl.maximum(top, tl.max(entry_top, 1))
+            mass += tl.sum(p, 1)
     out = part_ptr + split.to(tl.int64) * N + rows
+    plane = tl.cdiv(V, split_size).to(tl.int64) * N
     tl.store(out, loss, mask=row_mask)
-    tl.store(out + tl.cdiv(V, split_size).to(tl.int64) * N, gbar, mask=row_mask)
+    tl.store(out + plane, gbar, mask=row_mask)
+    if TARGET != LOGITS:
+        tl.store(out + 2 * plane, top, mask=row_mask)
+        tl.store(out + 3 * plane, mass, mask=row_mask)
 
 
 @triton.jit
@@ -421,8 +433,8 @@ def linear_divergence_forward(
     softcap: float | None,
 ) -> tuple[torch.Tensor, ...]:
     """Launch the forward sweeps and merge their splits: (D, max_q, logsum_q, max_t, logsum_t, gbar, logp), each
-    (B, L) fp32 and 0 on invalid rows; logp is log q of the label (0 without labels), max_t / logsum_t 0 unless
-    the teacher is logits."""
+    (B, L) fp32 and 0 on invalid rows; logp is log q of the label (0 without labels); for a teacher given as
+    log-probs or probs, max_t / logsum_t are the statistics of its check (teacher_check_terms, over the row)."""
     (B, L, D), V = hidden.shape, weight.shape[0]
     N = B * L
     if N == 0:
@@ -462,12 +474,15 @@ def linear_divergence_forward(
         gbar = -torch.ones_like(loss) if kind == "forward" else loss
     else:
         stats = torch.where(valid, torch.stack((max_q, logsum_q, max_t, logsum_t)), 0.0)
-        terms = torch.empty((2, splits, N), dtype=torch.float32, device=hidden.device)
+        planes = 2 if target_is == "logits" else 4
+        terms = torch.empty((planes, splits, N), dtype=torch.float32, device=hidden.device)
         with on_device(hidden):
             linear_divergence_terms_kernel[grid](
                 *pointers, stats, terms, *shapes_and_strides, 1.0 / temperature, softcap or 1.0, coef, **launch
             )
-        loss, gbar = terms.sum(1)
+        loss, gbar = terms[:2].sum(1)
+        if target_is != "logits":
+            max_t, logsum_t = terms[2].amax(0), terms[3].sum(0).log()
     logp = (z_label.sum(0) - max_q) / temperature - logsum_q if labels is not None else zeros
     outputs = (loss, max_q, logsum_q, max_t, logsum_t, gbar, logp)
     return tuple(torch.where(valid, x, 0.0).reshape(B, L) for x in outputs)

@@ -98,6 +98,51 @@ def check_none(bad: torch.Tensor, values: torch.Tensor, expected: str) -> None:
         raise ValueError(f"{expected}, got {values[bad][0].item()}")
 
 
+def teacher_tolerance(dtype: torch.dtype, vocab_size: int) -> float:
+    """How far the log-mass ``log sum_v p_v`` of an honest teacher row given as log-probs or probs may lie from 0,
+    and its log-probs above 0: ``eps (1 + log V)``, eps the machine epsilon of ``dtype`` (bfloat16's for float32).
+
+    Derivation: rounding each log-prob to the unit roundoff u = eps / 2 (relative) moves the mass by
+    ``sum_v p_v (exp(lp_v d_v) - 1) ~ u sum_v p_v |lp_v| = u H(p) <= u log V`` to first order; probabilities
+    rounded to u move it by at most u. Twice that bound (second-order terms, the fp32 sums of the check) plus eps
+    (V = 1, tiny V) admits every row a rounded teacher can give. A float32 tensor gets bfloat16's eps: a bfloat16
+    teacher cast up is honest, and float32's own bound (~1e-6) would reject it. At V = 128256 that is 0.10
+    (float32, bfloat16) and 0.013 (float16, whose probabilities lose at most V 2^-25 = 0.004 more to subnormals).
+    The mistakes the check is for are far beyond: probabilities read as log-probs have a log-mass >= log V (each
+    exp(p) >= 1), logits read as probabilities have negative entries or a mass far from 1, and raw logits in a
+    ``TopK`` have entries or a log-sum-exp above 0 by their scale."""
+    eps = torch.finfo(torch.bfloat16 if dtype == torch.float32 else dtype).eps
+    return eps * (1.0 + math.log(vocab_size))
+
+
+def check_teacher_rows(
+    name: str, target_is: str, dtype: torch.dtype, vocab_size: int, valid: torch.Tensor, top: torch.Tensor,
+    log_mass: torch.Tensor,
+) -> None:  # fmt: skip
+    """A teacher given as log-probs or probabilities is normalized (docs/losses.md §1), checked on its valid rows from
+    the statistics its op's forward sweep left per row: ``top``, the row's largest log-prob (``"logprobs"``) or largest
+    negated probability (``"probs"``), and ``log_mass = log sum_v p_v``. No log-prob above ``teacher_tolerance``, no
+    negative probability, ``|log_mass| <= teacher_tolerance``; raised or asserted as ``check_none`` does (never a
+    host sync on a GPU tensor). Nothing for logits."""
+    if target_is == "logits":
+        return
+    tol = teacher_tolerance(dtype, vocab_size)
+    within = f"within {tol:.2g} for {dtype} at V={vocab_size}"
+    if target_is == "logprobs":
+        what = (
+            f"{name} must hold log-probabilities with target_is='logprobs' (each <= 0, exp summing to 1 per row, "
+            f"{within}; probabilities take target_is='probs', logits target_is='logits')"
+        )
+        check_none(valid & ~(top <= tol), top, f"{what}: a row's largest entry is above 0")
+    else:
+        what = (
+            f"{name} must hold probabilities with target_is='probs' (each >= 0, summing to 1 per row, {within}; "
+            "log-probs take target_is='logprobs', logits target_is='logits')"
+        )
+        check_none(valid & ~(top <= 0.0), -top, f"{what}: a row's smallest entry is negative")
+    check_none(valid & ~(log_mass.abs() <= tol), log_mass.exp(), f"{what}: a row's probabilities sum to")
+
+
 def check_bool(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")

@@ -99,9 +99,17 @@ def _teacher_probs(teacher, target_is: str) -> tuple[torch.Tensor, torch.Tensor]
     return p.log(), p
 
 
+def _teacher_check_stats(lp: torch.Tensor, p: torch.Tensor, target_is: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top, log mass) per row of a teacher given as log-probs or probs, what _inputs.check_teacher_rows reads from
+    the max_t / logsum_t slots: top = the largest log-prob, or the largest negated probability; log sum_v p_v."""
+    top = lp.amax(-1) if target_is == "logprobs" else p.neg().amax(-1)
+    return top, p.sum(-1).log()
+
+
 def divergence_forward_torch(student, teacher, valid, kind: str, target_is: str, temperature: float, coef: float):
     """Chunked torch forward over (B, L, V) rows: (D, max_q, logsum_q, max_t, logsum_t, gbar), each
-    (B, L) fp32; teacher statistics are 0 unless the teacher is logits."""
+    (B, L) fp32; for a teacher given as log-probs or probs, max_t / logsum_t hold the statistics of its check
+    (_teacher_check_stats)."""
     B, L, V = student.shape
     outputs = tuple(student.new_zeros((B, L), dtype=torch.float32) for _ in range(6))
     for b, rows in row_chunks(B, L, V):
@@ -117,7 +125,8 @@ def _divergence_rows(student, teacher, kind: str, target_is: str, temperature: f
     if target_is == "logits":
         lp, p, max_t, logsum_t = log_softmax_rows(teacher, temperature)
     else:
-        (lp, p), max_t, logsum_t = _teacher_probs(teacher, target_is), torch.zeros_like(max_q), torch.zeros_like(max_q)
+        lp, p = _teacher_probs(teacher, target_is)
+        max_t, logsum_t = _teacher_check_stats(lp, p, target_is)
     loss, gbar = _row_sums(lq, q, lp, p, kind, coef)
     return loss, max_q, logsum_q, max_t, logsum_t, gbar
 
@@ -209,7 +218,9 @@ def divergence_op(
     """(B, L, V) student, teacher; (B, L) bool valid; (B, L) int64 labels or None -> (D, max_q, logsum_q,
     max_t, logsum_t, gbar, logp), each (B, L) fp32: the loss per row, what the backward needs to recompute
     q, p and dz, and log q of the label, (z_label - max_q) / T - logsum_q from one gathered entry per row
-    (0 without labels and on invalid rows, whose labels must be in range but are not read)."""
+    (0 without labels and on invalid rows, whose labels must be in range but are not read). For a teacher given as
+    log-probs or probs (which the backward recomputes without statistics), max_t / logsum_t hold what its check
+    reads (_inputs.check_teacher_rows): its largest log-prob or negated probability, and log sum_v p_v."""
     forward, _ = _launchers(backend)
     outputs = forward(student, teacher, valid, kind, target_is, temperature, coef)
     max_q, logsum_q = outputs[1], outputs[2]
@@ -395,7 +406,7 @@ def fused_kl(
             ``dD/dz = q (g - sum q g) / T`` (docs/losses.md §1) in its own dtype.
         teacher_logits: [..., V], any of those dtypes; gets no gradient (it is treated as a constant). Or a
             sparse ``klops.TopK`` teacher (its ids and log-probs ``[..., k]``; the temperature applies to the
-            student only; see ``TopK`` for its tail modes).
+            student only; see ``TopK`` for its tail modes, and for the check of its log-probs).
         beta: jsd's mixture weight (default 0.5); alpha: skew_forward / skew_reverse's mixture weight or
             Amari's alpha (default 0.5). A coefficient the kind does not take raises ValueError.
         labels, mask: [...] optional; rows whose label is ``ignore_index`` or whose mask is 0 give 0 and
@@ -405,6 +416,14 @@ def fused_kl(
             gradient D.
         reduction: "none" ([...] fp32), "sum", "mean" / "batchmean" (over valid rows, unweighted count);
             ``num_items`` (int or 0-d tensor) replaces the denominator (not with "none").
+        target_is: "logits" (default), "logprobs" or "probs": how ``teacher_logits`` is read. Log-probs and probs
+            must be normalized: on the valid rows, no log-prob above 0 nor negative probability, and a mass
+            ``sum_v p_v`` within ``exp(+-tol)`` of 1, ``tol = eps (1 + log V)`` with the eps of the teacher's dtype
+            (bfloat16's for float32; 0.10 at V = 128256, 0.013 in float16), enough for any rounded teacher and far
+            below the mistakes it catches (probabilities passed as log-probs, logits as probabilities). Checked
+            from statistics of the forward's own sweep over the teacher: a ``ValueError`` naming
+            ``teacher_logits`` on CPU tensors and under ``klops.set_host_checks(True)``, else a device-side
+            assertion, never a host sync.
         backend: "auto" | "cuda" | "triton" | "torch" (see ``klops.backend``).
 
     Returns the fp32 loss.
@@ -429,7 +448,12 @@ def fused_kl(
         backend = resolve_backend(backend, student_logits.device)
         student3, teacher3 = _inputs.as_rows(student_logits, teacher_logits)
         valid3 = valid.reshape(student3.shape[:2])
-        rows, *_ = divergence_op(student3, teacher3, valid3, None, kernel_kind, target_is, temperature, coef, backend)
+        rows, _, _, top, log_mass, _, _ = divergence_op(
+            student3, teacher3, valid3, None, kernel_kind, target_is, temperature, coef, backend
+        )
+        _inputs.check_teacher_rows(
+            "teacher_logits", target_is, teacher_logits.dtype, teacher_logits.shape[-1], valid3, top, log_mass
+        )
         rows = rows.reshape(valid.shape)
     if weights is not None:
         rows = rows * weights.float()

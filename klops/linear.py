@@ -368,7 +368,8 @@ def linear_divergence_op(
     """The rows' (D, max_q, logsum_q, max_t, logsum_t, gbar, logp), each (B, L) fp32, of the divergence between
     the teacher (teacher_hidden @ teacher_weight^T + teacher_bias, or teacher_logits (B, L, V)) and the
     student's logits, a chunk of rows at a time (or a tile at a time, neither model's logits stored, on the
-    Triton backend); logp is log q of the label (0 without labels)."""
+    Triton backend); logp is log q of the label (0 without labels); max_t / logsum_t of teacher_logits given as
+    log-probs or probs are the statistics of their check (as divergence_op's)."""
     if backend == "triton":
         from .kernels import linear_divergence as fused
 
@@ -574,7 +575,8 @@ def fused_linear_kl(
 
     The teacher is ``teacher_hidden [..., Dt]`` with ``teacher_weight [V, Dt]`` (and ``teacher_bias``; on-policy
     distillation: its logits are formed a chunk at a time too, with the same ``softcap``), or
-    ``teacher_logits [..., V]`` (used as they are, read as ``target_is``), or a sparse ``klops.TopK`` in the
+    ``teacher_logits [..., V]`` (used as they are, read as ``target_is``; log-probs and probs are checked to be
+    normalized as in ``fused_kl``, from the forward's own sweep), or a sparse ``klops.TopK`` in the
     ``teacher_hidden`` position (no teacher weight; see ``TopK``). Student and teacher may have
     different hidden sizes; their vocabularies must match. Every kind, coefficient and option of
     ``fused_kl``, with the same semantics; gradients flow to ``student_hidden``, ``student_weight`` and
@@ -641,10 +643,13 @@ def fused_linear_kl(
     else:
         student3, teacher3 = _inputs.as_rows(student_hidden, teacher_hidden)
         teacher = (teacher3, teacher_weight, teacher_bias, None)
-    rows, *_ = linear_divergence_op(
-        student3, student_weight, student_bias, *teacher, valid.reshape(student3.shape[:2]), None,
+    valid3 = valid.reshape(student3.shape[:2])
+    rows, _, _, top, log_mass, _, _ = linear_divergence_op(
+        student3, student_weight, student_bias, *teacher, valid3, None,
         kernel_kind, target_is, temperature, coef, softcap, backend,
     )  # fmt: skip
+    if teacher_logits is not None:  # normalized log-probs / probs, from the forward's statistics (fused_kl)
+        _inputs.check_teacher_rows("teacher_logits", target_is, teacher_logits.dtype, V, valid3, top, log_mass)
     rows = rows.reshape(valid.shape)
     if weights is not None:
         rows = rows * weights.float()

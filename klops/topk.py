@@ -37,7 +37,9 @@ class TopK:
             student's (``[B, L-1, k]`` for ``logits[:, :-1]``).
         logprobs: ``[..., k]`` float, the teacher's log-probabilities of those tokens, used as given: the
             temperature of ``fused_kl`` applies to the student only. For a teacher temperature ``Tt``, produce the
-            top-k from ``log_softmax(teacher_logits / Tt)``.
+            top-k from ``log_softmax(teacher_logits / Tt)``. The ops check the valid rows: no entry above 0, and
+            ``logsumexp`` (the top-k's mass) not above 0, within the tolerance of dense log-probs (``fused_kl``'s
+            ``target_is``); raw logits in their place raise ValueError (a device-side assertion on a GPU).
         tail: how the teacher's mass outside the top-k enters, with ``q = softmax(z / T)`` over the whole vocabulary:
 
             - ``"bin"`` (DCKD / ADPA): the divergence between two distributions over k + 1 outcomes, the
@@ -69,11 +71,28 @@ class TopK:
         _inputs.check_choice("tail", self.tail, TAILS)
 
 
-def sorted_topk(topk: TopK, ref_name: str, ref: torch.Tensor, vocab_size: int, valid: torch.Tensor):
-    """(indices int32, logprobs) of ``topk`` sorted by token id within each row, ``[..., k]`` contiguous (what
-    every backend reads), after the checks of its rows against ``ref`` ([..., V] logits or [..., D] hidden
-    states) and of the valid rows' ids: in [0, V) and distinct (eager ValueError on CPU tensors; a
-    device-side assertion otherwise, see ``klops.set_host_checks``)."""
+def check_topk_logprobs(name: str, topk: TopK, vocab_size: int, valid: torch.Tensor) -> None:
+    """The valid rows of ``topk.logprobs`` are log-probabilities of a distribution over V tokens: no entry above 0
+    and a log-sum-exp (the log of the top-k's mass) not above 0, within ``_inputs.teacher_tolerance`` of their
+    dtype. Raw logits in their place give entries and a log-sum-exp of their scale above 0 (a finite, wrong loss)."""
+    lp = topk.logprobs.float()
+    tol = _inputs.teacher_tolerance(topk.logprobs.dtype, vocab_size)
+    what = (
+        f"{name} (TopK.logprobs) must hold log-probabilities (each <= 0, exp summing to at most 1 per row, within "
+        f"{tol:.2g} for {topk.logprobs.dtype} at V={vocab_size}): build a TopK from log_softmax(teacher_logits), "
+        "not raw logits"
+    )
+    top = lp.amax(-1)
+    _inputs.check_none(valid & ~(top <= tol), top, f"{what}; a row's largest entry is above 0")
+    log_mass = torch.logsumexp(lp, -1)
+    _inputs.check_none(valid & ~(log_mass <= tol), log_mass.exp(), f"{what}; a row's probabilities sum to")
+
+
+def sorted_topk(topk: TopK, name: str, ref_name: str, ref: torch.Tensor, vocab_size: int, valid: torch.Tensor):
+    """(indices int32, logprobs) of ``topk`` (the argument ``name``) sorted by token id within each row, ``[..., k]``
+    contiguous (what every backend reads), after the checks of its rows against ``ref`` ([..., V] logits or [..., D]
+    hidden states), of the valid rows' ids: in [0, V) and distinct, and of their log-probs (check_topk_logprobs)
+    (eager ValueError on CPU tensors; a device-side assertion otherwise, see ``klops.set_host_checks``)."""
     if not isinstance(topk, TopK):
         raise TypeError(f"expected a klops.TopK teacher, got {type(topk).__name__}")
     rows, k = tuple(ref.shape[:-1]), topk.indices.shape[-1]
@@ -91,6 +110,7 @@ def sorted_topk(topk: TopK, ref_name: str, ref: torch.Tensor, vocab_size: int, v
     _inputs.check_none(outside, indices, f"TopK indices must lie in [0, {vocab_size})")
     repeated = keep & (indices[..., 1:] == indices[..., :-1])
     _inputs.check_none(repeated, indices[..., 1:], "TopK indices must be distinct within a row")
+    check_topk_logprobs(name, topk, vocab_size, valid)
     # Ids outside [0, V) (possible only when the checks above are device-side) become -1 or V: never read.
     # Ignored rows may hold anything (padding): they get the ids 0..k-1, so that no backend reads theirs.
     indices = torch.where(keep, indices.clamp(-1, vocab_size), torch.arange(k, device=indices.device))
@@ -436,7 +456,7 @@ def topk_rows(student_logits, topk, valid, kind, user_kind, coef, temperature, b
     invalid rows; the log-probs (with their gradient, in the same backward sweep) only with labels."""
     V = student_logits.shape[-1]
     tail_terms = renormalized_tail_terms(kind, coef, user_kind) if topk.tail == "renormalize" else (0.0, 0.0)
-    indices, logprobs = sorted_topk(topk, "student_logits", student_logits, V, valid)
+    indices, logprobs = sorted_topk(topk, "teacher_logits", "student_logits", student_logits, V, valid)
     backend = _resolve(backend, student_logits.device, V)
     student3, indices3, logprobs3 = _inputs.as_rows(student_logits, indices, logprobs)
     rows_shape = student3.shape[:2]
@@ -451,7 +471,7 @@ def linear_topk_rows(hidden, weight, bias, topk, valid, kind, user_kind, coef, t
                      labels=None):  # fmt: skip
     """topk_rows for the student logits softcap(hidden @ weight^T + bias), never formed."""
     tail_terms = renormalized_tail_terms(kind, coef, user_kind) if topk.tail == "renormalize" else (0.0, 0.0)
-    indices, logprobs = sorted_topk(topk, "student_hidden", hidden, weight.shape[0], valid)
+    indices, logprobs = sorted_topk(topk, "teacher_hidden", "student_hidden", hidden, weight.shape[0], valid)
     backend = _resolve(backend, hidden.device, weight.shape[0])
     hidden3, indices3, logprobs3 = _inputs.as_rows(hidden, indices, logprobs)
     rows_shape = hidden3.shape[:2]

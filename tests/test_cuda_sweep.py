@@ -52,7 +52,8 @@ def terms_check(tmp_path_factory):
 
 
 def cuda_divergence(binary, student, teacher, kind: str, target_is: str, temperature: float, coef: float):
-    """(D per row, dD/dz) of the CUDA kernels' math run on the CPU by terms_check, for (N, V) fp32 rows."""
+    """(D per row, dD/dz, (max_t, logsum_t) per row) of the CUDA kernels' math run on the CPU by terms_check, for
+    (N, V) fp32 rows."""
     N, V = student.shape
     header = np.array([N, V, DIVERGENCE_KINDS.index(kind), TARGET_KINDS.index(target_is)], np.int32).tobytes()
     data = np.concatenate([student.numpy().ravel(), teacher.numpy().ravel()]).astype(np.float32).tobytes()
@@ -60,7 +61,7 @@ def cuda_divergence(binary, student, teacher, kind: str, target_is: str, tempera
     run = subprocess.run([str(binary)], input=header + options + data, capture_output=True, timeout=60)
     assert run.returncode == 0, run.stderr[-2000:]
     out = torch.from_numpy(np.frombuffer(run.stdout, np.float32).copy())
-    return out[:N], out[N:].reshape(N, V)
+    return out[:N], out[N : N + N * V].reshape(N, V), out[N + N * V :].reshape(2, N)
 
 
 def terms_case(case: str, kind: str, gen) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,7 +93,14 @@ def test_cuda_divergence_math(kind, case, target_is, terms_check, gen):
     teacher = {"logits": teacher_logits, "logprobs": torch.log_softmax(teacher_logits.double(), -1).float(),
                "probs": torch.softmax(teacher_logits.double(), -1).float()}[target_is]  # fmt: skip
     coef = COEF.get(kind, {})
-    loss, grad = cuda_divergence(terms_check, student, teacher, kind, target_is, 0.7, next(iter(coef.values()), 0.5))
+    loss, grad, (top, log_mass) = cuda_divergence(
+        terms_check, student, teacher, kind, target_is, 0.7, next(iter(coef.values()), 0.5)
+    )
+    if target_is != "logits":  # the statistics of the teacher's check: its largest log-prob or -prob, log of its mass
+        p = teacher.double().exp() if target_is == "logprobs" else teacher.double()
+        want = teacher.double().amax(-1) if target_is == "logprobs" else (-p).amax(-1)
+        assert_close(top, want, (1e-6, 1e-7), "top")
+        assert_close(log_mass, p.sum(-1).log(), (0, 1e-6), "log mass", floor=1e-6)
     leaf = student.double().requires_grad_()
     expected = fused_kl_reference(leaf, teacher, kind, temperature=0.7, reduction="none", target_is=target_is, **coef)
     expected.sum().backward()

@@ -350,3 +350,130 @@ def test_divergence_and_label_logprobs(kind, backend, gen):
     assert_close(teacher_logp, ref_teacher, LOSS_TOL[torch.float32], "teacher logp")
     assert_close(z.grad, z_ref.grad, GRAD_TOL[torch.float32], "grad")
     assert (z.grad[0, 1] == 0).all()
+
+
+# ----------------------------------------------------------------------------------------------------
+# a teacher given as log-probs or probs is normalized (docs/losses.md §1): checked from the forward's statistics
+
+# The plausible mistakes, each a finite or NaN loss without the check: (given, target_is, message).
+WRONG_ENCODINGS = [
+    ("probs", "logprobs", "largest entry is above 0"),
+    ("logits", "probs", "smallest entry is negative"),
+    ("logprobs", "probs", "smallest entry is negative"),
+]
+
+
+def _encoded(teacher_logits: torch.Tensor, given: str) -> torch.Tensor:
+    if given == "logits":
+        return teacher_logits
+    lp = torch.log_softmax(teacher_logits.float(), dim=-1)
+    return (lp if given == "logprobs" else lp.exp()).to(teacher_logits.dtype)
+
+
+@pytest.mark.parametrize("given, target_is, message", WRONG_ENCODINGS)
+def test_wrong_teacher_encoding_raises(given, target_is, message, backend, gen):
+    """Probabilities read as log-probs, logits or log-probs read as probabilities: ValueError naming the argument."""
+    student, teacher_logits = randn(2, 3, 211, gen=gen), randn(2, 3, 211, gen=gen, scale=2.0)
+    with pytest.raises(ValueError, match=f"teacher_logits must hold .*target_is='{target_is}'.*{message}"):
+        klops.fused_kl(student, _encoded(teacher_logits, given), "jsd", target_is=target_is, backend=backend)
+
+
+def test_unnormalized_teacher_raises(backend, gen):
+    """Entries of the right sign whose mass is not 1 (a truncated top-p teacher, not renormalized): the mass check."""
+    student, teacher = randn(4, 300, gen=gen), torch.softmax(randn(4, 300, gen=gen), -1)
+    teacher[1] = torch.where(teacher[1] >= teacher[1].topk(30).values[-1], teacher[1], 0.0)  # mass ~0.3
+    for target_is, given in (("probs", teacher), ("logprobs", teacher.log())):
+        with pytest.raises(ValueError, match=r"teacher_logits .*a row's probabilities sum to, got 0\.[0-8]"):
+            klops.fused_kl(student, given, target_is=target_is, backend=backend)
+    # NaN in a valid row is caught too (by the mass check where the NaN escapes the row's max)
+    teacher[2, 5] = math.nan
+    with pytest.raises(ValueError, match="teacher_logits must hold probabilities"):
+        klops.fused_kl(student, teacher, target_is="probs", backend=backend)
+
+
+@pytest.mark.parametrize("target_is", ["logprobs", "probs"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_honest_rounded_teachers_pass(dtype, target_is, backend, gen):
+    """log_softmax / softmax of random logits rounded to the teacher's dtype (computed in fp32 and cast, or in the
+    dtype itself) passes at Llama-3's V = 128256: flat, moderate and peaked rows, with logits offset by 30; and the
+    three mistakes miss the tolerance by a wide margin there."""
+    V = 128256
+    logits = randn(3, V, gen=gen) * torch.tensor([[0.5], [3.0], [100.0]], device=DEVICE) + 30.0
+    student = randn(3, V, gen=gen)
+    fp32 = torch.log_softmax(logits, -1)
+    native = torch.log_softmax(logits.to(dtype), -1)
+    for lp in (fp32.to(dtype), native):
+        teacher = lp if target_is == "logprobs" else lp.float().exp().to(dtype)
+        assert torch.isfinite(klops.fused_kl(student, teacher, target_is=target_is, backend=backend))
+    tol = klops._inputs.teacher_tolerance(dtype, V)
+    assert tol <= 0.11
+    assert float(fp32.exp().exp().sum(-1).log().min()) > 100 * tol  # probabilities read as log-probs
+
+
+def test_padded_masked_and_empty_rows_are_not_checked(backend, gen):
+    """Padded vocabulary (-inf log-probs, 0 probs) is legal; rows masked or with ignore_index may hold anything;
+    a fully masked batch and N = 0 pass."""
+    student = randn(4, 5, 90, gen=gen)
+    lp = torch.log_softmax(randn(4, 5, 90, gen=gen).masked_fill(torch.arange(90, device=DEVICE) >= 80, -math.inf), -1)
+    labels = torch.randint(0, 90, (4, 5), generator=gen).to(DEVICE)
+    labels[0, 1] = -100
+    mask = torch.ones(4, 5, device=DEVICE)
+    mask[3] = 0
+    for target_is, teacher in (("logprobs", lp.clone()), ("probs", lp.exp())):
+        teacher[0, 1] = 7.0  # ignored by its label
+        teacher[3] = -3.0  # masked
+        loss = klops.fused_kl(student, teacher, target_is=target_is, labels=labels, mask=mask, backend=backend)
+        assert torch.isfinite(loss)
+        assert klops.fused_kl(student, teacher, target_is=target_is, mask=torch.zeros(4, 5), backend=backend) == 0
+        empty = torch.zeros(0, 90, device=DEVICE)
+        assert klops.fused_kl(empty, empty - 1.0, target_is=target_is, backend=backend) == 0
+
+
+@pytest.mark.parametrize("target_is", ["logprobs", "probs"])
+def test_teacher_check_statistics_come_from_the_forward(target_is, backend, gen):
+    """The check reads no second pass over the teacher: every backend's forward leaves in max_t / logsum_t the row's
+    largest log-prob (or negated probability) and the log of its mass, 0 on invalid rows."""
+    from klops.divergence import divergence_op
+
+    student, teacher_logits = randn(2, 3, 1500, gen=gen), randn(2, 3, 1500, gen=gen, scale=2.0)
+    teacher = _encoded(teacher_logits, target_is) * 1.5  # not normalized: the statistics show it
+    valid = torch.ones(2, 3, dtype=torch.bool, device=DEVICE)
+    valid[1, 2] = False
+    _, _, _, top, log_mass, _, _ = divergence_op(student, teacher, valid, None, "jsd", target_is, 1.0, 0.5, backend)
+    t = teacher.double()
+    p = t.exp() if target_is == "logprobs" else t
+    want_top = t.amax(-1) if target_is == "logprobs" else (-t).amax(-1)
+    assert_close(top, torch.where(valid, want_top, 0.0), (1e-6, 1e-7), "top")
+    assert_close(log_mass, torch.where(valid, p.sum(-1).log(), 0.0), (1e-5, 1e-6), "log mass")
+
+
+@pytest.mark.parametrize("given, target_is, message", WRONG_ENCODINGS[:2])
+def test_teacher_check_under_compile(given, target_is, message):
+    """Under torch.compile the check is not skipped and does not break the graph: a device-side assertion
+    (RuntimeError on the CPU); an honest teacher compiles to the eager loss."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(3)
+    student, teacher_logits = randn(2, 4, 60, gen=gen), randn(2, 4, 60, gen=gen)
+
+    def loss(z, t):
+        return klops.fused_kl(z, t, "reverse", target_is=target_is, backend="torch")
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    honest = _encoded(teacher_logits, target_is)
+    assert_close(compiled(student, honest), loss(student, honest), (1e-6, 1e-7), "compiled loss")
+    with pytest.raises(RuntimeError, match=f"teacher_logits must hold .*{message}"):
+        compiled(student, _encoded(teacher_logits, given))
+
+
+def test_teacher_check_of_gpu_tensors_never_syncs():
+    """Off the CPU the check is a device-side assertion: on meta tensors, whose values cannot be read, it runs without
+    reading them; set_host_checks(True) reads them (and fails here, on meta)."""
+    stats = [torch.zeros(2, 3, device="meta") for _ in range(2)]
+    valid = torch.ones(2, 3, dtype=torch.bool, device="meta")
+    klops._inputs.check_teacher_rows("teacher_logits", "probs", torch.bfloat16, 100, valid, *stats)
+    klops.set_host_checks(True)
+    try:
+        with pytest.raises(RuntimeError, match="meta"):
+            klops._inputs.check_teacher_rows("teacher_logits", "probs", torch.bfloat16, 100, valid, *stats)
+    finally:
+        klops.set_host_checks(False)

@@ -403,3 +403,35 @@ def test_many_row_blocks_and_vocabulary_ranges(backend, gen):
     assert_close(entropy, ref_entropy, LINEAR_LOSS_TOL[torch.bfloat16], "entropy")
     assert_close(h.grad, h_ref.grad, LINEAR_GRAD_TOL[torch.bfloat16], "hidden grad")
     assert_close(w.grad, w_ref.grad, LINEAR_GRAD_TOL[torch.bfloat16], "weight grad")
+
+
+@pytest.mark.parametrize("given, target_is", [("probs", "logprobs"), ("logits", "probs")])
+def test_wrong_teacher_encoding_raises(given, target_is, backend, gen):
+    """teacher_logits given as probabilities with target_is="logprobs", or as logits with "probs": ValueError naming
+    the argument (fused_kl's check, from the forward's statistics)."""
+    hidden, weight = randn(2, 5, 19, gen=gen), randn(77, 19, gen=gen, scale=0.5)
+    teacher = randn(2, 5, 77, gen=gen, scale=2.0)
+    teacher = teacher.softmax(-1) if given == "probs" else teacher
+    with pytest.raises(ValueError, match=f"teacher_logits must hold .*target_is='{target_is}'"):
+        klops.fused_linear_kl(hidden, weight, teacher_logits=teacher, target_is=target_is, kind="jsd", backend=backend)
+
+
+@pytest.mark.parametrize("target_is", ["logprobs", "probs"])
+@pytest.mark.parametrize("kind", ["forward", "jsd"])
+def test_teacher_check_statistics(kind, target_is, backend, gen):
+    """linear_divergence_op leaves in max_t / logsum_t the largest log-prob (or negated probability) and the log of
+    the mass of teacher_logits, merged over the vocabulary splits of the Triton sweep; 0 on invalid rows."""
+    hidden, weight = randn(1, 9, 19, gen=gen), randn(301, 19, gen=gen, scale=0.5)
+    teacher = torch.log_softmax(randn(1, 9, 301, gen=gen, scale=2.0), -1) - 0.2  # mass exp(-0.2)
+    teacher = teacher if target_is == "logprobs" else teacher.exp()
+    valid = torch.ones(1, 9, dtype=torch.bool, device=DEVICE)
+    valid[0, 4] = False
+    coef = 0.5 if kind == "jsd" else 0.0
+    outputs = linear_divergence_op(
+        hidden, weight, None, None, None, None, teacher, valid, None, kind, target_is, 1.0, coef, None, backend
+    )
+    t = teacher.double()
+    want_top = t.amax(-1) if target_is == "logprobs" else (-t).amax(-1)
+    want_mass = (t.exp() if target_is == "logprobs" else t).sum(-1).log()
+    assert_close(outputs[3], torch.where(valid, want_top, 0.0), (1e-6, 1e-7), "top")
+    assert_close(outputs[4], torch.where(valid, want_mass, 0.0), (1e-5, 1e-6), "log mass")

@@ -332,3 +332,56 @@ def test_with_label_logprobs(tail, backend, gen):
     assert_close(rows, ref_rows, LOSS_TOL[torch.float32], "rows")
     assert_close(logp, ref_logp, LOSS_TOL[torch.float32], "logp")
     assert_close(z.grad, z_ref.grad, GRAD_TOL[torch.float32], "grad")
+
+
+# ----------------------------------------------------------------------------------------------------
+# TopK log-probs are checked: no entry above 0, their mass not above 1 (within _inputs.teacher_tolerance)
+
+
+def test_topk_of_raw_logits_raises(backend, gen):
+    """A TopK built from raw logits instead of log-probs (a finite, wrong loss without the check): ValueError
+    naming the argument, in fused_kl and in fused_linear_kl (the TopK in the teacher_hidden position); and
+    log-probs whose mass exceeds 1 (a top-k renormalized to 1, then scaled)."""
+    V, k = 500, 20
+    logits = randn(2, 3, V, gen=gen, scale=2.0)
+    top = logits.topk(k, dim=-1)
+    student = randn(2, 3, V, gen=gen)
+    with pytest.raises(ValueError, match=r"teacher_logits \(TopK.logprobs\) must hold log-probabilities.*above 0"):
+        klops.fused_kl(student, klops.TopK(top.indices, top.values), backend=backend)
+    hidden, weight = randn(2, 3, 16, gen=gen), randn(V, 16, gen=gen)
+    with pytest.raises(ValueError, match=r"teacher_hidden \(TopK.logprobs\) must hold log-probabilities"):
+        klops.fused_linear_kl(hidden, weight, klops.TopK(top.indices, top.values), backend=backend)
+    over = torch.log_softmax(top.values, -1) + math.log(1.5)  # each entry < 0, mass 1.5
+    with pytest.raises(ValueError, match=r"probabilities sum to, got 1\.5"):
+        klops.fused_kl(student, klops.TopK(top.indices, over), backend=backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rounded_topk_passes_and_ignored_rows_are_not_checked(dtype, backend, gen):
+    """The top-k of log_softmax rounded to the dtype passes, k = V included (mass 1 up to rounding); rows masked
+    or ignored may hold raw logits."""
+    V = 300
+    student = randn(4, V, gen=gen)
+    for k in (8, V):
+        topk = teacher_topk((4,), V, k, gen, dtype=dtype, scale=3.0)
+        assert torch.isfinite(klops.fused_kl(student, topk, backend=backend))
+        raw = topk.logprobs.clone()
+        raw[1] = 5.0
+        mask = torch.tensor([1, 0, 1, 1], device=DEVICE)
+        assert torch.isfinite(klops.fused_kl(student, klops.TopK(topk.indices, raw), mask=mask, backend=backend))
+
+
+def test_topk_check_under_compile(gen):
+    """Compiled with fullgraph, the check is a device-side assertion (RuntimeError on the CPU), no graph break."""
+    torch._dynamo.reset()
+    V = 64
+    topk = teacher_topk((2, 5), V, 4, gen)
+
+    def step(z, idx, lp):
+        return klops.fused_kl(z, klops.TopK(idx, lp), "forward", backend="torch")
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    z = randn(2, 5, V, gen=gen)
+    assert torch.isfinite(compiled(z, topk.indices, topk.logprobs))
+    with pytest.raises(RuntimeError, match=r"teacher_logits \(TopK.logprobs\) must hold log-probabilities"):
+        compiled(z, topk.indices, topk.logprobs + 3.0)

@@ -4,9 +4,10 @@
 // after another (the block reduction is checked by online_check.cpp):
 //   forward   D and gbar: one KlOp sweep for forward / reverse KL between logit rows (gbar = -1 or D),
 //             else LseOp sweeps for max / logsum, then sums of divergence_terms;
-//   backward  dz_v = c (a_v - q_v gbar) for an upstream gradient of 1.
+//   backward  dz_v = c (a_v - q_v gbar) for an upstream gradient of 1;
+//   and for a teacher given as log-probs / probs, the statistics of its check (TeacherCheck) in max_t, logsum_t.
 // Input (stdin): int32 N, V, kind, target; float32 temperature, coef; float32 z[N V], y[N V].
-// Output (stdout): float32 D[N], dz[N V].
+// Output (stdout): float32 D[N], dz[N V], max_t[N], logsum_t[N].
 
 #include <cstdint>
 #include <cstdio>
@@ -24,9 +25,10 @@ float teacher_log(int target, float y, float max_t, float logsum_t, float c) {  
 
 template <int KIND>
 void run_row(const float* z, const float* y, int64_t V, int target, const DivergenceParams& k, float* loss,
-             float* dz) {
+             float* dz, float* max_t_out, float* logsum_t_out) {
   const float c = k.inv_temperature;
   float max_q, logsum_q, max_t = 0.0f, logsum_t = 0.0f, gbar;
+  TeacherCheck check = TeacherCheckOp{}.identity();
   if (target == LOGITS && (KIND == FORWARD || KIND == REVERSE)) {
     const KlOp kl_op{c};
     Kl acc = kl_op.identity();
@@ -50,11 +52,17 @@ void run_row(const float* z, const float* y, int64_t V, int target, const Diverg
     if (target == LOGITS) max_t = acc_t.max(), logsum_t = acc_t.logsum();
     Sum2 sums{0.0f, 0.0f};
     for (int64_t v = 0; v < V; ++v) {
-      const Terms t = divergence_terms<KIND>((z[v] - max_q) * c - logsum_q, teacher_log(target, y[v], max_t, logsum_t, c), k);
+      const float lp = teacher_log(target, y[v], max_t, logsum_t, c);
+      const Terms t = divergence_terms<KIND>((z[v] - max_q) * c - logsum_q, lp, k);
       sums = Sum2Op{}.combine(sums, {t.loss, t.a});
+      if (target == LOGPROBS) check.push<false>(y[v], lp);
+      if (target == PROBS) check.push<true>(y[v], lp);
     }
     *loss = sums.loss, gbar = sums.gbar;
   }
+  // As stored: the logits' statistics (which the backward reads), or the check's of log-probs / probs.
+  *max_t_out = target == LOGITS ? max_t : check.top;
+  *logsum_t_out = target == LOGITS ? logsum_t : logf(check.mass);
   for (int64_t v = 0; v < V; ++v) {
     const float lq = (z[v] - max_q) * c - logsum_q;
     const Terms t = divergence_terms<KIND>(lq, teacher_log(target, y[v], max_t, logsum_t, c), k);
@@ -68,7 +76,7 @@ int main() {
   if (fread(header, sizeof header, 1, stdin) != 1 || fread(options, sizeof options, 1, stdin) != 1) return 2;
   const int64_t N = header[0], V = header[1];
   const int kind = header[2], target = header[3];
-  std::vector<float> z(N * V), y(N * V), loss(N), dz(N * V);
+  std::vector<float> z(N * V), y(N * V), loss(N), dz(N * V), max_t(N), logsum_t(N);
   if (fread(z.data(), sizeof(float), N * V, stdin) != size_t(N * V)) return 2;
   if (fread(y.data(), sizeof(float), N * V, stdin) != size_t(N * V)) return 2;
   const DivergenceParams k = make_params(options[0], options[1]);
@@ -77,17 +85,19 @@ int main() {
     const float* yr = &y[r * V];
     float* out = &dz[r * V];
     switch (kind) {
-      case FORWARD: run_row<FORWARD>(zr, yr, V, target, k, &loss[r], out); break;
-      case REVERSE: run_row<REVERSE>(zr, yr, V, target, k, &loss[r], out); break;
-      case JSD: run_row<JSD>(zr, yr, V, target, k, &loss[r], out); break;
-      case SKEW_FORWARD: run_row<SKEW_FORWARD>(zr, yr, V, target, k, &loss[r], out); break;
-      case SKEW_REVERSE: run_row<SKEW_REVERSE>(zr, yr, V, target, k, &loss[r], out); break;
-      case TV: run_row<TV>(zr, yr, V, target, k, &loss[r], out); break;
-      case ALPHA: run_row<ALPHA>(zr, yr, V, target, k, &loss[r], out); break;
+      case FORWARD: run_row<FORWARD>(zr, yr, V, target, k, &loss[r], out, &max_t[r], &logsum_t[r]); break;
+      case REVERSE: run_row<REVERSE>(zr, yr, V, target, k, &loss[r], out, &max_t[r], &logsum_t[r]); break;
+      case JSD: run_row<JSD>(zr, yr, V, target, k, &loss[r], out, &max_t[r], &logsum_t[r]); break;
+      case SKEW_FORWARD: run_row<SKEW_FORWARD>(zr, yr, V, target, k, &loss[r], out, &max_t[r], &logsum_t[r]); break;
+      case SKEW_REVERSE: run_row<SKEW_REVERSE>(zr, yr, V, target, k, &loss[r], out, &max_t[r], &logsum_t[r]); break;
+      case TV: run_row<TV>(zr, yr, V, target, k, &loss[r], out, &max_t[r], &logsum_t[r]); break;
+      case ALPHA: run_row<ALPHA>(zr, yr, V, target, k, &loss[r], out, &max_t[r], &logsum_t[r]); break;
       default: return 2;
     }
   }
   fwrite(loss.data(), sizeof(float), N, stdout);
   fwrite(dz.data(), sizeof(float), N * V, stdout);
+  fwrite(max_t.data(), sizeof(float), N, stdout);
+  fwrite(logsum_t.data(), sizeof(float), N, stdout);
   return 0;
 }
