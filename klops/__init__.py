@@ -15,7 +15,7 @@ from .grpo import fused_linear_grpo_loss, group_advantages, grpo_loss, grpo_loss
 from .linear import fused_linear_cross_entropy, fused_linear_kl, fused_linear_logprobs
 from .logprobs import logprobs
 from .preference import dpo_loss, sequence_logprobs, tdpo_loss
-from .sinkhorn import SinkhornResult, sinkhorn, sinkhorn_distill_loss, sinkhorn_divergence
+from .sinkhorn import SinkhornConvergenceWarning, SinkhornResult, sinkhorn, sinkhorn_distill_loss, sinkhorn_divergence
 from .topk import TopK
 
 _eager.import_dynamo_lazily(__name__)  # the first eager call imports neither torch._dynamo nor triton
@@ -27,6 +27,6 @@ __all__ = [
     "fused_linear_grpo_loss", "group_advantages", "kl_estimate",
     "grpo_loss", "grpo_loss_from_logits", "dpo_loss", "sequence_logprobs", "tdpo_loss", "dckd_loss", "kdrl_loss",
     "akl_loss", "akl_weights", "forward_reverse_kl",
-    "sinkhorn", "sinkhorn_divergence", "sinkhorn_distill_loss", "SinkhornResult",
+    "sinkhorn", "sinkhorn_divergence", "sinkhorn_distill_loss", "SinkhornResult", "SinkhornConvergenceWarning",
     "nn", "reference", "available_backends", "set_host_checks", "__version__",
 ]  # fmt: skip

@@ -13,11 +13,13 @@ iteration is the two soft-min updates
 from ``g = 0``. After the g update the columns of P sum to b exactly; the next f update ``f'`` gives the row
 sums ``r_i = a_i exp((f_i - f'_i)/eps)`` for free, hence the marginal error ``sum_i |r_i - a_i|``, and the
 same pass gives the Gibbs-weighted mean cost ``cbar_i``, hence ``<P, C> = sum_i r_i cbar_i``: no n x m
-plan is formed unless asked for. The error is computed at the checks, every ``check_every`` iterations, and
-read on the host there (the only syncs), and after the last iteration.
+plan is formed unless asked for. With a ``tol``, the error is computed at the checks, every ``check_every``
+iterations and at the last one, and read on the host there (the only syncs); a last check above tol warns
+(SinkhornConvergenceWarning). Without one it is computed after the last iteration only, never read.
 """
 
 import math
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -27,7 +29,10 @@ from ._chunked import log_softmax_from_stats
 from .backend import resolve_triton_or_torch
 from .logprobs import logprobs_op
 
-__all__ = ["SinkhornResult", "sinkhorn", "sinkhorn_divergence", "sinkhorn_distill_loss", "COST_FNS"]
+__all__ = [
+    "SinkhornResult", "SinkhornConvergenceWarning", "sinkhorn", "sinkhorn_divergence", "sinkhorn_distill_loss",
+    "COST_FNS",
+]  # fmt: skip
 
 COST_FNS = ("sqeuclidean", "l1")
 # The torch backend holds a few [B, rows, m] temporaries per chunk of rows: cap a chunk at this many entries.
@@ -36,13 +41,19 @@ CHUNK_ELEMENTS = 1 << 22
 MARGINAL_SUM_TOL = 1e-4
 
 
+class SinkhornConvergenceWarning(RuntimeWarning):
+    """``sinkhorn`` ran ``max_iter`` iterations and some problem's marginal error is still above ``tol``."""
+
+
 class SinkhornResult(NamedTuple):
     """What ``sinkhorn`` returns, per problem of the batch.
 
     f [B, n], g [B, m]: potentials, ``P_ij = a_i b_j exp((f_i + g_j - C_ij)/eps)``.
     cost [B]: ``<P, C>``. objective [B]: the entropic value ``<a, f> + <b, g>`` (the dual of
     ``min_P <P, C> + eps KL(P | a b^T)``). iterations: f/g updates run. marginal_error [B]:
-    ``sum_i |sum_j P_ij - a_i|`` (the columns are exact). plan [B, n, m] with ``return_plan=True``, else None.
+    ``sum_i |sum_j P_ij - a_i|`` (the columns are exact). converged [B] bool: ``marginal_error < tol``; None
+    with ``tol=None`` (no target, and nothing read on the host). plan [B, n, m] with ``return_plan=True``, else
+    None.
     """
 
     f: torch.Tensor
@@ -51,6 +62,7 @@ class SinkhornResult(NamedTuple):
     objective: torch.Tensor
     iterations: int
     marginal_error: torch.Tensor
+    converged: torch.Tensor | None
     plan: torch.Tensor | None
 
 
@@ -187,6 +199,7 @@ def _solve(geometry: _Geometry, log_a, log_b, schedule: list[float], tol: float 
     eps = schedule[-1]
     g = log_b.new_zeros(log_b.shape)
     f, _ = softmin(geometry, g, log_b, schedule[0])
+    worst = math.inf  # the largest marginal error at the latest check
     for k, eps_k in enumerate(schedule, 1):
         if symmetric:
             g = f
@@ -194,16 +207,32 @@ def _solve(geometry: _Geometry, log_a, log_b, schedule: list[float], tol: float 
             g, _ = softmin(transposed, f, log_a, eps_k)
         f_next, cbar = softmin(geometry, g, log_b, eps_k)  # the next f update, and the row sums of (f, g)
         last = k == len(schedule)
-        checking = tol is not None and k % check_every == 0 and eps_k == eps
+        checking = tol is not None and (last or k % check_every == 0) and eps_k == eps
         if last or checking:
             row_mass = torch.exp(log_a + (f - f_next) / eps_k)
             error = (row_mass - log_a.exp()).abs().sum(-1)
-            if last or bool((error < tol).all()):  # the host sync of a check
+            if checking:
+                worst = float(error.max()) if error.numel() else 0.0  # the host sync of a check
+            if last or (checking and worst < tol):
                 break
         f = 0.5 * (f + f_next) if symmetric else f_next
+    if tol is not None and not worst < tol:
+        _warn_not_converged(error, tol, worst, k)
     cost = (row_mass * cbar).sum(-1)
     objective = _dot(log_a, f) + _dot(log_b, g)
     return f, g, cost, objective, error, k
+
+
+def _warn_not_converged(error: torch.Tensor, tol: float, worst: float, iterations: int) -> None:
+    """SinkhornConvergenceWarning: how many problems missed tol after the last iteration, and by how much."""
+    missed = int((~(error < tol)).sum())  # a second read, on this failure path only
+    warnings.warn(
+        f"sinkhorn did not converge: after max_iter={iterations} iterations the marginal error of {missed} of "
+        f"{error.numel()} problems is above tol={tol:.3g}, the largest {worst:.3g} ({worst / tol:.3g} times tol); "
+        "raise max_iter, epsilon or check the inputs (result.converged says which problems)",
+        SinkhornConvergenceWarning,
+        stacklevel=3,
+    )
 
 
 def _weighted(log_w, h):
@@ -396,7 +425,9 @@ def sinkhorn(
         epsilon: the regularization eps > 0, in cost units.
         max_iter: most iterations (each one f and one g update).
         tol: stop when every problem's marginal error ``sum_i |sum_j P_ij - a_i|`` is under tol, tested every
-            ``check_every`` iterations (the only host syncs); None runs exactly max_iter, with no sync.
+            ``check_every`` iterations and after the last (the only host syncs); ``result.converged`` says which
+            problems got under it, and a ``SinkhornConvergenceWarning`` says by how much the others missed it
+            after ``max_iter``. None runs exactly max_iter, with no sync, no warning and ``converged=None``.
         anneal: None, or a factor in (0, 1): epsilon scaling from the largest cost down to epsilon
             (``eps_k = max(epsilon, C_max anneal^k)``); the annealing iterations count in max_iter.
         return_plan: also return the dense plan [B, n, m] (differentiable only with unroll=True).
@@ -406,9 +437,12 @@ def sinkhorn(
 
     Gradients (default, envelope theorem): ``cost`` and ``objective`` both pass ``P`` to C, P's
     ``sum_j P_ij dc/dx_i`` to the points, and f, g to a, b (exact for ``objective`` at convergence; for
-    ``cost`` the standard approximation that POT's ``sinkhorn2`` makes). The potentials carry no gradient.
+    ``cost`` an approximation, which drops the change of P). This is the gradient of POT's
+    ``ot.solve(..., grad="envelope")`` (of its ``value``); POT's ``sinkhorn2`` on torch tensors differentiates
+    through its iterations instead, as ``unroll=True`` does (tests/test_sinkhorn.py checks both against POT
+    0.9.7). The potentials carry no gradient.
 
-    Returns a ``SinkhornResult`` (f, g, cost, objective, iterations, marginal_error, plan).
+    Returns a ``SinkhornResult`` (f, g, cost, objective, iterations, marginal_error, converged, plan).
     """
     return _sinkhorn(cost, a, b, x, y, cost_fn=cost_fn, epsilon=epsilon, max_iter=max_iter, tol=tol,
                      check_every=check_every, anneal=anneal, return_plan=return_plan, unroll=unroll, backend=backend,
@@ -446,7 +480,8 @@ def _sinkhorn(cost, a, b, x, y, *, cost_fn, epsilon, max_iter, tol, check_every,
         f, g = f.detach(), g.detach()
     with torch.set_grad_enabled(unroll and torch.is_grad_enabled()):
         plan = plan_torch(geometry, log_a, log_b, f, g, epsilon) if return_plan else None
-    return SinkhornResult(f, g, value, objective, iterations, error.detach(), plan)
+    converged = None if tol is None else error.detach() < tol
+    return SinkhornResult(f, g, value, objective, iterations, error.detach(), converged, plan)
 
 
 def sinkhorn_divergence(

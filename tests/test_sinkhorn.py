@@ -8,6 +8,7 @@ is slow there). Gradients: float64 central differences on the torch backend, and
 """
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -174,6 +175,27 @@ def test_stopping(gen):
     assert fixed.iterations == early.iterations - 5 and bool((fixed.marginal_error >= 1e-8).any())
 
 
+def test_converged_and_the_warning_of_a_miss(gen):
+    """converged [B] says which problems got under tol; after max_iter a SinkhornConvergenceWarning says how many
+    missed it and by how much; tol=None gives converged=None and no warning (nothing read on the host)."""
+    cost = torch.rand(3, 10, 12, generator=gen, dtype=torch.float64)
+    cost[1] *= 30  # eps = 0.1 is tiny against this problem's costs: it converges far more slowly
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        done = klops.sinkhorn(cost[[0, 2]], epsilon=0.1, max_iter=5000, tol=1e-8, backend="torch")
+        assert done.converged.shape == (2,) and bool(done.converged.all())
+        fixed = klops.sinkhorn(cost, epsilon=0.1, max_iter=7, tol=None, backend="torch")
+        assert fixed.converged is None
+    with pytest.warns(klops.SinkhornConvergenceWarning) as caught:
+        missed = klops.sinkhorn(cost, epsilon=0.1, max_iter=47, tol=1e-8, check_every=10, backend="torch")
+    assert missed.iterations == 47 and missed.converged.dtype == torch.bool
+    assert missed.converged.tolist() == (missed.marginal_error < 1e-8).tolist() and not bool(missed.converged[1])
+    worst, missing = float(missed.marginal_error.max()), int((~missed.converged).sum())
+    message = str(caught[0].message)
+    assert f"after max_iter=47 iterations the marginal error of {missing} of 3 problems" in message
+    assert f"the largest {worst:.3g} ({worst / 1e-8:.3g} times tol)" in message
+
+
 def test_annealing_reaches_the_same_solution(gen):
     cost = 5 * torch.rand(2, 9, 9, generator=gen, dtype=torch.float64)
     plain = klops.sinkhorn(cost, epsilon=0.5, max_iter=50000, tol=1e-12, backend="torch")
@@ -258,6 +280,39 @@ def test_unrolled_gradient_matches_finite_differences(source, gen):
     (envelope,) = torch.autograd.grad(klops.sinkhorn(**kwargs, epsilon=0.3, max_iter=4, tol=None).cost.sum(),
                                       envelope_leaf)  # fmt: skip
     assert not torch.allclose(envelope, grad), "4 iterations are not converged: the two gradients must differ"
+
+
+@pytest.mark.filterwarnings("ignore:Sinkhorn did not converge")  # POT's, at stopThr=0 (a fixed iteration count)
+def test_envelope_and_unrolled_gradients_match_pot():
+    """The default (envelope) gradient is POT's ``ot.solve(..., grad="envelope")``; on torch tensors POT's
+    ``sinkhorn2`` differentiates through its iterations, as unroll=True does, and differs from the envelope's."""
+    gen = torch.Generator().manual_seed(0)
+    n, m, d, epsilon, iters = 7, 9, 3, 0.5, 3000
+    x, y = (torch.randn(k, d, generator=gen, dtype=torch.float64) for k in (n, m))
+    a, b = torch.full((n,), 1 / n, dtype=torch.float64), torch.full((m,), 1 / m, dtype=torch.float64)
+
+    def grad_y(value_of):
+        leaf = y.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(value_of(leaf), leaf)
+        return grad
+
+    def klops_value(unroll, output="cost"):
+        def value(v):
+            result = klops.sinkhorn(x=x[None], y=v[None], cost_fn="sqeuclidean", epsilon=epsilon, max_iter=iters,
+                                    tol=None, unroll=unroll, backend="torch")  # fmt: skip
+            return getattr(result, output).sum()
+
+        return value
+
+    envelope, unrolled = grad_y(klops_value(False)), grad_y(klops_value(True))
+    pot_envelope = grad_y(lambda v: ot.solve(ot.dist(x, v), a, b, reg=epsilon, max_iter=iters, tol=0,
+                                             grad="envelope").value)  # fmt: skip
+    pot_sinkhorn2 = grad_y(lambda v: ot.sinkhorn2(a, b, ot.dist(x, v), epsilon, method="sinkhorn_log",
+                                                  numItermax=iters, stopThr=0))  # fmt: skip
+    assert_close(envelope, pot_envelope, FP64_TOL, "envelope vs ot.solve(grad='envelope')")
+    assert_close(grad_y(klops_value(False, "objective")), pot_envelope, FP64_TOL, "objective vs ot.solve")
+    assert_close(unrolled, pot_sinkhorn2, FP64_TOL, "unroll=True vs ot.sinkhorn2")
+    assert float((envelope - pot_sinkhorn2).norm() / pot_sinkhorn2.norm()) > 0.05  # not the same gradient
 
 
 @pytest.mark.parametrize("backend", [b for b in SINKHORN_BACKENDS if b != "torch"])
@@ -363,6 +418,7 @@ def test_sinkhorn_distill_all_ignored_and_empty(backend, gen):
 
 
 @pytest.mark.parametrize("backend", SINKHORN_BACKENDS)
+@pytest.mark.filterwarnings("ignore::klops.SinkhornConvergenceWarning")  # tol=1e-3 in 4 iterations: a stopping check
 def test_opcheck(backend, gen):
     from klops.sinkhorn import sinkhorn_op, softmax_l1_cost_op
 
