@@ -291,9 +291,23 @@ def implementations(case: Case, device: torch.device) -> dict:
             impls[f"klops[{backend}]"] = lambda z, y, b=backend: _klops_logprobs(z, y, b)
         eager = eager_logprobs
     impls["torch eager"] = eager
-    impls["torch.compile"] = torch.compile(eager, dynamic=False)
+    impls["torch.compile"] = compile_when_called(eager)
     impls.update(library_baselines(case))
     return impls
+
+
+def compile_when_called(fn):
+    """``torch.compile(fn, dynamic=False)``, made on the first call: a run without the compile baseline does not
+    import torch._dynamo (seconds on a small CPU, and triton with it)."""
+    compiled = None
+
+    def call(*args):
+        nonlocal compiled
+        if compiled is None:
+            compiled = torch.compile(fn, dynamic=False)
+        return compiled(*args)
+
+    return call
 
 
 def library_baselines(case: Case) -> dict:
