@@ -8,6 +8,7 @@ the cases a time limit left out.
 
 import importlib.util
 import json
+import math
 import pathlib
 import re
 
@@ -110,9 +111,15 @@ def can_plot() -> bool:
 
 
 def write_plots(report: dict, stem: pathlib.Path) -> list[pathlib.Path]:
-    """For each op (with its kind and dtype) measured at two or more (N, V): ``<stem>-<op>.png``, forward + backward
-    time and peak memory against V (at the N with the most V values) and against N (at the V with the most N values),
-    one line per implementation. Returns the paths written: none without matplotlib (the ``bench`` extra)."""
+    """The figures of a run, as PNGs beside ``stem``; none without matplotlib (``pip install matplotlib``).
+
+    - ``<stem>-<op>-<dtype>.png`` for each op (with its kind and dtype) measured at two or more (N, V): forward +
+      backward time and peak memory against V (at the N with the most V values) and against N (at the V with the
+      most N values), one line per implementation.
+    - ``<stem>-cases.png`` for the cases measured at one shape only (all of a ``--quick`` run): forward + backward
+      time and peak memory of each implementation, one group of bars per case.
+
+    Returns the paths written."""
     if not can_plot():
         return []
     import matplotlib
@@ -122,11 +129,13 @@ def write_plots(report: dict, stem: pathlib.Path) -> list[pathlib.Path]:
 
     groups = {}
     for row in report["results"]:
-        if row["pass"] == "forward+backward" and "time_ms" in row and {"N", "V"} <= row["shape"].keys():
+        if row["pass"] == "forward+backward" and "time_ms" in row and "peak_mem_mib" in row:
             groups.setdefault(" ".join(filter(None, (row["op"], row.get("kind"), row["dtype"]))), []).append(row)
-    paths = []
+    paths, single = [], []
     for title, rows in groups.items():
-        if len({(row["shape"]["N"], row["shape"]["V"]) for row in rows}) < 2:
+        shapes = {(row["shape"].get("N"), row["shape"].get("V")) for row in rows}
+        if len(shapes) < 2 or any(None in shape for shape in shapes):  # one shape, or not a token op (sinkhorn)
+            single += rows
             continue
         figure, axes = plt.subplots(2, 2, figsize=(12, 8))
         for column, (x, fixed) in enumerate((("V", "N"), ("N", "V"))):
@@ -155,4 +164,59 @@ def write_plots(report: dict, stem: pathlib.Path) -> list[pathlib.Path]:
         figure.savefig(path, dpi=90)
         plt.close(figure)
         paths.append(path)
+    if single:
+        paths.append(_write_cases_figure(plt, single, report["device"], stem.parent / f"{stem.name}-cases.png"))
     return paths
+
+
+# The panels of the one-shape figure: (row field, axis label, value label).
+CASE_PANELS = (
+    ("time_ms", "forward + backward ms (log scale)", lambda ms: f"{ms:.3g}" if ms < 1000 else f"{ms:.0f}"),
+    ("peak_mem_mib", "peak MiB above the inputs", "{:.1f}".format),
+)
+
+
+def _write_cases_figure(plt, rows: list[dict], device: str, path: pathlib.Path) -> pathlib.Path:
+    """Forward + backward time (log scale) and peak memory of each implementation of each case, as two panels of
+    horizontal bars, one group per case and one colour per implementation, each bar labelled with its value."""
+    cases = list(dict.fromkeys(row["case"] for row in rows))
+    impls = list(dict.fromkeys(row["impl"] for row in rows))
+    colours = {impl: plt.get_cmap("tab10")(i % 10) for i, impl in enumerate(impls)}
+    at = {(row["case"], row["impl"]): row for row in rows}
+    height = 0.8 / max(sum((case, impl) in at for impl in impls) for case in cases)  # of one bar, in case rows
+    inches = max(3.0, 1.4 + 0.22 * len(rows) + 0.3 * len(cases))
+    figure, axes = plt.subplots(1, 2, figsize=(13, inches), sharey=True)
+    for axis, (field, label, value_label) in zip(axes, CASE_PANELS):
+        for y, case in enumerate(cases):
+            present = [impl for impl in impls if (case, impl) in at]
+            for slot, impl in enumerate(present):
+                value, centre = at[case, impl][field], y + (slot - (len(present) - 1) / 2) * height
+                axis.barh(centre, value, height * 0.9, color=colours[impl])
+                axis.annotate(value_label(value), (value, centre), xytext=(3, 0), textcoords="offset points",
+                              va="center", fontsize=7)  # fmt: skip
+        axis.set_xlabel(label)
+        axis.grid(True, axis="x", alpha=0.3)
+        axis.margins(x=0.15)
+    axes[0].set_xscale("log")
+    fastest = min(row["time_ms"] for row in rows)
+    axes[0].set_xlim(left=10 ** math.floor(math.log10(fastest)))  # bars from a power of ten: lengths compare
+    axes[0].set_yticks(range(len(cases)), [_case_label(case) for case in cases], fontsize=8)
+    axes[0].set_ylim(len(cases) - 0.5, -0.5)  # the first case on top
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colours[impl]) for impl in impls]
+    columns = min(len(impls), 5)
+    legend_rows = -(-len(impls) // columns)
+    figure.legend(handles, impls, loc="upper center", bbox_to_anchor=(0.5, 1 - 0.35 / inches), ncol=columns,
+                  fontsize=8, frameon=False)  # fmt: skip
+    figure.suptitle(f"klops bench on {device}: one shape per case", y=1 - 0.08 / inches, va="top")
+    figure.tight_layout()
+    figure.subplots_adjust(top=1 - (0.45 + 0.2 * legend_rows) / inches)  # below the title and the legend
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+    return path
+
+
+def _case_label(case: str) -> str:
+    """A case name on two lines: the op (and kind), then its sizes and dtype."""
+    words = case.split()
+    first_size = next((i for i, word in enumerate(words) if "=" in word), len(words))
+    return " ".join(words[:first_size]) + "\n" + " ".join(words[first_size:])

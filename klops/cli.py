@@ -165,8 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, devices, usable backends, CUDA extension")
     bench_parser = commands.add_parser(
-        "bench", help="check each op against the reference, then time it against PyTorch"
-    )
+        "bench", help="check each op against the reference, then time it against PyTorch",
+        description="Check each op against float64, then time forward + backward and measure peak memory against "
+        "eager PyTorch, torch.compile and the libraries installed. Prints a table; --json and --out write it to "
+        "files, --out with figures (PNG).",
+    )  # fmt: skip
     bench_parser.add_argument("--quick", action="store_true", help="one small case per op")
     bench_parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     bench_parser.add_argument("--repeats", type=positive_int, default=None, help="timed repetitions per case")
@@ -184,7 +187,15 @@ def main(argv: list[str] | None = None) -> int:
     bench_parser.add_argument(
         "--baselines", default=None, help=f"baselines to time, of {', '.join(bench.BASELINES)} (default: all found)"
     )
-    bench_parser.add_argument("--out", default=None, help="write <date>-<device>.json and .md to this folder")
+    bench_parser.add_argument(
+        "--out", default=None, metavar="DIR",
+        help="write the report to DIR: <date>-<device>.json (every measurement and the versions), .md (the table "
+        "printed here, with the figures) and PNG figures, which need matplotlib (pip install matplotlib): "
+        "<date>-<device>-<op>[-<kind>]-<dtype>.png for each op measured at two or more shapes (forward + backward "
+        "time and peak memory against V and against N, one line per implementation), and <date>-<device>-cases.png "
+        "for the cases measured at one shape, all of them with --quick (forward + backward time and peak memory of "
+        "each implementation, one group of bars per case)",
+    )  # fmt: skip
     bench_parser.add_argument(
         "--time-limit", type=non_negative_float, default=None, metavar="SECONDS",
         help="start no case after this many seconds (a case already started runs to its end); the report lists "
@@ -215,8 +226,13 @@ def main(argv: list[str] | None = None) -> int:
         bench_report.write_json(report, args.json)
     if args.out:
         out, plots = bench_report.write_report(report, args.out, info())
-        print(f"wrote {out}.md and .json, " + (f"{len(plots)} plot(s)" if plots else "no plots"), end="")
-        print("" if plots or bench_report.can_plot() else " (matplotlib missing: pip install 'klops-kernels[bench]')")
+        if plots:
+            figures = f"{len(plots)} figure(s): " + ", ".join(path.name for path in plots)
+        elif bench_report.can_plot():
+            figures = "no figure (no case was timed)"
+        else:
+            figures = "no figure: matplotlib is not installed (pip install matplotlib)"
+        print(f"wrote {out}.md and .json, {figures}")
     results = report["results"]
     failed = [r for r in results if r["impl"].startswith("klops") and (r["correct"] is False or "error" in r)]
     if failed:

@@ -91,24 +91,46 @@ def _timed_row(op, impl, n, v, ms, mib, **extra):
 
 
 def test_bench_report_files_and_plots(tmp_path, monkeypatch):
-    """--out's files: the JSON as run() returned it, the Markdown table and one PNG per op measured at two or more
-    shapes (time and memory against V and N); none, and no failure, without matplotlib."""
+    """--out's files: the JSON as run() returned it, the Markdown table, one PNG per op measured at two or more
+    shapes (time and memory against V and N) and one of the cases measured at one shape; none, and no failure,
+    without matplotlib."""
     rows = [_timed_row("logprobs", impl, n, v, 1.0 + n * v / 1e5, 2.0, rel_err=1e-7)
             for impl in ("klops[torch]", "torch eager") for n, v in ((4, 96), (8, 96), (4, 192))]  # fmt: skip
-    rows.append(_timed_row("fused_kl", "torch eager", 4, 96, 1.0, 1.0, kind="jsd"))  # one shape: no plot
+    rows.append(_timed_row("fused_kl", "torch eager", 4, 96, 1.0, 1.0, kind="jsd"))  # one shape: the cases figure
     report = dict(device="cpu (2 threads)", date="2026-12-04T00:00:00+00:00", versions={"klops": "0"},
                   ceilings=dict(copy_bandwidth_gbps=10.0, matmul_tflops={}), repeats=1, results=rows,
                   not_run=[])  # fmt: skip
     out, plots = bench_report.write_report(report, tmp_path / "cpu", "info line")
     assert out == tmp_path / "cpu" / "2026-12-04-cpu-2-threads"
-    assert [path.name for path in plots] == ["2026-12-04-cpu-2-threads-logprobs-float32.png"]
-    assert plots[0].read_bytes().startswith(b"\x89PNG") and plots[0].stat().st_size > 10_000
+    assert [path.name for path in plots] == ["2026-12-04-cpu-2-threads-logprobs-float32.png",
+                                             "2026-12-04-cpu-2-threads-cases.png"]  # fmt: skip
+    assert all(path.read_bytes().startswith(b"\x89PNG") and path.stat().st_size > 10_000 for path in plots)
     assert json.loads(out.with_suffix(".json").read_text()) == dict(report, info="info line")
     markdown = out.with_suffix(".md").read_text()
     assert "info line" in markdown and f"]({plots[0].name})" in markdown
     assert "| logprobs N=8 V=96 | torch eager |" in markdown
     monkeypatch.setattr(bench_report, "can_plot", lambda: False)
     assert bench_report.write_plots(report, tmp_path / "again") == []
+
+
+def test_bench_quick_out_writes_a_figure(monkeypatch, tmp_path, capsys):
+    """A run with one shape per op (as --quick) writes the cases figure, and --help says what --out writes."""
+    pytest.importorskip("matplotlib")
+    tiny = [bench.Case("fused_kl", 4, 96, torch.float32), bench.Case("logprobs", 4, 96, torch.float32)]
+    monkeypatch.setattr(bench, "cases", lambda device, quick, **_: tiny)
+    monkeypatch.setattr(bench_sinkhorn, "cases", lambda device, quick: [])
+    args = ["bench", "--quick", "--device", "cpu", "--repeats", "1", "--baselines", "eager", "--out", str(tmp_path)]
+    assert cli.main(args) == 0
+    (figure,) = tmp_path.glob("*.png")
+    assert figure.name.endswith("-cases.png") and figure.read_bytes().startswith(b"\x89PNG")
+    assert f"1 figure(s): {figure.name}" in capsys.readouterr().out
+    assert f"]({figure.name})" in next(tmp_path.glob("*.md")).read_text()
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse wraps the help at the terminal's width, and at hyphens
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    help_text = capsys.readouterr().out
+    assert "PNG figures, which need matplotlib (pip install matplotlib)" in help_text
+    assert "-cases.png for the cases measured at one shape, all of them with --quick" in help_text
 
 
 def test_bench_absent_and_failing_baselines(monkeypatch, capsys):
