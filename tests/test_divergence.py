@@ -448,15 +448,14 @@ def test_teacher_check_statistics_come_from_the_forward(target_is, backend, gen)
 
 
 @pytest.mark.parametrize("given, target_is, message", WRONG_ENCODINGS[:2])
-def test_teacher_check_under_compile(given, target_is, message):
+def test_teacher_check_under_compile(given, target_is, message, backend, gen):
     """Under torch.compile the check is not skipped and does not break the graph: a device-side assertion
     (RuntimeError on the CPU); an honest teacher compiles to the eager loss."""
     torch._dynamo.reset()
-    gen = torch.Generator().manual_seed(3)
     student, teacher_logits = randn(2, 4, 60, gen=gen), randn(2, 4, 60, gen=gen)
 
     def loss(z, t):
-        return klops.fused_kl(z, t, "reverse", target_is=target_is, backend="torch")
+        return klops.fused_kl(z, t, "reverse", target_is=target_is, backend=backend)
 
     compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
     honest = _encoded(teacher_logits, target_is)
