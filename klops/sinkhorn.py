@@ -212,7 +212,7 @@ def _solve(geometry: _Geometry, log_a, log_b, schedule: list[float], tol: float 
             row_mass = torch.exp(log_a + (f - f_next) / eps_k)
             error = (row_mass - log_a.exp()).abs().sum(-1)
             if checking:
-                worst = float(error.max()) if error.numel() else 0.0  # the host sync of a check
+                worst = float(error.detach().max()) if error.numel() else 0.0  # the host sync of a check
             if last or (checking and worst < tol):
                 break
         f = 0.5 * (f + f_next) if symmetric else f_next
@@ -225,7 +225,7 @@ def _solve(geometry: _Geometry, log_a, log_b, schedule: list[float], tol: float 
 
 def _warn_not_converged(error: torch.Tensor, tol: float, worst: float, iterations: int) -> None:
     """SinkhornConvergenceWarning: how many problems missed tol after the last iteration, and by how much."""
-    missed = int((~(error < tol)).sum())  # a second read, on this failure path only
+    missed = int((~(error.detach() < tol)).sum())  # a second read, on this failure path only
     warnings.warn(
         f"sinkhorn did not converge: after max_iter={iterations} iterations the marginal error of {missed} of "
         f"{error.numel()} problems is above tol={tol:.3g}, the largest {worst:.3g} ({worst / tol:.3g} times tol); "

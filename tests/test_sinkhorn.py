@@ -175,11 +175,12 @@ def test_stopping(gen):
     assert fixed.iterations == early.iterations - 5 and bool((fixed.marginal_error >= 1e-8).any())
 
 
-def test_converged_and_the_warning_of_a_miss(gen):
+@pytest.mark.parametrize("unroll", [False, True])
+def test_converged_and_the_warning_of_a_miss(unroll, gen):
     """converged [B] says which problems got under tol; after max_iter a SinkhornConvergenceWarning says how many
     missed it and by how much; tol=None gives converged=None and no warning (nothing read on the host)."""
-    cost = torch.rand(3, 10, 12, generator=gen, dtype=torch.float64)
-    cost[1] *= 30  # eps = 0.1 is tiny against this problem's costs: it converges far more slowly
+    cost = torch.rand(3, 10, 12, generator=gen, dtype=torch.float64).requires_grad_(unroll)
+    cost = cost * torch.tensor([1.0, 30.0, 1.0], dtype=torch.float64)[:, None, None]  # eps is tiny against C[1]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         done = klops.sinkhorn(cost[[0, 2]], epsilon=0.1, max_iter=5000, tol=1e-8, backend="torch")
@@ -187,7 +188,7 @@ def test_converged_and_the_warning_of_a_miss(gen):
         fixed = klops.sinkhorn(cost, epsilon=0.1, max_iter=7, tol=None, backend="torch")
         assert fixed.converged is None
     with pytest.warns(klops.SinkhornConvergenceWarning) as caught:
-        missed = klops.sinkhorn(cost, epsilon=0.1, max_iter=47, tol=1e-8, check_every=10, backend="torch")
+        missed = klops.sinkhorn(cost, epsilon=0.1, max_iter=47, tol=1e-8, check_every=10, unroll=unroll)
     assert missed.iterations == 47 and missed.converged.dtype == torch.bool
     assert missed.converged.tolist() == (missed.marginal_error < 1e-8).tolist() and not bool(missed.converged[1])
     worst, missing = float(missed.marginal_error.max()), int((~missed.converged).sum())
