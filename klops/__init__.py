@@ -6,7 +6,7 @@ loss = klops.fused_kl(student_logits, klops.TopK(teacher_ids, teacher_logprobs, 
 loss = klops.sinkhorn_distill_loss(student_logits, teacher_logits)
 """
 
-from . import _eager, nn, reference
+from . import _checkout, _eager, nn, reference  # noqa: F401 (_checkout first: it makes klops.kernels in a checkout)
 from ._inputs import set_host_checks
 from .backend import available_backends
 from .distill import akl_loss, akl_weights, dckd_loss, forward_reverse_kl, kdrl_loss

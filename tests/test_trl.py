@@ -12,14 +12,11 @@ TRL's: a comparison that could not fail would not test the option. The stubs fol
 version pinned in the ``test`` extra); under another version the module is skipped.
 """
 
-import contextlib
 import inspect
 import math
-import sys
 import textwrap
 import types
 from collections import defaultdict
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,32 +24,13 @@ import torch
 import klops
 
 TRL_VERSION = "1.16.0"
-REPO = Path(__file__).resolve().parents[1]
 
-
-@contextlib.contextmanager
-def _repository_off_sys_path():
-    """The repository root off ``sys.path`` while TRL imports: transformers imports the Hugging Face package
-    ``kernels``, and the repository's top-level ``kernels/`` folder (installed as ``klops.kernels``, never
-    imported as ``kernels``) would shadow it when pytest runs from the root."""
-    shadow = sys.modules.get("kernels")
-    if shadow is not None and REPO in Path(getattr(shadow, "__file__", None) or "/").resolve().parents:
-        del sys.modules["kernels"]
-    saved = list(sys.path)
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO]
-    try:
-        yield
-    finally:
-        sys.path[:] = saved
-
-
-with _repository_off_sys_path():
-    trl = pytest.importorskip("trl")
-    if trl.__version__ != TRL_VERSION:
-        pytest.skip(f"the stubs follow TRL {TRL_VERSION}'s trainers, not {trl.__version__}'s", allow_module_level=True)
-    from trl import DPOConfig, GRPOConfig
-    from trl.trainer.dpo_trainer import DPOTrainer
-    from trl.trainer.grpo_trainer import GRPOTrainer
+trl = pytest.importorskip("trl")
+if trl.__version__ != TRL_VERSION:
+    pytest.skip(f"the stubs follow TRL {TRL_VERSION}'s trainers, not {trl.__version__}'s", allow_module_level=True)
+from trl import DPOConfig, GRPOConfig  # noqa: E402
+from trl.trainer.dpo_trainer import DPOTrainer  # noqa: E402
+from trl.trainer.grpo_trainer import GRPOTrainer  # noqa: E402
 
 TIGHT = dict(rtol=1e-10, atol=1e-13)  # float64 on both sides
 METRIC = dict(rtol=1e-6, atol=1e-7)  # klops's metrics are fp32
