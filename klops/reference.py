@@ -446,12 +446,30 @@ def sinkhorn_distill_reference(student_logits: torch.Tensor, teacher_logits: tor
     return ((plan.detach() if envelope else plan) * w).sum()
 
 
+def _akl_head_share(p: torch.Tensor, q: torch.Tensor, mu: float) -> torch.Tensor:
+    """The head's share of sum_v |p_v - q_v| in one row of probabilities, 1/2 when that sum is 0.
+
+    The authors' rule: in descending order of p, an entry is head while the running sum up to it stays within mu
+    (the first entry always). Entries tied in p take any order in a sort, so each counts with the average over
+    orders: of a group of c entries equal to t after a running sum A, those at places i = 1..c with A + i t <= mu
+    are head, min(c, floor((mu - A) / t)) of them (all c for t = 0 if A <= mu)."""
+    values, group, counts = torch.unique(p, return_inverse=True, return_counts=True)
+    values, counts = values.flip(0), counts.flip(0).double()  # groups in descending order of p
+    gaps = torch.zeros_like(values).index_add_(0, group, (p - q).abs()).flip(0)
+    before = torch.cumsum(values * counts, 0) - values * counts
+    fits = torch.where(values > 0, torch.floor((mu - before) / values), torch.where(before <= mu, counts, 0.0))
+    heads = fits.clamp(min=0).minimum(counts)
+    heads[0] = heads[0].clamp(min=1)
+    total = gaps.sum()
+    return (heads / counts * gaps).sum() / total if total > 0 else total.new_tensor(0.5)
+
+
 def akl_weights_reference(student_logits, teacher_logits, *, mu=0.5, temperature=1.0):
     """AKL's forward-KL weight per row in float64: the authors' ``get_ratio`` (descending sort, ``cumsum > mu``
-    is the tail, the first entry always head) with -inf logits as probability 0, 1/2 for 0/0, and the entries
-    tied with the boundary one split by klops.distill.akl_split's rule (the average over tie orders)."""
-    from .distill import akl_split
-
+    is the tail, the first entry always head) with -inf logits as probability 0, 1/2 for 0/0, and entries tied
+    in p counted with the average over the orders a sort may give them (``_akl_head_share``)."""
     p = torch.softmax(teacher_logits.double() / temperature, dim=-1)
     q = torch.softmax(student_logits.double() / temperature, dim=-1)
-    return akl_split(p.reshape(-1, p.shape[-1]), q.reshape(-1, q.shape[-1]), mu).reshape(p.shape[:-1])
+    p_rows, q_rows = p.reshape(-1, p.shape[-1]), q.reshape(-1, q.shape[-1])
+    rows = [_akl_head_share(p_row, q_row, mu) for p_row, q_row in zip(p_rows, q_rows)]
+    return torch.stack(rows).reshape(p.shape[:-1]) if rows else p.new_zeros(p.shape[:-1])
