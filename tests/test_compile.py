@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import klops
 from klops.divergence import divergence_op
@@ -50,3 +51,64 @@ def test_compile_fullgraph(compiler, backend, gen):
         fn(z, teacher, labels).backward()
         grads.append(z.grad)
     assert_close(grads[1], grads[0], (1e-5, 1e-6), "compiled grad")
+
+
+class _RecordKlopsOps(TorchDispatchMode):
+    """Records each klops:: op call (op, args, kwargs), forward and backward, with its inputs detached: floating
+    tensors of a forward op keep requires_grad (so that opcheck checks its autograd), a backward op's drop it."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "klops" and func.name() not in self.calls:
+            backward = "backward" in func.name() or "gradient" in func.name()
+
+            def detached(a):
+                if not isinstance(a, torch.Tensor):
+                    return a
+                return a.detach().clone().requires_grad_(a.requires_grad and a.is_floating_point() and not backward)
+
+            self.calls[func.name()] = (func, tuple(detached(a) for a in args), kwargs)
+        return func(*args, **kwargs)
+
+
+def _every_op_call(backend, gen):
+    """One public call of each op family, forward and backward, on tiny inputs."""
+    V, D = 30, 8
+    z, y = randn(2, 3, V, gen=gen).requires_grad_(), randn(2, 3, V, gen=gen)
+    labels = torch.randint(0, V, (2, 3), generator=gen).to(DEVICE)
+    top = torch.log_softmax(y, dim=-1).topk(5, dim=-1)
+    hidden, weight = randn(2, 3, D, gen=gen).requires_grad_(), randn(V, D, gen=gen).requires_grad_()
+    x, on = randn(2, 5, 3, gen=gen).requires_grad_(), dict(backend=backend)
+    losses = [
+        klops.fused_kl(z, y, "jsd", beta=0.3, labels=labels, backend=backend),
+        klops.fused_kl(z, klops.TopK(top.indices, top.values, tail="bin"), "skew_reverse", alpha=0.3, backend=backend),
+        sum(klops.logprobs(z, labels, return_entropy=True, backend=backend)).sum(),
+        sum(klops.forward_reverse_kl(z, y, backend=backend)).sum(),
+        klops.fused_linear_logprobs(hidden, weight, labels, backend=backend).sum(),
+        klops.fused_linear_cross_entropy(hidden, weight, labels, backend=backend),
+        klops.fused_linear_kl(hidden, weight, teacher_logits=y, kind="reverse", backend=backend),
+        klops.fused_linear_kl(hidden, weight, klops.TopK(top.indices, top.values), kind="alpha", alpha=0.7, **on),
+        klops.sinkhorn_distill_loss(z[0], y[0], backend=backend),
+        klops.sinkhorn(x=x, y=randn(2, 4, 3, gen=gen), epsilon=0.5, max_iter=4, tol=None, **on).objective.sum(),
+    ]
+    sum(losses).backward()
+
+
+def test_opcheck_every_op(backend, gen):
+    """torch.library.opcheck on every registered klops:: op, the backward ops included, with the arguments the
+    public functions pass it; an op that no public call here reaches fails the test."""
+    if backend == "cuda":
+        pytest.skip("no CUDA kernels for Sinkhorn, AKL or the fused-linear ops; the other backends check the ops")
+    with _RecordKlopsOps() as recorder:
+        _every_op_call(backend, gen)
+    registered = {name for name in torch._C._dispatch_get_all_op_names() if name.startswith("klops::")}
+    assert set(recorder.calls) == registered, f"ops no call here reaches: {sorted(registered - set(recorder.calls))}"
+    for name, (op, args, kwargs) in sorted(recorder.calls.items()):
+        try:
+            torch.library.opcheck(op, args, kwargs)
+        except Exception as error:
+            raise AssertionError(f"opcheck of {name}") from error

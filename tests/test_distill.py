@@ -1,5 +1,6 @@
-"""akl_weights and akl_loss (AKL, Wu et al. 2024; docs/losses.md §6) against float64 references: the authors'
-sort-based ratios, and the weighted forward + reverse KL through autograd."""
+"""klops/distill.py against float64 references (docs/losses.md §6): akl_weights and akl_loss (AKL, Wu et al. 2024;
+the authors' sort-based ratios, and the weighted forward + reverse KL through autograd), forward_reverse_kl, dckd_loss
+and kdrl_loss."""
 
 import math
 
@@ -7,9 +8,16 @@ import pytest
 import torch
 
 import klops
-from klops.reference import akl_weights_reference, fused_kl_reference
+from klops.reference import (
+    akl_weights_reference,
+    dckd_loss_reference,
+    fused_kl_reference,
+    grpo_loss_reference,
+    logprobs_reference,
+)
 
 from .conftest import BACKENDS, DEVICE, GRAD_TOL, LOSS_TOL, assert_close, randn
+from .test_preference import GTOL, TOL, batch, leaf
 
 AKL_BACKENDS = [b for b in BACKENDS if b != "cuda"]  # the weights have Triton and torch kernels
 
@@ -226,3 +234,89 @@ def test_bad_input(gen):
         klops.akl_loss(student, randn(3, 41, gen=gen))
     with pytest.raises(ValueError, match="akl_weights has no CUDA kernels"):
         klops.akl_weights(student, student, backend="cuda")
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])  # 1.0 with a dense teacher: NLL and KL in one sweep
+@pytest.mark.parametrize("teacher_form", ["dense", "topk"])
+def test_dckd_matches_reference(teacher_form, temperature, backend, gen):
+    student, teacher, labels, _, *_ = batch(gen)
+    chosen = torch.tensor([True, False, True, False], device=DEVICE)
+    if teacher_form == "topk":
+        top = torch.log_softmax(teacher, dim=-1).topk(8, dim=-1)
+        teacher = klops.TopK(top.indices, top.values, tail="bin")
+    weights = dict(w_sft=0.7, w_distil=1.5, w_chosen=1.0, w_rejected=0.4)
+    got = leaf(student)
+    loss, metrics = klops.dckd_loss(got, teacher, labels, chosen, temperature=temperature, backend=backend, **weights)
+    want = leaf(student.double())
+    ref = dckd_loss_reference(want, teacher, labels, chosen, temperature=temperature, **weights)
+    loss.backward(), ref.backward()
+    assert_close(loss, ref, TOL, "loss")
+    assert_close(got.grad, want.grad, GTOL, "grad")
+    assert set(metrics) == {"nll", "kl/chosen", "kl/rejected"}
+
+
+@pytest.mark.parametrize("teacher_form", ["hidden", "topk"])
+def test_dckd_from_hidden(teacher_form, backend, gen):
+    """A hidden-state student at T = 1: NLL and KL from one fused-linear op, the teacher as hidden states and
+    head or as a TopK."""
+    (hidden, weight), (t_hidden, t_weight), labels, _, *_ = batch(gen, D=10)
+    chosen = torch.tensor([True, True, False, False], device=DEVICE)
+    teacher = t_hidden.double() @ t_weight.double().T
+    given = (t_hidden, t_weight)
+    if teacher_form == "topk":
+        top = torch.log_softmax(teacher, dim=-1).topk(6, dim=-1)
+        given = teacher = klops.TopK(top.indices, top.values.float())
+    h, w = leaf(hidden), leaf(weight)
+    loss, _ = klops.dckd_loss((h, w), given, labels, chosen, kind="jsd", beta=0.3, backend=backend)
+    h_ref, w_ref = leaf(hidden.double()), leaf(weight.double())
+    ref = dckd_loss_reference(h_ref @ w_ref.T, teacher, labels, chosen, kind="jsd", beta=0.3)
+    loss.backward(), ref.backward()
+    assert_close(loss, ref, TOL, "loss")
+    assert_close(h.grad, h_ref.grad, GTOL, "grad hidden")
+    assert_close(w.grad, w_ref.grad, GTOL, "grad weight")
+
+
+@pytest.mark.parametrize("kl_estimator", ["k1", "k3"])
+def test_kdrl_matches_reference(kl_estimator, backend, gen):
+    """GRPO on the student's rollouts plus the KL to the teacher at the sampled token: the float64 GRPO
+    reference with the teacher's log-probs in the reference's place."""
+    logits, teacher, ids, mask, *_ = batch(gen)
+    ids = ids.clamp(min=0)
+    advantages = randn(4, gen=gen)
+    got = leaf(logits)
+    loss, _ = klops.kdrl_loss(got, ids, advantages, mask, teacher, kl_coef=0.3, kl_estimator=kl_estimator,
+                              loss_type="grpo", backend=backend)  # fmt: skip
+    want = leaf(logits.double())
+    logp, _ = logprobs_reference(want, ids)
+    teacher_logp, _ = logprobs_reference(teacher, ids)
+    ref = grpo_loss_reference(logp, advantages, mask, ref_logp=teacher_logp, beta=0.3, kl_estimator=kl_estimator,
+                              loss_type="grpo")  # fmt: skip
+    loss.backward(), ref.backward()
+    assert_close(loss, ref, TOL, "loss")
+    assert_close(got.grad, want.grad, GTOL, "grad")
+    with pytest.raises(ValueError, match="sets beta"):
+        klops.kdrl_loss(got, ids, advantages, mask, teacher, kl_coef=0.3, beta=0.1)
+
+
+def test_kl_pair_and_fused_kl_agree_on_underflowed_entries(gen):
+    """p underflowed to 0 in fp32 (a -1e30 logit) facing log q = -inf, and the mirror entry: the torch backends of
+    forward_reverse_kl (kl_pair_torch) and fused_kl (divergence._kl_entries) both count it as 0 log 0 = 0, the float64
+    reference's value, and give the same KLs and gradients."""
+    student, teacher = randn(3, 40, gen=gen), randn(3, 40, gen=gen)
+    student[:, 5], teacher[:, 5] = -math.inf, -1e30  # the KL(p||q) entry p (log p - log q) = 0 (-1e30 + inf)
+    student[:, 9], teacher[:, 9] = -1e30, -math.inf  # the KL(q||p) entry, mirrored
+    pair_leaf = student.clone().requires_grad_()
+    kls = klops.forward_reverse_kl(pair_leaf, teacher, backend="torch")
+    (kls[0].sum() + 0.5 * kls[1].sum()).backward()
+    dense_grad = torch.zeros_like(student)
+    for kind, got, weight in (("forward", kls[0], 1.0), ("reverse", kls[1], 0.5)):
+        leaf = student.clone().requires_grad_()
+        dense = klops.fused_kl(leaf, teacher, kind, reduction="none", backend="torch")
+        (weight * dense.sum()).backward()
+        dense_grad += leaf.grad
+        expected = fused_kl_reference(student, teacher, kind, reduction="none")
+        assert torch.isfinite(expected).all()
+        assert_close(got, expected, LOSS_TOL[torch.float32], f"kl_pair {kind}")
+        assert torch.equal(got, dense), kind
+    assert torch.isfinite(pair_leaf.grad).all() and pair_leaf.grad[:, [5, 9]].eq(0).all()
+    assert_close(pair_leaf.grad, dense_grad, (1e-6, 1e-7), "kl_pair grad vs fused_kl grads")
