@@ -324,6 +324,13 @@ def softmax_l1_cost_backward_kernel(
 # launchers
 
 
+def softmin(geometry, h, log_w, eps: float):
+    """softmin_cost or softmin_points, as the geometry (klops/sinkhorn.py's _Geometry) holds a cost or points."""
+    if geometry.cost is not None:
+        return softmin_cost(geometry.cost, h, log_w, eps)
+    return softmin_points(geometry.x, geometry.y, h, log_w, eps, geometry.cost_fn)
+
+
 def softmin_cost(cost, h, log_w, eps: float):
     """(out, cbar), each (B, R) fp32, of the soft-min over the last dim of the (B, R, S) cost view."""
     B, R, S = cost.shape

@@ -5,7 +5,10 @@ backend   runs on                          needs
 "triton"  CUDA tensors; CPU tensors too    triton; on the CPU only under TRITON_INTERPRET=1
           under the interpreter (tests)
 "torch"   any device                       nothing: chunked pure-torch fp32 math
-"auto"    cuda if built and on a GPU, else triton on a GPU, else torch
+"auto"    on a GPU the op's first usable backend in PREFERENCES whose LIMITS hold; torch on the CPU
+
+resolve(op, backend, device) is the one rule that maps a call's backend to a concrete one, and
+launcher_table(...) the one way an op names its launchers per backend.
 
 klops._C is used only when it was built against this torch (major.minor) and CUDA (major): otherwise
 "auto" warns once and falls back, and "cuda" raises an error that says why and how to rebuild.
@@ -15,7 +18,10 @@ import importlib
 import importlib.metadata
 import importlib.util
 import os
+import pkgutil
 import warnings
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -78,21 +84,76 @@ def available_backends(device: torch.device) -> list[str]:
     return names
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map ``backend`` (one of BACKENDS) to a concrete backend for tensors on ``device``."""
+# The backends of each op family, in the order backend="auto" takes them on a GPU: the first one usable here
+# (available_backends) whose limit holds. On the CPU "auto" is "torch". A backend missing from an op's list is an
+# error when asked for (every op has Triton and torch kernels: only "cuda" can be missing).
+PREFERENCES = {
+    "divergence": ("cuda", "triton", "torch"),  # fused_kl, divergence_and_label_logprobs
+    "logprobs": ("cuda", "triton", "torch"),
+    "topk": ("cuda", "triton", "torch"),  # a klops.TopK teacher, beside logits or hidden states
+    # The fused-linear ops: their fused Triton kernels, else the chunked path over the CUDA row kernels (memory
+    # decides, see klops/linear.py).
+    "linear": ("triton", "cuda", "torch"),
+    "sinkhorn": ("triton", "torch"),
+    "kl_pair": ("triton", "torch"),  # forward_reverse_kl, akl_weights, akl_loss
+}
+
+
+class Limit(NamedTuple):
+    """Where a backend of an op does not take every call: ``fits(sizes)`` reads the keywords the op passes to
+    ``resolve``; ``error`` is raised for a call that names the backend and does not fit (None: its kernels raise
+    their own). "auto" passes over a backend that does not fit."""
+
+    fits: Callable[[dict], bool]
+    error: str | None
+
+
+# The largest V of the CUDA top-k kernels (kMaxTopkVocab in csrc/topk.cu: a bitmap of the row's ids in the 48 KiB of
+# shared memory a default launch gets, beside the kernel's static part); backend="auto" takes Triton beyond it.
+CUDA_TOPK_MAX_VOCAB = 47 * 1024 * 8
+
+LIMITS = {
+    ("topk", "cuda"): Limit(lambda sizes: sizes["vocab"] <= CUDA_TOPK_MAX_VOCAB, None),
+    ("sinkhorn", "triton"): Limit(
+        lambda sizes: sizes["dtype"] != torch.float64,
+        "backend='triton' computes in float32; float64 inputs need backend='torch'",
+    ),
+}
+
+
+def _fits(op: str, backend: str, sizes: dict) -> bool:
+    limit = LIMITS.get((op, backend))
+    return limit is None or limit.fits(sizes)
+
+
+def resolve(op: str, backend: str, device: torch.device, *, name: str | None = None, **sizes) -> str:
+    """The concrete backend that runs a call of op family ``op`` (a key of PREFERENCES) with ``backend`` (one of
+    BACKENDS) on tensors of ``device``. ``sizes`` are what the op's LIMITS read (``vocab``, ``dtype``); ``name``
+    is the function the messages name (``op`` if None)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
-    usable = available_backends(device)
+    prefers = PREFERENCES[op]
     if backend == "auto":
-        if device.type == "cuda" and CUDA_EXTENSION_PROBLEM is not None:
-            _warn_fallback_once(usable[0])
-        return "torch" if device.type != "cuda" else usable[0]
+        if device.type != "cuda":
+            return "torch"
+        usable = available_backends(device)
+        chosen = next(b for b in prefers if b in usable and _fits(op, b, sizes))
+        if CUDA_EXTENSION_PROBLEM is not None:
+            _warn_fallback_once(chosen)
+        return chosen
+    if backend not in prefers:
+        alternatives = " or ".join(map(repr, prefers))
+        raise ValueError(f"backend={backend!r}: {name or op} has no CUDA kernels in klops._C; use {alternatives}")
     if backend == "cuda" and CUDA_EXTENSION_PROBLEM is not None:
         raise ValueError(f"backend='cuda' is not available: {CUDA_EXTENSION_PROBLEM}")
+    usable = available_backends(device)
     if backend not in usable:
         raise ValueError(
             f"backend={backend!r} cannot run on {device} tensors here (usable: {', '.join(usable)}); see `klops info`"
         )
+    limit = LIMITS.get((op, backend))
+    if limit is not None and limit.error is not None and not limit.fits(sizes):
+        raise ValueError(limit.error)
     return backend
 
 
@@ -103,19 +164,13 @@ def _warn_fallback_once(fallback: str) -> None:
         warnings.warn(f"{CUDA_EXTENSION_PROBLEM}. backend='auto' uses {fallback} instead.", stacklevel=3)
 
 
-def resolve_preferring_triton(backend: str, device: torch.device) -> str:
-    """resolve_backend for an op whose preferred GPU path is its Triton kernels: "auto" takes Triton on a GPU
-    wherever Triton is usable (the fused-linear ops, whose "cuda" form is the chunked path)."""
-    resolved = resolve_backend(backend, device)
-    if backend == "auto" and resolved == "cuda" and "triton" in available_backends(device):
-        return "triton"
-    return resolved
+def launcher_table(**by_backend: tuple):
+    """An op's launchers per concrete backend, as ``table(backend)`` -> the tuple given for it, e.g. (forward,
+    backward). Each entry is a callable or the ``"module:name"`` of one (``"klops.kernels.topk:topk_forward"``,
+    ``"torch:ops.klops_C.logprobs_forward"``), looked up when a call takes that backend: a call on another backend
+    never imports triton, nor needs klops._C."""
 
+    def table(backend: str) -> tuple:
+        return tuple(pkgutil.resolve_name(f) if isinstance(f, str) else f for f in by_backend[backend])
 
-def resolve_triton_or_torch(backend: str, device: torch.device, op: str) -> str:
-    """resolve_backend for an op with Triton and torch kernels only: "auto" takes Triton on a GPU (the CUDA
-    extension has none of this op), and "cuda" is an error that says so."""
-    if backend == "cuda":
-        raise ValueError(f"backend='cuda': {op} has no CUDA kernels in klops._C; use 'triton' or 'torch'")
-    resolved = resolve_preferring_triton(backend, device)
-    return "torch" if resolved == "cuda" else resolved
+    return table

@@ -14,7 +14,7 @@ from .backend import (
     CUDA_EXTENSION_PROBLEM,
     TRITON_VERSION,
     available_backends,
-    resolve_backend,
+    resolve,
     triton_interpreter,
 )
 
@@ -58,7 +58,7 @@ def info() -> str:
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for device in devices:
         usable = ", ".join(available_backends(device))
-        lines.append(f"backends on {device.type}: {usable} (auto: {resolve_backend('auto', device)})")
+        lines.append(f"backends on {device.type}: {usable} (auto: {resolve('divergence', 'auto', device)})")
     if _inputs.host_checks_enabled():
         lines.append("label check: on the host, a ValueError (one sync per call on GPU tensors; set_host_checks)")
     else:
@@ -147,7 +147,7 @@ def bench_backends(text: str | None, device: torch.device) -> set[str] | None:
     if names is None:
         return None
     usable = available_backends(device)
-    backends = {resolve_backend("auto", device) if name == "auto" else name for name in names}
+    backends = {resolve("divergence", "auto", device) if name == "auto" else name for name in names}
     if not backends <= set(usable):
         raise ValueError(f"--backends {text}: usable on {device.type} here: {', '.join(usable)}")
     return backends

@@ -15,7 +15,7 @@ import torch
 
 from . import _inputs
 from ._chunked import log_softmax_from_stats, log_softmax_rows, row_chunks
-from .backend import resolve_triton_or_torch
+from .backend import launcher_table, resolve
 from .divergence import (
     _check_dense_teacher,
     divergence_and_label_logprobs,
@@ -199,12 +199,10 @@ def kl_pair_backward_torch(grad, student, teacher, valid, stats, temperature: fl
     return dz
 
 
-def _kl_pair_launchers(backend: str):
-    if backend == "triton":
-        from .kernels import distill as kernels
-
-        return kernels.kl_pair_forward, kernels.kl_pair_backward
-    return kl_pair_torch, kl_pair_backward_torch
+_kl_pair_launchers = launcher_table(  # (forward, backward)
+    triton=("klops.kernels.distill:kl_pair_forward", "klops.kernels.distill:kl_pair_backward"),
+    torch=(kl_pair_torch, kl_pair_backward_torch),
+)
 
 
 @torch.library.custom_op("klops::kl_pair", mutates_args=())
@@ -300,7 +298,7 @@ def _kl_pair_checks(op, student_logits, teacher_logits, temperature, labels, mas
     valid, _ = valid_rows_and_weights(
         "student_logits", student_logits, student_logits.shape[-1], labels, mask, None, ignore_index
     )
-    return valid, temperature, resolve_triton_or_torch(backend, student_logits.device, op)
+    return valid, temperature, resolve("kl_pair", backend, student_logits.device, name=op)
 
 
 def _akl_checks(op, student_logits, teacher_logits, mu, temperature, labels, mask, ignore_index, backend):

@@ -19,7 +19,7 @@ import torch
 
 from . import _inputs
 from ._chunked import log_softmax_from_stats, log_softmax_rows, row_chunks, scaled
-from .backend import resolve_backend
+from .backend import launcher_table, resolve
 from .kernels.launch import DIVERGENCE_KINDS, TARGET_KINDS
 
 if TYPE_CHECKING:
@@ -192,15 +192,11 @@ def _cuda_backward(
     )  # fmt: skip
 
 
-def _launchers(backend: str):
-    """(forward, backward) launchers of a concrete backend; triton is imported only when used."""
-    if backend == "triton":
-        from .kernels import divergence as triton_kernels
-
-        return triton_kernels.divergence_forward, triton_kernels.divergence_backward
-    if backend == "cuda":
-        return _cuda_forward, _cuda_backward
-    return divergence_forward_torch, divergence_backward_torch
+_launchers = launcher_table(  # (forward, backward)
+    triton=("klops.kernels.divergence:divergence_forward", "klops.kernels.divergence:divergence_backward"),
+    cuda=(_cuda_forward, _cuda_backward),
+    torch=(divergence_forward_torch, divergence_backward_torch),
+)
 
 
 @torch.library.custom_op("klops::divergence", mutates_args=())
@@ -445,7 +441,7 @@ def fused_kl(
     if isinstance(teacher_logits, TopK):
         rows, _ = topk_rows(student_logits, teacher_logits, valid, kernel_kind, kind, coef, temperature, backend)
     else:
-        backend = resolve_backend(backend, student_logits.device)
+        backend = resolve("divergence", backend, student_logits.device)
         student3, teacher3 = _inputs.as_rows(student_logits, teacher_logits)
         valid3 = valid.reshape(student3.shape[:2])
         rows, _, _, top, log_mass, _, _ = divergence_op(
@@ -511,7 +507,7 @@ def divergence_and_label_logprobs(
         rows, logp = topk_rows(student_logits, teacher_logits, valid, kernel_kind, kind, coef, temperature, backend,
                                labels=labels)  # fmt: skip
         return rows, logp, None
-    backend = resolve_backend(backend, student_logits.device)
+    backend = resolve("divergence", backend, student_logits.device)
     student3, teacher3 = _inputs.as_rows(student_logits, teacher_logits)
     rows_shape = student3.shape[:2]
     valid3, labels3 = valid.reshape(rows_shape), labels.long().reshape(rows_shape)

@@ -53,7 +53,7 @@ import torch
 
 from . import _inputs
 from ._chunked import accumulate_grads, chunk_logits, new_grads
-from .backend import resolve_preferring_triton
+from .backend import resolve
 from .divergence import (
     check_divergence_options,
     divergence_backward_op,
@@ -538,7 +538,7 @@ def fused_linear_logprobs(
     temperature = _inputs.check_temperature(temperature)
     softcap = _check_softcap(softcap)
     _inputs.check_bool("return_entropy", return_entropy)
-    backend = resolve_preferring_triton(backend, hidden.device)
+    backend = resolve("linear", backend, hidden.device)
     (hidden3,) = _inputs.as_rows(hidden)  # (B, L, D) without a copy, e.g. of hidden[:, :-1]
     rows = (hidden3, weight, bias, labels.reshape(hidden3.shape[:2]))
     logp, entropy, *_ = linear_logprobs_op(*rows, temperature, softcap, return_entropy, ignore_index, backend)
@@ -634,7 +634,7 @@ def fused_linear_kl(
         if weights is not None:
             rows = rows * weights.float()
         return reduce_rows(rows, valid, reduction, num_items)
-    backend = resolve_preferring_triton(backend, student_hidden.device)
+    backend = resolve("linear", backend, student_hidden.device)
 
     # (B, L, D) and (B, L, V) views without a copy, e.g. of hidden[:, :-1] or teacher_logits[:, :-1]
     if teacher_logits is not None:
@@ -691,7 +691,7 @@ def fused_linear_cross_entropy(
     softcap = _check_softcap(softcap)
     _inputs.check_num_items(num_items, reduction)
     _inputs.check_bool("return_lse", return_lse)
-    backend = resolve_preferring_triton(backend, hidden.device)
+    backend = resolve("linear", backend, hidden.device)
     (hidden3,) = _inputs.as_rows(hidden)
     inputs = (hidden3, weight, bias, labels.reshape(hidden3.shape[:2]))
     rows, lse, *_ = linear_cross_entropy_op(*inputs, softcap, label_smoothing, ignore_index, backend)
@@ -747,7 +747,7 @@ def linear_divergence_and_label_logprobs(
             softcap, backend, labels=labels,
         )  # fmt: skip
         return rows, logp, None
-    backend = resolve_preferring_triton(backend, student_hidden.device)
+    backend = resolve("linear", backend, student_hidden.device)
     student3, teacher3 = _inputs.as_rows(student_hidden, teacher_hidden)
     rows_shape = student3.shape[:2]
     valid3, labels3 = valid.reshape(rows_shape), labels.long().reshape(rows_shape)

@@ -10,7 +10,7 @@ import torch
 
 from . import _inputs
 from ._chunked import FLOAT32_MIN, log_softmax_from_stats, log_softmax_rows, row_chunks
-from .backend import resolve_backend
+from .backend import launcher_table, resolve
 
 __all__ = ["logprobs"]
 
@@ -75,14 +75,11 @@ def _logprobs_grad_rows(logits, labels, row_max, logsum, entropy, grad_logp, gra
 # custom ops
 
 
-def _launchers(backend: str):
-    if backend == "triton":
-        from .kernels import logprobs as triton_kernels
-
-        return triton_kernels.logprobs_forward, triton_kernels.logprobs_backward
-    if backend == "cuda":
-        return torch.ops.klops_C.logprobs_forward, torch.ops.klops_C.logprobs_backward
-    return logprobs_forward_torch, logprobs_backward_torch
+_launchers = launcher_table(  # (forward, backward)
+    triton=("klops.kernels.logprobs:logprobs_forward", "klops.kernels.logprobs:logprobs_backward"),
+    cuda=("torch:ops.klops_C.logprobs_forward", "torch:ops.klops_C.logprobs_backward"),
+    torch=(logprobs_forward_torch, logprobs_backward_torch),
+)
 
 
 @torch.library.custom_op("klops::logprobs", mutates_args=())
@@ -183,7 +180,7 @@ def logprobs(
     _inputs.check_labels_in_range("labels", labels, logits.shape[-1], ignore_index)
     temperature = _inputs.check_temperature(temperature)
     _inputs.check_bool("return_entropy", return_entropy)
-    backend = resolve_backend(backend, logits.device)
+    backend = resolve("logprobs", backend, logits.device)
 
     (logits3,) = _inputs.as_rows(logits)
     rows_shape = labels.shape

@@ -26,7 +26,7 @@ import torch
 
 from . import _inputs
 from ._chunked import log_softmax_from_stats
-from .backend import resolve_triton_or_torch
+from .backend import launcher_table, resolve
 from .logprobs import logprobs_op
 
 __all__ = [
@@ -136,8 +136,9 @@ def plan_torch(geometry: _Geometry, log_a, log_b, f, g, eps: float) -> torch.Ten
     return torch.cat(blocks, 1)
 
 
-def points_gradient_torch(geometry: _Geometry, log_a, log_b, f, g, eps: float) -> torch.Tensor:
+def points_gradient_torch(x, y, f, g, log_a, log_b, eps: float, cost_fn: str) -> torch.Tensor:
     """[B, n, d]: ``sum_j P_ij dc(x_i, y_j)/dx_i`` (``2 (x_i - y_j)`` or ``sign(x_i - y_j)``)."""
+    geometry = _Geometry(None, x, y, cost_fn)
     B, n, m = geometry.shape
     x, y = geometry.x.to(f.dtype), geometry.y.to(f.dtype)
     per_row = B * m * (x.shape[-1] if geometry.cost_fn == "l1" else 1)
@@ -151,17 +152,10 @@ def points_gradient_torch(geometry: _Geometry, log_a, log_b, f, g, eps: float) -
     return torch.cat(blocks, 1)
 
 
-def _softmin(backend: str):
-    if backend == "triton":
-        from .kernels import sinkhorn as kernels
-
-        def softmin(geometry, h, log_w, eps):
-            if geometry.cost is not None:
-                return kernels.softmin_cost(geometry.cost, h, log_w, eps)
-            return kernels.softmin_points(geometry.x, geometry.y, h, log_w, eps, geometry.cost_fn)
-
-        return softmin
-    return softmin_torch
+_launchers = launcher_table(  # (softmin, points_gradient)
+    triton=("klops.kernels.sinkhorn:softmin", "klops.kernels.sinkhorn:points_gradient"),
+    torch=(softmin_torch, points_gradient_torch),
+)
 
 
 @torch.library.custom_op("klops::sinkhorn_points_gradient", mutates_args=())
@@ -170,11 +164,8 @@ def points_gradient_op(
     eps: float, cost_fn: str, backend: str,
 ) -> torch.Tensor:  # fmt: skip
     """[B, n, d] (the potentials' dtype): ``sum_j P_ij dc(x_i, y_j)/dx_i``, streamed (no n x m tensor on Triton)."""
-    if backend == "triton":
-        from .kernels import sinkhorn as kernels
-
-        return kernels.points_gradient(x, y, f, g, log_a, log_b, eps, cost_fn).to(f.dtype)
-    return points_gradient_torch(_Geometry(None, x, y, cost_fn), log_a, log_b, f, g, eps)
+    _, points_gradient = _launchers(backend)
+    return points_gradient(x, y, f, g, log_a, log_b, eps, cost_fn).to(f.dtype)
 
 
 @points_gradient_op.register_fake
@@ -194,7 +185,7 @@ def _solve(geometry: _Geometry, log_a, log_b, schedule: list[float], tol: float 
     ``symmetric`` (OT(a, a) on a symmetric cost, for the divergence's debiasing terms): g = f and the averaged
     update ``f <- (f + T(f)) / 2``, T(f) the soft-min of f, one pass per iteration (GeomLoss's; the plain
     alternation oscillates on these problems and converges far more slowly)."""
-    softmin = _softmin(backend)
+    softmin, _ = _launchers(backend)
     transposed = geometry.transposed()
     eps = schedule[-1]
     g = log_b.new_zeros(log_b.shape)
@@ -358,16 +349,6 @@ def _log_marginal(name: str, w, B: int, n: int, ref: torch.Tensor, dtype) -> tor
     return torch.log(w.to(dtype)).contiguous()
 
 
-def _resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Sinkhorn has Triton and torch kernels; "auto" takes Triton on a GPU (torch for float64)."""
-    resolved = resolve_triton_or_torch(backend, device, "Sinkhorn")
-    if dtype == torch.float64 and resolved == "triton":
-        if backend == "triton":
-            raise ValueError("backend='triton' computes in float32; float64 inputs need backend='torch'")
-        resolved = "torch"
-    return resolved
-
-
 def _schedule(geometry: _Geometry, epsilon: float, max_iter: int, anneal) -> list[float]:
     """One regularization per iteration: epsilon throughout, or with ``anneal`` (a factor in (0, 1)) the
     geometric decay ``max(epsilon, diameter * anneal^k)`` from the largest cost (a bound from the points'
@@ -464,7 +445,7 @@ def _sinkhorn(cost, a, b, x, y, *, cost_fn, epsilon, max_iter, tol, check_every,
     if tol is not None:
         tol = _inputs.check_real("tol", tol, low=0.0, high=math.inf, open_low=True)
     return_plan, unroll = _inputs.check_bool("return_plan", return_plan), _inputs.check_bool("unroll", unroll)
-    backend = _resolve(backend, ref.device, dtype)
+    backend = resolve("sinkhorn", backend, ref.device, dtype=dtype)
     schedule = _schedule(geometry, epsilon, max_iter, anneal)
 
     if unroll:
@@ -557,12 +538,10 @@ def softmax_l1_cost_backward_torch(grad_w, student, teacher, max_s, logsum_s, ma
     return grad_p
 
 
-def _l1_launchers(backend: str):
-    if backend == "triton":
-        from .kernels import sinkhorn as kernels
-
-        return kernels.softmax_l1_cost, kernels.softmax_l1_cost_backward
-    return softmax_l1_cost_torch, softmax_l1_cost_backward_torch
+_l1_launchers = launcher_table(  # (forward, backward)
+    triton=("klops.kernels.sinkhorn:softmax_l1_cost", "klops.kernels.sinkhorn:softmax_l1_cost_backward"),
+    torch=(softmax_l1_cost_torch, softmax_l1_cost_backward_torch),
+)
 
 
 @torch.library.custom_op("klops::softmax_l1_cost", mutates_args=())
@@ -670,7 +649,7 @@ def sinkhorn_distill_loss(
         valid = torch.ones(student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device)
     else:
         valid = _inputs.as_labels("labels", labels, "student_logits", student_logits) != ignore_index
-    backend = _resolve(backend, student_logits.device, torch.float32)
+    backend = resolve("sinkhorn", backend, student_logits.device, dtype=torch.float32)
 
     if valid.numel() == 0:
         return student_logits.float().sum() * 0.0

@@ -18,7 +18,7 @@ import torch
 
 from . import _inputs
 from ._chunked import log_softmax_from_stats, row_chunks, row_stats, scaled
-from .backend import resolve_backend
+from .backend import launcher_table, resolve
 from .divergence import _divergence_terms
 from .kernels.launch import DIVERGENCE_KINDS
 from .linear import _chunked_backward, _chunked_rows, _empty_rows, _fake_grads
@@ -238,23 +238,19 @@ def _cuda_forward(student, indices, teacher_logprobs, valid, kind, tail, tempera
     )  # fmt: skip
 
 
-def _launchers(backend: str):
-    """(forward, backward) launchers of a concrete backend; triton is imported only when used."""
-    if backend == "triton":
-        from .kernels import topk as triton_kernels
-
-        return triton_kernels.topk_divergence_forward, triton_kernels.topk_divergence_backward
-    if backend == "cuda":
-        return _cuda_forward, _cuda_backward
-    return topk_forward_torch, topk_backward_torch
-
-
 def _cuda_backward(tail_coef, student, indices, valid, max_c, logsum_c, member_value, label_coef, labels, temperature):
     # member_value = grad[..., None] * member_d has grad's layout (a transposed upstream gradient of
     # reduction="none" makes it non-contiguous); the kernel reads it contiguous, as the Triton launcher does.
     return torch.ops.klops_C.topk_divergence_backward(
         tail_coef, student, indices, valid, max_c, logsum_c, member_value.contiguous(), label_coef, labels, temperature
     )
+
+
+_launchers = launcher_table(  # (forward, backward)
+    triton=("klops.kernels.topk:topk_divergence_forward", "klops.kernels.topk:topk_divergence_backward"),
+    cuda=(_cuda_forward, _cuda_backward),
+    torch=(topk_forward_torch, topk_backward_torch),
+)
 
 
 @torch.library.custom_op("klops::topk_divergence", mutates_args=())
@@ -440,24 +436,13 @@ torch.library.register_autograd("klops::linear_topk_divergence", _linear_backwar
 # the rows of fused_kl / fused_linear_kl with a TopK teacher (their checks of every other argument done)
 
 
-# The largest V of the CUDA top-k kernels (kMaxTopkVocab in csrc/topk.cu: a bitmap of the row's ids in the 48 KiB of
-# shared memory a default launch gets, beside the kernel's static part); backend="auto" takes Triton beyond it.
-CUDA_MAX_VOCAB = 47 * 1024 * 8
-
-
-def _resolve(backend: str, device: torch.device, V: int) -> str:
-    """resolve_backend for a top-k op over a vocabulary of V."""
-    resolved = resolve_backend(backend, device)
-    return "triton" if backend == "auto" and resolved == "cuda" and V > CUDA_MAX_VOCAB else resolved
-
-
 def topk_rows(student_logits, topk, valid, kind, user_kind, coef, temperature, backend, labels=None):
     """(D, log q(label)) per row ``[...]`` fp32 between a TopK teacher and ``student_logits [..., V]``, 0 on
     invalid rows; the log-probs (with their gradient, in the same backward sweep) only with labels."""
     V = student_logits.shape[-1]
     tail_terms = renormalized_tail_terms(kind, coef, user_kind) if topk.tail == "renormalize" else (0.0, 0.0)
     indices, logprobs = sorted_topk(topk, "teacher_logits", "student_logits", student_logits, V, valid)
-    backend = _resolve(backend, student_logits.device, V)
+    backend = resolve("topk", backend, student_logits.device, vocab=V)
     student3, indices3, logprobs3 = _inputs.as_rows(student_logits, indices, logprobs)
     rows_shape = student3.shape[:2]
     rows, *_, logp = topk_divergence_op(
@@ -472,7 +457,7 @@ def linear_topk_rows(hidden, weight, bias, topk, valid, kind, user_kind, coef, t
     """topk_rows for the student logits softcap(hidden @ weight^T + bias), never formed."""
     tail_terms = renormalized_tail_terms(kind, coef, user_kind) if topk.tail == "renormalize" else (0.0, 0.0)
     indices, logprobs = sorted_topk(topk, "teacher_hidden", "student_hidden", hidden, weight.shape[0], valid)
-    backend = _resolve(backend, hidden.device, weight.shape[0])
+    backend = resolve("topk", backend, hidden.device, vocab=weight.shape[0])
     hidden3, indices3, logprobs3 = _inputs.as_rows(hidden, indices, logprobs)
     rows_shape = hidden3.shape[:2]
     rows, *_, logp = linear_topk_divergence_op(

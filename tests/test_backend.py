@@ -65,20 +65,20 @@ def test_unusable_extension_errors_and_warns_once(monkeypatch):
     monkeypatch.setattr(backend, "CUDA_EXTENSION_PROBLEM", "klops._C was built against torch 2.0.1")
     monkeypatch.setattr(backend, "_warned_fallback", False)
     with pytest.raises(ValueError, match="backend='cuda' is not available: klops._C was built against torch 2.0.1"):
-        backend.resolve_backend("cuda", torch.device("cpu"))
+        backend.resolve("divergence", "cuda", torch.device("cpu"))
     monkeypatch.setattr(backend, "available_backends", lambda device: ["triton", "torch"])
     with pytest.warns(UserWarning, match="built against torch 2.0.1. backend='auto' uses triton instead"):
-        assert backend.resolve_backend("auto", torch.device("cuda")) == "triton"
+        assert backend.resolve("divergence", "auto", torch.device("cuda")) == "triton"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert backend.resolve_backend("auto", torch.device("cuda")) == "triton"
+        assert backend.resolve("divergence", "auto", torch.device("cuda")) == "triton"
 
 
 def test_cuda_backend_on_cpu_tensors_is_a_clear_error():
     if backend.CUDA_EXTENSION_PROBLEM is not None:
         pytest.skip("klops._C is present but unusable here")
     with pytest.raises(ValueError, match="backend='cuda' cannot run on cpu tensors here"):
-        backend.resolve_backend("cuda", torch.device("cpu"))
+        backend.resolve("divergence", "cuda", torch.device("cpu"))
 
 
 @pytest.mark.parametrize("usable, expected", [(["cuda", "triton", "torch"], "triton"), (["cuda", "torch"], "cuda"),
@@ -88,9 +88,9 @@ def test_fused_linear_auto_prefers_triton_on_a_gpu(monkeypatch, usable, expected
     an explicit backend is kept, and CPU tensors take torch."""
     monkeypatch.setattr(backend, "CUDA_EXTENSION_PROBLEM", None)
     monkeypatch.setattr(backend, "available_backends", lambda device: usable if device.type == "cuda" else ["torch"])
-    assert backend.resolve_preferring_triton("auto", torch.device("cuda")) == expected
-    assert backend.resolve_preferring_triton(usable[0], torch.device("cuda")) == usable[0]
-    assert backend.resolve_preferring_triton("auto", torch.device("cpu")) == "torch"
+    assert backend.resolve("linear", "auto", torch.device("cuda")) == expected
+    assert backend.resolve("linear", usable[0], torch.device("cuda")) == usable[0]
+    assert backend.resolve("linear", "auto", torch.device("cpu")) == "torch"
 
 
 FIRST_CALLS = """

@@ -84,7 +84,7 @@ def test_topk_cuda_vocabulary_limit():
     """The CUDA top-k forward keeps a bitmap of the row's ids in shared memory: it launches at its largest V
     (385024: 47 KiB of bits beside the kernel's static shared memory, within the 48 KiB of a default launch) and
     names the limit and the Triton backend one entry above it, where backend="auto" takes Triton."""
-    limit = klops.topk.CUDA_MAX_VOCAB
+    limit = klops.backend.CUDA_TOPK_MAX_VOCAB
     student, teacher, _ = inputs((1, 2, limit), torch.float32, seed=6)
     top = torch.log_softmax(teacher, dim=-1).topk(16, dim=-1)
     topk = klops.TopK(top.indices.cuda(), top.values.cuda())

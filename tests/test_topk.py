@@ -215,12 +215,13 @@ def test_ids_outside_the_vocabulary_are_never_read(bad_id, backend, gen):
 def test_auto_takes_triton_beyond_the_cuda_vocabulary_limit(monkeypatch):
     """backend="auto" where it would take the CUDA top-k kernels: Triton for V above their limit (the bitmap of
     csrc/topk.cu's kMaxTopkVocab), CUDA up to it; an explicit backend="cuda" stays (and its op names the limit)."""
-    monkeypatch.setattr(klops.topk, "resolve_backend", lambda backend, device: "cuda")
-    limit, device = klops.topk.CUDA_MAX_VOCAB, torch.device("cuda")
+    monkeypatch.setattr(klops.backend, "CUDA_EXTENSION_PROBLEM", None)
+    monkeypatch.setattr(klops.backend, "available_backends", lambda device: ["cuda", "triton", "torch"])
+    limit, device = klops.backend.CUDA_TOPK_MAX_VOCAB, torch.device("cuda")
     assert limit == 47 * 1024 * 8
-    assert klops.topk._resolve("auto", device, limit) == "cuda"
-    assert klops.topk._resolve("auto", device, limit + 1) == "triton"
-    assert klops.topk._resolve("cuda", device, limit + 1) == "cuda"
+    assert klops.backend.resolve("topk", "auto", device, vocab=limit) == "cuda"
+    assert klops.backend.resolve("topk", "auto", device, vocab=limit + 1) == "triton"
+    assert klops.backend.resolve("topk", "cuda", device, vocab=limit + 1) == "cuda"
 
 
 def test_bad_input(gen):
