@@ -6,14 +6,42 @@ and its metrics; ``grpo_loss_from_logits`` does both steps from the ``[B, L, V]`
 ``[B, L]``-sized torch math in fp32 (in float64 for float64 inputs): nothing of size ``[B, L, V]``, no host
 sync (metrics are 0-d tensors), and ``torch.compile(fullgraph=True)`` traces it.
 
+Each ``loss_type`` is one row of ``LOSS_TYPES``: its traits (ratio level, clipping, aggregation, normalizer, how
+the rollout correction enters) and one short function giving its per-token loss from the quantities every type
+shares. ``grpo_loss`` checks its inputs, forms those quantities, calls the type's function, applies the
+corrections every type takes, aggregates by the type's traits and adds the entropy bonus.
+
 Conventions follow TRL's ``GRPOTrainer._compute_loss`` (trl/trainer/grpo_trainer.py, TRL 1.16.0, which
 tests/test_trl.py runs on the same tensors) and Liger-Kernel's ``chunked_loss/grpo_loss.py`` (commit ead96b6);
-verl's ``core_algos.py`` (commit b178a3c) for ``gpg``. Where klops differs from them, the docstring of
-``grpo_loss`` says so.
+verl's ``verl/trainer/ppo/core_algos.py`` for its types: commit b178a3c (volcengine/verl) for ``gpg``,
+``geo_mean``, ``clip_cov``, ``kl_cov``; commit 1dda039 (verl-project/verl) for ``dppo_tv``, ``dppo_kl``,
+``dro``, ``gspo_token`` (verl's ``gspo``) and ``kl_penalty``'s ``low_var_kl``.
+
+Mapping from TRL's ``GRPOTrainer`` (one process; tests/test_trl.py checks it): ``epsilon`` is its ``epsilon``
+(``epsilon_low``), ``mask`` its ``completion_mask * tool_mask``, ``rollout_logp`` its
+``sampling_per_token_logps`` with ``rollout_correction = vllm_importance_sampling_mode``. TRL divides the loss
+of grpo, bnpo, dr_grpo, sapo and luspo, and the entropy bonus, by the gradient-accumulation steps ``G`` in
+training; here that is ``num_items = B G`` (grpo, dr_grpo, sapo, luspo), ``num_items = G sum m`` (bnpo) and
+``entropy_coef / G``. For dapo, cispo and vespo ``num_items`` is TRL's ``num_items_in_batch G /
+steps_per_generation`` (``num_items_in_batch`` in eval).
+
+Differences from TRL: the log-ratios are clamped to [-20, 20] inside every exp; TRL's default is
+``use_bias_correction_kl=True``, klops's ``False`` (the plain k3 term); clip metrics are taken before ``delta``
+(as Liger) and token-weighted at sequence level (TRL averages sequences); the types whose ratio trait is
+``"token"`` reject sequence-level ratios (their ratio is per sequence already, or none, or verl defines them per
+token; TRL's sequence-level vespo differs from its token-level one only in the bias-corrected KL). The
+sequence-level cispo / sapo that Liger rejects are computed as TRL does. A tie between the clipped and
+unclipped branches (a ratio exactly on a clip bound) takes the whole unclipped gradient, where TRL's
+``torch.min`` splits it. Differences from verl: its ``gspo`` clamps the sequence log-ratio at 10 from above,
+klops at [-20, 20]; klops's clip metrics (below) replace verl's ``pg_clipfrac``; Clip-Cov / KL-Cov select
+their tokens with a sort, without verl's host syncs.
 """
 
+import dataclasses
 import math
 import numbers
+import textwrap
+from collections.abc import Callable
 
 import torch
 
@@ -24,13 +52,6 @@ from .logprobs import logprobs
 
 __all__ = ["group_advantages", "kl_estimate", "grpo_loss", "grpo_loss_from_logits", "fused_linear_grpo_loss"]
 
-# Aggregation of each loss type: the unit num_items counts ("tokens" or "sequences").
-LOSS_TYPES = {
-    "grpo": "sequences", "bnpo": "tokens", "dr_grpo": "sequences", "dapo": "tokens", "cispo": "tokens",
-    "sapo": "sequences", "luspo": "sequences", "vespo": "tokens", "gpg": "tokens", "geo_mean": "sequences",
-    "clip_cov": "tokens", "kl_cov": "tokens",
-}  # fmt: skip
-PPO_CLIP_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
 ROLLOUT_CORRECTIONS = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 SCALES = ("group", "batch", "none")
@@ -74,26 +95,35 @@ def group_advantages(
     return torch.nan_to_num(advantages, nan=0.0)
 
 
-def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+def kl_estimate(
+    logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3", *, clamp: float | None = None
+) -> torch.Tensor:
     """Per-token estimate of KL(pi || pi_ref) at the sampled token, with ``rho = ref_logp - logp``:
 
-    ``k1 = -rho``, ``k2 = rho^2 / 2``, ``k3 = exp(rho) - rho - 1`` (TRL's default; verl's ``low_var_kl``),
-    ``abs = |rho|``. ``rho`` is clamped to [-20, 20] inside the ``exp`` (docs/losses.md §3), where TRL does not
-    clamp. Gradients flow to ``logp`` only: ``dk3/dlogp = 1 - exp(rho)``. Same shape as ``logp``, fp32 (float64
-    for float64 inputs).
+    ``k1 = -rho``, ``k2 = rho^2 / 2``, ``k3 = exp(rho) - rho - 1`` (TRL's default), ``abs = |rho|``. ``rho`` is
+    clamped to [-20, 20] inside the ``exp`` (docs/losses.md §3), where TRL does not clamp. Gradients flow to
+    ``logp`` only: ``dk3/dlogp = 1 - exp(rho)``.
+
+    ``clamp`` (default None: none) clamps the estimate to ``[-clamp, clamp]``, with a zero gradient outside.
+    verl's ``low_var_kl`` is k3 with ``clamp=10``: at ``rho = 3.5`` it gives 10 with a zero gradient, where the
+    unclamped k3 gives 28.6 with gradient -32.1. Same shape as ``logp``, fp32 (float64 for float64 inputs).
     """
     _inputs.check_choice("estimator", estimator, KL_ESTIMATORS)
     if not isinstance(ref_logp, torch.Tensor) or ref_logp.shape != logp.shape:
         raise ValueError(f"ref_logp must have the shape of logp {tuple(logp.shape)}")
+    if clamp is not None:
+        clamp = _inputs.check_real("clamp", clamp, low=0.0, high=math.inf, open_low=True)
     dtype = _compute_dtype(logp)
     rho = ref_logp.detach().to(dtype) - logp.to(dtype)
     if estimator == "k1":
-        return -rho
-    if estimator == "k2":
-        return 0.5 * rho.square()
-    if estimator == "abs":
-        return rho.abs()
-    return torch.exp(rho.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)) - rho - 1.0
+        kl = -rho
+    elif estimator == "k2":
+        kl = 0.5 * rho.square()
+    elif estimator == "abs":
+        kl = rho.abs()
+    else:
+        kl = torch.exp(rho.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)) - rho - 1.0
+    return kl if clamp is None else kl.clamp(-clamp, clamp)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -132,20 +162,6 @@ def _rollout_ratio(old, rollout_logp, m, mode: str, clip_min, clip_max) -> torch
     return ratio.masked_fill((ratio < low) | (ratio > high), 0.0)
 
 
-def _vespo_weights(log_ratio, m, advantages, log_is, k_pos, lambda_pos, k_neg, lambda_neg) -> torch.Tensor:
-    """VESPO's detached sequence weight phi = exp(lambda + k log w - lambda w), w the sequence's summed
-    (clamped) log-ratio, plus the rollout IS log-ratio; (k, lambda) by the sign of A (A >= 0: pos)."""
-    lower = math.log(1e-8)
-    log_w = (log_ratio.detach().clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP) * m).sum(-1, keepdim=True)
-    if log_is is not None:
-        log_w = log_w + log_is.clamp(lower, LOG_RATIO_CLAMP).sum(-1, keepdim=True)
-    log_w = log_w.clamp(lower, LOG_RATIO_CLAMP)
-    nonneg = advantages >= 0
-    k = torch.where(nonneg, advantages.new_tensor(k_pos), advantages.new_tensor(k_neg))
-    lam = torch.where(nonneg, advantages.new_tensor(lambda_pos), advantages.new_tensor(lambda_neg)).clamp(min=1e-4)
-    return torch.exp(lam + k * log_w - lam * log_w.exp()).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
-
-
 def _top_entries(score: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """The k (a 0-d tensor) highest-scoring eligible entries of score, ties to the first position: a
     boolean of score's shape, from a sort (no host sync, whatever k)."""
@@ -177,14 +193,409 @@ def _masked_quantile(values: torch.Tensor, keep: torch.Tensor, q: float) -> torc
     return torch.where(count > 0, torch.lerp(below, above, weight), math.nan)
 
 
-def _batch_covariance(A: torch.Tensor, lp: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+# ---------------------------------------------------------------------------------------------------------------
+# What every loss type's function reads: the shared [B, L] quantities and the scalar options.
+
+
+@dataclasses.dataclass
+class _Quantities:
+    """Tensors in the compute dtype; ratio and is_ratio are [B, 1] at sequence level; None when not given."""
+
+    lp: torch.Tensor  # logp, with gradient
+    old: torch.Tensor  # old_logp (logp.detach() when absent)
+    log_ratio: torch.Tensor  # lp - old, per token
+    ratio: torch.Tensor  # exp(clamp(log w)), w the token or sequence ratio (with gradient)
+    A: torch.Tensor  # advantages, [B, 1] or [B, L]
+    m: torch.Tensor  # the mask as 0 / 1
+    is_ratio: torch.Tensor | None  # the rollout correction pi_old / pi_rollout (detached)
+    rollout: torch.Tensor | None
+    ref: torch.Tensor | None
+    entropy: torch.Tensor | None  # with gradient (the bonus); detach it for masks
+    per_token_kl: torch.Tensor | None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    """grpo_loss's scalar arguments, under their names (epsilon_high resolved)."""
+
+    loss_type: str
+    importance_sampling_level: str
+    epsilon: float
+    epsilon_high: float
+    delta: float | None
+    beta: float
+    kl_estimator: str
+    kl_clamp: float | None
+    use_bias_correction_kl: bool
+    rollout_correction: str
+    rollout_clip_min: float | None
+    rollout_clip_max: float | None
+    entropy_coef: float
+    top_entropy_quantile: float
+    off_policy_mask_threshold: float | None
+    num_items: int | torch.Tensor | None
+    max_completion_length: int | None
+    sapo_temperature_pos: float
+    sapo_temperature_neg: float
+    vespo_k_pos: float
+    vespo_lambda_pos: float
+    vespo_k_neg: float
+    vespo_lambda_neg: float
+    clip_cov_ratio: float
+    clip_cov_lb: float
+    clip_cov_ub: float
+    kl_cov_ratio: float
+    kl_cov_coef: float
+    dppo_ratio_cap: float
+    dro_beta: float | None
+    generator: torch.Generator | None
+
+
+Metrics = dict[str, torch.Tensor]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One function per loss type: the per-token loss l ([B, L], or [B, 1] for a per-sequence value) and the type's
+# metrics. The first paragraph of each docstring is the formula grpo_loss's docstring lists.
+
+
+def _clip_metrics(low: torch.Tensor, high: torch.Tensor, m: torch.Tensor) -> Metrics:
+    return {"clip_ratio/low": _masked_mean(low, m), "clip_ratio/high": _masked_mean(high, m),
+            "clip_ratio/region": _masked_mean(low | high, m)}  # fmt: skip
+
+
+def _ppo_clip(q: _Quantities, o: _Options, ratio: torch.Tensor | None = None) -> tuple[torch.Tensor, Metrics]:
+    """``-min(min(r, delta) A, clip(r, 1 - epsilon, 1 + epsilon_high) A)`` (``delta`` unset: no cap); a tie counts
+    as unclipped and takes the unclipped branch's gradient (Liger's convention; ``torch.min`` would halve it)."""
+    r = q.ratio if ratio is None else ratio
+    clipped = r.clamp(1 - o.epsilon, 1 + o.epsilon_high) * q.A
+    unclipped = (r if o.delta is None else r.clamp(max=o.delta)) * q.A
+    loss = -torch.where(unclipped <= clipped, unclipped, clipped)
+    low = (r < 1 - o.epsilon) & (q.A < 0)
+    high = (r > 1 + o.epsilon_high) & (q.A > 0)
+    return loss, _clip_metrics(low, high, q.m)
+
+
+def _gspo_token(q: _Quantities, o: _Options) -> tuple[torch.Tensor, Metrics]:
+    """GSPO-token (verl's ``gspo``): the clipped loss of ``s_t = sg(s) pi_t / sg(pi_t)``, ``s`` the sequence
+    ratio: the value of ``gspo``, each token's gradient from its own advantage."""
+    return _ppo_clip(q, o, q.ratio.detach() * torch.exp(q.lp - q.lp.detach()))
+
+
+def _cispo(q: _Quantities, o: _Options) -> tuple[torch.Tensor, Metrics]:
+    """``-sg(min(r, epsilon_high)) A logp`` (TRL / Liger: ``epsilon_high`` is the cap itself; MiniMax uses 5.0)."""
+    loss = -q.ratio.clamp(max=o.epsilon_high).detach() * q.A * q.lp
+    return loss, {"clip_ratio/high": _masked_mean((q.ratio > o.epsilon_high) & (q.A > 0), q.m)}
+
+
+def _sapo(q: _Quantities, o: _Options) -> tuple[torch.Tensor, Metrics]:
+    """``-sigmoid(tau (r - 1)) 4 / tau A``, ``tau = sapo_temperature_pos`` if ``A > 0`` else ``_neg``."""
+    A = q.A
+    tau = torch.where(A > 0, A.new_tensor(o.sapo_temperature_pos), A.new_tensor(o.sapo_temperature_neg))
+    return -torch.sigmoid(tau * (q.ratio - 1)) * 4 / tau * A, {}
+
+
+def _vespo(q: _Quantities, o: _Options) -> tuple[torch.Tensor, Metrics]:
+    """``-phi A logp``, ``phi = exp(lambda + k log w - lambda w)`` detached, ``w`` the sequence's summed
+    log-ratio (times the rollout IS ratio), ``(k, lambda)`` the ``vespo_*_pos`` pair if ``A >= 0``."""
+    lower = math.log(1e-8)
+    log_w = (q.log_ratio.detach().clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP) * q.m).sum(-1, keepdim=True)
+    if q.is_ratio is not None:
+        log_w = log_w + q.is_ratio.clamp(min=1e-30).log().clamp(lower, LOG_RATIO_CLAMP).sum(-1, keepdim=True)
+    log_w = log_w.clamp(lower, LOG_RATIO_CLAMP)
+    A, nonneg = q.A, q.A >= 0
+    k = torch.where(nonneg, A.new_tensor(o.vespo_k_pos), A.new_tensor(o.vespo_k_neg))
+    lam = torch.where(nonneg, A.new_tensor(o.vespo_lambda_pos), A.new_tensor(o.vespo_lambda_neg)).clamp(min=1e-4)
+    phi = torch.exp(lam + k * log_w - lam * log_w.exp()).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    return -phi * A * q.lp, {"phi": _masked_mean(phi, q.m)}
+
+
+def _gpg(q: _Quantities, o: _Options) -> tuple[torch.Tensor, Metrics]:
+    """``-A logp`` (verl)."""
+    return -q.A * q.lp, {}
+
+
+def _geo_mean(q: _Quantities, o: _Options) -> tuple[torch.Tensor, Metrics]:
+    """GMPO (verl): per sequence ``-mean_t(A) exp(mean_t d)``, ``d = log r`` clipped in log space to
+    ``[-epsilon, epsilon_high]`` on the side the advantage's sign selects (``s min(s d, s clip(d))``,
+    ``s = sign A``); the rollout IS ratio enters as its geometric mean over the sequence."""
+    A, m = q.A, q.m
+    sign = torch.sign(A)
+    d = q.log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    d_clipped = sign * torch.minimum(sign * d, sign * d.clamp(-o.epsilon, o.epsilon_high))
+    n_i = m.sum(-1, keepdim=True).clamp(min=1.0)
+    log_seq = (d_clipped * m).sum(-1, keepdim=True) / n_i
+    if q.is_ratio is not None:  # verl: the geometric mean of the IS weights over the sequence
+        log_seq = log_seq + (q.is_ratio.clamp(min=1e-10).log().expand_as(m) * m).sum(-1, keepdim=True) / n_i
+    loss = -((A.expand_as(m) * m).sum(-1, keepdim=True) / n_i) * torch.exp(log_seq)
+    clipped = d != d.clamp(-o.epsilon, o.epsilon_high)
+    return loss, {"clip_ratio/low": _masked_mean(clipped & (A < 0), m),
+                  "clip_ratio/high": _masked_mean(clipped & (A > 0), m)}  # fmt: skip
+
+
+def _batch_covariance(q: _Quantities) -> torch.Tensor:
     """Per-token (A - mean A)(logp - mean logp), the means over the valid tokens of the batch (verl's
     Clip-Cov / KL-Cov); detached."""
-    A = A.expand_as(lp)
+    lp, m = q.lp.detach(), q.m
+    A = q.A.expand_as(lp)
     count = m.sum().clamp(min=1.0)
-    mean_A = (A * m).sum() / count
-    mean_lp = (lp.detach() * m).sum() / count
-    return (A - mean_A) * (lp.detach() - mean_lp)
+    return (A - (A * m).sum() / count) * (lp - (lp * m).sum() / count)
+
+
+def _clip_cov(q: _Quantities, o: _Options) -> tuple[torch.Tensor, Metrics]:
+    """Clip-Cov (verl): the clipped loss (without ``delta``), with ``max(1, floor(clip_cov_ratio n_tok))`` tokens
+    drawn at random (``generator``) among the unclipped ones whose batch covariance ``(A - mean A)(logp - mean
+    logp)`` lies in ``(clip_cov_lb, clip_cov_ub)`` taken out of the loss."""
+    clipped = q.ratio.clamp(1 - o.epsilon, 1 + o.epsilon_high) * q.A
+    unclipped = q.ratio * q.A
+    cov = _batch_covariance(q)
+    eligible = (q.m > 0) & ~(clipped < unclipped) & (cov > o.clip_cov_lb) & (cov < o.clip_cov_ub)
+    k = (o.clip_cov_ratio * q.m.sum()).floor().clamp(min=1.0)
+    dropped = _top_entries(torch.rand(q.m.shape, generator=o.generator, device=q.m.device), eligible, k)
+    loss = -torch.where(unclipped <= clipped, unclipped, clipped) * (~dropped).to(q.m.dtype)
+    return loss, {"cov_fraction": _masked_mean(dropped, q.m)}
+
+
+def _kl_cov(q: _Quantities, o: _Options) -> tuple[torch.Tensor, Metrics]:
+    """KL-Cov (verl): ``-r A``, plus ``kl_cov_coef |logp - old_logp|`` on the ``max(1, floor(kl_cov_ratio
+    n_tok))`` tokens of largest batch covariance."""
+    k = (o.kl_cov_ratio * q.m.sum()).floor().clamp(min=1.0)
+    penalized = _top_entries(_batch_covariance(q), q.m > 0, k)
+    loss = -q.ratio * q.A + o.kl_cov_coef * penalized.to(q.m.dtype) * q.log_ratio.abs()
+    return loss, {"cov_fraction": _masked_mean(penalized, q.m)}
+
+
+def _dppo(q: _Quantities, o: _Options, keep_pos: torch.Tensor, keep_neg: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+    """DPPO's ``-A sg(min(r, dppo_ratio_cap)) logp`` on the kept tokens: ``keep_pos`` where ``A > 0``, else
+    ``keep_neg``; metrics count the dropped tokens by the sign of ``A`` and the kept ones whose ratio is capped."""
+    A, m = q.A, q.m
+    keep = torch.where(A > 0, keep_pos, keep_neg)
+    loss = -A * q.ratio.clamp(max=o.dppo_ratio_cap).detach() * q.lp * keep.to(m.dtype)
+    metrics = _clip_metrics(~keep & (A < 0), ~keep & (A > 0), m)
+    return loss, metrics | {"clip_ratio/truncated": _masked_mean(keep & (q.ratio > o.dppo_ratio_cap), m)}
+
+
+def _dppo_tv(q: _Quantities, o: _Options) -> tuple[torch.Tensor, Metrics]:
+    """DPPO-Binary-TV (verl): ``-A sg(min(r, dppo_ratio_cap)) logp``, dropping the tokens whose probability moved
+    past the threshold on the advantage's side: ``pi - pi_old > epsilon_high`` (``A > 0``), ``< -epsilon``
+    (``A <= 0``)."""
+    shift = q.lp.detach().exp() - q.old.exp()
+    return _dppo(q, o, shift <= o.epsilon_high, shift >= -o.epsilon)
+
+
+def _dppo_kl(q: _Quantities, o: _Options) -> tuple[torch.Tensor, Metrics]:
+    """DPPO-Binary-KL (verl): as dppo_tv, dropping the tokens whose probability moved on the advantage's side
+    with ``KL(Bern(pi_old) || Bern(pi))`` above ``epsilon_high`` (``A > 0``) or ``epsilon`` (``A <= 0``)."""
+    lp, old = q.lp.detach(), q.old
+    p, p_old = lp.exp(), old.exp()
+    binary_kl = p_old * (old - lp) + (1 - p_old) * torch.log((1 - p_old + 1e-8) / (1 - p + 1e-8))  # verl's 1e-8
+    return _dppo(q, o, (binary_kl <= o.epsilon_high) | (p <= p_old), (binary_kl <= o.epsilon) | (p >= p_old))
+
+
+def _dro(q: _Quantities, o: _Options) -> tuple[torch.Tensor, Metrics]:
+    """DRO (verl): ``-(A logp - dro_beta / 2 (logp - old_logp)^2)``."""
+    return -(q.A * q.lp - 0.5 * o.dro_beta * q.log_ratio.square()), {}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The table of loss types.
+
+
+@dataclasses.dataclass(frozen=True)
+class LossType:
+    """The traits of one ``loss_type``; docs/losses.md §3 explains each value.
+
+    - ``per_token``: the function of the shared quantities and options giving the per-token loss and metrics.
+    - ``ratio``: the importance ratio's level, ``"token"``, ``"sequence"`` (whatever
+      ``importance_sampling_level`` says), or ``"either"`` (``importance_sampling_level`` picks).
+    - ``clip``: how the update is bounded; ``"ppo"`` types also take ``delta``.
+    - ``aggregation``: ``"tokens"`` (the sum over valid tokens divided by their count) or ``"sequences"`` (the
+      mean over sequences of their normalized sums): the unit ``num_items`` counts.
+    - ``normalizer``: what a sequence's sum is divided by: ``"length"`` (its valid tokens), ``"max_length"``
+      (``max_completion_length``), ``"none"``; ``"count"`` for token aggregation.
+    - ``rollout``: how the rollout IS ratio enters: ``"multiply"`` (``l`` times it), ``"in_weight"`` (vespo's
+      weight; token-level corrections only), ``"geometric_mean"`` (geo_mean's sequence value).
+    """
+
+    per_token: Callable[[_Quantities, _Options], tuple[torch.Tensor, Metrics]]
+    ratio: str
+    clip: str
+    aggregation: str
+    normalizer: str
+    rollout: str = "multiply"
+
+
+# fmt: off
+LOSS_TYPES: dict[str, LossType] = {
+    #                      per_token    ratio       clip         aggregation  normalizer    rollout
+    "grpo":       LossType(_ppo_clip,   "either",   "ppo",       "sequences", "length"),
+    "bnpo":       LossType(_ppo_clip,   "either",   "ppo",       "tokens",    "count"),
+    "dr_grpo":    LossType(_ppo_clip,   "either",   "ppo",       "sequences", "max_length"),
+    "dapo":       LossType(_ppo_clip,   "either",   "ppo",       "tokens",    "count"),
+    "cispo":      LossType(_cispo,      "either",   "ratio_cap", "tokens",    "count"),
+    "sapo":       LossType(_sapo,       "either",   "soft_gate", "sequences", "length"),
+    "luspo":      LossType(_ppo_clip,   "either",   "ppo",       "sequences", "none"),
+    "vespo":      LossType(_vespo,      "token",    "weight",    "tokens",    "count",      "in_weight"),
+    "gpg":        LossType(_gpg,        "token",    "none",      "tokens",    "count"),
+    "geo_mean":   LossType(_geo_mean,   "token",    "log_ratio", "sequences", "length",     "geometric_mean"),
+    "clip_cov":   LossType(_clip_cov,   "token",    "ppo_cov",   "tokens",    "count"),
+    "kl_cov":     LossType(_kl_cov,     "token",    "kl_cov",    "tokens",    "count"),
+    "gspo":       LossType(_ppo_clip,   "sequence", "ppo",       "sequences", "length"),
+    "gspo_token": LossType(_gspo_token, "sequence", "ppo",       "sequences", "length"),
+    "dppo_tv":    LossType(_dppo_tv,    "token",    "tv_mask",   "tokens",    "count"),
+    "dppo_kl":    LossType(_dppo_kl,    "token",    "kl_mask",   "tokens",    "count"),
+    "dro":        LossType(_dro,        "token",    "quadratic", "tokens",    "count"),
+}
+# fmt: on
+PPO_CLIP_TYPES = tuple(name for name, spec in LOSS_TYPES.items() if spec.clip == "ppo")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# grpo_loss, step by step.
+
+
+def _check_tensors(logp, advantages, mask, per_token: dict) -> None:
+    if not isinstance(logp, torch.Tensor) or logp.dim() != 2 or not logp.dtype.is_floating_point:
+        raise TypeError(f"logp must be a float tensor [B, L], got {getattr(logp, 'shape', type(logp))}")
+    shape, device = logp.shape, logp.device
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"mask must be a tensor of the shape of logp {tuple(shape)}")
+    if not isinstance(advantages, torch.Tensor) or tuple(advantages.shape) not in (tuple(shape), (shape[0],)):
+        got = tuple(advantages.shape) if isinstance(advantages, torch.Tensor) else type(advantages).__name__
+        raise ValueError(f"advantages must have shape ({shape[0]},) or {tuple(shape)}, got {got}")
+    for name, x in (("mask", mask), ("advantages", advantages)):
+        if x.device != device:
+            raise ValueError(f"{name} is on {x.device} but logp is on {device}")
+    for name, x in per_token.items():
+        _check_per_token(name, x, shape, device)
+
+
+def _check_options(o: _Options, per_token: dict) -> LossType:
+    """Check the scalar arguments and what they need of the tensors; returns the loss type's traits."""
+    _inputs.check_choice("loss_type", o.loss_type, tuple(LOSS_TYPES))
+    _inputs.check_choice("importance_sampling_level", o.importance_sampling_level, ("token", "sequence"))
+    _inputs.check_choice("kl_estimator", o.kl_estimator, KL_ESTIMATORS)
+    _inputs.check_choice("rollout_correction", o.rollout_correction, ROLLOUT_CORRECTIONS)
+    spec, given = LOSS_TYPES[o.loss_type], {name for name, x in per_token.items() if x is not None}
+    positive = dict(low=0.0, high=math.inf, open_low=True)
+    _inputs.check_real("epsilon", o.epsilon, **positive)
+    _inputs.check_real("epsilon_high", o.epsilon_high, **positive)
+    if o.delta is not None:
+        _inputs.check_real("delta", o.delta, **positive)
+        if spec.clip != "ppo":
+            raise ValueError(f"delta (two-sided clipping) applies to {', '.join(PPO_CLIP_TYPES)}, not {o.loss_type!r}")
+    _inputs.check_real("beta", o.beta, low=0.0, high=math.inf)
+    if o.beta > 0 and not given & {"ref_logp", "per_token_kl"}:
+        raise ValueError("beta > 0 needs ref_logp (the reference model's log-probs of the same tokens)")
+    if o.kl_clamp is not None:
+        _inputs.check_real("kl_clamp", o.kl_clamp, **positive)
+    _inputs.check_real("entropy_coef", o.entropy_coef, low=-math.inf, high=math.inf, open_low=True)
+    _inputs.check_real("top_entropy_quantile", o.top_entropy_quantile, low=0.0, high=1.0)
+    if (o.entropy_coef != 0 or o.top_entropy_quantile < 1) and "entropy" not in given:
+        raise ValueError("entropy_coef != 0 and top_entropy_quantile < 1 need entropy (klops.logprobs returns it)")
+    rollout_sequence = "rollout_logp" in given and o.rollout_correction.startswith("sequence")
+    if spec.rollout == "in_weight" and rollout_sequence:
+        raise ValueError(
+            f"loss_type={o.loss_type!r} takes a token-level rollout_correction (its weight sums the log-ratios)"
+        )
+    if o.importance_sampling_level == "sequence" and spec.ratio == "token":
+        raise ValueError(
+            f"loss_type={o.loss_type!r} takes no sequence-level ratio; use importance_sampling_level='token'"
+        )
+    if "rollout_logp" in given and o.rollout_correction.endswith("truncate"):
+        if o.rollout_clip_min is None and o.rollout_clip_max is None:
+            raise ValueError(f"rollout_correction={o.rollout_correction!r} needs rollout_clip_min or rollout_clip_max")
+    for name in ("rollout_clip_min", "rollout_clip_max"):
+        if getattr(o, name) is not None:
+            _inputs.check_real(name, getattr(o, name), low=0.0, high=math.inf)
+    if o.rollout_clip_min is not None and o.rollout_clip_max is not None and o.rollout_clip_min >= o.rollout_clip_max:
+        raise ValueError(f"rollout_clip_min={o.rollout_clip_min} must be below rollout_clip_max={o.rollout_clip_max}")
+    for name in ("sapo_temperature_pos", "sapo_temperature_neg", "dppo_ratio_cap"):
+        _inputs.check_real(name, getattr(o, name), **positive)
+    if o.loss_type == "dro" and o.dro_beta is None:
+        raise ValueError("loss_type='dro' needs dro_beta > 0 (verl's policy_loss.dro_beta, which has no default)")
+    if o.dro_beta is not None:
+        _inputs.check_real("dro_beta", o.dro_beta, **positive)
+    if o.off_policy_mask_threshold is not None:
+        _inputs.check_real("off_policy_mask_threshold", o.off_policy_mask_threshold, low=-math.inf, high=math.inf,
+                           open_low=True)  # fmt: skip
+    _inputs.check_num_items(o.num_items)
+    length = o.max_completion_length
+    if length is not None and (isinstance(length, bool) or not isinstance(length, numbers.Integral) or length < 1):
+        raise ValueError(f"max_completion_length must be a positive int, got {length!r}")
+    return spec
+
+
+def _quantities(logp, advantages, mask, per_token: dict, spec: LossType, o: _Options) -> _Quantities:
+    """The tensors every loss type reads, in the compute dtype: the token or sequence ratio by the type's ratio
+    trait, and the rollout IS ratio when rollout_logp is given."""
+    dtype = _compute_dtype(logp)
+    m = (mask != 0).to(dtype)
+    A = advantages.to(dtype)[:, None] if advantages.dim() == 1 else advantages.to(dtype)
+    lp = logp.to(dtype)
+    old = lp.detach() if per_token["old_logp"] is None else per_token["old_logp"].to(dtype)
+    log_ratio = lp - old
+    level = o.importance_sampling_level if spec.ratio == "either" else spec.ratio
+    if level == "sequence":
+        log_w = (log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
+    else:
+        log_w = log_ratio
+    ratio = torch.exp(log_w.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    rollout = per_token["rollout_logp"]
+    is_ratio = None
+    if rollout is not None:
+        is_ratio = _rollout_ratio(old.detach(), rollout, m, o.rollout_correction, o.rollout_clip_min,
+                                  o.rollout_clip_max)  # fmt: skip
+    rest = {name: None if per_token[name] is None else per_token[name].to(dtype)
+            for name in ("rollout_logp", "ref_logp", "entropy", "per_token_kl")}  # fmt: skip
+    return _Quantities(lp, old, log_ratio, ratio, A, m, is_ratio, rest["rollout_logp"], rest["ref_logp"],
+                       rest["entropy"], rest["per_token_kl"])  # fmt: skip
+
+
+def _corrections(loss_t, q: _Quantities, spec: LossType, o: _Options, metrics: Metrics):
+    """TRL's order: the off-policy sequence mask, the entropy mask, the rollout IS ratio, the KL term. Returns the
+    corrected per-token loss and the token weight of the entropy bonus (the valid, entropy-kept tokens)."""
+    m, dtype = q.m, q.m.dtype
+    if o.off_policy_mask_threshold is not None:
+        sampler = q.old if q.rollout is None else q.rollout
+        drift = ((sampler - q.lp.detach()) * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
+        loss_t = loss_t * ((q.A >= 0) | (drift <= o.off_policy_mask_threshold)).to(dtype)
+    token_weight = m
+    if o.top_entropy_quantile < 1.0:
+        h = q.entropy.detach()
+        # The cutoff is the quantile of the fp32 entropies whatever their dtype, as TRL forms it.
+        cutoff = _masked_quantile(h.float(), m > 0, 1.0 - o.top_entropy_quantile)
+        token_weight = m * (h >= cutoff.to(dtype)).to(dtype)  # no valid token: cutoff NaN, nothing kept
+        loss_t = loss_t * token_weight
+    if q.is_ratio is not None and spec.rollout == "multiply":
+        loss_t = loss_t * q.is_ratio
+    if o.beta > 0 or q.per_token_kl is not None or q.ref is not None:
+        if q.per_token_kl is None:
+            kl = kl_estimate(q.lp, q.ref, o.kl_estimator, clamp=o.kl_clamp)
+        else:
+            kl = q.per_token_kl
+        if o.use_bias_correction_kl:
+            kl = kl * q.ratio
+        metrics["kl"] = _masked_mean(kl, m)
+        if o.beta > 0:
+            loss_t = loss_t + o.beta * kl
+    return loss_t, token_weight
+
+
+def _aggregate(loss_t: torch.Tensor, m: torch.Tensor, spec: LossType, o: _Options) -> torch.Tensor:
+    """The loss from the per-token losses by the type's aggregation and normalizer (num_items: the global count of
+    the aggregation's unit)."""
+    B, L = m.shape
+    if spec.aggregation == "tokens":
+        count = m.sum() if o.num_items is None else o.num_items
+        return (loss_t * m).sum() / torch.as_tensor(count, dtype=m.dtype, device=m.device).clamp(min=1.0)
+    per_seq = (loss_t * m).sum(-1)
+    if spec.normalizer == "length":
+        per_seq = per_seq / m.sum(-1).clamp(min=1.0)
+    elif spec.normalizer == "max_length":
+        per_seq = per_seq / (L if o.max_completion_length is None else o.max_completion_length)
+    n_seq = B if o.num_items is None else o.num_items
+    return per_seq.sum() / torch.as_tensor(n_seq, dtype=m.dtype, device=m.device).clamp(min=1.0)
 
 
 def grpo_loss(
@@ -201,6 +612,7 @@ def grpo_loss(
     delta: float | None = None,
     beta: float = 0.0,
     kl_estimator: str = "k3",
+    kl_clamp: float | None = None,
     use_bias_correction_kl: bool = False,
     importance_sampling_level: str = "token",
     rollout_correction: str = "sequence_mask",
@@ -223,6 +635,8 @@ def grpo_loss(
     clip_cov_ub: float = 5.0,
     kl_cov_ratio: float = 2e-4,
     kl_cov_coef: float = 0.1,
+    dppo_ratio_cap: float = 20.0,
+    dro_beta: float | None = None,
     generator: torch.Generator | None = None,
     per_token_kl: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -233,241 +647,88 @@ def grpo_loss(
     ``ref_logp`` (for ``beta > 0``), ``rollout_logp`` (the sampler's log-probs, for the correction below),
     ``entropy`` (for the bonus and the entropy mask).
 
-    Ratio ``r = exp(logp - old_logp)`` per token, or per sequence (GSPO,
-    ``importance_sampling_level="sequence"``) ``exp(sum_t m (logp - old_logp) / max(1, |o|))``.
-    Per-token loss ``l`` by ``loss_type``:
-
-    - grpo, bnpo, dr_grpo, dapo, luspo: ``-min(min(r, delta) A, clip(r, 1 - epsilon, 1 + epsilon_high) A)``
-      (``epsilon_high`` defaults to ``epsilon``; ``delta`` unset: no cap). A tie between the branches counts
-      as unclipped: it takes the unclipped branch's gradient (Liger's convention; ``torch.min`` would
-      halve it).
-    - cispo: ``-sg(min(r, epsilon_high)) A logp`` (TRL / Liger: ``epsilon_high`` is the cap itself; MiniMax
-      uses 5.0).
-    - sapo: ``-sigmoid(tau (r - 1)) 4 / tau A``, ``tau = sapo_temperature_pos`` if ``A > 0`` else ``_neg``.
-    - vespo: ``-phi A logp``, ``phi = exp(lambda + k log w - lambda w)`` detached, ``w`` the sequence's
-      summed log-ratio (times the rollout IS ratio), ``(k, lambda)`` by ``A >= 0``.
-    - gpg (verl): ``-A logp``.
-    - geo_mean (verl's GMPO): per sequence ``-mean_t(A) exp(mean_t d)``, ``d = log r`` clipped in log space to
-      ``[-epsilon, epsilon_high]`` on the side the advantage's sign selects (``s min(s d, s clip(d))``,
-      ``s = sign A``); the rollout IS ratio enters as its geometric mean over the sequence.
-    - clip_cov (verl): the PPO clip loss, with ``max(1, floor(clip_cov_ratio n_tok))`` tokens drawn at random
-      (``generator``) among the unclipped ones whose batch covariance ``(A - mean A)(logp - mean logp)`` lies in
-      ``(clip_cov_lb, clip_cov_ub)`` taken out of the loss.
-    - kl_cov (verl): ``-r A``, plus ``kl_cov_coef |logp - old_logp|`` on the ``max(1, floor(kl_cov_ratio n_tok))``
-      tokens of largest covariance. Both select with a sort, without verl's host syncs.
+    Ratio ``r = exp(logp - old_logp)`` per token, or per sequence ``exp(sum_t m (logp - old_logp) / max(1, |o|))``
+    (``importance_sampling_level="sequence"``, for the types whose ratio trait is ``"either"``; ``gspo`` and
+    ``gspo_token`` always take it). The per-token loss ``l`` of each ``loss_type`` (the list at the end; the
+    traits in ``LOSS_TYPES``) reads ``epsilon`` / ``epsilon_high`` (the clip bounds; ``epsilon_high`` defaults to
+    ``epsilon``; dppo's divergence thresholds), ``delta`` and its type's ``sapo_*``, ``vespo_*``, ``clip_cov_*``,
+    ``kl_cov_*`` (token selection by ``generator``), ``dppo_ratio_cap`` (verl's ``clip_ratio_c``) or ``dro_beta``.
 
     Then, in TRL's order: times the off-policy sequence mask (``off_policy_mask_threshold``: keep a sequence
     when ``A >= 0`` or ``mean_t(log pi_sampler - log pi) <= threshold``, DeepSeek-V3.2), times the entropy
     mask (``top_entropy_quantile < 1``: only tokens whose entropy is at least the ``1 - q`` quantile of the
     valid tokens' entropies), times the rollout IS ratio ``pi_old / pi_rollout`` when ``rollout_logp`` is
     given (``rollout_correction`` token_/sequence_ truncate or mask, with ``rollout_clip_min/max``, as TRL's
-    ``vllm_importance_sampling_*``; sequence modes sum the log-ratio; not for vespo, which takes it in
-    ``w``), plus ``beta * kl_estimate(logp, ref_logp, kl_estimator)`` (times ``r`` if
+    ``vllm_importance_sampling_*``; sequence modes sum the log-ratio; vespo and geo_mean take it inside),
+    plus ``beta * kl_estimate(logp, ref_logp, kl_estimator, clamp=kl_clamp)`` (times ``r`` if
     ``use_bias_correction_kl``; ``per_token_kl`` replaces the estimate, e.g. the full-vocabulary KL of
-    ``grpo_loss_from_logits``). Aggregation, ``m`` the mask:
+    ``grpo_loss_from_logits``).
 
-    - grpo, sapo, geo_mean: ``sum_i (sum_t m l / max(1, |o_i|)) / n_seq``;  luspo: ``sum_i sum_t m l / n_seq``;
-    - dr_grpo: ``sum m l / (n_seq * max_completion_length)`` (default: ``L``);
-    - bnpo: ``sum m l / max(1, n_tok)``;  dapo, cispo, vespo, gpg, clip_cov, kl_cov: ``sum m l / n_tok``;
-
-    ``n_seq = B`` and ``n_tok = sum m`` unless ``num_items`` (an int or 0-d tensor) gives the global count of
-    the type's unit (sequences or tokens; ``LOSS_TYPES``), so that micro-batch losses add up to the
-    full-batch loss. The entropy bonus subtracts ``entropy_coef`` times the mean entropy of the kept tokens
-    (valid and, with ``top_entropy_quantile < 1``, entropy-masked), whatever the loss type (TRL 1.16).
-
-    Mapping from TRL's ``GRPOTrainer`` (one process; tests/test_trl.py checks it): ``epsilon`` is its
-    ``epsilon`` (``epsilon_low``), ``mask`` its ``completion_mask * tool_mask``, ``rollout_logp`` its
-    ``sampling_per_token_logps`` with ``rollout_correction = vllm_importance_sampling_mode``. TRL divides the
-    loss of grpo, bnpo, dr_grpo, sapo and luspo, and the entropy bonus, by the gradient-accumulation steps
-    ``G`` in training; here that is ``num_items = B G`` (grpo, dr_grpo, sapo, luspo), ``num_items = G sum m``
-    (bnpo) and ``entropy_coef / G``. For dapo, cispo and vespo ``num_items`` is TRL's
-    ``num_items_in_batch G / steps_per_generation`` (``num_items_in_batch`` in eval).
-
-    Differences from TRL: the log-ratios are clamped to [-20, 20] inside every exp; TRL's default is
-    ``use_bias_correction_kl=True``, klops's ``False`` (the plain k3 term); clip metrics are taken before
-    ``delta`` (as Liger) and token-weighted at sequence level (TRL averages sequences); vespo, gpg,
-    geo_mean, clip_cov and kl_cov reject sequence-level ratios (their ratio is per sequence already, or
-    none, or verl defines them per token; TRL's sequence-level vespo differs from its token-level one only
-    in the bias-corrected KL). The sequence-level cispo / sapo that Liger rejects are computed as TRL does.
-    A tie between the clipped and unclipped branches (a ratio exactly on a clip bound) takes the whole
-    unclipped gradient, where TRL's ``torch.min`` splits it.
+    Aggregation by the type's traits, ``m`` the mask: ``"tokens"``: ``sum m l / max(1, n_tok)``; ``"sequences"``:
+    ``sum_i (sum_t m l / norm_i) / n_seq`` with ``norm_i = max(1, |o_i|)`` (``"length"``),
+    ``max_completion_length`` (``"max_length"``, default ``L``) or 1 (``"none"``). ``n_seq = B`` and
+    ``n_tok = sum m`` unless ``num_items`` (an int or 0-d tensor) gives the global count of the unit, so that
+    micro-batch losses add up to the full-batch loss. The entropy bonus subtracts ``entropy_coef`` times the mean
+    entropy of the kept tokens (valid and, with ``top_entropy_quantile < 1``, entropy-masked), whatever the loss
+    type (TRL 1.16). The module docstring maps TRL's ``GRPOTrainer`` arguments and lists the differences.
 
     Metrics (0-d fp32, detached, token means over valid tokens): ``ratio``; ``clip_ratio/low``, ``/high``,
-    ``/region`` (``r < 1 - epsilon`` with ``A < 0``, ``r > 1 + epsilon_high`` with ``A > 0``, for the clipped
-    types; cispo: ``clip_ratio/high`` = ``r > epsilon_high`` with ``A > 0``); ``kl`` when ``beta > 0``;
-    ``entropy`` when given; ``is_ratio`` with ``rollout_logp``; ``phi`` for vespo; geo_mean's ``clip_ratio/low``
-    and ``/high`` count clipped log-ratios with ``A < 0`` and ``A > 0`` (verl); ``cov_fraction`` for clip_cov /
-    kl_cov (the tokens taken out or penalized).
+    ``/region`` (``r < 1 - epsilon`` with ``A < 0``, ``r > 1 + epsilon_high`` with ``A > 0``, for the ``"ppo"``
+    types; cispo: ``clip_ratio/high`` = ``r > epsilon_high`` with ``A > 0``; geo_mean: clipped log-ratios by the
+    sign of ``A``; dppo: the dropped tokens by the sign of ``A``, and ``clip_ratio/truncated``, the kept tokens
+    with ``r > dppo_ratio_cap``); ``kl`` when a reference is given; ``entropy`` when given; ``is_ratio`` with
+    ``rollout_logp``; ``phi`` for vespo; ``cov_fraction`` for clip_cov / kl_cov (the tokens taken out or
+    penalized).
+
+    Loss types:
     """
-    if not isinstance(logp, torch.Tensor) or logp.dim() != 2 or not logp.dtype.is_floating_point:
-        raise TypeError(f"logp must be a float tensor [B, L], got {getattr(logp, 'shape', type(logp))}")
-    shape, device = logp.shape, logp.device
-    _inputs.check_choice("loss_type", loss_type, tuple(LOSS_TYPES))
-    _inputs.check_choice("importance_sampling_level", importance_sampling_level, ("token", "sequence"))
-    _inputs.check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
-    _inputs.check_choice("rollout_correction", rollout_correction, ROLLOUT_CORRECTIONS)
-    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(shape):
-        raise ValueError(f"mask must be a tensor of the shape of logp {tuple(shape)}")
-    if not isinstance(advantages, torch.Tensor) or tuple(advantages.shape) not in (tuple(shape), (shape[0],)):
-        got = tuple(advantages.shape) if isinstance(advantages, torch.Tensor) else type(advantages).__name__
-        raise ValueError(f"advantages must have shape ({shape[0]},) or {tuple(shape)}, got {got}")
-    for name, x in (("mask", mask), ("advantages", advantages)):
-        if x.device != device:
-            raise ValueError(f"{name} is on {x.device} but logp is on {device}")
-    per_token = {"old_logp": old_logp, "ref_logp": ref_logp, "rollout_logp": rollout_logp, "entropy": entropy,
-                 "per_token_kl": per_token_kl}  # fmt: skip
-    for name, x in per_token.items():
-        _check_per_token(name, x, shape, device)
-    epsilon = _inputs.check_real("epsilon", epsilon, low=0.0, high=math.inf, open_low=True)
-    epsilon_high = epsilon if epsilon_high is None else epsilon_high
-    epsilon_high = _inputs.check_real("epsilon_high", epsilon_high, low=0.0, high=math.inf, open_low=True)
-    if delta is not None:
-        delta = _inputs.check_real("delta", delta, low=0.0, high=math.inf, open_low=True)
-        if loss_type not in PPO_CLIP_TYPES:
-            raise ValueError(f"delta (two-sided clipping) applies to {', '.join(PPO_CLIP_TYPES)}, not {loss_type!r}")
-    beta = _inputs.check_real("beta", beta, low=0.0, high=math.inf)
-    if beta > 0 and ref_logp is None and per_token_kl is None:
-        raise ValueError("beta > 0 needs ref_logp (the reference model's log-probs of the same tokens)")
-    entropy_coef = _inputs.check_real("entropy_coef", entropy_coef, low=-math.inf, high=math.inf, open_low=True)
-    top_entropy_quantile = _inputs.check_real("top_entropy_quantile", top_entropy_quantile, low=0.0, high=1.0)
-    if (entropy_coef != 0 or top_entropy_quantile < 1) and entropy is None:
-        raise ValueError("entropy_coef != 0 and top_entropy_quantile < 1 need entropy (klops.logprobs returns it)")
-    if loss_type == "vespo" and rollout_logp is not None and rollout_correction.startswith("sequence"):
-        raise ValueError("loss_type='vespo' takes a token-level rollout_correction (its weight sums the log-ratios)")
-    if importance_sampling_level == "sequence" and loss_type in ("vespo", "gpg", "geo_mean", "clip_cov", "kl_cov"):
-        raise ValueError(
-            f"loss_type={loss_type!r} takes no sequence-level ratio; use importance_sampling_level='token'"
-        )
-    if rollout_logp is not None and rollout_correction.endswith("truncate"):
-        if rollout_clip_min is None and rollout_clip_max is None:
-            raise ValueError(f"rollout_correction={rollout_correction!r} needs rollout_clip_min or rollout_clip_max")
-    for name, value in (("rollout_clip_min", rollout_clip_min), ("rollout_clip_max", rollout_clip_max)):
-        if value is not None:
-            _inputs.check_real(name, value, low=0.0, high=math.inf)
-    if rollout_clip_min is not None and rollout_clip_max is not None and rollout_clip_min >= rollout_clip_max:
-        raise ValueError(f"rollout_clip_min={rollout_clip_min} must be below rollout_clip_max={rollout_clip_max}")
-    for name, value in (("sapo_temperature_pos", sapo_temperature_pos), ("sapo_temperature_neg", sapo_temperature_neg)):
-        _inputs.check_real(name, value, low=0.0, high=math.inf, open_low=True)
-    if off_policy_mask_threshold is not None:
-        off_policy_mask_threshold = _inputs.check_real(
-            "off_policy_mask_threshold", off_policy_mask_threshold, low=-math.inf, high=math.inf, open_low=True
-        )
-    _inputs.check_num_items(num_items)
-    if max_completion_length is not None and (
-        isinstance(max_completion_length, bool) or not isinstance(max_completion_length, numbers.Integral)
-        or max_completion_length < 1
-    ):  # fmt: skip
-        raise ValueError(f"max_completion_length must be a positive int, got {max_completion_length!r}")
-
-    dtype = _compute_dtype(logp)
-    m = (mask != 0).to(dtype)
-    A = advantages.to(dtype)[:, None] if advantages.dim() == 1 else advantages.to(dtype)
-    lp = logp.to(dtype)
-    old = lp.detach() if old_logp is None else old_logp.to(dtype)
-    log_ratio = lp - old
-    if importance_sampling_level == "sequence":
-        log_w = (log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
-    else:
-        log_w = log_ratio
-    ratio = torch.exp(log_w.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
-    metrics = {"ratio": _masked_mean(ratio, m)}
-
-    is_ratio = None
-    if rollout_logp is not None:
-        is_ratio = _rollout_ratio(old.detach(), rollout_logp, m, rollout_correction, rollout_clip_min, rollout_clip_max)
-        metrics["is_ratio"] = _masked_mean(is_ratio, m)
-
-    if loss_type in PPO_CLIP_TYPES:
-        clipped = ratio.clamp(1 - epsilon, 1 + epsilon_high) * A
-        unclipped = (ratio if delta is None else ratio.clamp(max=delta)) * A
-        loss_t = -torch.where(unclipped <= clipped, unclipped, clipped)
-        low = (ratio < 1 - epsilon) & (A < 0)
-        high = (ratio > 1 + epsilon_high) & (A > 0)
-        metrics |= {"clip_ratio/low": _masked_mean(low, m), "clip_ratio/high": _masked_mean(high, m),
-                    "clip_ratio/region": _masked_mean(low | high, m)}  # fmt: skip
-    elif loss_type == "cispo":
-        loss_t = -ratio.clamp(max=epsilon_high).detach() * A * lp
-        metrics["clip_ratio/high"] = _masked_mean((ratio > epsilon_high) & (A > 0), m)
-    elif loss_type == "sapo":
-        tau = torch.where(A > 0, A.new_tensor(sapo_temperature_pos), A.new_tensor(sapo_temperature_neg))
-        loss_t = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * A
-    elif loss_type == "vespo":
-        log_is = None if is_ratio is None else is_ratio.clamp(min=1e-30).log()
-        phi = _vespo_weights(log_ratio, m, A, log_is, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg)
-        loss_t = -phi * A * lp
-        metrics["phi"] = _masked_mean(phi, m)
-    elif loss_type == "geo_mean":
-        sign = torch.sign(A)
-        d = log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-        d_clipped = sign * torch.minimum(sign * d, sign * d.clamp(-epsilon, epsilon_high))
-        n_i = m.sum(-1, keepdim=True).clamp(min=1.0)
-        log_seq = (d_clipped * m).sum(-1, keepdim=True) / n_i
-        if is_ratio is not None:  # verl: the geometric mean of the IS weights over the sequence
-            log_seq = log_seq + (is_ratio.clamp(min=1e-10).log().expand_as(m) * m).sum(-1, keepdim=True) / n_i
-        loss_t = -((A.expand_as(m) * m).sum(-1, keepdim=True) / n_i) * torch.exp(log_seq)
-        clipped = d != d.clamp(-epsilon, epsilon_high)
-        metrics |= {"clip_ratio/low": _masked_mean(clipped & (A < 0), m),
-                    "clip_ratio/high": _masked_mean(clipped & (A > 0), m)}  # fmt: skip
-    elif loss_type == "clip_cov":
-        clipped = ratio.clamp(1 - epsilon, 1 + epsilon_high) * A
-        unclipped = ratio * A
-        cov = _batch_covariance(A, lp, m)
-        eligible = (m > 0) & ~(clipped < unclipped) & (cov > clip_cov_lb) & (cov < clip_cov_ub)
-        k = (clip_cov_ratio * m.sum()).floor().clamp(min=1.0)
-        priority = torch.rand(m.shape, generator=generator, device=device)
-        dropped = _top_entries(priority, eligible, k)
-        loss_t = -torch.where(unclipped <= clipped, unclipped, clipped) * (~dropped).to(dtype)
-        metrics["cov_fraction"] = _masked_mean(dropped, m)
-    elif loss_type == "kl_cov":
-        k = (kl_cov_ratio * m.sum()).floor().clamp(min=1.0)
-        penalized = _top_entries(_batch_covariance(A, lp, m), m > 0, k)
-        loss_t = -ratio * A + kl_cov_coef * penalized.to(dtype) * (lp - old).abs()
-        metrics["cov_fraction"] = _masked_mean(penalized, m)
-    else:  # gpg
-        loss_t = -A * lp
-
-    if off_policy_mask_threshold is not None:
-        sampler = old if rollout_logp is None else rollout_logp.to(dtype)
-        drift = ((sampler - lp.detach()) * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
-        loss_t = loss_t * ((A >= 0) | (drift <= off_policy_mask_threshold)).to(dtype)
-    token_weight = m
-    if top_entropy_quantile < 1.0:
-        h = entropy.detach().to(dtype)
-        # The cutoff is the quantile of the fp32 entropies whatever their dtype, as TRL forms it.
-        cutoff = _masked_quantile(h.float(), m > 0, 1.0 - top_entropy_quantile)
-        token_weight = m * (h >= cutoff.to(dtype)).to(dtype)  # no valid token: cutoff NaN, nothing kept
-        loss_t = loss_t * token_weight
-    if is_ratio is not None and loss_type not in ("vespo", "geo_mean"):
-        loss_t = loss_t * is_ratio
-    if beta > 0 or per_token_kl is not None or ref_logp is not None:
-        kl = kl_estimate(lp, ref_logp, kl_estimator) if per_token_kl is None else per_token_kl.to(dtype)
-        if use_bias_correction_kl:
-            kl = kl * ratio
-        metrics["kl"] = _masked_mean(kl, m)
-        if beta > 0:
-            loss_t = loss_t + beta * kl
-
-    unit = LOSS_TYPES[loss_type]
-    B, L = shape
-    if unit == "tokens":
-        count = m.sum() if num_items is None else num_items
-        denominator = torch.as_tensor(count, dtype=dtype, device=device).clamp(min=1.0)
-        loss = (loss_t * m).sum() / denominator
-    else:
-        n_seq = B if num_items is None else num_items
-        per_seq = (loss_t * m).sum(-1)
-        if loss_type in ("grpo", "sapo", "geo_mean"):
-            per_seq = per_seq / m.sum(-1).clamp(min=1.0)
-        elif loss_type == "dr_grpo":
-            per_seq = per_seq / (L if max_completion_length is None else max_completion_length)
-        loss = per_seq.sum() / torch.as_tensor(n_seq, dtype=dtype, device=device).clamp(min=1.0)
-
-    if entropy is not None:
-        h = entropy.to(dtype)
-        metrics["entropy"] = _masked_mean(h, m)
-        if entropy_coef != 0:  # TRL: the mean entropy of the kept tokens, whatever the loss's normalizer
-            loss = loss - entropy_coef * (h * token_weight).sum() / token_weight.sum().clamp(min=1.0)
+    per_token = dict(old_logp=old_logp, ref_logp=ref_logp, rollout_logp=rollout_logp, entropy=entropy,
+                     per_token_kl=per_token_kl)  # fmt: skip
+    _check_tensors(logp, advantages, mask, per_token)
+    o = _Options(
+        loss_type=loss_type, importance_sampling_level=importance_sampling_level, epsilon=epsilon,
+        epsilon_high=epsilon if epsilon_high is None else epsilon_high, delta=delta, beta=beta,
+        kl_estimator=kl_estimator, kl_clamp=kl_clamp, use_bias_correction_kl=use_bias_correction_kl,
+        rollout_correction=rollout_correction, rollout_clip_min=rollout_clip_min, rollout_clip_max=rollout_clip_max,
+        entropy_coef=entropy_coef, top_entropy_quantile=top_entropy_quantile,
+        off_policy_mask_threshold=off_policy_mask_threshold, num_items=num_items,
+        max_completion_length=max_completion_length, sapo_temperature_pos=sapo_temperature_pos,
+        sapo_temperature_neg=sapo_temperature_neg, vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos,
+        vespo_k_neg=vespo_k_neg, vespo_lambda_neg=vespo_lambda_neg, clip_cov_ratio=clip_cov_ratio,
+        clip_cov_lb=clip_cov_lb, clip_cov_ub=clip_cov_ub, kl_cov_ratio=kl_cov_ratio, kl_cov_coef=kl_cov_coef,
+        dppo_ratio_cap=dppo_ratio_cap, dro_beta=dro_beta, generator=generator,
+    )  # fmt: skip
+    spec = _check_options(o, per_token)
+    q = _quantities(logp, advantages, mask, per_token, spec, o)
+    metrics = {"ratio": _masked_mean(q.ratio, q.m)}
+    if q.is_ratio is not None:
+        metrics["is_ratio"] = _masked_mean(q.is_ratio, q.m)
+    loss_t, type_metrics = spec.per_token(q, o)
+    metrics |= type_metrics
+    loss_t, token_weight = _corrections(loss_t, q, spec, o, metrics)
+    loss = _aggregate(loss_t, q.m, spec, o)
+    if q.entropy is not None:
+        metrics["entropy"] = _masked_mean(q.entropy, q.m)
+        if o.entropy_coef != 0:  # TRL: the mean entropy of the kept tokens, whatever the loss's normalizer
+            loss = loss - o.entropy_coef * (q.entropy * token_weight).sum() / token_weight.sum().clamp(min=1.0)
     return loss, metrics
+
+
+def _describe_loss_types() -> str:
+    """The list that ends grpo_loss's docstring: the loss types of each function, and its formula."""
+    by_function: dict[Callable, list[str]] = {}
+    for name, spec in LOSS_TYPES.items():
+        by_function.setdefault(spec.per_token, []).append(name)
+    items = []
+    for function, names in by_function.items():
+        formula = " ".join(function.__doc__.split("\n\n")[0].split())
+        item = f"- {', '.join(names)}: {formula}"
+        items.append(textwrap.fill(item, width=116, subsequent_indent="      ", break_on_hyphens=False))
+    return "\n    ".join(items) + "\n"  # the docstring ends in "Loss types:\n    "
+
+
+if grpo_loss.__doc__ is not None:  # None under python -OO
+    grpo_loss.__doc__ += _describe_loss_types()
 
 
 IGNORE = -100  # completion positions outside the mask are never read by the sweeps

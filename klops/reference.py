@@ -195,9 +195,11 @@ def grpo_loss_reference(logp, advantages, mask, *, old_logp=None, ref_logp=None,
                         num_items=None, max_completion_length=None, sapo_temperature_pos=1.0,
                         sapo_temperature_neg=1.05, vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0,
                         vespo_lambda_neg=2.0, clip_cov_ratio=2e-4, clip_cov_lb=1.0, clip_cov_ub=5.0,
-                        kl_cov_ratio=2e-4, kl_cov_coef=0.1, generator=None):  # fmt: skip
+                        kl_cov_ratio=2e-4, kl_cov_coef=0.1, kl_clamp=None, dppo_ratio_cap=20.0, dro_beta=None,
+                        generator=None):  # fmt: skip
     """The GRPO loss of klops.grpo_loss written token by token in float64 from docs/losses.md §3 and TRL's
-    GRPOTrainer._compute_loss (same arguments); returns the loss only."""
+    GRPOTrainer._compute_loss (same arguments; verl's types from verl, _reference_verl_token_loss); returns the
+    loss only."""
     B, L = logp.shape
     lp = logp.double()
     old = lp.detach() if old_logp is None else old_logp.double()
@@ -226,11 +228,13 @@ def grpo_loss_reference(logp, advantages, mask, *, old_logp=None, ref_logp=None,
             if not valid[i][t]:
                 continue
             a = adv(i, t)
-            if importance_sampling_level == "sequence":
+            if importance_sampling_level == "sequence" or loss_type in ("gspo", "gspo_token"):
                 r = torch.exp(clamp20(seq_log_ratio / max(1, n_tok[i])))
             else:
                 r = torch.exp(clamp20(lp[i, t] - old[i, t]))
-            if loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
+            if loss_type == "gspo_token":  # verl's gspo: s_i,t = sg(s_i) pi_t / sg(pi_t)
+                r = r.detach() * torch.exp(lp[i, t] - lp[i, t].detach())
+            if loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "gspo", "gspo_token"):
                 unclipped = (r if delta is None else torch.clamp(r, max=delta)) * a
                 clipped = torch.clamp(r, 1 - epsilon, 1 + eps_high) * a
                 term = -(unclipped if unclipped <= clipped else clipped)  # a tie counts as unclipped
@@ -266,6 +270,9 @@ def grpo_loss_reference(logp, advantages, mask, *, old_logp=None, ref_logp=None,
                 term = -(unclipped if unclipped <= clipped else clipped) * (0.0 if (i, t) in selected else 1.0)
             elif loss_type == "kl_cov":
                 term = -r * a + (kl_cov_coef * (lp[i, t] - old[i, t]).abs() if (i, t) in selected else 0.0)
+            elif loss_type in ("dppo_tv", "dppo_kl", "dro"):
+                term = _reference_verl_token_loss(loss_type, lp[i, t], old[i, t], a, epsilon, eps_high,
+                                                  dppo_ratio_cap, dro_beta)  # fmt: skip
             else:  # gpg
                 term = -a * lp[i, t]
             if off_policy_mask_threshold is not None:
@@ -283,17 +290,20 @@ def grpo_loss_reference(logp, advantages, mask, *, old_logp=None, ref_logp=None,
                 rho = ref_logp[i, t].double() - lp[i, t]
                 estimates = {"k1": -rho, "k2": 0.5 * rho**2, "abs": rho.abs(), "k3": torch.exp(clamp20(rho)) - rho - 1}
                 kl = estimates[kl_estimator]
+                if kl_clamp is not None:  # verl's low_var_kl: k3 clamped to [-10, 10]
+                    kl = kl.clamp(-kl_clamp, kl_clamp)
                 term = term + beta * (kl * r if use_bias_correction_kl else kl)
             seq_sum = seq_sum + term
             if entropy is not None and kept:
                 entropy_total = entropy_total + entropy[i, t].double()
                 entropy_count += 1
-        if loss_type in ("grpo", "sapo", "geo_mean"):
+        if loss_type in ("grpo", "sapo", "geo_mean", "gspo", "gspo_token"):
             seq_sum = seq_sum / max(1, n_tok[i])
         elif loss_type == "dr_grpo":
             seq_sum = seq_sum / (L if max_completion_length is None else max_completion_length)
         total = total + seq_sum
-    by_tokens = loss_type in ("bnpo", "dapo", "cispo", "vespo", "gpg", "clip_cov", "kl_cov")
+    by_tokens = loss_type in ("bnpo", "dapo", "cispo", "vespo", "gpg", "clip_cov", "kl_cov", "dppo_tv", "dppo_kl",
+                              "dro")  # fmt: skip
     count = (sum(n_tok) if by_tokens else B) if num_items is None else float(num_items)
     loss = total / max(1.0, count)
     if entropy_coef != 0:  # the mean entropy of the kept tokens (TRL 1.16)
@@ -343,6 +353,23 @@ def _reference_is_ratio(old, rollout_logp, valid, i, t, mode, clip_min, clip_max
         return ratio.clamp(min=clip_min, max=clip_max)
     outside = (clip_min is not None and ratio < clip_min) or (clip_max is not None and ratio > clip_max)
     return ratio * 0.0 if outside else ratio
+
+
+def _reference_verl_token_loss(loss_type, lp, old, a, epsilon, eps_high, dppo_ratio_cap, dro_beta):
+    """One token's loss under verl's dppo_tv, dppo_kl or dro, from compute_policy_loss_dppo_tv / _dppo_kl / _dro in
+    verl/trainer/ppo/core_algos.py (verl-project/verl commit 1dda039): lp, old 0-d float64 (lp with gradient), a the
+    token's advantage. DPPO reads verl's clip_ratio_low / _high as epsilon / eps_high and clip_ratio_c as
+    dppo_ratio_cap; its keep-decision is made on Python floats."""
+    if loss_type == "dro":
+        return -(lp * a - 0.5 * dro_beta * (lp - old) ** 2)
+    p, p_old = math.exp(float(lp)), math.exp(float(old))
+    if loss_type == "dppo_tv":  # kept unless the probability moved past the threshold the way the advantage pushes
+        kept = p - p_old <= eps_high if a > 0 else p - p_old >= -epsilon
+    else:  # binary KL between Bernoulli(p_old) and Bernoulli(p), verl's 1e-8 inside the log
+        binary_kl = p_old * (float(old) - float(lp)) + (1 - p_old) * math.log((1 - p_old + 1e-8) / (1 - p + 1e-8))
+        kept = (binary_kl <= eps_high or p <= p_old) if a > 0 else (binary_kl <= epsilon or p >= p_old)
+    r = torch.exp((lp - old).clamp(-20.0, 20.0))
+    return -a * r.clamp(max=dppo_ratio_cap).detach() * lp * (1.0 if kept else 0.0)
 
 
 def dpo_loss_reference(policy_chosen_logp, policy_rejected_logp, ref_chosen_logp, ref_rejected_logp, *, beta=0.1,

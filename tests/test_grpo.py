@@ -1,6 +1,10 @@
 """klops.grpo_loss (and its helpers) against the float64 token-by-token reference (docs/losses.md §3)."""
 
+import ast
+import inspect
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +22,7 @@ from .conftest import DEVICE, assert_close, randn
 
 LOSS_TYPES = list(klops.grpo.LOSS_TYPES)
 B, L = 4, 9
+NEEDS = {"dro": dict(dro_beta=0.5)}  # the arguments a loss type cannot run without
 
 
 def rl_inputs(gen, B=B, L=L):
@@ -72,8 +77,8 @@ def check(inputs, seed=None, **kw):
 def cases():
     for loss_type in LOSS_TYPES:
         for level in ("token", "sequence"):
-            if level == "sequence" and loss_type in ("vespo", "gpg", "geo_mean", "clip_cov", "kl_cov"):
-                continue
+            if level == "sequence" and klops.grpo.LOSS_TYPES[loss_type].ratio != "either":
+                continue  # token-only types reject it; gspo and gspo_token take the sequence ratio whatever it says
             for beta in (0.0, 0.04):
                 for rollout in (None, "token_mask" if loss_type == "vespo" else "sequence_mask"):
                     yield loss_type, level, beta, rollout
@@ -81,7 +86,7 @@ def cases():
 
 @pytest.mark.parametrize("loss_type, level, beta, rollout", list(cases()))
 def test_matches_reference(loss_type, level, beta, rollout, gen):
-    inputs = rl_inputs(gen)
+    inputs = dppo_inputs(gen) if loss_type in DPPO else rl_inputs(gen)
     if rollout is None:
         inputs.pop("rollout_logp")
     kw = dict(loss_type=loss_type, importance_sampling_level=level, beta=beta, epsilon_high=0.28)
@@ -89,11 +94,28 @@ def test_matches_reference(loss_type, level, beta, rollout, gen):
         kw["epsilon_high"] = 1.1  # the cap itself, inside the spread of ratios
     # Select a few tokens of a batch of 24: verl's defaults select one in 5000.
     kw |= dict(clip_cov=dict(clip_cov_ratio=0.15, clip_cov_lb=-0.5), kl_cov=dict(kl_cov_ratio=0.15)).get(loss_type, {})
+    # DPPO's thresholds (verl's example: 0.15 for TV, 0.05 for KL) and cap set so that tokens are dropped and capped
+    kw |= DPPO.get(loss_type, {}) | NEEDS.get(loss_type, {})
     if rollout is not None:
         kw |= dict(rollout_correction=rollout, rollout_clip_max=1.2)
     metrics = check(inputs, seed=7, **kw)
     if loss_type in ("clip_cov", "kl_cov"):
         assert metrics["cov_fraction"].item() > 0
+    if loss_type in DPPO:
+        assert metrics["clip_ratio/region"].item() > 0 and metrics["clip_ratio/truncated"].item() > 0
+
+
+DPPO = dict(dppo_tv=dict(epsilon=0.02, epsilon_high=0.03, dppo_ratio_cap=1.3),
+            dppo_kl=dict(epsilon=0.002, epsilon_high=0.003, dppo_ratio_cap=1.3))  # fmt: skip
+
+
+def dppo_inputs(gen):
+    """rl_inputs of 8 sequences, three of each advantage sign, with old_logp <= 0: DPPO reads exp(old_logp) as a
+    probability (above 1 its binary KL is NaN)."""
+    inputs = rl_inputs(gen, B=8)
+    inputs["old_logp"] = inputs["old_logp"].clamp(max=-1e-3)
+    inputs["advantages"] = torch.tensor([0.8, 0.0, 1.2, -0.9, 0.5, -1.1, 1.5, -0.4], device=DEVICE)
+    return inputs
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "luspo"])
@@ -139,10 +161,11 @@ def test_num_items_adds_micro_batches(loss_type, gen):
     inputs = rl_inputs(gen, B=6, L=8)
     x = {k: v for k, v in inputs.items() if k not in ("logp", "advantages", "mask", "rollout_logp")}
     kw = dict(loss_type=loss_type, beta=0.05, epsilon_high=1.1 if loss_type == "cispo" else None)
+    kw |= NEEDS.get(loss_type, {})
     z = inputs["logp"].clone().requires_grad_()
     full, _ = klops.grpo_loss(z, inputs["advantages"], inputs["mask"], **x, **kw)
     full.backward()
-    unit = klops.grpo.LOSS_TYPES[loss_type]
+    unit = klops.grpo.LOSS_TYPES[loss_type].aggregation
     num_items = inputs["mask"].sum() if unit == "tokens" else 6
     z_micro = inputs["logp"].clone().requires_grad_()
     for part in (slice(0, 2), slice(2, 6)):
@@ -160,7 +183,7 @@ def test_all_masked_is_zero(gen):
         z = inputs["logp"].clone().requires_grad_()
         loss, metrics = klops.grpo_loss(z, inputs["advantages"], inputs["mask"], loss_type=loss_type, beta=0.1,
                                         ref_logp=inputs["ref_logp"], entropy=inputs["entropy"], entropy_coef=0.1,
-                                        top_entropy_quantile=0.5)  # fmt: skip
+                                        top_entropy_quantile=0.5, **NEEDS.get(loss_type, {}))  # fmt: skip
         loss.backward()
         assert loss.item() == 0.0 and (z.grad == 0).all(), loss_type
         assert all(torch.isfinite(v) for v in metrics.values()), (loss_type, metrics)
@@ -250,6 +273,12 @@ BAD = [
     (dict(rollout_clip_min=2.0, rollout_clip_max=1.0), ValueError, "must be below rollout_clip_max"),
     (dict(importance_sampling_level="tokens"), ValueError, "importance_sampling_level must be one of"),
     (dict(kl_estimator="k4"), ValueError, "kl_estimator must be one of"),
+    (dict(loss_type="dro"), ValueError, "loss_type='dro' needs dro_beta > 0"),
+    (dict(loss_type="dro", dro_beta=0.0), ValueError, "dro_beta must lie in"),
+    (dict(importance_sampling_level="sequence", loss_type="dppo_tv"), ValueError, "takes no sequence-level ratio"),
+    (dict(delta=1.5, loss_type="dppo_kl"), ValueError, "delta .* not 'dppo_kl'"),
+    (dict(dppo_ratio_cap=0.0), ValueError, "dppo_ratio_cap must lie in"),
+    (dict(kl_clamp=-1.0), ValueError, "kl_clamp must lie in"),
 ]
 
 
@@ -397,3 +426,118 @@ def test_fused_linear_compile_fullgraph(gen):
         fn(h, w).backward()
         grads.append(w.grad)
     assert_close(grads[1], grads[0], (1e-5, 1e-6), "compiled grad")
+
+
+def test_gspo_forms(gen):
+    """gspo is the paper's sequence-level ratio, grpo with importance_sampling_level="sequence"; gspo_token (verl's
+    gspo) takes sg(s_i) pi_t / sg(pi_t): the same values, the same gradients when the advantage is constant within
+    each sequence, different ones otherwise."""
+    inputs = rl_inputs(gen)
+    x = dict(old_logp=inputs["old_logp"], epsilon=0.05, epsilon_high=0.08)  # some sequences clipped, some not
+
+    def run(advantages, **kw):
+        z = inputs["logp"].clone().requires_grad_()
+        loss, metrics = klops.grpo_loss(z, advantages, inputs["mask"], **x, **kw)
+        loss.backward()
+        return loss, z.grad, metrics
+
+    per_sequence = inputs["advantages"]
+    grpo_seq = run(per_sequence, loss_type="grpo", importance_sampling_level="sequence")
+    gspo, gspo_token = run(per_sequence, loss_type="gspo"), run(per_sequence, loss_type="gspo_token")
+    assert torch.equal(gspo[0], grpo_seq[0]) and torch.equal(gspo[1], grpo_seq[1])
+    assert_close(gspo_token[0], gspo[0], (1e-6, 1e-7), "value")
+    assert_close(gspo_token[1], gspo[1], (1e-5, 1e-8), "grad, A constant per sequence", floor=1e-9)
+    assert gspo[2].keys() == gspo_token[2].keys() and gspo[2]["clip_ratio/region"].item() > 0
+    for name in gspo[2]:
+        assert_close(gspo_token[2][name], gspo[2][name], (1e-6, 0), name)
+    per_token = per_sequence[:, None] + torch.randn(B, L, generator=gen).to(DEVICE)  # A varies within sequences
+    gspo, gspo_token = run(per_token, loss_type="gspo"), run(per_token, loss_type="gspo_token")
+    assert_close(gspo_token[0], gspo[0], (1e-6, 1e-7), "value, A per token")
+    assert (gspo_token[1] - gspo[1]).abs().max().item() > 1e-3
+
+
+def test_kl_clamp(gen):
+    """verl's low_var_kl is k3 clamped to [-10, 10]: at rho = ref_logp - logp = 3.5 it gives 10 with a zero
+    gradient, where k3 gives 28.6 with gradient 1 - e^3.5 = -32.1; inside the clamp nothing changes."""
+    logp = torch.tensor([-4.0, -1.0, -0.5], device=DEVICE, requires_grad=True)
+    ref = torch.tensor([-0.5, -1.2, -0.5], device=DEVICE)  # rho = 3.5, -0.2, 0
+    for clamp, value, grad in ((None, math.exp(3.5) - 4.5, 1 - math.exp(3.5)), (10.0, 10.0, 0.0)):
+        logp.grad = None
+        kl = klops.kl_estimate(logp, ref, "k3", clamp=clamp)
+        kl.sum().backward()
+        assert_close(kl[0], torch.tensor(value), (1e-6, 0), f"value, clamp={clamp}")
+        assert_close(logp.grad[0], torch.tensor(grad), (1e-6, 0), f"grad, clamp={clamp}")
+        assert_close(kl[1:], torch.tensor([math.exp(-0.2) + 0.2 - 1, 0.0]), (1e-6, 1e-8), "inside")
+    assert round(math.exp(3.5) - 4.5, 1) == 28.6 and round(1 - math.exp(3.5), 1) == -32.1  # the numbers quoted
+    check(rl_inputs(gen), loss_type="dapo", beta=0.3, kl_clamp=0.2)  # the option reaches grpo_loss's KL term
+
+
+def test_dppo_metrics(gen):
+    """DPPO's clip metrics count the dropped tokens by the sign of A (verl's pg_clipfrac is their sum) and the kept
+    tokens whose ratio passes dppo_ratio_cap (verl's pg_clipfrac_lower)."""
+    inputs = dppo_inputs(gen)
+    m = inputs["mask"] > 0
+    p, p_old = inputs["logp"].double().exp(), inputs["old_logp"].double().exp()
+    A = inputs["advantages"][:, None].expand_as(m)
+    r = torch.exp(inputs["logp"] - inputs["old_logp"])
+    kept = torch.where(A > 0, p - p_old <= 0.03, p - p_old >= -0.02)
+    metrics = check(inputs, loss_type="dppo_tv", **DPPO["dppo_tv"])
+    for name, selected in (("low", ~kept & (A < 0)), ("high", ~kept & (A > 0)), ("region", ~kept & (A != 0)),
+                           ("truncated", kept & (r > 1.3))):  # fmt: skip
+        assert_close(metrics[f"clip_ratio/{name}"], selected[m].float().mean(), (1e-6, 0), name)
+        assert 0 < metrics[f"clip_ratio/{name}"].item() < 1, name
+
+
+def test_dro_matches_verls_example():
+    """verl's own DRO test case (tests/trainer/ppo/test_dynamic_policy_losses_on_cpu.py, verl-project/verl 1dda039):
+    token-mean of -(logp A - beta / 2 (logp - old)^2) over the mask."""
+    old = torch.tensor([[-1.0, -0.7, -0.2]], device=DEVICE)
+    logp = torch.tensor([[-0.8, -0.9, -0.1]], device=DEVICE, requires_grad=True)
+    advantages = torch.tensor([[2.0, -1.5, 9.0]], device=DEVICE)
+    mask = torch.tensor([[1.0, 1.0, 0.0]], device=DEVICE)
+    loss, _ = klops.grpo_loss(logp, advantages, mask, old_logp=old, loss_type="dro", dro_beta=0.05)
+    loss.backward()
+    expected = (-(logp.detach() * advantages - 0.025 * (logp.detach() - old).square()) * mask).sum() / 2
+    assert_close(loss, expected, (1e-6, 0), "loss")
+    assert_close(logp.grad, -(advantages - 0.05 * (logp.detach() - old)) * mask / 2, (1e-6, 0), "grad")
+
+
+@pytest.mark.parametrize("loss_type", ["gspo_token", "dppo_kl", "dro"])
+def test_new_types_compile_fullgraph(loss_type, gen):
+    torch._dynamo.reset()
+    inputs = rl_inputs(gen)
+
+    def step(z):
+        loss, metrics = klops.grpo_loss(z, inputs["advantages"], inputs["mask"], old_logp=inputs["old_logp"],
+                                        loss_type=loss_type, **NEEDS.get(loss_type, {}))  # fmt: skip
+        return loss, metrics["ratio"]
+
+    grads = []
+    for fn in (step, torch.compile(step, backend="aot_eager", fullgraph=True)):
+        z = inputs["logp"].clone().requires_grad_()
+        fn(z)[0].backward()
+        grads.append(z.grad)
+    assert_close(grads[1], grads[0], (1e-6, 1e-7), "compiled grad")
+
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "losses.md"
+
+
+def test_docs_list_every_loss_type():
+    """docs/losses.md §3's table of loss types names every type of klops.grpo.LOSS_TYPES and no other, each with
+    the table's traits."""
+    section = DOCS.read_text().split("\n## §3 ", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `(\w+)` \|( `.*)\|$", section, re.MULTILINE)  # not the header: its traits are plain
+    documented = {name: [cell.strip().strip("`") for cell in cells.split("|")][:5] for name, cells in rows}
+    assert documented.keys() == klops.grpo.LOSS_TYPES.keys(), (
+        f"missing from the docs: {sorted(klops.grpo.LOSS_TYPES.keys() - documented.keys())}; "
+        f"not loss types: {sorted(documented.keys() - klops.grpo.LOSS_TYPES.keys())}"
+    )
+    for name, spec in klops.grpo.LOSS_TYPES.items():
+        assert documented[name] == [spec.ratio, spec.clip, spec.aggregation, spec.normalizer, spec.rollout], name
+
+
+def test_no_function_over_150_lines():
+    tree = ast.parse(inspect.getsource(grpo_module))
+    lengths = {f.name: f.end_lineno - f.lineno + 1 for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)}
+    assert max(lengths.values()) <= 150, {name: n for name, n in lengths.items() if n > 150}
