@@ -1,5 +1,6 @@
 """Helpers of the chunked paths: the torch backend's chunks of rows and the per-row statistics the kernels keep,
-and the fused-linear chunked path's logits and gradient sums of a chunk of rows (klops/linear.py)."""
+and the fused-linear ops' chunked path (klops/linear.py, klops/topk.py): a chunk of rows' logits formed, swept by a
+row op and dropped, forward and backward, with the gradient sums of the chunks."""
 
 import math
 
@@ -66,6 +67,10 @@ def log_softmax_from_stats(x: torch.Tensor, row_max: torch.Tensor, logsum: torch
     return _shifted(x, row_max, temperature).sub_(logsum[..., None])
 
 
+# ----------------------------------------------------------------------------------------------------
+# the fused-linear ops' chunked path: a chunk of rows' logits at a time
+
+
 def chunk_logits(hidden, weight, bias, softcap):
     """(logits [C, V], tanh(z / s) or None) of a chunk of rows: ``F.linear`` in the inputs' dtype, then
     the soft cap in fp32 when asked."""
@@ -100,3 +105,63 @@ def new_grads(hidden, weight, bias):
         torch.zeros((V, D), dtype=torch.float32, device=weight.device),
         torch.zeros((V if bias is not None else 0,), dtype=torch.float32, device=weight.device),
     )
+
+
+# Entries of one chunk's logits by device: on a GPU 2^24 (64 MiB in fp32, 128 rows of a 128k vocabulary:
+# matmuls of M = 128 keep the tensor cores busy), on the CPU 2^19 (2 MiB, 16 rows of a 32k vocabulary: at
+# D=256 a chunk's four products run at 42% of their rate at M = 256, against 26% at M = 8, 80% at M = 65;
+# peak memory above the inputs over forward + backward at N=4096, D=256, V=32000 fp32, the 31 MiB fp32 weight
+# gradient included: 41 MiB for logprobs / cross-entropy, 49 MiB for KL from the teacher's hidden states,
+# against 500 MiB for one [N, V] tensor; 2^20 and up make test_cpu_memory_stays_far_below_one_logits_tensor's
+# resident-set peak vary past its bound).
+LINEAR_CHUNK_ELEMENTS = {"cuda": 1 << 24, "cpu": 1 << 19}
+
+
+def linear_chunks(B: int, L: int, V: int, device: torch.device):
+    """(b, slice of l) index tuples of the (B, L) rows, LINEAR_CHUNK_ELEMENTS // V rows at most: they
+    index the (B, L, D) hidden states, the (B, L) per-row tensors and a (B, L, V) teacher alike."""
+    step = max(1, LINEAR_CHUNK_ELEMENTS.get(device.type, LINEAR_CHUNK_ELEMENTS["cpu"]) // V)
+    for b in range(B):
+        for start in range(0, L, step):
+            yield b, slice(start, min(L, start + step))
+
+
+def chunked_rows(hidden, weight, bias, softcap, outputs, chunk_rows):
+    """Fills the (B, L) outputs a chunk of rows at a time from ``chunk_rows(z [1, C, V], rows)``, the chunk's
+    values ``[1, C]`` per output; returns them. A chunk's logits are freed before the next chunk's are made."""
+    for rows in linear_chunks(*hidden.shape[:2], weight.shape[0], hidden.device):
+        values = chunk_rows(chunk_logits(hidden[rows], weight, bias, softcap)[0][None], rows)
+        for out, value in zip(outputs, values):
+            out[rows] = value[0]
+    return outputs
+
+
+def chunked_backward(hidden, weight, bias, softcap, chunk_grad):
+    """(grad_hidden, grad_weight, grad_bias or [0]) from ``chunk_grad(z [1, C, V], rows)``, the gradient of each
+    chunk's logits (formed again here), a chunk of rows at a time, freed before the next chunk's are made."""
+    grads = new_grads(hidden, weight, bias)
+    for rows in linear_chunks(*hidden.shape[:2], weight.shape[0], hidden.device):
+        z, t = chunk_logits(hidden[rows], weight, bias, softcap)
+        accumulate_grads(chunk_grad(z[None], rows)[0], t, hidden[rows], weight, grads, rows)
+        del z, t
+    return cast_grads(grads, weight, bias)
+
+
+def empty_rows(hidden, count: int):
+    """count uninitialized (B, L) fp32 outputs of an op over the rows of hidden."""
+    return tuple(hidden.new_empty(hidden.shape[:2], dtype=torch.float32) for _ in range(count))
+
+
+def fake_grads(hidden, weight, bias):
+    """Uninitialized (grad_hidden, grad_weight, grad_bias or [0]) of a fused-linear backward op (its fake)."""
+    return (
+        torch.empty_like(hidden),
+        torch.empty_like(weight),
+        weight.new_empty(0) if bias is None else torch.empty_like(bias),
+    )
+
+
+def cast_grads(grads, weight, bias):
+    """(grad_hidden, grad_weight, grad_bias) with the fp32 sums cast to the weight's and the bias's dtypes."""
+    grad_hidden, grad_weight, grad_bias = grads
+    return grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype if bias is None else bias.dtype)

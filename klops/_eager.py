@@ -5,11 +5,14 @@
 2-core CPU that first ``backend="torch"`` call took 1.1 s and grew the process from 223 to 383 MiB (triton
 80 of them) for an op that needs neither. Dynamo can be compiling or running compiled code only once
 ``torch._dynamo`` is imported, so before that the plain implementation is the same call; after it, the
-dynamo-disabled one runs, as torch has it.
+dynamo-disabled one runs, as torch has it. ``compile_when_called`` defers a ``torch.compile`` (klops bench's
+baselines) to its first call for the same reason.
 """
 
 import functools
 import sys
+
+import torch
 
 
 def import_dynamo_lazily(package: str) -> None:
@@ -44,3 +47,17 @@ def _disabled_once_dynamo_loads(disabled, plain):
         return plain(*args, **kwargs)
 
     return implementation
+
+
+def compile_when_called(fn):
+    """``torch.compile(fn, dynamic=False)``, made on the first call: a run without the compile baseline does not
+    import torch._dynamo (seconds on a small CPU, and triton with it)."""
+    compiled = None
+
+    def call(*args):
+        nonlocal compiled
+        if compiled is None:
+            compiled = torch.compile(fn, dynamic=False)
+        return compiled(*args)
+
+    return call

@@ -143,6 +143,43 @@ def check_teacher_rows(
     check_none(valid & ~(log_mass.abs() <= tol), log_mass.exp(), f"{what}: a row's probabilities sum to")
 
 
+def check_dense_teacher(teacher_logits, student_logits) -> None:
+    """teacher_logits [..., V] has the student's shape and device."""
+    check_logits("teacher_logits", teacher_logits)
+    if teacher_logits.shape[-1] != student_logits.shape[-1]:
+        raise ValueError(
+            f"vocabulary mismatch: student_logits has V={student_logits.shape[-1]}, teacher_logits has "
+            f"V={teacher_logits.shape[-1]}; pad the smaller one with -inf logits"
+        )
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(
+            f"teacher_logits must have the shape of student_logits {tuple(student_logits.shape)}, "
+            f"got {tuple(teacher_logits.shape)}"
+        )
+    if teacher_logits.device != student_logits.device:
+        raise ValueError(
+            f"teacher_logits is on {teacher_logits.device} but student_logits is on {student_logits.device}"
+        )
+
+
+def token_mask(labels: torch.Tensor, mask, ignore_index: int) -> torch.Tensor:
+    """fp32 [...]: 1 where the label is not ignore_index and the mask (if any) is nonzero."""
+    keep = labels != ignore_index
+    if mask is not None:
+        check_same_rows("mask", mask, "labels", labels[..., None])
+        keep = keep & (mask != 0)
+    return keep.float()
+
+
+def split_model(name: str, model):
+    """(logits, None, None) or (hidden, weight, bias) of a model given as logits or as (hidden, weight[, bias])."""
+    if isinstance(model, torch.Tensor):
+        return model, None, None
+    if isinstance(model, tuple | list) and len(model) in (2, 3):
+        return (*model, None) if len(model) == 2 else tuple(model)
+    raise TypeError(f"{name} must be logits [..., V] or a tuple (hidden [..., D], weight [V, D][, bias [V]])")
+
+
 def check_bool(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")

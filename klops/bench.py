@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import bench_sinkhorn, reference
+from ._eager import compile_when_called
 from .backend import available_backends
 from .distill import akl_loss, dckd_loss
 from .divergence import fused_kl
@@ -294,20 +295,6 @@ def implementations(case: Case, device: torch.device) -> dict:
     impls["torch.compile"] = compile_when_called(eager)
     impls.update(library_baselines(case))
     return impls
-
-
-def compile_when_called(fn):
-    """``torch.compile(fn, dynamic=False)``, made on the first call: a run without the compile baseline does not
-    import torch._dynamo (seconds on a small CPU, and triton with it)."""
-    compiled = None
-
-    def call(*args):
-        nonlocal compiled
-        if compiled is None:
-            compiled = torch.compile(fn, dynamic=False)
-        return compiled(*args)
-
-    return call
 
 
 def library_baselines(case: Case) -> dict:

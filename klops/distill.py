@@ -16,17 +16,10 @@ import torch
 from . import _inputs
 from ._chunked import log_softmax_from_stats, log_softmax_rows, row_chunks
 from .backend import launcher_table, resolve
-from .divergence import (
-    _check_dense_teacher,
-    divergence_and_label_logprobs,
-    fused_kl,
-    reduce_rows,
-    valid_rows_and_weights,
-)
+from .divergence import divergence_and_label_logprobs, fused_kl, reduce_rows, valid_rows_and_weights
 from .grpo import grpo_loss_from_logits
 from .linear import fused_linear_kl, fused_linear_logprobs, linear_divergence_and_label_logprobs
 from .logprobs import logprobs
-from .preference import _split_model, _token_mask
 
 __all__ = ["dckd_loss", "kdrl_loss", "akl_weights", "akl_loss"]
 
@@ -74,7 +67,7 @@ def dckd_loss(
     """
     for name, value in (("w_sft", w_sft), ("w_distil", w_distil), ("w_chosen", w_chosen), ("w_rejected", w_rejected)):
         _inputs.check_real(name, value, low=0.0, high=math.inf)
-    z, weight, bias = _split_model("student", student)
+    z, weight, bias = _inputs.split_model("student", student)
     if not isinstance(chosen, torch.Tensor) or chosen.dtype != torch.bool or chosen.shape != labels.shape[:1]:
         raise ValueError(f"chosen must be a bool tensor of shape {tuple(labels.shape[:1])} (one flag per sequence)")
     common = dict(temperature=temperature, ignore_index=ignore_index, backend=backend)
@@ -95,7 +88,7 @@ def dckd_loss(
     else:  # (teacher_hidden, teacher_weight[, bias]) or a TopK in the teacher_hidden position
         t_hidden, t_weight, t_bias = (teacher, None, None)
         if isinstance(teacher, tuple | list):
-            t_hidden, t_weight, t_bias = _split_model("teacher", tuple(teacher))
+            t_hidden, t_weight, t_bias = _inputs.split_model("teacher", tuple(teacher))
         teacher_args = dict(student_bias=bias, teacher_bias=t_bias, **coef, **common)
         if one_sweep:
             kl, logp, _ = linear_divergence_and_label_logprobs(z, weight, t_hidden, t_weight, labels, kind,
@@ -104,7 +97,7 @@ def dckd_loss(
             kl = fused_linear_kl(z, weight, t_hidden, t_weight, kind=kind, labels=labels, reduction="none",
                                  **teacher_args)  # fmt: skip
             logp = fused_linear_logprobs(z, weight, labels, bias=bias, ignore_index=ignore_index, backend=backend)
-    tokens = _token_mask(labels, None, ignore_index)
+    tokens = _inputs.token_mask(labels, None, ignore_index)
     on_chosen = tokens * chosen[:, None].float()
     on_rejected = tokens * (~chosen)[:, None].float()
     nll = _masked_mean(-logp, on_chosen)
@@ -293,7 +286,7 @@ def forward_reverse_kl(
 def _kl_pair_checks(op, student_logits, teacher_logits, temperature, labels, mask, ignore_index, backend):
     """(valid [...], temperature, backend) of forward_reverse_kl / akl_weights / akl_loss (``op``)."""
     _inputs.check_logits("student_logits", student_logits)
-    _check_dense_teacher(teacher_logits, student_logits)
+    _inputs.check_dense_teacher(teacher_logits, student_logits)
     temperature = _inputs.check_temperature(temperature)
     valid, _ = valid_rows_and_weights(
         "student_logits", student_logits, student_logits.shape[-1], labels, mask, None, ignore_index

@@ -13,17 +13,15 @@ recomputation nothing of size [N, V] lives between them except the inputs the tr
 """
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 
 from . import _inputs
 from ._chunked import log_softmax_from_stats, log_softmax_rows, row_chunks, scaled
+from ._terms import divergence_terms, kl_entries
 from .backend import launcher_table, resolve
 from .kernels.launch import DIVERGENCE_KINDS, TARGET_KINDS
-
-if TYPE_CHECKING:
-    from .topk import TopK
+from .topk import TopK, topk_rows
 
 __all__ = ["fused_kl", "DIVERGENCE_KINDS"]
 
@@ -33,60 +31,11 @@ __all__ = ["fused_kl", "DIVERGENCE_KINDS"]
 # is O(chunk * V).
 
 
-def mixture_logs(coef: float) -> tuple[float, float]:
-    """(log coef, log(1 - coef)): the mixture weights of jsd / skew_*, -inf at the ends of [0, 1];
-    (0, 0) outside [0, 1] (Amari alpha, which mixes nothing)."""
-    if not 0.0 <= coef <= 1.0:
-        return 0.0, 0.0
-    return (math.log(coef) if coef > 0 else -math.inf), (math.log1p(-coef) if coef < 1 else -math.inf)
-
-
-def _kl_entries(la: torch.Tensor, lb: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """a (log a - log b) per entry as a new tensor, 0 where a = 0: log a = -inf, or a finite log a whose exp
-    underflows (then log b = -inf would give 0 * inf)."""
-    return (la - lb).mul_(a).masked_fill_(a == 0, 0.0)
-
-
-def _divergence_terms(lq: torch.Tensor, q: torch.Tensor, lp: torch.Tensor, p: torch.Tensor, kind: str, coef: float):
-    """Per-entry (loss_v, a_v) with D = sum loss_v and dD/dz = (a - q sum a) / T, from log q, q, log p and p;
-    mirrors the kernel. Both are new tensors (reverse KL: one new tensor twice); the inputs are not written."""
-    if kind == "forward":
-        return _kl_entries(lp, lq, p), -p
-    if kind == "reverse":
-        loss = _kl_entries(lq, lp, q)
-        return loss, loss
-    q_pos, p_pos = lq != -math.inf, lp != -math.inf
-    log_coef, log_1m_coef = mixture_logs(coef)
-    zero = lq.new_zeros(())
-    if kind == "jsd":
-        lm = torch.logaddexp(log_coef + lp, log_1m_coef + lq)
-        kl_qm = torch.where(q_pos, q * (lq - lm), zero)
-        loss = coef * torch.where(p_pos, p * (lp - lm), zero) + (1 - coef) * kl_qm
-        a = (1 - coef) * kl_qm
-    elif kind == "skew_forward":
-        lm = torch.logaddexp(log_coef + lp, log_1m_coef + lq)
-        loss = torch.where(p_pos, p * (lp - lm), zero)
-        a = torch.where(p_pos & q_pos, -(1 - coef) * torch.exp(lp + lq - lm), zero)
-    elif kind == "skew_reverse":
-        ln = torch.logaddexp(log_1m_coef + lp, log_coef + lq)
-        log_qn = torch.where(q_pos, lq - ln, zero)
-        loss = q * log_qn
-        a = q * (log_qn + 1 - coef * log_qn.exp())
-    elif kind == "tv":
-        loss = 0.5 * (p - q).abs()
-        a = 0.5 * q * torch.sign(q - p)
-    else:  # alpha (Amari); entries where p = q = 0 carry no mass (and would give -inf + inf)
-        w = torch.where(p_pos | q_pos, torch.exp(coef * lp + (1 - coef) * lq), zero)
-        loss = (q - w) / (coef * (1 - coef))
-        a = -w / coef
-    return loss, a
-
-
 def _row_sums(lq, q, lp, p, kind: str, coef: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(D, gbar) = (sum loss_v, sum a_v) per row; forward KL's gbar = -sum p without an [rows, V] a."""
     if kind == "forward":
-        return _kl_entries(lp, lq, p).sum(-1), -p.sum(-1)
-    loss, a = _divergence_terms(lq, q, lp, p, kind, coef)
+        return kl_entries(lp, lq, p).sum(-1), -p.sum(-1)
+    loss, a = divergence_terms(lq, q, lp, p, kind, coef)
     return loss.sum(-1), a.sum(-1)
 
 
@@ -163,7 +112,7 @@ def _divergence_grad_rows(
     else:
         lp, p = _teacher_probs(teacher, target_is)
     q = lq.exp()
-    chunk = -p if kind == "forward" else _divergence_terms(lq, q, lp, p, kind, coef)[1]  # a, a new tensor
+    chunk = -p if kind == "forward" else divergence_terms(lq, q, lp, p, kind, coef)[1]  # a, a new tensor
     chunk.addcmul_(q, gbar[:, None], value=-1.0).mul_((grad / temperature)[:, None])
     if label_grad is not None:
         labels, grad_logp = label_grad
@@ -362,7 +311,7 @@ def reduce_rows(rows: torch.Tensor, valid: torch.Tensor, reduction: str, num_ite
 
 def fused_kl(
     student_logits: torch.Tensor,
-    teacher_logits: "torch.Tensor | TopK",
+    teacher_logits: torch.Tensor | TopK,
     kind: str = "forward",
     *,
     beta: float | None = None,
@@ -424,8 +373,6 @@ def fused_kl(
 
     Returns the fp32 loss.
     """
-    from .topk import TopK, topk_rows  # topk builds on this module
-
     _inputs.check_logits("student_logits", student_logits)
     kernel_kind, coef, temperature = check_divergence_options(
         kind, beta, alpha, temperature, target_is, reduction, num_items
@@ -434,7 +381,7 @@ def fused_kl(
         if target_is != "logits":
             raise ValueError(f"a TopK teacher carries its log-probs; target_is={target_is!r} is for dense teachers")
     else:
-        _check_dense_teacher(teacher_logits, student_logits)
+        _inputs.check_dense_teacher(teacher_logits, student_logits)
     valid, weights = valid_rows_and_weights(
         "student_logits", student_logits, student_logits.shape[-1], labels, mask, weights, ignore_index
     )
@@ -456,28 +403,9 @@ def fused_kl(
     return reduce_rows(rows, valid, reduction, num_items)
 
 
-def _check_dense_teacher(teacher_logits, student_logits) -> None:
-    """teacher_logits [..., V] has the student's shape and device."""
-    _inputs.check_logits("teacher_logits", teacher_logits)
-    if teacher_logits.shape[-1] != student_logits.shape[-1]:
-        raise ValueError(
-            f"vocabulary mismatch: student_logits has V={student_logits.shape[-1]}, teacher_logits has "
-            f"V={teacher_logits.shape[-1]}; pad the smaller one with -inf logits"
-        )
-    if teacher_logits.shape != student_logits.shape:
-        raise ValueError(
-            f"teacher_logits must have the shape of student_logits {tuple(student_logits.shape)}, "
-            f"got {tuple(teacher_logits.shape)}"
-        )
-    if teacher_logits.device != student_logits.device:
-        raise ValueError(
-            f"teacher_logits is on {teacher_logits.device} but student_logits is on {student_logits.device}"
-        )
-
-
 def divergence_and_label_logprobs(
     student_logits: torch.Tensor,
-    teacher_logits: "torch.Tensor | TopK",
+    teacher_logits: torch.Tensor | TopK,
     labels: torch.Tensor,
     kind: str = "forward",
     *,
@@ -494,11 +422,9 @@ def divergence_and_label_logprobs(
     forward's row statistics and one gathered entry). Rows whose label is ``ignore_index`` or whose mask is 0
     give 0 in all three. For TDPO (a reference and its policy) and SFT + distillation mixes. The teacher may be
     a ``klops.TopK``: then the third value is None (the label need not be among its ids)."""
-    from .topk import TopK, topk_rows  # topk builds on this module
-
     _inputs.check_logits("student_logits", student_logits)
     if not isinstance(teacher_logits, TopK):
-        _check_dense_teacher(teacher_logits, student_logits)
+        _inputs.check_dense_teacher(teacher_logits, student_logits)
     kernel_kind, coef, temperature = check_divergence_options(kind, beta, alpha, temperature, "logits", "none", None)
     valid, _ = valid_rows_and_weights(
         "student_logits", student_logits, student_logits.shape[-1], labels, mask, None, ignore_index

@@ -21,9 +21,9 @@ Two paths, chosen by the backend:
   forward, needs those row statistics before any gradient entry, so it would not save the forward's extra
   sweep, would hold fp32 ``grad_hidden`` and ``grad_weight`` from the forward to the backward, and could not
   serve a loss with two upstream gradients (log-prob and entropy, or D and the label's log-prob).
-- every other backend: the chunked path (as Cut Cross-Entropy's recomputation, with cuBLAS matmuls): rows
-  are taken in chunks of ``C = LINEAR_CHUNK_ELEMENTS // V``; a chunk's logits ``[C, V]`` come from one matmul,
-  are swept by the chosen backend's row kernel (CUDA or the chunked torch code) and dropped, and the forward
+- every other backend: the chunked path (klops/_chunked.py; as Cut Cross-Entropy's recomputation, with cuBLAS
+  matmuls): rows are taken in chunks of ``C = LINEAR_CHUNK_ELEMENTS // V``; a chunk's logits ``[C, V]`` come from
+  one matmul, are swept by the chosen backend's row kernel (CUDA or the chunked torch code) and dropped, and the forward
   keeps the row statistics only. The backward forms each chunk's logits again, turns the row gradient
   ``dz [C, V]`` into ``grad_hidden = dz @ W`` and ``grad_weight += dz^T h`` (an fp32 accumulator, cast at the
   end) and drops it. Extra memory: two ``[C, V]`` temporaries (logits and ``dz``; three with a teacher formed
@@ -47,12 +47,11 @@ gradient; logits given as ``teacher_logits`` are used as they are.
 """
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 
 from . import _inputs
-from ._chunked import accumulate_grads, chunk_logits, new_grads
+from ._chunked import cast_grads, chunk_logits, chunked_backward, chunked_rows, empty_rows, fake_grads
 from .backend import resolve
 from .divergence import (
     check_divergence_options,
@@ -62,69 +61,9 @@ from .divergence import (
     valid_rows_and_weights,
 )
 from .logprobs import logprobs_backward_op, logprobs_op
-
-if TYPE_CHECKING:
-    from .topk import TopK
+from .topk import TopK, linear_topk_rows
 
 __all__ = ["fused_linear_logprobs", "fused_linear_kl", "fused_linear_cross_entropy"]
-
-# Entries of one chunk's logits by device: on a GPU 2^24 (64 MiB in fp32, 128 rows of a 128k vocabulary:
-# matmuls of M = 128 keep the tensor cores busy), on the CPU 2^19 (2 MiB, 16 rows of a 32k vocabulary: at
-# D=256 a chunk's four products run at 42% of their rate at M = 256, against 26% at M = 8, 80% at M = 65;
-# peak memory above the inputs over forward + backward at N=4096, D=256, V=32000 fp32, the 31 MiB fp32 weight
-# gradient included: 41 MiB for logprobs / cross-entropy, 49 MiB for KL from the teacher's hidden states,
-# against 500 MiB for one [N, V] tensor; 2^20 and up make test_cpu_memory_stays_far_below_one_logits_tensor's
-# resident-set peak vary past its bound).
-LINEAR_CHUNK_ELEMENTS = {"cuda": 1 << 24, "cpu": 1 << 19}
-
-
-def _row_chunks(B: int, L: int, V: int, device: torch.device):
-    """(b, slice of l) index tuples of the (B, L) rows, LINEAR_CHUNK_ELEMENTS // V rows at most: they
-    index the (B, L, D) hidden states, the (B, L) per-row tensors and a (B, L, V) teacher alike."""
-    step = max(1, LINEAR_CHUNK_ELEMENTS.get(device.type, LINEAR_CHUNK_ELEMENTS["cpu"]) // V)
-    for b in range(B):
-        for start in range(0, L, step):
-            yield b, slice(start, min(L, start + step))
-
-
-def _chunked_rows(hidden, weight, bias, softcap, outputs, chunk_rows):
-    """Fills the (B, L) outputs a chunk of rows at a time from ``chunk_rows(z [1, C, V], rows)``, the chunk's
-    values ``[1, C]`` per output; returns them. A chunk's logits are freed before the next chunk's are made."""
-    for rows in _row_chunks(*hidden.shape[:2], weight.shape[0], hidden.device):
-        values = chunk_rows(chunk_logits(hidden[rows], weight, bias, softcap)[0][None], rows)
-        for out, value in zip(outputs, values):
-            out[rows] = value[0]
-    return outputs
-
-
-def _chunked_backward(hidden, weight, bias, softcap, chunk_grad):
-    """(grad_hidden, grad_weight, grad_bias or [0]) from ``chunk_grad(z [1, C, V], rows)``, the gradient of each
-    chunk's logits (formed again here), a chunk of rows at a time, freed before the next chunk's are made."""
-    grads = new_grads(hidden, weight, bias)
-    for rows in _row_chunks(*hidden.shape[:2], weight.shape[0], hidden.device):
-        z, t = chunk_logits(hidden[rows], weight, bias, softcap)
-        accumulate_grads(chunk_grad(z[None], rows)[0], t, hidden[rows], weight, grads, rows)
-        del z, t
-    return _cast_grads(grads, weight, bias)
-
-
-def _empty_rows(hidden, count: int):
-    """count uninitialized (B, L) fp32 outputs of an op over the rows of hidden."""
-    return tuple(hidden.new_empty(hidden.shape[:2], dtype=torch.float32) for _ in range(count))
-
-
-def _fake_grads(hidden, weight, bias):
-    return (
-        torch.empty_like(hidden),
-        torch.empty_like(weight),
-        weight.new_empty(0) if bias is None else torch.empty_like(bias),
-    )
-
-
-def _cast_grads(grads, weight, bias):
-    grad_hidden, grad_weight, grad_bias = grads
-    return grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype if bias is None else bias.dtype)
-
 
 # ----------------------------------------------------------------------------------------------------
 # log-probs and entropy
@@ -151,8 +90,8 @@ def linear_logprobs_op(
             hidden, weight, bias, labels, temperature, softcap, with_entropy, False, ignore_index
         )
         return row_stats[:4]
-    outputs = _empty_rows(hidden, 4)
-    return _chunked_rows(
+    outputs = empty_rows(hidden, 4)
+    return chunked_rows(
         hidden, weight, bias, softcap, outputs,
         lambda z, rows: logprobs_op(z, labels[rows][None], temperature, with_entropy, ignore_index, backend),
     )  # fmt: skip
@@ -160,7 +99,7 @@ def linear_logprobs_op(
 
 @linear_logprobs_op.register_fake
 def _(hidden, weight, bias, labels, temperature, softcap, with_entropy, ignore_index, backend):
-    return _empty_rows(hidden, 4)
+    return empty_rows(hidden, 4)
 
 
 @torch.library.custom_op("klops::linear_logprobs_backward", mutates_args=())
@@ -190,7 +129,7 @@ def linear_logprobs_backward_op(
         g_entropy = torch.where(valid, grad_entropy / temperature, 0.0) if with_entropy else torch.zeros_like(g)
         coefs = torch.stack((g, -(g + g_entropy * entropy), -g_entropy, torch.zeros_like(g)))
         grads = fused.linear_rows_backward(hidden, weight, bias, labels, max_z, logsum, coefs, temperature, softcap)
-        return _cast_grads(grads, weight, bias)
+        return cast_grads(grads, weight, bias)
 
     def chunk_grad(z, rows):
         per_row = (grad_logp, grad_entropy, labels, max_z, logsum, entropy)
@@ -199,12 +138,12 @@ def linear_logprobs_backward_op(
             g_logp, g_entropy, z, chunk_labels, *stats, temperature, with_entropy, ignore_index, backend
         )
 
-    return _chunked_backward(hidden, weight, bias, softcap, chunk_grad)
+    return chunked_backward(hidden, weight, bias, softcap, chunk_grad)
 
 
 @linear_logprobs_backward_op.register_fake
 def _(grad_logp, grad_entropy, hidden, weight, bias, *rest):
-    return _fake_grads(hidden, weight, bias)
+    return fake_grads(hidden, weight, bias)
 
 
 def _logprobs_setup_context(ctx, inputs, output):
@@ -257,7 +196,7 @@ def linear_cross_entropy_op(
             logp, _, max_z, logsum = logprobs_op(z, labels[rows][None], 1.0, False, ignore_index, backend)
             return logp, max_z, logsum, z.float().sum(-1) if label_smoothing > 0 else torch.zeros_like(logp)
 
-        logp, max_z, logsum, sum_z = _chunked_rows(hidden, weight, bias, softcap, _empty_rows(hidden, 4), chunk_rows)
+        logp, max_z, logsum, sum_z = chunked_rows(hidden, weight, bias, softcap, empty_rows(hidden, 4), chunk_rows)
     valid = labels != ignore_index
     lse = torch.where(valid, max_z + logsum, 0.0)
     loss = -(1.0 - label_smoothing) * logp
@@ -268,7 +207,7 @@ def linear_cross_entropy_op(
 
 @linear_cross_entropy_op.register_fake
 def _(hidden, weight, bias, labels, softcap, label_smoothing, ignore_index, backend):
-    return _empty_rows(hidden, 4)
+    return empty_rows(hidden, 4)
 
 
 @torch.library.custom_op("klops::linear_cross_entropy_backward", mutates_args=())
@@ -297,7 +236,7 @@ def linear_cross_entropy_backward_op(
         g_lse = torch.zeros_like(g) if grad_lse is None else torch.where(valid, grad_lse, 0.0)
         coefs = torch.stack((-(1.0 - label_smoothing) * g, g + g_lse, torch.zeros_like(g), -label_smoothing * g / V))
         grads = fused.linear_rows_backward(hidden, weight, bias, labels, max_z, logsum, coefs, 1.0, softcap)
-        return _cast_grads(grads, weight, bias)
+        return cast_grads(grads, weight, bias)
     zeros = torch.zeros_like(grad_loss)
 
     def chunk_grad(z, rows):
@@ -312,12 +251,12 @@ def linear_cross_entropy_backward_op(
             dz[0].add_(extra.mul_(scale[:, None]).sub_((label_smoothing * g / V * valid)[:, None]))
         return dz
 
-    return _chunked_backward(hidden, weight, bias, softcap, chunk_grad)
+    return chunked_backward(hidden, weight, bias, softcap, chunk_grad)
 
 
 @linear_cross_entropy_backward_op.register_fake
 def _(grad_loss, grad_lse, hidden, weight, bias, *rest):
-    return _fake_grads(hidden, weight, bias)
+    return fake_grads(hidden, weight, bias)
 
 
 def _cross_entropy_setup_context(ctx, inputs, output):
@@ -384,7 +323,7 @@ def linear_divergence_op(
         chunk_labels = None if labels is None else labels[rows][None]
         return divergence_op(z, y, valid[rows][None], chunk_labels, kind, target_is, temperature, coef, backend)
 
-    return _chunked_rows(hidden, weight, bias, softcap, _empty_rows(hidden, 7), chunk_rows)
+    return chunked_rows(hidden, weight, bias, softcap, empty_rows(hidden, 7), chunk_rows)
 
 
 def _teacher_chunk(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, softcap, rows):
@@ -396,7 +335,7 @@ def _teacher_chunk(teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
 
 @linear_divergence_op.register_fake
 def _(hidden, weight, *rest):
-    return _empty_rows(hidden, 7)
+    return empty_rows(hidden, 7)
 
 
 @torch.library.custom_op("klops::linear_divergence_backward", mutates_args=())
@@ -434,7 +373,7 @@ def linear_divergence_backward_op(
             grad, grad_logp, hidden, weight, bias, teacher, teacher_weight, teacher_bias, valid, labels,
             (max_q, logsum_q, max_t, logsum_t, gbar), kind, target_is, temperature, coef, softcap,
         )  # fmt: skip
-        return _cast_grads(grads, weight, bias)
+        return cast_grads(grads, weight, bias)
 
     def chunk_grad(z, rows):
         y = _teacher_chunk(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, softcap, rows)
@@ -446,12 +385,12 @@ def linear_divergence_backward_op(
             kind, target_is, temperature, coef, backend,
         )  # fmt: skip
 
-    return _chunked_backward(hidden, weight, bias, softcap, chunk_grad)
+    return chunked_backward(hidden, weight, bias, softcap, chunk_grad)
 
 
 @linear_divergence_backward_op.register_fake
 def _(grad, grad_logp, hidden, weight, bias, *rest):
-    return _fake_grads(hidden, weight, bias)
+    return fake_grads(hidden, weight, bias)
 
 
 def _divergence_setup_context(ctx, inputs, output):
@@ -550,7 +489,7 @@ def fused_linear_logprobs(
 def fused_linear_kl(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
-    teacher_hidden: "torch.Tensor | TopK | None" = None,
+    teacher_hidden: torch.Tensor | TopK | None = None,
     teacher_weight: torch.Tensor | None = None,
     *,
     teacher_logits: torch.Tensor | None = None,
@@ -582,8 +521,6 @@ def fused_linear_kl(
     ``fused_kl``, with the same semantics; gradients flow to ``student_hidden``, ``student_weight`` and
     ``student_bias``, and to ``weights`` (their gradient is the per-row divergence), never to the teacher.
     """
-    from .topk import TopK, linear_topk_rows  # topk builds on this module
-
     _check_linear("student_hidden", student_hidden, "student_weight", student_weight, "student_bias", student_bias)
     V = student_weight.shape[0]
     if isinstance(teacher_hidden, TopK):
@@ -705,7 +642,7 @@ def fused_linear_cross_entropy(
 def linear_divergence_and_label_logprobs(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
-    teacher_hidden: "torch.Tensor | TopK",
+    teacher_hidden: torch.Tensor | TopK,
     teacher_weight: torch.Tensor | None,
     labels: torch.Tensor,
     kind: str = "forward",
@@ -724,8 +661,6 @@ def linear_divergence_and_label_logprobs(
     formed: ``(D, log q(label), log p(label))`` per row, gradients to the student's hidden, weight and bias. The
     teacher may be a ``klops.TopK`` in the ``teacher_hidden`` position (no teacher weight); then the third value
     is None."""
-    from .topk import TopK, linear_topk_rows  # topk builds on this module
-
     _check_linear("student_hidden", student_hidden, "student_weight", student_weight, "student_bias", student_bias)
     V = student_weight.shape[0]
     topk = isinstance(teacher_hidden, TopK)

@@ -130,24 +130,6 @@ def _reward_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, t
     }
 
 
-def _token_mask(labels: torch.Tensor, mask, ignore_index: int) -> torch.Tensor:
-    """fp32 [...]: 1 where the label is not ignore_index and the mask (if any) is nonzero."""
-    keep = labels != ignore_index
-    if mask is not None:
-        _inputs.check_same_rows("mask", mask, "labels", labels[..., None])
-        keep = keep & (mask != 0)
-    return keep.float()
-
-
-def _split_model(name: str, model):
-    """(logits, None, None) or (hidden, weight, bias) of a model given as logits or as (hidden, weight[, bias])."""
-    if isinstance(model, torch.Tensor):
-        return model, None, None
-    if isinstance(model, tuple | list) and len(model) in (2, 3):
-        return (*model, None) if len(model) == 2 else tuple(model)
-    raise TypeError(f"{name} must be logits [..., V] or a tuple (hidden [..., D], weight [V, D][, bias [V]])")
-
-
 def sequence_logprobs(
     logits_or_hidden: torch.Tensor,
     labels: torch.Tensor,
@@ -178,7 +160,7 @@ def sequence_logprobs(
         token_logp = fused_linear_logprobs(logits_or_hidden, weight, labels, bias=bias, temperature=temperature,
                                            softcap=softcap, ignore_index=ignore_index, backend=backend)  # fmt: skip
     _inputs.check_bool("average", average)
-    keep = _token_mask(labels, mask, ignore_index)
+    keep = _inputs.token_mask(labels, mask, ignore_index)
     total = (token_logp * keep).sum(-1)
     return total / keep.sum(-1).clamp(min=1) if average else total
 
@@ -239,13 +221,13 @@ def tdpo_loss(
     alpha = _inputs.check_real("alpha", alpha, low=0.0, high=math.inf)
     if variant not in (1, 2) or isinstance(variant, bool):
         raise ValueError(f"variant must be 1 (TDPO1) or 2 (TDPO2), got {variant!r}")
-    policy_z, policy_w, policy_b = _split_model("policy", policy)
-    ref_z, ref_w, ref_b = _split_model("ref", ref)
+    policy_z, policy_w, policy_b = _inputs.split_model("policy", policy)
+    ref_z, ref_w, ref_b = _inputs.split_model("ref", ref)
     if (policy_w is None) != (ref_w is None):
         raise ValueError("give policy and ref both as logits or both as (hidden, weight)")
     if policy_z.dim() != 3:
         raise ValueError(f"policy must have shape [B, L, V] (or hidden [B, L, D]), got {tuple(policy_z.shape)}")
-    keep = _token_mask(labels, mask, ignore_index)
+    keep = _inputs.token_mask(labels, mask, ignore_index)
     B = policy_z.shape[0]
     chosen = _pair_index("chosen_index", chosen_index, B, policy_z.device)
     rejected = _pair_index("rejected_index", rejected_index, B, policy_z.device)

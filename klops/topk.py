@@ -17,11 +17,19 @@ from dataclasses import dataclass
 import torch
 
 from . import _inputs
-from ._chunked import log_softmax_from_stats, row_chunks, row_stats, scaled
+from ._chunked import (
+    chunked_backward,
+    chunked_rows,
+    empty_rows,
+    fake_grads,
+    log_softmax_from_stats,
+    row_chunks,
+    row_stats,
+    scaled,
+)
+from ._terms import divergence_terms
 from .backend import launcher_table, resolve
-from .divergence import _divergence_terms
-from .kernels.launch import DIVERGENCE_KINDS
-from .linear import _chunked_backward, _chunked_rows, _empty_rows, _fake_grads
+from .kernels.kinds import BY_NAME, DIVERGENCE_KINDS, finite_where_p_is_0, infinite_where_p_is_0
 
 __all__ = ["TopK", "TAILS"]
 
@@ -119,22 +127,14 @@ def sorted_topk(topk: TopK, name: str, ref_name: str, ref: torch.Tensor, vocab_s
 
 def renormalized_tail_terms(kind: str, coef: float, user_kind: str) -> tuple[float, float]:
     """(tail_loss, tail_grad): an entry where the teacher is 0 contributes ``tail_loss q`` to D and
-    ``tail_grad q`` to a (docs/losses.md §1 at p = 0, linear in q); ValueError where that is infinite."""
-    if kind in ("forward", "skew_forward"):
-        return 0.0, 0.0
-    if kind == "jsd":  # (1 - beta) q log(q / ((1 - beta) q))
-        return (-(1 - coef) * math.log1p(-coef),) * 2
-    if kind == "skew_reverse" and coef > 0:  # q log(q / (alpha q))
-        return (-math.log(coef),) * 2
-    if kind == "tv":
-        return 0.5, 0.5
-    if kind == "alpha" and coef > 0:  # (q - 0) / (alpha (1 - alpha)), a = -p^alpha q^(1-alpha) / alpha = 0
-        return 1.0 / (coef * (1.0 - coef)), 0.0
-    raise ValueError(
-        f"kind={user_kind!r} is infinite against a teacher that is 0 outside its top-k (TopK tail='renormalize'); "
-        "use tail='bin', or a kind that is finite there (forward, jsd with beta < 1, skew_forward, skew_reverse "
-        "with alpha > 0, tv, alpha with alpha > 0)"
-    )
+    ``tail_grad q`` to a (docs/losses.md §1 at p = 0, linear in q): the kinds table's where_p_is_0, Python floats
+    that torch.compile folds; ValueError where the table says that is infinite."""
+    if infinite_where_p_is_0(kind, coef):
+        raise ValueError(
+            f"kind={user_kind!r} is infinite against a teacher that is 0 outside its top-k (TopK tail='renormalize'); "
+            f"use tail='bin', or a kind that is finite there ({finite_where_p_is_0()})"
+        )
+    return BY_NAME[kind].where_p_is_0(coef)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -170,13 +170,11 @@ def topk_forward_torch(student, indices, teacher_logprobs, valid, kind, tail, te
         if tail == "bin":
             no_tail = torch.full_like(log_mass_p, -math.inf)
             log_tail_p = (-torch.expm1(log_mass_p)).clamp(min=0).log() if K < V else no_tail
-            loss_tail, a_tail = _divergence_terms(
-                log_tail_q, log_tail_q.exp(), log_tail_p, log_tail_p.exp(), kind, coef
-            )
+            loss_tail, a_tail = divergence_terms(log_tail_q, log_tail_q.exp(), log_tail_p, log_tail_p.exp(), kind, coef)
         else:
             lp = lp - log_mass_p[:, None]
             loss_tail, a_tail = tail_loss * log_tail_q.exp(), tail_grad * log_tail_q.exp()
-        entry_loss, a = _divergence_terms(lq, lq.exp(), lp, lp.exp(), kind, coef)
+        entry_loss, a = divergence_terms(lq, lq.exp(), lp, lp.exp(), kind, coef)
         gbar = a.sum(-1) + a_tail
         # a_tail - Q gbar without the cancellation of two numbers near a_tail when Q is near 1
         mass_q_s = torch.exp(scaled(max_s - max_q, temperature) + logsum_s - logsum_q)
@@ -332,7 +330,7 @@ def _backward(ctx, grad_loss, *grad_stats_and_logp):
 torch.library.register_autograd("klops::topk_divergence", _backward, setup_context=_setup_context)
 
 
-# fused-linear form: the student's logits a chunk of rows at a time (klops/linear.py), each chunk through
+# fused-linear form: the student's logits a chunk of rows at a time (klops/_chunked.py), each chunk through
 # the row ops above.
 
 
@@ -364,14 +362,14 @@ def linear_topk_divergence_op(
             backend,
         )  # fmt: skip
 
-    rows = _empty_rows(hidden, 4)
+    rows = empty_rows(hidden, 4)
     member_d = torch.empty(indices.shape, dtype=torch.float32, device=hidden.device)
-    return _chunked_rows(hidden, weight, bias, softcap, (*rows, member_d, torch.empty_like(rows[0])), chunk_rows)
+    return chunked_rows(hidden, weight, bias, softcap, (*rows, member_d, torch.empty_like(rows[0])), chunk_rows)
 
 
 @linear_topk_divergence_op.register_fake
 def _(hidden, weight, bias, indices, *rest):
-    rows = _empty_rows(hidden, 4)
+    rows = empty_rows(hidden, 4)
     return (*rows, hidden.new_empty(indices.shape, dtype=torch.float32), rows[0].new_empty(rows[0].shape))
 
 
@@ -405,12 +403,12 @@ def linear_topk_divergence_backward_op(
             temperature, backend,
         )  # fmt: skip
 
-    return _chunked_backward(hidden, weight, bias, softcap, chunk_grad)
+    return chunked_backward(hidden, weight, bias, softcap, chunk_grad)
 
 
 @linear_topk_divergence_backward_op.register_fake
 def _(grad, grad_logp, hidden, weight, bias, *rest):
-    return _fake_grads(hidden, weight, bias)
+    return fake_grads(hidden, weight, bias)
 
 
 def _linear_setup_context(ctx, inputs, output):

@@ -38,7 +38,7 @@ def leaves(*tensors):
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks of 3 rows, so that every test crosses chunk boundaries (and a ragged last chunk)."""
-    monkeypatch.setattr(klops.linear, "LINEAR_CHUNK_ELEMENTS", {"cpu": 3 * 61, "cuda": 3 * 61})
+    monkeypatch.setattr(klops._chunked, "LINEAR_CHUNK_ELEMENTS", {"cpu": 3 * 61, "cuda": 3 * 61})
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -129,7 +129,7 @@ def test_one_chunk_equals_many(gen, monkeypatch):
     (hidden, weight), teacher, _ = kl_case(gen, "hidden")
     results = []
     for elements in (1 << 24, 2 * 61):
-        monkeypatch.setattr(klops.linear, "LINEAR_CHUNK_ELEMENTS", {"cpu": elements, "cuda": elements})
+        monkeypatch.setattr(klops._chunked, "LINEAR_CHUNK_ELEMENTS", {"cpu": elements, "cuda": elements})
         (h, w), _ = leaves(hidden, weight)
         klops.fused_linear_kl(h, w, **teacher, kind="reverse", backend="torch").backward()
         results.append((h.grad, w.grad))
