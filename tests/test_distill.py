@@ -300,7 +300,7 @@ def test_kdrl_matches_reference(kl_estimator, backend, gen):
 
 def test_kl_pair_and_fused_kl_agree_on_underflowed_entries(gen):
     """p underflowed to 0 in fp32 (a -1e30 logit) facing log q = -inf, and the mirror entry: the torch backends of
-    forward_reverse_kl (kl_pair_torch) and fused_kl (divergence._kl_entries) both count it as 0 log 0 = 0, the float64
+    forward_reverse_kl (kl_pair_torch) and fused_kl (_terms.kl_entries) both count it as 0 log 0 = 0, the float64
     reference's value, and give the same KLs and gradients."""
     student, teacher = randn(3, 40, gen=gen), randn(3, 40, gen=gen)
     student[:, 5], teacher[:, 5] = -math.inf, -1e30  # the KL(p||q) entry p (log p - log q) = 0 (-1e30 + inf)
