@@ -20,7 +20,7 @@
 namespace klops {
 namespace {
 
-// Indices of the `kind` op argument (DIVERGENCE_KINDS in Python).
+// Indices of the `kind` op argument: kernels/kinds.py's KINDS, in that order.
 enum Kind : int { FORWARD, REVERSE, JSD, SKEW_FORWARD, SKEW_REVERSE, TV, ALPHA, kNumKinds };
 
 struct DivergenceParams {

@@ -33,8 +33,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("torch_version", &torch_version, "torch version klops._C was compiled against");
 }
 
-// kind indexes ("forward", "reverse", "jsd", "skew_forward", "skew_reverse", "tv", "alpha"),
-// target indexes ("logits", "logprobs", "probs"); coef is beta (jsd) or alpha (skew_*, alpha).
+// kind indexes kernels/kinds.py's KINDS (enum Kind of divergence_terms.cuh), target ("logits", "logprobs",
+// "probs"); coef is the kind's coefficient (beta of jsd, alpha of skew_* and alpha).
 TORCH_LIBRARY(klops_C, m) {
   // max_* are raw row maxes of the logits (before the temperature) and logsum_* the logs of the
   // shifted sums, log sum_v exp((z_v - max) / T): log softmax = (z - max) / T - logsum.

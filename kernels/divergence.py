@@ -30,15 +30,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import BACKWARD_SWEEP, DIVERGENCE_KINDS, FORWARD_SWEEP, TARGET_KINDS, launch_over_rows
+from .kinds import DIVERGENCE_KINDS
+from .launch import BACKWARD_SWEEP, FORWARD_SWEEP, TARGET_KINDS, launch_over_rows
 
-FORWARD = tl.constexpr(0)
-REVERSE = tl.constexpr(1)
-JSD = tl.constexpr(2)
-SKEW_FORWARD = tl.constexpr(3)
-SKEW_REVERSE = tl.constexpr(4)
-TV = tl.constexpr(5)
-ALPHA = tl.constexpr(6)
+# The KIND constexpr: the kind's place in kernels/kinds.py's table.
+FORWARD = tl.constexpr(DIVERGENCE_KINDS.index("forward"))
+REVERSE = tl.constexpr(DIVERGENCE_KINDS.index("reverse"))
+JSD = tl.constexpr(DIVERGENCE_KINDS.index("jsd"))
+SKEW_FORWARD = tl.constexpr(DIVERGENCE_KINDS.index("skew_forward"))
+SKEW_REVERSE = tl.constexpr(DIVERGENCE_KINDS.index("skew_reverse"))
+TV = tl.constexpr(DIVERGENCE_KINDS.index("tv"))
+ALPHA = tl.constexpr(DIVERGENCE_KINDS.index("alpha"))
 
 LOGITS = tl.constexpr(0)
 LOGPROBS = tl.constexpr(1)
@@ -198,6 +200,7 @@ def divergence_terms(lq, lp, coef, KIND: tl.constexpr):
         loss = 0.5 * tl.abs(p - q)
         a = 0.5 * q * tl.where(q > p, 1.0, tl.where(q < p, -1.0, 0.0))
     else:  # ALPHA (Amari): (1 - sum p^a q^(1-a)) / (a (1-a)); g = -u^a / a
+        tl.static_assert(KIND == ALPHA, "a kind of kernels/kinds.py without its terms here")
         # Entries where p = q = 0 carry no mass (and would give -inf + inf in the exponent).
         w = tl.where(p_pos | q_pos, tl.exp(coef * lp + (1.0 - coef) * lq), 0.0)
         loss = (q - w) / (coef * (1.0 - coef))

@@ -38,7 +38,8 @@ from .divergence import (
     teacher_check_terms,
     teacher_logprobs,
 )
-from .launch import DIVERGENCE_KINDS, TARGET_KINDS, on_device
+from .kinds import DIVERGENCE_KINDS
+from .launch import TARGET_KINDS, on_device
 from .linear import (
     GROUP_M,
     accumulate_linear_grads,

@@ -31,7 +31,8 @@ import triton
 import triton.language as tl
 
 from .divergence import NEG_INF, _or_placeholder, divergence_terms, lse_finalize, online_lse_update, zero_row
-from .launch import BACKWARD_SWEEP, DIVERGENCE_KINDS, FORWARD_SWEEP, launch_over_rows
+from .kinds import DIVERGENCE_KINDS
+from .launch import BACKWARD_SWEEP, FORWARD_SWEEP, launch_over_rows
 
 # The walk's next member once every member of the row is behind it: past every block start + BLOCK_V.
 PAST_THE_ROW = tl.constexpr(2147483647)

@@ -24,6 +24,7 @@ from .backend import available_backends
 from .distill import akl_loss, dckd_loss
 from .divergence import fused_kl
 from .grpo import fused_linear_grpo_loss
+from .kernels.kinds import default_coefficient
 from .linear import fused_linear_cross_entropy, fused_linear_kl, fused_linear_logprobs
 from .logprobs import logprobs
 from .preference import tdpo_loss
@@ -281,10 +282,10 @@ def implementations(case: Case, device: torch.device) -> dict:
         )
         eager = eager_topk_kl
     elif case.op == "fused_kl":
-        beta = {"jsd": dict(beta=0.5)}.get(case.kind, {})
+        coef = default_coefficient(case.kind)  # jsd's beta = 1/2 of eager_kl
         for backend in available_backends(device):
             impls[f"klops[{backend}]"] = lambda z, y, b=backend: fused_kl(
-                z, y, case.kind, reduction="batchmean", backend=b, **beta
+                z, y, case.kind, reduction="batchmean", backend=b, **coef
             )
         eager = lambda z, y: eager_kl(z, y, case.kind)  # noqa: E731
     else:
@@ -592,7 +593,7 @@ def check_against_reference(case: Case, name: str, impl, z, y) -> float:
         teacher = y[2] if name.endswith("dense teacher") else TopK(y[0], y[1])
         ref = reference.fused_kl_reference(z_r, teacher, case.kind, reduction="batchmean")
     elif case.op == "fused_kl":
-        ref = reference.fused_kl_reference(z_r, y, case.kind, beta=0.5, reduction="batchmean")
+        ref = reference.fused_kl_reference(z_r, y, case.kind, reduction="batchmean", **default_coefficient(case.kind))
     elif case.op == "akl_loss":
         w = reference.akl_weights_reference(z, y)
         ref = reference.fused_kl_reference(z_r, y, "forward", weights=w) + reference.fused_kl_reference(

@@ -20,10 +20,11 @@ from . import _inputs
 from ._chunked import log_softmax_from_stats, log_softmax_rows, row_chunks, scaled
 from ._terms import divergence_terms, kl_entries
 from .backend import launcher_table, resolve
-from .kernels.launch import DIVERGENCE_KINDS, TARGET_KINDS
+from .kernels.kinds import BY_NAME, DIVERGENCE_KINDS, KINDS
+from .kernels.launch import TARGET_KINDS
 from .topk import TopK, topk_rows
 
-__all__ = ["fused_kl", "DIVERGENCE_KINDS"]
+__all__ = ["fused_kl", "DIVERGENCE_KINDS", "KINDS"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -234,16 +235,17 @@ torch.library.register_autograd("klops::divergence", _backward, setup_context=_s
 # public function
 
 
-# The coefficient each kind takes; kinds not listed take none.
-COEFFICIENT_OF = {"jsd": "beta", "skew_forward": "alpha", "skew_reverse": "alpha", "alpha": "alpha"}
-DEFAULT_COEFFICIENT = 0.5
+# The coefficient each kind takes (kernels/kinds.py); kinds not listed take none.
+COEFFICIENT_OF = {kind.name: kind.coefficient for kind in KINDS if kind.coefficient}
 
 
 def _check_coefficient(kind: str, beta, alpha) -> tuple[str, float]:
-    """The kernel's (kind, coef) from the coefficient the kind takes (DEFAULT_COEFFICIENT when None); a
-    coefficient given to a kind that does not take it is an error, never silently ignored. jsd with
-    beta 0 / 1 is exactly forward / reverse KL (docs/losses.md §1)."""
-    takes = COEFFICIENT_OF.get(kind)
+    """The kernel's (kind, coef) from the coefficient the kind takes (its default when None), checked against the
+    kinds table: its range; a coefficient where it is exactly another kind gives that kind (jsd with beta 0 / 1 is
+    forward / reverse KL, docs/losses.md §1); an excluded one raises. A coefficient given to a kind that does not take
+    it is an error, never silently ignored."""
+    entry = BY_NAME[kind]
+    takes = entry.coefficient
     for name, value in (("beta", beta), ("alpha", alpha)):
         if value is not None and name != takes:
             uses = f"takes {takes}, not {name}" if takes else f"takes no coefficient (beta or alpha), got {name}"
@@ -251,20 +253,16 @@ def _check_coefficient(kind: str, beta, alpha) -> tuple[str, float]:
     if takes is None:
         return kind, 0.0
     value = beta if takes == "beta" else alpha
-    value = DEFAULT_COEFFICIENT if value is None else value
-    if kind == "jsd":
-        beta = _inputs.check_real("beta", value, low=0.0, high=1.0)
-        if beta == 0.0:
-            return "forward", 0.0
-        if beta == 1.0:
-            return "reverse", 0.0
-        return kind, beta
-    if kind in ("skew_forward", "skew_reverse"):
-        return kind, _inputs.check_real("alpha", value, low=0.0, high=1.0)
-    alpha = _inputs.check_real("alpha", value, low=-math.inf, high=math.inf, open_low=True)
-    if alpha in (0.0, 1.0):
-        raise ValueError("alpha must not be 0 or 1 for kind='alpha' (use kind='reverse' / 'forward')")
-    return kind, alpha
+    low, high = entry.range
+    value = entry.default if value is None else value
+    value = _inputs.check_real(takes, value, low=low, high=high, open_low=math.isinf(low))
+    if value in dict(entry.excluded):
+        values = " or ".join(f"{c:g}" for c, _ in entry.excluded)
+        others = " / ".join(repr(other) for _, other in entry.excluded)
+        raise ValueError(f"{takes} must not be {values} for kind={kind!r} (use kind={others})")
+    if value in dict(entry.same_as):
+        return dict(entry.same_as)[value], 0.0
+    return kind, value
 
 
 def check_divergence_options(kind, beta, alpha, temperature, target_is, reduction, num_items):

@@ -20,10 +20,10 @@ import torch
 
 
 def main(wheel: str, archs: list[str]) -> None:
-    import klops._C
     import triton
 
     import klops
+    import klops._C
     from klops import backend, cli
 
     name = pathlib.Path(wheel).name

@@ -11,6 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from klops.backend import available_backends  # noqa: E402
+from klops.kernels.kinds import KINDS  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # Every concrete backend usable here: torch always; triton on a GPU or under TRITON_INTERPRET=1
@@ -24,6 +25,11 @@ BACKENDS = available_backends(DEVICE)
 # largest entry.
 LOSS_TOL = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (1e-5, 1e-6), torch.float16: (1e-5, 1e-6)}
 GRAD_TOL = {torch.float32: (1e-4, 5e-5), torch.bfloat16: (1.6e-2, 4e-3), torch.float16: (2e-3, 1e-3)}
+
+
+# The coefficient each divergence kind is tested with, as keyword arguments: kernels/kinds.py's example, away from
+# the default 1/2 so that a swapped beta / alpha cannot pass; kinds without a coefficient are absent.
+COEF = {kind.name: {kind.coefficient: kind.example} for kind in KINDS if kind.coefficient}
 
 
 @pytest.fixture(params=BACKENDS)

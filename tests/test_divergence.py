@@ -8,17 +8,10 @@ import torch
 import klops
 from klops.reference import divergence_reference, fused_kl_reference, logprobs_reference
 
-from .conftest import DEVICE, GRAD_TOL, LABEL_DTYPES, LOSS_TOL, assert_close, empty_rows, randn
+from .conftest import COEF, DEVICE, GRAD_TOL, LABEL_DTYPES, LOSS_TOL, assert_close, empty_rows, randn
 
 KINDS = klops.divergence.DIVERGENCE_KINDS
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# Coefficients away from 1/2 so that a swapped beta / alpha cannot pass.
-COEF = {
-    "jsd": dict(beta=0.3),
-    "skew_forward": dict(alpha=0.2),
-    "skew_reverse": dict(alpha=0.3),
-    "alpha": dict(alpha=0.7),
-}
 
 
 def run_both(student, teacher, kind, backend, grad_out=None, **kw):

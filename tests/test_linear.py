@@ -7,15 +7,9 @@ import klops
 from klops.linear import linear_cross_entropy_op, linear_divergence_op, linear_logprobs_op
 from klops.reference import fused_kl_reference, logprobs_reference
 
-from .conftest import DEVICE, GRAD_TOL, LOSS_TOL, assert_close, randn
+from .conftest import COEF, DEVICE, GRAD_TOL, LOSS_TOL, assert_close, randn
 
 KINDS = klops.divergence.DIVERGENCE_KINDS
-COEF = {
-    "jsd": dict(beta=0.3),
-    "skew_forward": dict(alpha=0.2),
-    "skew_reverse": dict(alpha=0.3),
-    "alpha": dict(alpha=0.7),
-}
 # Matmuls in fp32 round at a relative eps * sqrt(D); bf16 logits are rounded to bf16 before the sweep, as
 # a trainer's lm_head output is.
 LINEAR_LOSS_TOL = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (2e-2, 2e-2)}

@@ -255,9 +255,10 @@ def resource_usage(cubin: bytes) -> dict:
 
 def compile_all() -> dict[str, dict]:
     import triton
-    from klops.kernels import distill, divergence, linear, linear_divergence, logprobs, sinkhorn, topk
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+
+    from klops.kernels import distill, divergence, linear, linear_divergence, logprobs, sinkhorn, topk
 
     def compile_for(kernel, signature, constexprs, arch, sweep):
         """sweep: (BLOCK_V, num_warps) of a row kernel, or (None, num_warps[, num_stages]) of a tile kernel whose

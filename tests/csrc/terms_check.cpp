@@ -70,6 +70,20 @@ void run_row(const float* z, const float* y, int64_t V, int target, const Diverg
   }
 }
 
+// run_row<kind> for a run-time kind in [0, kNumKinds); false for any other.
+template <int KIND = 0>
+bool run_kind(int kind, const float* z, const float* y, int64_t V, int target, const DivergenceParams& k, float* loss,
+              float* dz, float* max_t, float* logsum_t) {
+  if constexpr (KIND < kNumKinds) {
+    if (kind == KIND) {
+      run_row<KIND>(z, y, V, target, k, loss, dz, max_t, logsum_t);
+      return true;
+    }
+    return run_kind<KIND + 1>(kind, z, y, V, target, k, loss, dz, max_t, logsum_t);
+  }
+  return false;
+}
+
 int main() {
   int32_t header[4];
   float options[2];
@@ -84,16 +98,7 @@ int main() {
     const float* zr = &z[r * V];
     const float* yr = &y[r * V];
     float* out = &dz[r * V];
-    switch (kind) {
-      case FORWARD: run_row<FORWARD>(zr, yr, V, target, k, &loss[r], out, &max_t[r], &logsum_t[r]); break;
-      case REVERSE: run_row<REVERSE>(zr, yr, V, target, k, &loss[r], out, &max_t[r], &logsum_t[r]); break;
-      case JSD: run_row<JSD>(zr, yr, V, target, k, &loss[r], out, &max_t[r], &logsum_t[r]); break;
-      case SKEW_FORWARD: run_row<SKEW_FORWARD>(zr, yr, V, target, k, &loss[r], out, &max_t[r], &logsum_t[r]); break;
-      case SKEW_REVERSE: run_row<SKEW_REVERSE>(zr, yr, V, target, k, &loss[r], out, &max_t[r], &logsum_t[r]); break;
-      case TV: run_row<TV>(zr, yr, V, target, k, &loss[r], out, &max_t[r], &logsum_t[r]); break;
-      case ALPHA: run_row<ALPHA>(zr, yr, V, target, k, &loss[r], out, &max_t[r], &logsum_t[r]); break;
-      default: return 2;
-    }
+    if (!run_kind(kind, zr, yr, V, target, k, &loss[r], out, &max_t[r], &logsum_t[r])) return 2;
   }
   fwrite(loss.data(), sizeof(float), N, stdout);
   fwrite(dz.data(), sizeof(float), N * V, stdout);
