@@ -1,12 +1,10 @@
 """Constants and host helpers shared by every backend, and the one place where the row kernels' block
-sizes and warp counts are chosen. Imports nothing but torch and the kinds table, so that ``klops`` can read
-them without triton."""
+sizes and warp counts are chosen. Imports nothing but torch, so that ``klops`` can read them without triton.
+The divergence kinds, in the order of their ids, are kernels/kinds.py's."""
 
 import contextlib
 
 import torch
-
-from .kinds import DIVERGENCE_KINDS  # noqa: F401  (the divergence kinds in the order of their ids: kernels/kinds.py)
 
 # Teacher encodings, in the order of their integer ids (Triton constexprs, the ``target`` int of the CUDA ops).
 TARGET_KINDS = ("logits", "logprobs", "probs")

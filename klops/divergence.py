@@ -235,10 +235,6 @@ torch.library.register_autograd("klops::divergence", _backward, setup_context=_s
 # public function
 
 
-# The coefficient each kind takes (kernels/kinds.py); kinds not listed take none.
-COEFFICIENT_OF = {kind.name: kind.coefficient for kind in KINDS if kind.coefficient}
-
-
 def _check_coefficient(kind: str, beta, alpha) -> tuple[str, float]:
     """The kernel's (kind, coef) from the coefficient the kind takes (its default when None), checked against the
     kinds table: its range; a coefficient where it is exactly another kind gives that kind (jsd with beta 0 / 1 is

@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import klops
+from klops.kernels.kinds import BY_NAME
 from klops.reference import fused_kl_reference, logprobs_reference
 
 from .conftest import BACKENDS, DEVICE, GRAD_TOL, LOSS_TOL, assert_close
@@ -40,7 +41,7 @@ def test_fused_kl_random(backend, case):
     shape = (case["rows"], case["vocab"])
     student = (torch.randn(shape, generator=gen) * case["scale"]).to(DEVICE)
     teacher = (torch.randn(shape, generator=gen) * case["scale"]).to(DEVICE)
-    coefficient = klops.divergence.COEFFICIENT_OF.get(case["kind"])
+    coefficient = BY_NAME[case["kind"]].coefficient
     kw = dict(temperature=case["temperature"], reduction="sum") | ({coefficient: case["coef"]} if coefficient else {})
     z, z_ref = student.clone().requires_grad_(), student.clone().requires_grad_()
     loss = klops.fused_kl(z, teacher, case["kind"], backend=backend, **kw)

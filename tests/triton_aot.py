@@ -15,7 +15,8 @@ import subprocess
 import sys
 import tempfile
 
-from klops.kernels.launch import BACKWARD_SWEEP, DIVERGENCE_KINDS, FORWARD_SWEEP, TARGET_KINDS
+from klops.kernels.kinds import DIVERGENCE_KINDS
+from klops.kernels.launch import BACKWARD_SWEEP, FORWARD_SWEEP, TARGET_KINDS
 
 FLOAT_ARGS = ("inv_temperature", "coef")
 ROW_ARGS = {"L": "i32", "V": "i32"}
