@@ -81,70 +81,156 @@ def chunk_logits(hidden, weight, bias, softcap):
     return softcap * t, t
 
 
-def accumulate_grads(dz, t, hidden, weight, grads, rows) -> None:
+def accumulate_grads(dz, t, hidden, weight, grads, rows, first: bool) -> None:
     """grad_hidden[rows] = dz' @ W, grad_weight += dz'^T h, grad_bias += sum dz' with dz' = dz (1 - t^2)
-    under a soft cap; the matmuls run in the weight's dtype, the sums over chunks in fp32."""
+    under a soft cap (the first chunk writes the sums instead of adding: no pass to zero them); the matmuls run
+    in the weight's dtype, the sums over chunks in fp32."""
     if t is not None:
         dz = torch.mul(t, t).neg_().add_(1.0).mul_(dz)
     dz = dz.to(weight.dtype)
     grad_hidden, grad_weight, grad_bias = grads
     grad_hidden[rows] = (dz @ weight).to(grad_hidden.dtype)
     if weight.dtype == torch.float32:
-        grad_weight.addmm_(dz.t(), hidden)  # no [V, D] temporary
+        grad_weight.addmm_(dz.t(), hidden, beta=0.0 if first else 1.0)  # no [V, D] temporary
+    elif first:
+        grad_weight.copy_(dz.t() @ hidden)
     else:
         grad_weight += (dz.t() @ hidden).float()
     if grad_bias.numel():
-        grad_bias += dz.float().sum(0)
+        bias_sum = dz.sum(0, dtype=torch.float32)
+        grad_bias.copy_(bias_sum) if first else grad_bias.add_(bias_sum)
 
 
-def new_grads(hidden, weight, bias):
-    """(grad_hidden, fp32 grad_weight accumulator [V, D], fp32 grad_bias accumulator [V] or [0]) to fill."""
+def new_grads(hidden, weight, bias, hidden_dtype=None):
+    """(grad_hidden in hidden_dtype (default hidden's), fp32 grad_weight sum [V, D], fp32 grad_bias sum [V] or [0]),
+    uninitialized: the first chunk writes them (chunk_sweep)."""
     V, D = weight.shape
     return (
-        torch.empty_like(hidden),
-        torch.zeros((V, D), dtype=torch.float32, device=weight.device),
-        torch.zeros((V if bias is not None else 0,), dtype=torch.float32, device=weight.device),
+        torch.empty_like(hidden, dtype=hidden_dtype or hidden.dtype),
+        torch.empty((V, D), dtype=torch.float32, device=weight.device),
+        torch.empty((V if bias is not None else 0,), dtype=torch.float32, device=weight.device),
     )
 
 
-# Entries of one chunk's logits by device: on a GPU 2^24 (64 MiB in fp32, 128 rows of a 128k vocabulary:
-# matmuls of M = 128 keep the tensor cores busy), on the CPU 2^19 (2 MiB, 16 rows of a 32k vocabulary: at
-# D=256 a chunk's four products run at 42% of their rate at M = 256, against 26% at M = 8, 80% at M = 65;
-# peak memory above the inputs over forward + backward at N=4096, D=256, V=32000 fp32, the 31 MiB fp32 weight
-# gradient included: 41 MiB for logprobs / cross-entropy, 49 MiB for KL from the teacher's hidden states,
-# against 500 MiB for one [N, V] tensor; 2^20 and up make test_cpu_memory_stays_far_below_one_logits_tensor's
-# resident-set peak vary past its bound).
+# Entries of one chunk's logits by device: on a GPU 2^24 (64 MiB in fp32, 128 rows of a 128k vocabulary: matmuls of
+# M = 128 keep the tensor cores busy), on the CPU 2^19 (2 MiB) ...
 LINEAR_CHUNK_ELEMENTS = {"cuda": 1 << 24, "cpu": 1 << 19}
+# ... and rows of a chunk at least, whatever V: a chunk's matmuls read the whole head [V, D], N / C times per product
+# for chunks of C rows, and a CPU BLAS is slow on few rows: on 2 cores (AMD EPYC, fp32, D = 256, V = 32000, N = 512)
+# the logits' product took 1229 ms in chunks of 16 rows, 464 in chunks of 64, 248 in chunks of 256, and
+# fused_linear_cross_entropy forward + backward 2758 / 1164 / 1022 / 742 ms with at least 16 / 64 / 128 / 256 rows
+# (eager: 791 ms). The memory this costs is the chunk's [C, V] logits and gradient: 33 MiB each at V = 32000, 125 MiB
+# at V = 128256. On a GPU 64 rows keep the 2^24 entries above for V up to 262144.
+LINEAR_MIN_ROWS = {"cuda": 64, "cpu": 256}
 
 
 def linear_chunks(B: int, L: int, V: int, device: torch.device):
-    """(b, slice of l) index tuples of the (B, L) rows, LINEAR_CHUNK_ELEMENTS // V rows at most: they
-    index the (B, L, D) hidden states, the (B, L) per-row tensors and a (B, L, V) teacher alike."""
-    step = max(1, LINEAR_CHUNK_ELEMENTS.get(device.type, LINEAR_CHUNK_ELEMENTS["cpu"]) // V)
+    """(b, slice of l) index tuples of the (B, L) rows, ``max(LINEAR_MIN_ROWS, LINEAR_CHUNK_ELEMENTS // V)`` rows
+    at most: they index the (B, L, D) hidden states, the (B, L) per-row tensors and a (B, L, V) teacher alike."""
+    device_type = device.type if device.type in LINEAR_CHUNK_ELEMENTS else "cpu"
+    step = max(1, LINEAR_MIN_ROWS[device_type], LINEAR_CHUNK_ELEMENTS[device_type] // V)
     for b in range(B):
         for start in range(0, L, step):
             yield b, slice(start, min(L, start + step))
 
 
-def chunked_rows(hidden, weight, bias, softcap, outputs, chunk_rows):
-    """Fills the (B, L) outputs a chunk of rows at a time from ``chunk_rows(z [1, C, V], rows)``, the chunk's
-    values ``[1, C]`` per output; returns them. A chunk's logits are freed before the next chunk's are made."""
+def chunk_sweep(hidden, weight, bias, softcap, outputs, chunk_fn, grads=None):
+    """The chunked path's one loop: for each chunk of rows, its logits z (formed by one matmul), then
+    ``values, dz = chunk_fn(z [1, C, V], rows)``: ``values [1, C]`` fill the (B, L) ``outputs`` at the chunk's rows,
+    and ``dz [1, C, V]`` (the gradient of the chunk's logits, or None) goes into ``grads`` (new_grads; zeros where
+    there are no rows). A chunk's logits and dz are freed before the next chunk's are made. Returns outputs."""
+    first = True
     for rows in linear_chunks(*hidden.shape[:2], weight.shape[0], hidden.device):
-        values = chunk_rows(chunk_logits(hidden[rows], weight, bias, softcap)[0][None], rows)
+        z, t = chunk_logits(hidden[rows], weight, bias, softcap)
+        values, dz = chunk_fn(z[None], rows)
         for out, value in zip(outputs, values):
             out[rows] = value[0]
+        if dz is not None:
+            accumulate_grads(dz[0], t, hidden[rows], weight, grads, rows, first)
+            first = False
+        del z, t, dz
+    if grads is not None and first:  # N = 0
+        grads[1].zero_(), grads[2].zero_()
     return outputs
+
+
+def chunked_rows(hidden, weight, bias, softcap, outputs, chunk_rows):
+    """Fills the (B, L) outputs a chunk of rows at a time from ``chunk_rows(z [1, C, V], rows)``, the chunk's
+    values ``[1, C]`` per output; returns them."""
+    return chunk_sweep(hidden, weight, bias, softcap, outputs, lambda z, rows: (chunk_rows(z, rows), None))
 
 
 def chunked_backward(hidden, weight, bias, softcap, chunk_grad):
     """(grad_hidden, grad_weight, grad_bias or [0]) from ``chunk_grad(z [1, C, V], rows)``, the gradient of each
-    chunk's logits (formed again here), a chunk of rows at a time, freed before the next chunk's are made."""
+    chunk's logits (formed again here: the recomputation of a per-row output's backward)."""
     grads = new_grads(hidden, weight, bias)
-    for rows in linear_chunks(*hidden.shape[:2], weight.shape[0], hidden.device):
-        z, t = chunk_logits(hidden[rows], weight, bias, softcap)
-        accumulate_grads(chunk_grad(z[None], rows)[0], t, hidden[rows], weight, grads, rows)
-        del z, t
+    chunk_sweep(hidden, weight, bias, softcap, (), lambda z, rows: ((), chunk_grad(z, rows)), grads)
     return cast_grads(grads, weight, bias)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the gradient in the forward, for a scalar loss: total = sum_r w_r value_r over the rows (a reduction "sum" or "mean"
+# divides it by a constant outside). Each chunk's dz = d total / dz is formed right after its row statistics, while
+# its logits are in cache, and turned into grad_hidden [N, D] and grad_weight [V, D] (fp32, held from the forward to
+# the backward, with grad_bias [V]); the backward scales them by the scalar upstream gradient g, which is exact:
+# d(g total)/dx = g d total/dx. Three products of 2 N V D instead of four (no recomputed logits), and no second sweep.
+
+
+def chunk_row_weights(row_weight, rows, like):
+    """The chunk's row weights w [1, C] (fp32 ones without row_weight), the upstream gradient of its values."""
+    return torch.ones_like(like, dtype=torch.float32) if row_weight is None else row_weight[rows][None].float()
+
+
+def chunked_total(hidden, weight, bias, softcap, row_weight, outputs, chunk_total):
+    """(total, values, grad_hidden, grad_weight, grad_bias, *other outputs) of a scalar loss from one chunk sweep:
+    ``chunk_total(z [1, C, V], rows)`` gives the chunk's values [1, C] per output (the first: the rows' loss
+    value_r) and dz = d total / dz [1, C, V]; total = sum_r w_r value_r (w = row_weight (B, L), or 1). The gradients
+    are fp32 (grad_bias [0] without bias), to be scaled in the backward (register_total_autograd)."""
+    grads = new_grads(hidden, weight, bias, torch.float32)
+    values, *others = chunk_sweep(hidden, weight, bias, softcap, outputs, chunk_total, grads)
+    total = values.sum() if row_weight is None else (values * row_weight).sum()
+    return (total, values, *grads, *others)
+
+
+def fake_total(hidden, weight, bias, others: int):
+    """The fake of a chunked_total op: (total, values, grad_hidden, grad_weight, grad_bias, *others (B, L)), fp32."""
+    grad_bias = weight.new_empty((0 if bias is None else weight.shape[0],), dtype=torch.float32)
+    f32 = dict(dtype=torch.float32)
+    return (hidden.new_empty((), **f32), *empty_rows(hidden, 1), torch.empty_like(hidden, **f32),
+            torch.empty_like(weight, **f32), grad_bias, *empty_rows(hidden, others))  # fmt: skip
+
+
+def register_total_autograd(name: str, row_weight_index: int | None) -> None:
+    """Autograd of a chunked_total op whose inputs start (hidden, weight, bias): the backward returns the forward's
+    gradients times the scalar upstream gradient g, cast to each input's dtype, and g values to the row weights
+    (input row_weight_index). Once differentiable: a double backward raises, as the recomputing backward ops (which
+    have no autograd of their own) do."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(*output[1:5])
+        ctx.dtypes = tuple(None if x is None else x.dtype for x in inputs[:3])
+        ctx.inputs = len(inputs)
+
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_total, *_grad_others):
+        values, *grads = ctx.saved_tensors
+        result = [None] * ctx.inputs
+        for i, (grad, dtype) in enumerate(zip(grads, ctx.dtypes)):
+            if dtype is not None and ctx.needs_input_grad[i]:
+                result[i] = (grad * grad_total).to(dtype)
+        if row_weight_index is not None and ctx.needs_input_grad[row_weight_index]:
+            result[row_weight_index] = values * grad_total
+        return tuple(result)
+
+    torch.library.register_autograd(name, backward, setup_context=setup_context)
+
+
+def gradient_in_forward(reduction: str, *tensors) -> bool:
+    """Whether a chunked fused-linear loss takes the gradient in its forward: a scalar loss (reduction "sum" or
+    "mean") of which a gradient is wanted (grad mode on and one of the tensors requires it)."""
+    wanted = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return reduction != "none" and wanted
 
 
 def empty_rows(hidden, count: int):

@@ -228,6 +228,39 @@ def check_num_items(num_items, reduction: str | None = None) -> None:
         raise ValueError(f"num_items must be a positive int or a 0-d tensor, got {num_items!r}")
 
 
+def check_linear(hidden_name, hidden, weight_name, weight, bias_name, bias) -> None:
+    """hidden [..., D] and weight [V, D] float tensors on one device; bias [V] or None."""
+    for name, x in ((hidden_name, hidden), (weight_name, weight)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in LOGIT_DTYPES:
+            raise TypeError(f"{name} must have dtype float32, bfloat16 or float16, got {x.dtype}")
+    if weight.dtype != hidden.dtype or (bias is not None and bias.dtype != weight.dtype):
+        raise TypeError(f"{hidden_name}, {weight_name} and {bias_name} must have one dtype, got {hidden.dtype}, "
+                        f"{weight.dtype}" + (f", {bias.dtype}" if bias is not None else ""))  # fmt: skip
+    if hidden.dim() < 1:
+        raise ValueError(f"{hidden_name} must have shape [..., D], got {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[0] == 0 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"{weight_name} must have shape [V, D] with D = {hidden_name}.shape[-1] = {hidden.shape[-1]}, "
+            f"got {tuple(weight.shape)}"
+        )
+    if weight.device != hidden.device:
+        raise ValueError(f"{weight_name} is on {weight.device} but {hidden_name} is on {hidden.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"{bias_name} must have shape ({weight.shape[0]},) (the rows of {weight_name})")
+        if bias.device != weight.device:
+            raise ValueError(f"{bias_name} is on {bias.device} but {weight_name} is on {weight.device}")
+
+
+def check_softcap(softcap):
+    """softcap: None or a positive real (Gemma-2's final-logit soft cap)."""
+    if softcap is None:
+        return None
+    return check_real("softcap", softcap, low=0.0, high=math.inf, open_low=True)
+
+
 def _collapsible(shape, stride) -> bool:
     """Whether dims with this shape/stride can be viewed as one dim (sizes-1 dims ignored)."""
     expected = None

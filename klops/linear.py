@@ -21,15 +21,21 @@ Two paths, chosen by the backend:
   forward, needs those row statistics before any gradient entry, so it would not save the forward's extra
   sweep, would hold fp32 ``grad_hidden`` and ``grad_weight`` from the forward to the backward, and could not
   serve a loss with two upstream gradients (log-prob and entropy, or D and the label's log-prob).
-- every other backend: the chunked path (klops/_chunked.py; as Cut Cross-Entropy's recomputation, with cuBLAS
-  matmuls): rows are taken in chunks of ``C = LINEAR_CHUNK_ELEMENTS // V``; a chunk's logits ``[C, V]`` come from
-  one matmul, are swept by the chosen backend's row kernel (CUDA or the chunked torch code) and dropped, and the forward
-  keeps the row statistics only. The backward forms each chunk's logits again, turns the row gradient
-  ``dz [C, V]`` into ``grad_hidden = dz @ W`` and ``grad_weight += dz^T h`` (an fp32 accumulator, cast at the
-  end) and drops it. Extra memory: two ``[C, V]`` temporaries (logits and ``dz``; three with a teacher formed
-  from hidden states; the torch row code adds a few of at most ``TORCH_CHUNK_ELEMENTS``) and the fp32 ``[V, D]``
-  weight gradient, whatever ``N``; the same FLOPs as the fused path. A ``klops.TopK`` teacher always takes this
-  path.
+- every other backend: the chunked path (klops/_chunked.py): rows in blocks of ``C = max(LINEAR_MIN_ROWS,
+  LINEAR_CHUNK_ELEMENTS // V)`` (at least 256 rows on the CPU, 64 on a GPU: a block's matmuls read the whole
+  ``[V, D]`` head, ``ceil(N / C)`` times per product, and a CPU BLAS runs 16-row products 5x slower per row than
+  256-row ones). A block's logits ``[C, V]`` come from one matmul and are swept by the row ops of the backend the
+  call resolves (CUDA, C++ CPU or torch). A scalar loss (``reduction`` "sum" / "mean", a gradient wanted) takes the
+  gradient in that sweep: the row op's backward right after its forward gives ``dz``, then ``grad_hidden = dz @ W``
+  and ``grad_weight += dz^T h``; fp32 ``grad_hidden [N, D]``, ``grad_weight [V, D]`` (and ``grad_bias``) are held
+  from the forward to the backward, which scales them by the scalar upstream gradient (exact): 3 products of
+  ``2 N V D``, 4 with a teacher's hidden states. Per-row outputs (``reduction="none"``, log-probs and entropy,
+  ``return_lse``, the label log-probs of ``linear_divergence_and_label_logprobs``) keep row statistics and form
+  each block's logits again in the backward: 4 products, 6 with a teacher's hidden states. Extra memory: the
+  block's ``[C, V]`` logits and ``dz`` (and a teacher's logits; the torch row code adds a few temporaries of at
+  most ``TORCH_CHUNK_ELEMENTS``) and the fp32 ``[V, D]`` weight gradient, twice in the backward of a scalar loss
+  (the saved one and its scaled copy). The head is read once per block and product. A ``klops.TopK`` teacher
+  always takes this path.
 
 ``backend="auto"`` takes the fused kernels on CUDA tensors wherever Triton is usable (``torch`` on the CPU;
 the chunked CUDA path only without Triton), for every shape, because of memory, which is known without a
@@ -51,7 +57,20 @@ import math
 import torch
 
 from . import _inputs
-from ._chunked import cast_grads, chunk_logits, chunked_backward, chunked_rows, empty_rows, fake_grads
+from ._chunked import (
+    cast_grads,
+    chunk_logits,
+    chunk_row_weights,
+    chunked_backward,
+    chunked_rows,
+    chunked_total,
+    empty_rows,
+    fake_grads,
+    fake_total,
+    gradient_in_forward,
+    register_total_autograd,
+)
+from ._inputs import check_linear, check_softcap
 from .backend import resolve
 from .divergence import (
     check_divergence_options,
@@ -170,6 +189,33 @@ torch.library.register_autograd("klops::linear_logprobs", _logprobs_backward, se
 # cross-entropy
 
 
+def _cross_entropy_chunk(z, labels, label_smoothing, ignore_index, backend):
+    """(loss, lse, max, logsum) [1, C] of a chunk's logits z [1, C, V] with labels [1, C]: ``loss = (1 - eps) (lse
+    - z_y) + eps (lse - mean_v z_v)`` and ``lse = log sum_v exp z_v``, 0 on ignored rows."""
+    logp, _, max_z, logsum = logprobs_op(z, labels, 1.0, False, ignore_index, backend)
+    valid = labels != ignore_index
+    lse = torch.where(valid, max_z + logsum, 0.0)
+    loss = -(1.0 - label_smoothing) * logp
+    if label_smoothing > 0:
+        loss = loss + torch.where(valid, label_smoothing * (lse - z.float().mean(-1)), 0.0)
+    return loss, lse, max_z, logsum
+
+
+def _cross_entropy_chunk_grad(z, labels, max_z, logsum, g, g_lse, label_smoothing, ignore_index, backend):
+    """dz [1, C, V] of sum_r g_r loss_r + g_lse_r lse_r over a chunk (per-row [1, C] tensors; g_lse may be None):
+    ``g (1 - eps) (q - onehot)`` from the row kernel, plus ``q (eps g + g_lse) - eps g / V`` (a chunk-sized torch
+    pass, only with label smoothing or a gradient of lse, e.g. from z_loss)."""
+    zeros = torch.zeros_like(g)
+    dz = logprobs_backward_op(-(1.0 - label_smoothing) * g, zeros, z, labels, max_z, logsum, zeros, 1.0, False,
+                              ignore_index, backend)  # fmt: skip
+    if label_smoothing > 0 or g_lse is not None:  # + q scale - eps g / V on valid rows, in fp32
+        valid = (labels != ignore_index).float()
+        scale = (label_smoothing * g + (0.0 if g_lse is None else g_lse)) * valid
+        q = torch.exp(z.float() - (max_z + logsum)[..., None])
+        dz.add_(q.mul_(scale[..., None]).sub_((label_smoothing * g / z.shape[-1] * valid)[..., None]))
+    return dz
+
+
 @torch.library.custom_op("klops::linear_cross_entropy", mutates_args=())
 def linear_cross_entropy_op(
     hidden: torch.Tensor,
@@ -183,25 +229,21 @@ def linear_cross_entropy_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(B, L) rows -> (loss, lse, max, logsum), each (B, L) fp32: ``loss = (1 - eps) (lse - z_y) + eps (lse -
     mean_v z_v)`` and ``lse = log sum_v exp z_v`` per row, 0 for ignored rows."""
-    V = weight.shape[0]
-    if backend == "triton":
-        from .kernels import linear as fused
+    if backend != "triton":
+        return chunked_rows(
+            hidden, weight, bias, softcap, empty_rows(hidden, 4),
+            lambda z, rows: _cross_entropy_chunk(z, labels[rows][None], label_smoothing, ignore_index, backend),
+        )  # fmt: skip
+    from .kernels import linear as fused
 
-        logp, _, max_z, logsum, sum_z = fused.linear_logprobs_forward(
-            hidden, weight, bias, labels, 1.0, softcap, False, label_smoothing > 0, ignore_index
-        )
-    else:
-
-        def chunk_rows(z, rows):
-            logp, _, max_z, logsum = logprobs_op(z, labels[rows][None], 1.0, False, ignore_index, backend)
-            return logp, max_z, logsum, z.float().sum(-1) if label_smoothing > 0 else torch.zeros_like(logp)
-
-        logp, max_z, logsum, sum_z = chunked_rows(hidden, weight, bias, softcap, empty_rows(hidden, 4), chunk_rows)
+    logp, _, max_z, logsum, sum_z = fused.linear_logprobs_forward(
+        hidden, weight, bias, labels, 1.0, softcap, False, label_smoothing > 0, ignore_index
+    )
     valid = labels != ignore_index
     lse = torch.where(valid, max_z + logsum, 0.0)
     loss = -(1.0 - label_smoothing) * logp
     if label_smoothing > 0:
-        loss = loss + torch.where(valid, label_smoothing * (lse - sum_z / V), 0.0)
+        loss = loss + torch.where(valid, label_smoothing * (lse - sum_z / weight.shape[0]), 0.0)
     return loss, lse, max_z, logsum
 
 
@@ -225,31 +267,23 @@ def linear_cross_entropy_backward_op(
     ignore_index: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dz = g (1 - eps) (q - onehot) from the row kernel, plus ``q (eps g + g_lse) - eps g / V`` (a chunk-sized
-    torch pass, only with label smoothing or a gradient of lse, e.g. from z_loss)."""
-    V = weight.shape[0]
+    """(B, L) fp32 grads of loss and lse (or None) -> (grad_hidden, grad_weight, grad_bias or [0]), each chunk's
+    logits formed again (_cross_entropy_chunk_grad)."""
     if backend == "triton":  # dz = -(1 - eps) g onehot + (g + g_lse) q - eps g / V
         from .kernels import linear as fused
 
         valid = labels != ignore_index
         g = torch.where(valid, grad_loss, 0.0)
         g_lse = torch.zeros_like(g) if grad_lse is None else torch.where(valid, grad_lse, 0.0)
+        V = weight.shape[0]
         coefs = torch.stack((-(1.0 - label_smoothing) * g, g + g_lse, torch.zeros_like(g), -label_smoothing * g / V))
         grads = fused.linear_rows_backward(hidden, weight, bias, labels, max_z, logsum, coefs, 1.0, softcap)
         return cast_grads(grads, weight, bias)
-    zeros = torch.zeros_like(grad_loss)
 
     def chunk_grad(z, rows):
-        g = grad_loss[rows]
-        per_row = (-(1.0 - label_smoothing) * g, zeros[rows], labels[rows], max_z[rows], logsum[rows], zeros[rows])
-        g_logp, g_entropy, chunk_labels, *stats = (x[None] for x in per_row)
-        dz = logprobs_backward_op(g_logp, g_entropy, z, chunk_labels, *stats, 1.0, False, ignore_index, backend)
-        if label_smoothing > 0 or grad_lse is not None:  # + q scale - eps g / V on valid rows, in fp32
-            valid = (labels[rows] != ignore_index).float()
-            scale = (label_smoothing * g + (0.0 if grad_lse is None else grad_lse[rows])) * valid
-            extra = torch.exp(z[0].float() - (max_z[rows] + logsum[rows])[:, None])  # q
-            dz[0].add_(extra.mul_(scale[:, None]).sub_((label_smoothing * g / V * valid)[:, None]))
-        return dz
+        chunk_grad_lse = None if grad_lse is None else grad_lse[rows][None]
+        per_row = (labels[rows][None], max_z[rows][None], logsum[rows][None], grad_loss[rows][None])
+        return _cross_entropy_chunk_grad(z, *per_row, chunk_grad_lse, label_smoothing, ignore_index, backend)
 
     return chunked_backward(hidden, weight, bias, softcap, chunk_grad)
 
@@ -280,6 +314,40 @@ def _cross_entropy_backward(ctx, grad_loss, grad_lse, *_grad_stats):
 torch.library.register_autograd(
     "klops::linear_cross_entropy", _cross_entropy_backward, setup_context=_cross_entropy_setup_context
 )
+
+
+@torch.library.custom_op("klops::linear_cross_entropy_total", mutates_args=())
+def linear_cross_entropy_total_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    softcap: float | None,
+    label_smoothing: float,
+    z_loss: float,
+    ignore_index: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(total, rows, grad_hidden, grad_weight, grad_bias) of the chunked path for a scalar loss: the (B, L) rows'
+    ``loss + z_loss lse^2``, their sum, and its fp32 gradient formed in the same sweep (klops/_chunked.py)."""
+
+    def chunk_total(z, rows):
+        chunk_labels = labels[rows][None]
+        loss, lse, max_z, logsum = _cross_entropy_chunk(z, chunk_labels, label_smoothing, ignore_index, backend)
+        g_lse = 2.0 * z_loss * lse if z_loss > 0 else None
+        dz = _cross_entropy_chunk_grad(z, chunk_labels, max_z, logsum, torch.ones_like(loss), g_lse,
+                                       label_smoothing, ignore_index, backend)  # fmt: skip
+        return (loss + z_loss * lse.square(),), dz
+
+    return chunked_total(hidden, weight, bias, softcap, None, empty_rows(hidden, 1), chunk_total)
+
+
+@linear_cross_entropy_total_op.register_fake
+def _(hidden, weight, bias, *rest):
+    return fake_total(hidden, weight, bias, 0)
+
+
+register_total_autograd("klops::linear_cross_entropy_total", None)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -416,40 +484,48 @@ torch.library.register_autograd(
 )
 
 
+@torch.library.custom_op("klops::linear_divergence_total", mutates_args=())
+def linear_divergence_total_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    teacher_hidden: torch.Tensor | None,
+    teacher_weight: torch.Tensor | None,
+    teacher_bias: torch.Tensor | None,
+    teacher_logits: torch.Tensor | None,
+    valid: torch.Tensor,
+    row_weight: torch.Tensor | None,
+    kind: str,
+    target_is: str,
+    temperature: float,
+    coef: float,
+    softcap: float | None,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(total, D, grad_hidden, grad_weight, grad_bias, max_t, logsum_t) of the chunked path for a scalar loss:
+    the (B, L) rows' D (as linear_divergence_op's), total = sum_r w_r D_r (w = row_weight, or 1) and its fp32
+    gradient formed in the same sweep (klops/_chunked.py); max_t / logsum_t as linear_divergence_op's."""
+
+    def chunk_total(z, rows):
+        y = _teacher_chunk(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, softcap, rows)
+        options = (kind, target_is, temperature, coef, backend)
+        D, *stats, _ = divergence_op(z, y, valid[rows][None], None, *options)
+        g = chunk_row_weights(row_weight, rows, D)
+        return (D, *stats[2:4]), divergence_backward_op(g, None, z, y, valid[rows][None], None, *stats, *options)
+
+    return chunked_total(hidden, weight, bias, softcap, row_weight, empty_rows(hidden, 3), chunk_total)
+
+
+@linear_divergence_total_op.register_fake
+def _(hidden, weight, bias, *rest):
+    return fake_total(hidden, weight, bias, 2)
+
+
+register_total_autograd("klops::linear_divergence_total", 8)
+
+
 # ----------------------------------------------------------------------------------------------------
 # public functions
-
-
-def _check_linear(hidden_name, hidden, weight_name, weight, bias_name, bias) -> None:
-    """hidden [..., D] and weight [V, D] float tensors on one device; bias [V] or None."""
-    for name, x in ((hidden_name, hidden), (weight_name, weight)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype not in _inputs.LOGIT_DTYPES:
-            raise TypeError(f"{name} must have dtype float32, bfloat16 or float16, got {x.dtype}")
-    if weight.dtype != hidden.dtype or (bias is not None and bias.dtype != weight.dtype):
-        raise TypeError(f"{hidden_name}, {weight_name} and {bias_name} must have one dtype, got {hidden.dtype}, "
-                        f"{weight.dtype}" + (f", {bias.dtype}" if bias is not None else ""))  # fmt: skip
-    if hidden.dim() < 1:
-        raise ValueError(f"{hidden_name} must have shape [..., D], got {tuple(hidden.shape)}")
-    if weight.dim() != 2 or weight.shape[0] == 0 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(
-            f"{weight_name} must have shape [V, D] with D = {hidden_name}.shape[-1] = {hidden.shape[-1]}, "
-            f"got {tuple(weight.shape)}"
-        )
-    if weight.device != hidden.device:
-        raise ValueError(f"{weight_name} is on {weight.device} but {hidden_name} is on {hidden.device}")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"{bias_name} must have shape ({weight.shape[0]},) (the rows of {weight_name})")
-        if bias.device != weight.device:
-            raise ValueError(f"{bias_name} is on {bias.device} but {weight_name} is on {weight.device}")
-
-
-def _check_softcap(softcap):
-    if softcap is None:
-        return None
-    return _inputs.check_real("softcap", softcap, low=0.0, high=math.inf, open_low=True)
 
 
 def fused_linear_logprobs(
@@ -471,11 +547,11 @@ def fused_linear_logprobs(
     Labels: ``[...]`` of any integer dtype, ``ignore_index`` rows give 0 and no gradient. Returns ``logprob``
     (fp32, ``labels.shape``) or ``(logprob, entropy)``.
     """
-    _check_linear("hidden", hidden, "weight", weight, "bias", bias)
+    check_linear("hidden", hidden, "weight", weight, "bias", bias)
     labels = _inputs.as_labels("labels", labels, "hidden", hidden)
     _inputs.check_labels_in_range("labels", labels, weight.shape[0], ignore_index)
     temperature = _inputs.check_temperature(temperature)
-    softcap = _check_softcap(softcap)
+    softcap = check_softcap(softcap)
     _inputs.check_bool("return_entropy", return_entropy)
     backend = resolve("linear", backend, hidden.device)
     (hidden3,) = _inputs.as_rows(hidden)  # (B, L, D) without a copy, e.g. of hidden[:, :-1]
@@ -521,7 +597,7 @@ def fused_linear_kl(
     ``fused_kl``, with the same semantics; gradients flow to ``student_hidden``, ``student_weight`` and
     ``student_bias``, and to ``weights`` (their gradient is the per-row divergence), never to the teacher.
     """
-    _check_linear("student_hidden", student_hidden, "student_weight", student_weight, "student_bias", student_bias)
+    check_linear("student_hidden", student_hidden, "student_weight", student_weight, "student_bias", student_bias)
     V = student_weight.shape[0]
     if isinstance(teacher_hidden, TopK):
         if teacher_weight is not None or teacher_bias is not None or teacher_logits is not None:
@@ -544,7 +620,7 @@ def fused_linear_kl(
     else:
         if teacher_hidden is None or teacher_weight is None:
             raise ValueError("the teacher is missing: give teacher_hidden and teacher_weight, or teacher_logits")
-        _check_linear("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight, "teacher_bias", teacher_bias)
+        check_linear("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight, "teacher_bias", teacher_bias)
         if teacher_weight.shape[0] != V:
             raise ValueError(
                 f"vocabulary mismatch: student_weight has V={V}, teacher_weight has V={teacher_weight.shape[0]}"
@@ -561,16 +637,15 @@ def fused_linear_kl(
     kernel_kind, coef, temperature = check_divergence_options(
         kind, beta, alpha, temperature, target_is, reduction, num_items
     )
-    softcap = _check_softcap(softcap)
+    softcap = check_softcap(softcap)
     valid, weights = valid_rows_and_weights("student_hidden", student_hidden, V, labels, mask, weights, ignore_index)
-    if isinstance(teacher_hidden, TopK):
+    in_forward = gradient_in_forward(reduction, student_hidden, student_weight, student_bias)
+    if isinstance(teacher_hidden, TopK):  # always the chunked path; rows is their weighted sum when in_forward
         rows, _ = linear_topk_rows(
             student_hidden, student_weight, student_bias, teacher_hidden, valid,
-            kernel_kind, kind, coef, temperature, softcap, backend,
+            kernel_kind, kind, coef, temperature, softcap, backend, row_weight=weights, total=in_forward,
         )  # fmt: skip
-        if weights is not None:
-            rows = rows * weights.float()
-        return reduce_rows(rows, valid, reduction, num_items)
+        return reduce_rows(rows if in_forward else _weighted(rows, weights), valid, reduction, num_items)
     backend = resolve("linear", backend, student_hidden.device)
 
     # (B, L, D) and (B, L, V) views without a copy, e.g. of hidden[:, :-1] or teacher_logits[:, :-1]
@@ -581,16 +656,26 @@ def fused_linear_kl(
         student3, teacher3 = _inputs.as_rows(student_hidden, teacher_hidden)
         teacher = (teacher3, teacher_weight, teacher_bias, None)
     valid3 = valid.reshape(student3.shape[:2])
-    rows, _, _, top, log_mass, _, _ = linear_divergence_op(
-        student3, student_weight, student_bias, *teacher, valid3, None,
-        kernel_kind, target_is, temperature, coef, softcap, backend,
-    )  # fmt: skip
+    options = (kernel_kind, target_is, temperature, coef, softcap, backend)
+    in_forward = in_forward and backend != "triton"
+    if in_forward:  # the gradient in the forward; rows is their weighted sum (weights with their gradient)
+        row_weight = None if weights is None else weights.reshape(valid3.shape)
+        rows, *_, top, log_mass = linear_divergence_total_op(
+            student3, student_weight, student_bias, *teacher, valid3, row_weight, *options
+        )
+    else:
+        rows, _, _, top, log_mass, _, _ = linear_divergence_op(
+            student3, student_weight, student_bias, *teacher, valid3, None, *options
+        )
+        rows = _weighted(rows.reshape(valid.shape), weights)
     if teacher_logits is not None:  # normalized log-probs / probs, from the forward's statistics (fused_kl)
         _inputs.check_teacher_rows("teacher_logits", target_is, teacher_logits.dtype, V, valid3, top, log_mass)
-    rows = rows.reshape(valid.shape)
-    if weights is not None:
-        rows = rows * weights.float()
     return reduce_rows(rows, valid, reduction, num_items)
+
+
+def _weighted(rows, weights):
+    """rows times the per-row weights, if any."""
+    return rows if weights is None else rows * weights.float()
 
 
 def fused_linear_cross_entropy(
@@ -619,18 +704,21 @@ def fused_linear_cross_entropy(
     Gradients to ``hidden [..., D]``, ``weight [V, D]`` and ``bias [V]``. ``return_lse`` also returns the
     per-row ``lse`` ``[...]`` (0 for ignored rows), with its gradient.
     """
-    _check_linear("hidden", hidden, "weight", weight, "bias", bias)
+    check_linear("hidden", hidden, "weight", weight, "bias", bias)
     labels = _inputs.as_labels("labels", labels, "hidden", hidden)
     _inputs.check_labels_in_range("labels", labels, weight.shape[0], ignore_index)
     _inputs.check_choice("reduction", reduction, ("none", "sum", "mean"))
     label_smoothing = _inputs.check_real("label_smoothing", label_smoothing, low=0.0, high=1.0)
     z_loss = _inputs.check_real("z_loss", z_loss, low=0.0, high=math.inf)
-    softcap = _check_softcap(softcap)
+    softcap = check_softcap(softcap)
     _inputs.check_num_items(num_items, reduction)
     _inputs.check_bool("return_lse", return_lse)
     backend = resolve("linear", backend, hidden.device)
     (hidden3,) = _inputs.as_rows(hidden)
     inputs = (hidden3, weight, bias, labels.reshape(hidden3.shape[:2]))
+    if backend != "triton" and not return_lse and gradient_in_forward(reduction, hidden, weight, bias):
+        total, *_ = linear_cross_entropy_total_op(*inputs, softcap, label_smoothing, z_loss, ignore_index, backend)
+        return reduce_rows(total, labels != ignore_index, reduction, num_items)
     rows, lse, *_ = linear_cross_entropy_op(*inputs, softcap, label_smoothing, ignore_index, backend)
     rows, lse = rows.reshape(labels.shape), lse.reshape(labels.shape)
     if z_loss > 0:
@@ -661,20 +749,20 @@ def linear_divergence_and_label_logprobs(
     formed: ``(D, log q(label), log p(label))`` per row, gradients to the student's hidden, weight and bias. The
     teacher may be a ``klops.TopK`` in the ``teacher_hidden`` position (no teacher weight); then the third value
     is None."""
-    _check_linear("student_hidden", student_hidden, "student_weight", student_weight, "student_bias", student_bias)
+    check_linear("student_hidden", student_hidden, "student_weight", student_weight, "student_bias", student_bias)
     V = student_weight.shape[0]
     topk = isinstance(teacher_hidden, TopK)
     if topk and (teacher_weight is not None or teacher_bias is not None):
         raise ValueError("a TopK teacher (in the teacher_hidden position) takes no teacher_weight or bias")
     if not topk:
-        _check_linear("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight, "teacher_bias", teacher_bias)
+        check_linear("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight, "teacher_bias", teacher_bias)
         if teacher_weight.shape[0] != V or teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
             raise ValueError(
                 f"the teacher must have V={V} and the rows {tuple(student_hidden.shape[:-1])} of student_hidden, "
                 f"got V={teacher_weight.shape[0]} and rows {tuple(teacher_hidden.shape[:-1])}"
             )
     kernel_kind, coef, temperature = check_divergence_options(kind, beta, alpha, temperature, "logits", "none", None)
-    softcap = _check_softcap(softcap)
+    softcap = check_softcap(softcap)
     valid, _ = valid_rows_and_weights("student_hidden", student_hidden, V, labels, mask, None, ignore_index)
     if topk:
         rows, logp = linear_topk_rows(

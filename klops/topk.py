@@ -18,11 +18,15 @@ import torch
 
 from . import _inputs
 from ._chunked import (
+    chunk_row_weights,
     chunked_backward,
     chunked_rows,
+    chunked_total,
     empty_rows,
     fake_grads,
+    fake_total,
     log_softmax_from_stats,
+    register_total_autograd,
     row_chunks,
     row_stats,
     scaled,
@@ -430,6 +434,44 @@ def _linear_backward(ctx, grad_rows, *grad_stats_and_logp):
 torch.library.register_autograd("klops::linear_topk_divergence", _linear_backward, setup_context=_linear_setup_context)
 
 
+@torch.library.custom_op("klops::linear_topk_divergence_total", mutates_args=())
+def linear_topk_divergence_total_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    indices: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    valid: torch.Tensor,
+    row_weight: torch.Tensor | None,
+    kind: str,
+    tail: str,
+    temperature: float,
+    coef: float,
+    tail_loss: float,
+    tail_grad: float,
+    softcap: float | None,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(total, D, grad_hidden, grad_weight, grad_bias) for a scalar loss: the rows' D of linear_topk_divergence_op,
+    total = sum_r w_r D_r (w = row_weight, or 1) and its fp32 gradient formed in the same sweep (klops/_chunked.py)."""
+
+    def chunk_total(z, rows):
+        chunk = (z, indices[rows][None], teacher_logprobs[rows][None], valid[rows][None], None)
+        D, *stats, _ = topk_divergence_op(*chunk, kind, tail, temperature, coef, tail_loss, tail_grad, backend)
+        g = chunk_row_weights(row_weight, rows, D)
+        return (D,), topk_divergence_backward_op(g, None, *chunk[:2], chunk[3], None, *stats, temperature, backend)
+
+    return chunked_total(hidden, weight, bias, softcap, row_weight, empty_rows(hidden, 1), chunk_total)
+
+
+@linear_topk_divergence_total_op.register_fake
+def _(hidden, weight, bias, *rest):
+    return fake_total(hidden, weight, bias, 0)
+
+
+register_total_autograd("klops::linear_topk_divergence_total", 6)
+
+
 # ----------------------------------------------------------------------------------------------------
 # the rows of fused_kl / fused_linear_kl with a TopK teacher (their checks of every other argument done)
 
@@ -451,16 +493,22 @@ def topk_rows(student_logits, topk, valid, kind, user_kind, coef, temperature, b
 
 
 def linear_topk_rows(hidden, weight, bias, topk, valid, kind, user_kind, coef, temperature, softcap, backend,
-                     labels=None):  # fmt: skip
-    """topk_rows for the student logits softcap(hidden @ weight^T + bias), never formed."""
+                     labels=None, row_weight=None, total=False):  # fmt: skip
+    """topk_rows for the student logits softcap(hidden @ weight^T + bias), never formed; with total (a scalar loss,
+    no labels), (sum_r w_r D_r with its gradient formed in the forward, None) instead, w = row_weight [...] or 1."""
     tail_terms = renormalized_tail_terms(kind, coef, user_kind) if topk.tail == "renormalize" else (0.0, 0.0)
     indices, logprobs = sorted_topk(topk, "teacher_hidden", "student_hidden", hidden, weight.shape[0], valid)
     backend = resolve("topk", backend, hidden.device, vocab=weight.shape[0])
     hidden3, indices3, logprobs3 = _inputs.as_rows(hidden, indices, logprobs)
     rows_shape = hidden3.shape[:2]
+    options = (kind, topk.tail, temperature, coef, *tail_terms, softcap, backend)
+    if total:
+        row_weight = None if row_weight is None else row_weight.reshape(rows_shape)
+        chunked = (hidden3, weight, bias, indices3, logprobs3, valid.reshape(rows_shape), row_weight)
+        return linear_topk_divergence_total_op(*chunked, *options)[0], None
     rows, *_, logp = linear_topk_divergence_op(
         hidden3, weight, bias, indices3, logprobs3, valid.reshape(rows_shape), _row_labels(labels, rows_shape),
-        kind, topk.tail, temperature, coef, *tail_terms, softcap, backend,
+        *options,
     )  # fmt: skip
     return rows.reshape(valid.shape), logp.reshape(valid.shape)
 

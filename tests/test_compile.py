@@ -83,15 +83,19 @@ def _every_op_call(backend, gen):
     top = torch.log_softmax(y, dim=-1).topk(5, dim=-1)
     hidden, weight = randn(2, 3, D, gen=gen).requires_grad_(), randn(V, D, gen=gen).requires_grad_()
     x, on = randn(2, 5, 3, gen=gen).requires_grad_(), dict(backend=backend)
+    topk, dense = klops.TopK(top.indices, top.values), dict(teacher_logits=y, kind="reverse")
+    none, chunked = dict(reduction="none"), dict(backend="torch")
     losses = [
         klops.fused_kl(z, y, "jsd", beta=0.3, labels=labels, backend=backend),
         klops.fused_kl(z, klops.TopK(top.indices, top.values, tail="bin"), "skew_reverse", alpha=0.3, backend=backend),
         sum(klops.logprobs(z, labels, return_entropy=True, backend=backend)).sum(),
         sum(klops.forward_reverse_kl(z, y, backend=backend)).sum(),
         klops.fused_linear_logprobs(hidden, weight, labels, backend=backend).sum(),
-        klops.fused_linear_cross_entropy(hidden, weight, labels, backend=backend),
-        klops.fused_linear_kl(hidden, weight, teacher_logits=y, kind="reverse", backend=backend),
-        klops.fused_linear_kl(hidden, weight, klops.TopK(top.indices, top.values), kind="alpha", alpha=0.7, **on),
+        # a scalar loss on the chunked path (torch, cuda) forms its gradient in the forward (the *_total ops); per-row
+        # losses and the Triton backend recompute
+        *(klops.fused_linear_cross_entropy(hidden, weight, labels, **kw).sum() for kw in (on, on | none, chunked)),
+        *(klops.fused_linear_kl(hidden, weight, **dense, **kw).sum() for kw in (on, on | none, chunked)),
+        *(klops.fused_linear_kl(hidden, weight, topk, kind="alpha", alpha=0.7, **kw).sum() for kw in (on, on | none)),
         klops.sinkhorn_distill_loss(z[0], y[0], backend=backend),
         klops.sinkhorn(x=x, y=randn(2, 4, 3, gen=gen), epsilon=0.5, max_iter=4, tol=None, **on).objective.sum(),
     ]
