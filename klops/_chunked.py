@@ -217,8 +217,8 @@ def register_total_autograd(name: str, row_weight_index: int | None) -> None:
         values, *grads = ctx.saved_tensors
         result = [None] * ctx.inputs
         for i, (grad, dtype) in enumerate(zip(grads, ctx.dtypes)):
-            if dtype is not None and ctx.needs_input_grad[i]:
-                result[i] = (grad * grad_total).to(dtype)
+            if dtype is not None and ctx.needs_input_grad[i]:  # in fp32, rounded once into the input's dtype
+                result[i] = torch.mul(grad, grad_total, out=torch.empty_like(grad, dtype=dtype))
         if row_weight_index is not None and ctx.needs_input_grad[row_weight_index]:
             result[row_weight_index] = values * grad_total
         return tuple(result)
