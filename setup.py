@@ -30,8 +30,11 @@ from setuptools import setup
 BUILD_CUDA = os.environ.get("KLOPS_BUILD_CUDA", "0") == "1"
 VERSION = re.search(r'__version__ = "([^"]+)"', open(os.path.join("klops", "__init__.py")).read()).group(1)
 
-packages = ["klops", "klops.kernels"]
-package_dir = {"klops": "klops", "klops.kernels": "kernels"}
+# csrc/ goes into every wheel as klops.csrc: the headers and the CPU sources that klops/_cpu.py compiles on first
+# use (the CUDA sources stay out: klops._C is built here or not at all).
+packages = ["klops", "klops.kernels", "klops.csrc"]
+package_dir = {"klops": "klops", "klops.kernels": "kernels", "klops.csrc": "csrc"}
+package_data = {"klops.csrc": ["*.cuh", "*.h", "cpu/*.h", "cpu/*.cpp"]}
 ext_modules = []
 cmdclass = {}
 
@@ -82,4 +85,11 @@ if BUILD_CUDA:
     )
     cmdclass["build_ext"] = BuildExtension
 
-setup(version=VERSION, packages=packages, package_dir=package_dir, ext_modules=ext_modules, cmdclass=cmdclass)
+setup(
+    version=VERSION,
+    packages=packages,
+    package_dir=package_dir,
+    package_data=package_data,
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

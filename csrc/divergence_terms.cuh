@@ -57,9 +57,9 @@ inline DivergenceParams make_params(double temperature, double coef) {
 
 // log(exp(a) + exp(b)), -inf when both are -inf.
 KLOPS_DEVICE float logaddexp(float a, float b) {
-  const float mx = fmaxf(a, b);
-  const float mn = fminf(a, b);
-  return mx + logf(1.0f + expf(mn - finite_or_zero(mx)));
+  const float mx = vmax(a, b);
+  const float mn = vmin(a, b);
+  return mx + vlog(1.0f + vexp(mn - finite_or_zero(mx)));
 }
 
 struct Terms {
@@ -70,8 +70,8 @@ struct Terms {
 // Per-entry terms of the kind from lq = log q_v and lp = log p_v (either may be -inf).
 template <int KIND>
 KLOPS_DEVICE Terms divergence_terms(float lq, float lp, const DivergenceParams& k) {
-  const float q = expf(lq);
-  const float p = expf(lp);
+  const float q = vexp(lq);
+  const float p = vexp(lp);
   const bool q_pos = lq != kNegInf;
   const bool p_pos = lp != kNegInf;
   const float coef = k.coef;
@@ -93,19 +93,19 @@ KLOPS_DEVICE Terms divergence_terms(float lq, float lp, const DivergenceParams& 
     // m = alpha p + (1-alpha) q; KL(p||m); g = -(1-alpha) p/m
     const float lm = logaddexp(k.log_coef + lp, k.log_1m_coef + lq);
     t.loss = p_pos ? p * (lp - lm) : 0.0f;
-    t.a = (p_pos && q_pos) ? -(1.0f - coef) * expf(lp + lq - lm) : 0.0f;
+    t.a = (p_pos && q_pos) ? -(1.0f - coef) * vexp(lp + lq - lm) : 0.0f;
   } else if constexpr (KIND == SKEW_REVERSE) {
     // n = (1-alpha) p + alpha q; KL(q||n); g = log(q/n) + 1 - alpha q/n
     const float ln = logaddexp(k.log_1m_coef + lp, k.log_coef + lq);
     const float log_qn = q_pos ? lq - ln : 0.0f;
     t.loss = q * log_qn;
-    t.a = q * (log_qn + 1.0f - coef * expf(log_qn));
+    t.a = q * (log_qn + 1.0f - coef * vexp(log_qn));
   } else if constexpr (KIND == TV) {  // 0.5 sum |p - q|; g = 0.5 sign(q - p)
     t.loss = 0.5f * fabsf(p - q);
     t.a = 0.5f * q * (q > p ? 1.0f : (q < p ? -1.0f : 0.0f));
   } else {  // ALPHA (Amari): (1 - sum p^a q^(1-a)) / (a (1-a)); g = -u^a / a
     static_assert(KIND == ALPHA, "unknown divergence kind");
-    const float w = expf(coef * lp + (1.0f - coef) * lq);
+    const float w = vexp(coef * lp + (1.0f - coef) * lq);
     t.loss = (q - w) * k.inv_alpha_norm;
     t.a = -w * k.inv_coef;
   }
@@ -144,11 +144,11 @@ struct TeacherCheck {
   template <bool PROBS>
   KLOPS_DEVICE void push(float y, float lp) {
     if constexpr (PROBS) {
-      top = fmaxf(top, -y);
+      top = vmax(top, -y);
       mass += y;
     } else {
-      top = fmaxf(top, lp);
-      mass += expf(lp);
+      top = vmax(top, lp);
+      mass += vexp(lp);
     }
   }
 
@@ -162,7 +162,7 @@ struct TeacherCheck {
 struct TeacherCheckOp {
   KLOPS_DEVICE TeacherCheck identity() const { return {-std::numeric_limits<float>::infinity(), 0.0f}; }
   KLOPS_DEVICE TeacherCheck combine(const TeacherCheck& a, const TeacherCheck& b) const {
-    return {fmaxf(a.top, b.top), a.mass + b.mass};
+    return {vmax(a.top, b.top), a.mass + b.mass};
   }
 };
 

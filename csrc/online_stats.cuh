@@ -7,7 +7,7 @@
 #include <cmath>
 #include <limits>
 
-#include "device.cuh"
+#include "math.cuh"
 
 namespace klops {
 
@@ -36,7 +36,7 @@ struct Lse {
   }
 #endif
   KLOPS_DEVICE float max() const { return finite_or_zero(m); }
-  KLOPS_DEVICE float logsum() const { return logf(s); }
+  KLOPS_DEVICE float logsum() const { return vlog(s); }
 };
 
 // The operations on Lse for the scale c: identity, push of one raw entry, combine (block_reduce).
@@ -51,15 +51,15 @@ struct LseOp {
   KLOPS_DEVICE void push(Lse& a, float z) const {
     const bool up = z > a.m;
     const float m_new = up ? z : a.m;
-    const float e = expf(((up ? a.m : z) - finite_or_zero(m_new)) * c);
+    const float e = vexp(((up ? a.m : z) - finite_or_zero(m_new)) * c);
     a.s = up ? fmaf(a.s, e, 1.0f) : a.s + e;
     a.m = m_new;
   }
 
   KLOPS_DEVICE Lse combine(const Lse& a, const Lse& b) const {
-    const float m = fmaxf(a.m, b.m);
+    const float m = vmax(a.m, b.m);
     const float m_safe = finite_or_zero(m);
-    return {m, a.s * expf((a.m - m_safe) * c) + b.s * expf((b.m - m_safe) * c)};
+    return {m, a.s * vexp((a.m - m_safe) * c) + b.s * vexp((b.m - m_safe) * c)};
   }
 };
 
@@ -77,8 +77,8 @@ struct Entropy {
   }
 #endif
   KLOPS_DEVICE float max() const { return finite_or_zero(m); }
-  KLOPS_DEVICE float logsum() const { return logf(s); }
-  KLOPS_DEVICE float entropy() const { return logf(s) - w / s; }
+  KLOPS_DEVICE float logsum() const { return vlog(s); }
+  KLOPS_DEVICE float entropy() const { return vlog(s) - w / s; }
 };
 
 struct EntropyOp {
@@ -94,7 +94,7 @@ struct EntropyOp {
     const bool up = z > a.m;
     const float m_new = up ? z : a.m;
     const float d = ((up ? a.m : z) - finite_or_zero(m_new)) * c;
-    const float e = expf(d);
+    const float e = vexp(d);
     const float d_safe = finite_or_zero(d);
     a.w = up ? e * (a.w + d_safe * a.s) : a.w + e * d_safe;
     a.s = up ? fmaf(a.s, e, 1.0f) : a.s + e;
@@ -104,12 +104,12 @@ struct EntropyOp {
   // Both sides moved to the common max M: with r_i = exp((m_i - M) c) and the shift
   // (m_i - M) c (0 for an empty side), s = sum r_i s_i, w = sum r_i (w_i + shift_i s_i).
   KLOPS_DEVICE Entropy combine(const Entropy& a, const Entropy& b) const {
-    const float m = fmaxf(a.m, b.m);
+    const float m = vmax(a.m, b.m);
     const float m_safe = finite_or_zero(m);
     const float shift_a = a.m == kNegInf ? 0.0f : (a.m - m_safe) * c;
     const float shift_b = b.m == kNegInf ? 0.0f : (b.m - m_safe) * c;
-    const float ra = expf((a.m - m_safe) * c);
-    const float rb = expf((b.m - m_safe) * c);
+    const float ra = vexp((a.m - m_safe) * c);
+    const float rb = vexp((b.m - m_safe) * c);
     return {m, a.s * ra + b.s * rb, ra * (a.w + shift_a * a.s) + rb * (b.w + shift_b * b.s)};
   }
 };
@@ -135,7 +135,7 @@ struct Kl {
   KLOPS_DEVICE Lse lse_a() const { return {m_a, s_a}; }
   KLOPS_DEVICE Lse lse_b() const { return {m_b, s_b}; }
   // Once reduced over the row. Infinite where P_a > 0 = P_b.
-  KLOPS_DEVICE float kl() const { return acc / s_a - logf(s_a) + logf(s_b); }
+  KLOPS_DEVICE float kl() const { return acc / s_a - vlog(s_a) + vlog(s_b); }
 };
 
 struct KlOp {
@@ -158,8 +158,8 @@ struct KlOp {
     const float m_b = up_b ? b : k.m_b;
     const float x_a = ((up_a ? k.m_a : a) - finite_or_zero(m_a)) * c;  // shift_a or d_a
     const float x_b = ((up_b ? k.m_b : b) - finite_or_zero(m_b)) * c;  // shift_b or d_b
-    const float e_a = expf(x_a);
-    const float e_b = expf(x_b);
+    const float e_a = vexp(x_a);
+    const float e_b = vexp(x_b);
     const float shift_a = up_a ? finite_or_zero(x_a) : 0.0f;
     const float shift_b = up_b ? finite_or_zero(x_b) : 0.0f;
     const float d_a = up_a ? 0.0f : x_a;
@@ -178,20 +178,20 @@ struct KlOp {
   // side) and r_i = exp((m_i - M) c), s = sum_i r_i s_i per row and
   // acc = sum_i r_a,i (acc_i + (shift_a,i - shift_b,i) s_a,i). (s_a, s_b) as LseOp::combine.
   KLOPS_DEVICE Kl combine(const Kl& x, const Kl& y) const {
-    const float m_a = fmaxf(x.m_a, y.m_a);
-    const float m_b = fmaxf(x.m_b, y.m_b);
+    const float m_a = vmax(x.m_a, y.m_a);
+    const float m_b = vmax(x.m_b, y.m_b);
     const float m_a_safe = finite_or_zero(m_a);
     const float m_b_safe = finite_or_zero(m_b);
     const float shift_xa = (x.m_a - m_a_safe) * c;
     const float shift_ya = (y.m_a - m_a_safe) * c;
     const float shift_xb = (x.m_b - m_b_safe) * c;
     const float shift_yb = (y.m_b - m_b_safe) * c;
-    const float r_xa = expf(shift_xa);
-    const float r_ya = expf(shift_ya);
+    const float r_xa = vexp(shift_xa);
+    const float r_ya = vexp(shift_ya);
     // finite_or_zero: shift = -inf only for an empty side (m_i = -inf), which moves nothing
     const float dx = finite_or_zero(shift_xa) - finite_or_zero(shift_xb);
     const float dy = finite_or_zero(shift_ya) - finite_or_zero(shift_yb);
-    return {m_a, x.s_a * r_xa + y.s_a * r_ya, m_b, x.s_b * expf(shift_xb) + y.s_b * expf(shift_yb),
+    return {m_a, x.s_a * r_xa + y.s_a * r_ya, m_b, x.s_b * vexp(shift_xb) + y.s_b * vexp(shift_yb),
             move_kl_acc(x.acc, r_xa, dx, x.s_a) + move_kl_acc(y.acc, r_ya, dy, y.s_a)};
   }
 };

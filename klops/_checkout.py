@@ -1,11 +1,12 @@
-"""``klops.kernels`` in a checkout: imported first by ``klops/__init__.py``.
+"""``klops.kernels`` and ``klops.csrc`` in a checkout: imported first by ``klops/__init__.py``.
 
-setup.py installs the top-level ``kernels/`` folder as ``klops.kernels``. The folder has no ``__init__.py``: it is a
+setup.py installs the top-level ``kernels/`` folder as ``klops.kernels`` (and ``csrc/``, the C++ sources that
+klops/_cpu.py builds, as ``klops.csrc``). The folder has no ``__init__.py``: it is a
 namespace portion, so that from the repository root ``import kernels`` finds an installed ``kernels`` distribution
 (Hugging Face's, which transformers imports) rather than the folder, which a regular package outranks. A wheel holds
 the folder as ``klops/kernels/``, which the import system finds; setuptools' editable finder finds a mapped package
 only by its ``__init__.py``, and a checkout on ``sys.path`` has no ``klops/kernels/``: there ``klops.kernels`` is
-made here, a namespace package over the folder.
+made here, a namespace package over the folder. The same holds for ``klops.csrc``, which holds no Python.
 """
 
 import importlib.machinery
@@ -15,7 +16,9 @@ import sys
 
 KERNELS = __package__ + ".kernels"
 
-if importlib.util.find_spec(KERNELS) is None:
-    _spec = importlib.machinery.ModuleSpec(KERNELS, None, is_package=True)
-    _spec.submodule_search_locations = [os.path.join(os.path.dirname(os.path.dirname(__file__)), "kernels")]
-    sys.modules[KERNELS] = importlib.util.module_from_spec(_spec)
+for _folder in ("kernels", "csrc"):
+    _name = f"{__package__}.{_folder}"
+    if importlib.util.find_spec(_name) is None:
+        _spec = importlib.machinery.ModuleSpec(_name, None, is_package=True)
+        _spec.submodule_search_locations = [os.path.join(os.path.dirname(os.path.dirname(__file__)), _folder)]
+        sys.modules[_name] = importlib.util.module_from_spec(_spec)

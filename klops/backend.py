@@ -4,14 +4,19 @@ backend   runs on                          needs
 "cuda"    CUDA tensors                     the extension klops._C (KLOPS_BUILD_CUDA=1 at install)
 "triton"  CUDA tensors; CPU tensors too    triton; on the CPU only under TRITON_INTERPRET=1
           under the interpreter (tests)
+"cpu"     CPU tensors                      a C++ compiler and ninja: the C++ kernels of csrc/cpu/, built on first
+                                           use and cached (klops/_cpu.py); KLOPS_CPU_KERNELS=0 turns them off
 "torch"   any device                       nothing: chunked pure-torch fp32 math
-"auto"    on a GPU the op's first usable backend in PREFERENCES whose LIMITS hold; torch on the CPU
+"auto"    the op's first usable backend in PREFERENCES whose LIMITS hold: its GPU column on a GPU, its CPU
+          column on the CPU ("cpu" where the op has C++ CPU kernels, else "torch")
 
 resolve(op, backend, device) is the one rule that maps a call's backend to a concrete one, and
 launcher_table(...) the one way an op names its launchers per backend.
 
 klops._C is used only when it was built against this torch (major.minor) and CUDA (major): otherwise
-"auto" warns once and falls back, and "cuda" raises an error that says why and how to rebuild.
+"auto" warns once and falls back, and "cuda" raises an error that says why and how to rebuild. Likewise where the
+CPU kernels do not build (no compiler, a compiler error): "auto" warns once and takes "torch", and "cpu" raises an
+error that says why.
 """
 
 import importlib
@@ -25,7 +30,9 @@ from typing import NamedTuple
 
 import torch
 
-BACKENDS = ("auto", "cuda", "triton", "torch")
+from . import _cpu
+
+BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
 
 
 REBUILD = (
@@ -67,6 +74,7 @@ def _triton_version() -> str | None:
 CUDA_EXTENSION, CUDA_EXTENSION_PROBLEM = _load_cuda_extension()
 TRITON_VERSION = _triton_version()
 _warned_fallback = False
+_warned_cpu_fallback = False
 
 
 def triton_interpreter() -> bool:
@@ -78,25 +86,34 @@ def available_backends(device: torch.device) -> list[str]:
     names = []
     if device.type == "cuda" and CUDA_EXTENSION is not None:
         names.append("cuda")
+    if device.type == "cpu" and _cpu.problem() is None:  # the first call builds or loads the kernels
+        names.append("cpu")
     if TRITON_VERSION is not None and (device.type == "cuda" or triton_interpreter()):
         names.append("triton")
     names.append("torch")
     return names
 
 
-# The backends of each op family, in the order backend="auto" takes them on a GPU: the first one usable here
-# (available_backends) whose limit holds. On the CPU "auto" is "torch". A backend missing from an op's list is an
-# error when asked for (every op has Triton and torch kernels: only "cuda" can be missing).
+# The backends of each op family, in the order backend="auto" takes them: the first one usable here
+# (available_backends) whose limit holds, from the first column on a GPU and from the second on the CPU. A backend in
+# neither column of an op is an error when asked for ("cuda" and "cpu" are the ones an op can lack).
 PREFERENCES = {
-    "divergence": ("cuda", "triton", "torch"),  # fused_kl, divergence_and_label_logprobs
-    "logprobs": ("cuda", "triton", "torch"),
-    "topk": ("cuda", "triton", "torch"),  # a klops.TopK teacher, beside logits or hidden states
+    #             on a GPU                     on the CPU
+    "divergence": (("cuda", "triton", "torch"), ("cpu", "torch")),  # fused_kl, divergence_and_label_logprobs
+    "logprobs": (("cuda", "triton", "torch"), ("cpu", "torch")),
+    "topk": (("cuda", "triton", "torch"), ("torch",)),  # a klops.TopK teacher, beside logits or hidden states
     # The fused-linear ops: their fused Triton kernels, else the chunked path over the CUDA row kernels (memory
     # decides, see klops/linear.py).
-    "linear": ("triton", "cuda", "torch"),
-    "sinkhorn": ("triton", "torch"),
-    "kl_pair": ("triton", "torch"),  # forward_reverse_kl, akl_weights, akl_loss
+    "linear": (("triton", "cuda", "torch"), ("torch",)),
+    "sinkhorn": (("triton", "torch"), ("torch",)),
+    "kl_pair": (("triton", "torch"), ("torch",)),  # forward_reverse_kl, akl_weights, akl_loss
 }
+
+
+def op_backends(op: str) -> tuple[str, ...]:
+    """Every concrete backend op family ``op`` has kernels for, GPU column first."""
+    on_gpu, on_cpu = PREFERENCES[op]
+    return on_gpu + tuple(b for b in on_cpu if b not in on_gpu)
 
 
 class Limit(NamedTuple):
@@ -132,20 +149,22 @@ def resolve(op: str, backend: str, device: torch.device, *, name: str | None = N
     is the function the messages name (``op`` if None)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
-    prefers = PREFERENCES[op]
+    on_gpu, on_cpu = PREFERENCES[op]
     if backend == "auto":
-        if device.type != "cuda":
-            return "torch"
         usable = available_backends(device)
+        prefers = on_gpu if device.type == "cuda" else on_cpu
         chosen = next(b for b in prefers if b in usable and _fits(op, b, sizes))
-        if CUDA_EXTENSION_PROBLEM is not None:
+        if device.type == "cuda" and CUDA_EXTENSION_PROBLEM is not None:
             _warn_fallback_once(chosen)
+        if device.type != "cuda" and "cpu" in on_cpu and chosen != "cpu":
+            _warn_cpu_fallback_once(chosen)
         return chosen
-    if backend not in prefers:
-        alternatives = " or ".join(map(repr, prefers))
-        raise ValueError(f"backend={backend!r}: {name or op} has no CUDA kernels in klops._C; use {alternatives}")
+    if backend not in op_backends(op):
+        raise ValueError(_missing_kernels(backend, name or op, op_backends(op)))
     if backend == "cuda" and CUDA_EXTENSION_PROBLEM is not None:
         raise ValueError(f"backend='cuda' is not available: {CUDA_EXTENSION_PROBLEM}")
+    if backend == "cpu" and _cpu.problem() is not None:
+        raise ValueError(f"backend='cpu' is not available: {_cpu.problem()}; use backend='torch' (or 'auto')")
     usable = available_backends(device)
     if backend not in usable:
         raise ValueError(
@@ -157,11 +176,26 @@ def resolve(op: str, backend: str, device: torch.device, *, name: str | None = N
     return backend
 
 
+def _missing_kernels(backend: str, name: str, alternatives) -> str:
+    library = "CUDA kernels in klops._C" if backend == "cuda" else "C++ CPU kernels (csrc/cpu/)"
+    return f"backend={backend!r}: {name} has no {library}; use {' or '.join(map(repr, alternatives))}"
+
+
 def _warn_fallback_once(fallback: str) -> None:
     global _warned_fallback
     if not _warned_fallback and not torch.compiler.is_compiling():
         _warned_fallback = True
         warnings.warn(f"{CUDA_EXTENSION_PROBLEM}. backend='auto' uses {fallback} instead.", stacklevel=3)
+
+
+def _warn_cpu_fallback_once(fallback: str) -> None:
+    """Where the CPU kernels do not build: one warning that says why (none where KLOPS_CPU_KERNELS=0 asks for it)."""
+    global _warned_cpu_fallback
+    problem = _cpu.problem()
+    if not _warned_cpu_fallback and not torch.compiler.is_compiling() and not _cpu.switched_off():
+        _warned_cpu_fallback = True
+        warnings.warn(f"the C++ CPU kernels are not usable: {problem}. backend='auto' uses {fallback} instead.",
+                      stacklevel=3)  # fmt: skip
 
 
 def launcher_table(**by_backend: tuple):
@@ -171,6 +205,10 @@ def launcher_table(**by_backend: tuple):
     never imports triton, nor needs klops._C."""
 
     def table(backend: str) -> tuple:
+        if backend not in by_backend:  # a custom op called with a backend that resolve() would have refused
+            raise ValueError(_missing_kernels(backend, "this op", tuple(by_backend)))
+        if backend == "cpu":
+            _cpu.problem()  # loads torch.ops.klops_cpu (built and checked by resolve before any call takes "cpu")
         return tuple(pkgutil.resolve_name(f) if isinstance(f, str) else f for f in by_backend[backend])
 
     return table

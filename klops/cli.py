@@ -8,6 +8,7 @@ import sys
 import torch
 
 from . import __version__, _inputs, bench, bench_report
+from ._cpu import describe as describe_cpu_kernels
 from .backend import (
     BACKENDS,
     CUDA_EXTENSION,
@@ -55,6 +56,7 @@ def info() -> str:
             f"klops._C: built for TORCH_CUDA_ARCH_LIST={archs} ({sms}) with CUDA {CUDA_EXTENSION.cuda_version()} "
             f"against torch {CUDA_EXTENSION.torch_version()}"
         )
+    lines.append(f"CPU kernels: {describe_cpu_kernels()}")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for device in devices:
         usable = ", ".join(available_backends(device))

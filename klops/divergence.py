@@ -126,25 +126,31 @@ def _divergence_grad_rows(
 # custom ops: one op per direction, so torch.compile sees a single node and autograd a single backward.
 
 
-def _cuda_forward(student, teacher, valid, kind, target_is, temperature, coef):
-    return torch.ops.klops_C.divergence_forward(
-        student, teacher, valid, DIVERGENCE_KINDS.index(kind), TARGET_KINDS.index(target_is), temperature, coef
-    )
+def _native_launchers(namespace: str) -> tuple:
+    """(forward, backward) over ``torch.ops.<namespace>.divergence_forward`` / ``_backward``: the CUDA ops of
+    klops._C (``klops_C``) or the C++ CPU ops (``klops_cpu``), which take the kind and target as integer ids."""
 
+    def forward(student, teacher, valid, kind, target_is, temperature, coef):
+        return getattr(torch.ops, namespace).divergence_forward(
+            student, teacher, valid, DIVERGENCE_KINDS.index(kind), TARGET_KINDS.index(target_is), temperature, coef
+        )
 
-def _cuda_backward(
-    grad, grad_logp, student, teacher, valid, labels, max_q, logsum_q, max_t, logsum_t, gbar,
-    kind, target_is, temperature, coef,
-):  # fmt: skip
-    return torch.ops.klops_C.divergence_backward(
+    def backward(
         grad, grad_logp, student, teacher, valid, labels, max_q, logsum_q, max_t, logsum_t, gbar,
-        DIVERGENCE_KINDS.index(kind), TARGET_KINDS.index(target_is), temperature, coef,
-    )  # fmt: skip
+        kind, target_is, temperature, coef,
+    ):  # fmt: skip
+        return getattr(torch.ops, namespace).divergence_backward(
+            grad, grad_logp, student, teacher, valid, labels, max_q, logsum_q, max_t, logsum_t, gbar,
+            DIVERGENCE_KINDS.index(kind), TARGET_KINDS.index(target_is), temperature, coef,
+        )  # fmt: skip
+
+    return forward, backward
 
 
 _launchers = launcher_table(  # (forward, backward)
     triton=("klops.kernels.divergence:divergence_forward", "klops.kernels.divergence:divergence_backward"),
-    cuda=(_cuda_forward, _cuda_backward),
+    cuda=_native_launchers("klops_C"),
+    cpu=_native_launchers("klops_cpu"),
     torch=(divergence_forward_torch, divergence_backward_torch),
 )
 

@@ -78,6 +78,7 @@ def _logprobs_grad_rows(logits, labels, row_max, logsum, entropy, grad_logp, gra
 _launchers = launcher_table(  # (forward, backward)
     triton=("klops.kernels.logprobs:logprobs_forward", "klops.kernels.logprobs:logprobs_backward"),
     cuda=("torch:ops.klops_C.logprobs_forward", "torch:ops.klops_C.logprobs_backward"),
+    cpu=("torch:ops.klops_cpu.logprobs_forward", "torch:ops.klops_cpu.logprobs_backward"),
     torch=(logprobs_forward_torch, logprobs_backward_torch),
 )
 

@@ -16,10 +16,10 @@ from klops.reference import (
     logprobs_reference,
 )
 
-from .conftest import BACKENDS, DEVICE, GRAD_TOL, LOSS_TOL, assert_close, randn
+from .conftest import DEVICE, GRAD_TOL, LOSS_TOL, assert_close, backends_of, randn
 from .test_preference import GTOL, TOL, batch, leaf
 
-AKL_BACKENDS = [b for b in BACKENDS if b != "cuda"]  # the weights have Triton and torch kernels
+AKL_BACKENDS = backends_of("kl_pair")  # the weights have Triton and torch kernels
 
 
 def authors_ratio(student_logits, teacher_logits, mu, temperature):

@@ -16,11 +16,11 @@ import torch
 import klops
 from klops.reference import sinkhorn_distill_reference, sinkhorn_reference
 
-from .conftest import BACKENDS, DEVICE, assert_close, randn
+from .conftest import DEVICE, assert_close, backends_of, randn
 
 ot = pytest.importorskip("ot")
 
-SINKHORN_BACKENDS = [b for b in BACKENDS if b != "cuda"]  # Sinkhorn has Triton and torch kernels
+SINKHORN_BACKENDS = backends_of("sinkhorn")  # Sinkhorn has Triton and torch kernels
 # fp32 kernels against float64 (rtol, atol as a fraction of the largest value): potentials are in cost units
 # and accumulate the rounding of every iteration.
 FP32_TOL = (1e-4, 2e-5)

@@ -1,0 +1,160 @@
+// Log-softmax-gather and entropy (docs/losses.md §2) on the CPU: the twin of csrc/logprobs.cu, with the
+// same online accumulators (online_stats.cuh). With c = 1/T, q = softmax(z c) and y the label of the row:
+//
+//     log q_j = (z_j - max_z) c - logsum       logsum = log sum_v exp((z_v - max_z) c)
+//     logprob = log q_y                        d logprob / dz_j = (1[j = y] - q_j) / T
+//     entropy = -sum_v q_v log q_v             d entropy / dz_j = -q_j (log q_j + entropy) / T
+//
+// Forward: 1 sweep of the online (m, s, w) of Entropy (or (m, s) of Lse without the entropy) over the
+// row, kLanes lanes at a time; it reads 1 entry per entry and writes 4 floats per row. Backward: 1
+// sweep from the saved max_z, logsum and entropy: reads and writes 1 entry per entry. Rows whose label
+// is ignore_index get 0 in every output and a zero gradient.
+
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <tuple>
+#include <type_traits>
+
+#include "../online_stats.cuh"
+#include "rows.h"
+
+namespace klops {
+namespace cpu {
+namespace {
+
+// The label of each row, int64 or int32.
+struct Labels {
+  const at::Tensor contiguous;
+
+  int64_t operator[](int64_t row) const {
+    if (contiguous.scalar_type() == at::kInt) return contiguous.const_data_ptr<int32_t>()[row];
+    return contiguous.const_data_ptr<int64_t>()[row];
+  }
+};
+
+void check_logprobs_inputs(const at::Tensor& logits, const at::Tensor& labels) {
+  check_rows(logits, "logits");
+  check_per_row(labels, "labels", logits.sizes().slice(0, 2), {at::kLong, at::kInt});
+}
+
+// Forward of one row: (logprob, entropy, max_z, logsum); entropy 0 unless WITH_ENTROPY.
+template <bool WITH_ENTROPY>
+std::tuple<float, float, float, float> logprobs_row(const Rows& z, int64_t row, int64_t V, int64_t label,
+                                                     float c) {
+  using Op = std::conditional_t<WITH_ENTROPY, EntropyOp, LseOp>;
+  const Op op{c};
+  typename Op::Acc lanes[kLanes];
+  fill_lanes(lanes, op);
+  float buf[kBlock];
+  for (int64_t j = 0; j < V; j += kBlock) {
+    const int64_t n = std::min(kBlock, V - j);
+    const float* x = z.block(row, j, n, buf);
+    push_block(lanes, op, n, [&](typename Op::Acc& acc, int64_t i) { op.push(acc, x[i]); });
+  }
+  const auto acc = combine_lanes(lanes, op);
+  const float max_z = acc.max();
+  const float logsum = acc.logsum();
+  // A label outside [0, V) (checked in Python first) is never read: its log-prob is NaN.
+  const float z_label = 0 <= label && label < V ? z.entry(row, label) : std::numeric_limits<float>::quiet_NaN();
+  float entropy = 0.0f;
+  if constexpr (WITH_ENTROPY) entropy = acc.entropy();
+  return {(z_label - max_z) * c - logsum, entropy, max_z, logsum};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_forward(
+    const at::Tensor& logits, const at::Tensor& labels, double temperature, bool with_entropy,
+    int64_t ignore_index) {
+  check_logprobs_inputs(logits, labels);
+  const int64_t B = logits.size(0), L = logits.size(1), V = logits.size(2);
+  const auto options = logits.options().dtype(at::kFloat);
+  at::Tensor logp = at::empty({B, L}, options);
+  at::Tensor entropy = at::empty({B, L}, options);
+  at::Tensor max_z = at::empty({B, L}, options);
+  at::Tensor logsum = at::empty({B, L}, options);
+  const Rows z(logits);
+  const Labels label{labels.contiguous()};
+  const float c = static_cast<float>(1.0 / temperature);
+  float* out[4] = {logp.mutable_data_ptr<float>(), entropy.mutable_data_ptr<float>(),
+                   max_z.mutable_data_ptr<float>(), logsum.mutable_data_ptr<float>()};
+  parallel_rows(B * L, V, [&](int64_t row) {
+    std::tuple<float, float, float, float> values{0.0f, 0.0f, 0.0f, 0.0f};
+    if (label[row] != ignore_index) {
+      values = with_entropy ? logprobs_row<true>(z, row, V, label[row], c)
+                            : logprobs_row<false>(z, row, V, label[row], c);
+    }
+    std::tie(out[0][row], out[1][row], out[2][row], out[3][row]) = values;
+  });
+  return {logp, entropy, max_z, logsum};
+}
+
+// Backward of one row, with log q_j = (z_j - max_z) c - logsum:
+//   dz_j = g_logp c (1[j = y] - q_j) - g_entropy c q_j (log q_j + entropy)   (0 where q_j = 0)
+// the entropy term WITH_ENTROPY only.
+template <bool WITH_ENTROPY>
+void logprobs_grad_row(const Rows& z, const GradRows& dz, int64_t row, int64_t V, int64_t label,
+                       float max_z, float logsum, float g_logp, float g_entropy, float entropy, float c) {
+  const auto entry = [=](float zj, bool is_label) {  // by value: no alias with the stores to dz
+    const float log_q = (zj - max_z) * c - logsum;
+    const float q = vexp(log_q);
+    float out = g_logp * ((is_label ? 1.0f : 0.0f) - q);
+    if constexpr (WITH_ENTROPY) out -= g_entropy * (q > 0.0f ? q * (log_q + entropy) : 0.0f);
+    return out;
+  };
+  float in_buf[kBlock];
+  float out_buf[kBlock];
+  for (int64_t j = 0; j < V; j += kBlock) {
+    const int64_t n = std::min(kBlock, V - j);
+    const float* x = z.block(row, j, n, in_buf);
+    float* out = dz.out(row, j, out_buf);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = entry(x[i], false);
+    if (j <= label && label < j + n) out[label - j] = entry(x[label - j], true);
+    dz.store(row, j, n, out);
+  }
+}
+
+at::Tensor logprobs_backward(const at::Tensor& grad_logp, const at::Tensor& grad_entropy,
+                             const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& max_z,
+                             const at::Tensor& logsum, const at::Tensor& entropy, double temperature,
+                             bool with_entropy, int64_t ignore_index) {
+  check_logprobs_inputs(logits, labels);
+  const auto rows_shape = logits.sizes().slice(0, 2);
+  check_per_row(grad_logp, "grad_logp", rows_shape, {at::kFloat});
+  check_per_row(max_z, "max", rows_shape, {at::kFloat});
+  check_per_row(logsum, "logsum", rows_shape, {at::kFloat});
+  if (with_entropy) {  // otherwise grad_entropy and entropy are not read
+    check_per_row(grad_entropy, "grad_entropy", rows_shape, {at::kFloat});
+    check_per_row(entropy, "entropy", rows_shape, {at::kFloat});
+  }
+  const int64_t B = logits.size(0), L = logits.size(1), V = logits.size(2);
+  at::Tensor dz = at::empty({B, L, V}, logits.options());
+  const Rows z(logits);
+  const GradRows grad(dz);
+  const Labels label{labels.contiguous()};
+  const at::Tensor g_logp = grad_logp.contiguous(), max_c = max_z.contiguous(), logsum_c = logsum.contiguous();
+  const at::Tensor g_entropy = with_entropy ? grad_entropy.contiguous() : g_logp;
+  const at::Tensor entropy_c = with_entropy ? entropy.contiguous() : g_logp;
+  const float c = static_cast<float>(1.0 / temperature);
+  parallel_rows(B * L, V, [&](int64_t row) {
+    if (label[row] == ignore_index) return grad.zero(row);
+    const float args[5] = {max_c.const_data_ptr<float>()[row], logsum_c.const_data_ptr<float>()[row],
+                           g_logp.const_data_ptr<float>()[row] * c, g_entropy.const_data_ptr<float>()[row] * c,
+                           entropy_c.const_data_ptr<float>()[row]};
+    if (with_entropy) {
+      logprobs_grad_row<true>(z, grad, row, V, label[row], args[0], args[1], args[2], args[3], args[4], c);
+    } else {
+      logprobs_grad_row<false>(z, grad, row, V, label[row], args[0], args[1], args[2], 0.0f, 0.0f, c);
+    }
+  });
+  return dz;
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace klops
+
+TORCH_LIBRARY_IMPL(klops_cpu, CPU, m) {
+  m.impl("logprobs_forward", &klops::cpu::logprobs_forward);
+  m.impl("logprobs_backward", &klops::cpu::logprobs_backward);
+}

@@ -1,0 +1,36 @@
+// klops_cpu: the CPU kernels of klops as torch ops in the namespace klops_cpu, with the schemas of the
+// CUDA ops (schemas.h); the implementations are in logprobs.cpp and divergence.cpp. Built on first use
+// by klops/_cpu.py.
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstdint>
+
+#include "../schemas.h"
+#include "rows.h"
+
+namespace klops {
+namespace cpu {
+namespace {
+
+// How many threads the row kernels use for `rows` rows of V entries: the distinct threads that
+// parallel_rows hands rows to (klops/_cpu.py and tests/test_cpu.py check that they run in parallel).
+int64_t parallel_threads(int64_t rows, int64_t V) {
+  std::atomic<uint64_t> seen{0};
+  parallel_rows(rows, V, [&](int64_t) { seen |= uint64_t{1} << (at::get_thread_num() % 64); });
+  return __builtin_popcountll(seen.load());
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace klops
+
+TORCH_LIBRARY(klops_cpu, m) {
+  m.def(klops::schemas::kDivergenceForward);
+  m.def(klops::schemas::kDivergenceBackward);
+  m.def(klops::schemas::kLogprobsForward);
+  m.def(klops::schemas::kLogprobsBackward);
+  m.def("parallel_threads(int rows, int V) -> int", &klops::cpu::parallel_threads);
+}
