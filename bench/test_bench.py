@@ -4,7 +4,8 @@
     KLOPS_BENCH_FULL=1 pytest bench/ --benchmark-only
 
 Not part of the test suite (``testpaths`` is ``tests``); ``klops bench`` prints the same cases with
-peak memory and bandwidth fractions.
+peak memory and bandwidth fractions. Each pair's first call (``first_call_ms`` in its extra_info) is timed
+before the warm-ups, as ``klops bench`` times it.
 """
 
 import os
@@ -32,4 +33,6 @@ def test_forward_backward(benchmark, case, impl_name):
             torch.cuda.synchronize()
 
     benchmark.extra_info["min_bytes"] = case.min_bytes()
+    # The pair's first call, before the warm-ups: in the first pair of an op, its imports and compiles.
+    benchmark.extra_info["first_call_ms"] = bench.call_ms(step, DEVICE)
     benchmark.pedantic(step, rounds=10, warmup_rounds=2)

@@ -1,17 +1,19 @@
 """``klops bench``: check each op against the float64 reference on this machine's device, then time
-forward + backward and measure peak memory against plain PyTorch (eager and torch.compile), and against
-Liger-Kernel and Cut Cross-Entropy on the fused-linear cases they share when they are installed.
+forward + backward and measure peak memory against the baselines of ``bench_baselines``: plain PyTorch (eager and
+torch.compile), PyTorch's ``F.linear_cross_entropy`` (default and chunked) on the fused-linear cross-entropy cases,
+and Liger-Kernel and Cut Cross-Entropy on the fused-linear cases they share when they are installed.
 
 Each case reports the median time of forward + backward, the peak memory allocated above the inputs,
-and the effective bandwidth: the minimum bytes the op must move (read both inputs once, write the
-gradient once) over the time, as a fraction of this device's measured copy bandwidth.
+the effective bandwidth: the minimum bytes the op must move (read both inputs once, write the
+gradient once) over the time, as a fraction of this device's measured copy bandwidth, and the time of the
+first forward + backward call of each implementation, before its check and warm-ups (``measure``).
 """
 
 import ctypes
 import dataclasses
 import datetime
-import importlib.util
 import statistics
+import sys
 import time
 from functools import partial
 
@@ -20,7 +22,25 @@ import torch.nn.functional as F
 
 from . import bench_sinkhorn, reference
 from ._eager import compile_when_called
-from .backend import available_backends
+from .bench_baselines import (
+    SEQUENCES,
+    baseline_family,
+    eager_akl,
+    eager_dckd,
+    eager_kl,
+    eager_linear_cross_entropy,
+    eager_linear_grpo,
+    eager_linear_kl,
+    eager_linear_logprobs,
+    eager_logprobs,
+    eager_tdpo,
+    eager_topk_kl,
+    grpo_batch,
+    klops_backends,
+    lce_missing,
+    library_baselines,
+    torch_linear_cross_entropy,
+)
 from .distill import akl_loss, dckd_loss
 from .divergence import fused_kl
 from .grpo import fused_linear_grpo_loss
@@ -131,19 +151,6 @@ def cases(
     return out
 
 
-BASELINES = ("eager", "compile", "liger", "cce", "pot")
-
-
-def baseline_family(impl: str) -> str | None:
-    """What ``klops bench --baselines`` calls an implementation: eager, compile, liger, cce or pot; None for klops."""
-    if impl.startswith("klops"):
-        return None
-    for prefix, family in (("torch.compile", "compile"), ("liger", "liger"), ("cut-cross", "cce"), ("POT", "pot")):
-        if impl.startswith(prefix):
-            return family
-    return "eager"  # the plain PyTorch ways: eager ops, loops, published code
-
-
 def selected(impl: str, backends: set[str] | None, baselines: set[str] | None) -> bool:
     """Whether ``impl`` runs under ``--backends`` (concrete backend names) and ``--baselines`` (families)."""
     family = baseline_family(impl)
@@ -156,208 +163,81 @@ def selected(impl: str, backends: set[str] | None, baselines: set[str] | None) -
 # is reported FAILED and not timed. (SinKD's fp32 gradient reaches ~1e-2 at V = 32000: docs in bench_sinkhorn.)
 PASS_REL_ERR = 2e-2
 
-SEQUENCES = 4  # of the tdpo_loss / dckd_loss cases: the pairs (0, 1) and (2, 3); 0 and 2 are chosen
 
-
-# ----------------------------------------------------------------------------------------------------
-# plain PyTorch baselines (what a trainer writes without klops)
-
-
-def eager_kl(student, teacher, kind: str):
-    log_q = F.log_softmax(student.float(), dim=-1)
-    log_p = F.log_softmax(teacher.float(), dim=-1)
-    if kind == "forward":
-        return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
-    if kind == "reverse":
-        return F.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
-    log_m = torch.logsumexp(torch.stack([log_p, log_q]), dim=0) - torch.log(torch.tensor(2.0))
-    kl_pm = F.kl_div(log_m, log_p, log_target=True, reduction="batchmean")
-    kl_qm = F.kl_div(log_m, log_q, log_target=True, reduction="batchmean")
-    return 0.5 * kl_pm + 0.5 * kl_qm
-
-
-def eager_topk_rows(log_q, indices, logprobs):
-    """Per-row forward KL against a top-k teacher with a tail bin, the plain way: a gather from the full
-    log_softmax, and the student's tail as 1 - sum q_S."""
-    log_q_s = log_q.gather(-1, indices)
-    log_tail_q = torch.log(-torch.expm1(torch.logsumexp(log_q_s, dim=-1)))
-    p_s = logprobs.exp()
-    tail_p = (1 - p_s.sum(-1)).clamp(min=0)
-    return (p_s * (logprobs - log_q_s)).sum(-1) + torch.xlogy(tail_p, tail_p) - tail_p * log_tail_q
-
-
-def eager_topk_kl(student, teacher):
-    indices, logprobs, _ = teacher
-    return eager_topk_rows(F.log_softmax(student.float(), dim=-1), indices, logprobs).mean()
-
-
-def eager_tdpo(policy, inputs):
-    """TDPO2 as its authors' code computes it: both full log_softmaxes, the per-position KL, gathers."""
-    ref, labels, chosen, rejected = inputs
-    keep, idx = labels != -100, labels.clamp(min=0)[..., None]
-    log_q, log_p = F.log_softmax(policy.float(), dim=-1), F.log_softmax(ref.float(), dim=-1)
-    seq_kl = ((log_p.exp() * (log_p - log_q)).sum(-1) * keep).sum(-1)
-    margin = ((log_q.gather(-1, idx) - log_p.gather(-1, idx)).squeeze(-1) * keep).sum(-1)
-    logits = margin[chosen] - margin[rejected] - 0.5 * (seq_kl[rejected] - seq_kl[chosen].detach())
-    return -F.logsigmoid(0.1 * logits).mean()
-
-
-def eager_dckd(student, inputs):
-    """DCKD the plain way: NLL on chosen tokens plus the top-k + tail-bin KL on chosen and rejected tokens."""
-    indices, logprobs, labels, chosen = inputs
-    log_q = F.log_softmax(student.float(), dim=-1)
-    keep = labels != -100
-    nll = -log_q.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
-    kl = eager_topk_rows(log_q, indices, logprobs)
-    on_chosen, on_rejected = keep & chosen[:, None], keep & ~chosen[:, None]
-
-    def mean(x, m):
-        return (x * m).sum() / m.sum().clamp(min=1)
-
-    return mean(nll, on_chosen) + mean(kl, on_chosen) + mean(kl, on_rejected)
-
-
-def eager_akl(student, teacher):
-    """AKL as its authors' code computes it: a sort of the teacher's probabilities for the head / tail ratios,
-    then the two KLs weighted per token."""
-    log_q, log_p = F.log_softmax(student.float(), dim=-1), F.log_softmax(teacher.float(), dim=-1)
-    p, q = log_p.exp(), log_q.exp().detach()
-    p_sorted, order = p.sort(dim=-1, descending=True)
-    errors = (p_sorted - q.gather(-1, order)).abs()
-    tail = p_sorted.cumsum(-1) > 0.5
-    tail[:, 0] = False
-    s1, s2 = (errors * ~tail).sum(-1), (errors * tail).sum(-1)
-    forward, reverse = (p * (log_p - log_q)).sum(-1), (log_q.exp() * (log_q - log_p)).sum(-1)
-    return (s1 / (s1 + s2) * forward + s2 / (s1 + s2) * reverse).mean()
-
-
-def eager_logprobs(logits, labels):
-    """mean log-prob of the labels minus mean entropy (both terms negative: the check against the reference is
-    not a difference of two numbers near 10)."""
-    log_q = F.log_softmax(logits.float(), dim=-1)
-    logp = log_q.gather(-1, labels[:, None]).squeeze(-1)
-    entropy = -(log_q.exp() * log_q).sum(-1)
-    return logp.mean() - entropy.mean()
+# The backend family (klops.backend.PREFERENCES) of each op of Case.
+FAMILIES = {
+    "fused_kl": "divergence",
+    "tdpo_loss": "divergence",
+    "logprobs": "logprobs",
+    "fused_kl_topk": "topk",
+    "dckd_loss": "topk",
+    "akl_loss": "kl_pair",
+    "fused_linear_cross_entropy": "linear",
+    "fused_linear_kl": "linear",
+    "fused_linear_logprobs": "linear",
+    "fused_linear_grpo_loss": "linear",
+}
 
 
 def implementations(case: Case, device: torch.device) -> dict:
     """name -> callable(z, y_or_labels) returning a scalar loss."""
     impls = {}
+    backends = klops_backends(FAMILIES[case.op], device, vocab=case.vocab, dtype=case.dtype)
     if case.op == "fused_linear_cross_entropy":
-        for backend in available_backends(device):
+        for backend in backends:
             impls[f"klops[{backend}]"] = lambda h, y, b=backend: _klops_linear_cross_entropy(h, y, b)
         eager = eager_linear_cross_entropy
     elif case.op == "fused_linear_kl":
-        for backend in available_backends(device):
+        for backend in backends:
             impls[f"klops[{backend}]"] = lambda h, y, b=backend: _klops_linear_kl(h, y, case.kind, b)
         eager = lambda h, y: eager_linear_kl(h, y, case.kind)  # noqa: E731
     elif case.op == "fused_linear_logprobs":
-        for backend in available_backends(device):
+        for backend in backends:
             impls[f"klops[{backend}]"] = lambda h, y, b=backend: _klops_linear_logprobs(h, y, b)
         eager = eager_linear_logprobs
     elif case.op == "fused_linear_grpo_loss":
-        for backend in available_backends(device):
+        for backend in backends:
             impls[f"klops[{backend}]"] = lambda h, y, b=backend: _klops_linear_grpo(h, y, b)
         eager = eager_linear_grpo
     elif case.op == "tdpo_loss":
-        for backend in available_backends(device):
+        for backend in backends:
             impls[f"klops[{backend}]"] = lambda z, y, b=backend: tdpo_loss(z, y[0], y[1], None, *y[2:], backend=b)[0]
         eager = eager_tdpo
     elif case.op == "dckd_loss":
-        for backend in available_backends(device):
+        for backend in backends:
             impls[f"klops[{backend}]"] = lambda z, y, b=backend: dckd_loss(z, TopK(y[0], y[1]), *y[2:], backend=b)[0]
         eager = eager_dckd
     elif case.op == "akl_loss":
-        for backend in (b for b in available_backends(device) if b != "cuda"):  # Triton and torch kernels
+        for backend in backends:
             impls[f"klops[{backend}]"] = lambda z, y, b=backend: akl_loss(z, y, backend=b)
         eager = eager_akl
     elif case.op == "fused_kl_topk":
-        for backend in available_backends(device):
+        for backend in backends:
             impls[f"klops[{backend}]"] = lambda z, y, b=backend: fused_kl(
                 z, TopK(y[0], y[1]), case.kind, reduction="batchmean", backend=b
             )
-        dense = available_backends(device)[0]  # the dense op on the teacher's full logits, for comparison
+        # the dense op on the teacher's full logits, for comparison
+        dense = klops_backends("divergence", device, vocab=case.vocab, dtype=case.dtype)[0]
         impls[f"klops[{dense}] dense teacher"] = lambda z, y: fused_kl(
             z, y[2], case.kind, reduction="batchmean", backend=dense
         )
         eager = eager_topk_kl
     elif case.op == "fused_kl":
         coef = default_coefficient(case.kind)  # jsd's beta = 1/2 of eager_kl
-        for backend in available_backends(device):
+        for backend in backends:
             impls[f"klops[{backend}]"] = lambda z, y, b=backend: fused_kl(
                 z, y, case.kind, reduction="batchmean", backend=b, **coef
             )
         eager = lambda z, y: eager_kl(z, y, case.kind)  # noqa: E731
     else:
-        for backend in available_backends(device):
+        for backend in backends:
             impls[f"klops[{backend}]"] = lambda z, y, b=backend: _klops_logprobs(z, y, b)
         eager = eager_logprobs
     impls["torch eager"] = eager
     impls["torch.compile"] = compile_when_called(eager)
+    impls.update(torch_linear_cross_entropy(case))
     impls.update(library_baselines(case))
     return impls
-
-
-def library_baselines(case: Case) -> dict:
-    """The losses of Liger-Kernel (its JSD on log-probs and its fused linear JSD: forward KL at beta = 0, reverse at
-    1; its fused linear cross-entropy and chunked GRPO loss) and of Cut Cross-Entropy, for the cases they share and
-    each only if importable: name -> callable(logits or hidden, inputs) with the klops case's loss (mean over the
-    rows; batchmean for the KL)."""
-    impls = {}
-    jsd_beta = {"forward": 0.0, "reverse": 1.0, "jsd": 0.5}.get(getattr(case, "kind", None))
-    if case.op == "fused_kl" and jsd_beta is not None and importlib.util.find_spec("liger_kernel") is not None:
-        from liger_kernel.transformers import LigerJSD
-
-        liger_logits_jsd = LigerJSD(beta=jsd_beta)
-        # Liger's JSD takes log-probs: the log_softmax of both logits is part of its time and memory.
-        impls["liger-kernel (log_softmax + JSD)"] = lambda z, y: liger_logits_jsd(
-            F.log_softmax(z.float(), dim=-1), F.log_softmax(y.float(), dim=-1)
-        )
-    elif case.op == "fused_linear_cross_entropy":
-        if importlib.util.find_spec("liger_kernel") is not None:
-            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-
-            liger_ce = LigerFusedLinearCrossEntropyLoss()
-            impls["liger-kernel"] = lambda h, y: liger_ce(y[0], h, y[1])
-        if importlib.util.find_spec("cut_cross_entropy") is not None:
-            from cut_cross_entropy import linear_cross_entropy
-
-            impls["cut-cross-entropy"] = lambda h, y: linear_cross_entropy(
-                h, y[0], y[1], impl="cce" if h.is_cuda else "torch_compile"
-            )
-    elif case.op == "fused_linear_kl" and jsd_beta is not None:
-        if importlib.util.find_spec("liger_kernel") is not None:
-            from liger_kernel.transformers import LigerFusedLinearJSD
-
-            liger_jsd = LigerFusedLinearJSD(jsd_beta=jsd_beta)
-            impls["liger-kernel"] = lambda h, y: liger_jsd(h, y[0], y[1], y[2], None)
-    elif case.op == "fused_linear_grpo_loss" and importlib.util.find_spec("liger_kernel") is not None:
-        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
-
-        liger_grpo = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="dapo")
-
-        def liger(h, y):  # no old log-probs: one policy step, as the klops case
-            hidden, weight, ids, advantages, mask = _grpo_batch(h, y)
-            out = liger_grpo(hidden, weight, ids, mask, advantages)
-            return out[0] if isinstance(out, tuple) else out
-
-        impls["liger-kernel"] = liger
-    return impls
-
-
-def eager_linear_cross_entropy(hidden, weight_and_labels):
-    weight, labels = weight_and_labels
-    return F.cross_entropy((hidden @ weight.t()).float(), labels)
-
-
-def eager_linear_kl(hidden, heads, kind: str):
-    weight, teacher_hidden, teacher_weight = heads
-    return eager_kl(hidden @ weight.t(), teacher_hidden @ teacher_weight.t(), kind)
-
-
-def eager_linear_logprobs(hidden, weight_and_labels):
-    weight, labels = weight_and_labels
-    return eager_logprobs(hidden @ weight.t(), labels)
 
 
 def _klops_linear_logprobs(hidden, weight_and_labels, backend):
@@ -366,27 +246,8 @@ def _klops_linear_logprobs(hidden, weight_and_labels, backend):
     return logp.mean() - entropy.mean()
 
 
-def _grpo_batch(hidden, inputs):
-    """The fused_linear_grpo_loss case's rows as SEQUENCES sequences: (hidden [S, L, D], weight, ids [S, L],
-    advantages [S], mask [S, L] of ones)."""
-    weight, labels, advantages = inputs
-    ids = labels.view(SEQUENCES, -1)
-    return hidden.view(SEQUENCES, -1, hidden.shape[-1]), weight, ids, advantages, torch.ones_like(ids)
-
-
-def eager_linear_grpo(hidden, inputs):
-    """GRPO (dapo aggregation, one policy step: old log-probs = the detached ones) the plain way: logits,
-    log_softmax, gather, the clipped surrogate."""
-    hidden, weight, ids, advantages, mask = _grpo_batch(hidden, inputs)
-    logp = F.log_softmax((hidden @ weight.t()).float(), dim=-1).gather(-1, ids[..., None])[..., 0]
-    ratio = torch.exp(logp - logp.detach())
-    a = advantages[:, None]
-    per_token = -torch.min(ratio * a, ratio.clamp(0.8, 1.2) * a)
-    return (per_token * mask).sum() / mask.sum()
-
-
 def _klops_linear_grpo(hidden, inputs, backend):
-    return fused_linear_grpo_loss(*_grpo_batch(hidden, inputs), loss_type="dapo", backend=backend)[0]
+    return fused_linear_grpo_loss(*grpo_batch(hidden, inputs), loss_type="dapo", backend=backend)[0]
 
 
 def _klops_linear_kl(hidden, heads, kind, backend):
@@ -488,6 +349,16 @@ def time_ms(fn, device: torch.device, repeats: int) -> float:
     return statistics.median(times)
 
 
+def call_ms(fn, device: torch.device) -> float:
+    """Wall-clock milliseconds of one call of fn(), the device synchronized before and after (a first call: its
+    compiles and builds are host time that CUDA events would not see)."""
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return (time.perf_counter() - start) * 1e3
+
+
 def copy_bandwidth(device: torch.device) -> float:
     """Measured device-memory bandwidth in bytes/s: a large tensor copy (read + write)."""
     n = (1 << 28) if device.type == "cuda" else (1 << 25)
@@ -565,7 +436,7 @@ def check_against_reference(case: Case, name: str, impl, z, y) -> float:
             ref = reference.fused_kl_reference(z_r @ weight.double().t(), teacher, case.kind, reduction="batchmean")
         elif case.op == "fused_linear_grpo_loss":
             loss = impl(z_k, (weight, y[1][:rows], y[2]))
-            hidden, _, ids, advantages, mask = _grpo_batch(z_r, (weight, y[1][:rows], y[2]))
+            hidden, _, ids, advantages, mask = grpo_batch(z_r, (weight, y[1][:rows], y[2]))
             logp, _ = reference.logprobs_reference(hidden @ weight.double().t(), ids)
             ref = reference.grpo_loss_reference(logp, advantages, mask, loss_type="dapo")
         elif case.op == "fused_linear_logprobs":
@@ -628,9 +499,10 @@ def run(
     """Run every case (of the ``ops`` named, at ``shapes`` in ``dtype`` when given; the klops ``backends`` and
     baseline families named, when given). Returns the report: ``device``, ``date``, ``versions``, ``ceilings``
     (the copy bandwidth and the matmul rates measured in this run), ``repeats``, ``results`` (the rows of
-    ``measure``) and ``not_run``, the names of the cases left when ``time_limit`` seconds had passed (no case
-    starts after that; a case already started runs to its end). ``progress(i, n, name, seconds)`` is called
-    before each case."""
+    ``measure``), ``not_run``, the names of the cases left when ``time_limit`` seconds had passed (no case
+    starts after that; a case already started runs to its end), and ``skipped_baselines``, family -> why, for a
+    selected baseline family that this run's cases would use but cannot run here (lce on torch < 2.13).
+    ``progress(i, n, name, seconds)`` is called before each case."""
     repeats = (5 if quick else 20) if repeats is None else repeats
     ceilings = dict(copy_bandwidth_gbps=copy_bandwidth(device) / 1e9, matmul_tflops={})
     gen = torch.Generator().manual_seed(0)
@@ -638,8 +510,11 @@ def run(
     sinkhorn_cases = [] if shapes or dtype is not None else bench_sinkhorn.cases(device, quick)
     todo = [case for case in cases(device, quick, shapes=shapes, dtype=dtype) + sinkhorn_cases
             if ops is None or case.op in ops]  # fmt: skip
+    skipped = {}
+    if any(case.op == "fused_linear_cross_entropy" for case in todo) and (baselines is None or "lce" in baselines):
+        skipped = {"lce": lce_missing()} if lce_missing() is not None else {}
     start = time.perf_counter()
-    not_run = []
+    not_run, timed = [], set()  # timed: the (op, impl) pairs measured so far
     for index, case in enumerate(todo):
         if time_limit is not None and time.perf_counter() - start > time_limit:
             not_run = [left.name for left in todo[index:]]
@@ -648,41 +523,51 @@ def run(
             progress(index, len(todo), case.name, time.perf_counter() - start)
         if case.hidden and dtype_name(case.dtype) not in ceilings["matmul_tflops"]:
             ceilings["matmul_tflops"][dtype_name(case.dtype)] = matmul_rate(device, case.dtype) / 1e12
+        forget_compiled_code()
         sinkhorn_case = isinstance(case, bench_sinkhorn.SinkhornCase)
         z, y = case.inputs(device, gen) if sinkhorn_case else make_inputs(case, device, gen)
         for name, impl in (case.implementations(device) if sinkhorn_case else implementations(case, device)).items():
             if selected(name, backends, baselines):
-                results += measure(case, name, impl, z, y, device, repeats, ceilings)
+                results += measure(case, name, impl, z, y, device, repeats, ceilings, (case.op, name) not in timed)
+                timed.add((case.op, name))
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     return dict(device=device_name(device), date=date, versions=versions(), ceilings=ceilings, repeats=repeats,
-                results=results, not_run=not_run)  # fmt: skip
+                results=results, not_run=not_run, skipped_baselines=skipped)  # fmt: skip
+
+
+def forget_compiled_code() -> None:
+    """Drop what torch.compile made for earlier cases, so that each case compiles its own. Dynamo keeps compiled code
+    per Python function and compiles one function at most ``torch._dynamo.config.recompile_limit`` times (8), then
+    runs it eagerly with only a log warning: in a cpu-sweep run the torch.compile baseline of fused_kl (3 kinds x 5
+    shapes of one function) was eager PyTorch from its 9th case on. Nothing to drop before dynamo is imported."""
+    if "torch._dynamo" in sys.modules:
+        torch._dynamo.reset()
 
 
 PASSES = ("forward", "forward+backward")
 
 
-def measure(case, name: str, impl, z, y, device: torch.device, repeats: int, ceilings: dict) -> list[dict]:
-    """The result rows of one implementation of a case. Each implementation is first checked against float64 (but
+def measure(
+    case, name: str, impl, z, y, device: torch.device, repeats: int, ceilings: dict, first_of_op: bool = True
+) -> list[dict]:
+    """The result rows of one implementation of a case. Its first call is timed (``first_call_ms``): one forward +
+    backward on the case's inputs, before anything else of this measurement, with whatever that call sets off
+    (imports, a torch.compile, Triton JIT compiles and autotuning, an extension built on first use) and the
+    compute of one step. ``first_of_op``: whether no earlier case of this op in this process ran the implementation,
+    so that this call pays the op's one-time costs; a later case pays only what its new shape sets off (torch.compile
+    with dynamic=False compiles per shape). Costs that ops share (importing torch._dynamo, building an extension)
+    fall on the first op that runs them. Then each implementation is checked against float64 (but
     ``torch.compile``, which runs the function checked as ``torch eager``: compiling it again for the check's
     smaller shape would only add a compile; and the Sinkhorn baselines, whose stopping rules and gradients are their
     own): one row with ``correct`` False and no time if it disagrees. Then one row per pass (forward, forward+backward):
     ``op``, ``impl``, ``case``, ``shape``, ``dtype``, ``pass``, ``time_ms``, ``peak_mem_mib`` and the achieved rate,
     ``gb_per_s`` with its ``bandwidth_fraction`` of the copy bandwidth, or for fused-linear ops ``tflop_per_s`` with
-    its ``flops_fraction`` of the matmul rate; ``correct`` (None where not checked) and ``rel_err``. A pass that raises
-    (OOM, an unsupported case) is a row with ``error`` instead."""
+    its ``flops_fraction`` of the matmul rate; ``correct`` (None where not checked) and ``rel_err``; the
+    forward+backward row also ``first_call_ms`` and ``first_of_op``. A pass that raises (OOM, an unsupported case) is
+    a row with ``error`` instead."""
     common = dict(op=case.op, impl=name, case=case.name, shape=case.shape, dtype=dtype_name(case.dtype), correct=None)
     if case.op in ("fused_kl", "fused_kl_topk", "fused_linear_kl"):
         common["kind"] = case.kind
-    sinkhorn_case = isinstance(case, bench_sinkhorn.SinkhornCase)
-    if name.startswith("klops") or not (sinkhorn_case or baseline_family(name) == "compile"):
-        check = case.check if sinkhorn_case else partial(check_against_reference, case)
-        try:
-            common["rel_err"] = check(name, impl, z, y)
-        except Exception as error:
-            return [dict(common, error=error_text(error), **{"pass": PASSES[1]})]
-        common["correct"] = common["rel_err"] <= PASS_REL_ERR
-        if not common["correct"]:  # a kernel that disagrees with the reference is not timed
-            return [dict(common, **{"pass": PASSES[1]})]
     z_grad = z.detach().requires_grad_()
 
     def forward():
@@ -692,9 +577,24 @@ def measure(case, name: str, impl, z, y, device: torch.device, repeats: int, cei
         forward().backward()
         z_grad.grad = None
 
+    last = {"pass": PASSES[1], "first_of_op": first_of_op}  # the forward+backward row's own fields
+    try:
+        last["first_call_ms"] = call_ms(forward_backward, device)
+    except Exception as error:  # the same error is the check's or the timed passes' row
+        last["first_call_error"] = error_text(error)
+    sinkhorn_case = isinstance(case, bench_sinkhorn.SinkhornCase)
+    if name.startswith("klops") or not (sinkhorn_case or baseline_family(name) == "compile"):
+        check = case.check if sinkhorn_case else partial(check_against_reference, case)
+        try:
+            common["rel_err"] = check(name, impl, z, y)
+        except Exception as error:
+            return [dict(common, error=error_text(error), **last)]
+        common["correct"] = common["rel_err"] <= PASS_REL_ERR
+        if not common["correct"]:  # a kernel that disagrees with the reference is not timed
+            return [dict(common, **last)]
     rows = []
     for pass_name, step in zip(PASSES, (forward, forward_backward)):
-        row = dict(common, **{"pass": pass_name})
+        row = dict(common, **(last if pass_name == PASSES[1] else {"pass": pass_name}))
         rows.append(row)
         try:
             row["time_ms"] = time_ms(step, device, repeats)

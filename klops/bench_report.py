@@ -3,7 +3,7 @@
 The JSON report (``write_json``) is ``bench.run``'s dict as is: top level ``device``, ``date``, ``versions``,
 ``ceilings`` (``copy_bandwidth_gbps``, ``matmul_tflops`` per dtype, both measured in the run), ``repeats``; one
 object per case, implementation and pass in ``results`` (the fields are listed in ``bench.measure``); ``not_run``,
-the cases a time limit left out.
+the cases a time limit left out; ``skipped_baselines``, family -> why it could not run here.
 """
 
 import importlib.util
@@ -30,16 +30,22 @@ def format_table(report: dict) -> str:
         "of 2 N V D, 4 with a teacher head) as a fraction of the matmul rate. rel err: the larger of the loss's and "
         "the gradient's error against float64 (torch.compile: not checked, it runs the eager function; nor the "
         "Sinkhorn baselines, which stop their own way); an implementation beyond 2e-2 is FAILED and not timed.",
+        "1st call ms: the implementation's first forward + backward on the case's inputs, before its check and "
+        "warm-ups (wall clock, synchronized): one step plus whatever that call sets off. In the first case of each op "
+        "(listed after the table) that is the one-time cost: imports, torch.compile's compile, Triton's JIT and "
+        "autotuning, an extension built on first use; in later cases only what the new shape sets off (torch.compile "
+        "compiles again per shape). Costs shared between ops fall on the first op to run them.",
     ]
     if report["device"].startswith("cpu"):
         lines.append(
-            "On the CPU only klops's torch backend runs: the portable fallback that bounds memory, not the GPU "
-            "kernels; it is expected to be slower than eager PyTorch here and to hold less memory."
+            "On the CPU klops[torch] is the portable fallback that bounds memory, not the GPU kernels; it is "
+            "expected to be slower than eager PyTorch here and to hold less memory."
         )
     lines += [
         "",
-        "| case | impl | fwd ms | fwd+bwd ms | peak MiB | rate (fwd+bwd) | of ceiling | rel err vs fp64 |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| case | impl | fwd ms | fwd+bwd ms | 1st call ms | peak MiB | rate (fwd+bwd) | of ceiling "
+        "| rel err vs fp64 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for (case, impl), rows in _by_case_and_impl(report["results"]).items():
         rows = {row["pass"]: row for row in rows}
@@ -47,16 +53,39 @@ def format_table(report: dict) -> str:
         err = f"{last['rel_err']:.1e}" if "rel_err" in last else ""
         err = "(as eager)" if impl.startswith("torch.compile") else err
         if last["correct"] is False:
-            lines.append(f"| {case} | {impl} | FAILED the reference check (not timed) | | | | | {err} |")
+            lines.append(f"| {case} | {impl} | FAILED the reference check (not timed) | | | | | | {err} |")
             continue
         times = [_time_cell(rows.get(pass_name, {})) for pass_name in ("forward", "forward+backward")]
+        times.append(f"{last['first_call_ms']:.1f}" if "first_call_ms" in last else "")
         peaks = " / ".join(f"{row['peak_mem_mib']:.1f}" for row in rows.values() if "peak_mem_mib" in row)
         rate, fraction = _rate(last)
         lines.append(f"| {case} | {impl} | {' | '.join(times)} | {peaks} | {rate} | {fraction} | {err} |")
+    lines += _first_calls(report["results"])
+    for family, why in report.get("skipped_baselines", {}).items():
+        lines += ["", f"Baseline {family} not run: {why}."]
     if report["not_run"]:
         lines += ["", f"Not run (the time limit had passed): {len(report['not_run'])} case(s): "
                   + "; ".join(report["not_run"]) + "."]  # fmt: skip
     return "\n".join(lines)
+
+
+def _first_calls(results: list[dict]) -> list[str]:
+    """Lines stating each op's first-call latency per implementation: the first case of the op in the run."""
+    first = {}
+    for row in results:
+        if row["pass"] == "forward+backward" and row.get("first_of_op") and "first_call_ms" in row:
+            first.setdefault(row["op"], []).append(row)
+    if not first:
+        return []
+    lines = ["", "First call of each op in this process (forward + backward at its first case's shape, ms; in brackets "
+             "the steady-state time of the same call):"]  # fmt: skip
+    for op, rows in first.items():
+        calls = []
+        for row in rows:
+            steady = f" ({row['time_ms']:.0f})" if "time_ms" in row else ""
+            calls.append(f"{row['impl']} {row['first_call_ms']:.0f}{steady}")
+        lines.append(f"- {op} ({rows[0]['case']}): {', '.join(calls)}")
+    return lines
 
 
 def _by_case_and_impl(results: list[dict]) -> dict:

@@ -23,7 +23,7 @@ import torch
 
 from . import reference
 from ._eager import compile_when_called
-from .backend import available_backends
+from .bench_baselines import klops_backends
 from .sinkhorn import sinkhorn, sinkhorn_distill_loss
 
 SINKHORN_ITERATIONS = 50
@@ -76,7 +76,7 @@ class SinkhornCase:
         ).to(device, self.dtype)
 
     def implementations(self, device: torch.device) -> dict:
-        backends = [b for b in available_backends(device) if b != "cuda"]
+        backends = klops_backends("sinkhorn", device, dtype=self.dtype)
         if self.op == "sinkhorn":
             epsilon = 0.05 * self.size  # squared distances of unit normals are ~2 d
             impls = {f"klops[{b}]": lambda x, y, b=b: _klops_sinkhorn(x, y, epsilon, b) for b in backends}

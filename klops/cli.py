@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from . import __version__, _inputs, bench, bench_report
+from . import __version__, _inputs, bench, bench_baselines, bench_report
 from ._cpu import describe as describe_cpu_kernels
 from .backend import (
     BACKENDS,
@@ -187,8 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     bench_parser.add_argument("--dtype", default=None, choices=tuple(bench.DTYPES), help="the inputs' dtype")
     bench_parser.add_argument("--backends", default=None, help=f"klops backends to time, of {', '.join(BACKENDS)}")
     bench_parser.add_argument(
-        "--baselines", default=None, help=f"baselines to time, of {', '.join(bench.BASELINES)} (default: all found)"
-    )
+        "--baselines", default=None,
+        help=f"baselines to time, of {', '.join(bench_baselines.BASELINES)} (default: all found): eager PyTorch, "
+        "torch.compile of it, torch.nn.functional.linear_cross_entropy (default and chunked; torch 2.13+), "
+        "Liger-Kernel, Cut Cross-Entropy, POT",
+    )  # fmt: skip
     bench_parser.add_argument(
         "--out", default=None, metavar="DIR",
         help="write the report to DIR: <date>-<device>.json (every measurement and the versions), .md (the table "
@@ -213,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         ops = bench_ops(args.ops)
         shapes = bench_shapes(args.shapes)
         backends = bench_backends(args.backends, device)
-        baselines = bench_names(args.baselines, "baselines", bench.BASELINES)
+        baselines = bench_names(args.baselines, "baselines", bench_baselines.BASELINES)
     except ValueError as error:
         print(f"klops bench: error: {error}", file=sys.stderr)
         return 2

@@ -7,14 +7,16 @@ import pytest
 import torch
 
 import klops
-from klops import bench, bench_report, bench_sinkhorn, cli
+from klops import bench, bench_baselines, bench_report, bench_sinkhorn, cli
+from klops.backend import resolve
 
 
 def test_info(capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("klops-kernels ") and "(import klops)" in out and f"torch {torch.__version__}" in out
-    assert "backends on cpu: " in out and "(auto: torch)" in out and "klops._C: " in out
+    auto = resolve("divergence", "auto", torch.device("cpu"))
+    assert "backends on cpu: " in out and f"(auto: {auto})" in out and "klops._C: " in out
     assert "label check: CPU tensors on the host; GPU tensors by a device-side assertion, no host sync" in out
 
 
@@ -37,6 +39,10 @@ def test_bench_checks_and_reports(tmp_path, monkeypatch, capsys):
     report = json.loads(out_json.read_text())
     impls = {row["impl"] for row in report["results"]}
     assert {"klops[torch]", "torch eager", "torch.compile", "torch loop"} <= impls
+    lce = {"F.linear_cross_entropy", "F.linear_cross_entropy chunked"}  # checked against float64 below
+    assert (lce <= impls) == (bench_baselines.lce_missing() is None) and report["skipped_baselines"] == (
+        {} if bench_baselines.lce_missing() is None else {"lce": bench_baselines.lce_missing()}
+    )
     assert ("POT (ot.sinkhorn, log)" in impls) == (importlib.util.find_spec("ot") is not None)  # where installed
     passes = {}
     for row in report["results"]:
@@ -44,6 +50,10 @@ def test_bench_checks_and_reports(tmp_path, monkeypatch, capsys):
         assert ROW_FIELDS <= row.keys() and row["shape"]["N" if "N" in row["shape"] else "n"] > 0, row
         assert row["op"] == row["case"].split()[0] and row["dtype"] == "float32"
         passes.setdefault((row["case"], row["impl"]), []).append(row["pass"])
+        if row["pass"] == "forward+backward":  # the first call: before the check and the warm-ups
+            assert row["first_call_ms"] > 0 and row["first_of_op"] is True, row
+        else:
+            assert "first_call_ms" not in row and "first_of_op" not in row, row
         assert row["time_ms"] > 0 and row["peak_mem_mib"] >= 0
         baseline_unchecked = row["impl"].startswith("torch.compile") or row["op"].startswith("sinkhorn")
         if row["impl"].startswith("klops") or not baseline_unchecked:
@@ -61,6 +71,10 @@ def test_bench_checks_and_reports(tmp_path, monkeypatch, capsys):
     assert report["ceilings"]["matmul_tflops"]["float32"] > 0 and report["ceilings"]["copy_bandwidth_gbps"] > 0
     assert report["versions"]["torch"] == torch.__version__ and report["versions"]["klops"] == klops.__version__
     assert report["date"].startswith("20") and report["repeats"] == 1 and report["device"].startswith("cpu")
+    assert "| fwd+bwd ms | 1st call ms | peak MiB |" in table and "First call of each op in this process" in table
+    (first_ce,) = [line for line in table.splitlines() if line.startswith("- fused_linear_cross_entropy (")]
+    assert first_ce.startswith("- fused_linear_cross_entropy (fused_linear_cross_entropy N=4 V=96 D=16 float32): ")
+    assert ", torch eager " in first_ce and ("F.linear_cross_entropy chunked " in first_ce) == (lce <= impls)
 
 
 # The fields of every timed row of klops bench's JSON report (issue 20's schema).
@@ -138,8 +152,8 @@ def test_bench_absent_and_failing_baselines(monkeypatch, capsys):
     that raises (here in its backward) is an error row for that pass, with the forward still timed. Neither fails the
     run."""
     case = bench.Case("fused_linear_cross_entropy", 4, 96, torch.float32, hidden=16)
-    monkeypatch.setattr(bench.importlib.util, "find_spec", lambda name: None)
-    assert bench.library_baselines(case) == {}
+    monkeypatch.setattr(bench_baselines.importlib.util, "find_spec", lambda name: None)
+    assert bench_baselines.library_baselines(case) == {}
     monkeypatch.setattr(bench, "cases", lambda device, quick, **_: [bench.Case("logprobs", 4, 96, torch.float32)])
     monkeypatch.setattr(bench_sinkhorn, "cases", lambda device, quick: [])
     real = bench.implementations
@@ -283,7 +297,8 @@ def test_bench_shapes_dtype_backends_baselines_and_out(monkeypatch, tmp_path, ca
     captured = capsys.readouterr()
     assert "wrote " in captured.out and "[1/2] 0:00 logprobs N=4 V=96 float32" in captured.err
     rows = json.loads(report.read_text())["results"]
-    assert {row["impl"] for row in rows} == {"klops[torch]", "torch eager"}
+    auto = resolve("divergence", "auto", torch.device("cpu"))  # what --backends auto times
+    assert {row["impl"] for row in rows} == {f"klops[{auto}]", "torch eager"}
     assert {row["case"] for row in rows} == {"logprobs N=4 V=96 float32",
                                              "fused_linear_cross_entropy N=4 V=96 D=16 float32"}  # fmt: skip
 
@@ -298,7 +313,7 @@ def test_bench_cases_at_shapes():
 @pytest.mark.parametrize("args, message", [
     (["--shapes", "llama"], "--shapes takes presets (llama3-8b"), (["--shapes", "64,0"], "N,V[,D] with positive"),
     (["--backends", "cuda"], "--backends cuda: usable on cpu here: "), (["--backends", "tpu"], "--backends takes"),
-    (["--baselines", "eager,deepspeed"], "--baselines takes a comma-separated list of eager, compile, liger"),
+    (["--baselines", "eager,deepspeed"], "--baselines takes a comma-separated list of eager, compile, lce, liger"),
 ])  # fmt: skip
 def test_bench_rejects_bad_selection(args, message, capsys):
     assert cli.main(["bench", "--device", "cpu", *args]) == 2
@@ -307,8 +322,59 @@ def test_bench_rejects_bad_selection(args, message, capsys):
 
 def test_bench_baseline_families():
     names = ("klops[triton]", "torch eager", "torch.compile", "liger-kernel", "cut-cross-entropy",
-             "POT (ot.sinkhorn, log)", "torch loop", "torch eager (published)")  # fmt: skip
+             "POT (ot.sinkhorn, log)", "torch loop", "torch eager (published)",
+             "F.linear_cross_entropy chunked")  # fmt: skip
     families = {name: bench.baseline_family(name) for name in names}
-    assert list(families.values()) == [None, "eager", "compile", "liger", "cce", "pot", "eager", "eager"]
+    assert list(families.values()) == [None, "eager", "compile", "liger", "cce", "pot", "eager", "eager", "lce"]
+    assert set(families.values()) - {None} == set(bench_baselines.BASELINES)
     assert bench.selected("klops[torch] dense teacher", {"torch"}, None)
     assert not bench.selected("klops[triton]", {"torch"}, None) and not bench.selected("torch.compile", None, {"eager"})
+
+
+def test_bench_first_calls_per_op(monkeypatch, tmp_path):
+    """Each implementation's first call is timed in every case; first_of_op marks the op's first case in the process
+    (the one that pays imports and compiles), and the table lists those first calls per op. Each case starts with
+    torch.compile's code dropped (dynamo recompiles one function at most 8 times, then runs it eagerly)."""
+    import torch._dynamo
+
+    tiny = [bench.Case("logprobs", 4, 96, torch.float32), bench.Case("logprobs", 8, 96, torch.float32),
+            bench.Case("fused_kl", 4, 96, torch.float32)]  # fmt: skip
+    monkeypatch.setattr(bench, "cases", lambda device, quick, **_: tiny)
+    monkeypatch.setattr(bench_sinkhorn, "cases", lambda device, quick: [])
+    resets = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(True))
+    report = bench.run(torch.device("cpu"), quick=True, repeats=1, backends={"torch"}, baselines={"eager"})
+    assert len(resets) == len(tiny)
+    last = [row for row in report["results"] if row["pass"] == "forward+backward"]
+    assert all(row["first_call_ms"] > 0 for row in last)
+    assert {(row["case"], row["impl"]) for row in last if row["first_of_op"]} == {
+        (case.name, impl) for case in (tiny[0], tiny[2]) for impl in ("klops[torch]", "torch eager")
+    }
+    table = bench_report.format_table(report)
+    assert f"- logprobs ({tiny[0].name}): klops[torch] " in table and f"- fused_kl ({tiny[2].name}): " in table
+    assert tiny[1].name not in table.split("First call of each op")[1]
+
+
+def test_bench_lce_baseline_checked_or_skipped(monkeypatch):
+    """torch's F.linear_cross_entropy, default and chunked, agrees with float64 on a fused-linear CE case where the
+    chunked mode cuts the rows (4 rows, V / D = 6: chunks of 1 row); on a torch without it (2.11, 2.12), neither is
+    listed and the report says why."""
+    case = bench.Case("fused_linear_cross_entropy", 4, 96, torch.float32, hidden=16)
+    z, y = bench.make_inputs(case, torch.device("cpu"), torch.Generator().manual_seed(0))
+    baselines = bench_baselines.torch_linear_cross_entropy(case)
+    if bench_baselines.lce_missing() is None:
+        assert list(baselines) == ["F.linear_cross_entropy", "F.linear_cross_entropy chunked"]
+        for name, impl in baselines.items():
+            assert bench.check_against_reference(case, name, impl, z, y) < 1e-5, name
+            assert bench.baseline_family(name) == "lce"
+    monkeypatch.delattr(torch.nn.functional, "linear_cross_entropy", raising=False)
+    assert bench_baselines.torch_linear_cross_entropy(case) == {}
+    assert "has no torch.nn.functional.linear_cross_entropy (new in torch 2.13)" in bench_baselines.lce_missing()
+    monkeypatch.setattr(bench, "cases", lambda device, quick, **_: [case])
+    monkeypatch.setattr(bench_sinkhorn, "cases", lambda device, quick: [])
+    report = bench.run(torch.device("cpu"), quick=True, repeats=1, backends={"torch"}, baselines={"eager", "lce"})
+    assert report["skipped_baselines"] == {"lce": bench_baselines.lce_missing()}
+    assert {row["impl"] for row in report["results"]} == {"klops[torch]", "torch eager"}
+    assert f"Baseline lce not run: {bench_baselines.lce_missing()}." in bench_report.format_table(report)
+    report = bench.run(torch.device("cpu"), quick=True, repeats=1, backends={"torch"}, baselines={"eager"})
+    assert report["skipped_baselines"] == {}
