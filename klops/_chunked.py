@@ -113,7 +113,7 @@ def new_grads(hidden, weight, bias, hidden_dtype=None):
 
 
 # Entries of one chunk's logits by device: on a GPU 2^24 (64 MiB in fp32, 128 rows of a 128k vocabulary: matmuls of
-# M = 128 keep the tensor cores busy), on the CPU 2^19 (2 MiB) ...
+# M = 128 keep the tensor cores busy), on the CPU 2^19 (2 MiB; with the floor below it decides only where V < 2048) ...
 LINEAR_CHUNK_ELEMENTS = {"cuda": 1 << 24, "cpu": 1 << 19}
 # ... and rows of a chunk at least, whatever V: a chunk's matmuls read the whole head [V, D], N / C times per product
 # for chunks of C rows, and a CPU BLAS is slow on few rows: on 2 cores (AMD EPYC, fp32, D = 256, V = 32000, N = 512)

@@ -41,9 +41,10 @@ Two paths, chosen by the backend:
 the chunked CUDA path only without Triton), for every shape, because of memory, which is known without a
 GPU: the fused path's extra memory is the fp32 ``grad_hidden`` ``[N, D]`` and an fp32 buffer of
 ``GRAD_WEIGHT_ROWS`` (8192) weight rows (384 MiB at N = 16384, D = 4096), where the chunked path holds an
-fp32 ``[V, D]`` weight-gradient accumulator (2 GiB at V = 128256) and two ``[C, V]`` chunk temporaries
-(128 MiB). The fused path also saves the row kernels' reads and writes of those chunks (about ``6 N V``
-bytes in bf16); the chunked path runs its matmuls at cuBLAS rates without atomics. Neither has been timed
+fp32 ``[V, D]`` weight gradient (2 GiB at V = 128256; for a scalar loss held from the forward to the backward, with
+fp32 ``grad_hidden``) and two ``[C, V]`` chunk temporaries (128 MiB). The fused path also saves the row kernels'
+reads and writes of those chunks (about ``6 N V`` bytes in bf16); the chunked path runs its matmuls at cuBLAS rates
+without atomics, and a scalar loss there needs 3 products where the fused path does 4. Neither has been timed
 on a GPU yet: ``klops bench`` runs both (``klops[triton]``, ``klops[cuda]``) beside Liger-Kernel and Cut
 Cross-Entropy, and its first GPU run decides whether ``auto`` should take the chunked path for some shapes.
 
