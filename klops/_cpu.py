@@ -21,10 +21,12 @@ import shutil
 
 import torch
 
+from .kernels.kinds import DIVERGENCE_KINDS
+
 OFF = "KLOPS_CPU_KERNELS"
 CACHE = "KLOPS_CACHE_DIR"
 HEADERS = ("device.cuh", "math.cuh", "online_stats.cuh", "divergence_terms.cuh", "schemas.h", "cpu/rows.h")
-SOURCES = ("cpu/ops.cpp", "cpu/logprobs.cpp", "cpu/divergence.cpp")
+SOURCES = ("cpu/ops.cpp", "cpu/logprobs.cpp", "cpu/divergence.cpp", "cpu/topk.cpp")
 CAPABILITY_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma"],
     "AVX2": ["-mavx2", "-mfma"],
@@ -76,7 +78,10 @@ def _build_and_load() -> str | None:
         return f"no C++ compiler: {compiler!r} (CXX) is not found"
     if shutil.which("ninja") is None:
         return "ninja is not found (pip install ninja)"
-    name = f"klops_cpu_{cache_key()}"
+    try:
+        name = f"klops_cpu_{cache_key()}"
+    except OSError as error:  # a source missing from the checkout or the wheel
+        return f"the CPU kernels' sources are incomplete ({error})"
     folder = cache_dir() / name
     library = folder / f"{name}.so"
     try:
@@ -110,6 +115,26 @@ def describe() -> str:
         return f"not used: {problem()}"
     name = f"klops_cpu_{cache_key()}"
     return f"{cache_dir() / name / name}.so ({torch.backends.cpu.get_cpu_capability()}: {' '.join(flags())})"
+
+
+def topk_divergence_forward(student, indices, teacher_logprobs, valid, kind, tail, temperature, coef, tail_loss,
+                            tail_grad):  # fmt: skip
+    """klops.topk's forward launcher on the CPU kernels: (B, L, V) student, (B, L, K) int32 indices and teacher
+    log-probs, (B, L) valid -> (D, max_c, logsum_c, tail_scale) (B, L) and member_d (B, L, K), fp32 (csrc/topk.cu's
+    outputs); the kind goes as its id and the tail as a flag, as klops.topk's CUDA launcher passes them."""
+    return torch.ops.klops_cpu.topk_divergence_forward(
+        student, indices, teacher_logprobs, valid, DIVERGENCE_KINDS.index(kind), tail == "bin",
+        temperature, coef, tail_loss, tail_grad,
+    )  # fmt: skip
+
+
+def topk_divergence_backward(tail_coef, student, indices, valid, max_c, logsum_c, member_value, label_coef, labels,
+                             temperature):  # fmt: skip
+    """klops.topk's backward launcher on the CPU kernels: dz (B, L, V) = (qc tail_coef, member_value on the top-k
+    ids, label_coef at the label) / T; member_value is read contiguous (it has the upstream gradient's layout)."""
+    return torch.ops.klops_cpu.topk_divergence_backward(
+        tail_coef, student, indices, valid, max_c, logsum_c, member_value.contiguous(), label_coef, labels, temperature
+    )
 
 
 def parallel_threads(rows: int, vocab: int) -> int:

@@ -251,6 +251,7 @@ def _cuda_backward(tail_coef, student, indices, valid, max_c, logsum_c, member_v
 _launchers = launcher_table(  # (forward, backward)
     triton=("klops.kernels.topk:topk_divergence_forward", "klops.kernels.topk:topk_divergence_backward"),
     cuda=(_cuda_forward, _cuda_backward),
+    cpu=("klops._cpu:topk_divergence_forward", "klops._cpu:topk_divergence_backward"),
     torch=(topk_forward_torch, topk_backward_torch),
 )
 

@@ -1,5 +1,5 @@
 // klops_cpu: the CPU kernels of klops as torch ops in the namespace klops_cpu, with the schemas of the
-// CUDA ops (schemas.h); the implementations are in logprobs.cpp and divergence.cpp. Built on first use
+// CUDA ops (schemas.h); the implementations are in logprobs.cpp, divergence.cpp and topk.cpp. Built on first use
 // by klops/_cpu.py.
 
 #include <ATen/Parallel.h>
@@ -30,6 +30,8 @@ int64_t parallel_threads(int64_t rows, int64_t V) {
 TORCH_LIBRARY(klops_cpu, m) {
   m.def(klops::schemas::kDivergenceForward);
   m.def(klops::schemas::kDivergenceBackward);
+  m.def(klops::schemas::kTopkDivergenceForward);
+  m.def(klops::schemas::kTopkDivergenceBackward);
   m.def(klops::schemas::kLogprobsForward);
   m.def(klops::schemas::kLogprobsBackward);
   m.def("parallel_threads(int rows, int V) -> int", &klops::cpu::parallel_threads);

@@ -114,6 +114,21 @@ struct GradRows {
     }
   }
 
+  // Entry j of the row = value, rounded to the gradient's dtype.
+  void set(int64_t row, int64_t j, float value) const {
+    const int64_t at = row * V + j;
+    switch (dtype) {
+      case at::kBFloat16:
+        static_cast<c10::BFloat16*>(data)[at] = static_cast<c10::BFloat16>(value);
+        return;
+      case at::kHalf:
+        static_cast<c10::Half*>(data)[at] = static_cast<c10::Half>(value);
+        return;
+      default:
+        static_cast<float*>(data)[at] = value;
+    }
+  }
+
   // Zeros the row (all-zero bits are +0 in every format).
   void zero(int64_t row) const {
     const int64_t bytes = static_cast<int64_t>(c10::elementSize(dtype));
