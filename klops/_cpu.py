@@ -26,7 +26,7 @@ from .kernels.kinds import DIVERGENCE_KINDS
 OFF = "KLOPS_CPU_KERNELS"
 CACHE = "KLOPS_CACHE_DIR"
 HEADERS = ("device.cuh", "math.cuh", "online_stats.cuh", "divergence_terms.cuh", "schemas.h", "cpu/rows.h")
-SOURCES = ("cpu/ops.cpp", "cpu/logprobs.cpp", "cpu/divergence.cpp", "cpu/topk.cpp")
+SOURCES = ("cpu/ops.cpp", "cpu/logprobs.cpp", "cpu/divergence.cpp", "cpu/topk.cpp", "cpu/kl_pair.cpp")
 CAPABILITY_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma"],
     "AVX2": ["-mavx2", "-mfma"],

@@ -108,7 +108,7 @@ PREFERENCES = {
     # decides, see klops/linear.py).
     "linear": (("triton", "cuda", "torch"), ("torch",)),
     "sinkhorn": (("triton", "torch"), ("torch",)),
-    "kl_pair": (("triton", "torch"), ("torch",)),  # forward_reverse_kl, akl_weights, akl_loss
+    "kl_pair": (("triton", "torch"), ("cpu", "torch")),  # forward_reverse_kl, akl_weights, akl_loss
 }
 
 

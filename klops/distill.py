@@ -195,6 +195,7 @@ def kl_pair_backward_torch(grad, student, teacher, valid, stats, temperature: fl
 _kl_pair_launchers = launcher_table(  # (forward, backward)
     triton=("klops.kernels.distill:kl_pair_forward", "klops.kernels.distill:kl_pair_backward"),
     torch=(kl_pair_torch, kl_pair_backward_torch),
+    cpu=("torch:ops.klops_cpu.kl_pair_forward", "torch:ops.klops_cpu.kl_pair_backward"),
 )
 
 
@@ -273,7 +274,7 @@ def forward_reverse_kl(
     the teacher gets no gradient). Both outputs are differentiable; the backward is one sweep writing
     ``(g_f (q - p) + g_r q (log q - log p - KL(q || p))) / T`` for their upstream gradients ``g_f``, ``g_r``, where
     two ``fused_kl`` calls read both rows twice forward and backward and write two gradients. Rows whose label is
-    ``ignore_index`` or whose mask is 0 give 0. Backends: "triton" (GPU or interpreter) and "torch".
+    ``ignore_index`` or whose mask is 0 give 0. Backends: "triton" (GPU or interpreter), "cpu" (C++) and "torch".
     """
     valid, temperature, backend = _kl_pair_checks(
         "forward_reverse_kl", student_logits, teacher_logits, temperature, labels, mask, ignore_index, backend
@@ -328,8 +329,9 @@ def akl_weights(
     may put them: the authors' split depends on how their sort breaks the tie.
 
     The Triton kernel finds the boundary without sorting (kernels/distill.py): 10 sweeps of the teacher row, 2
-    of the student's; it is ``akl_loss``'s kernel, whose KLs are dropped here. The torch backend sorts each chunk
-    of rows.
+    of the student's; it is ``akl_loss``'s kernel, whose KLs are dropped here. The C++ CPU kernel
+    (csrc/cpu/kl_pair.cpp) keeps the row's p in a buffer and binary-searches the boundary's fp32 bits, one
+    vectorized pass over that buffer per step. The torch backend sorts each chunk of rows.
     """
     valid, mu, temperature, backend = _akl_checks(
         "akl_weights", student_logits, teacher_logits, mu, temperature, labels, mask, ignore_index, backend

@@ -168,6 +168,32 @@ def test_forward_reverse_kl(backend, V, dtype, gen):
 
 
 @pytest.mark.parametrize("backend", AKL_BACKENDS)
+@pytest.mark.parametrize("dtype, temperature, scale", [(torch.float16, 0.25, 2.0), (torch.float32, 20.0, 1e4)])
+def test_akl_loss_vocabulary_views_and_extremes(backend, dtype, temperature, scale, gen):
+    """AKL on row views narrower than their rows (``logits[..., :V]``: row stride V + 5), in fp16 and with logits
+    as large as 1e4 under a temperature far from 1, against float64 (weights, per-row loss, gradient)."""
+    V = 1100
+    student_full, teacher_full = (randn(3, 4, V + 5, gen=gen, scale=scale, dtype=dtype) for _ in range(2))
+    student, teacher = student_full[..., :V], teacher_full[..., :V]
+    got_w = klops.akl_weights(student, teacher, temperature=temperature, backend=backend)
+    w = akl_weights_reference(student, teacher, temperature=temperature)
+    assert_close(got_w, w, (1e-5, 1e-6), "w")
+    leaf = student_full.detach().clone().requires_grad_()
+    loss = klops.akl_loss(leaf[..., :V], teacher, temperature=temperature, reduction="none", backend=backend)
+    upstream = torch.rand(loss.shape, generator=gen, dtype=torch.float64).to(DEVICE)
+    (loss * upstream).sum().backward()
+    ref_leaf = student.detach().double().requires_grad_()
+    options = dict(temperature=temperature, reduction="none")
+    expected = fused_kl_reference(ref_leaf, teacher, "forward", weights=w, **options) + fused_kl_reference(
+        ref_leaf, teacher, "reverse", weights=1 - w, **options
+    )
+    (expected * upstream).sum().backward()
+    assert_close(loss, expected.detach(), LOSS_TOL[dtype], "loss")
+    assert_close(leaf.grad[..., :V], ref_leaf.grad, GRAD_TOL[dtype], "grad")
+    assert float(leaf.grad[..., V:].abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("backend", AKL_BACKENDS)
 def test_underflowed_entries_against_neg_inf(backend, gen):
     """Entries floored at -1e30 in one model (probability 0) and -inf in the other add nothing to either KL, as in the
     reference; no NaN in the KLs, the AKL loss or the gradient (V = 1500 crosses the 1024-wide blocks)."""
