@@ -16,8 +16,9 @@
 // each step one vectorized pass over the row's p (cached in a per-thread buffer, no exp); the passes read the
 // same entries in the same order, so the rounded F is monotone too.
 //
-// Forward: sweep 1 (max, logsum of both rows, Lse lanes), sweep 2 from the cache (both KLs; for AKL p and the
-// gaps into the buffer), then for AKL at most ~31 passes over p and one over (p, gap). Backward: 1 sweep, 2
+// Forward: sweep 1 (both rows' maxima), sweep 2 from the cache (the sums of both KLs and log-sum-exps, two exps per
+// entry pair; for AKL e^b and e^a into the buffer), then for AKL one pass making them p and |p - q|, at most ~31
+// passes over p and one over (p, gap). Backward: 1 sweep, 2
 // entries read and 1 written per entry pair. Rows with valid = false get 0 in every output and a zero gradient.
 
 #include <ATen/ops/empty.h>
@@ -38,33 +39,52 @@ struct PairStats {  // a row's (B*L, 6) statistics, in their order
   float kl_pq, kl_qp, max_q, logsum_q, max_p, logsum_p;
 };
 
-// Sweep 2 over one block: both KLs' terms added to kl_pq / kl_qp; with AKL also p and |p - q| stored and the
-// smallest and largest p kept. The row statistics come by value and the pointers are restrict, so GCC vectorizes
-// the loop (the selects keep the 0 (-inf) products of q = 0 or p = 0 out of the sums).
+// The row's online sums after sweep 2, with a = (z - max_q) c and b = (y - max_p) c: s_q = sum e^a, s_p = sum e^b,
+// acc_pq = sum_{e^b > 0} e^b (b - a), acc_qp = sum_{e^a > 0} e^a (a - b); then log q = a - log s_q, log p = b - log s_p
+// and KL(p||q) = acc_pq / s_p - log s_p + log s_q, KL(q||p) = acc_qp / s_q - log s_q + log s_p.
+struct PairSums {
+  float s_q, s_p, acc_pq, acc_qp;
+};
+
+// Sweep 2 over one block: PairSums added to `sums`, two exps per entry; with AKL, e^b and e^a stored. The maxima
+// come by value and the pointers are restrict, so GCC vectorizes the loop (the selects keep the 0 (-inf) products
+// of an underflowed e^a or e^b out of the sums).
 template <bool AKL>
-void kl_block(const float* __restrict__ z, const float* __restrict__ y, int64_t n, const PairStats s, float c,
-              float& kl_pq, float& kl_qp, float* __restrict__ p_out, float* __restrict__ gap_out, float& p_min,
-              float& p_max) {
-  float pq = 0.0f, qp = 0.0f, lo = p_min, hi = p_max;
-#pragma omp simd reduction(+ : pq, qp) reduction(min : lo) reduction(max : hi)
+void sums_block(const float* __restrict__ z, const float* __restrict__ y, int64_t n, float max_q, float max_p,
+                float c, PairSums& sums, float* __restrict__ e_p_out, float* __restrict__ e_q_out) {
+  float s_q = 0.0f, s_p = 0.0f, acc_pq = 0.0f, acc_qp = 0.0f;
+#pragma omp simd reduction(+ : s_q, s_p, acc_pq, acc_qp)
   for (int64_t i = 0; i < n; ++i) {
-    const float lq = (z[i] - s.max_q) * c - s.logsum_q;
-    const float lp = (y[i] - s.max_p) * c - s.logsum_p;
-    const float q = vexp(lq);
-    const float p = vexp(lp);
-    pq += p > 0.0f ? p * (lp - lq) : 0.0f;
-    qp += q > 0.0f ? q * (lq - lp) : 0.0f;
+    const float a = (z[i] - max_q) * c;
+    const float b = (y[i] - max_p) * c;
+    const float e_q = vexp(a);
+    const float e_p = vexp(b);
+    s_q += e_q;
+    s_p += e_p;
+    acc_pq += e_p > 0.0f ? e_p * (b - a) : 0.0f;
+    acc_qp += e_q > 0.0f ? e_q * (a - b) : 0.0f;
     if constexpr (AKL) {
-      p_out[i] = p;
-      gap_out[i] = std::fabs(p - q);
-      lo = vmin(lo, p);
-      hi = vmax(hi, p);
+      e_p_out[i] = e_p;
+      e_q_out[i] = e_q;
     }
   }
-  kl_pq += pq;
-  kl_qp += qp;
-  p_min = lo;
-  p_max = hi;
+  sums = {sums.s_q + s_q, sums.s_p + s_p, sums.acc_pq + acc_pq, sums.acc_qp + acc_qp};
+}
+
+// The buffer's (e^b, e^a) made (p, |p - q|) in place, as the torch backend forms p (e^b / s_p); the smallest and
+// largest p returned.
+std::pair<float, float> probs_and_gaps(float* __restrict__ p, float* __restrict__ gap, int64_t V, float s_p,
+                                       float s_q) {
+  float lo = std::numeric_limits<float>::infinity(), hi = 0.0f;
+#pragma omp simd reduction(min : lo) reduction(max : hi)
+  for (int64_t v = 0; v < V; ++v) {
+    const float pv = p[v] / s_p;
+    gap[v] = std::fabs(pv - gap[v] / s_q);
+    p[v] = pv;
+    lo = vmin(lo, pv);
+    hi = vmax(hi, pv);
+  }
+  return {lo, hi};
 }
 
 // F(t) = sum of the p[v] >= t.
@@ -114,28 +134,30 @@ std::pair<PairStats, float> kl_pair_row(const Rows& z, const Rows& y, int64_t ro
                                         float* buffer) {
   float z_buf[kBlock];
   float y_buf[kBlock];
-  const LseOp lse_op{c};
-  Lse lanes_q[kLanes];
-  Lse lanes_p[kLanes];
-  fill_lanes(lanes_q, lse_op);
-  fill_lanes(lanes_p, lse_op);
-  for (int64_t j = 0; j < V; j += kBlock) {  // sweep 1
+  float m_z = kNegInf, m_y = kNegInf;
+  for (int64_t j = 0; j < V; j += kBlock) {  // sweep 1: the row maxima, no exp
     const int64_t n = std::min(kBlock, V - j);
     const float* zj = z.block(row, j, n, z_buf);
     const float* yj = y.block(row, j, n, y_buf);
-    push_block(lanes_q, lse_op, n, [&](Lse& acc, int64_t i) { lse_op.push(acc, zj[i]); });
-    push_block(lanes_p, lse_op, n, [&](Lse& acc, int64_t i) { lse_op.push(acc, yj[i]); });
+#pragma omp simd reduction(max : m_z, m_y)
+    for (int64_t i = 0; i < n; ++i) {
+      m_z = vmax(m_z, zj[i]);
+      m_y = vmax(m_y, yj[i]);
+    }
   }
-  const Lse acc_q = combine_lanes(lanes_q, lse_op);
-  const Lse acc_p = combine_lanes(lanes_p, lse_op);
-  PairStats s{0.0f, 0.0f, acc_q.max(), acc_q.logsum(), acc_p.max(), acc_p.logsum()};
-  float p_min = std::numeric_limits<float>::infinity(), p_max = 0.0f;
+  const float max_q = finite_or_zero(m_z), max_p = finite_or_zero(m_y);
+  PairSums sums{0.0f, 0.0f, 0.0f, 0.0f};
   for (int64_t j = 0; j < V; j += kBlock) {  // sweep 2, from the cache
     const int64_t n = std::min(kBlock, V - j);
-    kl_block<AKL>(z.block(row, j, n, z_buf), y.block(row, j, n, y_buf), n, s, c, s.kl_pq, s.kl_qp, buffer + j,
-                  buffer + V + j, p_min, p_max);
+    sums_block<AKL>(z.block(row, j, n, z_buf), y.block(row, j, n, y_buf), n, max_q, max_p, c, sums, buffer + j,
+                    buffer + V + j);
   }
-  return {s, AKL ? akl_weight(buffer, buffer + V, V, mu, p_min, p_max) : 0.0f};
+  const float logsum_q = vlog(sums.s_q), logsum_p = vlog(sums.s_p);
+  const PairStats s{sums.acc_pq / sums.s_p - logsum_p + logsum_q, sums.acc_qp / sums.s_q - logsum_q + logsum_p,
+                    max_q, logsum_q, max_p, logsum_p};
+  if constexpr (!AKL) return {s, 0.0f};
+  const auto [p_min, p_max] = probs_and_gaps(buffer, buffer + V, V, sums.s_p, sums.s_q);
+  return {s, akl_weight(buffer, buffer + V, V, mu, p_min, p_max)};
 }
 
 void check_pair_inputs(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& valid) {
