@@ -216,14 +216,27 @@ def register_total_autograd(name: str, row_weight_index: int | None) -> None:
     def backward(ctx, grad_total, *_grad_others):
         values, *grads = ctx.saved_tensors
         result = [None] * ctx.inputs
+        unit = _is_one_on_cpu(grad_total)
         for i, (grad, dtype) in enumerate(zip(grads, ctx.dtypes)):
             if dtype is not None and ctx.needs_input_grad[i]:  # in fp32, rounded once into the input's dtype
-                result[i] = torch.mul(grad, grad_total, out=torch.empty_like(grad, dtype=dtype))
+                if unit and dtype == grad.dtype:
+                    result[i] = grad  # autograd copies it where the graph is retained, else takes it as it is
+                else:
+                    result[i] = torch.mul(grad, grad_total, out=torch.empty_like(grad, dtype=dtype))
         if row_weight_index is not None and ctx.needs_input_grad[row_weight_index]:
             result[row_weight_index] = values * grad_total
         return tuple(result)
 
     torch.library.register_autograd(name, backward, setup_context=setup_context)
+
+
+def _is_one_on_cpu(grad: torch.Tensor) -> bool:
+    """Whether the upstream gradient of a scalar loss is exactly 1 (``loss.backward()``) on the CPU, where reading it
+    syncs nothing: its fp32 gradients are then the result as they are, without a pass over the [V, D] weight
+    gradient and a second copy of it. While traced (torch.compile, AOT autograd: a fake or functional tensor, no
+    data-dependent branch) and on a GPU: False."""
+    traced = torch.compiler.is_compiling() or type(grad) is not torch.Tensor
+    return grad.device.type == "cpu" and not traced and grad.item() == 1.0
 
 
 def gradient_in_forward(reduction: str, *tensors) -> bool:

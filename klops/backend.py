@@ -97,16 +97,15 @@ def available_backends(device: torch.device) -> list[str]:
 # The backends of each op family, in the order backend="auto" takes them: the first one usable here
 # (available_backends) whose limit holds, from the first column on a GPU and from the second on the CPU. A backend in
 # neither column of an op is an error when asked for ("cuda" and "cpu" are the ones an op can lack). The fused-linear
-# ops' chunked path runs the row kernels of the backend it resolves to, so "cpu" can join their CPU column as it
-# stands; it is left out until the fused-linear CPU path (klops/linear.py, klops/_chunked.py) measures it.
+# ops' chunked path runs the row kernels of the backend it resolves to: on the CPU, "cpu" (the C++ row kernels).
 PREFERENCES = {
     #             on a GPU                     on the CPU
     "divergence": (("cuda", "triton", "torch"), ("cpu", "torch")),  # fused_kl, divergence_and_label_logprobs
     "logprobs": (("cuda", "triton", "torch"), ("cpu", "torch")),
     "topk": (("cuda", "triton", "torch"), ("cpu", "torch")),  # a klops.TopK teacher, beside logits or hidden states
     # The fused-linear ops: their fused Triton kernels, else the chunked path over the CUDA row kernels (memory
-    # decides, see klops/linear.py).
-    "linear": (("triton", "cuda", "torch"), ("torch",)),
+    # decides, see klops/linear.py); on the CPU the chunked path over the C++ row kernels.
+    "linear": (("triton", "cuda", "torch"), ("cpu", "torch")),
     "sinkhorn": (("triton", "torch"), ("torch",)),
     "kl_pair": (("triton", "torch"), ("cpu", "torch")),  # forward_reverse_kl, akl_weights, akl_loss
 }

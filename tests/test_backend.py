@@ -85,12 +85,18 @@ def test_cuda_backend_on_cpu_tensors_is_a_clear_error():
                                               (["triton", "torch"], "triton")])  # fmt: skip
 def test_fused_linear_auto_prefers_triton_on_a_gpu(monkeypatch, usable, expected):
     """The fused-linear ops' auto: their Triton kernels wherever Triton runs on a GPU, else the chunked CUDA path;
-    an explicit backend is kept, and CPU tensors take torch."""
+    an explicit backend is kept, and CPU tensors take the chunked path over the C++ row kernels, else torch."""
     monkeypatch.setattr(backend, "CUDA_EXTENSION_PROBLEM", None)
-    monkeypatch.setattr(backend, "available_backends", lambda device: usable if device.type == "cuda" else ["torch"])
+    on_cpu = ["cpu", "torch"]
+    monkeypatch.setattr(backend, "available_backends", lambda device: usable if device.type == "cuda" else on_cpu)
     assert backend.resolve("linear", "auto", torch.device("cuda")) == expected
     assert backend.resolve("linear", usable[0], torch.device("cuda")) == usable[0]
-    assert backend.resolve("linear", "auto", torch.device("cpu")) == "torch"
+    assert backend.resolve("linear", "auto", torch.device("cpu")) == "cpu"
+    on_cpu.remove("cpu")
+    monkeypatch.setattr(backend._cpu, "problem", lambda: "no C++ compiler")
+    monkeypatch.setattr(backend, "_warned_cpu_fallback", False)
+    with pytest.warns(UserWarning, match="not usable: no C\\+\\+ compiler. backend='auto' uses torch"):
+        assert backend.resolve("linear", "auto", torch.device("cpu")) == "torch"
 
 
 FIRST_CALLS = """

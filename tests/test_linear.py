@@ -526,6 +526,24 @@ def test_gradient_in_forward_backward_twice_and_without_grad(gen, monkeypatch):
     assert_close(frozen, loss, (1e-6, 0), "frozen loss")
 
 
+def test_unit_upstream_gradient_taken_as_is(gen):
+    """loss.backward() on the CPU hands the forward's fp32 gradients to autograd without scaling them: through a
+    non-leaf hidden, and with two losses over the same tensors (their gradients summed), they equal the
+    recomputing path's (reduction="none", summed)."""
+    base, weight = randn(2, 5, 24, gen=gen).requires_grad_(), randn(61, 24, gen=gen).requires_grad_()
+    labels = torch.randint(0, 61, (2, 5), generator=gen).to(DEVICE)
+    grads = []
+    for reduction in ("sum", "none"):
+        hidden = base * 1.5
+        losses = [klops.fused_linear_cross_entropy(hidden, weight, labels, reduction=reduction, backend="torch")
+                  for _ in range(2)]  # fmt: skip
+        sum(loss.sum() for loss in losses).backward()
+        grads.append((base.grad, weight.grad))
+        base.grad = weight.grad = None
+    for (name, a), b in zip((("hidden", grads[0][0]), ("weight", grads[0][1])), grads[1]):
+        assert_close(a, b, (1e-5, 1e-6), f"{name} grad")
+
+
 def test_opcheck_gradient_in_forward(gen):
     """opcheck of the *_total ops, with and without bias and per-row weights (their gradient included)."""
     hidden, weight, bias = randn(1, 5, 8, gen=gen).requires_grad_(), randn(13, 8, gen=gen), randn(13, gen=gen)
