@@ -57,16 +57,16 @@ from .linear import (
 
 @triton.jit
 def teacher_tile(
-    t_ptr, tw_ptr, tb_ptr, t_offsets, row_mask, cols, col_mask, Dt, stride_td, stride_twv, stride_twd, softcap,
-    TEACHER_HIDDEN: tl.constexpr, T_HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
+    t_ptr, tw_ptr, tb_ptr, t_offsets, row_mask, cols, col_mask, Dt, stride_td, stride_twv, stride_twd, t_softcap,
+    TEACHER_HIDDEN: tl.constexpr, T_HAS_BIAS: tl.constexpr, T_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """The teacher's [BLOCK_M, BLOCK_V] fp32 tile: logits formed from its hidden states (TEACHER_HIDDEN), else
-    read from the (B, L, V) tensor at t_offsets (0 outside the masks)."""
+    read from the (B, L, V) tensor at t_offsets (0 outside the masks); the teacher's soft cap is its own."""
     if TEACHER_HIDDEN:
         y, _ = logit_tile(
             t_ptr, tw_ptr, tb_ptr, t_offsets, row_mask, cols, col_mask, Dt, stride_td, stride_twv, stride_twd,
-            softcap, T_HAS_BIAS, SOFTCAP, DOT_FP32, PRECISION, BLOCK_M, BLOCK_V, BLOCK_K,
+            t_softcap, T_HAS_BIAS, T_SOFTCAP, DOT_FP32, PRECISION, BLOCK_M, BLOCK_V, BLOCK_K,
         )  # fmt: skip
     else:
         y = tl.load(t_ptr + t_offsets[:, None] + cols[None, :], mask=row_mask[:, None] & col_mask[None, :],
@@ -137,12 +137,14 @@ def linear_divergence_stats_kernel(
     # constants
     inv_temperature,
     softcap,
+    t_softcap,
     KIND: tl.constexpr,
     TARGET: tl.constexpr,
     TEACHER_HIDDEN: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     T_HAS_BIAS: tl.constexpr,
     SOFTCAP: tl.constexpr,
+    T_SOFTCAP: tl.constexpr,
     WITH_LABELS: tl.constexpr,
     DOT_FP32: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -181,7 +183,7 @@ def linear_divergence_stats_kernel(
         if TARGET == LOGITS:
             y = teacher_tile(
                 t_ptr, tw_ptr, tb_ptr, t_offsets, row_mask, cols, col_mask, Dt, stride_td, stride_twv, stride_twd,
-                softcap, TEACHER_HIDDEN, T_HAS_BIAS, SOFTCAP, DOT_FP32, PRECISION, BLOCK_M, BLOCK_V, BLOCK_K,
+                t_softcap, TEACHER_HIDDEN, T_HAS_BIAS, T_SOFTCAP, DOT_FP32, PRECISION, BLOCK_M, BLOCK_V, BLOCK_K,
             )  # fmt: skip
             y = tl.where(col_mask[None, :], y, NEG_INF)
             if KIND == FORWARD:  # KL(p || q): weights p
@@ -255,6 +257,7 @@ def linear_divergence_terms_kernel(
     # constants
     inv_temperature,
     softcap,
+    t_softcap,
     coef,
     KIND: tl.constexpr,
     TARGET: tl.constexpr,
@@ -262,6 +265,7 @@ def linear_divergence_terms_kernel(
     HAS_BIAS: tl.constexpr,
     T_HAS_BIAS: tl.constexpr,
     SOFTCAP: tl.constexpr,
+    T_SOFTCAP: tl.constexpr,
     DOT_FP32: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -292,7 +296,7 @@ def linear_divergence_terms_kernel(
         )  # fmt: skip
         y = teacher_tile(
             t_ptr, tw_ptr, tb_ptr, t_offsets, row_mask, cols, col_mask, Dt, stride_td, stride_twv, stride_twd,
-            softcap, TEACHER_HIDDEN, T_HAS_BIAS, SOFTCAP, DOT_FP32, PRECISION, BLOCK_M, BLOCK_V, BLOCK_K,
+            t_softcap, TEACHER_HIDDEN, T_HAS_BIAS, T_SOFTCAP, DOT_FP32, PRECISION, BLOCK_M, BLOCK_V, BLOCK_K,
         )  # fmt: skip
         lq = row_log_softmax(z, stats_ptr, rows, row_mask, N, inv_temperature)
         lp = teacher_row_logprobs(y, stats_ptr, rows, row_mask, col_mask, N, inv_temperature, TARGET)
@@ -348,6 +352,7 @@ def linear_divergence_backward_kernel(
     v_start,  # the first vocabulary entry of this launch's range
     inv_temperature,
     softcap,
+    t_softcap,
     coef,
     KIND: tl.constexpr,
     TARGET: tl.constexpr,
@@ -355,6 +360,7 @@ def linear_divergence_backward_kernel(
     HAS_BIAS: tl.constexpr,
     T_HAS_BIAS: tl.constexpr,
     SOFTCAP: tl.constexpr,
+    T_SOFTCAP: tl.constexpr,
     WITH_LABELS: tl.constexpr,
     DOT_FP32: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -380,7 +386,7 @@ def linear_divergence_backward_kernel(
     )  # fmt: skip
     y = teacher_tile(
         t_ptr, tw_ptr, tb_ptr, hidden_offsets(rows, L, stride_tb, stride_tl), row_mask, cols, col_mask, Dt,
-        stride_td, stride_twv, stride_twd, softcap, TEACHER_HIDDEN, T_HAS_BIAS, SOFTCAP, DOT_FP32, PRECISION,
+        stride_td, stride_twv, stride_twd, t_softcap, TEACHER_HIDDEN, T_HAS_BIAS, T_SOFTCAP, DOT_FP32, PRECISION,
         BLOCK_M, BLOCK_V, BLOCK_K,
     )  # fmt: skip
     lq = row_log_softmax(z, stats_ptr, rows, row_mask, N, inv_temperature)
@@ -410,11 +416,11 @@ def _teacher_args(teacher, teacher_weight, teacher_bias, weight) -> tuple:
     return (teacher, teacher_weight, tb, teacher.shape[2], *teacher.stride(), *teacher_weight.stride())
 
 
-def _kind_args(kind, target_is, teacher_weight, teacher_bias, hidden, bias, softcap) -> dict:
+def _kind_args(kind, target_is, teacher_weight, teacher_bias, hidden, bias, softcap, teacher_softcap) -> dict:
     return dict(
         KIND=DIVERGENCE_KINDS.index(kind), TARGET=TARGET_KINDS.index(target_is),
         TEACHER_HIDDEN=teacher_weight is not None, T_HAS_BIAS=teacher_bias is not None,
-        **matmul_args(hidden, bias, softcap),
+        T_SOFTCAP=teacher_weight is not None and teacher_softcap is not None, **matmul_args(hidden, bias, softcap),
     )  # fmt: skip
 
 
@@ -432,6 +438,7 @@ def linear_divergence_forward(
     temperature: float,
     coef: float,
     softcap: float | None,
+    teacher_softcap: float | None,
 ) -> tuple[torch.Tensor, ...]:
     """Launch the forward sweeps and merge their splits: (D, max_q, logsum_q, max_t, logsum_t, gbar, logp), each
     (B, L) fp32 and 0 on invalid rows; logp is log q of the label (0 without labels); for a teacher given as
@@ -446,14 +453,15 @@ def linear_divergence_forward(
     pointers = (hidden, weight, bias if bias is not None else weight, t_ptr, tw_ptr, tb_ptr, valid)
     shapes_and_strides = (N, L, V, D, Dt, split_size, *linear_strides(hidden, weight), *teacher_strides)
     launch = dict(
-        **_kind_args(kind, target_is, teacher_weight, teacher_bias, hidden, bias, softcap),
+        **_kind_args(kind, target_is, teacher_weight, teacher_bias, hidden, bias, softcap, teacher_softcap),
         BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
+    caps = (softcap or 1.0, teacher_softcap or 1.0)
     part = torch.empty((6, splits, N), dtype=torch.float32, device=hidden.device)
     labels_flat = labels.reshape(N).contiguous() if labels is not None else valid
     with on_device(hidden):
         linear_divergence_stats_kernel[grid](
-            *pointers, labels_flat, part, *shapes_and_strides, 1.0 / temperature, softcap or 1.0,
+            *pointers, labels_flat, part, *shapes_and_strides, 1.0 / temperature, *caps,
             WITH_LABELS=labels is not None, **launch,
         )  # fmt: skip
     m_q, s_q, m_t, s_t, acc, z_label = part
@@ -479,7 +487,7 @@ def linear_divergence_forward(
         terms = torch.empty((planes, splits, N), dtype=torch.float32, device=hidden.device)
         with on_device(hidden):
             linear_divergence_terms_kernel[grid](
-                *pointers, stats, terms, *shapes_and_strides, 1.0 / temperature, softcap or 1.0, coef, **launch
+                *pointers, stats, terms, *shapes_and_strides, 1.0 / temperature, *caps, coef, **launch
             )
         loss, gbar = terms[:2].sum(1)
         if target_is != "logits":
@@ -506,6 +514,7 @@ def linear_divergence_backward(
     temperature: float,
     coef: float,
     softcap: float | None,
+    teacher_softcap: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward: the student's (grad_hidden (B, L, D), grad_weight [V, D], grad_bias [V] fp32 or [0]
     without bias), kernels/linear.py's backward_over_vocabulary."""
@@ -518,6 +527,7 @@ def linear_divergence_backward(
     row_stats = torch.stack(stats[:4]).reshape(4, N)
     t_ptr, tw_ptr, tb_ptr, Dt, *teacher_strides = _teacher_args(teacher, teacher_weight, teacher_bias, weight)
     labels_flat = labels.reshape(N).contiguous() if with_labels else coefs
+    kind_args = _kind_args(kind, target_is, teacher_weight, teacher_bias, hidden, bias, softcap, teacher_softcap)
 
     def launch(grid, tile, v_start, v_end, grad_h, grad_w_rows, grad_b):
         block_m, block_v, block_k, num_warps, num_stages = tile
@@ -526,8 +536,8 @@ def linear_divergence_backward(
             grad_h, grad_w_rows, grad_b if bias is not None else grad_h,
             N, L, v_end, D, Dt,
             *linear_strides(hidden, weight), *teacher_strides,
-            v_start, 1.0 / temperature, softcap or 1.0, coef,
-            WITH_LABELS=with_labels, **_kind_args(kind, target_is, teacher_weight, teacher_bias, hidden, bias, softcap),
+            v_start, 1.0 / temperature, softcap or 1.0, teacher_softcap or 1.0, coef,
+            WITH_LABELS=with_labels, **kind_args,
             BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, GROUP_M=GROUP_M, num_warps=num_warps,
             num_stages=num_stages,
         )  # fmt: skip

@@ -254,11 +254,23 @@ def check_linear(hidden_name, hidden, weight_name, weight, bias_name, bias) -> N
             raise ValueError(f"{bias_name} is on {bias.device} but {weight_name} is on {weight.device}")
 
 
-def check_softcap(softcap):
+def check_softcap(softcap, name: str = "softcap"):
     """softcap: None or a positive real (Gemma-2's final-logit soft cap)."""
     if softcap is None:
         return None
-    return check_real("softcap", softcap, low=0.0, high=math.inf, open_low=True)
+    return check_real(name, softcap, low=0.0, high=math.inf, open_low=True)
+
+
+def scale_head_inputs(name: str, logit_scale, hidden: torch.Tensor, bias: torch.Tensor | None):
+    """``(s hidden, s bias)`` for a finite real ``s = logit_scale``: the logits ``softcap(s (hidden @ W^T + b))``
+    (Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``, Falcon-H1's ``lm_head_multiplier``) are formed as
+    ``softcap((s hidden) @ W^T + s b)``, an O(N D) product that autograd carries into the gradients of hidden,
+    weight and bias; never a pass over the [V, D] head or the logits. Exact for powers of two; otherwise one
+    rounding of ``s hidden`` in its dtype."""
+    s = check_real(name, logit_scale, low=-math.inf, high=math.inf)
+    if s == 1.0:
+        return hidden, bias
+    return hidden * s, None if bias is None else bias * s
 
 
 def _collapsible(shape, stride) -> bool:

@@ -371,6 +371,7 @@ def linear_divergence_op(
     temperature: float,
     coef: float,
     softcap: float | None,
+    teacher_softcap: float | None,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The rows' (D, max_q, logsum_q, max_t, logsum_t, gbar, logp), each (B, L) fp32, of the divergence between
@@ -384,22 +385,22 @@ def linear_divergence_op(
         teacher = teacher_hidden if teacher_logits is None else teacher_logits
         return fused.linear_divergence_forward(
             hidden, weight, bias, teacher, teacher_weight, teacher_bias, valid, labels, kind, target_is, temperature,
-            coef, softcap,
+            coef, softcap, teacher_softcap,
         )  # fmt: skip
 
     def chunk_rows(z, rows):
-        y = _teacher_chunk(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, softcap, rows)
+        y = _teacher_chunk(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, teacher_softcap, rows)
         chunk_labels = None if labels is None else labels[rows][None]
         return divergence_op(z, y, valid[rows][None], chunk_labels, kind, target_is, temperature, coef, backend)
 
     return chunked_rows(hidden, weight, bias, softcap, empty_rows(hidden, 7), chunk_rows)
 
 
-def _teacher_chunk(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, softcap, rows):
-    """The teacher's logits [1, C, V] of a chunk of rows."""
+def _teacher_chunk(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, teacher_softcap, rows):
+    """The teacher's logits [1, C, V] of a chunk of rows (under its own soft cap when formed from hidden states)."""
     if teacher_logits is not None:
         return teacher_logits[rows][None]
-    return chunk_logits(teacher_hidden[rows], teacher_weight, teacher_bias, softcap)[0][None]
+    return chunk_logits(teacher_hidden[rows], teacher_weight, teacher_bias, teacher_softcap)[0][None]
 
 
 @linear_divergence_op.register_fake
@@ -430,6 +431,7 @@ def linear_divergence_backward_op(
     temperature: float,
     coef: float,
     softcap: float | None,
+    teacher_softcap: float | None,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(B, L) fp32 grads of D and of logp (or None) -> the student's (grad_hidden, grad_weight, grad_bias or
@@ -440,12 +442,12 @@ def linear_divergence_backward_op(
         teacher = teacher_hidden if teacher_logits is None else teacher_logits
         grads = fused.linear_divergence_backward(
             grad, grad_logp, hidden, weight, bias, teacher, teacher_weight, teacher_bias, valid, labels,
-            (max_q, logsum_q, max_t, logsum_t, gbar), kind, target_is, temperature, coef, softcap,
+            (max_q, logsum_q, max_t, logsum_t, gbar), kind, target_is, temperature, coef, softcap, teacher_softcap,
         )  # fmt: skip
         return cast_grads(grads, weight, bias)
 
     def chunk_grad(z, rows):
-        y = _teacher_chunk(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, softcap, rows)
+        y = _teacher_chunk(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, teacher_softcap, rows)
         stats = (x[rows][None] for x in (max_q, logsum_q, max_t, logsum_t, gbar))
         chunk_grad_logp = None if grad_logp is None else grad_logp[rows][None]
         chunk_labels = None if grad_logp is None else labels[rows][None]
@@ -463,11 +465,11 @@ def _(grad, grad_logp, hidden, weight, bias, *rest):
 
 
 def _divergence_setup_context(ctx, inputs, output):
-    *tensors, kind, target_is, temperature, coef, softcap, backend = inputs
+    *tensors, kind, target_is, temperature, coef, softcap, teacher_softcap, backend = inputs
     _, *stats_and_gbar, _ = output
     ctx.has_bias = tensors[2] is not None
     ctx.save_for_backward(*tensors, *stats_and_gbar)
-    ctx.params = (kind, target_is, temperature, coef, softcap, backend)
+    ctx.params = (kind, target_is, temperature, coef, softcap, teacher_softcap, backend)
 
 
 def _divergence_backward(ctx, grad_rows, *grad_stats_and_logp):
@@ -477,7 +479,7 @@ def _divergence_backward(ctx, grad_rows, *grad_stats_and_logp):
         grad_rows, grad_logp, hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits, valid, labels, *stats,
         *ctx.params,
     )  # fmt: skip
-    return (grad_hidden, grad_weight, grad_bias if ctx.has_bias else None) + (None,) * 12
+    return (grad_hidden, grad_weight, grad_bias if ctx.has_bias else None) + (None,) * 13
 
 
 torch.library.register_autograd(
@@ -501,6 +503,7 @@ def linear_divergence_total_op(
     temperature: float,
     coef: float,
     softcap: float | None,
+    teacher_softcap: float | None,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(total, D, grad_hidden, grad_weight, grad_bias, max_t, logsum_t) of the chunked path for a scalar loss:
@@ -508,7 +511,7 @@ def linear_divergence_total_op(
     gradient formed in the same sweep (klops/_chunked.py); max_t / logsum_t as linear_divergence_op's."""
 
     def chunk_total(z, rows):
-        y = _teacher_chunk(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, softcap, rows)
+        y = _teacher_chunk(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, teacher_softcap, rows)
         options = (kind, target_is, temperature, coef, backend)
         D, *stats, _ = divergence_op(z, y, valid[rows][None], None, *options)
         g = chunk_row_weights(row_weight, rows, D)
@@ -537,16 +540,18 @@ def fused_linear_logprobs(
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     softcap: float | None = None,
+    logit_scale: float = 1.0,
     return_entropy: bool = False,
     ignore_index: int = -100,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """``klops.logprobs`` of ``logits = softcap(hidden @ weight.T + bias)`` without forming them.
+    """``klops.logprobs`` of ``logits = softcap(logit_scale * (hidden @ weight.T + bias))`` without forming them.
 
     ``logprob = log softmax(logits / T)[label]`` and ``entropy = -sum q log q`` per row, with gradients to
-    ``hidden [..., D]``, ``weight [V, D]`` and ``bias [V]`` (``softcap``: ``s tanh(z / s)`` before ``T``).
-    Labels: ``[...]`` of any integer dtype, ``ignore_index`` rows give 0 and no gradient. Returns ``logprob``
-    (fp32, ``labels.shape``) or ``(logprob, entropy)``.
+    ``hidden [..., D]``, ``weight [V, D]`` and ``bias [V]`` (``softcap``: ``c tanh(z / c)`` before ``T``;
+    ``logit_scale``: a multiplier before the soft cap, ``klops._inputs.scale_head_inputs``). Labels: ``[...]``
+    of any integer dtype, ``ignore_index`` rows give 0 and no gradient. Returns ``logprob`` (fp32,
+    ``labels.shape``) or ``(logprob, entropy)``.
     """
     check_linear("hidden", hidden, "weight", weight, "bias", bias)
     labels = _inputs.as_labels("labels", labels, "hidden", hidden)
@@ -554,6 +559,7 @@ def fused_linear_logprobs(
     temperature = _inputs.check_temperature(temperature)
     softcap = check_softcap(softcap)
     _inputs.check_bool("return_entropy", return_entropy)
+    hidden, bias = _inputs.scale_head_inputs("logit_scale", logit_scale, hidden, bias)
     backend = resolve("linear", backend, hidden.device)
     (hidden3,) = _inputs.as_rows(hidden)  # (B, L, D) without a copy, e.g. of hidden[:, :-1]
     rows = (hidden3, weight, bias, labels.reshape(hidden3.shape[:2]))
@@ -577,6 +583,9 @@ def fused_linear_kl(
     alpha: float | None = None,
     temperature: float = 1.0,
     softcap: float | None = None,
+    logit_scale: float = 1.0,
+    teacher_softcap: float | None | str = "same",
+    teacher_logit_scale: float | str = "same",
     labels: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
@@ -586,11 +595,12 @@ def fused_linear_kl(
     target_is: str = "logits",
     backend: str = "auto",
 ) -> torch.Tensor:
-    """``klops.fused_kl`` between the teacher and ``student logits = softcap(student_hidden @ student_weight.T
-    + student_bias)``, without forming either model's logits.
+    """``klops.fused_kl`` between the teacher and ``student logits = softcap(logit_scale * (student_hidden @
+    student_weight.T + student_bias))``, without forming either model's logits.
 
     The teacher is ``teacher_hidden [..., Dt]`` with ``teacher_weight [V, Dt]`` (and ``teacher_bias``; on-policy
-    distillation: its logits are formed a chunk at a time too, with the same ``softcap``), or
+    distillation: its logits are formed a chunk at a time too, with ``teacher_softcap`` and ``teacher_logit_scale``,
+    by default the student's ``softcap`` and ``logit_scale``), or
     ``teacher_logits [..., V]`` (used as they are, read as ``target_is``; log-probs and probs are checked to be
     normalized as in ``fused_kl``, from the forward's own sweep), or a sparse ``klops.TopK`` in the
     ``teacher_hidden`` position (no teacher weight; see ``TopK``). Student and teacher may have
@@ -600,6 +610,10 @@ def fused_linear_kl(
     """
     check_linear("student_hidden", student_hidden, "student_weight", student_weight, "student_bias", student_bias)
     V = student_weight.shape[0]
+    if (teacher_softcap != "same" or teacher_logit_scale != "same") and (
+        teacher_logits is not None or isinstance(teacher_hidden, TopK)
+    ):
+        raise ValueError("teacher_softcap and teacher_logit_scale apply to a teacher given as hidden states and a head")
     if isinstance(teacher_hidden, TopK):
         if teacher_weight is not None or teacher_bias is not None or teacher_logits is not None:
             raise ValueError("a TopK teacher (in the teacher_hidden position) takes no teacher_weight, bias or logits")
@@ -639,6 +653,13 @@ def fused_linear_kl(
         kind, beta, alpha, temperature, target_is, reduction, num_items
     )
     softcap = check_softcap(softcap)
+    teacher_softcap = softcap if teacher_softcap == "same" else check_softcap(teacher_softcap, "teacher_softcap")
+    if teacher_weight is not None:
+        scale = logit_scale if teacher_logit_scale == "same" else teacher_logit_scale
+        teacher_hidden, teacher_bias = _inputs.scale_head_inputs(
+            "teacher_logit_scale", scale, teacher_hidden, teacher_bias
+        )
+    student_hidden, student_bias = _inputs.scale_head_inputs("logit_scale", logit_scale, student_hidden, student_bias)
     valid, weights = valid_rows_and_weights("student_hidden", student_hidden, V, labels, mask, weights, ignore_index)
     in_forward = gradient_in_forward(reduction, student_hidden, student_weight, student_bias)
     if isinstance(teacher_hidden, TopK):  # always the chunked path; rows is their weighted sum when in_forward
@@ -657,7 +678,7 @@ def fused_linear_kl(
         student3, teacher3 = _inputs.as_rows(student_hidden, teacher_hidden)
         teacher = (teacher3, teacher_weight, teacher_bias, None)
     valid3 = valid.reshape(student3.shape[:2])
-    options = (kernel_kind, target_is, temperature, coef, softcap, backend)
+    options = (kernel_kind, target_is, temperature, coef, softcap, teacher_softcap, backend)
     in_forward = in_forward and backend != "triton"
     if in_forward:  # the gradient in the forward; rows is their weighted sum (weights with their gradient)
         row_weight = None if weights is None else weights.reshape(valid3.shape)
@@ -690,12 +711,13 @@ def fused_linear_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    logit_scale: float = 1.0,
     num_items: int | torch.Tensor | None = None,
     return_lse: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy of ``logits = softcap(hidden @ weight.T + bias)`` without forming them; the one-line
-    replacement of Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss`` and Cut Cross-Entropy's
+    """Cross-entropy of ``logits = softcap(logit_scale * (hidden @ weight.T + bias))`` without forming them; the
+    one-line replacement of Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss`` and Cut Cross-Entropy's
     ``linear_cross_entropy``.
 
     Per row, with ``lse = log sum_v exp z_v``: ``(1 - eps) (lse - z_y) + eps (lse - mean_v z_v) + z_loss lse^2``
@@ -714,6 +736,7 @@ def fused_linear_cross_entropy(
     softcap = check_softcap(softcap)
     _inputs.check_num_items(num_items, reduction)
     _inputs.check_bool("return_lse", return_lse)
+    hidden, bias = _inputs.scale_head_inputs("logit_scale", logit_scale, hidden, bias)
     backend = resolve("linear", backend, hidden.device)
     (hidden3,) = _inputs.as_rows(hidden)
     inputs = (hidden3, weight, bias, labels.reshape(hidden3.shape[:2]))
@@ -777,7 +800,7 @@ def linear_divergence_and_label_logprobs(
     valid3, labels3 = valid.reshape(rows_shape), labels.long().reshape(rows_shape)
     rows, _, _, max_t, logsum_t, _, logp = linear_divergence_op(
         student3, student_weight, student_bias, teacher3, teacher_weight, teacher_bias, None, valid3, labels3,
-        kernel_kind, "logits", temperature, coef, softcap, backend,
+        kernel_kind, "logits", temperature, coef, softcap, softcap, backend,
     )  # fmt: skip
     with torch.no_grad():  # the teacher's logit of each label: one row of its head per token
         read = torch.where(valid3, labels3, 0)  # ignored rows' labels are not valid indices

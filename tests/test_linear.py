@@ -16,10 +16,11 @@ LINEAR_LOSS_TOL = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (2e-2, 2e-2)}
 LINEAR_GRAD_TOL = {torch.float32: (1e-4, 5e-5), torch.bfloat16: (5e-2, 2e-2)}
 
 
-def ref_logits(hidden, weight, bias=None, softcap=None):
+def ref_logits(hidden, weight, bias=None, softcap=None, logit_scale=1.0):
     z = hidden.double() @ weight.double().t()
     if bias is not None:
         z = z + bias.double()
+    z = logit_scale * z
     return z if softcap is None else softcap * torch.tanh(z / softcap)
 
 
@@ -171,8 +172,12 @@ def test_opcheck(backend, gen):
     teacher = randn(1, 5, 13, gen=gen)
     for row_labels in (None, labels.clamp(min=0)):
         args = (hidden, weight, bias, None, None, None, teacher, valid, row_labels, "jsd", "logits", 1.2, 0.3, None,
-                backend)  # fmt: skip
+                None, backend)  # fmt: skip
         torch.library.opcheck(linear_divergence_op, args)
+    t_hidden, t_weight = randn(1, 5, 6, gen=gen), randn(13, 6, gen=gen)  # the teacher's own soft cap
+    args = (hidden, weight, bias, t_hidden, t_weight, None, None, valid, None, "forward", "logits", 1.0, 0.0, 3.0, 2.0,
+            backend)  # fmt: skip
+    torch.library.opcheck(linear_divergence_op, args)
 
 
 def test_compile_fullgraph(backend, gen):
@@ -254,6 +259,55 @@ def test_cross_entropy_matches_torch(label_smoothing, z_loss, softcap, reduction
     assert_close(lse, ref_lse, LOSS_TOL[torch.float32], "lse")
     for name, ours_t, ref_t in (("hidden", h, h_ref), ("weight", w, w_ref), ("bias", b, b_ref)):
         assert_close(ours_t.grad, ref_t.grad, GRAD_TOL[torch.float32], f"{name} grad")
+
+
+@pytest.mark.parametrize("op", ["logprobs", "cross_entropy", "kl"])
+def test_logit_scale_and_teacher_softcap(op, backend, gen, small_chunks):
+    """logits = softcap(s (h W^T + b)), with the teacher's own scale and soft cap; s = 0.37 is not a power of two.
+    The student's loss and gradients (hidden, weight, bias) against float64, and against s = 1 to see it act."""
+    hidden, weight, bias = randn(2, 5, 24, gen=gen), randn(61, 24, gen=gen, scale=0.5), randn(61, gen=gen)
+    labels = torch.randint(0, 61, (2, 5), generator=gen).to(DEVICE)
+    labels[1, 3] = -100
+    t_hidden, t_weight, t_bias = randn(2, 5, 16, gen=gen), randn(61, 16, gen=gen, scale=0.5), randn(61, gen=gen)
+    (h, w, b), (h_ref, w_ref, b_ref) = leaves(hidden, weight, bias)
+    z = ref_logits(h_ref, w_ref, b_ref, softcap=4.0, logit_scale=0.37)
+    signs = torch.linspace(-1, 1, 10, device=DEVICE).reshape(2, 5)  # a per-token upstream gradient
+
+    def loss_of(scale, **extra):
+        if op == "logprobs":
+            logp = klops.fused_linear_logprobs(h, w, labels, bias=b, temperature=0.7, softcap=4.0,
+                                               logit_scale=scale, backend=backend, **extra)  # fmt: skip
+            return (logp * signs).sum()
+        if op == "cross_entropy":
+            return klops.fused_linear_cross_entropy(h, w, labels, bias=b, softcap=4.0, logit_scale=scale,
+                                                    backend=backend, **extra)  # fmt: skip
+        teacher = dict(teacher_bias=t_bias, teacher_softcap=None, teacher_logit_scale=1.9) | extra
+        return klops.fused_linear_kl(h, w, t_hidden, t_weight, student_bias=b, kind="jsd", beta=0.3, temperature=0.7,
+                                     softcap=4.0, logit_scale=scale, labels=labels, backend=backend,
+                                     **teacher)  # fmt: skip
+
+    if op == "logprobs":
+        ref = (logprobs_reference(z, labels, temperature=0.7)[0] * signs.double()).sum()
+    elif op == "cross_entropy":
+        rows = torch.nn.functional.cross_entropy(z.reshape(-1, 61), labels.reshape(-1), reduction="sum")
+        ref = rows / (labels != -100).sum()
+    else:
+        teacher_z = 1.9 * ref_logits(t_hidden, t_weight, t_bias)
+        ref = fused_kl_reference(z, teacher_z, kind="jsd", beta=0.3, temperature=0.7, labels=labels)
+    loss = loss_of(0.37)
+    loss.backward(), ref.backward()
+    assert_close(loss, ref, LOSS_TOL[torch.float32], "loss")
+    for name, ours_t, ref_t in (("hidden", h, h_ref), ("weight", w, w_ref), ("bias", b, b_ref)):
+        assert_close(ours_t.grad, ref_t.grad, GRAD_TOL[torch.float32], f"{name} grad")
+    with torch.no_grad():
+        assert not torch.allclose(loss_of(1.0), loss, rtol=1e-3)  # the scale acts
+        if op == "kl":  # the teacher's own soft cap and scale act
+            assert not torch.allclose(loss_of(0.37, teacher_logit_scale="same"), loss, rtol=1e-3)
+    if op == "kl":
+        with pytest.raises(ValueError, match="teacher_softcap and teacher_logit_scale apply to a teacher given as"):
+            klops.fused_linear_kl(h, w, teacher_logits=randn(2, 5, 61, gen=gen), teacher_softcap=3.0)
+    with pytest.raises(ValueError, match="logit_scale must lie in"):
+        loss_of(float("inf"))
 
 
 def test_cross_entropy_num_items_and_checks(gen):
@@ -425,7 +479,7 @@ def test_teacher_check_statistics(kind, target_is, backend, gen):
     valid[0, 4] = False
     coef = 0.5 if kind == "jsd" else 0.0
     outputs = linear_divergence_op(
-        hidden, weight, None, None, None, None, teacher, valid, None, kind, target_is, 1.0, coef, None, backend
+        hidden, weight, None, None, None, None, teacher, valid, None, kind, target_is, 1.0, coef, None, None, backend
     )
     t = teacher.double()
     want_top = t.amax(-1) if target_is == "logprobs" else (-t).amax(-1)
@@ -553,5 +607,5 @@ def test_opcheck_gradient_in_forward(gen):
     for b, w in ((None, None), (bias.requires_grad_(), row_weight)):
         args = (hidden, weight.requires_grad_(), b, labels, 3.0, 0.1, 1e-3, -100, "torch")
         torch.library.opcheck(klops.linear.linear_cross_entropy_total_op, args)
-        args = (hidden, weight, b, None, None, None, teacher, valid, w, "jsd", "logits", 1.2, 0.3, None, "torch")
+        args = (hidden, weight, b, None, None, None, teacher, valid, w, "jsd", "logits", 1.2, 0.3, None, None, "torch")
         torch.library.opcheck(klops.linear.linear_divergence_total_op, args)

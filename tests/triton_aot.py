@@ -53,10 +53,12 @@ LINEAR_VARIANTS = [("bf16", "ieee", False, False, True, False), ("bf16", "ieee",
 
 # The fused-linear divergence kernels (kernels/linear_divergence.py) on sm_90: (kind, target, teacher as "hidden"
 # states + head or "logits" (B, L, V), student dtype, teacher dtype, flags): every kind from hidden states (forward /
-# reverse KL with the online KL sweep, the others with sweep 2), labels, bias + soft cap, mixed dtypes, and the
-# teacher encodings read in place.
+# reverse KL with the online KL sweep, the others with sweep 2), labels, bias + soft cap, the teacher's own soft cap
+# ("tcap"), mixed dtypes, and the teacher encodings read in place.
 LINEAR_DIVERGENCE_VARIANTS = [(kind, "logits", "hidden", "bf16", "bf16", "") for kind in DIVERGENCE_KINDS] + [
     ("reverse", "logits", "hidden", "bf16", "fp32", "bias-softcap"),
+    ("forward", "logits", "hidden", "bf16", "bf16", "tcap"),
+    ("jsd", "logits", "hidden", "fp32", "bf16", "softcap-tcap"),
     ("jsd", "logits", "hidden", "bf16", "bf16", "labels"),
     ("forward", "logits", "logits", "bf16", "bf16", "labels"),
     ("forward", "logprobs", "logits", "bf16", "fp32", ""),
@@ -131,10 +133,11 @@ def linear_divergence_jobs(kernels, variant) -> list:
     names = ("stride_hb", "stride_hl", "stride_hd", "stride_wv", "stride_wd", "stride_tb", "stride_tl", "stride_td",
              "stride_twv", "stride_twd")  # fmt: skip
     strides = {name: "constexpr" if name in unit else "i64" for name in names}
-    constants = {"inv_temperature": "fp32", "softcap": "fp32"}
+    constants = {"inv_temperature": "fp32", "softcap": "fp32", "t_softcap": "fp32"}
     constexprs = {"KIND": DIVERGENCE_KINDS.index(kind), "TARGET": TARGET_KINDS.index(target),
                   "TEACHER_HIDDEN": teacher == "hidden", "T_HAS_BIAS": "bias" in flags, "HAS_BIAS": "bias" in flags,
-                  "SOFTCAP": "softcap" in flags, "DOT_FP32": False, "PRECISION": "ieee",
+                  "SOFTCAP": "softcap" in flags, "T_SOFTCAP": "tcap" in flags, "DOT_FP32": False,
+                  "PRECISION": "ieee",
                   **{name: 1 for name in unit}}  # fmt: skip
     labels = {"WITH_LABELS": "labels" in flags}
     stats = pointers | {"valid_ptr": "*i1", "labels_ptr": "*i64", "part_ptr": "*fp32"} | shapes | {"split_size": "i32"}
