@@ -21,6 +21,7 @@ the tests that use them (SFT, DPO, KTO; the ``outputs`` subsets with a statistic
 """
 
 import contextlib
+import importlib
 import inspect
 import itertools
 import math
@@ -362,6 +363,19 @@ def test_patch_replaces_every_reference_and_unpatch_restores_them():
     with klops_trl.patched():
         assert trl_utils._ChunkedLogProbFunction is klops_trl.ChunkedLogProbFunction
     assert trl_utils._ChunkedLogProbFunction is TRLLogProb
+
+
+def test_modules_imported_before_and_after_patch(monkeypatch):
+    """trl.experimental's loss utilities import selective_log_softmax by name: one imported before patch() is
+    patched, one imported after it takes the replacement from trl.trainer.utils; unpatch() restores both."""
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    before = importlib.import_module("trl.experimental.sdpo.loss_utils")
+    monkeypatch.delitem(sys.modules, "trl.experimental.sdft.loss_utils", raising=False)
+    klops_trl.patch()
+    after = importlib.import_module("trl.experimental.sdft.loss_utils")
+    assert before.selective_log_softmax is after.selective_log_softmax is klops_trl.selective_log_softmax
+    klops_trl.unpatch()
+    assert before.selective_log_softmax is after.selective_log_softmax is TRL_ORIGINALS["selective_log_softmax"]
 
 
 def test_unsupported_trl_raises_before_patching(monkeypatch):
