@@ -21,6 +21,7 @@ the tests that use them (SFT, DPO, KTO; the ``outputs`` subsets with a statistic
 """
 
 import contextlib
+import functools
 import importlib
 import inspect
 import itertools
@@ -336,6 +337,17 @@ def test_bad_input_names_the_argument():
         klops_trl.selective_log_softmax_and_entropy(logits, index[:, :2])
 
 
+def test_deepspeed_zero3_is_a_clear_error(monkeypatch):
+    import transformers.integrations.deepspeed as deepspeed
+
+    monkeypatch.setattr(deepspeed, "is_deepspeed_zero3_enabled", lambda: True)
+    with pytest.raises(RuntimeError, match="ZeRO-3"):
+        klops_trl.ChunkedLogProbFunction.apply(*logprob_case("plain"), ("log_probs",))
+    tensors, options = divergence_case("plain")
+    with pytest.raises(RuntimeError, match="ZeRO-3"):
+        klops_trl.ChunkedDivergenceFunction.apply(*tensors, 0.5, *options)
+
+
 # ---------------------------------------------------------------------------------------------------------- patching
 
 
@@ -554,6 +566,7 @@ def test_trainer_with_perturbed_klops_does_not_match(model_dirs, tmp_path, monke
     """A klops side at another temperature (1% off) must fail the comparison above: its tolerance is not loose."""
     exact = klops_trl.ChunkedLogProbFunction.apply
 
+    @functools.wraps(exact)  # its signature: patch() checks it against TRL's
     def perturbed(hidden, weight, bias, targets, temperature, *rest):
         return exact(hidden, weight, bias, targets, temperature * 1.01, *rest)
 
