@@ -75,7 +75,8 @@ class ChunkedLogProbFunction:
 
     Inputs are cast to TRL's compute dtype (autocast's when on, else hidden's; float64 as fp32), gradients come
     back in the inputs' dtypes. ``chunk_size`` (TRL's vocabulary tile) is unused: klops chooses its own chunks.
-    Targets must lie in ``[0, V)`` (TRL's callers clamp them); a -100 target gives zeros, not TRL's garbage.
+    Targets must lie in ``[0, V)`` (TRL's callers clamp them or select the valid rows); a -100 target, klops's
+    ignore_index, gives zeros where TRL's function would read outside the row.
     """
 
     @staticmethod
@@ -95,16 +96,14 @@ class ChunkedLogProbFunction:
             raise ValueError(f"outputs: unknown per-token fields {unknown}; TRL's are log_probs, {OPTIONAL_OUTPUTS}")
         _check_not_zero3()
         dtype = _compute_dtype(hidden)
-        with_entropy = "entropy" in outputs
-        # the row statistics only when asked: return_row_stats=True makes klops return its LogprobOutputs tuple
-        stats_option = {"return_row_stats": True} if any(name in outputs for name in ROW_STATS) else {}
+        with_entropy, with_stats = "entropy" in outputs, any(name in outputs for name in ROW_STATS)
         with torch.autocast(hidden.device.type, enabled=False):  # the products in TRL's compute dtype
             hidden, weight, bias = _as(dtype, hidden, weight, bias)
             result = klops.fused_linear_logprobs(
                 hidden, weight, targets, bias=bias, temperature=temperature, softcap=final_logit_softcapping,
-                logit_scale=logit_scale, return_entropy=with_entropy, **stats_option,
+                logit_scale=logit_scale, return_entropy=with_entropy, return_row_stats=with_stats,
             )  # fmt: skip
-        if stats_option:
+        if with_stats:  # klops.LogprobOutputs
             log_probs, entropy, *stats = result
         elif with_entropy:
             (log_probs, entropy), stats = result, (None,) * 3
