@@ -195,15 +195,16 @@ def test_logprob_function_defaults_and_autocast():
 CPU_KERNELS = klops.backend.resolve("linear", "auto", torch.device("cpu")) == "cpu"
 
 
+# Not strict: whether these rows show the difference depends on how the compiler vectorizes the kernel on CI's CPU
 @pytest.mark.xfail(
-    CPU_KERNELS, strict=True, reason="klops's C++ CPU logprobs kernel rounds logsum differently with and without the "
+    CPU_KERNELS, strict=False, reason="klops's C++ CPU logprobs kernel rounds logsum differently with and without the "
     "entropy (LseOp vs EntropyOp, 1 ulp): a policy log-prob (with entropy) and a reference one (without) differ"
 )  # fmt: skip
 def test_log_probs_do_not_depend_on_outputs():
     """TRL's log_probs are the same bits whatever else is asked: a policy and a reference model with one head give
     a log-ratio of exactly 0 (KTO's kl, RLOO's first-step kl, GRPO's ratio)."""
-    hidden, weight = leaves((64, H), (1000, H))  # more rows and a wider vocabulary than logprob_case's
-    args = (hidden, weight, None, torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(1)), 1.0, 32)
+    hidden, weight = leaves((256, H), (2000, H))  # more rows and a wider vocabulary than logprob_case's
+    args = (hidden, weight, None, torch.randint(0, 2000, (256,), generator=torch.Generator().manual_seed(1)), 1.0, 32)
     alone = klops_trl.ChunkedLogProbFunction.apply(*args, None, 1.0, ("log_probs",))[0]
     for outputs in [("log_probs", "entropy")] + ([OUTPUT_SUBSETS[-1]] if HAS_ROW_STATS else []):
         assert torch.equal(klops_trl.ChunkedLogProbFunction.apply(*args, None, 1.0, outputs)[0], alone), outputs
