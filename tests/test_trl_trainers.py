@@ -317,6 +317,17 @@ def test_selective_log_softmax_and_entropy_matches_trl(name, masked, entropy_req
     assert not any(calls.values())
 
 
+def test_helpers_return_fp32_where_trl_takes_its_triton_kernel(monkeypatch):
+    """On CUDA / XPU tensors TRL's helpers run its Triton kernel, which returns fp32 for bf16 logits; elsewhere they
+    return the logits' dtype. The replacements ask TRL's own predicate (made true here, on the CPU)."""
+    logits, index, row_mask = logits_case("bf16 [N]")
+    monkeypatch.setattr(trl_utils, "is_triton_available", lambda: True)
+    monkeypatch.setattr(trl_utils, "_supports_trl_loss_kernel", lambda *args: True)
+    assert klops_trl.selective_log_softmax(logits, index, 1.0, row_mask).dtype == torch.float32
+    assert klops_trl.entropy_from_logits(logits).dtype == torch.float32
+    assert all(x.dtype == torch.float32 for x in klops_trl.selective_log_softmax_and_entropy(logits, index))
+
+
 def test_helpers_perturbed_do_not_match():
     logits, index, _ = logits_case("fp32 [B, L]")
     expected = trl_utils.selective_log_softmax_and_entropy(logits, index, True, 0.9)
