@@ -7,9 +7,17 @@
 //     logprob = log q_y                        d logprob / dz_j = (1[j = y] - q_j) / T
 //     entropy = -sum_v q_v log q_v             d entropy / dz_j = -q_j (log q_j + entropy) / T
 //
-// Forward: 1 sweep of the online (m, s, w) of Entropy (or (m, s) of Lse without the entropy).
-// Backward: 1 sweep from the saved max_z, logsum and entropy. Rows whose label is ignore_index get
-// 0 in every output and a zero gradient.
+// and, WITH_STATS, three outputs without gradient (TRL's fused LM head returns them):
+//
+//     log_sum_sq = log sum_v q_v^2 = log sum_v exp((z_v - max_z) 2c) - 2 logsum
+//     mean_logit = c sum_v z_v / V
+//     is_top1    = 1 iff y is the row's first argmax: z_y >= max_z and z_y > max_{j < y} z_j, else 0
+//
+// Forward: 1 sweep of the online (m, s, w) of Entropy (or (m, s) of Lse without the entropy), and
+// WITH_STATS the (m, s2, sum, before) of RowStats pushed beside it in the same sweep (no second read):
+// it reads V logits and writes 3 fp32 per row (4 with the entropy, 3 more with the stats).
+// Backward: 1 sweep from the saved max_z, logsum and entropy: it reads V logits and writes V gradient
+// entries per row. Rows whose label is ignore_index get 0 in every output and a zero gradient.
 
 #include <ATen/DeviceGuard.h>
 #include <ATen/core/Tensor.h>
@@ -33,8 +41,8 @@ constexpr int kLogprobsVec = 16 / sizeof(typename Format::Storage);  // entries 
 
 // Forward of row r = blockIdx.x, 1 sweep: max_z and logsum of the row (Lse), logprob =
 // (z_y - max_z) c - logsum and, WITH_ENTROPY, entropy = log s - w / s from the (m, s, w) of
-// Entropy. Zeros for an ignored row.
-template <typename Format, typename Label, bool WITH_ENTROPY>
+// Entropy; WITH_STATS, log_sum_sq, mean_logit and is_top1 from RowStats. Zeros for an ignored row.
+template <typename Format, typename Label, bool WITH_ENTROPY, bool WITH_STATS>
 __global__ void __launch_bounds__(kMaxThreads) logprobs_forward_kernel(
     const typename Format::Storage* __restrict__ z,  // (B, L, V) logits, last-dim stride 1
     const Label* __restrict__ labels,                // (B*L,)
@@ -42,6 +50,9 @@ __global__ void __launch_bounds__(kMaxThreads) logprobs_forward_kernel(
     float* __restrict__ entropy_out,                 // (B*L,) out (untouched unless WITH_ENTROPY)
     float* __restrict__ max_out,                     // (B*L,) out
     float* __restrict__ logsum_out,                  // (B*L,) out
+    float* __restrict__ log_sum_sq_out,              // (B*L,) out (untouched unless WITH_STATS)
+    float* __restrict__ mean_logit_out,              // (B*L,) out (untouched unless WITH_STATS)
+    float* __restrict__ is_top1_out,                 // (B*L,) out, 0 or 1 (untouched unless WITH_STATS)
     int64_t L, int64_t V, int64_t stride_zb, int64_t stride_zl, float inv_temperature,
     int64_t ignore_index) {
   const int64_t row = blockIdx.x;
@@ -52,6 +63,11 @@ __global__ void __launch_bounds__(kMaxThreads) logprobs_forward_kernel(
       max_out[row] = 0.0f;
       logsum_out[row] = 0.0f;
       if constexpr (WITH_ENTROPY) entropy_out[row] = 0.0f;
+      if constexpr (WITH_STATS) {
+        log_sum_sq_out[row] = 0.0f;
+        mean_logit_out[row] = 0.0f;
+        is_top1_out[row] = 0.0f;
+      }
     }
     return;
   }
@@ -71,11 +87,18 @@ __global__ void __launch_bounds__(kMaxThreads) logprobs_forward_kernel(
   using Op = std::conditional_t<WITH_ENTROPY, EntropyOp, LseOp>;
   const Op op{inv_temperature};
   typename Op::Acc acc = op.identity();
-  sweep_row<VEC>(V, plan, threadIdx.x, blockDim.x, load, [&](int64_t, auto zv) {
+  const RowStatsOp stats_op{2.0f * inv_temperature};
+  [[maybe_unused]] RowStats stats = stats_op.identity();
+  sweep_row<VEC>(V, plan, threadIdx.x, blockDim.x, load, [&](int64_t j, auto zv) {
 #pragma unroll
-    for (int i = 0; i < decltype(zv)::kWidth; ++i) op.push(acc, Format::to_float(zv.val[i]));
+    for (int i = 0; i < decltype(zv)::kWidth; ++i) {
+      const float zi = Format::to_float(zv.val[i]);
+      const float e = op.push(acc, zi);
+      if constexpr (WITH_STATS) stats_op.push_squared(stats, zi, e, j + i < label);
+    }
   });
   acc = block_reduce(acc, op);
+  if constexpr (WITH_STATS) stats = block_reduce(stats, stats_op);
   if (threadIdx.x == 0) {
     const float max_z = acc.max();
     const float logsum = acc.logsum();
@@ -83,6 +106,11 @@ __global__ void __launch_bounds__(kMaxThreads) logprobs_forward_kernel(
     max_out[row] = max_z;
     logsum_out[row] = logsum;
     if constexpr (WITH_ENTROPY) entropy_out[row] = acc.entropy();
+    if constexpr (WITH_STATS) {
+      log_sum_sq_out[row] = stats.log_sum_sq(logsum);
+      mean_logit_out[row] = stats.sum * inv_temperature / static_cast<float>(V);
+      is_top1_out[row] = stats.is_top1(z_label, max_z) ? 1.0f : 0.0f;
+    }
   }
 }
 
@@ -148,7 +176,8 @@ void dispatch_label(at::ScalarType dtype, F&& f) {
   f(int32_t{});
 }
 
-// Calls f(format, Label{}, with_entropy_c): one of the 3 x 2 x 2 kernel instantiations.
+// Calls f(format, Label{}, with_entropy_c): one of the 3 x 2 x 2 kernel instantiations (the forward
+// doubles them with its own dispatch of with_stats).
 template <typename F>
 void dispatch_logprobs(const at::Tensor& logits, const at::Tensor& labels, bool with_entropy,
                        F&& f) {
@@ -166,18 +195,25 @@ void check_logprobs_inputs(const at::Tensor& logits, const at::Tensor& labels) {
                 {at::kLong, at::kInt});
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_forward(
-    const at::Tensor& logits, const at::Tensor& labels, double temperature, bool with_entropy,
-    int64_t ignore_index) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+logprobs_forward(const at::Tensor& logits, const at::Tensor& labels, double temperature,
+                 bool with_entropy, bool with_stats, int64_t ignore_index) {
   check_logprobs_inputs(logits, labels);
   const at::cuda::OptionalCUDAGuard device_guard(device_of(logits));
   const int64_t B = logits.size(0), L = logits.size(1), V = logits.size(2);
   const auto options = logits.options().dtype(at::kFloat);
-  at::Tensor logp = at::empty({B, L}, options);
-  at::Tensor entropy = with_entropy ? at::empty({B, L}, options) : at::zeros({B, L}, options);
-  at::Tensor max_z = at::empty({B, L}, options);
-  at::Tensor logsum = at::empty({B, L}, options);
-  if (B * L == 0) return {logp, entropy, max_z, logsum};
+  // Outputs the kernel does not write (the entropy, the stats when not asked) are zeros.
+  const auto rows = [&](bool written) {
+    return written ? at::empty({B, L}, options) : at::zeros({B, L}, options);
+  };
+  at::Tensor logp = rows(true);
+  at::Tensor entropy = rows(with_entropy);
+  at::Tensor max_z = rows(true);
+  at::Tensor logsum = rows(true);
+  at::Tensor log_sum_sq = rows(with_stats);
+  at::Tensor mean_logit = rows(with_stats);
+  at::Tensor is_top1 = rows(with_stats);
+  if (B * L == 0) return {logp, entropy, max_z, logsum, log_sum_sq, mean_logit, is_top1};
 
   const at::Tensor labels_c = labels.contiguous();
   const float inv_temperature = static_cast<float>(1.0 / temperature);
@@ -186,16 +222,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_forward(
     using Format = decltype(format);
     using Label = decltype(label);
     const int threads = row_threads(V, kLogprobsVec<Format>);
-    logprobs_forward_kernel<Format, Label, decltype(with_entropy_c)::value == 1>
-        <<<static_cast<unsigned>(B * L), threads, 0, stream>>>(
-            storage_ptr<Format>(logits), labels_c.const_data_ptr<Label>(),
-            logp.mutable_data_ptr<float>(), entropy.mutable_data_ptr<float>(),
-            max_z.mutable_data_ptr<float>(), logsum.mutable_data_ptr<float>(), L, V,
-            logits.stride(0), logits.stride(1), inv_temperature, ignore_index);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    dispatch_index<2>(with_stats, [&](auto with_stats_c) {
+      logprobs_forward_kernel<Format, Label, decltype(with_entropy_c)::value == 1,
+                              decltype(with_stats_c)::value == 1>
+          <<<static_cast<unsigned>(B * L), threads, 0, stream>>>(
+              storage_ptr<Format>(logits), labels_c.const_data_ptr<Label>(),
+              logp.mutable_data_ptr<float>(), entropy.mutable_data_ptr<float>(),
+              max_z.mutable_data_ptr<float>(), logsum.mutable_data_ptr<float>(),
+              log_sum_sq.mutable_data_ptr<float>(), mean_logit.mutable_data_ptr<float>(),
+              is_top1.mutable_data_ptr<float>(), L, V, logits.stride(0), logits.stride(1),
+              inv_temperature, ignore_index);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   };
   dispatch_logprobs(logits, labels_c, with_entropy, launch);
-  return {logp, entropy, max_z, logsum};
+  return {logp, entropy, max_z, logsum, log_sum_sq, mean_logit, is_top1};
 }
 
 at::Tensor logprobs_backward(const at::Tensor& grad_logp, const at::Tensor& grad_entropy,

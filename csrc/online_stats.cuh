@@ -48,12 +48,14 @@ struct LseOp {
 
   // Folds z in with one exp: on a new max z, exp((old m - z) c) rescales s; else
   // s += exp((z - m) c). A NaN z is never "up", so it makes s NaN; -inf entries change nothing.
-  KLOPS_DEVICE void push(Lse& a, float z) const {
+  // Returns that exp (RowStatsOp::push_squared reuses it).
+  KLOPS_DEVICE float push(Lse& a, float z) const {
     const bool up = z > a.m;
     const float m_new = up ? z : a.m;
     const float e = vexp(((up ? a.m : z) - finite_or_zero(m_new)) * c);
     a.s = up ? fmaf(a.s, e, 1.0f) : a.s + e;
     a.m = m_new;
+    return e;
   }
 
   KLOPS_DEVICE Lse combine(const Lse& a, const Lse& b) const {
@@ -89,8 +91,8 @@ struct EntropyOp {
 
   // As LseOp::push. On a new max z, with d = (old m - z) c: w = exp(d) (w + d s), the shift d
   // taken as 0 when old m = -inf (s = w = 0 then); the new entry adds exp(0) 0. Else, with
-  // d = (z - m) c: w += exp(d) d, nothing for d = -inf (a -inf entry).
-  KLOPS_DEVICE void push(Entropy& a, float z) const {
+  // d = (z - m) c: w += exp(d) d, nothing for d = -inf (a -inf entry). Returns exp(d), as LseOp::push.
+  KLOPS_DEVICE float push(Entropy& a, float z) const {
     const bool up = z > a.m;
     const float m_new = up ? z : a.m;
     const float d = ((up ? a.m : z) - finite_or_zero(m_new)) * c;
@@ -99,6 +101,7 @@ struct EntropyOp {
     a.w = up ? e * (a.w + d_safe * a.s) : a.w + e * d_safe;
     a.s = up ? fmaf(a.s, e, 1.0f) : a.s + e;
     a.m = m_new;
+    return e;
   }
 
   // Both sides moved to the common max M: with r_i = exp((m_i - M) c) and the shift
@@ -111,6 +114,63 @@ struct EntropyOp {
     const float ra = vexp((a.m - m_safe) * c);
     const float rb = vexp((b.m - m_safe) * c);
     return {m, a.s * ra + b.s * rb, ra * (a.w + shift_a * a.s) + rb * (b.w + shift_b * b.s)};
+  }
+};
+
+// The extra row statistics of the log-prob ops (TRL's fused LM head outputs), pushed in the same sweep as
+// Lse / Entropy, in raw logit units: s2 = sum exp((z - m) 2c) over the running raw max m, so that
+//     log sum_v q_v^2 = log s2 - 2 logsum     (the same m as Lse's: the max does not depend on c)
+// sum = sum_v z_v (the mean logit is sum c / V), and before = max of the entries before the label: the
+// label is the row's first argmax iff z_label >= max z and z_label > before.
+struct RowStats {
+  float m;
+  float s2;
+  float sum;
+  float before;
+
+#ifdef __CUDACC__
+  KLOPS_DEVICE RowStats shfl_xor(int lane_mask) const {
+    const auto shfl = [lane_mask](float v) { return __shfl_xor_sync(0xffffffffu, v, lane_mask); };
+    return {shfl(m), shfl(s2), shfl(sum), shfl(before)};
+  }
+#endif
+  KLOPS_DEVICE float log_sum_sq(float logsum) const { return vlog(s2) - 2.0f * logsum; }
+  KLOPS_DEVICE bool is_top1(float z_label, float max_z) const { return z_label >= max_z && z_label > before; }
+};
+
+struct RowStatsOp {
+  using Acc = RowStats;
+  float c2;  // 2 / T
+
+  KLOPS_DEVICE RowStats identity() const { return {kNegInf, 0.0f, 0.0f, kNegInf}; }
+
+  // (m, s2) as LseOp::push at the scale 2c; the entry joins `before` when it precedes the label.
+  KLOPS_DEVICE void push(RowStats& a, float z, bool before_label) const {
+    const bool up = z > a.m;
+    const float m_new = up ? z : a.m;
+    const float e = vexp(((up ? a.m : z) - finite_or_zero(m_new)) * c2);
+    a.s2 = up ? fmaf(a.s2, e, 1.0f) : a.s2 + e;
+    a.m = m_new;
+    a.sum += z;
+    a.before = before_label ? vmax(a.before, z) : a.before;
+  }
+
+  // push for the scale 2c with e, the exp that LseOp / EntropyOp::push (scale c) returned for the same z: their
+  // running max is this one's (the same pushes from the same identity), and exp(2 x) = exp(x)^2, so that a sweep
+  // pushing both keeps one exp per entry.
+  KLOPS_DEVICE void push_squared(RowStats& a, float z, float e, bool before_label) const {
+    const bool up = z > a.m;
+    a.s2 = up ? fmaf(a.s2, e * e, 1.0f) : fmaf(e, e, a.s2);
+    a.m = up ? z : a.m;
+    a.sum += z;
+    a.before = before_label ? vmax(a.before, z) : a.before;
+  }
+
+  KLOPS_DEVICE RowStats combine(const RowStats& a, const RowStats& b) const {
+    const float m = vmax(a.m, b.m);
+    const float m_safe = finite_or_zero(m);
+    return {m, a.s2 * vexp((a.m - m_safe) * c2) + b.s2 * vexp((b.m - m_safe) * c2), a.sum + b.sum,
+            vmax(a.before, b.before)};
   }
 };
 

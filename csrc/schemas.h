@@ -32,9 +32,11 @@ constexpr const char* kTopkDivergenceBackward =
     "topk_divergence_backward(Tensor tail_coef, Tensor student, Tensor indices, Tensor valid, "
     "Tensor max_c, Tensor logsum_c, Tensor member_value, Tensor? label_coef, Tensor? labels, "
     "float temperature) -> Tensor";
+// (logprob, entropy, max, logsum, log_sum_sq_probs, mean_logit, is_top1), each (B, L) fp32; the last three
+// (online_stats.cuh's RowStats; is_top1 0 or 1) with_stats only, else 0.
 constexpr const char* kLogprobsForward =
-    "logprobs_forward(Tensor logits, Tensor labels, float temperature, bool with_entropy, "
-    "int ignore_index) -> (Tensor, Tensor, Tensor, Tensor)";
+    "logprobs_forward(Tensor logits, Tensor labels, float temperature, bool with_entropy, bool with_stats, "
+    "int ignore_index) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)";
 constexpr const char* kLogprobsBackward =
     "logprobs_backward(Tensor grad_logp, Tensor grad_entropy, Tensor logits, Tensor labels, "
     "Tensor max, Tensor logsum, Tensor entropy, float temperature, bool with_entropy, "

@@ -5,9 +5,14 @@ fp32 accumulation) and folded into per-row statistics; no ``[N, V]`` tensor reac
 With d = (z - m) / T relative to a running row max m (raw logit units, as a standard log_softmax):
 
     forward, per row and vocabulary split:   m = max z,  s = sum exp(d),  w = sum exp(d) d,
-                                             z_y (the label's logit),  sum_v z_v (label smoothing)
+                                             z_y (the label's logit); with the stats also
+                                             s2 = sum exp(2 d),  sum_v z_v,  max_{v < y} z_v
     merged over splits (torch, O(splits N)):  logsum = log S,  log q = (z - max)/T - logsum,
-                                             logprob = (z_y - max)/T - logsum,  entropy = logsum - W/S
+                                             logprob = (z_y - max)/T - logsum,  entropy = logsum - W/S,
+                                             log_sum_sq = log sum q^2 = log S2 - 2 logsum,
+                                             mean_logit = sum_v z_v / (T V) (at T = 1 the label
+                                             smoothing's mean logit),  is_top1 = 1.0 iff y is the
+                                             first argmax: z_y >= max and z_y > max_{v < y} z_v
     backward, per tile (recomputed):         dz_v = c1 [v = y] + q_v (c2 + c3 log q_v) + c4,
                                              times 1 - tanh^2(x / softcap) under a soft cap;
                                              grad_h += dz @ W,  grad_W += dz^T h,  grad_b += sum dz
@@ -28,7 +33,8 @@ forward instead (no recomputation) would cost 3 but hold fp32 ``grad_h`` / ``gra
 Bytes (bf16 inputs; at N = 16384, D = 4096, V = 128256): the inputs are N D + V D entries (1.1 GiB) and must
 be read once; like any matmul tiling, the tiles re-read them from L2 (h once per vocabulary tile, W once
 per row block), and the launch orders keep the resident programs on few row blocks so that those re-reads
-hit L2 (split_program, grouped_tile). The forward writes a few fp32 numbers per row and split. The backward
+hit L2 (split_program, grouped_tile). The forward writes 3 fp32 numbers per row and split (4 with the entropy,
+3 more with the stats). The backward
 adds N D V / BLOCK_V fp32 into grad_h and V D N / BLOCK_M into grad_W by atomics (2 x 6.7e10 at 128 x 128
 tiles: 0.5 TiB of atomic traffic to L2, against 6.9e13 FLOP of matmuls; the exact skip of zero-gradient row
 blocks removes the prompt's share). That traffic is this design's risk (Cut Cross-Entropy's backward has the
@@ -174,7 +180,9 @@ def linear_logprobs_forward_kernel(
     s_ptr,  # (S, N) fp32 out: sum exp((z - m) / T)
     w_sum_ptr,  # (S, N) fp32 out: sum exp(d) d (WITH_ENTROPY only)
     z_label_ptr,  # (S, N) fp32 out: z of the label if the split holds it, else 0
-    z_sum_ptr,  # (S, N) fp32 out: sum z (WITH_SUM only)
+    s2_ptr,  # (S, N) fp32 out: sum exp((z - m) 2 / T) (WITH_STATS only)
+    z_sum_ptr,  # (S, N) fp32 out: sum z (WITH_STATS only)
+    before_ptr,  # (S, N) fp32 out: max of z over the entries before the label, -inf if none (WITH_STATS only)
     # shapes
     N,
     L,
@@ -194,7 +202,7 @@ def linear_logprobs_forward_kernel(
     HAS_BIAS: tl.constexpr,
     SOFTCAP: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
-    WITH_SUM: tl.constexpr,
+    WITH_STATS: tl.constexpr,
     DOT_FP32: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -213,7 +221,9 @@ def linear_logprobs_forward_kernel(
     s = tl.zeros([BLOCK_M], tl.float32)
     w_sum = tl.zeros([BLOCK_M], tl.float32)
     z_label = tl.zeros([BLOCK_M], tl.float32)
+    s2 = tl.zeros([BLOCK_M], tl.float32)
     z_sum = tl.zeros([BLOCK_M], tl.float32)
+    before = tl.full([BLOCK_M], NEG_INF, tl.float32)
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < v_end
@@ -228,19 +238,24 @@ def linear_logprobs_forward_kernel(
         if WITH_ENTROPY:  # w' = r (w + shift s) + sum e d, shift = (m - m') / T, r = exp(shift)
             shift = tl.where(m == NEG_INF, 0.0, (m - m_ref) * inv_temperature)
             w_sum = tl.exp(shift) * (w_sum + shift * s) + tl.sum(tl.where(e > 0.0, e * d, 0.0), 1)
-        s = s * tl.exp((m - m_ref) * inv_temperature) + tl.sum(e, 1)
+        r = tl.exp((m - m_ref) * inv_temperature)
+        s = s * r + tl.sum(e, 1)
         m = m_new
         z_label += tl.sum(tl.where(cols[None, :] == labels[:, None], z, 0.0), 1)
-        if WITH_SUM:
+        if WITH_STATS:  # exp(2 d) = exp(d)^2: no further exp
+            s2 = s2 * (r * r) + tl.sum(e * e, 1)
             z_sum += tl.sum(tl.where(col_mask[None, :], z, 0.0), 1)
+            before = tl.maximum(before, tl.max(tl.where(cols[None, :] < labels[:, None], z, NEG_INF), 1))
     out = split.to(tl.int64) * N + rows
     tl.store(m_ptr + out, m, mask=row_mask)
     tl.store(s_ptr + out, s, mask=row_mask)
     tl.store(z_label_ptr + out, z_label, mask=row_mask)
     if WITH_ENTROPY:
         tl.store(w_sum_ptr + out, w_sum, mask=row_mask)
-    if WITH_SUM:
+    if WITH_STATS:
+        tl.store(s2_ptr + out, s2, mask=row_mask)
         tl.store(z_sum_ptr + out, z_sum, mask=row_mask)
+        tl.store(before_ptr + out, before, mask=row_mask)
 
 
 @triton.jit
@@ -371,38 +386,50 @@ def linear_logprobs_forward(
     temperature: float,
     softcap: float | None,
     with_entropy: bool,
-    with_sum: bool,
+    with_stats: bool,
     ignore_index: int,
 ) -> tuple[torch.Tensor, ...]:
-    """Launch the forward and merge its splits: (logprob, entropy, max, logsum, sum_z), each (B, L) fp32
-    (entropy and sum_z 0 unless asked; every output 0 on ignored rows)."""
+    """Launch the forward and merge its splits: (logprob, entropy, max, logsum, log_sum_sq, mean_logit, is_top1),
+    each (B, L) fp32 (entropy 0 unless with_entropy, the last three 0 unless with_stats; every output 0 on ignored
+    rows). mean_logit = sum_v z_v / (T V)."""
     (B, L, D), V = hidden.shape, weight.shape[0]
     N = B * L
     labels = labels.reshape(N).long()
     valid = labels != ignore_index
     if N == 0:
-        return tuple(torch.zeros((B, L), dtype=torch.float32, device=hidden.device) for _ in range(5))
+        return tuple(torch.zeros((B, L), dtype=torch.float32, device=hidden.device) for _ in range(7))
     (block_m, block_v, block_k, num_warps, num_stages), grid, splits, split_size = forward_grid(N, V, hidden.device)
-    m, s, w_sum, z_label, z_sum = torch.empty((5, splits, N), dtype=torch.float32, device=hidden.device)
+    m, s, w_sum, z_label, s2, z_sum, before = torch.empty((7, splits, N), dtype=torch.float32, device=hidden.device)
     with on_device(hidden):
         linear_logprobs_forward_kernel[grid](
-            hidden, weight, bias if bias is not None else weight, labels, m, s, w_sum, z_label, z_sum,
+            hidden, weight, bias if bias is not None else weight, labels, m, s, w_sum, z_label, s2, z_sum, before,
             N, L, V, D, split_size,
             *linear_strides(hidden, weight),
             1.0 / temperature, softcap or 1.0, ignore_index,
-            WITH_ENTROPY=with_entropy, WITH_SUM=with_sum, **matmul_args(hidden, bias, softcap),
+            WITH_ENTROPY=with_entropy, WITH_STATS=with_stats, **matmul_args(hidden, bias, softcap),
             BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
     # Ignored rows' partials may never have been written: every output is 0 there.
     max_z, total, rescale, shift = merge_lse(m, s, temperature)
     max_z, logsum = torch.where(valid, max_z, 0.0), torch.where(valid, torch.log(total), 0.0)
     in_range = (labels >= 0) & (labels < V)  # a label the device-side check let through gives NaN
-    logp = torch.where(in_range, (z_label.sum(0) - max_z) / temperature - logsum, float("nan"))
+    z_y = z_label.sum(0)
+    logp = torch.where(in_range, (z_y - max_z) / temperature - logsum, float("nan"))
     outputs = [torch.where(valid, logp, 0.0)]
-    zeros = torch.zeros(N, dtype=torch.float32, device=hidden.device)
+
+    def zeros() -> torch.Tensor:  # a fresh tensor for each output that is not computed: no two outputs alias
+        return torch.zeros(N, dtype=torch.float32, device=hidden.device)
+
     outputs.append(torch.where(valid, logsum - (rescale * (w_sum + shift * s)).sum(0) / total, 0.0) if with_entropy
-                   else zeros)  # fmt: skip
-    outputs += [max_z, logsum, torch.where(valid, z_sum.sum(0), 0.0) if with_sum else zeros]
+                   else zeros())  # fmt: skip
+    outputs += [max_z, logsum]
+    if with_stats:  # s2 of each split moved to the merged max at the scale 2 / T: times rescale^2
+        log_sum_sq = torch.log((rescale * rescale * s2).sum(0)) - 2.0 * logsum
+        is_top1 = in_range & (z_y >= max_z) & (z_y > before.amax(0))
+        outputs += [torch.where(valid, log_sum_sq, 0.0), torch.where(valid, z_sum.sum(0) / (temperature * V), 0.0),
+                    torch.where(valid & is_top1, 1.0, 0.0)]  # fmt: skip
+    else:
+        outputs += [zeros(), zeros(), zeros()]
     return tuple(x.reshape(B, L) for x in outputs)
 
 

@@ -6,10 +6,19 @@ logsum = log sum_v exp((z_v - max)/T), so that log q = (z - max)/T - logsum:
     logprob = (z_y - max)/T - logsum        d logprob / dz_j = (1[j = y] - q_j) / T
     entropy = -sum_v q_v log q_v            d entropy / dz_j = -q_j (log q_j + entropy) / T
 
+With WITH_STATS, three more per-row outputs without gradient (TRL's fused LM head returns them):
+
+    log_sum_sq = log sum_v q_v^2 = log sum_v exp((z_v - max) 2/T) - 2 logsum
+    mean_logit = sum_v z_v / (T V)
+    is_top1    = 1.0 iff y is the row's first argmax: z_y >= max and z_y > max_{j < y} z_j, else 0.0
+
 Forward: one sweep keeps per-lane running raw max m, s = sum exp(d) and, for the entropy,
 w = sum exp(d) d with d = (z - m)/T (relative to the max, so logits of magnitude 1e4 lose no
-precision); then entropy = log s - w / s. Backward: one sweep from the saved max, logsum, entropy.
-Rows whose label is ignore_index get logprob 0, entropy 0 and a zero gradient.
+precision); then entropy = log s - w / s. WITH_STATS adds per lane s2 = sum exp(2 d) (the square of
+the same exp: still one exp per entry), sum z and the max of the entries before the label. It reads
+V logits and writes 3 fp32 per row (4 with the entropy, 3 more with the stats). Backward: one sweep
+from the saved max, logsum, entropy: it reads V logits and writes V gradient entries per row. Rows
+whose label is ignore_index get 0 in every output and a zero gradient.
 """
 
 import torch
@@ -36,6 +45,16 @@ def online_entropy_update(m, s, w, x, inv_temperature):
 
 
 @triton.jit
+def online_sq_update(m, s2, x, inv_temperature):
+    """s2 = sum exp((x - m) 2 / T) relative to the lane's running max m, taken before online_lse_update /
+    online_entropy_update move m for the same entry x: its exp is theirs (the same expression, merged by the
+    compiler), squared. On a new max x, s2' = s2 exp((m - x) / T)^2 + 1; else s2' = s2 + exp((x - m) / T)^2."""
+    up = x > m
+    e = tl.exp((tl.where(up, m, x) - finite_or_zero(tl.where(up, x, m))) * inv_temperature)
+    return tl.where(up, s2 * (e * e) + 1.0, s2 + e * e)
+
+
+@triton.jit
 def entropy_finalize(m, s, w, max_x, logsum, inv_temperature):
     """-sum q log q = logsum - W / S from the per-lane (m, s, w), once moved to the row max."""
     shift = tl.where(m == NEG_INF, 0.0, (m - max_x) * inv_temperature)
@@ -53,6 +72,9 @@ def logprobs_forward_kernel(
     entropy_ptr,  # (B*L,) fp32 out (untouched unless WITH_ENTROPY)
     max_ptr,  # (B*L,) fp32 out: raw row max of z
     logsum_ptr,  # (B*L,) fp32 out: log sum exp((z - max)/T)
+    log_sum_sq_ptr,  # (B*L,) fp32 out: log sum q^2 (untouched unless WITH_STATS)
+    mean_logit_ptr,  # (B*L,) fp32 out: sum z / (T V) (untouched unless WITH_STATS)
+    is_top1_ptr,  # (B*L,) fp32 out: 1.0 iff the label is the first argmax (untouched unless WITH_STATS)
     # shapes
     L,
     V,
@@ -63,6 +85,7 @@ def logprobs_forward_kernel(
     inv_temperature,
     ignore_index,
     WITH_ENTROPY: tl.constexpr,
+    WITH_STATS: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -73,14 +96,26 @@ def logprobs_forward_kernel(
         tl.store(logsum_ptr + row, 0.0)
         if WITH_ENTROPY:
             tl.store(entropy_ptr + row, 0.0)
+        if WITH_STATS:
+            tl.store(log_sum_sq_ptr + row, 0.0)
+            tl.store(mean_logit_ptr + row, 0.0)
+            tl.store(is_top1_ptr + row, 0.0)
         return
     z_row = z_ptr + (row // L) * stride_zb + (row % L) * stride_zl
     cols = tl.arange(0, BLOCK_V)
     m = tl.full([BLOCK_V], NEG_INF, tl.float32)
     s = tl.zeros([BLOCK_V], tl.float32)
     w = tl.zeros([BLOCK_V], tl.float32)
+    s2 = tl.zeros([BLOCK_V], tl.float32)
+    z_sum = tl.zeros([BLOCK_V], tl.float32)
+    before = tl.full([BLOCK_V], NEG_INF, tl.float32)  # max of the entries before the label
     for start in range(0, V, BLOCK_V):
-        z = tl.load(z_row + start + cols, mask=start + cols < V, other=NEG_INF).to(tl.float32)
+        mask = start + cols < V
+        z = tl.load(z_row + start + cols, mask=mask, other=NEG_INF).to(tl.float32)
+        if WITH_STATS:  # from m before this entry's update
+            s2 = online_sq_update(m, s2, z, inv_temperature)
+            z_sum += tl.where(mask, z, 0.0)
+            before = tl.maximum(before, tl.where(start + cols < label, z, NEG_INF))
         if WITH_ENTROPY:
             m, s, w = online_entropy_update(m, s, w, z, inv_temperature)
         else:
@@ -94,6 +129,12 @@ def logprobs_forward_kernel(
     tl.store(logsum_ptr + row, logsum)
     if WITH_ENTROPY:
         tl.store(entropy_ptr + row, entropy_finalize(m, s, w, max_z, logsum, inv_temperature))
+    if WITH_STATS:
+        rescale = tl.exp((m - max_z) * inv_temperature)  # s2 moved to the row max: times rescale^2
+        tl.store(log_sum_sq_ptr + row, tl.log(tl.sum(s2 * (rescale * rescale), 0)) - 2.0 * logsum)
+        tl.store(mean_logit_ptr + row, tl.sum(z_sum, 0) * inv_temperature / V)
+        is_top1 = (z_label >= max_z) & (z_label > tl.max(before, 0))
+        tl.store(is_top1_ptr + row, tl.where(is_top1, 1.0, 0.0))
 
 
 @triton.jit
@@ -149,22 +190,28 @@ def logprobs_forward(
     labels: torch.Tensor,  # (B, L) int
     temperature: float,
     with_entropy: bool,
+    with_stats: bool,
     ignore_index: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the forward: returns (logprob, entropy, max, logsum), each (B, L) fp32 (entropy 0 if
-    not asked)."""
+) -> tuple[torch.Tensor, ...]:
+    """Launch the forward: returns (logprob, entropy, max, logsum, log_sum_sq, mean_logit, is_top1), each
+    (B, L) fp32 (entropy 0 unless with_entropy, the last three 0 unless with_stats)."""
     B, L, V = logits.shape
-    logp, max_z, logsum = (torch.empty((B, L), dtype=torch.float32, device=logits.device) for _ in range(3))
-    entropy = (torch.empty if with_entropy else torch.zeros)((B, L), dtype=torch.float32, device=logits.device)
+
+    def rows(written: bool) -> torch.Tensor:
+        return (torch.empty if written else torch.zeros)((B, L), dtype=torch.float32, device=logits.device)
+
+    logp, max_z, logsum = rows(True), rows(True), rows(True)
+    entropy = rows(with_entropy)
+    log_sum_sq, mean_logit, is_top1 = rows(with_stats), rows(with_stats), rows(with_stats)
     launch_over_rows(
         logprobs_forward_kernel, logits,
-        logits, labels.contiguous(), logp, entropy, max_z, logsum,
+        logits, labels.contiguous(), logp, entropy, max_z, logsum, log_sum_sq, mean_logit, is_top1,
         L, V,
         logits.stride(0), logits.stride(1),
         1.0 / temperature, ignore_index,
-        WITH_ENTROPY=with_entropy, sweep=FORWARD_SWEEP,
+        WITH_ENTROPY=with_entropy, WITH_STATS=with_stats, sweep=FORWARD_SWEEP,
     )  # fmt: skip
-    return logp, entropy, max_z, logsum
+    return logp, entropy, max_z, logsum, log_sum_sq, mean_logit, is_top1
 
 
 def logprobs_backward(

@@ -13,7 +13,7 @@ from .distill import akl_loss, akl_weights, dckd_loss, forward_reverse_kl, kdrl_
 from .divergence import divergence_and_label_logprobs, fused_kl
 from .grpo import fused_linear_grpo_loss, group_advantages, grpo_loss, grpo_loss_from_logits, kl_estimate
 from .linear import fused_linear_cross_entropy, fused_linear_kl, fused_linear_logprobs
-from .logprobs import logprobs
+from .logprobs import LogprobOutputs, logprobs
 from .preference import dpo_loss, sequence_logprobs, tdpo_loss
 from .sinkhorn import SinkhornConvergenceWarning, SinkhornResult, sinkhorn, sinkhorn_distill_loss, sinkhorn_divergence
 from .topk import TopK
@@ -22,7 +22,8 @@ _eager.import_dynamo_lazily(__name__)  # the first eager call imports neither to
 
 __version__ = "0.1.0"
 __all__ = [
-    "fused_kl", "TopK", "divergence_and_label_logprobs", "logprobs", "fused_linear_kl", "fused_linear_logprobs",
+    "fused_kl", "TopK", "divergence_and_label_logprobs", "logprobs", "LogprobOutputs", "fused_linear_kl",
+    "fused_linear_logprobs",
     "fused_linear_cross_entropy",
     "fused_linear_grpo_loss", "group_advantages", "kl_estimate",
     "grpo_loss", "grpo_loss_from_logits", "dpo_loss", "sequence_logprobs", "tdpo_loss", "dckd_loss", "kdrl_loss",

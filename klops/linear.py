@@ -80,7 +80,7 @@ from .divergence import (
     reduce_rows,
     valid_rows_and_weights,
 )
-from .logprobs import logprobs_backward_op, logprobs_op
+from .logprobs import LogprobOutputs, logprobs_backward_op, logprobs_op, per_token_outputs
 from .topk import TopK, linear_topk_rows
 
 __all__ = ["fused_linear_logprobs", "fused_linear_kl", "fused_linear_cross_entropy"]
@@ -98,28 +98,27 @@ def linear_logprobs_op(
     temperature: float,
     softcap: float | None,
     with_entropy: bool,
+    with_stats: bool,
     ignore_index: int,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B, L, D) hidden, [V, D] weight, [V] bias or None, (B, L) labels -> (logprob, entropy, max, logsum),
-    each (B, L) fp32, of the rows' logits, a chunk of rows at a time."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, L, D) hidden, [V, D] weight, [V] bias or None, (B, L) labels -> (logprob, entropy, max, logsum,
+    log_sum_sq, mean_logit, is_top1), each (B, L) fp32 as logprobs_op's, of the rows' logits, a chunk of rows at
+    a time (a tile at a time, never stored, on the Triton backend)."""
+    options = (temperature, with_entropy, with_stats, ignore_index)
     if backend == "triton":
         from .kernels import linear as fused
 
-        row_stats = fused.linear_logprobs_forward(
-            hidden, weight, bias, labels, temperature, softcap, with_entropy, False, ignore_index
-        )
-        return row_stats[:4]
-    outputs = empty_rows(hidden, 4)
+        return fused.linear_logprobs_forward(hidden, weight, bias, labels, temperature, softcap, *options[1:])
     return chunked_rows(
-        hidden, weight, bias, softcap, outputs,
-        lambda z, rows: logprobs_op(z, labels[rows][None], temperature, with_entropy, ignore_index, backend),
+        hidden, weight, bias, softcap, empty_rows(hidden, 7),
+        lambda z, rows: logprobs_op(z, labels[rows][None], *options, backend),
     )  # fmt: skip
 
 
 @linear_logprobs_op.register_fake
-def _(hidden, weight, bias, labels, temperature, softcap, with_entropy, ignore_index, backend):
-    return empty_rows(hidden, 4)
+def _(hidden, *rest):
+    return empty_rows(hidden, 7)
 
 
 @torch.library.custom_op("klops::linear_logprobs_backward", mutates_args=())
@@ -167,8 +166,9 @@ def _(grad_logp, grad_entropy, hidden, weight, bias, *rest):
 
 
 def _logprobs_setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, temperature, softcap, with_entropy, ignore_index, backend = inputs
-    _, entropy, max_z, logsum = output
+    hidden, weight, bias, labels, temperature, softcap, with_entropy, _, ignore_index, backend = inputs
+    _, entropy, max_z, logsum, *row_stats = output
+    ctx.mark_non_differentiable(max_z, logsum, *row_stats)
     ctx.save_for_backward(hidden, weight, bias, labels, max_z, logsum, entropy)
     ctx.params = (temperature, softcap, with_entropy, ignore_index, backend)
 
@@ -180,7 +180,7 @@ def _logprobs_backward(ctx, grad_logp, grad_entropy, *_grad_stats):
     grad_hidden, grad_weight, grad_bias = linear_logprobs_backward_op(
         grad_logp, grad_entropy, hidden, weight, bias, labels, max_z, logsum, entropy, *ctx.params
     )
-    return grad_hidden, grad_weight, grad_bias if bias is not None else None, None, None, None, None, None, None
+    return (grad_hidden, grad_weight, grad_bias if bias is not None else None) + (None,) * 7
 
 
 torch.library.register_autograd("klops::linear_logprobs", _logprobs_backward, setup_context=_logprobs_setup_context)
@@ -193,12 +193,13 @@ torch.library.register_autograd("klops::linear_logprobs", _logprobs_backward, se
 def _cross_entropy_chunk(z, labels, label_smoothing, ignore_index, backend):
     """(loss, lse, max, logsum) [1, C] of a chunk's logits z [1, C, V] with labels [1, C]: ``loss = (1 - eps) (lse
     - z_y) + eps (lse - mean_v z_v)`` and ``lse = log sum_v exp z_v``, 0 on ignored rows."""
-    logp, _, max_z, logsum = logprobs_op(z, labels, 1.0, False, ignore_index, backend)
+    logp, _, max_z, logsum, _, mean_z, _ = logprobs_op(z, labels, 1.0, False, label_smoothing > 0, ignore_index,
+                                                      backend)  # fmt: skip
     valid = labels != ignore_index
     lse = torch.where(valid, max_z + logsum, 0.0)
     loss = -(1.0 - label_smoothing) * logp
     if label_smoothing > 0:
-        loss = loss + torch.where(valid, label_smoothing * (lse - z.float().mean(-1)), 0.0)
+        loss = loss + torch.where(valid, label_smoothing * (lse - mean_z), 0.0)
     return loss, lse, max_z, logsum
 
 
@@ -237,14 +238,14 @@ def linear_cross_entropy_op(
         )  # fmt: skip
     from .kernels import linear as fused
 
-    logp, _, max_z, logsum, sum_z = fused.linear_logprobs_forward(
+    logp, _, max_z, logsum, _, mean_z, _ = fused.linear_logprobs_forward(
         hidden, weight, bias, labels, 1.0, softcap, False, label_smoothing > 0, ignore_index
     )
     valid = labels != ignore_index
     lse = torch.where(valid, max_z + logsum, 0.0)
     loss = -(1.0 - label_smoothing) * logp
     if label_smoothing > 0:
-        loss = loss + torch.where(valid, label_smoothing * (lse - sum_z / weight.shape[0]), 0.0)
+        loss = loss + torch.where(valid, label_smoothing * (lse - mean_z), 0.0)
     return loss, lse, max_z, logsum
 
 
@@ -542,16 +543,18 @@ def fused_linear_logprobs(
     softcap: float | None = None,
     logit_scale: float = 1.0,
     return_entropy: bool = False,
+    return_row_stats: bool = False,
     ignore_index: int = -100,
     backend: str = "auto",
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | LogprobOutputs:
     """``klops.logprobs`` of ``logits = softcap(logit_scale * (hidden @ weight.T + bias))`` without forming them.
 
     ``logprob = log softmax(logits / T)[label]`` and ``entropy = -sum q log q`` per row, with gradients to
     ``hidden [..., D]``, ``weight [V, D]`` and ``bias [V]`` (``softcap``: ``c tanh(z / c)`` before ``T``;
     ``logit_scale``: a multiplier before the soft cap, ``klops._inputs.scale_head_inputs``). Labels: ``[...]``
     of any integer dtype, ``ignore_index`` rows give 0 and no gradient. Returns ``logprob`` (fp32,
-    ``labels.shape``) or ``(logprob, entropy)``.
+    ``labels.shape``), ``(logprob, entropy)``, or with ``return_row_stats`` a ``klops.LogprobOutputs`` (also
+    ``log sum q^2``, the mean of ``logits / T`` and whether the label is the first argmax, from the same sweep).
     """
     check_linear("hidden", hidden, "weight", weight, "bias", bias)
     labels = _inputs.as_labels("labels", labels, "hidden", hidden)
@@ -559,14 +562,13 @@ def fused_linear_logprobs(
     temperature = _inputs.check_temperature(temperature)
     softcap = check_softcap(softcap)
     _inputs.check_bool("return_entropy", return_entropy)
+    _inputs.check_bool("return_row_stats", return_row_stats)
     hidden, bias = _inputs.scale_head_inputs("logit_scale", logit_scale, hidden, bias)
     backend = resolve("linear", backend, hidden.device)
     (hidden3,) = _inputs.as_rows(hidden)  # (B, L, D) without a copy, e.g. of hidden[:, :-1]
     rows = (hidden3, weight, bias, labels.reshape(hidden3.shape[:2]))
-    logp, entropy, *_ = linear_logprobs_op(*rows, temperature, softcap, return_entropy, ignore_index, backend)
-    if return_entropy:
-        return logp.reshape(labels.shape), entropy.reshape(labels.shape)
-    return logp.reshape(labels.shape)
+    options = (temperature, softcap, return_entropy, return_row_stats, ignore_index, backend)
+    return per_token_outputs(linear_logprobs_op(*rows, *options), labels.shape, return_entropy, return_row_stats)
 
 
 def fused_linear_kl(

@@ -1,10 +1,13 @@
 """``klops.logprobs``: log-softmax-gather and entropy in one pass (docs/losses.md §2).
 
-Layers of this op: ``kernels/logprobs.py`` (Triton), ``csrc/logprobs.cu`` (CUDA), the chunked torch
-backend below, the custom ops ``klops::logprobs`` / ``klops::logprobs_backward``, and ``logprobs``.
-The forward keeps only the raw row max, ``logsum = log sum exp((z - max)/T)`` and the entropy per
-row (fp32); the backward recomputes ``q`` from them.
+Layers of this op: ``kernels/logprobs.py`` (Triton), ``csrc/logprobs.cu`` (CUDA), ``csrc/cpu/logprobs.cpp``
+(C++ CPU), the chunked torch backend below, the custom ops ``klops::logprobs`` / ``klops::logprobs_backward``,
+and ``logprobs``. The forward keeps only the raw row max, ``logsum = log sum exp((z - max)/T)`` and the entropy
+per row (fp32); the backward recomputes ``q`` from them. With ``with_stats`` the same sweep also gives the row
+statistics of TRL's fused LM head (``LogprobOutputs``).
 """
+
+from typing import NamedTuple
 
 import torch
 
@@ -12,33 +15,63 @@ from . import _inputs
 from ._chunked import FLOAT32_MIN, log_softmax_from_stats, log_softmax_rows, row_chunks
 from .backend import launcher_table, resolve
 
-__all__ = ["logprobs"]
+__all__ = ["LogprobOutputs", "logprobs"]
+
+
+class LogprobOutputs(NamedTuple):
+    """Per-token outputs of ``klops.logprobs`` / ``klops.fused_linear_logprobs`` with ``return_row_stats=True``,
+    each ``labels.shape``, 0 (False) on ignored rows. With ``q = softmax(z / T)``:
+
+    - ``logprob``: ``log q[label]`` (fp32, with gradient);
+    - ``entropy``: ``-sum_v q_v log q_v`` (fp32, with gradient), None unless ``return_entropy``;
+    - ``log_sum_sq_probs``: ``log sum_v q_v^2`` (fp32; WPO's weight, TRL's ``log_sum_sq_probs``);
+    - ``mean_logits``: ``mean_v z_v / T`` (fp32; TRL's ``mean_logits``);
+    - ``is_top1``: the label is the first argmax of ``z`` (bool; TRL's ``is_top1``, its token accuracy).
+
+    The last three have no gradient.
+    """
+
+    logprob: torch.Tensor
+    entropy: torch.Tensor | None
+    log_sum_sq_probs: torch.Tensor
+    mean_logits: torch.Tensor
+    is_top1: torch.Tensor
 
 
 # ----------------------------------------------------------------------------------------------------
 # torch backend, chunked over rows.
 
 
-def logprobs_forward_torch(logits, labels, temperature: float, with_entropy: bool, ignore_index: int):
-    """Chunked torch forward over (B, L, V) rows: (logprob, entropy, max, logsum), each (B, L) fp32."""
+def logprobs_forward_torch(
+    logits, labels, temperature: float, with_entropy: bool, with_stats: bool, ignore_index: int
+):  # fmt: skip
+    """Chunked torch forward over (B, L, V) rows: (logprob, entropy, max, logsum, log_sum_sq, mean_logit,
+    is_top1), each (B, L) fp32 (the last three with_stats, else 0)."""
     B, L, V = logits.shape
-    outputs = tuple(logits.new_zeros((B, L), dtype=torch.float32) for _ in range(4))
+    outputs = tuple(logits.new_zeros((B, L), dtype=torch.float32) for _ in range(7))
     for b, rows in row_chunks(B, L, V):
         keep = labels[b, rows] != ignore_index
-        values = _logprobs_rows(logits[b, rows], torch.where(keep, labels[b, rows], 0), temperature, with_entropy)
+        chunk, chunk_labels = logits[b, rows], torch.where(keep, labels[b, rows], 0)
+        values = _logprobs_rows(chunk, chunk_labels, temperature, with_entropy, with_stats)
         for out, value in zip(outputs, values):
             if value is not None:
                 out[b, rows] = torch.where(keep, value, 0.0)
     return outputs
 
 
-def _logprobs_rows(logits, labels, temperature: float, with_entropy: bool):
-    """(logprob, entropy or None, max, logsum) of a chunk of rows [C, V] (its temporaries freed on return)."""
+def _logprobs_rows(logits, labels, temperature: float, with_entropy: bool, with_stats: bool):
+    """(logprob, entropy, max, logsum, log_sum_sq, mean_logit, is_top1) of a chunk of rows [C, V], None for what
+    is not asked (its temporaries freed on return)."""
     log_q, q, row_max, logsum = log_softmax_rows(logits, temperature)
     picked = log_q.gather(-1, labels[:, None]).squeeze(-1)
+    stats = (None, None, None)
+    if with_stats:  # log sum q^2, mean z / T, and the first argmax (torch.argmax takes the first of ties)
+        log_sum_sq = torch.logsumexp(log_q * 2.0, -1)
+        mean_logit = logits.float().mean(-1) / temperature
+        stats = (log_sum_sq, mean_logit, (logits.argmax(-1) == labels).float())
     # -sum q log q, with log q = -inf (q = 0) entries clamped to a finite number so that they add 0
     entropy = -q.mul_(log_q.clamp_(min=FLOAT32_MIN)).sum(-1) if with_entropy else None
-    return picked, entropy, row_max, logsum
+    return picked, entropy, row_max, logsum, *stats
 
 
 def logprobs_backward_torch(
@@ -89,17 +122,19 @@ def logprobs_op(
     labels: torch.Tensor,
     temperature: float,
     with_entropy: bool,
+    with_stats: bool,
     ignore_index: int,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B, L, V) logits, (B, L) labels -> (logprob, entropy, max, logsum), each (B, L) fp32."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, L, V) logits, (B, L) labels -> (logprob, entropy, max, logsum, log_sum_sq, mean_logit, is_top1), each
+    (B, L) fp32; the last three (LogprobOutputs, is_top1 as 0 / 1) with_stats, else 0."""
     forward, _ = _launchers(backend)
-    return forward(logits, labels, temperature, with_entropy, ignore_index)
+    return forward(logits, labels, temperature, with_entropy, with_stats, ignore_index)
 
 
 @logprobs_op.register_fake
-def _(logits, labels, temperature, with_entropy, ignore_index, backend):
-    return tuple(logits.new_empty(logits.shape[:2], dtype=torch.float32) for _ in range(4))
+def _(logits, labels, temperature, with_entropy, with_stats, ignore_index, backend):
+    return tuple(logits.new_empty(logits.shape[:2], dtype=torch.float32) for _ in range(7))
 
 
 @torch.library.custom_op("klops::logprobs_backward", mutates_args=())
@@ -129,8 +164,9 @@ def _(grad_logp, grad_entropy, logits, *labels_stats_and_params):
 
 
 def _setup_context(ctx, inputs, output):
-    logits, labels, temperature, with_entropy, ignore_index, backend = inputs
-    _, entropy, max_z, logsum = output
+    logits, labels, temperature, with_entropy, _, ignore_index, backend = inputs
+    _, entropy, max_z, logsum, *row_stats = output
+    ctx.mark_non_differentiable(max_z, logsum, *row_stats)
     ctx.save_for_backward(logits, labels, max_z, logsum, entropy)
     ctx.params = (temperature, with_entropy, ignore_index, backend)
 
@@ -140,7 +176,7 @@ def _backward(ctx, grad_logp, grad_entropy, *_grad_stats):
     grad_logp = torch.zeros_like(logsum) if grad_logp is None else grad_logp
     grad_entropy = torch.zeros_like(logsum) if grad_entropy is None else grad_entropy
     dz = logprobs_backward_op(grad_logp, grad_entropy, logits, labels, max_z, logsum, entropy, *ctx.params)
-    return dz, None, None, None, None, None
+    return dz, None, None, None, None, None, None
 
 
 torch.library.register_autograd("klops::logprobs", _backward, setup_context=_setup_context)
@@ -156,9 +192,10 @@ def logprobs(
     *,
     temperature: float = 1.0,
     return_entropy: bool = False,
+    return_row_stats: bool = False,
     ignore_index: int = -100,
     backend: str = "auto",
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | LogprobOutputs:
     """Log-probability of each label, and optionally the entropy, in one pass over the vocabulary.
 
     With ``q = softmax(logits / T)``: ``logprob = log q[label]`` (TRL's ``selective_log_softmax``) and
@@ -172,22 +209,31 @@ def logprobs(
             sync; ``klops.set_host_checks(True)`` makes it a ValueError at the cost of one sync.
         temperature: the sampling temperature T > 0 the logits are divided by.
         return_entropy: also return the per-token entropy.
-        backend: "auto" | "cuda" | "triton" | "torch".
+        return_row_stats: also compute, in the same sweep, ``log sum q^2``, the mean of ``logits / T`` and
+            whether the label is the first argmax, and return a ``LogprobOutputs``.
+        backend: "auto" | "cuda" | "triton" | "cpu" | "torch".
 
-    Returns ``logprob`` of shape ``labels.shape`` (fp32), or ``(logprob, entropy)``.
+    Returns ``logprob`` of shape ``labels.shape`` (fp32), ``(logprob, entropy)``, or ``LogprobOutputs``.
     """
     _inputs.check_logits("logits", logits)
     labels = _inputs.as_labels("labels", labels, "logits", logits)
     _inputs.check_labels_in_range("labels", labels, logits.shape[-1], ignore_index)
     temperature = _inputs.check_temperature(temperature)
     _inputs.check_bool("return_entropy", return_entropy)
+    _inputs.check_bool("return_row_stats", return_row_stats)
     backend = resolve("logprobs", backend, logits.device)
 
     (logits3,) = _inputs.as_rows(logits)
-    rows_shape = labels.shape
-    logp, entropy, *_ = logprobs_op(
-        logits3, labels.reshape(logits3.shape[:2]), temperature, return_entropy, ignore_index, backend
-    )
-    if return_entropy:
-        return logp.reshape(rows_shape), entropy.reshape(rows_shape)
-    return logp.reshape(rows_shape)
+    outputs = logprobs_op(
+        logits3, labels.reshape(logits3.shape[:2]), temperature, return_entropy, return_row_stats, ignore_index,
+        backend,
+    )  # fmt: skip
+    return per_token_outputs(outputs, labels.shape, return_entropy, return_row_stats)
+
+
+def per_token_outputs(outputs, shape, return_entropy: bool, return_row_stats: bool):
+    """What logprobs / fused_linear_logprobs return, shaped as the labels, from their op's 7 (B, L) rows."""
+    logp, entropy, _, _, log_sum_sq, mean_logit, is_top1 = (x.reshape(shape) for x in outputs)
+    if return_row_stats:
+        return LogprobOutputs(logp, entropy if return_entropy else None, log_sum_sq, mean_logit, is_top1.bool())
+    return (logp, entropy) if return_entropy else logp

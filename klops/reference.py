@@ -168,6 +168,26 @@ def logprobs_reference(
     return torch.where(valid, picked, 0.0), torch.where(valid, entropy, 0.0)
 
 
+def logprobs_row_stats_reference(
+    logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0, ignore_index: int = -100
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log sum_v q_v^2, mean_v z_v / T, label is the first argmax) per row in float64 (bool for the last), with
+    q = softmax(z / T), as TRL's fused LM head defines them; ignored rows give 0, 0, False."""
+    z = logits.double()
+    log_q = torch.log_softmax(z / temperature, dim=-1)
+    labels = labels.long()
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, 0)
+    z_label = z.gather(-1, safe.unsqueeze(-1))
+    before = torch.arange(z.shape[-1], device=z.device) < safe.unsqueeze(-1)
+    first_max = (z_label.squeeze(-1) >= z.amax(-1)) & ~((z >= z_label) & before).any(-1)
+    return (
+        torch.where(valid, torch.logsumexp(2 * log_q, -1), 0.0),
+        torch.where(valid, z.mean(-1) / temperature, 0.0),
+        valid & first_max,
+    )
+
+
 def group_advantages_reference(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4):
     """TRL's GRPO advantages in float64, one group at a time; NaN rewards are skipped and get 0."""
     r = rewards.double()

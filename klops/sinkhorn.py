@@ -551,8 +551,8 @@ def softmax_l1_cost_op(
     """(B, L, V) logits -> (W (N, N) fp32, max_s, logsum_s, max_t, logsum_t (N,) fp32), N = B L."""
     B, L, V = student.shape
     labels = torch.where(valid, 0, -100).reshape(B, L)
-    _, _, max_s, logsum_s = logprobs_op(student, labels, temperature, False, -100, backend)
-    _, _, max_t, logsum_t = logprobs_op(teacher, labels, temperature, False, -100, backend)
+    _, _, max_s, logsum_s, *_ = logprobs_op(student, labels, temperature, False, False, -100, backend)
+    _, _, max_t, logsum_t, *_ = logprobs_op(teacher, labels, temperature, False, False, -100, backend)
     stats = (max_s.reshape(-1), logsum_s.reshape(-1), max_t.reshape(-1), logsum_t.reshape(-1))
     forward, _ = _l1_launchers(backend)
     return forward(student, teacher, *stats, valid.reshape(-1), temperature), *stats

@@ -25,8 +25,8 @@ def test_opcheck_logprobs(backend, gen):
     z = randn(2, 3, 40, gen=gen).requires_grad_()
     labels = torch.randint(0, 40, (2, 3), generator=gen).to(DEVICE)
     labels[1, 2] = -100
-    for with_entropy in (True, False):
-        torch.library.opcheck(logprobs_op, (z, labels, 0.7, with_entropy, -100, backend))
+    for with_entropy, with_stats in ((True, False), (False, True)):
+        torch.library.opcheck(logprobs_op, (z, labels, 0.7, with_entropy, with_stats, -100, backend))
 
 
 def _loss_fn(backend):

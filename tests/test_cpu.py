@@ -133,7 +133,7 @@ def test_cpu_kernels_check_their_inputs():
     """The C++ checks are a second line behind the Python ones: wrong shapes and dtypes raise, not crash."""
     z = torch.randn(1, 3, 10)
     with pytest.raises(RuntimeError, match="labels must have shape"):
-        torch.ops.klops_cpu.logprobs_forward(z, torch.zeros(1, 2, dtype=torch.long), 1.0, False, -100)
+        torch.ops.klops_cpu.logprobs_forward(z, torch.zeros(1, 2, dtype=torch.long), 1.0, False, False, -100)
     valid = torch.ones(1, 3, dtype=torch.bool)
     with pytest.raises(RuntimeError, match="must be float32, bfloat16 or float16"):
         torch.ops.klops_cpu.divergence_forward(z.double(), z.double(), valid, 0, 0, 1.0, 0.0)

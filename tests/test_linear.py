@@ -5,7 +5,7 @@ import torch
 
 import klops
 from klops.linear import linear_cross_entropy_op, linear_divergence_op, linear_logprobs_op
-from klops.reference import fused_kl_reference, logprobs_reference
+from klops.reference import fused_kl_reference, logprobs_reference, logprobs_row_stats_reference
 
 from .conftest import COEF, DEVICE, GRAD_TOL, LOSS_TOL, assert_close, randn
 
@@ -165,7 +165,7 @@ def test_opcheck(backend, gen):
     labels = torch.tensor([[0, 3, -100, 12, 7]], device=DEVICE)
     for b in (None, bias):
         torch.library.opcheck(
-            linear_logprobs_op, (hidden.requires_grad_(), weight, b, labels, 0.8, 3.0, True, -100, backend)
+            linear_logprobs_op, (hidden.requires_grad_(), weight, b, labels, 0.8, 3.0, True, b is None, -100, backend)
         )
         torch.library.opcheck(linear_cross_entropy_op, (hidden, weight, b, labels, None, 0.1, -100, backend))
     valid = torch.tensor([[True, False, True, True, True]], device=DEVICE)
@@ -308,6 +308,26 @@ def test_logit_scale_and_teacher_softcap(op, backend, gen, small_chunks):
             klops.fused_linear_kl(h, w, teacher_logits=randn(2, 5, 61, gen=gen), teacher_softcap=3.0)
     with pytest.raises(ValueError, match="logit_scale must lie in"):
         loss_of(float("inf"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logprobs_row_stats(dtype, backend, gen, small_chunks):
+    """return_row_stats from hidden states: log sum q^2, mean z / T and the first argmax against float64 on
+    z = softcap(s (h W^T + b)); half the labels are the argmax, so that is_top1 takes both values."""
+    hidden, weight, bias = randn(3, 7, 24, gen=gen, dtype=dtype), randn(61, 24, gen=gen, dtype=dtype), None
+    bias = randn(61, gen=gen, dtype=dtype)
+    z = ref_logits(hidden, weight, bias, softcap=6.0, logit_scale=0.5)
+    labels = torch.randint(0, 61, (3, 7), generator=gen).to(DEVICE)
+    labels[:, ::2] = z.argmax(-1)[:, ::2]
+    labels[2, 3] = -100
+    kw = dict(bias=bias, temperature=0.8, softcap=6.0, logit_scale=0.5, backend=backend)
+    out = klops.fused_linear_logprobs(hidden, weight, labels, return_row_stats=True, **kw)
+    log_sum_sq, mean, top1 = logprobs_row_stats_reference(z, labels, temperature=0.8)
+    assert out.entropy is None and out.is_top1.dtype == torch.bool
+    assert_close(out.log_sum_sq_probs, log_sum_sq, LINEAR_LOSS_TOL[dtype], "log_sum_sq_probs")
+    assert_close(out.mean_logits, mean, LINEAR_LOSS_TOL[dtype], "mean_logits")
+    assert torch.equal(out.is_top1, top1) and 0 < top1.sum() < 20
+    assert torch.equal(out.logprob, klops.fused_linear_logprobs(hidden, weight, labels, **kw))
 
 
 def test_cross_entropy_num_items_and_checks(gen):

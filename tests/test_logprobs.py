@@ -7,7 +7,7 @@ import torch
 
 import klops
 from klops.logprobs import logprobs_op
-from klops.reference import logprobs_reference
+from klops.reference import logprobs_reference, logprobs_row_stats_reference
 
 from .conftest import DEVICE, GRAD_TOL, LABEL_DTYPES, LOSS_TOL, assert_close, empty_rows, randn
 
@@ -122,13 +122,54 @@ def test_empty_rows_in_every_layout(backend, gen):
         assert z.grad.shape == logits.shape, layout
 
 
+def row_stats_case(gen, shape, dtype):
+    """Logits with the pitfalls of the row statistics: a row whose max is tied before the label (not top-1), one
+    tied after it (top-1), one whose label is the unique max, -inf entries, ignored rows."""
+    logits = randn(*shape, gen=gen, scale=2.0, dtype=dtype)
+    V = shape[-1]
+    labels = labels_for(shape[:-1], V, gen, ignore_every=7)
+    rows, flat_labels = logits.view(-1, V), labels.view(-1)
+    flat_labels[:3] = torch.tensor([V - 2, 1, V // 2])
+    rows[0, 0] = rows[0, V - 2] = rows[0].max() + 1  # tie, the first before the label: not top-1
+    rows[1, 1] = rows[1, V - 1] = rows[1].max() + 1  # tie, the label first: top-1
+    rows[2, V // 2] = rows[2].max() + 1  # the unique max
+    rows[3, ::3] = -math.inf
+    return logits, labels
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(9, 67), (5, 4099)])
+def test_row_stats_match_reference(shape, dtype, backend, gen):
+    """return_row_stats: log sum q^2, mean z / T and the first argmax against float64, from the same sweep; the
+    log-prob, entropy and gradients are those without it."""
+    logits, labels = row_stats_case(gen, shape, dtype)
+    z = logits.detach().clone().requires_grad_()
+    out = klops.logprobs(z, labels, temperature=0.7, return_entropy=True, return_row_stats=True, backend=backend)
+    assert isinstance(out, klops.LogprobOutputs) and out.is_top1.dtype == torch.bool
+    log_sum_sq, mean, top1 = logprobs_row_stats_reference(logits, labels, temperature=0.7)
+    finite = torch.isfinite(mean)
+    assert_close(out.log_sum_sq_probs, log_sum_sq, LOSS_TOL[dtype], "log_sum_sq_probs")
+    assert_close(out.mean_logits[finite], mean[finite], LOSS_TOL[dtype], "mean_logits")
+    assert torch.equal(out.mean_logits[~finite], mean[~finite].float())  # -inf entries give a -inf mean
+    assert torch.equal(out.is_top1, top1), (out.is_top1, top1)
+    assert top1.view(-1)[:3].tolist() == [False, True, True]
+    z2 = logits.detach().clone().requires_grad_()
+    logp, entropy = klops.logprobs(z2, labels, temperature=0.7, return_entropy=True, backend=backend)
+    assert torch.equal(out.logprob, logp) and torch.equal(out.entropy, entropy)
+    (out.logprob.sum() + out.entropy.sum()).backward()
+    (logp.sum() + entropy.sum()).backward()
+    assert torch.equal(z.grad, z2.grad)
+    without_entropy = klops.logprobs(logits, labels, temperature=0.7, return_row_stats=True, backend=backend)
+    assert without_entropy.entropy is None and torch.equal(without_entropy.is_top1, out.is_top1)
+
+
 def test_out_of_range_label_is_never_read(backend, gen):
     """Past the checks (the op called directly), a label outside [0, V) gives a NaN log-prob (Triton,
     CUDA) or an error (torch's gather), never a read outside the row."""
     logits = randn(1, 3, 64, gen=gen)
     labels = torch.tensor([[5, 64, 1 << 40]], device=DEVICE)
     try:
-        logp, *_ = logprobs_op(logits, labels, 1.0, False, -100, backend)
+        logp, *_ = logprobs_op(logits, labels, 1.0, False, False, -100, backend)
     except (RuntimeError, IndexError):
         assert backend == "torch"
         return

@@ -53,6 +53,7 @@ def test_no_register_spills(variant, compiled):
 SWEEP_EXPS = {"divergence-forward-logits-bf16-bf16-fwd": 2, "divergence-reverse-logits-bf16-bf16-fwd": 2,
               "divergence-jsd-logits-bf16-bf16-fwd": 2, "divergence-forward-logprobs-bf16-fp32-fwd": 1,
               "logprobs-entropy1-sm90": 1, "logprobs-entropy0-sm90": 1,
+              "logprobs-entropy1-stats-sm90": 1, "logprobs-entropy0-stats-sm90": 1,
               "topk-forward-bin-bf16-fp32-k64": 1, "topk-backward-bf16-sm90": 1,
               "sinkhorn-softmin-cost-fp32-sm90": 1, "sinkhorn-softmin-cost-fp32-transposed-sm90": 1,
               "sinkhorn-points-l1-sm90": 1, "akl-loss-bf16-sm90": 2,

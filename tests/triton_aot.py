@@ -43,12 +43,12 @@ TOPK_VARIANTS = [(kind, "bin", "bf16", "fp32", 64) for kind in DIVERGENCE_KINDS]
 SINKHORN_VARIANTS = ["softmin-cost-fp32", "softmin-cost-bf16", "softmin-cost-fp32-transposed", "points-sqeuclidean",
                      "points-l1", "softmax-l1-bf16"]  # fmt: skip
 # The fused-linear tile kernels (kernels/linear.py), forward and backward, on sm_80 and sm_90:
-# (hidden / weight dtype, dot precision, HAS_BIAS, SOFTCAP, WITH_ENTROPY, WITH_SUM): log-probs + entropy,
-# the cross-entropy with bias, soft cap and label smoothing, fp16, and fp32 as torch runs it (ieee by default,
-# tf32 under allow_tf32).
-LINEAR_VARIANTS = [("bf16", "ieee", False, False, True, False), ("bf16", "ieee", True, True, False, True),
-                   ("fp16", "ieee", False, False, False, False), ("fp32", "ieee", True, False, True, False),
-                   ("fp32", "tf32", False, True, False, False)]  # fmt: skip
+# (hidden / weight dtype, dot precision, HAS_BIAS, SOFTCAP, WITH_ENTROPY, WITH_STATS): log-probs + entropy,
+# TRL's fused LM head (entropy and the row stats, soft cap), the cross-entropy with bias, soft cap and label
+# smoothing (the stats' mean logit), fp16, and fp32 as torch runs it (ieee by default, tf32 under allow_tf32).
+LINEAR_VARIANTS = [("bf16", "ieee", False, False, True, False), ("bf16", "ieee", False, True, True, True),
+                   ("bf16", "ieee", True, True, False, True), ("fp16", "ieee", False, False, False, False),
+                   ("fp32", "ieee", True, False, True, False), ("fp32", "tf32", False, True, False, False)]  # fmt: skip
 
 
 # The fused-linear divergence kernels (kernels/linear_divergence.py) on sm_90: (kind, target, teacher as "hidden"
@@ -66,9 +66,17 @@ LINEAR_DIVERGENCE_VARIANTS = [(kind, "logits", "hidden", "bf16", "bf16", "") for
 ]
 
 
+# The logits-level log-prob kernels (kernels/logprobs.py): (WITH_ENTROPY, WITH_STATS).
+LOGPROBS_VARIANTS = [(True, False), (False, False), (True, True), (False, True)]
+
+
+def logprobs_flags(entropy: bool, stats: bool) -> str:
+    return f"entropy{int(entropy)}" + ("-stats" if stats else "")
+
+
 def linear_variant_name(variant) -> str:
-    dtype, precision, bias, softcap, entropy, with_sum = variant
-    flags = [name for name, on in (("bias", bias), ("softcap", softcap), ("entropy", entropy), ("sum", with_sum)) if on]
+    dtype, precision, bias, softcap, entropy, stats = variant
+    flags = [name for name, on in (("bias", bias), ("softcap", softcap), ("entropy", entropy), ("stats", stats)) if on]
     return "-".join([dtype, precision] + flags)
 
 
@@ -79,7 +87,7 @@ VARIANTS = (
         for d in ("fwd", "bwd")
         if not (v[4] and d == "fwd")
     ]
-    + [f"logprobs-entropy{int(e)}-sm{arch}" for e in (True, False) for arch in (80, 90)]
+    + [f"logprobs-{logprobs_flags(e, s)}-sm{arch}" for e, s in LOGPROBS_VARIANTS for arch in (80, 90)]
     + [f"topk-{kind}-{tail}-{student}-{teacher}-k{block}" for kind, tail, student, teacher, block in TOPK_VARIANTS]
     + [f"topk-backward-{dtype}-sm{arch}" for dtype in ("bf16", "fp32") for arch in (80, 90)]
     + ["topk-backward-labels-bf16-sm90"]
@@ -94,14 +102,15 @@ def linear_jobs(linear, variant) -> list:
     """[(kernel, signature, constexprs, (None, num_warps, num_stages))] of kernels/linear.py's forward and
     backward for one LINEAR_VARIANTS entry, at its GPU tiles, with unit strides along D (as Triton
     specializes them at run time)."""
-    dtype, precision, bias, softcap, entropy, with_sum = variant
+    dtype, precision, bias, softcap, entropy, stats = variant
     inputs = {"h_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "labels_ptr": "*i64"}
     shapes = {"N": "i32", "L": "i32", "V": "i32", "D": "i32"}
     strides = {"stride_hb": "i64", "stride_hl": "i64", "stride_hd": "constexpr", "stride_wv": "i64",
                "stride_wd": "constexpr"}  # fmt: skip
     matmul = {"HAS_BIAS": bias, "SOFTCAP": softcap, "DOT_FP32": False, "PRECISION": precision,
               "stride_hd": 1, "stride_wd": 1}  # fmt: skip
-    forward = inputs | {name: "*fp32" for name in ("m_ptr", "s_ptr", "w_sum_ptr", "z_label_ptr", "z_sum_ptr")}
+    partials = ("m_ptr", "s_ptr", "w_sum_ptr", "z_label_ptr", "s2_ptr", "z_sum_ptr", "before_ptr")
+    forward = inputs | {name: "*fp32" for name in partials}
     forward |= shapes | {"split_size": "i32"} | strides | {"inv_temperature": "fp32", "softcap": "fp32",
                                                            "ignore_index": "i64"}  # fmt: skip
     backward = inputs | {name: "*fp32" for name in ("max_ptr", "logsum_ptr", "coef_ptr", "grad_h_ptr", "grad_w_ptr",
@@ -110,7 +119,7 @@ def linear_jobs(linear, variant) -> list:
     jobs = []
     for kernel, signature, tile, extra in (
         (linear.linear_logprobs_forward_kernel, forward, linear.FORWARD_TILE,
-         {"WITH_ENTROPY": entropy, "WITH_SUM": with_sum}),
+         {"WITH_ENTROPY": entropy, "WITH_STATS": stats}),
         (linear.linear_rows_backward_kernel, backward, linear.BACKWARD_TILE, {"GROUP_M": linear.GROUP_M}),
     ):  # fmt: skip
         block_m, block_v, block_k, num_warps, num_stages = tile
@@ -304,16 +313,19 @@ def compile_all() -> dict[str, dict]:
             jobs[name] = [(kernel, sig, constexprs | extra, 90, sweep)]
     common = ROW_ARGS | {"stride_zb": "i64", "stride_zl": "i64", "inv_temperature": "fp32", "ignore_index": "i64"}
     forward = {"z_ptr": "*bf16", "labels_ptr": "*i64", "logp_ptr": "*fp32", "entropy_ptr": "*fp32",
-               "max_ptr": "*fp32", "logsum_ptr": "*fp32"}  # fmt: skip
+               "max_ptr": "*fp32", "logsum_ptr": "*fp32", "log_sum_sq_ptr": "*fp32", "mean_logit_ptr": "*fp32",
+               "is_top1_ptr": "*fp32"}  # fmt: skip
     backward = {"grad_logp_ptr": "*fp32", "grad_entropy_ptr": "*fp32", "z_ptr": "*bf16", "labels_ptr": "*i64",
                 "max_ptr": "*fp32", "logsum_ptr": "*fp32", "entropy_ptr": "*fp32", "dz_ptr": "*bf16"}  # fmt: skip
-    for with_entropy in (True, False):
+    for with_entropy, with_stats in LOGPROBS_VARIANTS:
         for arch in (80, 90):
             constexprs = {"WITH_ENTROPY": with_entropy}
-            jobs[f"logprobs-entropy{int(with_entropy)}-sm{arch}"] = [
-                (logprobs.logprobs_forward_kernel, forward | common, constexprs, arch, FORWARD_SWEEP),
+            jobs[f"logprobs-{logprobs_flags(with_entropy, with_stats)}-sm{arch}"] = [
+                (logprobs.logprobs_forward_kernel, forward | common, constexprs | {"WITH_STATS": with_stats}, arch,
+                 FORWARD_SWEEP),
+            ] + ([] if with_stats else [  # the backward does not read the stats
                 (logprobs.logprobs_backward_kernel, backward | common, constexprs, arch, BACKWARD_SWEEP),
-            ]
+            ])  # fmt: skip
     for kind, tail, student, teacher, block in TOPK_VARIANTS:
         forward, _ = topk_signatures(student, teacher)
         constexprs = {"KIND": DIVERGENCE_KINDS.index(kind), "BIN": tail == "bin", "BLOCK_K": block}

@@ -6,13 +6,16 @@
 //     entropy = -sum_v q_v log q_v             d entropy / dz_j = -q_j (log q_j + entropy) / T
 //
 // Forward: 1 sweep of the online (m, s, w) of Entropy (or (m, s) of Lse without the entropy) over the
-// row, kLanes lanes at a time; it reads 1 entry per entry and writes 4 floats per row. Backward: 1
+// row, kLanes lanes at a time, and with_stats the RowStats of online_stats.cuh (log sum q^2, the mean
+// logit, whether the label is the first argmax) pushed with the same exp; it reads 1 entry per entry
+// and writes 7 floats per row. Backward: 1
 // sweep from the saved max_z, logsum and entropy: reads and writes 1 entry per entry. Rows whose label
 // is ignore_index get 0 in every output and a zero gradient.
 
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <array>
 #include <tuple>
 #include <type_traits>
 
@@ -38,54 +41,75 @@ void check_logprobs_inputs(const at::Tensor& logits, const at::Tensor& labels) {
   check_per_row(labels, "labels", logits.sizes().slice(0, 2), {at::kLong, at::kInt});
 }
 
-// Forward of one row: (logprob, entropy, max_z, logsum); entropy 0 unless WITH_ENTROPY.
-template <bool WITH_ENTROPY>
-std::tuple<float, float, float, float> logprobs_row(const Rows& z, int64_t row, int64_t V, int64_t label,
-                                                     float c) {
+using Outputs = std::array<float, 7>;  // logprob, entropy, max, logsum, log_sum_sq, mean_logit, is_top1
+
+// Forward of one row: the Outputs; entropy 0 unless WITH_ENTROPY, the last three 0 unless WITH_STATS.
+template <bool WITH_ENTROPY, bool WITH_STATS>
+Outputs logprobs_row(const Rows& z, int64_t row, int64_t V, int64_t label, float c) {
   using Op = std::conditional_t<WITH_ENTROPY, EntropyOp, LseOp>;
   const Op op{c};
+  const RowStatsOp stats_op{2.0f * c};
   typename Op::Acc lanes[kLanes];
+  RowStats stats[kLanes];
   fill_lanes(lanes, op);
+  fill_lanes(stats, stats_op);
   float buf[kBlock];
   for (int64_t j = 0; j < V; j += kBlock) {
     const int64_t n = std::min(kBlock, V - j);
     const float* x = z.block(row, j, n, buf);
-    push_block(lanes, op, n, [&](typename Op::Acc& acc, int64_t i) { op.push(acc, x[i]); });
+    if constexpr (WITH_STATS) {  // RowStats from the exp of op.push (RowStatsOp::push_squared)
+      const int64_t before = label - j;
+      push_block_pair(lanes, op, stats, stats_op, n, [&](typename Op::Acc& acc, RowStats& s, int64_t i) {
+        stats_op.push_squared(s, x[i], op.push(acc, x[i]), i < before);
+      });
+    } else {
+      push_block(lanes, op, n, [&](typename Op::Acc& acc, int64_t i) { op.push(acc, x[i]); });
+    }
   }
   const auto acc = combine_lanes(lanes, op);
   const float max_z = acc.max();
   const float logsum = acc.logsum();
   // A label outside [0, V) (checked in Python first) is never read: its log-prob is NaN.
   const float z_label = 0 <= label && label < V ? z.entry(row, label) : std::numeric_limits<float>::quiet_NaN();
-  float entropy = 0.0f;
-  if constexpr (WITH_ENTROPY) entropy = acc.entropy();
-  return {(z_label - max_z) * c - logsum, entropy, max_z, logsum};
+  Outputs out{(z_label - max_z) * c - logsum, 0.0f, max_z, logsum, 0.0f, 0.0f, 0.0f};
+  if constexpr (WITH_ENTROPY) out[1] = acc.entropy();
+  if constexpr (WITH_STATS) {
+    const RowStats total = combine_lanes(stats, stats_op);
+    out[4] = total.log_sum_sq(logsum);
+    out[5] = total.sum * c / static_cast<float>(V);
+    out[6] = total.is_top1(z_label, acc.m) ? 1.0f : 0.0f;
+  }
+  return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_forward(
-    const at::Tensor& logits, const at::Tensor& labels, double temperature, bool with_entropy,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_forward(
+    const at::Tensor& logits, const at::Tensor& labels, double temperature, bool with_entropy, bool with_stats,
     int64_t ignore_index) {
   check_logprobs_inputs(logits, labels);
   const int64_t B = logits.size(0), L = logits.size(1), V = logits.size(2);
-  const auto options = logits.options().dtype(at::kFloat);
-  at::Tensor logp = at::empty({B, L}, options);
-  at::Tensor entropy = at::empty({B, L}, options);
-  at::Tensor max_z = at::empty({B, L}, options);
-  at::Tensor logsum = at::empty({B, L}, options);
+  std::array<at::Tensor, 7> outputs;  // separate tensors: a custom op's outputs may not share storage
+  std::array<float*, 7> out;
+  for (int k = 0; k < 7; ++k) {
+    outputs[k] = at::empty({B, L}, logits.options().dtype(at::kFloat));
+    out[k] = outputs[k].mutable_data_ptr<float>();
+  }
   const Rows z(logits);
   const Labels label{labels.contiguous()};
   const float c = static_cast<float>(1.0 / temperature);
-  float* out[4] = {logp.mutable_data_ptr<float>(), entropy.mutable_data_ptr<float>(),
-                   max_z.mutable_data_ptr<float>(), logsum.mutable_data_ptr<float>()};
   parallel_rows(B * L, V, [&](int64_t row) {
-    std::tuple<float, float, float, float> values{0.0f, 0.0f, 0.0f, 0.0f};
+    Outputs values{};
     if (label[row] != ignore_index) {
-      values = with_entropy ? logprobs_row<true>(z, row, V, label[row], c)
-                            : logprobs_row<false>(z, row, V, label[row], c);
+      const int64_t y = label[row];
+      if (with_stats) {
+        values = with_entropy ? logprobs_row<true, true>(z, row, V, y, c) : logprobs_row<false, true>(z, row, V, y, c);
+      } else {
+        values = with_entropy ? logprobs_row<true, false>(z, row, V, y, c)
+                              : logprobs_row<false, false>(z, row, V, y, c);
+      }
     }
-    std::tie(out[0][row], out[1][row], out[2][row], out[3][row]) = values;
+    for (int k = 0; k < 7; ++k) out[k][row] = values[k];
   });
-  return {logp, entropy, max_z, logsum};
+  return {outputs[0], outputs[1], outputs[2], outputs[3], outputs[4], outputs[5], outputs[6]};
 }
 
 // Backward of one row, with log q_j = (z_j - max_z) c - logsum:

@@ -161,6 +161,30 @@ inline void push_block(Acc (&lanes)[kLanes], const Op& op, int64_t n, Push&& pus
   for (int i = 0; i < kLanes; ++i) lanes[i] = op.combine(lanes[i], block[i]);
 }
 
+// push_block for two accumulators pushed together, push(acc_a, acc_b, j) (e.g. one reusing the other's exp): two
+// lane arrays rather than one of pairs, whose interleaved fields GCC would not vectorize.
+template <typename AccA, typename OpA, typename AccB, typename OpB, typename Push>
+inline void push_block_pair(AccA (&lanes_a)[kLanes], const OpA& op_a, AccB (&lanes_b)[kLanes], const OpB& op_b,
+                            int64_t n, Push&& push) {
+  AccA block_a[kLanes];
+  AccB block_b[kLanes];
+  for (int i = 0; i < kLanes; ++i) {
+    block_a[i] = op_a.identity();
+    block_b[i] = op_b.identity();
+  }
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+#pragma omp simd
+    for (int i = 0; i < kLanes; ++i) push(block_a[i], block_b[i], j + i);
+  }
+  for (int i = 0; j < n; ++i, ++j) push(block_a[i], block_b[i], j);
+#pragma omp simd
+  for (int i = 0; i < kLanes; ++i) {
+    lanes_a[i] = op_a.combine(lanes_a[i], block_a[i]);
+    lanes_b[i] = op_b.combine(lanes_b[i], block_b[i]);
+  }
+}
+
 template <typename Acc, typename Op>
 inline void fill_lanes(Acc (&lanes)[kLanes], const Op& op) {
   for (auto& lane : lanes) lane = op.identity();

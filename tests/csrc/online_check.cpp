@@ -1,9 +1,11 @@
 // Host check of csrc/online_stats.cuh, compiled with g++ by tests/test_cuda_sweep.py: the online
-// accumulators of the CUDA row kernels (LseOp, EntropyOp, KlOp), run as one thread block would run
-// them (each thread pushes 8 consecutive entries per step of a strided sweep, then block_reduce's
-// two butterflies of combine over 32 lanes), against float64 on random rows: odd and large V,
-// temperatures, logits of 1e4, -inf entries, and masks of -1e30 (probability 0) facing -inf, which
-// add nothing to the KL (0 log 0 = 0), while P_a > 0 facing P_b = 0 gives KL = +inf.
+// accumulators of the CUDA row kernels (LseOp, EntropyOp, KlOp, RowStatsOp), run as one thread block
+// would run them (each thread pushes 8 consecutive entries per step of a strided sweep, then
+// block_reduce's two butterflies of combine over 32 lanes), against float64 on random rows: odd and
+// large V, temperatures, logits of 1e4, -inf entries, and masks of -1e30 (probability 0) facing -inf,
+// which add nothing to the KL (0 log 0 = 0), while P_a > 0 facing P_b = 0 gives KL = +inf. RowStats'
+// is_top1 also meets a label at the row max alone, tied with an entry before it (not the first argmax)
+// and tied with one after it (the first).
 // Prints "ok <cases>" and exits 0, or prints the first failures and exits 1.
 
 #include <cmath>
@@ -21,6 +23,8 @@ using klops::Kl;
 using klops::KlOp;
 using klops::Lse;
 using klops::LseOp;
+using klops::RowStats;
+using klops::RowStatsOp;
 
 constexpr int kThreads = 256;  // 8 warps
 constexpr int kWidth = 8;      // entries per thread per step (16-byte bf16 loads)
@@ -120,6 +124,65 @@ void check_row(const std::vector<float>& a, const std::vector<float>& b, double 
   expect_close(k.lse_b().logsum(), logsum_b, 1e-6, 1e-6, "Kl logsum_b", V, T);
 }
 
+// RowStats of row a with the label `label` against float64: log sum q^2 (from the fp32 logsum of Lse, as
+// the kernels pass it), the mean logit c sum a / V, and is_top1 = the label is the first argmax.
+void check_stats(const std::vector<float>& a, int64_t label, double T, double rtol) {
+  const int64_t V = static_cast<int64_t>(a.size());
+  const float c = static_cast<float>(1.0 / T);
+  const auto [max_a, logsum_a] = max_logsum(a, 1.0 / T);
+  double sum_sq = 0.0, sum = 0.0, sum_abs = 0.0;
+  int64_t first_argmax = 0;
+  for (int64_t j = 0; j < V; ++j) {
+    sum_sq += std::exp(2.0 * ((a[j] - max_a) / T - logsum_a));
+    sum += a[j];
+    sum_abs += std::fabs(a[j]);
+    if (a[j] > a[first_argmax]) first_argmax = j;
+  }
+  const bool has_max = a[first_argmax] != -std::numeric_limits<float>::infinity();
+
+  const LseOp lse_op{c};
+  const Lse lse = sweep<Lse>(V, lse_op, [&](Lse& s, int64_t j) { lse_op.push(s, a[j]); });
+  const RowStatsOp stats_op{2.0f * c};
+  const RowStats stats =
+      sweep<RowStats>(V, stats_op, [&](RowStats& s, int64_t j) { stats_op.push(s, a[j], j < label); });
+  expect_close(stats.log_sum_sq(lse.logsum()), std::log(sum_sq), rtol, 1e-5, "RowStats log_sum_sq", V, T);
+  // push_squared with the exp of LseOp::push (scale c), as csrc/logprobs.cu sweeps them
+  const RowStats squared = sweep<RowStats>(V, stats_op, [&](RowStats& s, int64_t j) {
+    Lse shadow{s.m, 0.0f};  // the Lse of the same lane has the same running max
+    stats_op.push_squared(s, a[j], lse_op.push(shadow, a[j]), j < label);
+  });
+  expect_close(squared.log_sum_sq(lse.logsum()), std::log(sum_sq), rtol, 1e-5, "RowStats push_squared", V, T);
+  expect_close(squared.is_top1(a[label], lse.max()), has_max && first_argmax == label, 0.0, 0.0,
+               "RowStats push_squared is_top1", V, T);
+  expect_close(stats.sum * c / static_cast<float>(V), sum / T / V, 0.0, 1e-6 * (sum_abs / T / V + 1.0),
+               "RowStats mean logit", V, T);
+  expect_close(stats.is_top1(a[label], lse.max()), has_max && first_argmax == label, 0.0, 0.0,
+               "RowStats is_top1", V, T);
+}
+
+// check_stats of row a (modified in place) with its label in the middle: as drawn, then the label the row
+// max alone, tied with an entry before it, tied with the last entry.
+void check_stats_cases(std::vector<float>& a, double T, double rtol) {
+  const int64_t V = static_cast<int64_t>(a.size());
+  const int64_t label = V / 2;
+  check_stats(a, label, T, rtol);
+  float top = -std::numeric_limits<float>::infinity();
+  for (float v : a) top = std::fmax(top, v);
+  top = top == -std::numeric_limits<float>::infinity() ? 0.0f : top + 1.0f;
+  a[label] = top;
+  check_stats(a, label, T, rtol);
+  if (label > 0) {
+    const float kept = a[label / 2];
+    a[label / 2] = top;
+    check_stats(a, label, T, rtol);
+    a[label / 2] = kept;
+  }
+  if (label < V - 1) {
+    a[V - 1] = top;
+    check_stats(a, label, T, rtol);
+  }
+}
+
 int main() {
   std::mt19937 rng(1234);
   std::vector<float> a, b;
@@ -129,10 +192,12 @@ int main() {
         if (V < 24 && pattern >= 2) continue;  // the masked stretch needs room; b keeps a finite entry
         make_rows(rng, V, 2.0f, pattern, a, b);
         check_row(a, b, T, 2e-5);
+        check_stats_cases(a, T, 2e-5);
       }
   for (double T : {1.0, 0.3}) {  // logits of 1e4: fp32 rounds (z - max) c at ~1e-3 of 1
     make_rows(rng, 3001, 1e4f, 0, a, b);
     check_row(a, b, T, 1e-4);
+    check_stats_cases(a, T, 1e-4);
   }
   if (g_failures) {
     std::printf("%d of %d checks failed\n", g_failures, g_cases);
