@@ -14,16 +14,11 @@ TRL's run and never in the patched one (nothing of TRL's is replaced to count th
 The replacements alone (``UNIT``: rtol 1e-5, atol 1e-5, on fp32 values of size ~10) match TRL's originals in
 values, dtypes, which outputs are None, which have gradients, and gradients; a perturbed setting (another
 temperature on the klops side) must not match, so that each comparison can fail.
-
-The per-row statistics (``log_sum_sq_probs``, ``mean_logits``, ``is_top1``) need klops's ``return_row_stats``:
-the tests that use them (SFT, DPO, KTO; the ``outputs`` subsets with a statistic) are skipped, saying so, while
-``klops.fused_linear_logprobs`` does not take it.
 """
 
 import contextlib
 import functools
 import importlib
-import inspect
 import itertools
 import math
 import sys
@@ -57,12 +52,6 @@ UNIT = dict(rtol=1e-5, atol=1e-5)
 # two such sums that TRL's kernel gives as exactly 0 (KTO's kl, RLOO's first-step kl): see test_log_probs_do_not_...
 METRIC = dict(rtol=1e-4, atol=5e-6)
 WEIGHTS = dict(rtol=1e-5, atol=1e-6)
-
-HAS_ROW_STATS = "return_row_stats" in inspect.signature(klops.fused_linear_logprobs).parameters
-needs_row_stats = pytest.mark.skipif(
-    not HAS_ROW_STATS, reason="klops.fused_linear_logprobs has no return_row_stats yet (log_sum_sq_probs, "
-    "mean_logits, is_top1: issue 32)"
-)  # fmt: skip
 
 TRL_ORIGINALS = {
     "ChunkedLogProbFunction": TRLLogProb.forward,
@@ -146,9 +135,7 @@ def logprob_case(head):
     return (hidden, weight, bias if with_bias else None, targets, temperature, 32, softcap, scale)
 
 
-@pytest.mark.parametrize(
-    "outputs", [pytest.param(o, marks=[needs_row_stats] if set(o) & set(klops_trl.ROW_STATS) else []) for o in
-                OUTPUT_SUBSETS], ids=lambda o: "+".join(o[1:]) or "log_probs")  # fmt: skip
+@pytest.mark.parametrize("outputs", OUTPUT_SUBSETS, ids=lambda o: "+".join(o[1:]) or "log_probs")
 @pytest.mark.parametrize("head", HEADS)
 def test_logprob_function_matches_trl(head, outputs):
     args = logprob_case(head)
@@ -178,9 +165,8 @@ def test_logprob_function_perturbed_does_not_match():
 def test_logprob_function_defaults_and_autocast():
     """TRL's default outputs (every optional one) and, under CPU autocast, bf16 products with fp32 gradients."""
     hidden, weight, bias, targets, *_ = logprob_case("temperature+bias")
-    if HAS_ROW_STATS:
-        expected = TRLLogProb.apply(hidden, weight, bias, targets, 1.0, 32)
-        assert_outputs_match(expected, klops_trl.ChunkedLogProbFunction.apply(hidden, weight, bias, targets, 1.0, 32))
+    expected = TRLLogProb.apply(hidden, weight, bias, targets, 1.0, 32)
+    assert_outputs_match(expected, klops_trl.ChunkedLogProbFunction.apply(hidden, weight, bias, targets, 1.0, 32))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = TRLLogProb.apply(hidden, weight, bias, targets, 1.0, 32, None, 1.0, ("log_probs", "entropy"))
         got = klops_trl.ChunkedLogProbFunction.apply(hidden, weight, bias, targets, 1.0, 32, None, 1.0,
@@ -206,7 +192,7 @@ def test_log_probs_do_not_depend_on_outputs():
     hidden, weight = leaves((256, H), (2000, H))  # more rows and a wider vocabulary than logprob_case's
     args = (hidden, weight, None, torch.randint(0, 2000, (256,), generator=torch.Generator().manual_seed(1)), 1.0, 32)
     alone = klops_trl.ChunkedLogProbFunction.apply(*args, None, 1.0, ("log_probs",))[0]
-    for outputs in [("log_probs", "entropy")] + ([OUTPUT_SUBSETS[-1]] if HAS_ROW_STATS else []):
+    for outputs in [("log_probs", "entropy"), OUTPUT_SUBSETS[-1]]:
         assert torch.equal(klops_trl.ChunkedLogProbFunction.apply(*args, None, 1.0, outputs)[0], alone), outputs
 
 
@@ -526,7 +512,6 @@ TRAINERS = {  # trainer -> (its builder, the model it trains)
     "KTO": (kto, "llama"),
     "Distillation": (distillation, "gemma2-softcap"),
 }
-ROW_STATS_TRAINERS = {"SFT", "DPO", "KTO"}  # their fused heads ask for is_top1 / mean_logits
 
 
 def train(build, paths, out, patched: bool):
@@ -554,9 +539,7 @@ def assert_same_metrics(expected: list[dict], got: list[dict]):
             )
 
 
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=[needs_row_stats] if n in ROW_STATS_TRAINERS else []) for n in TRAINERS]
-)
+@pytest.mark.parametrize("name", TRAINERS)
 def test_trainer_under_patch_matches_trl(name, model_dirs, tmp_path):
     build, model = TRAINERS[name]
     trl_history, trl_weights, trl_ops, trl_counts = train(build, model_dirs, tmp_path / "trl", patched=False)
