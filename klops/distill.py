@@ -15,6 +15,7 @@ import torch
 
 from . import _inputs
 from ._chunked import log_softmax_from_stats, log_softmax_rows, row_chunks
+from ._packed import packing
 from .backend import launcher_table, resolve
 from .divergence import divergence_and_label_logprobs, fused_kl, reduce_rows, valid_rows_and_weights
 from .grpo import grpo_loss_from_logits
@@ -43,6 +44,8 @@ def dckd_loss(
     alpha: float | None = None,
     temperature: float = 1.0,
     ignore_index: int = -100,
+    position_ids: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Dual-constrained KD (DCKD, the first stage of ADPA): ``(loss, metrics)`` with
@@ -60,6 +63,8 @@ def dckd_loss(
         teacher: ``[B, L, V]`` logits, a ``klops.TopK`` (DCKD / ADPA store top-50 + a tail bin), or, with a
             hidden-state student, ``(teacher_hidden, teacher_weight[, teacher_bias])``.
         labels: ``[B, L]`` next tokens. chosen: ``[B]`` bool, True for the chosen responses' sequences.
+        position_ids, cu_seqlens: a packed batch (``B = 1``; klops/_packed.py): ``chosen`` then has one flag per
+            packed sequence ``[S]``, and the loss is that of the same sequences padded.
 
     Gradients flow to the student only. Metrics: ``nll``, ``kl/chosen``, ``kl/rejected`` (0-d fp32). At
     ``temperature=1`` the NLL and the KL come from one fused op (one sweep per direction, one gradient written);
@@ -68,8 +73,11 @@ def dckd_loss(
     for name, value in (("w_sft", w_sft), ("w_distil", w_distil), ("w_chosen", w_chosen), ("w_rejected", w_rejected)):
         _inputs.check_real(name, value, low=0.0, high=math.inf)
     z, weight, bias = _inputs.split_model("student", student)
-    if not isinstance(chosen, torch.Tensor) or chosen.dtype != torch.bool or chosen.shape != labels.shape[:1]:
-        raise ValueError(f"chosen must be a bool tensor of shape {tuple(labels.shape[:1])} (one flag per sequence)")
+    packed = packing(position_ids, cu_seqlens, labels)
+    sequences = labels.shape[:1] if packed is None else (packed.count,)
+    if not isinstance(chosen, torch.Tensor) or chosen.dtype != torch.bool or chosen.shape != sequences:
+        raise ValueError(f"chosen must be a bool tensor of shape {tuple(sequences)} (one flag per sequence)")
+    chosen_tokens = chosen[:, None] if packed is None else packed.per_token(chosen)
     common = dict(temperature=temperature, ignore_index=ignore_index, backend=backend)
     coef = dict(beta=beta, alpha=alpha)
     # At T = 1 the NLL's log-probs come from the KL's own sweep (one fused op, one gradient written); at another
@@ -98,8 +106,8 @@ def dckd_loss(
                                  **teacher_args)  # fmt: skip
             logp = fused_linear_logprobs(z, weight, labels, bias=bias, ignore_index=ignore_index, backend=backend)
     tokens = _inputs.token_mask(labels, None, ignore_index)
-    on_chosen = tokens * chosen[:, None].float()
-    on_rejected = tokens * (~chosen)[:, None].float()
+    on_chosen = tokens * chosen_tokens.float()
+    on_rejected = tokens * (~chosen_tokens).float()
     nll = _masked_mean(-logp, on_chosen)
     kl_chosen, kl_rejected = _masked_mean(kl, on_chosen), _masked_mean(kl, on_rejected)
     loss = w_sft * nll + w_distil * (w_chosen * kl_chosen + w_rejected * kl_rejected)

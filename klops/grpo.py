@@ -56,6 +56,7 @@ from ._grpo_types import (
     _Options,
     _Quantities,
 )
+from ._packed import packing
 from .divergence import fused_kl
 from .linear import fused_linear_kl, fused_linear_logprobs
 from .logprobs import logprobs
@@ -376,13 +377,17 @@ def grpo_loss(
     dro_beta: float | None = None,
     generator: torch.Generator | None = None,
     per_token_kl: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO-family policy loss from per-token log-probs; returns ``(loss, metrics)``.
 
     Inputs, ``[B, L]`` unless said: ``logp`` (policy, with gradient), ``advantages`` ``[B]`` or ``[B, L]``,
     ``mask`` (0 = padding / prompt), ``old_logp`` (absent: ``logp.detach()``, one iteration per batch),
     ``ref_logp`` (for ``beta > 0``), ``rollout_logp`` (the sampler's log-probs, for the correction below),
-    ``entropy`` (for the bonus and the entropy mask).
+    ``entropy`` (for the bonus and the entropy mask). A packed batch (``B = 1``, ``position_ids`` restarting at 0 or
+    ``cu_seqlens``: klops/_packed.py; ``advantages`` ``[S]`` or per token) gives the loss of the same sequences
+    padded, one row each, to the longest.
 
     Ratio ``r = exp(logp - old_logp)`` per token, or per sequence ``exp(sum_t m (logp - old_logp) / max(1, |o|))``
     (``importance_sampling_level="sequence"``, for the types whose ratio trait is ``"either"``; ``gspo`` and
@@ -421,6 +426,9 @@ def grpo_loss(
     """
     per_token = dict(old_logp=old_logp, ref_logp=ref_logp, rollout_logp=rollout_logp, entropy=entropy,
                      per_token_kl=per_token_kl)  # fmt: skip
+    packed = packing(position_ids, cu_seqlens, mask)
+    if packed is not None:
+        logp, advantages, mask, per_token = _unpacked(packed, logp, advantages, mask, per_token)
     _check_tensors(logp, advantages, mask, per_token)
     o = _Options(
         loss_type=loss_type, importance_sampling_level=importance_sampling_level, epsilon=epsilon,
@@ -449,6 +457,22 @@ def grpo_loss(
         if o.entropy_coef != 0:  # TRL: the mean entropy of the kept tokens, whatever the loss's normalizer
             loss = loss - o.entropy_coef * (q.entropy * token_weight).sum() / token_weight.sum().clamp(min=1.0)
     return loss, metrics
+
+
+def _unpacked(packed, logp, advantages, mask, per_token):
+    """A packed row's per-token inputs [1, T] as the same sequences padded, [S, L_max]; advantages [S] as given."""
+    for name, x in {"logp": logp, **per_token}.items():
+        if x is not None and (not isinstance(x, torch.Tensor) or x.shape != mask.shape):
+            raise ValueError(f"{name} must have the packed mask's shape {tuple(mask.shape)}, got "
+                             f"{tuple(getattr(x, 'shape', ()))}")  # fmt: skip
+    length = int(packed.lengths.max())  # the host sync that sizes the padded view
+
+    def unpack(x):
+        return None if x is None else packed.unpack(x, length)
+
+    if isinstance(advantages, torch.Tensor) and advantages.shape == mask.shape:
+        advantages = unpack(advantages)
+    return unpack(logp), advantages, unpack(mask), {name: unpack(x) for name, x in per_token.items()}
 
 
 def _describe_loss_types() -> str:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _inputs
+from ._packed import packing
 from .divergence import divergence_and_label_logprobs
 from .linear import fused_linear_logprobs, linear_divergence_and_label_logprobs
 from .logprobs import logprobs
@@ -141,6 +142,8 @@ def sequence_logprobs(
     temperature: float = 1.0,
     softcap: float | None = None,
     ignore_index: int = -100,
+    position_ids: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Per-sequence log-probs ``sum_t m_t log q(y_t)`` (``average``: divided by ``max(1, sum_t m_t)``), fused.
@@ -149,8 +152,11 @@ def sequence_logprobs(
     (and ``bias``, ``softcap``): then the logits are never formed (``klops.fused_linear_logprobs``). ``labels
     [B, L]`` are the next tokens (already shifted); ``m`` is 1 where the label is not ``ignore_index`` and
     ``mask`` (optional, ``[B, L]``) is nonzero. Returns fp32 ``[B]`` with gradients to the logits (or hidden
-    states, weight and bias); an all-masked sequence gives 0.
+    states, weight and bias); an all-masked sequence gives 0. A packed batch (``B = 1``, several sequences end to
+    end, ``position_ids [1, L]`` restarting at 0 or ``cu_seqlens [S + 1]``: klops/_packed.py) gives ``[S]``, as the
+    same sequences padded would.
     """
+    packed = packing(position_ids, cu_seqlens, labels)
     if weight is None:
         if bias is not None or softcap is not None:
             raise ValueError("bias and softcap apply to hidden states with a weight; logits are used as they are")
@@ -161,8 +167,13 @@ def sequence_logprobs(
                                            softcap=softcap, ignore_index=ignore_index, backend=backend)  # fmt: skip
     _inputs.check_bool("average", average)
     keep = _inputs.token_mask(labels, mask, ignore_index)
-    total = (token_logp * keep).sum(-1)
-    return total / keep.sum(-1).clamp(min=1) if average else total
+    total, count = _sequence_sums(token_logp * keep, packed), _sequence_sums(keep, packed)
+    return total / count.clamp(min=1) if average else total
+
+
+def _sequence_sums(x: torch.Tensor, packed) -> torch.Tensor:
+    """Per-sequence sums of token values x [B, L]: [B], or [S] of a packed row (klops/_packed.py)."""
+    return x.sum(-1) if packed is None else packed.sums(x)
 
 
 def _pair_index(name: str, index, batch: int, device) -> torch.Tensor:
@@ -192,6 +203,8 @@ def tdpo_loss(
     variant: int = 2,
     temperature: float = 1.0,
     ignore_index: int = -100,
+    position_ids: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Token-level DPO (TDPO1 / TDPO2, docs/losses.md §4): ``(loss, metrics)``, the loss the mean over pairs.
@@ -211,6 +224,8 @@ def tdpo_loss(
             logits are then formed).
         labels: ``[B, L]`` next tokens; mask: ``[B, L]`` or None (with labels != ignore_index, the response tokens).
         chosen_index, rejected_index: ``[P]`` integer indices into the batch.
+        position_ids, cu_seqlens: a packed batch (``B = 1``; klops/_packed.py): the indices are then the packed
+            sequences', and the loss is that of the same sequences padded.
 
     Metrics (0-d fp32): TRL's reward metrics with TDPO's rewards ``beta (margin + SeqKL)``, and ``kl/chosen``,
     ``kl/rejected``: mean SeqKL. One fused sweep over each token's policy and reference rows gives the KL and
@@ -228,7 +243,8 @@ def tdpo_loss(
     if policy_z.dim() != 3:
         raise ValueError(f"policy must have shape [B, L, V] (or hidden [B, L, D]), got {tuple(policy_z.shape)}")
     keep = _inputs.token_mask(labels, mask, ignore_index)
-    B = policy_z.shape[0]
+    packed = packing(position_ids, cu_seqlens, labels)
+    B = policy_z.shape[0] if packed is None else packed.count
     chosen = _pair_index("chosen_index", chosen_index, B, policy_z.device)
     rejected = _pair_index("rejected_index", rejected_index, B, policy_z.device)
     if chosen.shape != rejected.shape:
@@ -243,8 +259,8 @@ def tdpo_loss(
             policy_z, policy_w, ref_z.detach(), ref_w.detach(), labels, student_bias=policy_b, teacher_bias=ref_b,
             **common,
         )  # fmt: skip
-    margin = ((policy_logp - ref_logp) * keep).sum(-1)
-    seq_kl = (kl * keep).sum(-1)
+    margin = _sequence_sums((policy_logp - ref_logp) * keep, packed)
+    seq_kl = _sequence_sums(kl * keep, packed)
     m = margin[chosen] - margin[rejected]
     if variant == 1:
         logits = m - (seq_kl[rejected] - seq_kl[chosen])
