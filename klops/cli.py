@@ -1,13 +1,14 @@
-"""The ``klops`` command line: ``klops info`` and ``klops bench``."""
+"""The ``klops`` command line: ``klops info``, ``klops bench`` and ``klops train``."""
 
 import argparse
+import importlib
 import importlib.metadata
 import platform
 import sys
 
 import torch
 
-from . import __version__, _inputs, bench, bench_baselines, bench_report
+from . import __version__, _inputs, bench, bench_baselines, bench_report, trainers
 from ._cpu import describe as describe_cpu_kernels
 from .backend import (
     BACKENDS,
@@ -206,10 +207,25 @@ def main(argv: list[str] | None = None) -> int:
         help="start no case after this many seconds (a case already started runs to its end); the report lists "
         "the cases left",
     )  # fmt: skip
+    train_parser = commands.add_parser(
+        "train", help="train a tiny model with a reference trainer (sft, distill, grpo, dpo)",
+        description="Thin reference trainers (klops.trainers, docs/trainers.md) on a Hugging Face causal LM, every "
+        "loss from klops's fused-linear ops. --preset tiny (the default) builds a tiny model and a synthetic task in "
+        "code and runs on a CPU in under two minutes; --model PATH takes a local model directory.",
+    )  # fmt: skip
+    trainer_parsers = train_parser.add_subparsers(dest="trainer", required=True, metavar="TRAINER")
+    for name in trainers.TRAINERS:
+        module = importlib.import_module(f"klops.trainers.{name}")
+        summary = module.__doc__.split(":")[0].split(".")[0]
+        module.arguments(trainer_parsers.add_parser(name, help=summary, description=module.__doc__))
     args = parser.parse_args(argv)
 
     if args.command == "info":
         print(info())
+        return 0
+    if args.command == "train":
+        module = importlib.import_module(f"klops.trainers.{args.trainer}")
+        module.train(args)
         return 0
     try:
         device = bench_device(args.device)

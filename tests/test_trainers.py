@@ -1,0 +1,56 @@
+"""The reference trainers (klops.trainers) through ``klops train``: a few steps of each on the tiny preset, the
+direction of its metric by a margin, and the metrics.jsonl format."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from klops import cli, trainers
+
+pytest.importorskip("transformers")
+pytest.importorskip("tqdm")
+
+
+def run(tmp_path, *argv: str) -> list[dict]:
+    """``klops train ARGV --out tmp_path``: the metrics.jsonl it wrote, after checking its format."""
+    assert cli.main(["train", *argv, "--out", str(tmp_path)]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = int(argv[argv.index("--steps") + 1])
+    assert [row["step"] for row in rows] == list(range(1, steps + 1))
+    for row in rows:
+        assert all(isinstance(value, (int, float)) for value in row.values())
+        assert row["tokens_per_s"] > 0 and row["peak_mb"] > 0
+    return rows
+
+
+def mean(rows: list[dict], key: str) -> float:
+    return sum(row[key] for row in rows) / len(rows)
+
+
+def test_train_help_lists_the_trainers():
+    result = subprocess.run(
+        [sys.executable, "-m", "klops.cli", "train", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--steps" not in result.stdout  # the trainers' own options are in `klops train NAME --help`
+    for name in trainers.TRAINERS:
+        assert f"    {name} " in result.stdout
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["train", "sft", "--help"])
+    assert exit.value.code == 0
+
+
+def test_import_klops_does_not_import_transformers():
+    code = "import sys, klops, klops.cli; sys.exit('transformers' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+def test_sft_loss_goes_down(tmp_path, capsys):
+    rows = run(tmp_path, "sft", "--steps", "12", "--batch-size", "16", "--label-smoothing", "0.05", "--z-loss", "1e-4")
+    assert set(rows[0]) >= {"step", "loss"}
+    assert mean(rows[-3:], "loss") < rows[0]["loss"] - 0.4, [row["loss"] for row in rows]
+    out = capsys.readouterr().out
+    assert "evaluation" in out and "before" in out and "after" in out
+    assert (tmp_path / "curves.png").stat().st_size > 0
