@@ -54,3 +54,12 @@ def test_sft_loss_goes_down(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "evaluation" in out and "before" in out and "after" in out
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "tdpo2"])
+def test_dpo_margin_goes_up(tmp_path, loss):
+    rows = run(tmp_path, "dpo", "--steps", "12", "--loss", loss, "--warmup-steps", "30", "--batch-size", "16")
+    assert set(rows[0]) >= {"step", "loss", "margin"}
+    assert abs(rows[0]["margin"]) < 1e-5  # the policy starts as its reference
+    assert mean(rows[-3:], "margin") > 0.15, [row["margin"] for row in rows]
+    assert mean(rows[-3:], "loss") < rows[0]["loss"] - 0.05

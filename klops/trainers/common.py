@@ -131,21 +131,6 @@ def evaluate(model, tokenizer, pairs: list[tuple[str, str]], device) -> dict[str
     }
 
 
-def warm_up(model, tokenizer, steps: int, device, seed: int = 1, batch_size: int = 32, lr: float = 3e-3) -> None:
-    """Teach the model the task for a few plain next-token steps (the teacher of ``distill``, the starting point of
-    ``grpo`` and ``dpo``); quiet, and uses the model's own logits: it is not what the trainers show."""
-    rng = random.Random(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    for _ in range(steps):
-        inputs = batch(tokenizer, task(batch_size, rng), device)
-        labels = torch.nn.functional.pad(inputs.pop("labels"), (0, 1), value=-100)
-        loss = model(**inputs).logits.flatten(0, 1).log_softmax(-1).gather(-1, labels.clamp(min=0).view(-1, 1))
-        loss = -(loss.view(-1) * (labels.view(-1) != -100)).sum() / (labels != -100).sum()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-
-
 # --- command line, logging, metrics, plot ------------------------------------------------------------------------
 
 

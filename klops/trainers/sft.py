@@ -30,6 +30,18 @@ def sft_loss(model, inputs: dict, label_smoothing: float = 0.0, z_loss: float = 
     )
 
 
+def warm_up(model, tokenizer, steps: int, device, seed: int = 1, batch_size: int = 32, lr: float = 3e-3) -> None:
+    """Teach the model the task for ``steps`` quiet SFT steps: the teacher of ``distill``, the starting point of
+    ``grpo`` and ``dpo``."""
+    rng = random.Random(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    for _ in range(steps):
+        loss = sft_loss(model, common.batch(tokenizer, common.task(batch_size, rng), device))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
 def train(args) -> list[dict]:
     """Train ``args.steps`` steps on the reversal task; print the held-out accuracy before and after."""
     model, tokenizer = common.load(args, seed=args.seed)
