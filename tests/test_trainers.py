@@ -63,3 +63,16 @@ def test_dpo_margin_goes_up(tmp_path, loss):
     assert abs(rows[0]["margin"]) < 1e-5  # the policy starts as its reference
     assert mean(rows[-3:], "margin") > 0.15, [row["margin"] for row in rows]
     assert mean(rows[-3:], "loss") < rows[0]["loss"] - 0.05
+
+
+@pytest.mark.parametrize(
+    "options",
+    [("--steps", "12", "--batch-size", "16", "--kind", "jsd", "--beta", "0.3"),
+     ("--steps", "12", "--batch-size", "16", "--teacher", "topk", "--top-k", "3", "--sinkhorn", "0.01"),
+     ("--steps", "16", "--batch-size", "32", "--on-policy")],  # the student's samples: noisier
+)  # fmt: skip
+def test_distill_divergence_down_agreement_up(tmp_path, options):
+    rows = run(tmp_path, "distill", "--teacher-steps", "60", *options)
+    assert set(rows[0]) >= {"step", "loss", "divergence", "agreement"}
+    assert mean(rows[-3:], "divergence") < 0.93 * rows[0]["divergence"], [row["divergence"] for row in rows]
+    assert mean(rows[-3:], "agreement") > mean(rows[:3], "agreement") + 0.04, [row["agreement"] for row in rows]

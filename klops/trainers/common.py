@@ -104,6 +104,26 @@ def prompts(tokenizer, pairs: list[tuple[str, str]], device) -> dict[str, torch.
     return {"input_ids": encoded["input_ids"].to(device), "attention_mask": encoded["attention_mask"].to(device)}
 
 
+@torch.no_grad()
+def sample(model, tokenizer, pairs: list[tuple[str, str]], group: int, device) -> dict[str, torch.Tensor]:
+    """``group`` sampled completions of each prompt (consecutive rows), at temperature 1, as ``batch`` lays them
+    out: ``input_ids``, ``attention_mask`` and ``labels`` (the completion up to its first eos, -100 elsewhere)."""
+    inputs = prompts(tokenizer, [pair for pair in pairs for _ in range(group)], device)
+    max_new = max(len(tokenizer(answer, add_special_tokens=False)["input_ids"]) for _, answer in pairs) + 1
+    model.eval()
+    ids = model.generate(**inputs, max_new_tokens=max_new, do_sample=True, top_k=0, top_p=1.0,
+                         pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    model.train()
+    start = inputs["input_ids"].shape[1]
+    completion = ids[:, start:]
+    ended = (completion == tokenizer.eos_token_id).long().cumsum(1)
+    keep = (ended == 0) | ((ended == 1) & (completion == tokenizer.eos_token_id))  # up to and with the first eos
+    mask = torch.cat([inputs["attention_mask"], keep.long()], dim=1)
+    labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    labels[:, : start - 1] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
 def completions(tokenizer, generated: torch.Tensor, prompt_length: int) -> list[str]:
     """The text that ``model.generate`` wrote after the prompts, up to the first eos."""
     return tokenizer.batch_decode(generated[:, prompt_length:], skip_special_tokens=True)
