@@ -76,3 +76,12 @@ def test_distill_divergence_down_agreement_up(tmp_path, options):
     assert set(rows[0]) >= {"step", "loss", "divergence", "agreement"}
     assert mean(rows[-3:], "divergence") < 0.93 * rows[0]["divergence"], [row["divergence"] for row in rows]
     assert mean(rows[-3:], "agreement") > mean(rows[:3], "agreement") + 0.04, [row["agreement"] for row in rows]
+
+
+@pytest.mark.parametrize("options", [(), ("--loss-type", "grpo", "--beta", "0.04")])
+def test_grpo_reward_goes_up(tmp_path, options):
+    rows = run(tmp_path, "grpo", "--steps", "40", "--warmup-steps", "40", *options)
+    assert set(rows[0]) >= {"step", "loss", "reward", "entropy"}
+    assert mean(rows[-5:], "reward") > mean(rows[:5], "reward") + 0.05, [round(row["reward"], 3) for row in rows]
+    if "--beta" in options:  # the policy starts as its reference, then moves away from it
+        assert abs(rows[0]["kl"]) < 1e-4 and mean(rows[-5:], "kl") > 0.01

@@ -3,4 +3,4 @@ fused-linear ops on the model's last hidden states and LM head (the ``[B, L, V]`
 ``sft``, ``distill``, ``grpo``, ``dpo``. Run them with ``klops train NAME --preset tiny`` (docs/trainers.md).
 Importing this package imports neither transformers nor the trainers."""
 
-TRAINERS = ("sft", "distill", "dpo")
+TRAINERS = ("sft", "distill", "grpo", "dpo")

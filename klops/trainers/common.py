@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from klops.integrations.hf import last_hidden_states, lm_head
+
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 DIGITS = "0123456789"
 
@@ -104,10 +106,21 @@ def prompts(tokenizer, pairs: list[tuple[str, str]], device) -> dict[str, torch.
     return {"input_ids": encoded["input_ids"].to(device), "attention_mask": encoded["attention_mask"].to(device)}
 
 
+def head_inputs(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float | None]:
+    """``(hidden [B, L - 1, D], weight, bias, softcap)`` of the model on ``inputs``, the logit scale folded into the
+    hidden states and bias (``softcap(c (h W^T + b)) = softcap((c h) W^T + c b)``): ``sequence_logprobs`` and
+    ``tdpo_loss`` and ``fused_linear_grpo_loss`` take no ``logit_scale``."""
+    head = lm_head(model)
+    hidden = last_hidden_states(model, input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    scale = head.logit_scale
+    bias = None if head.bias is None or scale == 1.0 else head.bias * scale
+    return hidden[:, :-1] * scale if scale != 1.0 else hidden[:, :-1], head.weight, bias, head.softcap
+
+
 @torch.no_grad()
-def sample(model, tokenizer, pairs: list[tuple[str, str]], group: int, device) -> dict[str, torch.Tensor]:
-    """``group`` sampled completions of each prompt (consecutive rows), at temperature 1, as ``batch`` lays them
-    out: ``input_ids``, ``attention_mask`` and ``labels`` (the completion up to its first eos, -100 elsewhere)."""
+def sample(model, tokenizer, pairs: list[tuple[str, str]], group: int, device) -> tuple[dict, list[str]]:
+    """``group`` sampled completions of each prompt (consecutive rows), at temperature 1: the inputs as ``batch``
+    lays them out (``labels``: the completion up to its first eos, -100 elsewhere) and the completions' text."""
     inputs = prompts(tokenizer, [pair for pair in pairs for _ in range(group)], device)
     max_new = max(len(tokenizer(answer, add_special_tokens=False)["input_ids"]) for _, answer in pairs) + 1
     model.eval()
@@ -121,7 +134,7 @@ def sample(model, tokenizer, pairs: list[tuple[str, str]], group: int, device) -
     mask = torch.cat([inputs["attention_mask"], keep.long()], dim=1)
     labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
     labels[:, : start - 1] = -100
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}, completions(tokenizer, ids, start)
 
 
 def completions(tokenizer, generated: torch.Tensor, prompt_length: int) -> list[str]:
@@ -154,14 +167,16 @@ def evaluate(model, tokenizer, pairs: list[tuple[str, str]], device) -> dict[str
 # --- command line, logging, metrics, plot ------------------------------------------------------------------------
 
 
-def add_common_arguments(parser: argparse.ArgumentParser, steps: int, lr: float) -> None:
+def add_common_arguments(parser: argparse.ArgumentParser, steps: int, lr: float, batch_size: int = 32) -> None:
     """The options every trainer takes."""
     parser.add_argument("--preset", choices=("tiny",), default="tiny", help="the tiny model and task (default)")
     parser.add_argument("--model", default=None, metavar="PATH", help="a local Hugging Face causal LM directory")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default: cpu)")
     parser.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default: {steps})")
     parser.add_argument("--lr", type=float, default=lr, help=f"AdamW learning rate (default: {lr})")
-    parser.add_argument("--batch-size", type=int, default=32, help="sequences per step (default: 32)")
+    parser.add_argument(
+        "--batch-size", type=int, default=batch_size, help=f"sequences per step (default: {batch_size})"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, metavar="DIR", help="write metrics.jsonl and curves.png to DIR")
 

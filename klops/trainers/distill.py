@@ -81,7 +81,7 @@ def train(args) -> list[dict]:
 
     def step(i: int) -> dict:
         if args.on_policy:
-            inputs = common.sample(student, tokenizer, batches[i], 1, args.device)
+            inputs, _ = common.sample(student, tokenizer, batches[i], 1, args.device)
         else:
             inputs = common.batch(tokenizer, batches[i], args.device)
         labels = inputs["labels"]

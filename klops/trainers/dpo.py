@@ -15,7 +15,6 @@ import random
 import torch
 
 import klops
-from klops.integrations.hf import last_hidden_states, lm_head
 
 from . import common, sft
 
@@ -39,24 +38,13 @@ def preference_pairs(n: int, rng: random.Random) -> list[tuple[str, str, str]]:
     return triples
 
 
-def head_inputs(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float | None]:
-    """``(hidden [B, L - 1, D], weight, bias, softcap)`` of the model on ``inputs``, the logit scale folded into the
-    hidden states and bias (``softcap(c (h W^T + b)) = softcap((c h) W^T + c b)``): ``sequence_logprobs`` and
-    ``tdpo_loss`` take no ``logit_scale``."""
-    head = lm_head(model)
-    hidden = last_hidden_states(model, input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-    scale = head.logit_scale
-    bias = None if head.bias is None or scale == 1.0 else head.bias * scale
-    return hidden[:, :-1] * scale if scale != 1.0 else hidden[:, :-1], head.weight, bias, head.softcap
-
-
 def dpo_step(policy, reference, inputs: dict, pairs: int, args) -> tuple[torch.Tensor, dict]:
     """The loss and metrics of ``pairs`` preference pairs: rows ``[0, pairs)`` of ``inputs`` chosen, the rest
     rejected."""
     labels = inputs["labels"]
-    hidden, weight, bias, softcap = head_inputs(policy, inputs)
+    hidden, weight, bias, softcap = common.head_inputs(policy, inputs)
     with torch.no_grad():
-        ref_hidden, ref_weight, ref_bias, _ = head_inputs(reference, inputs)
+        ref_hidden, ref_weight, ref_bias, _ = common.head_inputs(reference, inputs)
     if args.loss.startswith("tdpo"):
         if softcap is not None:
             raise ValueError("--loss tdpo: klops.tdpo_loss takes no soft cap; this model's head has one")
