@@ -224,8 +224,12 @@ def main(argv: list[str] | None = None) -> int:
         print(info())
         return 0
     if args.command == "train":
-        module = importlib.import_module(f"klops.trainers.{args.trainer}")
-        module.train(args)
+        try:
+            args.device = bench_device(args.device)
+            importlib.import_module(f"klops.trainers.{args.trainer}").train(args)
+        except ValueError as error:
+            print(f"klops train {args.trainer}: error: {error}", file=sys.stderr)
+            return 2
         return 0
     try:
         device = bench_device(args.device)

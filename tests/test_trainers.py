@@ -85,3 +85,12 @@ def test_grpo_reward_goes_up(tmp_path, options):
     assert mean(rows[-5:], "reward") > mean(rows[:5], "reward") + 0.05, [round(row["reward"], 3) for row in rows]
     if "--beta" in options:  # the policy starts as its reference, then moves away from it
         assert abs(rows[0]["kl"]) < 1e-4 and mean(rows[-5:], "kl") > 0.01
+
+
+def test_bad_arguments_are_clear_errors(capsys):
+    assert cli.main(["train", "grpo", "--batch-size", "10", "--group", "4"]) == 2
+    assert "--batch-size 10 must be a multiple of --group 4" in capsys.readouterr().err
+    assert cli.main(["train", "distill", "--on-policy", "--teacher", "topk", "--device", "cpu"]) == 2
+    assert "needs off-policy data" in capsys.readouterr().err
+    assert cli.main(["train", "sft", "--device", "tpu"]) == 2
+    assert "--device must be cpu, cuda or cuda:N" in capsys.readouterr().err

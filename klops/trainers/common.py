@@ -1,5 +1,6 @@
 """What the reference trainers share: the tiny preset (a model, a tokenizer and a synthetic task built in code),
-batches of prompt + completion, greedy evaluation, and the loop that logs each optimizer step.
+batches of prompt + completion (given or sampled), the head's inputs to the fused ops, greedy evaluation, and the
+loop that logs each optimizer step.
 
 The tiny task is reversing a string of digits: the prompt ``"3141="`` asks for the completion ``"1413"`` and the
 end-of-sequence token. Its tokenizer has one token per character, its model is a two-layer Llama, so that every
@@ -100,16 +101,16 @@ def batch(tokenizer, pairs: list[tuple[str, str]], device) -> dict[str, torch.Te
 
 def prompts(tokenizer, pairs: list[tuple[str, str]], device) -> dict[str, torch.Tensor]:
     """The prompts alone, left-padded for ``model.generate``."""
-    tokenizer.padding_side = "left"
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
     encoded = tokenizer([prompt for prompt, _ in pairs], return_tensors="pt", padding=True)
-    tokenizer.padding_side = "right"
+    tokenizer.padding_side = side
     return {"input_ids": encoded["input_ids"].to(device), "attention_mask": encoded["attention_mask"].to(device)}
 
 
 def head_inputs(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float | None]:
     """``(hidden [B, L - 1, D], weight, bias, softcap)`` of the model on ``inputs``, the logit scale folded into the
-    hidden states and bias (``softcap(c (h W^T + b)) = softcap((c h) W^T + c b)``): ``sequence_logprobs`` and
-    ``tdpo_loss`` and ``fused_linear_grpo_loss`` take no ``logit_scale``."""
+    hidden states and bias (``softcap(c (h W^T + b)) = softcap((c h) W^T + c b)``), for the ops that take no
+    ``logit_scale``: ``sequence_logprobs``, ``tdpo_loss``, ``fused_linear_grpo_loss``."""
     head = lm_head(model)
     hidden = last_hidden_states(model, input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
     scale = head.logit_scale
@@ -123,10 +124,10 @@ def sample(model, tokenizer, pairs: list[tuple[str, str]], group: int, device) -
     lays them out (``labels``: the completion up to its first eos, -100 elsewhere) and the completions' text."""
     inputs = prompts(tokenizer, [pair for pair in pairs for _ in range(group)], device)
     max_new = max(len(tokenizer(answer, add_special_tokens=False)["input_ids"]) for _, answer in pairs) + 1
-    model.eval()
-    ids = model.generate(**inputs, max_new_tokens=max_new, do_sample=True, top_k=0, top_p=1.0,
-                         pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-    model.train()
+    training = model.training
+    ids = model.eval().generate(**inputs, max_new_tokens=max_new, do_sample=True, top_k=0, top_p=1.0,
+                                pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    model.train(training)
     start = inputs["input_ids"].shape[1]
     completion = ids[:, start:]
     ended = (completion == tokenizer.eos_token_id).long().cumsum(1)
@@ -143,7 +144,8 @@ def completions(tokenizer, generated: torch.Tensor, prompt_length: int) -> list[
 
 
 def char_accuracy(completion: str, answer: str) -> float:
-    """The fraction of the answer's characters that the completion has in place (a longer completion is cut)."""
+    """The fraction of the answer's characters that the completion has in place, over the longer of the two (extra
+    characters cost as much as missing ones)."""
     hits = sum(a == b for a, b in zip(completion, answer))
     return hits / max(len(answer), len(completion))
 
@@ -151,12 +153,13 @@ def char_accuracy(completion: str, answer: str) -> float:
 @torch.no_grad()
 def evaluate(model, tokenizer, pairs: list[tuple[str, str]], device) -> dict[str, float]:
     """Greedy completions of the pairs' prompts: exact matches and characters in place, both as fractions."""
-    model.eval()
     inputs = prompts(tokenizer, pairs, device)
     max_new = max(len(tokenizer(answer, add_special_tokens=False)["input_ids"]) for _, answer in pairs) + 1
-    generated = model.generate(**inputs, max_new_tokens=max_new, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    training = model.training
+    generated = model.eval().generate(**inputs, max_new_tokens=max_new, do_sample=False,
+                                      pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    model.train(training)
     texts = completions(tokenizer, generated, inputs["input_ids"].shape[1])
-    model.train()
     answers = [answer for _, answer in pairs]
     return {
         "exact": sum(t == a for t, a in zip(texts, answers)) / len(pairs),
@@ -171,7 +174,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, steps: int, lr: float,
     """The options every trainer takes."""
     parser.add_argument("--preset", choices=("tiny",), default="tiny", help="the tiny model and task (default)")
     parser.add_argument("--model", default=None, metavar="PATH", help="a local Hugging Face causal LM directory")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default: cpu)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     parser.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default: {steps})")
     parser.add_argument("--lr", type=float, default=lr, help=f"AdamW learning rate (default: {lr})")
     parser.add_argument(

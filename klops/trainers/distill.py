@@ -23,7 +23,7 @@ from . import common, sft
 
 
 def arguments(parser) -> None:
-    common.add_common_arguments(parser, steps=40, lr=3e-3)
+    common.add_common_arguments(parser, steps=120, lr=3e-3)
     parser.add_argument("--kind", choices=DIVERGENCE_KINDS, default="forward", help="the divergence (default forward)")
     parser.add_argument("--beta", type=float, default=None, help="jsd's coefficient")
     parser.add_argument("--alpha", type=float, default=None, help="skew_* and alpha's coefficient")

@@ -22,7 +22,7 @@ from . import common, sft
 
 
 def arguments(parser) -> None:
-    common.add_common_arguments(parser, steps=60, lr=3e-4, batch_size=128)
+    common.add_common_arguments(parser, steps=100, lr=3e-4, batch_size=128)
     parser.add_argument("--group", type=int, default=16, help="completions per prompt (default 16)")
     parser.add_argument("--loss-type", choices=tuple(LOSS_TYPES), default="dapo", help="default: dapo")
     parser.add_argument("--beta", type=float, default=0.0, help="KL penalty to a frozen reference (default 0)")

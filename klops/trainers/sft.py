@@ -16,7 +16,7 @@ from . import common
 
 
 def arguments(parser) -> None:
-    common.add_common_arguments(parser, steps=40, lr=3e-3)
+    common.add_common_arguments(parser, steps=150, lr=3e-3)
     parser.add_argument("--label-smoothing", type=float, default=0.0, help="eps of the smoothed target (default 0)")
     parser.add_argument("--z-loss", type=float, default=0.0, help="weight of lse^2 (PaLM; default 0)")
 
