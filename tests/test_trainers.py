@@ -6,8 +6,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from klops import cli, trainers
+from klops.trainers import common
 
 pytest.importorskip("transformers")
 pytest.importorskip("tqdm")
@@ -94,3 +96,17 @@ def test_bad_arguments_are_clear_errors(capsys):
     assert "needs off-policy data" in capsys.readouterr().err
     assert cli.main(["train", "sft", "--device", "tpu"]) == 2
     assert "--device must be cpu, cuda or cuda:N" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.25])
+def test_head_inputs_fold_the_logit_scale_and_keep_the_bias(scale):
+    tokenizer = common.tiny_tokenizer()
+    model = common.tiny_model(tokenizer, hidden_size=16)
+    model.lm_head = torch.nn.Linear(16, len(tokenizer), bias=True)
+    torch.nn.init.normal_(model.lm_head.bias)
+    model.config.logit_scale = scale
+    inputs = common.batch(tokenizer, [("12=", "21"), ("345=", "543")], "cpu")
+    hidden, weight, bias, softcap = common.head_inputs(model, inputs)
+    assert bias is not None and softcap is None
+    expected = scale * model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, :-1]
+    torch.testing.assert_close(torch.nn.functional.linear(hidden, weight, bias), expected)

@@ -114,7 +114,7 @@ def head_inputs(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.
     head = lm_head(model)
     hidden = last_hidden_states(model, input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
     scale = head.logit_scale
-    bias = None if head.bias is None or scale == 1.0 else head.bias * scale
+    bias = head.bias if head.bias is None or scale == 1.0 else head.bias * scale
     return hidden[:, :-1] * scale if scale != 1.0 else hidden[:, :-1], head.weight, bias, head.softcap
 
 
