@@ -201,7 +201,7 @@ def train_loop(name: str, step, steps: int, device, out: str | None, shown: tupl
     device = torch.device(device)
     if out is not None:
         os.makedirs(out, exist_ok=True)
-        log = open(Path(out) / "metrics.jsonl", "w")
+        (Path(out) / "metrics.jsonl").write_text("")
     history = []
     bar = tqdm(range(steps), desc=f"klops train {name}", file=sys.stderr, dynamic_ncols=True)
     for i in bar:
@@ -213,11 +213,10 @@ def train_loop(name: str, step, steps: int, device, out: str | None, shown: tupl
         history.append(metrics)
         line = " ".join(f"{key} {value:.4g}" for key, value in metrics.items() if key != "step")
         bar.write(f"step {i + 1:3d} {line}", file=sys.stderr)
-        if out is not None:
-            log.write(json.dumps(metrics) + "\n")
-            log.flush()
+        if out is not None:  # a line per step, on disk as soon as the step ends
+            with open(Path(out) / "metrics.jsonl", "a") as log:
+                log.write(json.dumps(metrics) + "\n")
     if out is not None:
-        log.close()
         print(plot(history, shown, Path(out) / "curves.png", name))
     return history
 

@@ -16,7 +16,7 @@ import random
 import torch
 
 import klops
-from klops.grpo import LOSS_TYPES
+from klops.grpo import KL_ESTIMATORS, LOSS_TYPES
 
 from . import common, sft
 
@@ -26,7 +26,8 @@ def arguments(parser) -> None:
     parser.add_argument("--group", type=int, default=16, help="completions per prompt (default 16)")
     parser.add_argument("--loss-type", choices=tuple(LOSS_TYPES), default="dapo", help="default: dapo")
     parser.add_argument("--beta", type=float, default=0.0, help="KL penalty to a frozen reference (default 0)")
-    parser.add_argument("--kl-estimator", default="k3", help="k1, k2, k3 or full (default k3)")
+    parser.add_argument("--kl-estimator", choices=(*KL_ESTIMATORS, "full"), default="k3",
+                        help="the per-token KL to the reference (full: over the vocabulary; default k3)")  # fmt: skip
     parser.add_argument("--warmup-steps", type=int, default=40, help="SFT steps on the task first (default: 40)")
 
 
