@@ -1,0 +1,473 @@
+"""Vocabulary-parallel forms of ``klops.logprobs``, ``klops.fused_kl`` and ``klops.fused_linear_cross_entropy``
+(issue 33; docs/losses.md "Vocabulary-parallel ops"). Reached through ``vocab_group=`` (a ``ProcessGroup``) or a
+logits DTensor placed ``Shard(-1)`` on a 1-D mesh; nothing here is public API of its own except ``record_traffic``.
+
+Layout. Rank ``r`` of the group holds the vocabulary slice ``[start_r, start_r + V_r)`` in rank order (uneven
+shards allowed): logits ``[..., V_r]`` or a head shard ``[V_r, D]`` with replicated hidden states. Offsets come from
+the shard sizes, all-gathered once per call (one int64 per tensor and rank), or ``vocab_start=`` (any contiguous
+layout; the sizes are still gathered for ``V`` and the checks); a DTensor carries them, so it costs no collective.
+Labels are global ids. Every rank returns the same values; gradients go to each rank's own shard (and, for the
+fused-linear op, the hidden states' gradient is summed over the group: one all-reduce of ``[N, D]`` in backward).
+
+Merging row statistics (one all-gather of a few fp32 per row, as Transformer Engine does). Each rank reduces its
+shard to its raw row max ``m_r`` and ``logsum_r = log sum_{v in r} exp((z_v - m_r) / T)``; then, with
+``M = max_r m_r`` (0 when every shard is -inf, the raw-max convention of docs/losses.md §0)::
+
+    logsum = log sum_r exp((m_r - M) / T + logsum_r)      pi_r = exp((m_r - M) / T + logsum_r - logsum)
+
+``pi_r`` is shard r's share of the softmax mass. The backward of the logits-level ops needs no collective: the
+forward keeps the global ``(M, logsum)`` (and what a kind's gradient needs, ``gbar`` or the entropy), and each
+rank writes its shard's gradient from them with the single-process formula.
+"""
+
+import contextlib
+import math
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from . import _inputs
+from ._chunked import (
+    FLOAT32_MIN,
+    chunked_backward,
+    chunked_rows,
+    empty_rows,
+    log_softmax_from_stats,
+    row_chunks,
+    row_stats,
+)
+from .backend import resolve
+from .distributed import is_sharded
+from .divergence import (
+    _row_sums,
+    _teacher_probs,
+    check_divergence_options,
+    divergence_backward_op,
+    divergence_op,
+    reduce_rows,
+    valid_rows_and_weights,
+)
+from .logprobs import logprobs_op
+from .topk import TopK
+
+__all__ = ["record_traffic", "is_sharded"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# communication: functional collectives only, each call recorded for record_traffic
+
+
+_recorders: list[list] = []
+
+
+@contextlib.contextmanager
+def record_traffic():
+    """Records, inside the ``with`` block, each collective this module issues on this rank as ``(name, bytes sent
+    by this rank)``: an all-gather sends its input once, an all-reduce its tensor (a ring moves about twice that);
+    yields the list."""
+    calls = []
+    _recorders.append(calls)
+    try:
+        yield calls
+    finally:
+        _recorders.remove(calls)
+
+
+def _record(name: str, x: torch.Tensor) -> None:
+    for calls in _recorders:
+        calls.append((name, x.numel() * x.element_size()))
+
+
+def _waited(x: torch.Tensor) -> torch.Tensor:
+    """The result of a functional collective as a plain tensor (eager: wait for it; traced: already is)."""
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+
+    return x.wait() if isinstance(x, AsyncCollectiveTensor) else x
+
+
+def all_gather_rows(stats: torch.Tensor, group) -> torch.Tensor:
+    """[W, *stats.shape]: every rank's ``stats`` (fp32 ``[N, k]`` row statistics), one all-gather."""
+    from torch.distributed import _functional_collectives as funcol
+
+    # all_gather_single where torch has it (all_gather_tensor is deprecated there), all_gather_tensor in torch 2.11
+    all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+    _record("all_gather", stats)
+    gathered = _waited(all_gather(stats.contiguous(), 0, group))
+    return gathered.view(dist.get_world_size(group), *stats.shape)
+
+
+def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
+    """The sum of ``x`` over the group, one all-reduce."""
+    from torch.distributed._functional_collectives import all_reduce
+
+    _record("all_reduce", x)
+    return _waited(all_reduce(x.contiguous(), "sum", group))
+
+
+# ----------------------------------------------------------------------------------------------------
+# the layout: which slice of the vocabulary this rank holds
+
+
+class VocabShard(NamedTuple):
+    group: dist.ProcessGroup
+    start: int  # this rank's first global vocabulary id
+    size: int  # V_r, its number of ids
+    total: int  # V, the whole vocabulary
+
+
+def _dtensor_shard(name: str, x, group) -> tuple[torch.Tensor, VocabShard]:
+    """(local tensor, layout) of a DTensor placed Shard(-1) on a 1-D mesh; ``group``, if given, must be its mesh's."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    mesh, placements = x.device_mesh, x.placements
+    if mesh.ndim != 1 or not (isinstance(placements[0], Shard) and placements[0].dim in (-1, x.dim() - 1)):
+        raise ValueError(
+            f"{name}: a DTensor must be placed Shard(-1) (the vocabulary) on a 1-D mesh, got placements "
+            f"{tuple(placements)} on a {mesh.ndim}-D mesh"
+        )
+    mesh_group = mesh.get_group()
+    if group is not None and dist.get_process_group_ranks(group) != dist.get_process_group_ranks(mesh_group):
+        raise ValueError(
+            f"vocab_group (ranks {dist.get_process_group_ranks(group)}) does not match the mesh of {name} (ranks "
+            f"{dist.get_process_group_ranks(mesh_group)}); pass vocab_group=None to use the mesh's"
+        )
+    local_shape, offset = compute_local_shape_and_global_offset(x.shape, mesh, placements)
+    return x.to_local(), VocabShard(mesh_group, int(offset[-1]), int(local_shape[-1]), int(x.shape[-1]))
+
+
+def _plain(x):
+    """A replicated DTensor (labels, mask, weights) as its local tensor; anything else as it is."""
+    return x.to_local() if is_sharded(x) else x
+
+
+def vocab_shard(names, tensors, group, vocab_start, dims=None) -> tuple[list[torch.Tensor], VocabShard]:
+    """(local tensors, layout) of the vocabulary-sharded inputs (logits or heads; the vocabulary is their last dim,
+    a head's first). DTensors: from their placement, no collective. Plain tensors: their shard sizes all-gathered
+    once (one int64 per tensor and rank), which every rank checks alike (so all raise, none hangs); the offset is
+    the sum of the lower ranks' sizes, or ``vocab_start``."""
+    dims = dims or [-1] * len(tensors)
+    if is_sharded(tensors[0]):
+        local, shard = _dtensor_shard(names[0], tensors[0], group)
+        locals_ = [local]
+        for name, x in zip(names[1:], tensors[1:]):
+            if not is_sharded(x):
+                raise ValueError(f"{name} must be a DTensor sharded as {names[0]} is")
+            other, other_shard = _dtensor_shard(name, x, shard.group)
+            if other_shard.total != shard.total:
+                raise ValueError(f"{name} has V={other_shard.total} but {names[0]} has V={shard.total}")
+            locals_.append(other)
+        if vocab_start is not None and vocab_start != shard.start:
+            raise ValueError(f"vocab_start={vocab_start} differs from the DTensor's offset {shard.start}")
+        return locals_, shard
+    if group is None:
+        raise ValueError(f"{names[0]}: vocab_start needs vocab_group (the process group over which V is sharded)")
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"vocab_group must be a torch.distributed.ProcessGroup, got {type(group).__name__}")
+    sizes = torch.tensor([x.shape[d] for x, d in zip(tensors, dims)], dtype=torch.int64, device=tensors[0].device)
+    table = all_gather_rows(sizes, group).tolist()  # [W][tensors]
+    for i, name in enumerate(names[1:], 1):
+        if any(row[i] != row[0] for row in table):
+            raise ValueError(
+                f"mismatched vocabulary shards: {names[0]} has {[row[0] for row in table]} entries per rank, "
+                f"{name} has {[row[i] for row in table]}"
+            )
+    rank = dist.get_rank(group)
+    start = sum(row[0] for row in table[:rank])
+    if vocab_start is not None:
+        start = _inputs.check_int("vocab_start", vocab_start, 0)
+    total = sum(row[0] for row in table)
+    if start + table[rank][0] > total:
+        raise ValueError(f"vocab_start={start} + V_r={table[rank][0]} exceeds the vocabulary V={total}")
+    return list(tensors), VocabShard(group, start, table[rank][0], total)
+
+
+def local_labels(labels: torch.Tensor, valid: torch.Tensor, shard: VocabShard) -> tuple[torch.Tensor, torch.Tensor]:
+    """(label - start where this shard holds it, else 0 (int64); owned: valid and held here)."""
+    local = labels.long() - shard.start
+    owned = valid & (local >= 0) & (local < shard.size)
+    return torch.where(owned, local, 0), owned
+
+
+def merge_logsumexp(row_max: torch.Tensor, logsum: torch.Tensor, temperature: float):
+    """(M, logsum, log_pi) from the all-gathered [W, N] raw maxima and log-sums of the shards (the module's merge):
+    ``M = max_r m_r`` over the shards holding mass (0 if none), ``logsum = log sum_r exp((m_r - M)/T + logsum_r)``
+    and ``log pi_r`` (-inf for an all -inf shard), exactly the statistics of the single-process sweep."""
+    empty = logsum == -math.inf
+    top = torch.where(empty, -math.inf, row_max).amax(0)
+    top = torch.where(top == -math.inf, 0.0, top)
+    term = torch.where(empty, -math.inf, (row_max - top) / temperature + logsum)
+    total = torch.logsumexp(term, 0)
+    return top, total, term - total
+
+
+# ----------------------------------------------------------------------------------------------------
+# log-probs and entropy (docs/losses.md §2)
+#
+# Per rank, from klops's own row op (klops::logprobs) on its shard with a label held or any in-shard one:
+# m_r, logsum_r, A_r = sum_v q^r_v d_v (the shard's mean of d = (z - m_r) / T, = logsum_r - H_r) and z_y if it
+# holds the label (else 0): 4 fp32 per row all-gathered. Then logprob = (z_y - M) / T - logsum and
+# H = logsum - sum_r pi_r (A_r + (m_r - M) / T). Backward: the single-process gradient from (M, logsum, H).
+
+
+class _LogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, valid, shard, temperature, with_entropy, backend):
+        local, owned = local_labels(labels, valid, shard)
+        op_labels = torch.where(valid, local, -1)  # every valid row gets its shard's statistics
+        _, entropy, row_max, logsum, *_ = logprobs_op(logits, op_labels, temperature, with_entropy, False, -1, backend)
+        z_label = logits.gather(-1, local[..., None])[..., 0].float()
+        mean_d = torch.where(logsum == -math.inf, 0.0, logsum - entropy) if with_entropy else torch.zeros_like(logsum)
+        stats = torch.stack((row_max, logsum, mean_d, torch.where(owned, z_label, 0.0)), -1)
+        m, ls, a, zy = all_gather_rows(stats, shard.group).unbind(-1)
+        top, total, log_pi = merge_logsumexp(m, ls, temperature)
+        logp = torch.where(valid, (zy.sum(0) - top) / temperature - total, 0.0)
+        mean_shift = torch.where(log_pi == -math.inf, 0.0, log_pi.exp() * (a + (m - top) / temperature)).sum(0)
+        entropy = torch.where(valid, total - mean_shift, 0.0)
+        ctx.save_for_backward(logits, local, owned, valid, top, total, entropy)
+        ctx.params = (temperature, with_entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        logits, local, owned, valid, top, total, entropy = ctx.saved_tensors
+        temperature, with_entropy = ctx.params
+        B, L, V = logits.shape
+        dz = torch.empty_like(logits)
+        for b, rows in row_chunks(B, L, V):  # (g (onehot - q) - g_H q (log q + H)) / T, onehot where held here
+            g = (grad_logp[b, rows] / temperature)[:, None]
+            log_q = log_softmax_from_stats(logits[b, rows], top[b, rows], total[b, rows], temperature)
+            if with_entropy:
+                q = log_q.exp()
+                chunk = log_q.clamp_(min=FLOAT32_MIN).add_(entropy[b, rows][:, None]).mul_(q)
+                chunk.mul_((-grad_entropy[b, rows] / temperature)[:, None]).addcmul_(q, g, value=-1.0)
+            else:
+                chunk = log_q.exp_().mul_(-g)
+            chunk.scatter_add_(-1, local[b, rows][:, None], g * owned[b, rows][:, None])
+            dz[b, rows] = chunk.masked_fill_(~valid[b, rows][:, None], 0.0)
+        return dz, None, None, None, None, None, None
+
+
+def logprobs(logits, labels, *, temperature, return_entropy, return_row_stats, ignore_index, backend, vocab_group,
+             vocab_start):  # fmt: skip
+    """``klops.logprobs`` over a vocabulary-sharded ``logits [..., V_r]``: one all-gather of 4 fp32 per row
+    (16 bytes per token sent by each rank), plus the shard sizes. Returns plain tensors, replicated."""
+    if return_row_stats:
+        raise ValueError(
+            "return_row_stats is not vocabulary-parallel yet; gather the logits (or pass a full-vocabulary tensor "
+            "without vocab_group) for it"
+        )
+    (logits,), shard = vocab_shard(["logits"], [logits], vocab_group, vocab_start)
+    labels = _plain(labels)
+    _inputs.check_logits("logits", logits)
+    labels = _inputs.as_labels("labels", labels, "logits", logits)
+    _inputs.check_labels_in_range("labels", labels, shard.total, ignore_index)
+    temperature = _inputs.check_temperature(temperature)
+    _inputs.check_bool("return_entropy", return_entropy)
+    backend = resolve("logprobs", backend, logits.device)
+    (logits3,) = _inputs.as_rows(logits)
+    labels3 = labels.reshape(logits3.shape[:2])
+    logp, entropy = _LogProbs.apply(logits3, labels3, labels3 != ignore_index, shard, temperature, return_entropy,
+                                    backend)  # fmt: skip
+    logp, entropy = logp.reshape(labels.shape), entropy.reshape(labels.shape)
+    return (logp, entropy) if return_entropy else logp
+
+
+# ----------------------------------------------------------------------------------------------------
+# divergences (docs/losses.md §1)
+#
+# forward / reverse KL between logit rows, one round: the chain rule of the KL over the partition of the vocabulary
+# into shards, with pi^p_r, pi^q_r the shards' masses and p^r, q^r the softmaxes within shard r,
+#     KL(p||q) = sum_r pi^p_r (log pi^p_r - log pi^q_r + KL(p^r||q^r))      (reverse KL: p and q swapped)
+# where KL(p^r||q^r) is klops's own row op (klops::divergence) on the shard: 5 fp32 per row all-gathered (both
+# inputs' m_r, logsum_r and the shard's KL). gbar = -1 (forward) or D (reverse).
+#
+# Every other kind (and a teacher given as log-probs or probs), two rounds: all-gather each input's m_r, logsum_r
+# (4 fp32 per row; for log-probs / probs the largest entry and log-mass of the teacher's check), then each rank sums
+# its entries' loss and a with the global log q, log p (the single-process per-entry math, klops/_terms.py) and one
+# all-reduce adds (D, gbar): 2 fp32 per row. Backward for all: klops::divergence_backward with the global statistics.
+
+
+def _chain_rule_kl(student, teacher, valid, shard, kind, temperature, backend):
+    """(D, M_q, logsum_q, M_p, logsum_p, gbar) per row of forward / reverse KL between logit rows, one all-gather."""
+    local, max_q, logsum_q, max_p, logsum_p, _, _ = divergence_op(student, teacher, valid, None, kind, "logits",
+                                                                  temperature, 0.0, backend)  # fmt: skip
+    local = torch.where((logsum_q == -math.inf) | (logsum_p == -math.inf), 0.0, local)  # a shard without one's mass
+    stats = all_gather_rows(torch.stack((max_q, logsum_q, max_p, logsum_p, local), -1), shard.group)
+    mq, lsq, mp, lsp, d = stats.unbind(-1)
+    top_q, total_q, log_pi_q = merge_logsumexp(mq, lsq, temperature)
+    top_p, total_p, log_pi_p = merge_logsumexp(mp, lsp, temperature)
+    first, second = (log_pi_p, log_pi_q) if kind == "forward" else (log_pi_q, log_pi_p)
+    rows = torch.where(first == -math.inf, 0.0, first.exp() * (first - second + d)).sum(0)
+    rows = torch.where(valid, rows, 0.0)
+    gbar = torch.full_like(rows, -1.0) if kind == "forward" else rows
+    return rows, top_q, total_q, top_p, total_p, gbar
+
+
+def _two_round_divergence(student, teacher, valid, shard, kind, target_is, temperature, coef):
+    """(D, M_q, logsum_q, M_p, logsum_p, gbar) per row of any kind: statistics all-gathered, then (D, gbar) summed
+    over the shards by one all-reduce. For a teacher given as log-probs or probs, M_p / logsum_p are 0 and the
+    teacher's check runs on its merged largest entry and log-mass."""
+    B, L, V = student.shape
+    stats = student.new_zeros((B, L, 4), dtype=torch.float32)
+    for b, rows in row_chunks(B, L, V):
+        stats[b, rows, 0], stats[b, rows, 1] = row_stats(student[b, rows], temperature)
+        if target_is == "logits":
+            stats[b, rows, 2], stats[b, rows, 3] = row_stats(teacher[b, rows], temperature)
+        else:  # the check's statistics: largest log-prob (or negated probability), log of the shard's mass
+            lp, p = _teacher_probs(teacher[b, rows], target_is)
+            stats[b, rows, 2] = lp.amax(-1) if target_is == "logprobs" else p.neg().amax(-1)
+            stats[b, rows, 3] = p.sum(-1).log()
+    mq, lsq, mp, lsp = all_gather_rows(stats, shard.group).unbind(-1)
+    top_q, total_q, _ = merge_logsumexp(mq, lsq, temperature)
+    if target_is == "logits":
+        top_p, total_p, _ = merge_logsumexp(mp, lsp, temperature)
+    else:
+        _inputs.check_teacher_rows("teacher_logits", target_is, teacher.dtype, shard.total, valid, mp.amax(0),
+                                   torch.logsumexp(lsp, 0))  # fmt: skip
+        top_p, total_p = torch.zeros_like(top_q), torch.zeros_like(top_q)
+    sums = student.new_zeros((B, L, 2), dtype=torch.float32)
+    for b, rows in row_chunks(B, L, V):
+        lq = log_softmax_from_stats(student[b, rows], top_q[b, rows], total_q[b, rows], temperature)
+        if target_is == "logits":
+            lp = log_softmax_from_stats(teacher[b, rows], top_p[b, rows], total_p[b, rows], temperature)
+            p = lp.exp()
+        else:
+            lp, p = _teacher_probs(teacher[b, rows], target_is)
+        sums[b, rows, 0], sums[b, rows, 1] = _row_sums(lq, lq.exp(), lp, p, kind, coef)
+    rows, gbar = torch.where(valid[..., None], all_reduce_sum(sums, shard.group), 0.0).unbind(-1)
+    return rows, top_q, total_q, top_p, total_p, gbar
+
+
+class _Divergence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, teacher, valid, shard, kind, target_is, temperature, coef, backend):
+        if kind in ("forward", "reverse") and target_is == "logits":
+            rows, *stats = _chain_rule_kl(student, teacher, valid, shard, kind, temperature, backend)
+        else:
+            rows, *stats = _two_round_divergence(student, teacher, valid, shard, kind, target_is, temperature, coef)
+        ctx.save_for_backward(student, teacher, valid, *stats)
+        ctx.params = (kind, target_is, temperature, coef, backend)
+        return rows
+
+    @staticmethod
+    def backward(ctx, grad):
+        student, teacher, valid, *stats = ctx.saved_tensors
+        dz = divergence_backward_op(grad, None, student, teacher, valid, None, *stats, *ctx.params)
+        return dz, None, None, None, None, None, None, None, None
+
+
+def fused_kl(student_logits, teacher_logits, kind, *, beta, alpha, temperature, labels, mask, weights, ignore_index,
+             reduction, num_items, target_is, backend, vocab_group, vocab_start):  # fmt: skip
+    """``klops.fused_kl`` over vocabulary-sharded student and teacher logits ``[..., V_r]`` (the same shards).
+    Per token each rank sends 20 bytes (forward / reverse KL between logits: one all-gather of 5 fp32) or 16 + 8
+    (other kinds, log-probs / probs teachers: an all-gather of 4 fp32, an all-reduce of 2), plus the shard sizes.
+    Returns a plain tensor, replicated."""
+    if isinstance(teacher_logits, TopK):
+        raise ValueError("a TopK teacher is not vocabulary-parallel yet: gather the student's logits (or pass "
+                         "full-vocabulary logits without vocab_group) for a TopK teacher")  # fmt: skip
+    (student, teacher), shard = vocab_shard(["student_logits", "teacher_logits"], [student_logits, teacher_logits],
+                                            vocab_group, vocab_start)  # fmt: skip
+    labels, mask, weights = _plain(labels), _plain(mask), _plain(weights)
+    _inputs.check_logits("student_logits", student)
+    kernel_kind, coef, temperature = check_divergence_options(kind, beta, alpha, temperature, target_is, reduction,
+                                                              num_items)  # fmt: skip
+    _inputs.check_dense_teacher(teacher, student)
+    valid, weights = valid_rows_and_weights("student_logits", student, shard.total, labels, mask, weights,
+                                            ignore_index)  # fmt: skip
+    backend = resolve("divergence", backend, student.device)
+    student3, teacher3 = _inputs.as_rows(student, teacher)
+    valid3 = valid.reshape(student3.shape[:2])
+    rows = _Divergence.apply(student3, teacher3, valid3, shard, kernel_kind, target_is, temperature, coef, backend)
+    rows = rows.reshape(valid.shape)
+    if weights is not None:
+        rows = rows * weights.float()
+    return reduce_rows(rows, valid, reduction, num_items)
+
+
+# ----------------------------------------------------------------------------------------------------
+# fused linear cross-entropy (docs/losses.md §2, fused-linear forms)
+#
+# Per rank, a chunk of rows' logits z = h W_r^T + b_r at a time (the chunked path, klops/_chunked.py), reduced by
+# klops::logprobs to m_r, logsum_r, sum_{v in r} z_v, and z_y where the label is held here: 4 fp32 per row
+# all-gathered. lse = M + logsum; loss = (1 - eps) (lse - z_y) + eps (lse - sum_v z_v / V). Backward: each chunk's
+# logits formed again, dz = (g + g_lse) q - (1 - eps) g onehot - eps g / V, grad_W_r and grad_b_r local, grad_h
+# summed over the group (one all-reduce of [N, D] in the hidden states' dtype).
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, valid, shard, softcap, label_smoothing, backend):
+        local, owned = local_labels(labels, valid, shard)
+        op_labels = torch.where(valid, local, -1)
+
+        def chunk_stats(z, rows):
+            _, _, row_max, logsum, _, mean_z, _ = logprobs_op(z, op_labels[rows][None], 1.0, False,
+                                                              label_smoothing > 0, -1, backend)  # fmt: skip
+            z_label = z.gather(-1, local[rows][None, :, None])[..., 0].float()
+            return row_max, logsum, mean_z * z.shape[-1], torch.where(owned[rows][None], z_label, 0.0)
+
+        stats = torch.stack(chunked_rows(hidden, weight, bias, softcap, empty_rows(hidden, 4), chunk_stats), -1)
+        m, ls, sum_z, zy = all_gather_rows(stats, shard.group).unbind(-1)
+        top, total, _ = merge_logsumexp(m, ls, 1.0)
+        lse = top + total
+        loss = (1.0 - label_smoothing) * (lse - zy.sum(0))
+        if label_smoothing > 0:
+            loss = loss + label_smoothing * (lse - sum_z.sum(0) / shard.total)
+        ctx.save_for_backward(hidden, weight, bias, local, owned, valid, lse)
+        ctx.params = (shard, softcap, label_smoothing)
+        return torch.where(valid, loss, 0.0), torch.where(valid, lse, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_lse):
+        hidden, weight, bias, local, owned, valid, lse = ctx.saved_tensors
+        shard, softcap, eps = ctx.params
+        g = torch.zeros_like(lse) if grad_loss is None else torch.where(valid, grad_loss, 0.0)
+        scale = g if grad_lse is None else g + torch.where(valid, grad_lse, 0.0)
+
+        def chunk_grad(z, rows):
+            dz = torch.exp(z.float() - lse[rows][None, :, None]).mul_(scale[rows][None, :, None])
+            if eps > 0:
+                dz.sub_((eps * g[rows] / shard.total)[None, :, None])
+            onehot = (-(1.0 - eps) * g[rows] * owned[rows])[None, :, None]
+            return dz.scatter_add_(-1, local[rows][None, :, None], onehot).mul_(valid[rows][None, :, None])
+
+        grad_hidden, grad_weight, grad_bias = chunked_backward(hidden, weight, bias, softcap, chunk_grad)
+        grad_hidden = all_reduce_sum(grad_hidden, shard.group)
+        return grad_hidden, grad_weight, grad_bias if bias is not None else None, *(None,) * 6
+
+
+def fused_linear_cross_entropy(
+    hidden, weight, labels, *, bias, ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, num_items,
+    return_lse, backend, vocab_group, vocab_start,
+):  # fmt: skip
+    """``klops.fused_linear_cross_entropy`` with a head shard ``weight [V_r, D]`` (and ``bias [V_r]``) and replicated
+    ``hidden [..., D]``: one all-gather of 4 fp32 per row in forward (16 bytes per token sent by each rank), and in
+    backward one all-reduce of ``grad_hidden [N, D]`` (2 D bytes per token in bf16): the O(N D) of any
+    tensor-parallel head, never O(N V). Returns plain tensors, replicated."""
+    if is_sharded(weight):
+        raise ValueError("a DTensor head is not vocabulary-parallel yet: pass its local shard with vocab_group")
+    names, tensors = ("weight", "bias")[: 1 + (bias is not None)], (weight, bias)[: 1 + (bias is not None)]
+    _, shard = vocab_shard(names, tensors, vocab_group, vocab_start, dims=[0] * len(tensors))
+    hidden, labels = _plain(hidden), _plain(labels)
+    _inputs.check_linear("hidden", hidden, "weight", weight, "bias", bias)
+    labels = _inputs.as_labels("labels", labels, "hidden", hidden)
+    _inputs.check_labels_in_range("labels", labels, shard.total, ignore_index)
+    _inputs.check_choice("reduction", reduction, ("none", "sum", "mean"))
+    label_smoothing = _inputs.check_real("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    z_loss = _inputs.check_real("z_loss", z_loss, low=0.0, high=math.inf)
+    softcap = _inputs.check_softcap(softcap)
+    _inputs.check_num_items(num_items, reduction)
+    _inputs.check_bool("return_lse", return_lse)
+    hidden, bias = _inputs.scale_head_inputs("logit_scale", logit_scale, hidden, bias)
+    backend = resolve("logprobs", backend, hidden.device)  # the row op the chunked path runs on each chunk
+    (hidden3,) = _inputs.as_rows(hidden)
+    labels3 = labels.reshape(hidden3.shape[:2])
+    rows, lse = _LinearCrossEntropy.apply(hidden3, weight, bias, labels3, labels3 != ignore_index, shard, softcap,
+                                          label_smoothing, backend)  # fmt: skip
+    rows, lse = rows.reshape(labels.shape), lse.reshape(labels.shape)
+    if z_loss > 0:
+        rows = rows + z_loss * lse.square()
+    loss = reduce_rows(rows, labels != ignore_index, reduction, num_items)
+    return (loss, lse) if return_lse else loss
