@@ -582,6 +582,7 @@ def fused_linear_grpo_loss(
     old_logp: torch.Tensor | None = None,
     temperature: float = 1.0,
     softcap: float | None = None,
+    logit_scale: float = 1.0,
     kl_estimator: str = "k3",
     backend: str = "auto",
     **kwargs,
@@ -591,7 +592,8 @@ def fused_linear_grpo_loss(
     ``[B, L, V]`` logits are never formed, with gradients to ``hidden``, ``weight`` and ``bias``. The reference
     is ``ref_logp`` or the reference model's ``ref_hidden`` / ``ref_weight`` / ``ref_bias`` (no gradient);
     ``kl_estimator="full"`` takes the exact per-token reverse KL over the vocabulary from
-    ``klops.fused_linear_kl``. ``softcap`` applies to both models' logits. Other arguments: as ``grpo_loss``.
+    ``klops.fused_linear_kl``. ``softcap`` and ``logit_scale`` apply to both models' logits (``softcap(c (h W^T +
+    b))``, as ``fused_linear_logprobs``). Other arguments: as ``grpo_loss``.
     """
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
         raise ValueError(f"hidden must have shape [B, L, D], got {getattr(hidden, 'shape', type(hidden))}")
@@ -600,7 +602,7 @@ def fused_linear_grpo_loss(
     if (ref_hidden is None) != (ref_weight is None):
         raise ValueError("the reference model needs both ref_hidden and ref_weight")
     ids = _inputs.as_labels("completion_ids", completion_ids, "hidden", hidden)
-    sample = dict(temperature=temperature, softcap=softcap, backend=backend)
+    sample = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale, backend=backend)
 
     def sweep(labels):
         return fused_linear_logprobs(hidden, weight, labels, bias=bias, return_entropy=True, **sample)

@@ -141,6 +141,7 @@ def sequence_logprobs(
     average: bool = False,
     temperature: float = 1.0,
     softcap: float | None = None,
+    logit_scale: float = 1.0,
     ignore_index: int = -100,
     position_ids: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
@@ -149,7 +150,8 @@ def sequence_logprobs(
     """Per-sequence log-probs ``sum_t m_t log q(y_t)`` (``average``: divided by ``max(1, sum_t m_t)``), fused.
 
     ``logits_or_hidden`` is ``[B, L, V]`` logits, or ``[B, L, D]`` hidden states with the head ``weight [V, D]``
-    (and ``bias``, ``softcap``): then the logits are never formed (``klops.fused_linear_logprobs``). ``labels
+    (and ``bias``, ``softcap``, ``logit_scale``): then the logits are never formed (``klops.fused_linear_logprobs``).
+    ``labels
     [B, L]`` are the next tokens (already shifted); ``m`` is 1 where the label is not ``ignore_index`` and
     ``mask`` (optional, ``[B, L]``) is nonzero. Returns fp32 ``[B]`` with gradients to the logits (or hidden
     states, weight and bias); an all-masked sequence gives 0. A packed batch (``B = 1``, several sequences end to
@@ -158,13 +160,16 @@ def sequence_logprobs(
     """
     packed = packing(position_ids, cu_seqlens, labels)
     if weight is None:
-        if bias is not None or softcap is not None:
-            raise ValueError("bias and softcap apply to hidden states with a weight; logits are used as they are")
+        if bias is not None or softcap is not None or logit_scale != 1.0:
+            raise ValueError(
+                "bias, softcap and logit_scale apply to hidden states with a weight; logits are used as they are"
+            )
         token_logp = logprobs(logits_or_hidden, labels, temperature=temperature, ignore_index=ignore_index,
                               backend=backend)  # fmt: skip
     else:
         token_logp = fused_linear_logprobs(logits_or_hidden, weight, labels, bias=bias, temperature=temperature,
-                                           softcap=softcap, ignore_index=ignore_index, backend=backend)  # fmt: skip
+                                           softcap=softcap, logit_scale=logit_scale, ignore_index=ignore_index,
+                                           backend=backend)  # fmt: skip
     _inputs.check_bool("average", average)
     keep = _inputs.token_mask(labels, mask, ignore_index)
     total, count = _sequence_sums(token_logp * keep, packed), _sequence_sums(keep, packed)
@@ -202,6 +207,8 @@ def tdpo_loss(
     alpha: float = 0.5,
     variant: int = 2,
     temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
     ignore_index: int = -100,
     position_ids: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
@@ -221,7 +228,7 @@ def tdpo_loss(
 
     Args:
         policy, ref: ``[B, L, V]`` logits, or ``(hidden [B, L, D], weight [V, D][, bias])`` (neither model's
-            logits are then formed).
+            logits are then formed; ``softcap`` and ``logit_scale`` apply to both, as in ``fused_linear_kl``).
         labels: ``[B, L]`` next tokens; mask: ``[B, L]`` or None (with labels != ignore_index, the response tokens).
         chosen_index, rejected_index: ``[P]`` integer indices into the batch.
         position_ids, cu_seqlens: a packed batch (``B = 1``; klops/_packed.py): the indices are then the packed
@@ -242,6 +249,8 @@ def tdpo_loss(
         raise ValueError("give policy and ref both as logits or both as (hidden, weight)")
     if policy_z.dim() != 3:
         raise ValueError(f"policy must have shape [B, L, V] (or hidden [B, L, D]), got {tuple(policy_z.shape)}")
+    if policy_w is None and (softcap is not None or logit_scale != 1.0):
+        raise ValueError("softcap and logit_scale apply to models given as (hidden, weight); logits are used as given")
     keep = _inputs.token_mask(labels, mask, ignore_index)
     packed = packing(position_ids, cu_seqlens, labels)
     B = policy_z.shape[0] if packed is None else packed.count
@@ -255,9 +264,11 @@ def tdpo_loss(
         kl, policy_logp, ref_logp = divergence_and_label_logprobs(policy_z, ref_z.detach(), labels, **common)
     else:
         ref_b = None if ref_b is None else ref_b.detach()
+        policy_z, policy_b = _inputs.scale_head_inputs("logit_scale", logit_scale, policy_z, policy_b)
+        ref_z, ref_b = _inputs.scale_head_inputs("logit_scale", logit_scale, ref_z.detach(), ref_b)
         kl, policy_logp, ref_logp = linear_divergence_and_label_logprobs(
-            policy_z, policy_w, ref_z.detach(), ref_w.detach(), labels, student_bias=policy_b, teacher_bias=ref_b,
-            **common,
+            policy_z, policy_w, ref_z, ref_w.detach(), labels, student_bias=policy_b, teacher_bias=ref_b,
+            softcap=softcap, **common,
         )  # fmt: skip
     margin = _sequence_sums((policy_logp - ref_logp) * keep, packed)
     seq_kl = _sequence_sums(kl * keep, packed)

@@ -543,3 +543,28 @@ def test_no_function_over_150_lines(module):
     tree = ast.parse(inspect.getsource(module))
     lengths = {f.name: f.end_lineno - f.lineno + 1 for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)}
     assert max(lengths.values()) <= 150, {name: n for name, n in lengths.items() if n > 150}
+
+
+def test_fused_linear_grpo_logit_scale_and_softcap(gen):
+    """fused_linear_grpo_loss with softcap and logit_scale (policy and reference, kl_estimator "full" too) equals
+    grpo_loss_from_logits on the logits softcap(c (h W^T + b)) formed in full."""
+    cap, scale = 4.0, 0.6
+    hidden, ref_hidden = randn(4, 5, 16, gen=gen), randn(4, 5, 16, gen=gen)
+    weight, bias = randn(31, 16, gen=gen), randn(31, gen=gen)
+    ids = torch.randint(0, 31, (4, 5), generator=gen).to(DEVICE)
+    mask = torch.ones(4, 5, device=DEVICE)
+    mask[1, 3:] = 0
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5], device=DEVICE)
+
+    def logits(h):
+        return cap * torch.tanh(scale * torch.nn.functional.linear(h, weight, bias) / cap)
+
+    for estimator in ("k3", "full"):
+        kw = dict(loss_type="grpo", beta=0.1, kl_estimator=estimator)
+        reference = dict(ref_hidden=ref_hidden, ref_weight=weight, ref_bias=bias)
+        got, metrics = klops.fused_linear_grpo_loss(hidden, weight, ids, advantages, mask, bias=bias, softcap=cap,
+                                                    logit_scale=scale, **reference, **kw)  # fmt: skip
+        want, want_metrics = klops.grpo_loss_from_logits(logits(hidden), ids, advantages, mask,
+                                                         ref_logits=logits(ref_hidden), **kw)  # fmt: skip
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(metrics["kl"], want_metrics["kl"], rtol=1e-4, atol=1e-6)

@@ -162,3 +162,32 @@ def test_tdpo_bad_input(gen):
     for call, message in cases:
         with pytest.raises((ValueError, TypeError), match=message):
             call()
+
+
+def test_scaled_and_capped_heads_equal_their_logits(gen):
+    """sequence_logprobs and tdpo_loss from (hidden, weight, bias) with softcap and logit_scale equal the same ops on
+    the logits softcap(c (h W^T + b)) formed in full; without the scale they differ."""
+    cap, scale = 3.0, 0.37
+    hidden, ref_hidden = randn(4, 6, 16, gen=gen), randn(4, 6, 16, gen=gen)
+    weight, bias = randn(29, 16, gen=gen), randn(29, gen=gen)
+    labels = torch.randint(0, 29, (4, 6), generator=gen).to(DEVICE)
+    labels[:, :2] = -100
+
+    def logits(h):
+        z = scale * torch.nn.functional.linear(h, weight, bias)
+        return cap * torch.tanh(z / cap)
+
+    head = dict(softcap=cap, logit_scale=scale)
+    got = klops.sequence_logprobs(hidden, labels, weight=weight, bias=bias, **head)
+    torch.testing.assert_close(got, klops.sequence_logprobs(logits(hidden), labels), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, klops.sequence_logprobs(hidden, labels, weight=weight, bias=bias, softcap=cap))
+    pairs = dict(chosen_index=torch.tensor([0, 2], device=DEVICE), rejected_index=torch.tensor([1, 3], device=DEVICE))
+    h = hidden.clone().requires_grad_()
+    loss, _ = klops.tdpo_loss((h, weight, bias), (ref_hidden, weight, bias), labels, None, **pairs, **head)
+    h_ref = hidden.clone().requires_grad_()
+    want, _ = klops.tdpo_loss(logits(h_ref), logits(ref_hidden), labels, None, **pairs)
+    loss.backward(), want.backward()
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h.grad, h_ref.grad, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="softcap and logit_scale apply to models given as"):
+        klops.tdpo_loss(logits(hidden), logits(ref_hidden), labels, None, **pairs, logit_scale=2.0)
