@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import klops
 from klops import cli, trainers
 from klops.trainers import common
 
@@ -99,14 +100,16 @@ def test_bad_arguments_are_clear_errors(capsys):
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.25])
-def test_head_inputs_fold_the_logit_scale_and_keep_the_bias(scale):
+def test_head_inputs_keep_the_logit_scale_and_the_bias(scale):
     tokenizer = common.tiny_tokenizer()
     model = common.tiny_model(tokenizer, hidden_size=16)
     model.lm_head = torch.nn.Linear(16, len(tokenizer), bias=True)
     torch.nn.init.normal_(model.lm_head.bias)
     model.config.logit_scale = scale
     inputs = common.batch(tokenizer, [("12=", "21"), ("345=", "543")], "cpu")
-    hidden, weight, bias, softcap = common.head_inputs(model, inputs)
-    assert bias is not None and softcap is None
-    expected = scale * model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, :-1]
-    torch.testing.assert_close(torch.nn.functional.linear(hidden, weight, bias), expected)
+    hidden, head = common.head_inputs(model, inputs)
+    assert head.bias is not None and head.softcap is None and head.logit_scale == scale
+    logits = scale * model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, :-1]
+    labels = inputs["labels"]
+    expected = klops.sequence_logprobs(logits, labels)
+    torch.testing.assert_close(klops.sequence_logprobs(hidden, labels, weight=head.weight, **head.kwargs()), expected)

@@ -107,15 +107,11 @@ def prompts(tokenizer, pairs: list[tuple[str, str]], device) -> dict[str, torch.
     return {"input_ids": encoded["input_ids"].to(device), "attention_mask": encoded["attention_mask"].to(device)}
 
 
-def head_inputs(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float | None]:
-    """``(hidden [B, L - 1, D], weight, bias, softcap)`` of the model on ``inputs``, the logit scale folded into the
-    hidden states and bias (``softcap(c (h W^T + b)) = softcap((c h) W^T + c b)``), for the ops that take no
-    ``logit_scale``: ``sequence_logprobs``, ``tdpo_loss``, ``fused_linear_grpo_loss``."""
-    head = lm_head(model)
+def head_inputs(model, inputs: dict):
+    """``(hidden [B, L - 1, D], head)``: the model's last hidden states before each next token on ``inputs``, and
+    its ``klops.integrations.hf.LMHead`` (weight, bias, soft cap, logit scale)."""
     hidden = last_hidden_states(model, input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-    scale = head.logit_scale
-    bias = head.bias if head.bias is None or scale == 1.0 else head.bias * scale
-    return hidden[:, :-1] * scale if scale != 1.0 else hidden[:, :-1], head.weight, bias, head.softcap
+    return hidden[:, :-1], lm_head(model)
 
 
 @torch.no_grad()

@@ -42,22 +42,21 @@ def dpo_step(policy, reference, inputs: dict, pairs: int, args) -> tuple[torch.T
     """The loss and metrics of ``pairs`` preference pairs: rows ``[0, pairs)`` of ``inputs`` chosen, the rest
     rejected."""
     labels = inputs["labels"]
-    hidden, weight, bias, softcap = common.head_inputs(policy, inputs)
+    hidden, head = common.head_inputs(policy, inputs)
     with torch.no_grad():
-        ref_hidden, ref_weight, ref_bias, _ = common.head_inputs(reference, inputs)
+        ref_hidden, ref_head = common.head_inputs(reference, inputs)
     if args.loss.startswith("tdpo"):
-        if softcap is not None:
-            raise ValueError("--loss tdpo: klops.tdpo_loss takes no soft cap; this model's head has one")
         chosen = torch.arange(pairs, device=labels.device)
-        policy_head = (hidden, weight) if bias is None else (hidden, weight, bias)
-        ref_head = (ref_hidden, ref_weight) if ref_bias is None else (ref_hidden, ref_weight, ref_bias)
+        policy_model = (hidden, head.weight) if head.bias is None else (hidden, head.weight, head.bias)
+        ref_model = (ref_hidden, ref_head.weight) if ref_head.bias is None else (ref_hidden, ref_head.weight,
+                                                                                 ref_head.bias)  # fmt: skip
         variant = int(args.loss[-1])
-        return klops.tdpo_loss(policy_head, ref_head, labels, None, chosen, chosen + pairs, beta=args.beta,
-                               variant=variant)  # fmt: skip
+        return klops.tdpo_loss(policy_model, ref_model, labels, None, chosen, chosen + pairs, beta=args.beta,
+                               variant=variant, softcap=head.softcap, logit_scale=head.logit_scale)  # fmt: skip
     average = args.loss == "ipo"  # IPO scores the per-token mean log-ratio (TRL, the IPO authors)
-    logp = klops.sequence_logprobs(hidden, labels, weight=weight, bias=bias, softcap=softcap, average=average)
-    ref_logp = klops.sequence_logprobs(ref_hidden, labels, weight=ref_weight, bias=ref_bias, softcap=softcap,
-                                       average=average)  # fmt: skip
+    logp = klops.sequence_logprobs(hidden, labels, weight=head.weight, average=average, **head.kwargs())
+    ref_logp = klops.sequence_logprobs(ref_hidden, labels, weight=ref_head.weight, average=average,
+                                       **ref_head.kwargs())  # fmt: skip
     return klops.dpo_loss(logp[:pairs], logp[pairs:], ref_logp[:pairs], ref_logp[pairs:], beta=args.beta,
                           loss_type=args.loss, divergence=args.divergence)  # fmt: skip
 

@@ -40,15 +40,15 @@ def grpo_step(policy, reference, inputs: dict, advantages: torch.Tensor, args) -
     """The loss and metrics of one batch of sampled completions with their advantages ``[B]``."""
     labels = inputs["labels"]
     mask = labels != -100
-    hidden, weight, bias, softcap = common.head_inputs(policy, inputs)
+    hidden, head = common.head_inputs(policy, inputs)
     ref = {}
     if args.beta > 0:
         with torch.no_grad():
-            ref_hidden, ref_weight, ref_bias, _ = common.head_inputs(reference, inputs)
-        ref = {"ref_hidden": ref_hidden, "ref_weight": ref_weight, "ref_bias": ref_bias}
+            ref_hidden, ref_head = common.head_inputs(reference, inputs)
+        ref = {"ref_hidden": ref_hidden, "ref_weight": ref_head.weight, "ref_bias": ref_head.bias}
     return klops.fused_linear_grpo_loss(
-        hidden, weight, labels.masked_fill(~mask, 0), advantages, mask, bias=bias, softcap=softcap,
-        loss_type=args.loss_type, beta=args.beta, kl_estimator=args.kl_estimator, **ref,
+        hidden, head.weight, labels.masked_fill(~mask, 0), advantages, mask, loss_type=args.loss_type, beta=args.beta,
+        kl_estimator=args.kl_estimator, **head.kwargs(), **ref,
     )  # fmt: skip
 
 
