@@ -6,7 +6,7 @@ loss = klops.fused_kl(student_logits, klops.TopK(teacher_ids, teacher_logprobs, 
 loss = klops.sinkhorn_distill_loss(student_logits, teacher_logits)
 """
 
-from . import _checkout, _eager, nn, reference  # noqa: F401 (_checkout first: it makes klops.kernels in a checkout)
+from . import _checkout, _eager, distributed, nn, reference  # noqa: F401 (_checkout first: it makes klops.kernels in a checkout)
 from ._inputs import set_host_checks
 from .backend import available_backends
 from .distill import akl_loss, akl_weights, dckd_loss, forward_reverse_kl, kdrl_loss
@@ -29,5 +29,5 @@ __all__ = [
     "grpo_loss", "grpo_loss_from_logits", "dpo_loss", "sequence_logprobs", "tdpo_loss", "dckd_loss", "kdrl_loss",
     "akl_loss", "akl_weights", "forward_reverse_kl",
     "sinkhorn", "sinkhorn_divergence", "sinkhorn_distill_loss", "SinkhornResult", "SinkhornConvergenceWarning",
-    "nn", "reference", "available_backends", "set_host_checks", "__version__",
+    "nn", "reference", "distributed", "available_backends", "set_host_checks", "__version__",
 ]  # fmt: skip

@@ -20,6 +20,7 @@ from . import _inputs
 from ._chunked import log_softmax_from_stats, log_softmax_rows, row_chunks, scaled
 from ._terms import divergence_terms, kl_entries
 from .backend import launcher_table, resolve
+from .distributed import is_sharded
 from .kernels.kinds import BY_NAME, DIVERGENCE_KINDS, KINDS
 from .kernels.launch import TARGET_KINDS
 from .topk import TopK, topk_rows
@@ -325,6 +326,8 @@ def fused_kl(
     num_items: int | torch.Tensor | None = None,
     target_is: str = "logits",
     backend: str = "auto",
+    vocab_group: torch.distributed.ProcessGroup | None = None,
+    vocab_start: int | None = None,
 ) -> torch.Tensor:
     """Token-level divergence between teacher p and student q over the vocabulary, fused.
 
@@ -370,9 +373,21 @@ def fused_kl(
             ``teacher_logits`` on CPU tensors and under ``klops.set_host_checks(True)``, else a device-side
             assertion, never a host sync.
         backend: "auto" | "cuda" | "triton" | "torch" (see ``klops.backend``).
+        vocab_group: the process group over which the vocabulary is sharded: both logits ``[..., V_r]`` are this
+            rank's contiguous slice (the same for both), in rank order (or from ``vocab_start``); labels are global ids;
+            every rank gets the same loss and the gradient of its shard (klops/vocab_parallel.py). DTensors placed
+            ``Shard(-1)`` on a 1-D mesh need none. The loss is a plain tensor. Not with a ``TopK`` teacher yet.
 
     Returns the fp32 loss.
     """
+    if vocab_group is not None or vocab_start is not None or is_sharded(student_logits):
+        from . import vocab_parallel
+
+        return vocab_parallel.fused_kl(
+            student_logits, teacher_logits, kind, beta=beta, alpha=alpha, temperature=temperature, labels=labels,
+            mask=mask, weights=weights, ignore_index=ignore_index, reduction=reduction, num_items=num_items,
+            target_is=target_is, backend=backend, vocab_group=vocab_group, vocab_start=vocab_start,
+        )  # fmt: skip
     _inputs.check_logits("student_logits", student_logits)
     kernel_kind, coef, temperature = check_divergence_options(
         kind, beta, alpha, temperature, target_is, reduction, num_items

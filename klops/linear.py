@@ -717,6 +717,8 @@ def fused_linear_cross_entropy(
     num_items: int | torch.Tensor | None = None,
     return_lse: bool = False,
     backend: str = "auto",
+    vocab_group: torch.distributed.ProcessGroup | None = None,
+    vocab_start: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of ``logits = softcap(logit_scale * (hidden @ weight.T + bias))`` without forming them; the
     one-line replacement of Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss`` and Cut Cross-Entropy's
@@ -728,7 +730,21 @@ def fused_linear_cross_entropy(
     "mean" divides by the valid rows (``num_items`` by a global count), "sum", or "none" (``[...]``).
     Gradients to ``hidden [..., D]``, ``weight [V, D]`` and ``bias [V]``. ``return_lse`` also returns the
     per-row ``lse`` ``[...]`` (0 for ignored rows), with its gradient.
+
+    ``vocab_group``: the process group over which the head is sharded: ``weight [V_r, D]`` (and ``bias [V_r]``) is
+    this rank's contiguous slice of the vocabulary, in rank order (or from ``vocab_start``), ``hidden`` is replicated,
+    labels are global ids; every rank gets the same loss, the gradient of its shard and ``grad_hidden`` summed over
+    the group (klops/vocab_parallel.py).
     """
+    if vocab_group is not None or vocab_start is not None:
+        from . import vocab_parallel
+
+        return vocab_parallel.fused_linear_cross_entropy(
+            hidden, weight, labels, bias=bias, ignore_index=ignore_index, reduction=reduction,
+            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, logit_scale=logit_scale,
+            num_items=num_items, return_lse=return_lse, backend=backend, vocab_group=vocab_group,
+            vocab_start=vocab_start,
+        )  # fmt: skip
     check_linear("hidden", hidden, "weight", weight, "bias", bias)
     labels = _inputs.as_labels("labels", labels, "hidden", hidden)
     _inputs.check_labels_in_range("labels", labels, weight.shape[0], ignore_index)

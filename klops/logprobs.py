@@ -14,6 +14,7 @@ import torch
 from . import _inputs
 from ._chunked import FLOAT32_MIN, log_softmax_from_stats, log_softmax_rows, row_chunks
 from .backend import launcher_table, resolve
+from .distributed import is_sharded
 
 __all__ = ["LogprobOutputs", "logprobs"]
 
@@ -195,6 +196,8 @@ def logprobs(
     return_row_stats: bool = False,
     ignore_index: int = -100,
     backend: str = "auto",
+    vocab_group: torch.distributed.ProcessGroup | None = None,
+    vocab_start: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | LogprobOutputs:
     """Log-probability of each label, and optionally the entropy, in one pass over the vocabulary.
 
@@ -212,9 +215,20 @@ def logprobs(
         return_row_stats: also compute, in the same sweep, ``log sum q^2``, the mean of ``logits / T`` and
             whether the label is the first argmax, and return a ``LogprobOutputs``.
         backend: "auto" | "cuda" | "triton" | "cpu" | "torch".
+        vocab_group: the process group over which the vocabulary is sharded: ``logits [..., V_r]`` is this rank's
+            contiguous slice, in rank order (or from ``vocab_start``); labels are global ids; every rank gets the same
+            outputs and the gradient of its shard (klops/vocab_parallel.py). A logits DTensor placed ``Shard(-1)`` on
+            a 1-D mesh needs none. Outputs are plain tensors.
 
     Returns ``logprob`` of shape ``labels.shape`` (fp32), ``(logprob, entropy)``, or ``LogprobOutputs``.
     """
+    if vocab_group is not None or vocab_start is not None or is_sharded(logits):
+        from . import vocab_parallel
+
+        return vocab_parallel.logprobs(
+            logits, labels, temperature=temperature, return_entropy=return_entropy, return_row_stats=return_row_stats,
+            ignore_index=ignore_index, backend=backend, vocab_group=vocab_group, vocab_start=vocab_start,
+        )  # fmt: skip
     _inputs.check_logits("logits", logits)
     labels = _inputs.as_labels("labels", labels, "logits", logits)
     _inputs.check_labels_in_range("labels", labels, logits.shape[-1], ignore_index)

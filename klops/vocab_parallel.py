@@ -128,11 +128,14 @@ def _dtensor_shard(name: str, x, group) -> tuple[torch.Tensor, VocabShard]:
             f"{tuple(placements)} on a {mesh.ndim}-D mesh"
         )
     mesh_group = mesh.get_group()
-    if group is not None and dist.get_process_group_ranks(group) != dist.get_process_group_ranks(mesh_group):
-        raise ValueError(
-            f"vocab_group (ranks {dist.get_process_group_ranks(group)}) does not match the mesh of {name} (ranks "
-            f"{dist.get_process_group_ranks(mesh_group)}); pass vocab_group=None to use the mesh's"
-        )
+    mesh_ranks = dist.get_process_group_ranks(mesh_group)
+    if group is not None:
+        ranks = dist.get_process_group_ranks(group) if isinstance(group, dist.ProcessGroup) else "without this rank"
+        if ranks != mesh_ranks:
+            raise ValueError(
+                f"vocab_group (ranks {ranks}) does not match the mesh of {name} (ranks {mesh_ranks}); pass "
+                "vocab_group=None to use the mesh's"
+            )
     local_shape, offset = compute_local_shape_and_global_offset(x.shape, mesh, placements)
     return x.to_local(), VocabShard(mesh_group, int(offset[-1]), int(local_shape[-1]), int(x.shape[-1]))
 
