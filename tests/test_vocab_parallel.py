@@ -1,0 +1,313 @@
+"""Vocabulary-parallel ops (klops/vocab_parallel.py, issue 33) against the single-process op on the gathered tensors.
+
+Each test spawns a gloo group of 2 or 3 CPU processes (3 with V = 37 makes uneven shards) and runs many checks in it:
+the processes build the same full tensors from one seed, each takes its slice of the vocabulary, and every value and
+gradient must equal the single-process op's on the full tensors (its slice of the gradient).
+"""
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import klops
+from klops import vocab_parallel
+from klops.kernels.kinds import DIVERGENCE_KINDS, KINDS
+
+V, D = 37, 8
+SIZES = {2: [20, 17], 3: [15, 10, 12]}  # plain shards, uneven; DTensors split as torch.chunk does
+COEF = {kind.name: {kind.coefficient: kind.example} for kind in KINDS if kind.coefficient}
+
+
+def _spawn(tmp_path, world: int, check) -> None:
+    mp.spawn(_worker, args=(world, f"file://{tmp_path}/store", check.__name__), nprocs=world, join=True)
+
+
+def _worker(rank: int, world: int, init: str, name: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        globals()[name](rank, world)
+    finally:
+        dist.destroy_process_group()
+
+
+def _slice(rank: int, sizes) -> slice:
+    start = sum(sizes[:rank])
+    return slice(start, start + sizes[rank])
+
+
+def _close(actual, expected, what: str) -> None:
+    """fp32: torch's default tolerances; bf16 / fp16: those of the kernels (tests/conftest.py's GRAD_TOL)."""
+    if expected.dtype in (torch.bfloat16, torch.float16):
+        scale = expected.float().abs().nan_to_num(posinf=0.0).max().item() if expected.numel() else 0.0
+        rtol, atol = (1.6e-2, 4e-3 * scale) if expected.dtype == torch.bfloat16 else (2e-3, 1e-3 * scale)
+        torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+    else:
+        torch.testing.assert_close(actual, expected, msg=lambda m: f"{what}: {m}")
+
+
+def _inputs(world: int, dtype=torch.float32, B: int = 3, L: int = 5):
+    """Full student / teacher logits [B, L, V] and labels [B, L], the same on every rank: -inf entries at the same
+    places in both (a padded vocabulary), a row whose slice of rank 1 is all -inf, ignored rows, a fully masked
+    sequence, labels on every shard."""
+    gen = torch.Generator().manual_seed(world)
+    z = torch.randn(B, L, V, generator=gen) * 3
+    y = torch.randn(B, L, V, generator=gen) * 3
+    only_inf = _slice(1, SIZES[world])
+    z[0, 0, only_inf] = y[0, 0, only_inf] = -math.inf
+    z[0, 1, ::5] = y[0, 1, ::5] = -math.inf
+    labels = torch.randint(0, V, (B, L), generator=gen)
+    labels[0, 1] = 1  # a finite entry (::5 holds 0, 5, ...)
+    labels[1, 2] = -100
+    labels[2] = -100  # a fully masked sequence
+    return z.to(dtype), y.to(dtype), labels
+
+
+# ----------------------------------------------------------------------------------------------------
+# values and gradients
+
+
+def _check_ops(rank: int, world: int) -> None:
+    group = dist.group.WORLD
+    own = _slice(rank, SIZES[world])
+    for dtype in (torch.float32, torch.bfloat16):
+        z, y, labels = _inputs(world, dtype)
+        for temperature in (1.0, 0.7):
+            # logprobs + entropy
+            zl, zf = z[..., own].clone().requires_grad_(), z.clone().requires_grad_()
+            logp, entropy = klops.logprobs(zl, labels, temperature=temperature, return_entropy=True, vocab_group=group)
+            logp_f, entropy_f = klops.logprobs(zf, labels, temperature=temperature, return_entropy=True)
+            what = f"logprobs {dtype} T={temperature}"
+            _close(logp, logp_f, what), _close(entropy, entropy_f, what + " entropy")
+            (logp * 0.5 - entropy * 0.3).sum().backward()
+            (logp_f * 0.5 - entropy_f * 0.3).sum().backward()
+            _close(zl.grad, zf.grad[..., own], what + " grad")
+            logp = klops.logprobs(zl, labels, temperature=temperature, vocab_group=group)  # without the entropy
+            _close(logp, logp_f, what + " alone")
+
+            # fused_kl, every kind, with a mask, weights and each reduction
+            mask = torch.ones(labels.shape, dtype=torch.bool)
+            mask[0, 3] = False
+            weights = torch.rand(labels.shape, generator=torch.Generator().manual_seed(1))
+            for kind in DIVERGENCE_KINDS:
+                for reduction in ("none", "mean"):
+                    zl, zf = z[..., own].clone().requires_grad_(), z.clone().requires_grad_()
+                    options = dict(temperature=temperature, labels=labels, mask=mask, reduction=reduction,
+                                   weights=weights if reduction == "mean" else None, **COEF.get(kind, {}))  # fmt: skip
+                    loss = klops.fused_kl(zl, y[..., own], kind, vocab_group=group, **options)
+                    expected = klops.fused_kl(zf, y, kind, **options)
+                    what = f"fused_kl {kind} {reduction} {dtype} T={temperature}"
+                    _close(loss, expected, what)
+                    (loss * torch.linspace(0.5, 1.5, loss.numel()).reshape(loss.shape)).sum().backward()
+                    (expected * torch.linspace(0.5, 1.5, loss.numel()).reshape(loss.shape)).sum().backward()
+                    _close(zl.grad, zf.grad[..., own], what + " grad")
+
+        # teachers given as log-probs and probabilities (normalized over the whole vocabulary)
+        log_p = torch.log_softmax(y.float(), -1)
+        for target_is, teacher in (("logprobs", log_p), ("probs", log_p.exp())):
+            for kind in ("forward", "reverse", "jsd"):
+                zl, zf = z[..., own].clone().requires_grad_(), z.clone().requires_grad_()
+                options = dict(labels=labels, target_is=target_is, reduction="sum", **COEF.get(kind, {}))
+                loss = klops.fused_kl(zl, teacher[..., own], kind, vocab_group=group, **options)
+                expected = klops.fused_kl(zf, teacher, kind, **options)
+                _close(loss, expected, f"fused_kl {kind} {target_is} {dtype}")
+                loss.backward(), expected.backward()
+                _close(zl.grad, zf.grad[..., own], f"fused_kl {kind} {target_is} {dtype} grad")
+
+    # fused_linear_cross_entropy: a head shard and its bias, replicated hidden states
+    _, _, labels = _inputs(world)
+    gen = torch.Generator().manual_seed(2)
+    hidden, weight = torch.randn(*labels.shape, D, generator=gen), torch.randn(V, D, generator=gen)
+    bias = torch.randn(V, generator=gen)
+    cases = [dict(reduction="mean"), dict(reduction="sum", label_smoothing=0.1, z_loss=1e-2),
+             dict(reduction="none", label_smoothing=0.2, softcap=3.0, logit_scale=0.5),
+             dict(reduction="mean", return_lse=True, z_loss=1e-3), dict(reduction="sum", num_items=7)]  # fmt: skip
+    for options in cases:
+        for with_bias in (False, True):
+            h, w, b = hidden.clone().requires_grad_(), weight[own].clone().requires_grad_(), bias[own].clone()
+            hf, wf, bf = hidden.clone().requires_grad_(), weight.clone().requires_grad_(), bias.clone()
+            b, bf = (b.requires_grad_(), bf.requires_grad_()) if with_bias else (None, None)
+            out = klops.fused_linear_cross_entropy(h, w, labels, bias=b, vocab_group=group, **options)
+            expected = klops.fused_linear_cross_entropy(hf, wf, labels, bias=bf, **options)
+            what = f"fused_linear_cross_entropy {options} bias={with_bias}"
+            out, expected = (out, expected) if options.get("return_lse") else ((out,), (expected,))
+            for x, e in zip(out, expected):
+                _close(x, e, what)
+            sum(x.sum() * (i + 1) for i, x in enumerate(out)).backward()
+            sum(x.sum() * (i + 1) for i, x in enumerate(expected)).backward()
+            _close(h.grad, hf.grad, what + " grad_hidden"), _close(w.grad, wf.grad[own], what + " grad_weight")
+            if with_bias:
+                _close(b.grad, bf.grad[own], what + " grad_bias")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_values_and_gradients(tmp_path, world):
+    _spawn(tmp_path, world, _check_ops)
+
+
+# ----------------------------------------------------------------------------------------------------
+# DTensor inputs: the group and the offsets from the mesh and the placement
+
+
+def _check_dtensor(rank: int, world: int) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    chunk = -(-V // world)  # Shard splits as torch.chunk: ceil(V / W) per rank, the last ranks fewer
+    own = slice(min(V, rank * chunk), min(V, (rank + 1) * chunk))
+    z, y, labels = _inputs(world)
+    zl, zf = z[..., own].clone().requires_grad_(), z.clone().requires_grad_()
+    zd = DTensor.from_local(zl, mesh, [Shard(2)], run_check=False, shape=z.shape, stride=z.stride())
+    labels_d = distribute_tensor(labels, mesh, [Replicate()])
+    for group in (None, dist.group.WORLD):
+        logp, entropy = klops.logprobs(zd, labels_d, return_entropy=True, vocab_group=group)
+        logp_f, entropy_f = klops.logprobs(zf, labels, return_entropy=True)
+        assert type(logp) is torch.Tensor and type(entropy) is torch.Tensor  # plain, replicated
+        _close(logp, logp_f, "DTensor logprobs"), _close(entropy, entropy_f, "DTensor entropy")
+    (logp - entropy).sum().backward(), (logp_f - entropy_f).sum().backward()
+    _close(zl.grad, zf.grad[..., own], "DTensor logprobs grad")
+    zl.grad, zf.grad = None, None
+    for kind in ("forward", "jsd"):
+        loss = klops.fused_kl(zd, distribute_tensor(y, mesh, [Shard(-1)]), kind, labels=labels)
+        expected = klops.fused_kl(zf, y, kind, labels=labels)
+        _close(loss, expected, f"DTensor fused_kl {kind}")
+        loss.backward(), expected.backward()
+        _close(zl.grad, zf.grad[..., own], f"DTensor fused_kl {kind} grad")
+        zl.grad, zf.grad = None, None
+
+
+@pytest.mark.parametrize("world", [3])
+def test_dtensor_inputs(tmp_path, world):
+    _spawn(tmp_path, world, _check_dtensor)
+
+
+# ----------------------------------------------------------------------------------------------------
+# traffic: O(N), independent of V
+
+
+def _traffic(rank: int, world: int, rows: int, vocab: int) -> dict:
+    """The collectives (name, bytes sent by this rank) of each op on [1, rows] tokens over vocab entries per rank."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    group, gen = dist.group.WORLD, torch.Generator().manual_seed(rank)
+    z, y = torch.randn(1, rows, vocab, generator=gen).requires_grad_(), torch.randn(1, rows, vocab, generator=gen)
+    labels = torch.randint(0, vocab * world, (1, rows), generator=gen)
+    hidden, weight = torch.randn(1, rows, D).requires_grad_(), torch.randn(vocab, D).requires_grad_()
+    calls = {
+        "logprobs + entropy": lambda: sum(klops.logprobs(z, labels, return_entropy=True, vocab_group=group)).sum(),
+        "fused_kl forward": lambda: klops.fused_kl(z, y, "forward", vocab_group=group),
+        "fused_kl reverse": lambda: klops.fused_kl(z, y, "reverse", vocab_group=group),
+        "fused_kl jsd": lambda: klops.fused_kl(z, y, "jsd", vocab_group=group),
+        "fused_linear_cross_entropy": lambda: klops.fused_linear_cross_entropy(
+            hidden, weight, labels, label_smoothing=0.1, vocab_group=group
+        ),
+    }
+    traffic = {}
+    for name, call in calls.items():
+        with vocab_parallel.record_traffic() as forward, CommDebugMode() as debug:
+            loss = call()
+        with vocab_parallel.record_traffic() as backward:
+            loss.backward()
+        assert debug.get_total_counts() == len(forward), (name, debug.get_comm_counts(), forward)
+        traffic[name] = (forward, backward)
+    return traffic
+
+
+def _check_traffic(rank: int, world: int) -> None:
+    small, wide, long = _traffic(rank, world, 16, 8), _traffic(rank, world, 16, 64), _traffic(rank, world, 32, 8)
+    assert small == wide, "the traffic depends on V"
+    per_token = {  # bytes sent per token by each rank: forward row statistics, backward
+        "logprobs + entropy": (16, 0),
+        "fused_kl forward": (20, 0),
+        "fused_kl reverse": (20, 0),
+        "fused_kl jsd": (16 + 8, 0),
+        "fused_linear_cross_entropy": (16, 4 * D),  # grad_hidden [N, D] fp32, all-reduced
+    }
+    for name, (forward, backward) in small.items():
+        long_forward, long_backward = long[name]
+        sizes = forward[0]  # the shard sizes: one int64 per sharded tensor, whatever N and V
+        assert sizes == long_forward[0] and sizes[0] == "all_gather" and sizes[1] in (8, 16), (name, sizes)
+        row_bytes = sum(b for _, b in long_forward[1:]) - sum(b for _, b in forward[1:])
+        assert row_bytes == 16 * per_token[name][0], (name, forward, long_forward)
+        assert sum(b for _, b in long_backward) - sum(b for _, b in backward) == 16 * per_token[name][1], name
+        assert len(forward) <= 3 and len(backward) <= 1, (name, forward, backward)  # rounds per call
+
+
+def test_traffic_is_o_n(tmp_path):
+    _spawn(tmp_path, 2, _check_traffic)
+
+
+# ----------------------------------------------------------------------------------------------------
+# errors: raised on every rank alike, before any row statistics are communicated
+
+
+def _check_errors(rank: int, world: int) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    group, own = dist.group.WORLD, _slice(rank, SIZES[world])
+    z, y, labels = _inputs(world)
+    zl, yl = z[..., own], y[..., own]
+    outside = labels.clone()
+    outside[0, 0] = V  # beyond every shard
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 37\)"):
+        klops.logprobs(zl, outside, vocab_group=group)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 37\)"):
+        klops.fused_kl(zl, yl, labels=outside, vocab_group=group)
+    weight = torch.randn(V, D)[own]
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 37\)"):
+        klops.fused_linear_cross_entropy(torch.randn(*labels.shape, D), weight, outside, vocab_group=group)
+    teacher = yl[..., :-1] if rank == 1 else yl  # only rank 1's teacher shard is short: every rank raises
+    with pytest.raises(ValueError, match="mismatched vocabulary shards"):
+        klops.fused_kl(zl, teacher, vocab_group=group)
+    with pytest.raises(ValueError, match="TopK teacher is not vocabulary-parallel"):
+        klops.fused_kl(zl, klops.TopK(labels.clamp(min=0)[..., None], torch.zeros(*labels.shape, 1)), vocab_group=group)
+    with pytest.raises(ValueError, match="vocab_start needs vocab_group"):
+        klops.logprobs(zl, labels, vocab_start=0)
+    mesh = init_device_mesh("cpu", (world,))
+    zd = DTensor.from_local(zl, mesh, [Shard(2)], run_check=False)
+    other = dist.new_group([0])  # rank 1 is not in it
+    with pytest.raises(ValueError, match="does not match the mesh"):
+        klops.logprobs(zd, labels, vocab_group=other)
+    # after all that, the group still works: no rank is left inside a collective
+    _close(klops.logprobs(zl, labels, vocab_group=group), klops.logprobs(z, labels), "after the errors")
+
+
+def test_errors(tmp_path):
+    _spawn(tmp_path, 2, _check_errors)
+
+
+# ----------------------------------------------------------------------------------------------------
+# data parallel: num_items
+
+
+class _Head(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(V, D, generator=torch.Generator().manual_seed(3)))
+
+    def forward(self, hidden, labels, num_items):
+        return klops.fused_linear_cross_entropy(hidden, self.weight, labels, num_items=num_items)
+
+
+def _check_num_items(rank: int, world: int) -> None:
+    gen = torch.Generator().manual_seed(4)
+    hidden, labels = torch.randn(4, 6, D, generator=gen), torch.randint(0, V, (4, 6), generator=gen)
+    labels[0, :5] = -100  # rank 0 has fewer valid tokens than rank 1
+    mine = slice(rank * 2, rank * 2 + 2)
+    count = klops.distributed.num_items(labels[mine])
+    assert count.item() == (labels != -100).sum().item()
+    assert klops.distributed.num_items(labels[mine] != -100).item() == count.item()  # a mask counts alike
+    model = torch.nn.parallel.DistributedDataParallel(_Head())
+    (model(hidden[mine], labels[mine], count) * world).backward()  # DDP averages: times W
+    single = _Head()
+    klops.fused_linear_cross_entropy(hidden, single.weight, labels).backward()
+    _close(model.module.weight.grad, single.weight.grad, "DDP with num_items")
+
+
+def test_num_items_ddp(tmp_path):
+    _spawn(tmp_path, 2, _check_num_items)
