@@ -13,6 +13,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "dispatch.h"
 #include "online_stats.cuh"
 #include "row_sweep.cuh"
 
@@ -106,18 +107,6 @@ const typename Format::Storage* storage_ptr(const at::Tensor& t) {
 template <typename Format>
 typename Format::Storage* mutable_storage_ptr(at::Tensor& t) {
   return static_cast<typename Format::Storage*>(t.mutable_data_ptr());
-}
-
-template <typename F, int... Is>
-void dispatch_index_impl(int64_t value, F& f, std::integer_sequence<int, Is...>) {
-  (void)((value == Is ? (f(std::integral_constant<int, Is>{}), true) : false) || ...);
-}
-
-// Calls f(std::integral_constant<int, value>{}) for 0 <= value < N (checked by the caller).
-template <int N, typename F>
-void dispatch_index(int64_t value, F&& f) {
-  TORCH_INTERNAL_ASSERT(0 <= value && value < N, "index ", value, " out of [0, ", N, ")");
-  dispatch_index_impl(value, f, std::make_integer_sequence<int, N>{});
 }
 
 // Threads per block for a row of n entries read `vec` at a time: at least 4 vector steps per

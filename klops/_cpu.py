@@ -25,7 +25,15 @@ from .kernels.kinds import DIVERGENCE_KINDS
 
 OFF = "KLOPS_CPU_KERNELS"
 CACHE = "KLOPS_CACHE_DIR"
-HEADERS = ("device.cuh", "math.cuh", "online_stats.cuh", "divergence_terms.cuh", "schemas.h", "cpu/rows.h")
+HEADERS = (
+    "device.cuh",
+    "dispatch.h",
+    "math.cuh",
+    "online_stats.cuh",
+    "divergence_terms.cuh",
+    "schemas.h",
+    "cpu/rows.h",
+)
 SOURCES = ("cpu/ops.cpp", "cpu/logprobs.cpp", "cpu/divergence.cpp", "cpu/topk.cpp", "cpu/kl_pair.cpp")
 CAPABILITY_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma"],

@@ -19,6 +19,8 @@
 #include <cstring>
 #include <initializer_list>
 
+#include "../dispatch.h"
+
 namespace klops {
 namespace cpu {
 
@@ -207,18 +209,6 @@ inline void parallel_rows(int64_t rows, int64_t V, F&& f) {
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) f(row);
   });
-}
-
-// Calls f(std::integral_constant<int, value>{}) for 0 <= value < N (checked by the caller).
-template <typename F, int... Is>
-void dispatch_index_impl(int64_t value, F& f, std::integer_sequence<int, Is...>) {
-  (void)((value == Is ? (f(std::integral_constant<int, Is>{}), true) : false) || ...);
-}
-
-template <int N, typename F>
-void dispatch_index(int64_t value, F&& f) {
-  TORCH_INTERNAL_ASSERT(0 <= value && value < N, "index ", value, " out of [0, ", N, ")");
-  dispatch_index_impl(value, f, std::make_integer_sequence<int, N>{});
 }
 
 }  // namespace cpu
