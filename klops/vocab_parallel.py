@@ -119,7 +119,6 @@ class VocabShard(NamedTuple):
 def _dtensor_shard(name: str, x, group) -> tuple[torch.Tensor, VocabShard]:
     """(local tensor, layout) of a DTensor placed Shard(-1) on a 1-D mesh; ``group``, if given, must be its mesh's."""
     from torch.distributed.tensor import Shard
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     mesh, placements = x.device_mesh, x.placements
     if mesh.ndim != 1 or not (isinstance(placements[0], Shard) and placements[0].dim in (-1, x.dim() - 1)):
@@ -136,8 +135,9 @@ def _dtensor_shard(name: str, x, group) -> tuple[torch.Tensor, VocabShard]:
                 f"vocab_group (ranks {ranks}) does not match the mesh of {name} (ranks {mesh_ranks}); pass "
                 "vocab_group=None to use the mesh's"
             )
-    local_shape, offset = compute_local_shape_and_global_offset(x.shape, mesh, placements)
-    return x.to_local(), VocabShard(mesh_group, int(offset[-1]), int(local_shape[-1]), int(x.shape[-1]))
+    local, total = x.to_local(), x.shape[-1]
+    chunk = -(-total // mesh.size())  # Shard splits as torch.chunk: ceil(V / W) ids per rank, the last ones fewer
+    return local, VocabShard(mesh_group, min(total, mesh.get_local_rank() * chunk), local.shape[-1], total)
 
 
 def _plain(x):

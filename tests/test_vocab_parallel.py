@@ -21,15 +21,18 @@ SIZES = {2: [20, 17], 3: [15, 10, 12]}  # plain shards, uneven; DTensors split a
 COEF = {kind.name: {kind.coefficient: kind.example} for kind in KINDS if kind.coefficient}
 
 
-def _spawn(tmp_path, world: int, check) -> None:
-    mp.spawn(_worker, args=(world, f"file://{tmp_path}/store", check.__name__), nprocs=world, join=True)
+def _spawn(tmp_path, world: int, *checks) -> None:
+    """Runs the checks one after the other in one group of ``world`` processes (a spawn costs seconds)."""
+    names = [check.__name__ for check in checks]
+    mp.spawn(_worker, args=(world, f"file://{tmp_path}/store", names), nprocs=world, join=True)
 
 
-def _worker(rank: int, world: int, init: str, name: str) -> None:
+def _worker(rank: int, world: int, init: str, names) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
-        globals()[name](rank, world)
+        for name in names:
+            globals()[name](rank, world)
     finally:
         dist.destroy_process_group()
 
@@ -143,11 +146,6 @@ def _check_ops(rank: int, world: int) -> None:
                 _close(b.grad, bf.grad[own], what + " grad_bias")
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_values_and_gradients(tmp_path, world):
-    _spawn(tmp_path, world, _check_ops)
-
-
 # ----------------------------------------------------------------------------------------------------
 # DTensor inputs: the group and the offsets from the mesh and the placement
 
@@ -180,9 +178,10 @@ def _check_dtensor(rank: int, world: int) -> None:
         zl.grad, zf.grad = None, None
 
 
-@pytest.mark.parametrize("world", [3])
-def test_dtensor_inputs(tmp_path, world):
-    _spawn(tmp_path, world, _check_dtensor)
+@pytest.mark.parametrize("world", [2, 3])
+def test_values_and_gradients(tmp_path, world):
+    """Plain shards and DTensors (split as torch.chunk splits: 19 + 18, 13 + 13 + 11)."""
+    _spawn(tmp_path, world, _check_ops, _check_dtensor)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -237,10 +236,6 @@ def _check_traffic(rank: int, world: int) -> None:
         assert len(forward) <= 3 and len(backward) <= 1, (name, forward, backward)  # rounds per call
 
 
-def test_traffic_is_o_n(tmp_path):
-    _spawn(tmp_path, 2, _check_traffic)
-
-
 # ----------------------------------------------------------------------------------------------------
 # errors: raised on every rank alike, before any row statistics are communicated
 
@@ -277,10 +272,6 @@ def _check_errors(rank: int, world: int) -> None:
     _close(klops.logprobs(zl, labels, vocab_group=group), klops.logprobs(z, labels), "after the errors")
 
 
-def test_errors(tmp_path):
-    _spawn(tmp_path, 2, _check_errors)
-
-
 # ----------------------------------------------------------------------------------------------------
 # data parallel: num_items
 
@@ -309,8 +300,9 @@ def _check_num_items(rank: int, world: int) -> None:
     _close(model.module.weight.grad, single.weight.grad, "DDP with num_items")
 
 
-def test_num_items_ddp(tmp_path):
-    _spawn(tmp_path, 2, _check_num_items)
+def test_traffic_errors_and_num_items(tmp_path):
+    """The traffic of each op is O(N); the errors; DDP with num_items (one group for the three)."""
+    _spawn(tmp_path, 2, _check_traffic, _check_errors, _check_num_items)
 
 
 # ----------------------------------------------------------------------------------------------------
