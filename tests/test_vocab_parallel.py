@@ -76,19 +76,21 @@ def _inputs(world: int, dtype=torch.float32, B: int = 3, L: int = 5):
 def _check_ops(rank: int, world: int) -> None:
     group = dist.group.WORLD
     own = _slice(rank, SIZES[world])
-    for dtype in (torch.float32, torch.bfloat16):
+    # the local ops on the C++ CPU kernels ("auto" on the CPU) and on the chunked torch backend
+    for dtype, backend in ((torch.float32, "auto"), (torch.bfloat16, "auto"), (torch.float32, "torch")):
         z, y, labels = _inputs(world, dtype)
         for temperature in (1.0, 0.7):
             # logprobs + entropy
             zl, zf = z[..., own].clone().requires_grad_(), z.clone().requires_grad_()
-            logp, entropy = klops.logprobs(zl, labels, temperature=temperature, return_entropy=True, vocab_group=group)
-            logp_f, entropy_f = klops.logprobs(zf, labels, temperature=temperature, return_entropy=True)
-            what = f"logprobs {dtype} T={temperature}"
+            on = dict(temperature=temperature, backend=backend)
+            logp, entropy = klops.logprobs(zl, labels, return_entropy=True, vocab_group=group, **on)
+            logp_f, entropy_f = klops.logprobs(zf, labels, return_entropy=True, **on)
+            what = f"logprobs {dtype} {backend} T={temperature}"
             _close(logp, logp_f, what), _close(entropy, entropy_f, what + " entropy")
             (logp * 0.5 - entropy * 0.3).sum().backward()
             (logp_f * 0.5 - entropy_f * 0.3).sum().backward()
             _close(zl.grad, zf.grad[..., own], what + " grad")
-            logp = klops.logprobs(zl, labels, temperature=temperature, vocab_group=group)  # without the entropy
+            logp = klops.logprobs(zl, labels, vocab_group=group, **on)  # without the entropy
             _close(logp, logp_f, what + " alone")
 
             # fused_kl, every kind, with a mask, weights and each reduction
@@ -98,11 +100,11 @@ def _check_ops(rank: int, world: int) -> None:
             for kind in DIVERGENCE_KINDS:
                 for reduction in ("none", "mean"):
                     zl, zf = z[..., own].clone().requires_grad_(), z.clone().requires_grad_()
-                    options = dict(temperature=temperature, labels=labels, mask=mask, reduction=reduction,
+                    options = dict(labels=labels, mask=mask, reduction=reduction, **on,
                                    weights=weights if reduction == "mean" else None, **COEF.get(kind, {}))  # fmt: skip
                     loss = klops.fused_kl(zl, y[..., own], kind, vocab_group=group, **options)
                     expected = klops.fused_kl(zf, y, kind, **options)
-                    what = f"fused_kl {kind} {reduction} {dtype} T={temperature}"
+                    what = f"fused_kl {kind} {reduction} {dtype} {backend} T={temperature}"
                     _close(loss, expected, what)
                     (loss * torch.linspace(0.5, 1.5, loss.numel()).reshape(loss.shape)).sum().backward()
                     (expected * torch.linspace(0.5, 1.5, loss.numel()).reshape(loss.shape)).sum().backward()
@@ -113,7 +115,9 @@ def _check_ops(rank: int, world: int) -> None:
         for target_is, teacher in (("logprobs", log_p), ("probs", log_p.exp())):
             for kind in ("forward", "reverse", "jsd"):
                 zl, zf = z[..., own].clone().requires_grad_(), z.clone().requires_grad_()
-                options = dict(labels=labels, target_is=target_is, reduction="sum", **COEF.get(kind, {}))
+                options = dict(
+                    labels=labels, target_is=target_is, reduction="sum", backend=backend, **COEF.get(kind, {})
+                )
                 loss = klops.fused_kl(zl, teacher[..., own], kind, vocab_group=group, **options)
                 expected = klops.fused_kl(zf, teacher, kind, **options)
                 _close(loss, expected, f"fused_kl {kind} {target_is} {dtype}")
@@ -127,7 +131,8 @@ def _check_ops(rank: int, world: int) -> None:
     bias = torch.randn(V, generator=gen)
     cases = [dict(reduction="mean"), dict(reduction="sum", label_smoothing=0.1, z_loss=1e-2),
              dict(reduction="none", label_smoothing=0.2, softcap=3.0, logit_scale=0.5),
-             dict(reduction="mean", return_lse=True, z_loss=1e-3), dict(reduction="sum", num_items=7)]  # fmt: skip
+             dict(reduction="mean", return_lse=True, z_loss=1e-3), dict(reduction="sum", num_items=7),
+             dict(reduction="none", label_smoothing=0.1, backend="torch")]  # fmt: skip
     for options in cases:
         for with_bias in (False, True):
             h, w, b = hidden.clone().requires_grad_(), weight[own].clone().requires_grad_(), bias[own].clone()
@@ -144,6 +149,14 @@ def _check_ops(rank: int, world: int) -> None:
             _close(h.grad, hf.grad, what + " grad_hidden"), _close(w.grad, wf.grad[own], what + " grad_weight")
             if with_bias:
                 _close(b.grad, bf.grad[own], what + " grad_bias")
+
+    # no rows at all
+    empty = torch.zeros(0, SIZES[world][rank], requires_grad=True)
+    no_labels = torch.zeros(0, dtype=torch.long)
+    outputs = (*klops.logprobs(empty, no_labels, return_entropy=True, vocab_group=group),
+               klops.fused_kl(empty, empty.detach(), "jsd", vocab_group=group))  # fmt: skip
+    sum(x.sum() for x in outputs).backward()
+    assert outputs[-1].item() == 0.0 and empty.grad.shape == empty.shape
 
 
 # ----------------------------------------------------------------------------------------------------
