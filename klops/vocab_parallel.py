@@ -147,9 +147,9 @@ def _plain(x):
 
 def vocab_shard(names, tensors, group, vocab_start, dims=None) -> tuple[list[torch.Tensor], VocabShard]:
     """(local tensors, layout) of the vocabulary-sharded inputs (logits or heads; the vocabulary is their last dim,
-    a head's first). DTensors: from their placement, no collective. Plain tensors: their shard sizes all-gathered
-    once (one int64 per tensor and rank), which every rank checks alike (so all raise, none hangs); the offset is
-    the sum of the lower ranks' sizes, or ``vocab_start``."""
+    a head's first). DTensors: from their placement, no collective. Plain tensors: their shard sizes and
+    ``vocab_start`` all-gathered once (one int64 each per rank), which every rank checks alike (so all raise, none
+    hangs); the offset is the sum of the lower ranks' sizes, or ``vocab_start`` (any layout that tiles [0, V))."""
     dims = dims or [-1] * len(tensors)
     if is_sharded(tensors[0]):
         local, shard = _dtensor_shard(names[0], tensors[0], group)
@@ -168,22 +168,27 @@ def vocab_shard(names, tensors, group, vocab_start, dims=None) -> tuple[list[tor
         raise ValueError(f"{names[0]}: vocab_start needs vocab_group (the process group over which V is sharded)")
     if not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"vocab_group must be a torch.distributed.ProcessGroup, got {type(group).__name__}")
-    sizes = torch.tensor([x.shape[d] for x, d in zip(tensors, dims)], dtype=torch.int64, device=tensors[0].device)
-    table = all_gather_rows(sizes, group).tolist()  # [W][tensors]
-    for i, name in enumerate(names[1:], 1):
+    if vocab_start is not None:
+        _inputs.check_int("vocab_start", vocab_start, 0)
+    sizes = [x.shape[d] for x, d in zip(tensors, dims)] + [-1 if vocab_start is None else vocab_start]
+    table = all_gather_rows(torch.tensor(sizes, dtype=torch.int64, device=tensors[0].device), group).tolist()
+    for i, name in enumerate(names[1:], 1):  # table: [W][the tensors' sizes, then vocab_start or -1]
         if any(row[i] != row[0] for row in table):
             raise ValueError(
                 f"mismatched vocabulary shards: {names[0]} has {[row[0] for row in table]} entries per rank, "
                 f"{name} has {[row[i] for row in table]}"
             )
-    rank = dist.get_rank(group)
-    start = sum(row[0] for row in table[:rank])
-    if vocab_start is not None:
-        start = _inputs.check_int("vocab_start", vocab_start, 0)
-    total = sum(row[0] for row in table)
-    if start + table[rank][0] > total:
-        raise ValueError(f"vocab_start={start} + V_r={table[rank][0]} exceeds the vocabulary V={total}")
-    return list(tensors), VocabShard(group, start, table[rank][0], total)
+    rank, total = dist.get_rank(group), sum(row[0] for row in table)
+    starts = [sum(row[0] for row in table[:r]) for r in range(len(table))]
+    if vocab_start is not None or any(row[-1] != -1 for row in table):
+        starts = [row[-1] for row in table]
+        spans = sorted((start, start + row[0]) for start, row in zip(starts, table))
+        if -1 in starts or any(a[1] != b[0] for a, b in zip(spans, spans[1:])) or spans[0][0] != 0:
+            raise ValueError(
+                f"vocab_start {starts} with shard sizes {[row[0] for row in table]} (rank by rank) must tile the "
+                f"vocabulary [0, {total}) without gap or overlap; every rank gives vocab_start, or none"
+            )
+    return list(tensors), VocabShard(group, starts[rank], table[rank][0], total)
 
 
 def local_labels(labels: torch.Tensor, valid: torch.Tensor, shard: VocabShard) -> tuple[torch.Tensor, torch.Tensor]:
