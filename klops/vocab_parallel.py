@@ -4,8 +4,9 @@ logits DTensor placed ``Shard(-1)`` on a 1-D mesh; nothing here is public API of
 
 Layout. Rank ``r`` of the group holds the vocabulary slice ``[start_r, start_r + V_r)`` in rank order (uneven
 shards allowed): logits ``[..., V_r]`` or a head shard ``[V_r, D]`` with replicated hidden states. Offsets come from
-the shard sizes, all-gathered once per call (one int64 per tensor and rank), or ``vocab_start=`` (any contiguous
-layout; the sizes are still gathered for ``V`` and the checks); a DTensor carries them, so it costs no collective.
+the shard sizes, all-gathered once per call with ``vocab_start`` (one int64 each per rank), or from ``vocab_start=``
+(any layout that tiles ``[0, V)``, which every rank checks); a DTensor carries them, so it costs no collective.
+With plain tensors the sizes reach the host (``.tolist()``): a graph break under torch.compile, which DTensors avoid.
 Labels are global ids. Every rank returns the same values; gradients go to each rank's own shard (and, for the
 fused-linear op, the hidden states' gradient is summed over the group: one all-reduce of ``[N, D]`` in backward).
 
