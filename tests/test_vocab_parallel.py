@@ -241,11 +241,12 @@ def _check_traffic(rank: int, world: int) -> None:
     }
     for name, (forward, backward) in small.items():
         long_forward, long_backward = long[name]
-        sizes = forward[0]  # the shard sizes: one int64 per sharded tensor, whatever N and V
+        sizes = forward[0]  # the shard sizes and vocab_start: one int64 each, whatever N and V
         assert sizes == long_forward[0] and sizes[0] == "all_gather" and sizes[1] in (16, 24), (name, sizes)
-        row_bytes = sum(b for _, b in long_forward[1:]) - sum(b for _, b in forward[1:])
-        assert row_bytes == 16 * per_token[name][0], (name, forward, long_forward)
-        assert sum(b for _, b in long_backward) - sum(b for _, b in backward) == 16 * per_token[name][1], name
+        for rows, calls in ((16, forward[1:]), (32, long_forward[1:])):
+            assert sum(b for _, b in calls) == rows * per_token[name][0], (name, rows, calls)
+        for rows, calls in ((16, backward), (32, long_backward)):
+            assert sum(b for _, b in calls) == rows * per_token[name][1], (name, rows, calls)
         assert len(forward) <= 3 and len(backward) <= 1, (name, forward, backward)  # rounds per call
 
 
