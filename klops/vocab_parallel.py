@@ -443,7 +443,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             return dz.scatter_add_(-1, local[rows][None, :, None], onehot).mul_(valid[rows][None, :, None])
 
         grad_hidden, grad_weight, grad_bias = chunked_backward(hidden, weight, bias, softcap, chunk_grad)
-        grad_hidden = all_reduce_sum(grad_hidden, shard.group)
+        if ctx.needs_input_grad[0]:  # the same on every rank (hidden is replicated)
+            grad_hidden = all_reduce_sum(grad_hidden, shard.group)
         return grad_hidden, grad_weight, grad_bias if bias is not None else None, *(None,) * 6
 
 
