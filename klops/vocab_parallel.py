@@ -49,7 +49,7 @@ from .divergence import (
     reduce_rows,
     valid_rows_and_weights,
 )
-from .logprobs import logprobs_op
+from .logprobs import LogprobOutputs, logprobs_op
 from .topk import TopK
 
 __all__ = ["record_traffic", "is_sharded"]
@@ -222,24 +222,33 @@ def merge_logsumexp(row_max: torch.Tensor, logsum: torch.Tensor, temperature: fl
 
 class _LogProbs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, valid, shard, temperature, with_entropy, backend):
+    def forward(ctx, logits, labels, valid, shard, temperature, with_entropy, with_stats, backend):
         local, owned = local_labels(labels, valid, shard)
         op_labels = torch.where(valid, local, -1)  # every valid row gets its shard's statistics
-        _, entropy, row_max, logsum, *_ = logprobs_op(logits, op_labels, temperature, with_entropy, False, -1, backend)
+        _, entropy, row_max, logsum, log_sum_sq, mean_logit, is_top1 = logprobs_op(
+            logits, op_labels, temperature, with_entropy, with_stats, -1, backend
+        )
         z_label = logits.gather(-1, local[..., None])[..., 0].float()
         mean_d = torch.where(logsum == -math.inf, 0.0, logsum - entropy) if with_entropy else torch.zeros_like(logsum)
-        stats = torch.stack((row_max, logsum, mean_d, torch.where(owned, z_label, 0.0)), -1)
-        m, ls, a, zy = all_gather_rows(stats, shard.group).unbind(-1)
+        stats = [row_max, logsum, mean_d, torch.where(owned, z_label, 0.0)]
+        if with_stats:  # log sum (q^r)^2, sum_{v in r} z_v / T, the label first in the shard, held here, start_r
+            start = torch.full_like(logsum, float(shard.start))
+            stats += [log_sum_sq, mean_logit * logits.shape[-1], is_top1 * owned, owned.float(), start]
+        m, ls, a, zy, *row_stats = all_gather_rows(torch.stack(stats, -1), shard.group).unbind(-1)
         top, total, log_pi = merge_logsumexp(m, ls, temperature)
         logp = torch.where(valid, (zy.sum(0) - top) / temperature - total, 0.0)
         mean_shift = torch.where(log_pi == -math.inf, 0.0, log_pi.exp() * (a + (m - top) / temperature)).sum(0)
         entropy = torch.where(valid, total - mean_shift, 0.0)
         ctx.save_for_backward(logits, local, owned, valid, top, total, entropy)
         ctx.params = (temperature, with_entropy)
-        return logp, entropy
+        if not with_stats:
+            return logp, entropy, None, None, None
+        extra = tuple(torch.where(valid, x, 0.0) for x in _merge_row_stats(m, ls, zy, log_pi, *row_stats, shard))
+        ctx.mark_non_differentiable(*extra)
+        return logp, entropy, *extra
 
     @staticmethod
-    def backward(ctx, grad_logp, grad_entropy):
+    def backward(ctx, grad_logp, grad_entropy, *_grad_stats):
         logits, local, owned, valid, top, total, entropy = ctx.saved_tensors
         temperature, with_entropy = ctx.params
         B, L, V = logits.shape
@@ -255,18 +264,27 @@ class _LogProbs(torch.autograd.Function):
                 chunk = log_q.exp_().mul_(-g)
             chunk.scatter_add_(-1, local[b, rows][:, None], g * owned[b, rows][:, None])
             dz[b, rows] = chunk.masked_fill_(~valid[b, rows][:, None], 0.0)
-        return dz, None, None, None, None, None, None
+        return dz, None, None, None, None, None, None, None
+
+
+def _merge_row_stats(m, logsum, z_label, log_pi, log_sum_sq, sum_z, top1, owned, start, shard):
+    """(log sum_v q_v^2, mean_v z_v / T, is_top1 as 0 / 1) of LogprobOutputs from the shards' [W, N] statistics:
+    ``log sum q^2 = logsumexp_r(2 log pi_r + log sum (q^r)^2)``; the mean from the shards' sums; the label is the
+    first argmax where it is first in its shard, no shard's max exceeds its logit, and no shard of lower ids equals
+    it (ids below 2^24 are exact in fp32)."""
+    log_sum_sq = torch.logsumexp(torch.where(log_pi == -math.inf, -math.inf, 2.0 * log_pi + log_sum_sq), 0)
+    z_y, owner_start = z_label.sum(0), (start * owned).sum(0)
+    m = torch.where(logsum == -math.inf, -math.inf, m)  # an all -inf shard's max is -inf here, not 0
+    beaten = (m > z_y) | ((m == z_y) & (start < owner_start))
+    is_top1 = (top1.sum(0) > 0) & ~beaten.any(0)
+    return log_sum_sq, sum_z.sum(0) / shard.total, is_top1.float()
 
 
 def logprobs(logits, labels, *, temperature, return_entropy, return_row_stats, ignore_index, backend, vocab_group,
              vocab_start):  # fmt: skip
     """``klops.logprobs`` over a vocabulary-sharded ``logits [..., V_r]``: one all-gather of 4 fp32 per row
-    (16 bytes per token sent by each rank), plus the shard sizes. Returns plain tensors, replicated."""
-    if return_row_stats:
-        raise ValueError(
-            "return_row_stats is not vocabulary-parallel yet; gather the logits (or pass a full-vocabulary tensor "
-            "without vocab_group) for it"
-        )
+    (16 bytes per token sent by each rank; 36 with ``return_row_stats``: 9 fp32), plus the shard sizes. Returns plain
+    tensors, replicated."""
     (logits,), shard = vocab_shard(["logits"], [logits], vocab_group, vocab_start)
     labels = _plain(labels)
     _inputs.check_logits("logits", logits)
@@ -274,12 +292,16 @@ def logprobs(logits, labels, *, temperature, return_entropy, return_row_stats, i
     _inputs.check_labels_in_range("labels", labels, shard.total, ignore_index)
     temperature = _inputs.check_temperature(temperature)
     _inputs.check_bool("return_entropy", return_entropy)
+    _inputs.check_bool("return_row_stats", return_row_stats)
     backend = resolve("logprobs", backend, logits.device)
     (logits3,) = _inputs.as_rows(logits)
     labels3 = labels.reshape(logits3.shape[:2])
-    logp, entropy = _LogProbs.apply(logits3, labels3, labels3 != ignore_index, shard, temperature, return_entropy,
-                                    backend)  # fmt: skip
+    logp, entropy, *row_stats = _LogProbs.apply(logits3, labels3, labels3 != ignore_index, shard, temperature,
+                                                return_entropy, return_row_stats, backend)  # fmt: skip
     logp, entropy = logp.reshape(labels.shape), entropy.reshape(labels.shape)
+    if return_row_stats:
+        log_sum_sq, mean_logits, is_top1 = (x.reshape(labels.shape) for x in row_stats)
+        return LogprobOutputs(logp, entropy if return_entropy else None, log_sum_sq, mean_logits, is_top1.bool())
     return (logp, entropy) if return_entropy else logp
 
 

@@ -92,6 +92,7 @@ def _check_ops(rank: int, world: int) -> None:
             _close(zl.grad, zf.grad[..., own], what + " grad")
             logp = klops.logprobs(zl, labels, vocab_group=group, **on)  # without the entropy
             _close(logp, logp_f, what + " alone")
+            _check_row_stats(z, labels, own, on)
 
             # fused_kl, every kind, with a mask, weights and each reduction
             mask = torch.ones(labels.shape, dtype=torch.bool)
@@ -191,6 +192,28 @@ def _check_dtensor(rank: int, world: int) -> None:
         zl.grad, zf.grad = None, None
 
 
+def _check_row_stats(z, labels, own, on) -> None:
+    """return_row_stats: log sum q^2, the mean logit and is_top1, with labels that are the argmax, and a tie across
+    shards whose first entry is not the label."""
+    labels = labels.clone()
+    labels[1] = torch.where(labels[1] == -100, -100, z[1].argmax(-1))
+    z = z.clone()
+    z[1, 0, V - 1] = z[1, 0, labels[1, 0]]  # the same logit on the last shard: the label is still first
+    z[1, 1, 0] = z[1, 1, labels[1, 1]]  # the same logit on the first shard: the label is not
+    for return_entropy in (False, True):
+        outputs = klops.logprobs(z[..., own], labels, return_row_stats=True, return_entropy=return_entropy,
+                                 vocab_group=dist.group.WORLD, **on)  # fmt: skip
+        expected = klops.logprobs(z, labels, return_row_stats=True, return_entropy=return_entropy, **on)
+        assert expected.is_top1[1].any() and not expected.is_top1[1, 1]
+        for name, x, e in zip(expected._fields, outputs, expected):
+            if e is None:
+                assert x is None, name
+            elif e.dtype == torch.bool:
+                assert torch.equal(x, e), (name, x, e)
+            else:
+                _close(x, e, f"row stats {name} {z.dtype} {on}")
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_values_and_gradients(tmp_path, world):
     """Plain shards and DTensors (split as torch.chunk splits: 19 + 18, 13 + 13 + 11)."""
@@ -211,6 +234,7 @@ def _traffic(rank: int, world: int, rows: int, vocab: int) -> dict:
     hidden, weight = torch.randn(1, rows, D).requires_grad_(), torch.randn(vocab, D).requires_grad_()
     calls = {
         "logprobs + entropy": lambda: sum(klops.logprobs(z, labels, return_entropy=True, vocab_group=group)).sum(),
+        "logprobs row stats": lambda: klops.logprobs(z, labels, return_row_stats=True, vocab_group=group)[0].sum(),
         "fused_kl forward": lambda: klops.fused_kl(z, y, "forward", vocab_group=group),
         "fused_kl reverse": lambda: klops.fused_kl(z, y, "reverse", vocab_group=group),
         "fused_kl jsd": lambda: klops.fused_kl(z, y, "jsd", vocab_group=group),
@@ -234,6 +258,7 @@ def _check_traffic(rank: int, world: int) -> None:
     assert small == wide, "the traffic depends on V"
     per_token = {  # bytes sent per token by each rank: forward row statistics, backward
         "logprobs + entropy": (16, 0),
+        "logprobs row stats": (36, 0),
         "fused_kl forward": (20, 0),
         "fused_kl reverse": (20, 0),
         "fused_kl jsd": (16 + 8, 0),
