@@ -6,7 +6,8 @@ loss = klops.fused_kl(student_logits, klops.TopK(teacher_ids, teacher_logprobs, 
 loss = klops.sinkhorn_distill_loss(student_logits, teacher_logits)
 """
 
-from . import _checkout, _eager, distributed, nn, reference  # noqa: F401 (_checkout first: it makes klops.kernels in a checkout)
+# _checkout first: it makes klops.kernels in a checkout; vocab_parallel registers its ops' forms (klops/distributed.py)
+from . import _checkout, _eager, distributed, nn, reference, vocab_parallel  # noqa: F401
 from ._inputs import set_host_checks
 from .backend import available_backends
 from .distill import akl_loss, akl_weights, dckd_loss, forward_reverse_kl, kdrl_loss

@@ -54,3 +54,20 @@ def divergence_terms(lq: torch.Tensor, q: torch.Tensor, lp: torch.Tensor, p: tor
         loss = (q - w) / (coef * (1 - coef))
         a = -w / coef
     return loss, a
+
+
+def row_sums(lq, q, lp, p, kind: str, coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(D, gbar) = (sum loss_v, sum a_v) per row; forward KL's gbar = -sum p without an [rows, V] a."""
+    if kind == "forward":
+        return kl_entries(lp, lq, p).sum(-1), -p.sum(-1)
+    loss, a = divergence_terms(lq, q, lp, p, kind, coef)
+    return loss.sum(-1), a.sum(-1)
+
+
+def teacher_probs(teacher, target_is: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p, p) of a chunk of teacher rows given as log-probs or probs."""
+    if target_is == "logprobs":
+        lp = teacher.float()
+        return lp, lp.exp()
+    p = teacher.float()
+    return p.log(), p

@@ -12,6 +12,21 @@ import torch.distributed as dist
 
 __all__ = ["num_items", "is_sharded"]
 
+# The vocabulary-parallel form of each public op that has one, by the op's name: klops/vocab_parallel.py, which
+# builds on the op modules, registers them (imported by klops/__init__.py), and the public functions look them up
+# here, so that no op module imports vocab_parallel back.
+VOCAB_PARALLEL_FORMS = {}
+
+
+def vocab_parallel_form(name: str):
+    """Decorator: registers a function as the vocabulary-parallel form of the public op ``name``."""
+
+    def register(function):
+        VOCAB_PARALLEL_FORMS[name] = function
+        return function
+
+    return register
+
 
 def num_items(mask_or_labels: torch.Tensor, group=None, ignore_index: int = -100) -> torch.Tensor:
     """The number of valid tokens summed over the ranks of ``group`` (default: the world), as a 0-d int64 tensor on

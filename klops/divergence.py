@@ -18,9 +18,9 @@ import torch
 
 from . import _inputs
 from ._chunked import log_softmax_from_stats, log_softmax_rows, row_chunks, scaled
-from ._terms import divergence_terms, kl_entries
+from ._terms import divergence_terms, row_sums, teacher_probs
 from .backend import launcher_table, resolve
-from .distributed import is_sharded
+from .distributed import VOCAB_PARALLEL_FORMS, is_sharded
 from .kernels.kinds import BY_NAME, DIVERGENCE_KINDS, KINDS
 from .kernels.launch import TARGET_KINDS
 from .topk import TopK, topk_rows
@@ -31,23 +31,6 @@ __all__ = ["fused_kl", "DIVERGENCE_KINDS", "KINDS"]
 # ----------------------------------------------------------------------------------------------------
 # torch backend: the kernels' math, chunked over rows (klops/_chunked.py) so that its extra memory
 # is O(chunk * V).
-
-
-def _row_sums(lq, q, lp, p, kind: str, coef: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(D, gbar) = (sum loss_v, sum a_v) per row; forward KL's gbar = -sum p without an [rows, V] a."""
-    if kind == "forward":
-        return kl_entries(lp, lq, p).sum(-1), -p.sum(-1)
-    loss, a = divergence_terms(lq, q, lp, p, kind, coef)
-    return loss.sum(-1), a.sum(-1)
-
-
-def _teacher_probs(teacher, target_is: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p, p) of a chunk of teacher rows given as log-probs or probs."""
-    if target_is == "logprobs":
-        lp = teacher.float()
-        return lp, lp.exp()
-    p = teacher.float()
-    return p.log(), p
 
 
 def _teacher_check_stats(lp: torch.Tensor, p: torch.Tensor, target_is: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,9 +59,9 @@ def _divergence_rows(student, teacher, kind: str, target_is: str, temperature: f
     if target_is == "logits":
         lp, p, max_t, logsum_t = log_softmax_rows(teacher, temperature)
     else:
-        lp, p = _teacher_probs(teacher, target_is)
+        lp, p = teacher_probs(teacher, target_is)
         max_t, logsum_t = _teacher_check_stats(lp, p, target_is)
-    loss, gbar = _row_sums(lq, q, lp, p, kind, coef)
+    loss, gbar = row_sums(lq, q, lp, p, kind, coef)
     return loss, max_q, logsum_q, max_t, logsum_t, gbar
 
 
@@ -112,7 +95,7 @@ def _divergence_grad_rows(
         lp = log_softmax_from_stats(teacher, max_t, logsum_t, temperature)
         p = lp.exp()
     else:
-        lp, p = _teacher_probs(teacher, target_is)
+        lp, p = teacher_probs(teacher, target_is)
     q = lq.exp()
     chunk = -p if kind == "forward" else divergence_terms(lq, q, lp, p, kind, coef)[1]  # a, a new tensor
     chunk.addcmul_(q, gbar[:, None], value=-1.0).mul_((grad / temperature)[:, None])
@@ -381,9 +364,7 @@ def fused_kl(
     Returns the fp32 loss.
     """
     if vocab_group is not None or vocab_start is not None or is_sharded(student_logits):
-        from . import vocab_parallel
-
-        return vocab_parallel.fused_kl(
+        return VOCAB_PARALLEL_FORMS["fused_kl"](
             student_logits, teacher_logits, kind, beta=beta, alpha=alpha, temperature=temperature, labels=labels,
             mask=mask, weights=weights, ignore_index=ignore_index, reduction=reduction, num_items=num_items,
             target_is=target_is, backend=backend, vocab_group=vocab_group, vocab_start=vocab_start,

@@ -73,6 +73,7 @@ from ._chunked import (
 )
 from ._inputs import check_linear, check_softcap
 from .backend import resolve
+from .distributed import VOCAB_PARALLEL_FORMS
 from .divergence import (
     check_divergence_options,
     divergence_backward_op,
@@ -737,9 +738,7 @@ def fused_linear_cross_entropy(
     the group (klops/vocab_parallel.py).
     """
     if vocab_group is not None or vocab_start is not None:
-        from . import vocab_parallel
-
-        return vocab_parallel.fused_linear_cross_entropy(
+        return VOCAB_PARALLEL_FORMS["fused_linear_cross_entropy"](
             hidden, weight, labels, bias=bias, ignore_index=ignore_index, reduction=reduction,
             label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, logit_scale=logit_scale,
             num_items=num_items, return_lse=return_lse, backend=backend, vocab_group=vocab_group,

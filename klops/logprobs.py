@@ -14,7 +14,7 @@ import torch
 from . import _inputs
 from ._chunked import FLOAT32_MIN, log_softmax_from_stats, log_softmax_rows, row_chunks
 from .backend import launcher_table, resolve
-from .distributed import is_sharded
+from .distributed import VOCAB_PARALLEL_FORMS, is_sharded
 
 __all__ = ["LogprobOutputs", "logprobs"]
 
@@ -223,9 +223,7 @@ def logprobs(
     Returns ``logprob`` of shape ``labels.shape`` (fp32), ``(logprob, entropy)``, or ``LogprobOutputs``.
     """
     if vocab_group is not None or vocab_start is not None or is_sharded(logits):
-        from . import vocab_parallel
-
-        return vocab_parallel.logprobs(
+        return VOCAB_PARALLEL_FORMS["logprobs"](
             logits, labels, temperature=temperature, return_entropy=return_entropy, return_row_stats=return_row_stats,
             ignore_index=ignore_index, backend=backend, vocab_group=vocab_group, vocab_start=vocab_start,
         )  # fmt: skip

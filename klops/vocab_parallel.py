@@ -38,11 +38,10 @@ from ._chunked import (
     row_chunks,
     row_stats,
 )
+from ._terms import row_sums, teacher_probs
 from .backend import resolve
-from .distributed import is_sharded
+from .distributed import is_sharded, vocab_parallel_form
 from .divergence import (
-    _row_sums,
-    _teacher_probs,
     check_divergence_options,
     divergence_backward_op,
     divergence_op,
@@ -280,6 +279,7 @@ def _merge_row_stats(m, logsum, z_label, log_pi, log_sum_sq, sum_z, top1, owned,
     return log_sum_sq, sum_z.sum(0) / shard.total, is_top1.float()
 
 
+@vocab_parallel_form("logprobs")
 def logprobs(logits, labels, *, temperature, return_entropy, return_row_stats, ignore_index, backend, vocab_group,
              vocab_start):  # fmt: skip
     """``klops.logprobs`` over a vocabulary-sharded ``logits [..., V_r]``: one all-gather of 4 fp32 per row
@@ -347,7 +347,7 @@ def _two_round_divergence(student, teacher, valid, shard, kind, target_is, tempe
         if target_is == "logits":
             stats[b, rows, 2], stats[b, rows, 3] = row_stats(teacher[b, rows], temperature)
         else:  # the check's statistics: largest log-prob (or negated probability), log of the shard's mass
-            lp, p = _teacher_probs(teacher[b, rows], target_is)
+            lp, p = teacher_probs(teacher[b, rows], target_is)
             stats[b, rows, 2] = lp.amax(-1) if target_is == "logprobs" else p.neg().amax(-1)
             stats[b, rows, 3] = p.sum(-1).log()
     mq, lsq, mp, lsp = all_gather_rows(stats, shard.group).unbind(-1)
@@ -365,8 +365,8 @@ def _two_round_divergence(student, teacher, valid, shard, kind, target_is, tempe
             lp = log_softmax_from_stats(teacher[b, rows], top_p[b, rows], total_p[b, rows], temperature)
             p = lp.exp()
         else:
-            lp, p = _teacher_probs(teacher[b, rows], target_is)
-        sums[b, rows, 0], sums[b, rows, 1] = _row_sums(lq, lq.exp(), lp, p, kind, coef)
+            lp, p = teacher_probs(teacher[b, rows], target_is)
+        sums[b, rows, 0], sums[b, rows, 1] = row_sums(lq, lq.exp(), lp, p, kind, coef)
     rows, gbar = torch.where(valid[..., None], all_reduce_sum(sums, shard.group), 0.0).unbind(-1)
     return rows, top_q, total_q, top_p, total_p, gbar
 
@@ -389,6 +389,7 @@ class _Divergence(torch.autograd.Function):
         return dz, None, None, None, None, None, None, None, None
 
 
+@vocab_parallel_form("fused_kl")
 def fused_kl(student_logits, teacher_logits, kind, *, beta, alpha, temperature, labels, mask, weights, ignore_index,
              reduction, num_items, target_is, backend, vocab_group, vocab_start):  # fmt: skip
     """``klops.fused_kl`` over vocabulary-sharded student and teacher logits ``[..., V_r]`` (the same shards).
@@ -470,6 +471,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias if bias is not None else None, *(None,) * 6
 
 
+@vocab_parallel_form("fused_linear_cross_entropy")
 def fused_linear_cross_entropy(
     hidden, weight, labels, *, bias, ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, num_items,
     return_lse, backend, vocab_group, vocab_start,
