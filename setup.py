@@ -32,7 +32,7 @@ VERSION = re.search(r'__version__ = "([^"]+)"', open(os.path.join("klops", "__in
 
 # csrc/ goes into every wheel as klops.csrc: the headers and the CPU sources that klops/_cpu.py compiles on first
 # use (the CUDA sources stay out: klops._C is built here or not at all).
-packages = ["klops", "klops.kernels", "klops.csrc"]
+packages = ["klops", "klops.integrations", "klops.trainers", "klops.kernels", "klops.csrc"]
 package_dir = {"klops": "klops", "klops.kernels": "kernels", "klops.csrc": "csrc"}
 package_data = {"klops.csrc": ["*.cuh", "*.h", "cpu/*.h", "cpu/*.cpp"]}
 ext_modules = []

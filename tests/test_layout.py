@@ -114,3 +114,14 @@ def test_op_modules_take_no_private_names_from_each_other():
         if module != name and is_op_module(module) and private is not None and private.startswith("_")
     ]
     assert not taken, "\n".join(taken)
+
+
+def test_setup_ships_every_subpackage():
+    """setup.py lists its packages by hand: every folder of klops/ with an __init__.py must be among them, or the
+    wheel (not an editable install) lacks it and `import klops.cli` fails there."""
+    root = Path(klops.__file__).parent
+    listed = re.search(r"^packages = (\[.*\])$", (root.parent / "setup.py").read_text(), re.MULTILINE)
+    assert listed, "setup.py has no line `packages = [...]`"
+    found = {".".join(("klops",) + p.parent.relative_to(root).parts) for p in root.rglob("__init__.py")}
+    missing = found - set(ast.literal_eval(listed.group(1)))
+    assert {"klops", "klops.integrations", "klops.trainers"} <= found and not missing, missing
