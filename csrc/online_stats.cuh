@@ -144,20 +144,10 @@ struct RowStatsOp {
 
   KLOPS_DEVICE RowStats identity() const { return {kNegInf, 0.0f, 0.0f, kNegInf}; }
 
-  // (m, s2) as LseOp::push at the scale 2c; the entry joins `before` when it precedes the label.
-  KLOPS_DEVICE void push(RowStats& a, float z, bool before_label) const {
-    const bool up = z > a.m;
-    const float m_new = up ? z : a.m;
-    const float e = vexp(((up ? a.m : z) - finite_or_zero(m_new)) * c2);
-    a.s2 = up ? fmaf(a.s2, e, 1.0f) : a.s2 + e;
-    a.m = m_new;
-    a.sum += z;
-    a.before = before_label ? vmax(a.before, z) : a.before;
-  }
-
-  // push for the scale 2c with e, the exp that LseOp / EntropyOp::push (scale c) returned for the same z: their
-  // running max is this one's (the same pushes from the same identity), and exp(2 x) = exp(x)^2, so that a sweep
-  // pushing both keeps one exp per entry.
+  // Folds z in at the scale 2c (as LseOp::push at c) with e, the exp that LseOp / EntropyOp::push (scale c)
+  // returned for the same z: their running max is this one's (the same pushes from the same identity), and
+  // exp(2 x) = exp(x)^2, so that a sweep pushing both keeps one exp per entry. The entry joins `before` when it
+  // precedes the label.
   KLOPS_DEVICE void push_squared(RowStats& a, float z, float e, bool before_label) const {
     const bool up = z > a.m;
     a.s2 = up ? fmaf(a.s2, e * e, 1.0f) : fmaf(e, e, a.s2);
