@@ -547,6 +547,8 @@ def fused_linear_logprobs(
     return_row_stats: bool = False,
     ignore_index: int = -100,
     backend: str = "auto",
+    vocab_group: torch.distributed.ProcessGroup | None = None,
+    vocab_start: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | LogprobOutputs:
     """``klops.logprobs`` of ``logits = softcap(logit_scale * (hidden @ weight.T + bias))`` without forming them.
 
@@ -556,7 +558,15 @@ def fused_linear_logprobs(
     of any integer dtype, ``ignore_index`` rows give 0 and no gradient. Returns ``logprob`` (fp32,
     ``labels.shape``), ``(logprob, entropy)``, or with ``return_row_stats`` a ``klops.LogprobOutputs`` (also
     ``log sum q^2``, the mean of ``logits / T`` and whether the label is the first argmax, from the same sweep).
+
+    ``vocab_group`` / ``vocab_start``: a head sharded over the vocabulary, as in ``fused_linear_cross_entropy``.
     """
+    if vocab_group is not None or vocab_start is not None:
+        return VOCAB_PARALLEL_FORMS["fused_linear_logprobs"](
+            hidden, weight, labels, bias=bias, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+            return_entropy=return_entropy, return_row_stats=return_row_stats, ignore_index=ignore_index,
+            backend=backend, vocab_group=vocab_group, vocab_start=vocab_start,
+        )  # fmt: skip
     check_linear("hidden", hidden, "weight", weight, "bias", bias)
     labels = _inputs.as_labels("labels", labels, "hidden", hidden)
     _inputs.check_labels_in_range("labels", labels, weight.shape[0], ignore_index)
@@ -597,6 +607,8 @@ def fused_linear_kl(
     num_items: int | torch.Tensor | None = None,
     target_is: str = "logits",
     backend: str = "auto",
+    vocab_group: torch.distributed.ProcessGroup | None = None,
+    vocab_start: int | None = None,
 ) -> torch.Tensor:
     """``klops.fused_kl`` between the teacher and ``student logits = softcap(logit_scale * (student_hidden @
     student_weight.T + student_bias))``, without forming either model's logits.
@@ -610,7 +622,19 @@ def fused_linear_kl(
     different hidden sizes; their vocabularies must match. Every kind, coefficient and option of
     ``fused_kl``, with the same semantics; gradients flow to ``student_hidden``, ``student_weight`` and
     ``student_bias``, and to ``weights`` (their gradient is the per-row divergence), never to the teacher.
+
+    ``vocab_group`` / ``vocab_start``: both heads (or the student's head and ``teacher_logits [..., V_r]``) sharded
+    over the vocabulary alike, as in ``fused_linear_cross_entropy``.
     """
+    if vocab_group is not None or vocab_start is not None:
+        return VOCAB_PARALLEL_FORMS["fused_linear_kl"](
+            student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits=teacher_logits,
+            student_bias=student_bias, teacher_bias=teacher_bias, kind=kind, beta=beta, alpha=alpha,
+            temperature=temperature, softcap=softcap, logit_scale=logit_scale, teacher_softcap=teacher_softcap,
+            teacher_logit_scale=teacher_logit_scale, labels=labels, mask=mask, weights=weights,
+            ignore_index=ignore_index, reduction=reduction, num_items=num_items, target_is=target_is,
+            backend=backend, vocab_group=vocab_group, vocab_start=vocab_start,
+        )  # fmt: skip
     check_linear("student_hidden", student_hidden, "student_weight", student_weight, "student_bias", student_bias)
     V = student_weight.shape[0]
     if (teacher_softcap != "same" or teacher_logit_scale != "same") and (

@@ -10,46 +10,18 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import klops
 from klops import vocab_parallel
 from klops.kernels.kinds import DIVERGENCE_KINDS, KINDS
 
+from ._distributed import close as _close
+from ._distributed import shard_slice as _slice
+from ._distributed import spawn as _spawn
+
 V, D = 37, 8
 SIZES = {2: [20, 17], 3: [15, 10, 12]}  # plain shards, uneven; DTensors split as torch.chunk does
 COEF = {kind.name: {kind.coefficient: kind.example} for kind in KINDS if kind.coefficient}
-
-
-def _spawn(tmp_path, world: int, *checks) -> None:
-    """Runs the checks one after the other in one group of ``world`` processes (a spawn costs seconds)."""
-    names = [check.__name__ for check in checks]
-    mp.spawn(_worker, args=(world, f"file://{tmp_path}/store", names), nprocs=world, join=True)
-
-
-def _worker(rank: int, world: int, init: str, names) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
-        for name in names:
-            globals()[name](rank, world)
-    finally:
-        dist.destroy_process_group()
-
-
-def _slice(rank: int, sizes) -> slice:
-    start = sum(sizes[:rank])
-    return slice(start, start + sizes[rank])
-
-
-def _close(actual, expected, what: str) -> None:
-    """fp32: torch's default tolerances; bf16 / fp16: those of the kernels (tests/conftest.py's GRAD_TOL)."""
-    if expected.dtype in (torch.bfloat16, torch.float16):
-        scale = expected.float().abs().nan_to_num(posinf=0.0).max().item() if expected.numel() else 0.0
-        rtol, atol = (1.6e-2, 4e-3 * scale) if expected.dtype == torch.bfloat16 else (2e-3, 1e-3 * scale)
-        torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
-    else:
-        torch.testing.assert_close(actual, expected, msg=lambda m: f"{what}: {m}")
 
 
 def _inputs(world: int, dtype=torch.float32, B: int = 3, L: int = 5):

@@ -1,0 +1,41 @@
+"""Multi-process test plumbing shared by the vocabulary-parallel tests: a gloo group of CPU processes that run
+check functions one after the other, the rank's slice of an uneven vocabulary, and dtype-aware comparisons."""
+
+import importlib
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def spawn(tmp_path, world: int, *checks) -> None:
+    """Runs ``check(rank, world)`` for each check, in order, in one gloo group of ``world`` processes (a spawn costs
+    seconds, so a test runs many checks in one group). Checks are module-level functions, found again by name."""
+    names = [(check.__module__, check.__name__) for check in checks]
+    mp.spawn(_worker, args=(world, f"file://{tmp_path}/store", names), nprocs=world, join=True)
+
+
+def _worker(rank: int, world: int, init: str, names) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        for module, name in names:
+            getattr(importlib.import_module(module), name)(rank, world)
+    finally:
+        dist.destroy_process_group()
+
+
+def shard_slice(rank: int, sizes) -> slice:
+    """The slice of the vocabulary rank ``rank`` holds when the shards have the given sizes, in rank order."""
+    start = sum(sizes[:rank])
+    return slice(start, start + sizes[rank])
+
+
+def close(actual, expected, what: str) -> None:
+    """fp32 / fp64: torch's default tolerances; bf16 / fp16: those of the kernels (tests/conftest.py's GRAD_TOL)."""
+    if expected.dtype in (torch.bfloat16, torch.float16):
+        scale = expected.float().abs().nan_to_num(posinf=0.0).max().item() if expected.numel() else 0.0
+        rtol, atol = (1.6e-2, 4e-3 * scale) if expected.dtype == torch.bfloat16 else (2e-3, 1e-3 * scale)
+        torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+    else:
+        torch.testing.assert_close(actual, expected, msg=lambda m: f"{what}: {m}")
