@@ -1,2 +1,344 @@
-"""Vocabulary-parallel forms of fused_linear_logprobs and fused_linear_kl (heads sharded over the vocabulary) (issue 33), on the plumbing of
-klops/vocab_parallel.py."""
+"""Vocabulary-parallel forms of ``klops.fused_linear_logprobs`` and ``klops.fused_linear_kl``: heads sharded over the
+vocabulary (issue 33), on the plumbing of klops/vocab_parallel.py.
+
+Layout as there: rank ``r`` holds the head shard ``weight [V_r, D]`` (and ``bias [V_r]``) of the vocabulary slice
+``[start_r, start_r + V_r)``; the hidden states ``[..., D]`` are replicated. Each rank forms its shard's logits
+``z = softcap(s (h W_r^T + b_r))`` a chunk of rows at a time (the chunked path, klops/_chunked.py: never ``[N, V_r]``
+at once), reduces them to the per-row shard statistics of the logits-level form, and all-gathers those (a few fp32
+per row); every rank merges them alike (``merge_logsumexp``). The backward forms each chunk's logits again, writes
+its ``dz`` from the merged statistics with the single-process formula, and turns it into ``grad_W_r``, ``grad_b_r``
+(local) and ``grad_h = sum_r dz_r W_r``, summed over the group by one all-reduce of ``[N, D]``.
+"""
+
+import math
+
+import torch
+
+from . import _inputs
+from ._chunked import FLOAT32_MIN, chunk_logits, chunked_backward, chunked_rows, empty_rows, log_softmax_from_stats
+from ._chunked import row_stats as logit_row_stats
+from ._terms import row_sums, teacher_probs
+from .backend import resolve
+from .distributed import is_sharded, vocab_parallel_form
+from .divergence import (
+    check_divergence_options,
+    divergence_backward_op,
+    divergence_op,
+    reduce_rows,
+    valid_rows_and_weights,
+)
+from .logprobs import LogprobOutputs, logprobs_op
+from .topk import TopK
+from .vocab_parallel import (
+    _merge_row_stats,
+    _plain,
+    all_gather_rows,
+    all_reduce_sum,
+    local_labels,
+    merge_logsumexp,
+    vocab_shard,
+)
+
+
+def _head_shard(names, tensors, vocab_group, vocab_start):
+    """The layout of the head shards (``[V_r, D]`` weights, ``[V_r]`` biases) and ``[..., V_r]`` teacher logits given
+    as (name, tensor) pairs; None entries are skipped. One all-gather of the sizes (vocab_shard), which checks that
+    every shard holds the same slice."""
+    pairs = [(name, x) for name, x in zip(names, tensors) if x is not None]
+    for name, x in pairs:
+        if is_sharded(x):
+            raise ValueError(f"{name}: a DTensor head is not vocabulary-parallel yet: pass its local shard with "
+                             "vocab_group")  # fmt: skip
+    dims = [-1 if name == "teacher_logits" else 0 for name, _ in pairs]
+    _, shard = vocab_shard([n for n, _ in pairs], [x for _, x in pairs], vocab_group, vocab_start, dims=dims)
+    return shard
+
+
+def _sum_grad_hidden(ctx, grads, shard):
+    """(grad_hidden summed over the group, grad_weight, grad_bias or None) of a chunked backward."""
+    grad_hidden, grad_weight, grad_bias = grads
+    if ctx.needs_input_grad[0]:  # the same on every rank (hidden is replicated)
+        grad_hidden = all_reduce_sum(grad_hidden, shard.group)
+    return grad_hidden, grad_weight, grad_bias if ctx.needs_input_grad[2] else None
+
+
+# ----------------------------------------------------------------------------------------------------
+# log-probs and entropy: the statistics of vocab_parallel._LogProbs, from chunk logits
+#
+# Per rank and row, from klops::logprobs on the chunk's logits: m_r, logsum_r, A_r = logsum_r - H_r and z_y where
+# the label is held here (4 fp32; 9 with row stats), one all-gather. logprob = (z_y - M) / T - logsum,
+# H = logsum - sum_r pi_r (A_r + (m_r - M) / T). Backward per chunk:
+# dz = (g (onehot - q) - g_H q (log q + H)) / T, onehot where the label is held here.
+
+
+class _LinearLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, valid, shard, temperature, softcap, with_entropy, with_stats,
+                backend):  # fmt: skip
+        local, owned = local_labels(labels, valid, shard)
+        op_labels = torch.where(valid, local, -1)  # every valid row gets its shard's statistics
+
+        def chunk_stats(z, rows):
+            chunk_local, chunk_owned = local[rows][None], owned[rows][None]
+            _, entropy, row_max, logsum, log_sum_sq, mean_logit, is_top1 = logprobs_op(
+                z, op_labels[rows][None], temperature, with_entropy, with_stats, -1, backend
+            )
+            z_label = z.gather(-1, chunk_local[..., None])[..., 0].float()
+            mean_d = (
+                torch.where(logsum == -math.inf, 0.0, logsum - entropy) if with_entropy else torch.zeros_like(logsum)
+            )
+            stats = [row_max, logsum, mean_d, torch.where(chunk_owned, z_label, 0.0)]
+            if with_stats:  # as _LogProbs: log sum (q^r)^2, sum_{v in r} z_v / T, is_top1 here, held here, start_r
+                start = torch.full_like(logsum, float(shard.start))
+                stats += [log_sum_sq, mean_logit * z.shape[-1], is_top1 * chunk_owned, chunk_owned.float(), start]
+            return stats
+
+        stats = chunked_rows(hidden, weight, bias, softcap, empty_rows(hidden, 9 if with_stats else 4), chunk_stats)
+        m, ls, a, zy, *row_stats = all_gather_rows(torch.stack(stats, -1), shard.group).unbind(-1)
+        top, total, log_pi = merge_logsumexp(m, ls, temperature)
+        logp = torch.where(valid, (zy.sum(0) - top) / temperature - total, 0.0)
+        mean_shift = torch.where(log_pi == -math.inf, 0.0, log_pi.exp() * (a + (m - top) / temperature)).sum(0)
+        entropy = torch.where(valid, total - mean_shift, 0.0)
+        ctx.save_for_backward(hidden, weight, bias, local, owned, valid, top, total, entropy)
+        ctx.params = (shard, temperature, softcap, with_entropy)
+        if not with_stats:
+            return logp, entropy, None, None, None
+        extra = tuple(torch.where(valid, x, 0.0) for x in _merge_row_stats(m, ls, zy, log_pi, *row_stats, shard))
+        ctx.mark_non_differentiable(*extra)
+        return logp, entropy, *extra
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy, *_grad_stats):
+        hidden, weight, bias, local, owned, valid, top, total, entropy = ctx.saved_tensors
+        shard, temperature, softcap, with_entropy = ctx.params
+
+        def chunk_grad(z, rows):
+            g = (grad_logp[rows] / temperature)[:, None]
+            log_q = log_softmax_from_stats(z[0], top[rows], total[rows], temperature)
+            if with_entropy:
+                q = log_q.exp()
+                dz = log_q.clamp_(min=FLOAT32_MIN).add_(entropy[rows][:, None]).mul_(q)
+                dz.mul_((-grad_entropy[rows] / temperature)[:, None]).addcmul_(q, g, value=-1.0)
+            else:
+                dz = log_q.exp_().mul_(-g)
+            dz.scatter_add_(-1, local[rows][:, None], g * owned[rows][:, None])
+            return dz.masked_fill_(~valid[rows][:, None], 0.0)[None]
+
+        grads = _sum_grad_hidden(ctx, chunked_backward(hidden, weight, bias, softcap, chunk_grad), shard)
+        return *grads, *(None,) * 8
+
+
+@vocab_parallel_form("fused_linear_logprobs")
+def fused_linear_logprobs(hidden, weight, labels, *, bias, temperature, softcap, logit_scale, return_entropy,
+                          return_row_stats, ignore_index, backend, vocab_group, vocab_start):  # fmt: skip
+    """``klops.fused_linear_logprobs`` with a head shard ``weight [V_r, D]`` (and ``bias [V_r]``) and replicated
+    ``hidden [..., D]``. Forward: one all-gather of 4 fp32 per row (16 bytes per token sent by each rank; 36 with
+    ``return_row_stats``), plus the shard sizes; backward: one all-reduce of ``grad_hidden [N, D]`` (``D`` elements
+    per token in the hidden states' dtype). Returns plain tensors, replicated."""
+    hidden, labels = _plain(hidden), _plain(labels)
+    _inputs.check_linear("hidden", hidden, "weight", weight, "bias", bias)
+    shard = _head_shard(("weight", "bias"), (weight, bias), vocab_group, vocab_start)
+    labels = _inputs.as_labels("labels", labels, "hidden", hidden)
+    _inputs.check_labels_in_range("labels", labels, shard.total, ignore_index)
+    temperature = _inputs.check_temperature(temperature)
+    softcap = _inputs.check_softcap(softcap)
+    _inputs.check_bool("return_entropy", return_entropy)
+    _inputs.check_bool("return_row_stats", return_row_stats)
+    hidden, bias = _inputs.scale_head_inputs("logit_scale", logit_scale, hidden, bias)
+    backend = resolve("logprobs", backend, hidden.device)  # the row op the chunked path runs on each chunk
+    (hidden3,) = _inputs.as_rows(hidden)
+    labels3 = labels.reshape(hidden3.shape[:2])
+    logp, entropy, *row_stats = _LinearLogProbs.apply(hidden3, weight, bias, labels3, labels3 != ignore_index, shard,
+                                                      temperature, softcap, return_entropy, return_row_stats,
+                                                      backend)  # fmt: skip
+    logp, entropy = logp.reshape(labels.shape), entropy.reshape(labels.shape)
+    if return_row_stats:
+        log_sum_sq, mean_logits, is_top1 = (x.reshape(labels.shape) for x in row_stats)
+        return LogprobOutputs(logp, entropy if return_entropy else None, log_sum_sq, mean_logits, is_top1.bool())
+    return (logp, entropy) if return_entropy else logp
+
+
+# ----------------------------------------------------------------------------------------------------
+# divergences: the math of vocab_parallel's fused_kl form (_chain_rule_kl, _two_round_divergence) on chunk logits
+#
+# forward / reverse KL between logits (the teacher from its head shard or as logits), one all-gather of 5 fp32 per
+# row: both inputs' m_r, logsum_r and the shard's KL(p^r || q^r), merged by the chain rule
+#     KL(p||q) = sum_r pi^p_r (log pi^p_r - log pi^q_r + KL(p^r||q^r))      (reverse KL: p and q swapped).
+# Every other kind, and a teacher given as log-probs or probs: an all-gather of 4 fp32 per row (each input's m_r,
+# logsum_r, or the teacher check's largest entry and log-mass), then a second sweep over the chunks (the student's
+# logits formed again) sums each entry's loss and a with the global log q, log p, and one all-reduce adds (D, gbar).
+# Backward for all: klops::divergence_backward on each chunk with the merged statistics, grad_h all-reduced.
+
+
+def _chain_rule_kl(stats, valid, kind, temperature):
+    """(D, M_q, logsum_q, M_p, logsum_p, gbar) of forward / reverse KL from the all-gathered [W, B, L, 5] shard
+    statistics (m_q, logsum_q, m_p, logsum_p, KL of the shard's softmaxes)."""
+    mq, lsq, mp, lsp, d = stats.unbind(-1)
+    top_q, total_q, log_pi_q = merge_logsumexp(mq, lsq, temperature)
+    top_p, total_p, log_pi_p = merge_logsumexp(mp, lsp, temperature)
+    first, second = (log_pi_p, log_pi_q) if kind == "forward" else (log_pi_q, log_pi_p)
+    rows = torch.where(valid, torch.where(first == -math.inf, 0.0, first.exp() * (first - second + d)).sum(0), 0.0)
+    gbar = torch.full_like(rows, -1.0) if kind == "forward" else rows
+    return rows, top_q, total_q, top_p, total_p, gbar
+
+
+class _LinearDivergence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits, valid, shard, kind, target_is,
+                temperature, coef, softcap, t_softcap, backend):  # fmt: skip
+        def teacher(rows):
+            return _teacher_chunk(t_hidden, t_weight, t_bias, t_logits, t_softcap, rows)
+
+        def sweep(count, chunk_fn):
+            return torch.stack(chunked_rows(hidden, weight, bias, softcap, empty_rows(hidden, count), chunk_fn), -1)
+
+        if kind in ("forward", "reverse") and target_is == "logits":
+
+            def chunk_stats(z, rows):
+                options = (kind, "logits", temperature, 0.0, backend)
+                d, max_q, logsum_q, max_p, logsum_p, _, _ = divergence_op(z, teacher(rows), valid[rows][None], None,
+                                                                          *options)  # fmt: skip
+                d = torch.where((logsum_q == -math.inf) | (logsum_p == -math.inf), 0.0, d)  # a shard without mass
+                return max_q, logsum_q, max_p, logsum_p, d
+
+            stats = _chain_rule_kl(all_gather_rows(sweep(5, chunk_stats), shard.group), valid, kind, temperature)
+        else:
+            dtype = t_logits.dtype if t_logits is not None else t_weight.dtype
+            stats = _two_rounds(sweep, teacher, dtype, valid, shard, kind, target_is, temperature, coef)
+        rows, *stats = stats
+        ctx.save_for_backward(hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits, valid, *stats)
+        ctx.params = (shard, kind, target_is, temperature, coef, softcap, t_softcap, backend)
+        return rows
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits, valid, *stats = ctx.saved_tensors
+        shard, kind, target_is, temperature, coef, softcap, t_softcap, backend = ctx.params
+
+        def chunk_grad(z, rows):
+            y = _teacher_chunk(t_hidden, t_weight, t_bias, t_logits, t_softcap, rows)
+            return divergence_backward_op(grad[rows][None], None, z, y, valid[rows][None], None,
+                                          *(x[rows][None] for x in stats), kind, target_is, temperature, coef,
+                                          backend)  # fmt: skip
+
+        grads = _sum_grad_hidden(ctx, chunked_backward(hidden, weight, bias, softcap, chunk_grad), shard)
+        return *grads, *(None,) * 13
+
+
+def _teacher_chunk(t_hidden, t_weight, t_bias, t_logits, t_softcap, rows):
+    """The teacher's [1, C, V_r] of a chunk of rows: its logits, or formed from its head shard (under its soft cap)."""
+    if t_logits is not None:
+        return t_logits[rows][None]
+    return chunk_logits(t_hidden[rows], t_weight, t_bias, t_softcap)[0][None]
+
+
+def _two_rounds(sweep, teacher, teacher_dtype, valid, shard, kind, target_is, temperature, coef):
+    """(D, M_q, logsum_q, M_p, logsum_p, gbar) of any kind, as vocab_parallel._two_round_divergence: the statistics
+    all-gathered, then (D, gbar) summed over the shards by one all-reduce (a second sweep over the chunks).
+    ``sweep(count, chunk_fn)``: [B, L, count] from the chunks' logits; ``teacher(rows)``: a chunk's teacher."""
+
+    def chunk_stats(z, rows):
+        y = teacher(rows)
+        if target_is == "logits":
+            return *logit_row_stats(z, temperature), *logit_row_stats(y, temperature)
+        lp, p = teacher_probs(y, target_is)  # the check's statistics: largest log-prob (or -prob), log of the mass
+        return *logit_row_stats(z, temperature), lp.amax(-1) if target_is == "logprobs" else p.neg().amax(-1), \
+            p.sum(-1).log()  # fmt: skip
+
+    mq, lsq, mp, lsp = all_gather_rows(sweep(4, chunk_stats), shard.group).unbind(-1)
+    top_q, total_q, _ = merge_logsumexp(mq, lsq, temperature)
+    if target_is == "logits":
+        top_p, total_p, _ = merge_logsumexp(mp, lsp, temperature)
+    else:
+        _inputs.check_teacher_rows("teacher_logits", target_is, teacher_dtype, shard.total, valid,
+                                   mp.amax(0), torch.logsumexp(lsp, 0))  # fmt: skip
+        top_p, total_p = torch.zeros_like(top_q), torch.zeros_like(top_q)
+
+    def chunk_sums(z, rows):
+        lq = log_softmax_from_stats(z, top_q[rows][None], total_q[rows][None], temperature)
+        y = teacher(rows)
+        if target_is == "logits":
+            lp = log_softmax_from_stats(y, top_p[rows][None], total_p[rows][None], temperature)
+            p = lp.exp()
+        else:
+            lp, p = teacher_probs(y, target_is)
+        return row_sums(lq, lq.exp(), lp, p, kind, coef)
+
+    rows, gbar = torch.where(valid[..., None], all_reduce_sum(sweep(2, chunk_sums), shard.group), 0.0).unbind(-1)
+    return rows, top_q, total_q, top_p, total_p, gbar
+
+
+@vocab_parallel_form("fused_linear_kl")
+def fused_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weight, *, teacher_logits, student_bias,
+                    teacher_bias, kind, beta, alpha, temperature, softcap, logit_scale, teacher_softcap,
+                    teacher_logit_scale, labels, mask, weights, ignore_index, reduction, num_items, target_is,
+                    backend, vocab_group, vocab_start):  # fmt: skip
+    """``klops.fused_linear_kl`` with the student's head shard ``student_weight [V_r, D]`` (and bias) and the teacher
+    as a head shard of the same slice ``teacher_weight [V_r, Dt]`` with replicated ``teacher_hidden``, or as
+    ``teacher_logits [..., V_r]`` (read as ``target_is``). Forward per token sent by each rank: 20 bytes (forward /
+    reverse KL of a logits teacher: one all-gather of 5 fp32) or 16 + 8 (other kinds, log-probs / probs teachers: an
+    all-gather of 4 fp32, an all-reduce of 2, and a second sweep over the student's chunk logits), plus the shard
+    sizes; backward: one all-reduce of ``grad_hidden [N, D]``. Returns a plain tensor, replicated."""
+    if isinstance(teacher_hidden, TopK):
+        raise ValueError(
+            "a TopK teacher is not vocabulary-parallel: pass teacher logits (teacher_logits [..., V_r]) or a teacher "
+            "head (teacher_hidden and teacher_weight [V_r, Dt]) sharded as the student's"
+        )
+    student_hidden, teacher_hidden = _plain(student_hidden), _plain(teacher_hidden)
+    labels, mask, weights = _plain(labels), _plain(mask), _plain(weights)
+    _inputs.check_linear("student_hidden", student_hidden, "student_weight", student_weight, "student_bias",
+                         student_bias)  # fmt: skip
+    if teacher_logits is not None:
+        if teacher_hidden is not None or teacher_weight is not None or teacher_bias is not None:
+            raise ValueError("give the teacher as teacher_hidden + teacher_weight or as teacher_logits, not both")
+        if teacher_softcap != "same" or teacher_logit_scale != "same":
+            raise ValueError("teacher_softcap and teacher_logit_scale apply to a teacher given as hidden states and "
+                             "a head")  # fmt: skip
+        _inputs.check_logits("teacher_logits", teacher_logits)
+        if teacher_logits.shape[:-1] != student_hidden.shape[:-1] or teacher_logits.device != student_hidden.device:
+            raise ValueError(f"teacher_logits must have the rows {tuple(student_hidden.shape[:-1])} of student_hidden "
+                             f"on {student_hidden.device}, got {tuple(teacher_logits.shape)} on "
+                             f"{teacher_logits.device}")  # fmt: skip
+        names, heads = ("student_weight", "student_bias", "teacher_logits"), (student_weight, student_bias,
+                                                                                teacher_logits)  # fmt: skip
+    else:
+        if teacher_hidden is None or teacher_weight is None:
+            raise ValueError("the teacher is missing: give teacher_hidden and teacher_weight, or teacher_logits")
+        _inputs.check_linear("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight, "teacher_bias",
+                             teacher_bias)  # fmt: skip
+        if teacher_hidden.shape[:-1] != student_hidden.shape[:-1] or teacher_hidden.device != student_hidden.device:
+            raise ValueError(f"teacher_hidden must have the rows {tuple(student_hidden.shape[:-1])} of student_hidden "
+                             f"on {student_hidden.device}, got {tuple(teacher_hidden.shape[:-1])} on "
+                             f"{teacher_hidden.device}")  # fmt: skip
+        if target_is != "logits":
+            raise ValueError(f"a teacher given as hidden states gives logits; target_is={target_is!r} is for "
+                             "teacher_logits")  # fmt: skip
+        names = ("student_weight", "student_bias", "teacher_weight", "teacher_bias")
+        heads = (student_weight, student_bias, teacher_weight, teacher_bias)
+    shard = _head_shard(names, heads, vocab_group, vocab_start)
+    kernel_kind, coef, temperature = check_divergence_options(kind, beta, alpha, temperature, target_is, reduction,
+                                                              num_items)  # fmt: skip
+    softcap = _inputs.check_softcap(softcap)
+    teacher_softcap = softcap if teacher_softcap == "same" else _inputs.check_softcap(teacher_softcap,
+                                                                                       "teacher_softcap")  # fmt: skip
+    if teacher_weight is not None:
+        scale = logit_scale if teacher_logit_scale == "same" else teacher_logit_scale
+        teacher_hidden, teacher_bias = _inputs.scale_head_inputs("teacher_logit_scale", scale, teacher_hidden,
+                                                                 teacher_bias)  # fmt: skip
+    student_hidden, student_bias = _inputs.scale_head_inputs("logit_scale", logit_scale, student_hidden, student_bias)
+    valid, weights = valid_rows_and_weights("student_hidden", student_hidden, shard.total, labels, mask, weights,
+                                            ignore_index)  # fmt: skip
+    backend = resolve("divergence", backend, student_hidden.device)  # the row op run on each chunk
+    if teacher_logits is not None:
+        student3, teacher_logits = _inputs.as_rows(student_hidden, teacher_logits)
+    else:
+        student3, teacher_hidden = _inputs.as_rows(student_hidden, teacher_hidden)
+    teacher = (teacher_hidden, teacher_weight, teacher_bias, teacher_logits)
+    teacher = tuple(None if x is None else x.detach() for x in teacher)  # the teacher gets no gradient
+    rows = _LinearDivergence.apply(student3, student_weight, student_bias, *teacher, valid.reshape(student3.shape[:2]),
+                                   shard, kernel_kind, target_is, temperature, coef, softcap, teacher_softcap,
+                                   backend)  # fmt: skip
+    rows = rows.reshape(valid.shape)
+    if weights is not None:
+        rows = rows * weights.float()
+    return reduce_rows(rows, valid, reduction, num_items)
