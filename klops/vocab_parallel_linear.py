@@ -170,7 +170,7 @@ def fused_linear_logprobs(hidden, weight, labels, *, bias, temperature, softcap,
 # Backward for all: klops::divergence_backward on each chunk with the merged statistics, grad_h all-reduced.
 
 
-def _chain_rule_kl(stats, valid, kind, temperature):
+def _merge_chain_rule(stats, valid, kind, temperature):
     """(D, M_q, logsum_q, M_p, logsum_p, gbar) of forward / reverse KL from the all-gathered [W, B, L, 5] shard
     statistics (m_q, logsum_q, m_p, logsum_p, KL of the shard's softmaxes)."""
     mq, lsq, mp, lsp, d = stats.unbind(-1)
@@ -201,7 +201,7 @@ class _LinearDivergence(torch.autograd.Function):
                 d = torch.where((logsum_q == -math.inf) | (logsum_p == -math.inf), 0.0, d)  # a shard without mass
                 return max_q, logsum_q, max_p, logsum_p, d
 
-            stats = _chain_rule_kl(all_gather_rows(sweep(5, chunk_stats), shard.group), valid, kind, temperature)
+            stats = _merge_chain_rule(all_gather_rows(sweep(5, chunk_stats), shard.group), valid, kind, temperature)
         else:
             dtype = t_logits.dtype if t_logits is not None else t_weight.dtype
             stats = _two_rounds(sweep, teacher, dtype, valid, shard, kind, target_is, temperature, coef)

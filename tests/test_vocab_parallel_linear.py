@@ -47,8 +47,9 @@ def _model(world: int, B: int = 3, L: int = 5) -> dict:
     return model
 
 
-def _leaves(full: torch.Tensor, own: slice | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _leaves(full: torch.Tensor, own: slice | None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """(this rank's slice of the head / bias (or the whole of a replicated tensor), the full one), both leaves."""
+    full = full.to(dtype)
     return (full if own is None else full[own]).clone().requires_grad_(), full.clone().requires_grad_()
 
 
@@ -82,17 +83,18 @@ def _check_logprobs(rank: int, world: int) -> None:
         dict(return_row_stats=True, temperature=0.7),
         dict(return_row_stats=True, return_entropy=True, softcap=2.0, backend="torch"),
         dict(return_entropy=True, padded=True),
+        dict(return_entropy=True, temperature=0.7, dtype=torch.bfloat16),
     ]
     for options in cases:
-        padded = options.pop("padded", False)
+        padded, dtype = options.pop("padded", False), options.pop("dtype", torch.float32)
         labels = model["pad_labels" if padded else "labels"]
         for with_bias in (True,) if padded else (False, True):
-            (h, hf), (w, wf) = _leaves(model["hidden"], None), _leaves(model["weight"], own)
-            b, bf = _leaves(model["pad_bias" if padded else "bias"], own) if with_bias else (None, None)
+            (h, hf), (w, wf) = _leaves(model["hidden"], None, dtype), _leaves(model["weight"], own, dtype)
+            b, bf = _leaves(model["pad_bias" if padded else "bias"], own, dtype) if with_bias else (None, None)
             out = klops.fused_linear_logprobs(h, w, labels, bias=b, vocab_group=group, **options)
             expected = klops.fused_linear_logprobs(hf, wf, labels, bias=bf, **options)
             out, expected = (out, expected) if isinstance(out, tuple) else ((out,), (expected,))
-            what = f"fused_linear_logprobs {options} bias={with_bias} padded={padded}"
+            what = f"fused_linear_logprobs {options} {dtype} bias={with_bias} padded={padded}"
             _compare(out, expected, what)
             _backward(out), _backward(expected)
             _close(h.grad, hf.grad, what + " grad_hidden"), _close(w.grad, wf.grad[own], what + " grad_weight")
@@ -116,6 +118,7 @@ def _kl_cases():
         yield kind, dict(reduction="mean", num_items=7, **COEF.get(kind, {})), "logprobs"
         yield kind, dict(reduction="none", mask=mask, **COEF.get(kind, {})), "probs"
         yield kind, dict(reduction="mean", **COEF.get(kind, {})), "padded"
+        yield kind, dict(reduction="none", dtype=torch.bfloat16, **COEF.get(kind, {})), "head"
 
 
 def _check_kl(rank: int, world: int) -> None:
@@ -124,15 +127,17 @@ def _check_kl(rank: int, world: int) -> None:
     log_p = torch.log_softmax(t_logits, -1)
     teachers = {"logits": t_logits, "logprobs": log_p, "probs": log_p.exp()}
     for kind, options, teacher in _kl_cases():
-        padded = teacher == "padded"
+        padded, dtype = teacher == "padded", options.pop("dtype", torch.float32)
         labels = model["pad_labels" if padded else "labels"]
         for with_bias in (True,) if padded else (False, True):
-            (h, hf), (w, wf) = _leaves(model["hidden"], None), _leaves(model["weight"], own)
-            b, bf = _leaves(model["pad_bias" if padded else "bias"], own) if with_bias else (None, None)
+            (h, hf), (w, wf) = _leaves(model["hidden"], None, dtype), _leaves(model["weight"], own, dtype)
+            b, bf = _leaves(model["pad_bias" if padded else "bias"], own, dtype) if with_bias else (None, None)
             if teacher in ("head", "padded"):
                 t_bias = model["pad_t_bias" if padded else "t_bias"] if with_bias else None
-                mine = (model["t_hidden"], model["t_weight"][own], None if t_bias is None else t_bias[own])
-                full = (model["t_hidden"], model["t_weight"], t_bias)
+                t_hidden, t_weight = model["t_hidden"].to(dtype), model["t_weight"].to(dtype)
+                t_bias = None if t_bias is None else t_bias.to(dtype)
+                mine = (t_hidden, t_weight[own], None if t_bias is None else t_bias[own])
+                full = (t_hidden, t_weight, t_bias)
                 local = dict(teacher_hidden=mine[0], teacher_weight=mine[1], teacher_bias=mine[2])
                 whole = dict(teacher_hidden=full[0], teacher_weight=full[1], teacher_bias=full[2])
             else:
@@ -141,7 +146,7 @@ def _check_kl(rank: int, world: int) -> None:
             on = dict(kind=kind, labels=labels, student_bias=b, **options)
             loss = klops.fused_linear_kl(h, w, **local, vocab_group=group, **on)
             expected = klops.fused_linear_kl(hf, wf, **whole, **{**on, "student_bias": bf})
-            what = f"fused_linear_kl {kind} {teacher} {options.get('reduction')} bias={with_bias}"
+            what = f"fused_linear_kl {kind} {teacher} {options.get('reduction')} {dtype} bias={with_bias}"
             _close(loss, expected, what)
             _backward((loss,)), _backward((expected,))
             _close(h.grad, hf.grad, what + " grad_hidden"), _close(w.grad, wf.grad[own], what + " grad_weight")
@@ -170,6 +175,8 @@ def test_values_and_gradients(tmp_path, world):
 
 def _traffic(rank: int, world: int, rows: int, vocab: int) -> dict:
     """The collectives (name, bytes sent by this rank) of each op on [1, rows] tokens over vocab entries per rank."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
     group, gen = dist.group.WORLD, torch.Generator().manual_seed(rank)
     hidden, weight = torch.randn(1, rows, D, generator=gen).requires_grad_(), torch.randn(vocab, D, generator=gen)
     weight.requires_grad_()
@@ -191,10 +198,12 @@ def _traffic(rank: int, world: int, rows: int, vocab: int) -> dict:
     }
     traffic = {}
     for name, call in calls.items():
-        with vocab_parallel.record_traffic() as forward:
+        with vocab_parallel.record_traffic() as forward, CommDebugMode() as debug:
             loss = call()
-        with vocab_parallel.record_traffic() as backward:
+        assert debug.get_total_counts() == len(forward), (name, debug.get_comm_counts(), forward)  # all recorded
+        with vocab_parallel.record_traffic() as backward, CommDebugMode() as debug:
             loss.backward()
+        assert debug.get_total_counts() == len(backward), (name, debug.get_comm_counts(), backward)
         traffic[name] = (forward, backward)
     return traffic
 
