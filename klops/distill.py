@@ -17,6 +17,7 @@ from . import _inputs
 from ._chunked import log_softmax_from_stats, log_softmax_rows, row_chunks
 from ._packed import packing
 from .backend import launcher_table, resolve
+from .distributed import VOCAB_PARALLEL_FORMS, is_sharded
 from .divergence import divergence_and_label_logprobs, fused_kl, reduce_rows, valid_rows_and_weights
 from .grpo import grpo_loss_from_logits
 from .linear import fused_linear_kl, fused_linear_logprobs, linear_divergence_and_label_logprobs
@@ -47,6 +48,8 @@ def dckd_loss(
     position_ids: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
+    vocab_group: torch.distributed.ProcessGroup | None = None,
+    vocab_start: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Dual-constrained KD (DCKD, the first stage of ADPA): ``(loss, metrics)`` with
 
@@ -69,10 +72,17 @@ def dckd_loss(
     Gradients flow to the student only. Metrics: ``nll``, ``kl/chosen``, ``kl/rejected`` (0-d fp32). At
     ``temperature=1`` the NLL and the KL come from one fused op (one sweep per direction, one gradient written);
     otherwise (the NLL is taken at temperature 1), and for a hidden-state student with teacher logits, from two.
+
+    ``vocab_group`` / ``vocab_start``: vocabulary-sharded student and teacher logits, as ``fused_kl`` takes them
+    (labels are global ids); the ops above then run vocabulary-parallel. Not with a hidden-state student.
     """
     for name, value in (("w_sft", w_sft), ("w_distil", w_distil), ("w_chosen", w_chosen), ("w_rejected", w_rejected)):
         _inputs.check_real(name, value, low=0.0, high=math.inf)
     z, weight, bias = _inputs.split_model("student", student)
+    sharded = dict(vocab_group=vocab_group, vocab_start=vocab_start)
+    if weight is not None and (vocab_group is not None or vocab_start is not None):
+        raise ValueError("dckd_loss: vocab_group / vocab_start take sharded student and teacher logits, not hidden "
+                         "states: pass each rank's logits [B, L, V_r]")  # fmt: skip
     packed = packing(position_ids, cu_seqlens, labels)
     sequences = labels.shape[:1] if packed is None else (packed.count,)
     if not isinstance(chosen, torch.Tensor) or chosen.dtype != torch.bool or chosen.shape != sequences:
@@ -85,10 +95,10 @@ def dckd_loss(
     one_sweep = temperature == 1.0
     if weight is None:
         if one_sweep:
-            kl, logp, _ = divergence_and_label_logprobs(z, teacher, labels, kind, **coef, **common)
+            kl, logp, _ = divergence_and_label_logprobs(z, teacher, labels, kind, **coef, **common, **sharded)
         else:
-            kl = fused_kl(z, teacher, kind, labels=labels, reduction="none", **coef, **common)
-            logp = logprobs(z, labels, ignore_index=ignore_index, backend=backend)
+            kl = fused_kl(z, teacher, kind, labels=labels, reduction="none", **coef, **common, **sharded)
+            logp = logprobs(z, labels, ignore_index=ignore_index, backend=backend, **sharded)
     elif isinstance(teacher, torch.Tensor):  # teacher logits beside a hidden-state student: two ops
         kl = fused_linear_kl(z, weight, teacher_logits=teacher, student_bias=bias, kind=kind, labels=labels,
                              reduction="none", **coef, **common)  # fmt: skip
@@ -273,6 +283,8 @@ def forward_reverse_kl(
     mask: torch.Tensor | None = None,
     ignore_index: int = -100,
     backend: str = "auto",
+    vocab_group: torch.distributed.ProcessGroup | None = None,
+    vocab_start: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per token ``KL(p || q)`` and ``KL(q || p)`` ([...] fp32 each, 0 on invalid rows), both from one sweep of
     the two rows, for any per-row mixture of forward and reverse KL (BD-KD-style weighting, or your own):
@@ -283,7 +295,14 @@ def forward_reverse_kl(
     ``(g_f (q - p) + g_r q (log q - log p - KL(q || p))) / T`` for their upstream gradients ``g_f``, ``g_r``, where
     two ``fused_kl`` calls read both rows twice forward and backward and write two gradients. Rows whose label is
     ``ignore_index`` or whose mask is 0 give 0. Backends: "triton" (GPU or interpreter), "cpu" (C++) and "torch".
+    ``vocab_group`` / ``vocab_start``: vocabulary-sharded logits, as ``fused_kl`` takes them
+    (klops/vocab_parallel_distill.py).
     """
+    if vocab_group is not None or vocab_start is not None or is_sharded(student_logits):
+        return VOCAB_PARALLEL_FORMS["forward_reverse_kl"](
+            student_logits, teacher_logits, temperature=temperature, labels=labels, mask=mask,
+            ignore_index=ignore_index, backend=backend, vocab_group=vocab_group, vocab_start=vocab_start,
+        )  # fmt: skip
     valid, temperature, backend = _kl_pair_checks(
         "forward_reverse_kl", student_logits, teacher_logits, temperature, labels, mask, ignore_index, backend
     )
@@ -324,6 +343,8 @@ def akl_weights(
     mask: torch.Tensor | None = None,
     ignore_index: int = -100,
     backend: str = "auto",
+    vocab_group: torch.distributed.ProcessGroup | None = None,
+    vocab_start: int | None = None,
 ) -> torch.Tensor:
     """AKL's per-token weight of the forward KL (the reverse KL's is ``1 - w``), [...] fp32, no gradient.
 
@@ -340,7 +361,16 @@ def akl_weights(
     of the student's; it is ``akl_loss``'s kernel, whose KLs are dropped here. The C++ CPU kernel
     (csrc/cpu/kl_pair.cpp) keeps the row's p in a buffer and binary-searches the boundary's fp32 bits, one
     vectorized pass over that buffer per step. The torch backend sorts each chunk of rows.
+
+    ``vocab_group`` / ``vocab_start``: vocabulary-sharded logits, as ``fused_kl`` takes them; the boundary is then
+    bisected over its fp32 bits, each of 30 rounds an all-reduce of 4 bytes per token
+    (klops/vocab_parallel_distill.py).
     """
+    if vocab_group is not None or vocab_start is not None or is_sharded(student_logits):
+        return VOCAB_PARALLEL_FORMS["akl_weights"](
+            student_logits, teacher_logits, mu=mu, temperature=temperature, labels=labels, mask=mask,
+            ignore_index=ignore_index, backend=backend, vocab_group=vocab_group, vocab_start=vocab_start,
+        )  # fmt: skip
     valid, mu, temperature, backend = _akl_checks(
         "akl_weights", student_logits, teacher_logits, mu, temperature, labels, mask, ignore_index, backend
     )
@@ -361,6 +391,8 @@ def akl_loss(
     reduction: str = "mean",
     num_items: int | torch.Tensor | None = None,
     backend: str = "auto",
+    vocab_group: torch.distributed.ProcessGroup | None = None,
+    vocab_start: int | None = None,
 ) -> torch.Tensor:
     """Adaptive KL (AKL): per token ``w KL(p || q) + (1 - w) KL(q || p)`` with ``w = akl_weights(...)``, reduced
     over the valid tokens as ``fused_kl`` does (``"mean"``: the authors' mean over non-ignored labels).
@@ -370,8 +402,14 @@ def akl_loss(
     backend the weights' kernel also accumulates both KLs online in its first sweep (``forward_reverse_kl``'s, no
     further read of either row) and the backward is one sweep writing
     ``(w (q - p) + (1 - w) q (log q - log p - KL(q||p))) / T``; the torch backend sorts each chunk of rows for the
-    weights and forms both KLs from its log-probabilities.
+    weights and forms both KLs from its log-probabilities. ``vocab_group`` / ``vocab_start``: as ``akl_weights``.
     """
+    if vocab_group is not None or vocab_start is not None or is_sharded(student_logits):
+        return VOCAB_PARALLEL_FORMS["akl_loss"](
+            student_logits, teacher_logits, mu=mu, temperature=temperature, labels=labels, mask=mask,
+            ignore_index=ignore_index, reduction=reduction, num_items=num_items, backend=backend,
+            vocab_group=vocab_group, vocab_start=vocab_start,
+        )  # fmt: skip
     _inputs.check_choice("reduction", reduction, _inputs.REDUCTIONS)
     _inputs.check_num_items(num_items, reduction)
     valid, mu, temperature, backend = _akl_checks(

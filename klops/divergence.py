@@ -411,13 +411,23 @@ def divergence_and_label_logprobs(
     mask: torch.Tensor | None = None,
     ignore_index: int = -100,
     backend: str = "auto",
+    vocab_group: torch.distributed.ProcessGroup | None = None,
+    vocab_start: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(D, log q(label), log p(label))`` per row ``[...]`` fp32 from one sweep over both logit rows: the
     divergence of ``fused_kl(reduction="none")``, the student's log-prob of each row's label (with its gradient
     ``(onehot - q) / T``, written in the same backward sweep as D's) and the teacher's (no gradient; from the
     forward's row statistics and one gathered entry). Rows whose label is ``ignore_index`` or whose mask is 0
     give 0 in all three. For TDPO (a reference and its policy) and SFT + distillation mixes. The teacher may be
-    a ``klops.TopK``: then the third value is None (the label need not be among its ids)."""
+    a ``klops.TopK``: then the third value is None (the label need not be among its ids).
+
+    ``vocab_group`` / ``vocab_start``: vocabulary-sharded logits, as ``fused_kl`` takes them (labels are global ids;
+    klops/vocab_parallel_distill.py); not with a ``TopK`` teacher."""
+    if vocab_group is not None or vocab_start is not None or is_sharded(student_logits):
+        return VOCAB_PARALLEL_FORMS["divergence_and_label_logprobs"](
+            student_logits, teacher_logits, labels, kind, beta=beta, alpha=alpha, temperature=temperature, mask=mask,
+            ignore_index=ignore_index, backend=backend, vocab_group=vocab_group, vocab_start=vocab_start,
+        )  # fmt: skip
     _inputs.check_logits("student_logits", student_logits)
     if not isinstance(teacher_logits, TopK):
         _inputs.check_dense_teacher(teacher_logits, student_logits)

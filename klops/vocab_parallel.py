@@ -320,26 +320,29 @@ def logprobs(logits, labels, *, temperature, return_entropy, return_row_stats, i
 # all-reduce adds (D, gbar): 2 fp32 per row. Backward for all: klops::divergence_backward with the global statistics.
 
 
-def _chain_rule_kl(student, teacher, valid, shard, kind, temperature, backend):
-    """(D, M_q, logsum_q, M_p, logsum_p, gbar) per row of forward / reverse KL between logit rows, one all-gather."""
+def _chain_rule_kl(student, teacher, valid, shard, kind, temperature, backend, extra=None):
+    """(D, M_q, logsum_q, M_p, logsum_p, gbar, summed extra) per row of forward / reverse KL between logit rows, one
+    all-gather; ``extra`` ([B, L, k] fp32 or None) rides along in it and comes back summed over the shards."""
     local, max_q, logsum_q, max_p, logsum_p, _, _ = divergence_op(student, teacher, valid, None, kind, "logits",
                                                                   temperature, 0.0, backend)  # fmt: skip
     local = torch.where((logsum_q == -math.inf) | (logsum_p == -math.inf), 0.0, local)  # a shard without one's mass
-    stats = all_gather_rows(torch.stack((max_q, logsum_q, max_p, logsum_p, local), -1), shard.group)
-    mq, lsq, mp, lsp, d = stats.unbind(-1)
+    stats = torch.stack((max_q, logsum_q, max_p, logsum_p, local), -1)
+    stats = all_gather_rows(stats if extra is None else torch.cat((stats, extra), -1), shard.group)
+    mq, lsq, mp, lsp, d = stats[..., :5].unbind(-1)
     top_q, total_q, log_pi_q = merge_logsumexp(mq, lsq, temperature)
     top_p, total_p, log_pi_p = merge_logsumexp(mp, lsp, temperature)
     first, second = (log_pi_p, log_pi_q) if kind == "forward" else (log_pi_q, log_pi_p)
     rows = torch.where(first == -math.inf, 0.0, first.exp() * (first - second + d)).sum(0)
     rows = torch.where(valid, rows, 0.0)
     gbar = torch.full_like(rows, -1.0) if kind == "forward" else rows
-    return rows, top_q, total_q, top_p, total_p, gbar
+    return rows, top_q, total_q, top_p, total_p, gbar, None if extra is None else stats[..., 5:].sum(0)
 
 
-def _two_round_divergence(student, teacher, valid, shard, kind, target_is, temperature, coef):
-    """(D, M_q, logsum_q, M_p, logsum_p, gbar) per row of any kind: statistics all-gathered, then (D, gbar) summed
-    over the shards by one all-reduce. For a teacher given as log-probs or probs, M_p / logsum_p are 0 and the
-    teacher's check runs on its merged largest entry and log-mass."""
+def _two_round_divergence(student, teacher, valid, shard, kind, target_is, temperature, coef, extra=None):
+    """(D, M_q, logsum_q, M_p, logsum_p, gbar, summed extra) per row of any kind: statistics all-gathered, then
+    (D, gbar) summed over the shards by one all-reduce; ``extra`` ([B, L, k] fp32 or None) rides along in the
+    all-gather and comes back summed over the shards. For a teacher given as log-probs or probs, M_p / logsum_p are 0
+    and the teacher's check runs on its merged largest entry and log-mass."""
     B, L, V = student.shape
     stats = student.new_zeros((B, L, 4), dtype=torch.float32)
     for b, rows in row_chunks(B, L, V):
@@ -350,7 +353,8 @@ def _two_round_divergence(student, teacher, valid, shard, kind, target_is, tempe
             lp, p = teacher_probs(teacher[b, rows], target_is)
             stats[b, rows, 2] = lp.amax(-1) if target_is == "logprobs" else p.neg().amax(-1)
             stats[b, rows, 3] = p.sum(-1).log()
-    mq, lsq, mp, lsp = all_gather_rows(stats, shard.group).unbind(-1)
+    gathered = all_gather_rows(stats if extra is None else torch.cat((stats, extra), -1), shard.group)
+    mq, lsq, mp, lsp = gathered[..., :4].unbind(-1)
     top_q, total_q, _ = merge_logsumexp(mq, lsq, temperature)
     if target_is == "logits":
         top_p, total_p, _ = merge_logsumexp(mp, lsp, temperature)
@@ -368,16 +372,16 @@ def _two_round_divergence(student, teacher, valid, shard, kind, target_is, tempe
             lp, p = teacher_probs(teacher[b, rows], target_is)
         sums[b, rows, 0], sums[b, rows, 1] = row_sums(lq, lq.exp(), lp, p, kind, coef)
     rows, gbar = torch.where(valid[..., None], all_reduce_sum(sums, shard.group), 0.0).unbind(-1)
-    return rows, top_q, total_q, top_p, total_p, gbar
+    return rows, top_q, total_q, top_p, total_p, gbar, None if extra is None else gathered[..., 4:].sum(0)
 
 
 class _Divergence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, valid, shard, kind, target_is, temperature, coef, backend):
         if kind in ("forward", "reverse") and target_is == "logits":
-            rows, *stats = _chain_rule_kl(student, teacher, valid, shard, kind, temperature, backend)
+            rows, *stats, _ = _chain_rule_kl(student, teacher, valid, shard, kind, temperature, backend)
         else:
-            rows, *stats = _two_round_divergence(student, teacher, valid, shard, kind, target_is, temperature, coef)
+            rows, *stats, _ = _two_round_divergence(student, teacher, valid, shard, kind, target_is, temperature, coef)
         ctx.save_for_backward(student, teacher, valid, *stats)
         ctx.params = (kind, target_is, temperature, coef, backend)
         return rows

@@ -1,2 +1,246 @@
-"""Vocabulary-parallel forms of divergence_and_label_logprobs, forward_reverse_kl / akl_loss, dckd_loss and TopK teachers (issue 33), on the plumbing of
-klops/vocab_parallel.py."""
+"""Vocabulary-parallel forms of ``divergence_and_label_logprobs``, ``forward_reverse_kl``, ``akl_weights`` and
+``akl_loss`` (issue 33; docs/losses.md "Vocabulary-parallel ops"), on the plumbing of klops/vocab_parallel.py: each
+rank holds the slice ``[start_r, start_r + V_r)`` of both logits, labels are global ids, every rank returns the
+same values and the gradient of its own shard. ``dckd_loss`` threads ``vocab_group`` through the ops it is made of.
+
+divergence_and_label_logprobs. ``fused_kl``'s rounds (klops/vocab_parallel.py) with the label's logit of both
+inputs riding along in the first all-gather (the rank holding the label sends ``z_y``, ``y_y``; the others 0):
+``log q(y) = (z_y - M_q) / T - logsum_q``, ``log p(y)`` likewise. Forward / reverse KL: one all-gather of 7 fp32
+per row; other kinds: 6 fp32 all-gathered, then 2 all-reduced. Backward: no collective, the single-process chunk
+gradient (klops/divergence.py) with the label's one-hot only on the rank that holds it.
+
+forward_reverse_kl. Both KLs by the chain rule over the shards (as ``fused_kl``'s forward / reverse KL), with
+``KL(p^r||q^r)`` and ``KL(q^r||p^r)`` from klops's own ``kl_pair`` op on the shard: one all-gather of 6 fp32 per
+row; the backward is ``kl_pair``'s own with the global statistics, no collective.
+
+AKL's weights. The head is the entries of ``p`` above the boundary value ``t`` and the share of those tied with it
+that fits under ``mu`` (``akl_split`` in klops/distill.py); ``t`` is the value with ``mass(p > t) <= mu <
+mass(p >= t)``, i.e. the largest ``t`` with ``mass(p >= t) > mu``. Probabilities are non-negative floats, whose bits
+order as integers, so a bisection over the fp32 bits of ``t`` in ``[0, 1]`` finds it exactly: 30 rounds, each one
+all-reduce of the rows' ``mass(p >= t)`` (1 fp32 per row). Then one all-reduce of 5 fp32 per row (mass above ``t``,
+the number of ties, the gaps ``|p - q|`` above, tied and in all) gives the single-process weight. The sums' order
+differs from the single-process sort's running sum: a boundary within rounding of ``mu`` may fall on a neighbour.
+"""
+
+import math
+
+import torch
+
+from . import _inputs
+from ._chunked import log_softmax_from_stats, row_chunks, scaled
+from .backend import resolve
+from .distill import kl_pair_backward_op, kl_pair_op
+from .distributed import vocab_parallel_form
+from .divergence import _divergence_grad_rows, check_divergence_options, reduce_rows, valid_rows_and_weights
+from .topk import TopK
+from .vocab_parallel import (
+    _chain_rule_kl,
+    _plain,
+    _two_round_divergence,
+    all_gather_rows,
+    all_reduce_sum,
+    local_labels,
+    merge_logsumexp,
+    vocab_shard,
+)
+
+# ----------------------------------------------------------------------------------------------------
+# divergence_and_label_logprobs
+
+
+class _DivergenceAndLabels(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, teacher, labels, valid, shard, kind, temperature, coef, backend):
+        local, owned = local_labels(labels, valid, shard)
+        at_label = torch.stack([x.gather(-1, local[..., None])[..., 0].float() for x in (student, teacher)], -1)
+        extra = torch.where(owned[..., None], at_label, 0.0)
+        if kind in ("forward", "reverse"):
+            rows, *stats, label_logits = _chain_rule_kl(student, teacher, valid, shard, kind, temperature, backend,
+                                                        extra)  # fmt: skip
+        else:
+            rows, *stats, label_logits = _two_round_divergence(student, teacher, valid, shard, kind, "logits",
+                                                               temperature, coef, extra)  # fmt: skip
+        top_q, total_q, top_p, total_p, _ = stats
+        logp = torch.where(valid, scaled(label_logits[..., 0] - top_q, temperature) - total_q, 0.0)
+        teacher_logp = torch.where(valid, scaled(label_logits[..., 1] - top_p, temperature) - total_p, 0.0)
+        ctx.mark_non_differentiable(teacher_logp)
+        ctx.save_for_backward(student, teacher, valid, local, owned, *stats)
+        ctx.params = (kind, temperature, coef)
+        return rows, logp, teacher_logp
+
+    @staticmethod
+    def backward(ctx, grad, grad_logp, _):
+        student, teacher, valid, local, owned, *stats = ctx.saved_tensors
+        kind, temperature, coef = ctx.params
+        B, L, V = student.shape
+        grad = torch.zeros_like(valid, dtype=torch.float32) if grad is None else grad
+        dz = torch.empty_like(student)
+        for b, rows in row_chunks(B, L, V):
+            label_grad = None if grad_logp is None else (local[b, rows], grad_logp[b, rows])
+            chunk = _divergence_grad_rows(grad[b, rows], label_grad, student[b, rows], teacher[b, rows],
+                                          *(x[b, rows] for x in stats), kind, "logits", temperature, coef)  # fmt: skip
+            if grad_logp is not None:  # the one-hot belongs to the rank holding the label: the others take it back
+                elsewhere = torch.where(owned[b, rows], 0.0, -grad_logp[b, rows] / temperature)
+                chunk.scatter_add_(-1, local[b, rows][:, None], elsewhere[:, None])
+            dz[b, rows] = chunk.masked_fill_(~valid[b, rows][:, None], 0.0)
+        return dz, *(None,) * 8
+
+
+@vocab_parallel_form("divergence_and_label_logprobs")
+def divergence_and_label_logprobs(student_logits, teacher_logits, labels, kind, *, beta, alpha, temperature, mask,
+                                  ignore_index, backend, vocab_group, vocab_start):  # fmt: skip
+    """``klops.divergence_and_label_logprobs`` over vocabulary-sharded student and teacher logits ``[..., V_r]`` (the
+    same shards). Per token each rank sends 28 bytes (forward / reverse KL: one all-gather of 7 fp32) or 24 + 8
+    (other kinds: an all-gather of 6 fp32, an all-reduce of 2), plus the shard sizes; the backward sends nothing.
+    Returns plain tensors, replicated."""
+    if isinstance(teacher_logits, TopK):
+        raise ValueError("divergence_and_label_logprobs: a TopK teacher is not vocabulary-parallel: gather the "
+                         "student's logits (call it without vocab_group) for a TopK teacher")  # fmt: skip
+    (student, teacher), shard = vocab_shard(["student_logits", "teacher_logits"], [student_logits, teacher_logits],
+                                            vocab_group, vocab_start)  # fmt: skip
+    labels, mask = _plain(labels), _plain(mask)
+    _inputs.check_logits("student_logits", student)
+    _inputs.check_dense_teacher(teacher, student)
+    kernel_kind, coef, temperature = check_divergence_options(kind, beta, alpha, temperature, "logits", "none", None)
+    valid, _ = valid_rows_and_weights("student_logits", student, shard.total, labels, mask, None, ignore_index)
+    backend = resolve("divergence", backend, student.device)
+    student3, teacher3 = _inputs.as_rows(student, teacher)
+    rows_shape = student3.shape[:2]
+    labels3, valid3 = labels.long().reshape(rows_shape), valid.reshape(rows_shape)
+    outputs = _DivergenceAndLabels.apply(student3, teacher3, labels3, valid3, shard, kernel_kind, temperature, coef,
+                                         backend)  # fmt: skip
+    return tuple(x.reshape(valid.shape) for x in outputs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# forward_reverse_kl, akl_weights, akl_loss
+
+
+def _chain_rule(first, second, within):
+    """sum_r pi_r (log pi_r - log sigma_r + KL within shard r) from the [W, N] log-masses of the two distributions'
+    shards (``first`` is the one the KL averages over) and the shards' own KLs."""
+    return torch.where(first == -math.inf, 0.0, first.exp() * (first - second + within)).sum(0)
+
+
+class _KLPair(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, teacher, valid, shard, temperature, backend):
+        B, L, _ = student.shape
+        _, local = kl_pair_op(student, teacher, valid, temperature, 0.5, False, backend)
+        kl_pq, kl_qp, max_q, logsum_q, max_p, logsum_p = local.reshape(B, L, 6).unbind(-1)
+        empty = (logsum_q == -math.inf) | (logsum_p == -math.inf)  # a shard without one's mass: no KL within it
+        kl_pq, kl_qp = torch.where(empty, 0.0, kl_pq), torch.where(empty, 0.0, kl_qp)
+        stats = all_gather_rows(torch.stack((max_q, logsum_q, max_p, logsum_p, kl_pq, kl_qp), -1), shard.group)
+        mq, lsq, mp, lsp, d_pq, d_qp = stats.unbind(-1)
+        top_q, total_q, log_pi_q = merge_logsumexp(mq, lsq, temperature)
+        top_p, total_p, log_pi_p = merge_logsumexp(mp, lsp, temperature)
+        kl_pq, kl_qp = _chain_rule(log_pi_p, log_pi_q, d_pq), _chain_rule(log_pi_q, log_pi_p, d_qp)
+        merged = torch.stack((kl_pq, kl_qp, top_q, total_q, top_p, total_p), -1)
+        merged = torch.where(valid[..., None], merged, 0.0).reshape(B * L, 6)
+        ctx.save_for_backward(student, teacher, valid, merged)
+        ctx.params = (temperature, backend)
+        return merged[:, 0], merged[:, 1], merged[:, 2:]
+
+    @staticmethod
+    def backward(ctx, grad_pq, grad_qp, _):
+        student, teacher, valid, merged = ctx.saved_tensors
+        grads = [torch.zeros_like(merged[:, 0]) if g is None else g for g in (grad_pq, grad_qp)]
+        dz = kl_pair_backward_op(torch.stack(grads, -1), student, teacher, valid, merged, *ctx.params)
+        return dz, *(None,) * 5
+
+
+def _mass_at_least(teacher, stats, threshold, temperature):
+    """[B, L] fp32: this shard's sum of p_v over the entries with p_v >= threshold [B, L] (p from the global
+    statistics (M_p, logsum_p) in ``stats`` [B, L, 4]), a chunk of rows at a time."""
+    B, L, V = teacher.shape
+    mass = teacher.new_zeros((B, L), dtype=torch.float32)
+    for b, rows in row_chunks(B, L, V):
+        p = log_softmax_from_stats(teacher[b, rows], stats[b, rows, 2], stats[b, rows, 3], temperature).exp_()
+        mass[b, rows] = torch.where(p >= threshold[b, rows, None], p, 0.0).sum(-1)
+    return mass
+
+
+def _akl_weights(student, teacher, valid, shard, stats, temperature, mu):
+    """[B, L] fp32 AKL weights from the global (M_q, logsum_q, M_p, logsum_p) ``stats`` [B, L, 4]: 30 all-reduces
+    of 1 fp32 per row bisect the boundary's fp32 bits, one of 5 fp32 per row gives the gaps (akl_split's math)."""
+    B, L, V = student.shape
+    low = torch.zeros((B, L), dtype=torch.int32, device=student.device)  # mass(p >= 0) = 1 > mu
+    high = torch.full_like(low, 0x3F800001)  # mass(p >= 1 + ulp) = 0 <= mu
+    for _ in range(30):  # ceil(log2(0x3F800001)): high - low ends at 1
+        middle = (low + high) // 2
+        above = all_reduce_sum(_mass_at_least(teacher, stats, middle.view(torch.float32), temperature), shard.group)
+        low, high = torch.where(above > mu, middle, low), torch.where(above > mu, high, middle)
+    boundary = low.view(torch.float32)
+    sums = student.new_zeros((B, L, 5), dtype=torch.float32)
+    for b, rows in row_chunks(B, L, V):
+        q = log_softmax_from_stats(student[b, rows], stats[b, rows, 0], stats[b, rows, 1], temperature).exp_()
+        p = log_softmax_from_stats(teacher[b, rows], stats[b, rows, 2], stats[b, rows, 3], temperature).exp_()
+        t = boundary[b, rows, None]
+        above, tie, gap = p > t, p == t, (p - q).abs()
+        sums[b, rows] = torch.stack(((p * above).sum(-1), tie.sum(-1).float(), (gap * above).sum(-1),
+                                     (gap * tie).sum(-1), gap.sum(-1)), -1)  # fmt: skip
+    mass_above, ties, gap_above, gap_tie, gap_total = all_reduce_sum(sums, shard.group).unbind(-1)
+    boundary = torch.where(boundary > 0, boundary, 1.0)  # p = 0 is never the boundary (the mass above it is 1)
+    fit = torch.floor((mu - mass_above) / boundary).clamp(min=0).minimum(ties)
+    fit = torch.where(mass_above == 0, fit.clamp(min=1), fit)  # nothing above: the boundary is the argmax, in the head
+    head = gap_above + torch.where(ties > 0, fit / ties.clamp(min=1), 0.0) * gap_tie
+    weights = torch.where(gap_total > 0, head / torch.where(gap_total > 0, gap_total, 1.0), 0.5)
+    return torch.where(valid, weights, 0.0)
+
+
+def _kl_pair_rows(op, student_logits, teacher_logits, temperature, labels, mask, ignore_index, backend, vocab_group,
+                  vocab_start, mu=None):  # fmt: skip
+    """(KL(p||q) [...], KL(q||p) [...], AKL weights [...] or None (without mu), valid [...]) of the sharded logits,
+    after the checks of ``op``'s arguments."""
+    (student, teacher), shard = vocab_shard(["student_logits", "teacher_logits"], [student_logits, teacher_logits],
+                                            vocab_group, vocab_start)  # fmt: skip
+    labels, mask = _plain(labels), _plain(mask)
+    _inputs.check_logits("student_logits", student)
+    _inputs.check_dense_teacher(teacher, student)
+    temperature = _inputs.check_temperature(temperature)
+    if mu is not None:
+        mu = _inputs.check_real("mu", mu, low=0.0, high=1.0, open_low=True)
+        if mu == 1.0:
+            raise ValueError("mu must lie in (0, 1), got 1.0")
+    valid, _ = valid_rows_and_weights("student_logits", student, shard.total, labels, mask, None, ignore_index)
+    backend = resolve("kl_pair", backend, student.device, name=op)
+    student3, teacher3 = _inputs.as_rows(student, teacher.detach())
+    valid3 = valid.reshape(student3.shape[:2])
+    kl_pq, kl_qp, stats = _KLPair.apply(student3, teacher3, valid3, shard, temperature, backend)
+    weights = None
+    if mu is not None:
+        stats = stats.detach().reshape(*valid3.shape, 4)
+        weights = _akl_weights(student3.detach(), teacher3, valid3, shard, stats, temperature, mu).reshape(valid.shape)
+    return kl_pq.reshape(valid.shape), kl_qp.reshape(valid.shape), weights, valid
+
+
+@vocab_parallel_form("forward_reverse_kl")
+def forward_reverse_kl(student_logits, teacher_logits, *, temperature, labels, mask, ignore_index, backend,
+                       vocab_group, vocab_start):  # fmt: skip
+    """``klops.forward_reverse_kl`` over vocabulary-sharded logits ``[..., V_r]``: one all-gather of 6 fp32 per row
+    (24 bytes per token sent by each rank), plus the shard sizes; the backward sends nothing."""
+    kl_pq, kl_qp, _, _ = _kl_pair_rows("forward_reverse_kl", student_logits, teacher_logits, temperature, labels, mask,
+                                    ignore_index, backend, vocab_group, vocab_start)  # fmt: skip
+    return kl_pq, kl_qp
+
+
+@vocab_parallel_form("akl_weights")
+def akl_weights(student_logits, teacher_logits, *, mu, temperature, labels, mask, ignore_index, backend, vocab_group,
+                vocab_start):  # fmt: skip
+    """``klops.akl_weights`` over vocabulary-sharded logits: ``akl_loss``'s rounds (164 bytes per token)."""
+    with torch.no_grad():
+        return _kl_pair_rows("akl_weights", student_logits, teacher_logits, temperature, labels, mask, ignore_index,
+                             backend, vocab_group, vocab_start, mu)[2]  # fmt: skip
+
+
+@vocab_parallel_form("akl_loss")
+def akl_loss(student_logits, teacher_logits, *, mu, temperature, labels, mask, ignore_index, reduction, num_items,
+             backend, vocab_group, vocab_start):  # fmt: skip
+    """``klops.akl_loss`` over vocabulary-sharded logits. Per token each rank sends 24 bytes (the KLs' all-gather),
+    30 x 4 (the bisection's all-reduces) and 20 (the gaps' all-reduce): 164 bytes in 32 collectives, plus the shard
+    sizes; the backward sends nothing."""
+    _inputs.check_choice("reduction", reduction, _inputs.REDUCTIONS)
+    _inputs.check_num_items(num_items, reduction)
+    kl_pq, kl_qp, w, valid = _kl_pair_rows("akl_loss", student_logits, teacher_logits, temperature, labels, mask,
+                                    ignore_index, backend, vocab_group, vocab_start, mu)  # fmt: skip
+    return reduce_rows(w * kl_pq + (1 - w) * kl_qp, valid, reduction, num_items)

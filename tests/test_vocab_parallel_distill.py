@@ -1,0 +1,195 @@
+"""Vocabulary-parallel distillation ops (klops/vocab_parallel_distill.py, issue 33) against the single-process op on
+the gathered logits: divergence_and_label_logprobs, forward_reverse_kl, akl_weights / akl_loss and dckd_loss, on gloo
+groups of 2 and 3 CPU processes (tests/_distributed.py; the inputs of tests/test_vocab_parallel.py: V = 37, uneven
+shards, -inf entries, a shard holding only -inf, ignored labels and a fully masked sequence)."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import klops
+from klops import vocab_parallel
+from klops.kernels.kinds import DIVERGENCE_KINDS
+
+from ._distributed import close as _close
+from ._distributed import shard_slice as _slice
+from ._distributed import spawn as _spawn
+from .test_vocab_parallel import COEF, SIZES, V, _inputs
+
+
+def _mask(labels):
+    mask = torch.ones(labels.shape, dtype=torch.bool)
+    mask[0, 3] = False
+    return mask
+
+
+def _grads(outputs, expected, leaves, what):
+    """Each output and its expected value equal; then the gradients of a weighted sum of them equal (leaves: the
+    shard and the full logits)."""
+    for i, (x, e) in enumerate(zip(outputs, expected)):
+        _close(x, e, f"{what} output {i}")
+    weighted = [(x, e) for x, e in zip(outputs, expected) if x is not None and x.requires_grad]
+    sum((x * torch.linspace(0.5, 1.5, x.numel()).reshape(x.shape)).sum() * (i + 1)
+        for i, (x, _) in enumerate(weighted)).backward()  # fmt: skip
+    sum((e * torch.linspace(0.5, 1.5, e.numel()).reshape(e.shape)).sum() * (i + 1)
+        for i, (_, e) in enumerate(weighted)).backward()  # fmt: skip
+    (zl, own), zf = leaves
+    _close(zl.grad, zf.grad[..., own], what + " grad")
+
+
+def _leaves(z, own):
+    return z[..., own].clone().requires_grad_(), z.clone().requires_grad_()
+
+
+def _check_ops(rank: int, world: int) -> None:
+    group = dist.group.WORLD
+    own = _slice(rank, SIZES[world])
+    for dtype, backend in ((torch.float32, "auto"), (torch.bfloat16, "auto"), (torch.float32, "torch")):
+        z, y, labels = _inputs(world, dtype)
+        mask = _mask(labels)
+        for temperature in (1.0, 0.7):
+            on = dict(temperature=temperature, backend=backend)
+            for kind in DIVERGENCE_KINDS:  # divergence_and_label_logprobs: every kind, one or two rounds
+                zl, zf = _leaves(z, own)
+                options = dict(mask=mask, **on, **COEF.get(kind, {}))
+                out = klops.divergence_and_label_logprobs(zl, y[..., own], labels, kind, vocab_group=group, **options)
+                expected = klops.divergence_and_label_logprobs(zf, y, labels, kind, **options)
+                assert not out[2].requires_grad
+                _grads(out, expected, ((zl, own), zf), f"divergence_and_label_logprobs {kind} {dtype} {on}")
+            zl, zf = _leaves(z, own)  # the label's log-prob alone carries a gradient
+            _, logp, _ = klops.divergence_and_label_logprobs(zl, y[..., own], labels, vocab_group=group, **on)
+            _, logp_f, _ = klops.divergence_and_label_logprobs(zf, y, labels, **on)
+            _grads((logp,), (logp_f,), ((zl, own), zf), f"label log-prob alone {dtype} {on}")
+
+            zl, zf = _leaves(z, own)
+            options = dict(labels=labels, mask=mask, **on)
+            out = klops.forward_reverse_kl(zl, y[..., own], vocab_group=group, **options)
+            _grads(out, klops.forward_reverse_kl(zf, y, **options), ((zl, own), zf), f"forward_reverse_kl {dtype} {on}")
+            zl, zf = _leaves(z, own)  # one of the two alone
+            out = klops.forward_reverse_kl(zl, y[..., own], vocab_group=group, **on)[1]
+            _grads((out,), (klops.forward_reverse_kl(zf, y, **on)[1],), ((zl, own), zf), "reverse alone")
+
+            for mu, reduction in ((0.5, "mean"), (0.2, "none"), (0.9, "sum")):
+                zl, zf = _leaves(z, own)
+                options = dict(labels=labels, mask=mask, mu=mu, **on)
+                weights = klops.akl_weights(zl, y[..., own], vocab_group=group, **options)
+                _close(weights, klops.akl_weights(zf, y, **options), f"akl_weights {mu} {dtype} {on}")
+                loss = klops.akl_loss(zl, y[..., own], reduction=reduction, vocab_group=group, **options)
+                expected = klops.akl_loss(zf, y, reduction=reduction, **options)
+                _grads((loss,), (expected,), ((zl, own), zf), f"akl_loss {mu} {reduction} {dtype} {on}")
+
+
+def _check_akl_ties(rank: int, world: int) -> None:
+    """Teacher rows with ties at the boundary across shards, and a row whose argmax holds more than mu."""
+    group, own = dist.group.WORLD, _slice(rank, SIZES[world])
+    z, _, labels = _inputs(world)
+    y = torch.zeros(2, 4, V)
+    y[0, 0, :] = torch.arange(V) % 4  # four tied groups spread over every shard
+    y[0, 1, 3], y[0, 1, V - 2] = 2.0, 2.0  # two tied maxima on different shards
+    y[0, 2, 7] = 9.0  # one dominant entry
+    y[1] = torch.randn(4, V, generator=torch.Generator().manual_seed(5)).round()  # many ties
+    z = z[:2, :4]
+    for mu in (0.5, 0.3, 0.75):
+        options = dict(mu=mu, labels=labels[:2, :4].clamp(min=0))
+        weights = klops.akl_weights(z[..., own], y[..., own], vocab_group=group, **options)
+        _close(weights, klops.akl_weights(z, y, **options), f"akl_weights ties mu={mu}")
+
+
+def _check_dckd(rank: int, world: int) -> None:
+    group, own = dist.group.WORLD, _slice(rank, SIZES[world])
+    z, y, labels = _inputs(world)
+    chosen = torch.tensor([True, False, True])
+    for temperature in (1.0, 2.0):
+        zl, zf = _leaves(z, own)
+        options = dict(temperature=temperature, w_sft=0.7, kind="jsd", beta=0.3)
+        loss, metrics = klops.dckd_loss(zl, y[..., own], labels, chosen, vocab_group=group, **options)
+        expected, expected_metrics = klops.dckd_loss(zf, y, labels, chosen, **options)
+        for name in expected_metrics:
+            _close(metrics[name], expected_metrics[name], f"dckd {name} T={temperature}")
+        _grads((loss,), (expected,), ((zl, own), zf), f"dckd T={temperature}")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_values_and_gradients(tmp_path, world):
+    _spawn(tmp_path, world, _check_ops, _check_akl_ties, _check_dckd)
+
+
+# ----------------------------------------------------------------------------------------------------
+# traffic: O(N), independent of V; errors
+
+
+def _traffic(rank: int, world: int, rows: int, vocab: int) -> dict:
+    group, gen = dist.group.WORLD, torch.Generator().manual_seed(rank)
+    z, y = torch.randn(1, rows, vocab, generator=gen).requires_grad_(), torch.randn(1, rows, vocab, generator=gen)
+    labels = torch.randint(0, vocab * world, (1, rows), generator=gen)
+    calls = {
+        "divergence_and_label_logprobs forward": lambda: sum(
+            x.sum() for x in klops.divergence_and_label_logprobs(z, y, labels, vocab_group=group)[:2]
+        ),
+        "divergence_and_label_logprobs jsd": lambda: sum(
+            x.sum() for x in klops.divergence_and_label_logprobs(z, y, labels, "jsd", vocab_group=group)[:2]
+        ),
+        "forward_reverse_kl": lambda: sum(x.sum() for x in klops.forward_reverse_kl(z, y, vocab_group=group)),
+        "akl_loss": lambda: klops.akl_loss(z, y, vocab_group=group),
+    }
+    traffic = {}
+    for name, call in calls.items():
+        with vocab_parallel.record_traffic() as forward:
+            loss = call()
+        with vocab_parallel.record_traffic() as backward:
+            loss.backward()
+        traffic[name] = (forward, backward)
+    return traffic
+
+
+def _check_traffic(rank: int, world: int) -> None:
+    small, wide, long = _traffic(rank, world, 16, 8), _traffic(rank, world, 16, 64), _traffic(rank, world, 32, 8)
+    assert small == wide, "the traffic depends on V"
+    per_token = {  # bytes sent per token by each rank in forward (backward: none), and the collectives after the sizes
+        "divergence_and_label_logprobs forward": (28, 1),
+        "divergence_and_label_logprobs jsd": (24 + 8, 2),
+        "forward_reverse_kl": (24, 1),
+        "akl_loss": (24 + 30 * 4 + 20, 32),
+    }
+    for name, (forward, backward) in small.items():
+        assert forward[0] == long[name][0][0] and forward[0][0] == "all_gather", (name, forward[0])  # the sizes
+        for rows, calls in ((16, forward[1:]), (32, long[name][0][1:])):
+            assert sum(b for _, b in calls) == rows * per_token[name][0], (name, rows, calls)
+            assert len(calls) == per_token[name][1], (name, calls)
+        assert backward == [] and long[name][1] == [], (name, backward)
+
+
+def _check_errors(rank: int, world: int) -> None:
+    group, own = dist.group.WORLD, _slice(rank, SIZES[world])
+    z, y, labels = _inputs(world)
+    zl, yl = z[..., own], y[..., own]
+    outside = labels.clone()
+    outside[0, 0] = V
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 37\)"):
+        klops.divergence_and_label_logprobs(zl, yl, outside, vocab_group=group)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 37\)"):
+        klops.akl_loss(zl, yl, labels=outside, vocab_group=group)
+    with pytest.raises(ValueError, match="mu must lie in"):
+        klops.akl_weights(zl, yl, mu=1.0, vocab_group=group)
+    with pytest.raises(ValueError, match="mismatched vocabulary shards"):
+        klops.forward_reverse_kl(zl, yl[..., :-1] if rank == 1 else yl, vocab_group=group)
+    with pytest.raises(ValueError, match="TopK teacher is not vocabulary-parallel"):
+        topk = klops.TopK(labels.clamp(min=0)[..., None], torch.zeros(*labels.shape, 1))
+        klops.divergence_and_label_logprobs(zl, topk, labels, vocab_group=group)
+    with pytest.raises(ValueError, match="dckd_loss: vocab_group"):
+        student = (torch.randn(*labels.shape, 4), torch.randn(SIZES[world][rank], 4))
+        klops.dckd_loss(student, yl, labels, torch.tensor([True, False, True]), vocab_group=group)
+    with pytest.raises(ValueError, match="vocab_start needs vocab_group"):
+        klops.forward_reverse_kl(zl, yl, vocab_start=0)
+    # vocab_start: rank 0 holds the top of the vocabulary
+    top = SIZES[world][0]
+    mine = slice(top, V) if rank == 0 else slice(0, top)
+    if world == 2:
+        zl_, zf = _leaves(z, mine)
+        out = klops.akl_loss(zl_, y[..., mine], labels=labels, vocab_group=group, vocab_start=mine.start)
+        _grads((out,), (klops.akl_loss(zf, y, labels=labels),), ((zl_, mine), zf), "akl_loss vocab_start")
+    _close(klops.forward_reverse_kl(zl, yl, vocab_group=group)[0], klops.forward_reverse_kl(z, y)[0], "after errors")
+
+
+def test_traffic_and_errors(tmp_path):
+    _spawn(tmp_path, 2, _check_traffic, _check_errors)
