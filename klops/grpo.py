@@ -57,6 +57,7 @@ from ._grpo_types import (
     _Quantities,
 )
 from ._packed import packing
+from .distributed import VOCAB_PARALLEL_FORMS, is_sharded
 from .divergence import fused_kl
 from .linear import fused_linear_kl, fused_linear_logprobs
 from .logprobs import logprobs
@@ -495,7 +496,7 @@ if grpo_loss.__doc__ is not None:  # None under python -OO
 IGNORE = -100  # completion positions outside the mask are never read by the sweeps
 
 
-def _loss_from_sweeps(sweep, ref_sweep, full_kl, ids, advantages, mask, ref_logp, old_logp, kl_estimator, kwargs):
+def loss_from_sweeps(sweep, ref_sweep, full_kl, ids, advantages, mask, ref_logp, old_logp, kl_estimator, kwargs):
     """grpo_loss on the log-probs and entropy of ``sweep(labels)``, the reference log-probs of
     ``ref_sweep(labels)`` (no gradient; None without a reference model) or the full-vocabulary reverse KL
     ``full_kl(labels)``; labels are ``ids`` with the positions outside ``mask`` ignored."""
@@ -522,6 +523,16 @@ def _loss_from_sweeps(sweep, ref_sweep, full_kl, ids, advantages, mask, ref_logp
                      entropy=entropy, per_token_kl=per_token_kl, **kwargs)  # fmt: skip
 
 
+def check_logits_rows(logits, completion_ids, mask) -> torch.Tensor:
+    """grpo_loss_from_logits's checks of logits [B, L, V] and mask [B, L]; returns completion_ids as labels."""
+    _inputs.check_logits("logits", logits)
+    if logits.dim() != 3:
+        raise ValueError(f"logits must have shape [B, L, V], got {tuple(logits.shape)}")
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(logits.shape[:2]):
+        raise ValueError(f"mask must have shape {tuple(logits.shape[:2])} (the rows of logits)")
+    return _inputs.as_labels("completion_ids", completion_ids, "logits", logits)
+
+
 def grpo_loss_from_logits(
     logits: torch.Tensor,
     completion_ids: torch.Tensor,
@@ -534,6 +545,8 @@ def grpo_loss_from_logits(
     temperature: float = 1.0,
     kl_estimator: str = "k3",
     backend: str = "auto",
+    vocab_group: torch.distributed.ProcessGroup | None = None,
+    vocab_start: int | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``grpo_loss`` from the policy logits ``[B, L, V]`` of the completion tokens ``completion_ids [B, L]``.
@@ -545,13 +558,18 @@ def grpo_loss_from_logits(
     whole vocabulary per token (``klops.fused_kl(kind="reverse")``, needs ``ref_logits``) instead of an
     estimate at the sampled token. Masked positions (``mask == 0``) are not read. Other arguments: as
     ``grpo_loss``.
+
+    ``vocab_group`` / ``vocab_start``: the policy's (and reference's) logits sharded over the vocabulary
+    (``[B, L, V_r]``, the same shards), as in ``klops.logprobs``; logits DTensors placed ``Shard(-1)`` need none.
+    Every rank gets the same loss and metrics, and its shard's gradient (klops/vocab_parallel_rl.py).
     """
-    _inputs.check_logits("logits", logits)
-    if logits.dim() != 3:
-        raise ValueError(f"logits must have shape [B, L, V], got {tuple(logits.shape)}")
-    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(logits.shape[:2]):
-        raise ValueError(f"mask must have shape {tuple(logits.shape[:2])} (the rows of logits)")
-    ids = _inputs.as_labels("completion_ids", completion_ids, "logits", logits)
+    if vocab_group is not None or vocab_start is not None or is_sharded(logits):
+        return VOCAB_PARALLEL_FORMS["grpo_loss_from_logits"](
+            logits, completion_ids, advantages, mask, ref_logits=ref_logits, ref_logp=ref_logp, old_logp=old_logp,
+            temperature=temperature, kl_estimator=kl_estimator, backend=backend, vocab_group=vocab_group,
+            vocab_start=vocab_start, **kwargs,
+        )  # fmt: skip
+    ids = check_logits_rows(logits, completion_ids, mask)
     sample = dict(temperature=temperature, backend=backend)
 
     def sweep(labels):
@@ -564,7 +582,7 @@ def grpo_loss_from_logits(
         return fused_kl(logits, ref_logits, "reverse", labels=labels, ignore_index=IGNORE, reduction="none", **sample)
 
     reference = ref_sweep if ref_logits is not None else None
-    return _loss_from_sweeps(sweep, reference, full_kl, ids, advantages, mask, ref_logp, old_logp, kl_estimator, kwargs)
+    return loss_from_sweeps(sweep, reference, full_kl, ids, advantages, mask, ref_logp, old_logp, kl_estimator, kwargs)
 
 
 def fused_linear_grpo_loss(
@@ -616,4 +634,4 @@ def fused_linear_grpo_loss(
                                ignore_index=IGNORE, reduction="none", **biases, **sample)  # fmt: skip
 
     reference = ref_sweep if ref_hidden is not None else None
-    return _loss_from_sweeps(sweep, reference, full_kl, ids, advantages, mask, ref_logp, old_logp, kl_estimator, kwargs)
+    return loss_from_sweeps(sweep, reference, full_kl, ids, advantages, mask, ref_logp, old_logp, kl_estimator, kwargs)

@@ -7,12 +7,14 @@ from ``klops.logprobs`` / ``klops.fused_kl`` (or their fused-linear forms), the 
 """
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from . import _inputs
 from ._packed import packing
+from .distributed import VOCAB_PARALLEL_FORMS, is_sharded
 from .divergence import divergence_and_label_logprobs
 from .linear import fused_linear_logprobs, linear_divergence_and_label_logprobs
 from .logprobs import logprobs
@@ -146,6 +148,8 @@ def sequence_logprobs(
     position_ids: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
+    vocab_group: torch.distributed.ProcessGroup | None = None,
+    vocab_start: int | None = None,
 ) -> torch.Tensor:
     """Per-sequence log-probs ``sum_t m_t log q(y_t)`` (``average``: divided by ``max(1, sum_t m_t)``), fused.
 
@@ -157,20 +161,40 @@ def sequence_logprobs(
     states, weight and bias); an all-masked sequence gives 0. A packed batch (``B = 1``, several sequences end to
     end, ``position_ids [1, L]`` restarting at 0 or ``cu_seqlens [S + 1]``: klops/_packed.py) gives ``[S]``, as the
     same sequences padded would.
+
+    ``vocab_group`` / ``vocab_start``: the vocabulary sharded over a process group (logits ``[B, L, V_r]``, or a
+    head shard ``weight [V_r, D]``), as in ``klops.logprobs`` / ``fused_linear_logprobs``; a logits DTensor placed
+    ``Shard(-1)`` needs none. Every rank gets the same ``[B]`` (klops/vocab_parallel_rl.py).
     """
+    if vocab_group is not None or vocab_start is not None or is_sharded(logits_or_hidden):
+        return VOCAB_PARALLEL_FORMS["sequence_logprobs"](
+            logits_or_hidden, labels, mask, weight=weight, bias=bias, average=average, temperature=temperature,
+            softcap=softcap, logit_scale=logit_scale, ignore_index=ignore_index, position_ids=position_ids,
+            cu_seqlens=cu_seqlens, backend=backend, vocab_group=vocab_group, vocab_start=vocab_start,
+        )  # fmt: skip
     packed = packing(position_ids, cu_seqlens, labels)
+    check_head_options(weight, bias, softcap, logit_scale)
+    _inputs.check_bool("average", average)
     if weight is None:
-        if bias is not None or softcap is not None or logit_scale != 1.0:
-            raise ValueError(
-                "bias, softcap and logit_scale apply to hidden states with a weight; logits are used as they are"
-            )
         token_logp = logprobs(logits_or_hidden, labels, temperature=temperature, ignore_index=ignore_index,
                               backend=backend)  # fmt: skip
     else:
         token_logp = fused_linear_logprobs(logits_or_hidden, weight, labels, bias=bias, temperature=temperature,
                                            softcap=softcap, logit_scale=logit_scale, ignore_index=ignore_index,
                                            backend=backend)  # fmt: skip
-    _inputs.check_bool("average", average)
+    return sequence_totals(token_logp, labels, mask, average, ignore_index, packed)
+
+
+def check_head_options(weight, bias, softcap, logit_scale) -> None:
+    """bias, softcap and logit_scale only with a weight (hidden states), never with logits."""
+    if weight is None and (bias is not None or softcap is not None or logit_scale != 1.0):
+        raise ValueError(
+            "bias, softcap and logit_scale apply to hidden states with a weight; logits are used as they are"
+        )
+
+
+def sequence_totals(token_logp, labels, mask, average: bool, ignore_index: int, packed) -> torch.Tensor:
+    """sequence_logprobs from the per-token log-probs [B, L]: their masked sums per sequence (or means)."""
     keep = _inputs.token_mask(labels, mask, ignore_index)
     total, count = _sequence_sums(token_logp * keep, packed), _sequence_sums(keep, packed)
     return total / count.clamp(min=1) if average else total
@@ -213,6 +237,8 @@ def tdpo_loss(
     position_ids: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
+    vocab_group: torch.distributed.ProcessGroup | None = None,
+    vocab_start: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Token-level DPO (TDPO1 / TDPO2, docs/losses.md §4): ``(loss, metrics)``, the loss the mean over pairs.
 
@@ -233,32 +259,30 @@ def tdpo_loss(
         chosen_index, rejected_index: ``[P]`` integer indices into the batch.
         position_ids, cu_seqlens: a packed batch (``B = 1``; klops/_packed.py): the indices are then the packed
             sequences', and the loss is that of the same sequences padded.
+        vocab_group, vocab_start: both models' logits sharded over the vocabulary (``[B, L, V_r]``, the same
+            shards), as in ``klops.fused_kl``; logits DTensors placed ``Shard(-1)`` need none. Every rank gets the
+            same loss and metrics, and its shard's gradient (klops/vocab_parallel_rl.py).
 
     Metrics (0-d fp32): TRL's reward metrics with TDPO's rewards ``beta (margin + SeqKL)``, and ``kl/chosen``,
     ``kl/rejected``: mean SeqKL. One fused sweep over each token's policy and reference rows gives the KL and
     both log-probs, and one backward sweep writes the policy's gradient (``a_t (onehot - q) + b_t (q - p)``);
     nothing of size [B, L, V] besides it.
     """
-    beta = _inputs.check_real("beta", beta, low=0.0, high=math.inf, open_low=True)
-    alpha = _inputs.check_real("alpha", alpha, low=0.0, high=math.inf)
-    if variant not in (1, 2) or isinstance(variant, bool):
-        raise ValueError(f"variant must be 1 (TDPO1) or 2 (TDPO2), got {variant!r}")
+    if vocab_group is not None or vocab_start is not None or is_sharded(policy):
+        return VOCAB_PARALLEL_FORMS["tdpo_loss"](
+            policy, ref, labels, mask, chosen_index, rejected_index, beta=beta, alpha=alpha, variant=variant,
+            temperature=temperature, softcap=softcap, logit_scale=logit_scale, ignore_index=ignore_index,
+            position_ids=position_ids, cu_seqlens=cu_seqlens, backend=backend, vocab_group=vocab_group,
+            vocab_start=vocab_start,
+        )  # fmt: skip
     policy_z, policy_w, policy_b = _inputs.split_model("policy", policy)
     ref_z, ref_w, ref_b = _inputs.split_model("ref", ref)
     if (policy_w is None) != (ref_w is None):
         raise ValueError("give policy and ref both as logits or both as (hidden, weight)")
-    if policy_z.dim() != 3:
-        raise ValueError(f"policy must have shape [B, L, V] (or hidden [B, L, D]), got {tuple(policy_z.shape)}")
     if policy_w is None and (softcap is not None or logit_scale != 1.0):
         raise ValueError("softcap and logit_scale apply to models given as (hidden, weight); logits are used as given")
-    keep = _inputs.token_mask(labels, mask, ignore_index)
-    packed = packing(position_ids, cu_seqlens, labels)
-    B = policy_z.shape[0] if packed is None else packed.count
-    chosen = _pair_index("chosen_index", chosen_index, B, policy_z.device)
-    rejected = _pair_index("rejected_index", rejected_index, B, policy_z.device)
-    if chosen.shape != rejected.shape:
-        raise ValueError(f"chosen_index and rejected_index must pair up: shapes {tuple(chosen.shape)} and "
-                         f"{tuple(rejected.shape)}")  # fmt: skip
+    pairs = TdpoPairs.check(policy_z, labels, mask, chosen_index, rejected_index, beta, alpha, variant, ignore_index,
+                            position_ids, cu_seqlens)  # fmt: skip
     common = dict(temperature=temperature, mask=mask, ignore_index=ignore_index, backend=backend)
     if policy_w is None:
         kl, policy_logp, ref_logp = divergence_and_label_logprobs(policy_z, ref_z.detach(), labels, **common)
@@ -270,16 +294,53 @@ def tdpo_loss(
             policy_z, policy_w, ref_z, ref_w.detach(), labels, student_bias=policy_b, teacher_bias=ref_b,
             softcap=softcap, **common,
         )  # fmt: skip
-    margin = _sequence_sums((policy_logp - ref_logp) * keep, packed)
-    seq_kl = _sequence_sums(kl * keep, packed)
-    m = margin[chosen] - margin[rejected]
-    if variant == 1:
-        logits = m - (seq_kl[rejected] - seq_kl[chosen])
-    else:
-        logits = m - alpha * (seq_kl[rejected] - seq_kl[chosen].detach())
-    loss = -F.logsigmoid(beta * logits).mean()
-    values = (beta * (margin + seq_kl)).detach()
-    metrics = _reward_metrics(values[chosen], values[rejected])
-    metrics["kl/chosen"] = seq_kl[chosen].detach().mean()
-    metrics["kl/rejected"] = seq_kl[rejected].detach().mean()
-    return loss, metrics
+    return pairs.loss(kl, policy_logp, ref_logp)
+
+
+class TdpoPairs(NamedTuple):
+    """tdpo_loss's checked options and pairs, and its sequence-level steps from the per-token terms."""
+
+    beta: float
+    alpha: float
+    variant: int
+    keep: torch.Tensor  # [B, L] fp32: the response tokens
+    packed: object  # klops/_packed.py's packing, or None
+    chosen: torch.Tensor  # [P]
+    rejected: torch.Tensor  # [P]
+
+    @classmethod
+    def check(cls, policy_z, labels, mask, chosen_index, rejected_index, beta, alpha, variant, ignore_index,
+              position_ids, cu_seqlens) -> "TdpoPairs":  # fmt: skip
+        """The checks of tdpo_loss's options and pair indices (policy_z: its logits or hidden states)."""
+        beta = _inputs.check_real("beta", beta, low=0.0, high=math.inf, open_low=True)
+        alpha = _inputs.check_real("alpha", alpha, low=0.0, high=math.inf)
+        if variant not in (1, 2) or isinstance(variant, bool):
+            raise ValueError(f"variant must be 1 (TDPO1) or 2 (TDPO2), got {variant!r}")
+        if policy_z.dim() != 3:
+            raise ValueError(f"policy must have shape [B, L, V] (or hidden [B, L, D]), got {tuple(policy_z.shape)}")
+        keep = _inputs.token_mask(labels, mask, ignore_index)
+        packed = packing(position_ids, cu_seqlens, labels)
+        B = policy_z.shape[0] if packed is None else packed.count
+        chosen = _pair_index("chosen_index", chosen_index, B, policy_z.device)
+        rejected = _pair_index("rejected_index", rejected_index, B, policy_z.device)
+        if chosen.shape != rejected.shape:
+            raise ValueError(f"chosen_index and rejected_index must pair up: shapes {tuple(chosen.shape)} and "
+                             f"{tuple(rejected.shape)}")  # fmt: skip
+        return cls(beta, alpha, variant, keep, packed, chosen, rejected)
+
+    def loss(self, kl, policy_logp, ref_logp) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, metrics) from the per-token KL(p || q) and both models' label log-probs [B, L]."""
+        chosen, rejected = self.chosen, self.rejected
+        margin = _sequence_sums((policy_logp - ref_logp) * self.keep, self.packed)
+        seq_kl = _sequence_sums(kl * self.keep, self.packed)
+        m = margin[chosen] - margin[rejected]
+        if self.variant == 1:
+            logits = m - (seq_kl[rejected] - seq_kl[chosen])
+        else:
+            logits = m - self.alpha * (seq_kl[rejected] - seq_kl[chosen].detach())
+        loss = -F.logsigmoid(self.beta * logits).mean()
+        values = (self.beta * (margin + seq_kl)).detach()
+        metrics = _reward_metrics(values[chosen], values[rejected])
+        metrics["kl/chosen"] = seq_kl[chosen].detach().mean()
+        metrics["kl/rejected"] = seq_kl[rejected].detach().mean()
+        return loss, metrics
