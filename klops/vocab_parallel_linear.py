@@ -28,7 +28,7 @@ from .divergence import (
     valid_rows_and_weights,
 )
 from .logprobs import LogprobOutputs, logprobs_op
-from .topk import TopK
+from .topk import TopK, renormalized_tail_terms, sorted_topk, topk_divergence_op
 from .vocab_parallel import (
     _merge_row_stats,
     _plain,
@@ -268,6 +268,82 @@ def _two_rounds(sweep, teacher, teacher_dtype, valid, shard, kind, target_is, te
     return rows, top_q, total_q, top_p, total_p, gbar
 
 
+# ----------------------------------------------------------------------------------------------------
+# a TopK teacher (klops/topk.py): its k global ids per row, each held by one shard
+#
+# Per rank and row, from the chunk's logits: the shard's statistics outside the top-k (m^c_r, logsum^c_r) and the
+# logits of the ids it holds (0 for the others): 2 + k fp32, one all-gather. Merged: the complement's (M_c, logsum_c)
+# and the k logits z_S (summed over the shards). The rest is the single-process op (klops::topk_divergence) on a
+# row of k + 1 entries: z_S and one entry c = M_c + T logsum_c that carries the complement's mass
+# (exp((c - M) / T) = sum_{v not in S} exp((z_v - M) / T)); no entry when k = V. It gives D, tail_scale and member_d,
+# and the backward writes, per chunk, dz = g tail_scale q^c outside the top-k and g member_d on it, q^c =
+# exp((z - M_c) / T - logsum_c), as topk_backward does.
+
+
+class _LinearTopK(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, indices, teacher_logprobs, valid, shard, options, softcap, backend):
+        kind, tail, temperature, coef, tail_loss, tail_grad = options
+        local = indices.long() - shard.start
+        owned = (local >= 0) & (local < shard.size)
+        local = torch.where(owned, local, 0)
+
+        def chunk_stats(z, rows):
+            idx, held = local[rows][None], owned[rows][None]
+            max_c, logsum_c = logit_row_stats(z.masked_fill(_members(z, idx, held), -math.inf), temperature)
+            return max_c, logsum_c, *torch.where(held, z.gather(-1, idx).float(), 0.0).unbind(-1)
+
+        k = indices.shape[-1]
+        stats = chunked_rows(hidden, weight, bias, softcap, empty_rows(hidden, 2 + k), chunk_stats)
+        gathered = all_gather_rows(torch.stack(stats, -1), shard.group)
+        top_c, total_c, _ = merge_logsumexp(gathered[..., 0], gathered[..., 1], temperature)
+        compact = gathered[..., 2:].sum(0)  # each id's logit, from the shard that holds it
+        if k < shard.total:
+            compact = torch.cat((compact, (top_c + temperature * total_c)[..., None]), -1)
+        ids = torch.arange(k, dtype=torch.int32, device=hidden.device).expand(indices.shape)
+        compact, ids = compact.contiguous(), ids.contiguous()
+        rows, _, _, tail_scale, member_d, _ = topk_divergence_op(compact, ids, teacher_logprobs, valid, None, *options,
+                                                                 backend)  # fmt: skip
+        ctx.save_for_backward(hidden, weight, bias, local, owned, valid, top_c, total_c, tail_scale, member_d)
+        ctx.params = (shard, temperature, softcap)
+        return rows
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, bias, local, owned, valid, top_c, total_c, tail_scale, member_d = ctx.saved_tensors
+        shard, temperature, softcap = ctx.params
+        tail_coef, member_value = grad * tail_scale, grad[..., None] * member_d
+
+        def chunk_grad(z, rows):
+            z, idx, held = z[0].float(), local[rows], owned[rows]
+            q_c = log_softmax_from_stats(z, top_c[rows], total_c[rows], temperature).exp_()
+            dz = torch.where((z == -math.inf) | _members(z, idx, held), 0.0, q_c.mul_(tail_coef[rows][:, None]))
+            dz.scatter_add_(-1, idx, torch.where(held, member_value[rows], 0.0))
+            return dz.mul_((valid[rows] / temperature)[:, None])[None]
+
+        grads = _sum_grad_hidden(ctx, chunked_backward(hidden, weight, bias, softcap, chunk_grad), shard)
+        return *grads, *(None,) * 7
+
+
+def _members(z, idx, held):
+    """Whether each entry of the chunk's logits z [..., V_r] is one of the top-k ids held here (local ids idx
+    [..., k], those not held pointing at 0)."""
+    return torch.zeros_like(z, dtype=torch.float32).scatter_add_(-1, idx, held.float()) > 0
+
+
+def _topk_rows(hidden, weight, bias, topk, valid, shard, kind, user_kind, coef, temperature, softcap, backend):
+    """D per row ``[...]`` between a TopK teacher and the student's sharded head (its ids checked as the
+    single-process op checks them); the (B, L) rows for _LinearTopK."""
+    tail_terms = renormalized_tail_terms(kind, coef, user_kind) if topk.tail == "renormalize" else (0.0, 0.0)
+    indices, logprobs = sorted_topk(topk, "teacher_hidden", "student_hidden", hidden, shard.total, valid)
+    backend = resolve("topk", backend, hidden.device, vocab=indices.shape[-1] + 1)  # the row op on k + 1 entries
+    hidden3, indices3, logprobs3 = _inputs.as_rows(hidden, indices, logprobs)
+    options = (kind, topk.tail, temperature, coef, *tail_terms)
+    rows = _LinearTopK.apply(hidden3, weight, bias, indices3, logprobs3, valid.reshape(hidden3.shape[:2]), shard,
+                             options, softcap, backend)  # fmt: skip
+    return rows.reshape(valid.shape)
+
+
 @vocab_parallel_form("fused_linear_kl")
 def fused_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weight, *, teacher_logits, student_bias,
                     teacher_bias, kind, beta, alpha, temperature, softcap, logit_scale, teacher_softcap,
@@ -275,20 +351,24 @@ def fused_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weig
                     backend, vocab_group, vocab_start):  # fmt: skip
     """``klops.fused_linear_kl`` with the student's head shard ``student_weight [V_r, D]`` (and bias) and the teacher
     as a head shard of the same slice ``teacher_weight [V_r, Dt]`` with replicated ``teacher_hidden``, or as
-    ``teacher_logits [..., V_r]`` (read as ``target_is``). Forward per token sent by each rank: 20 bytes (forward /
-    reverse KL of a logits teacher: one all-gather of 5 fp32) or 16 + 8 (other kinds, log-probs / probs teachers: an
-    all-gather of 4 fp32, an all-reduce of 2, and a second sweep over the student's chunk logits), plus the shard
-    sizes; backward: one all-reduce of ``grad_hidden [N, D]``. Returns a plain tensor, replicated."""
-    if isinstance(teacher_hidden, TopK):
-        raise ValueError(
-            "a TopK teacher is not vocabulary-parallel: pass teacher logits (teacher_logits [..., V_r]) or a teacher "
-            "head (teacher_hidden and teacher_weight [V_r, Dt]) sharded as the student's"
-        )
+    ``teacher_logits [..., V_r]`` (read as ``target_is``), or a ``klops.TopK`` (global ids) in the ``teacher_hidden``
+    position. Forward per token sent by each rank: 20 bytes (forward / reverse KL of a logits teacher: one all-gather
+    of 5 fp32), 16 + 8 (other kinds, log-probs / probs teachers: an all-gather of 4 fp32, an all-reduce of 2, and a
+    second sweep over the student's chunk logits) or 8 + 4 k (a TopK teacher: one all-gather of 2 + k fp32), plus the
+    shard sizes; backward: one all-reduce of ``grad_hidden [N, D]``. Returns a plain tensor, replicated."""
     student_hidden, teacher_hidden = _plain(student_hidden), _plain(teacher_hidden)
     labels, mask, weights = _plain(labels), _plain(mask), _plain(weights)
     _inputs.check_linear("student_hidden", student_hidden, "student_weight", student_weight, "student_bias",
                          student_bias)  # fmt: skip
-    if teacher_logits is not None:
+    topk = isinstance(teacher_hidden, TopK)
+    if topk:
+        if teacher_weight is not None or teacher_bias is not None or teacher_logits is not None:
+            raise ValueError("a TopK teacher (in the teacher_hidden position) takes no teacher_weight, bias or logits")
+        if target_is != "logits" or teacher_softcap != "same" or teacher_logit_scale != "same":
+            raise ValueError("a TopK teacher carries its log-probs: target_is, teacher_softcap and teacher_logit_scale "
+                             "are for teacher_logits or a teacher head")  # fmt: skip
+        names, heads = ("student_weight", "student_bias"), (student_weight, student_bias)
+    elif teacher_logits is not None:
         if teacher_hidden is not None or teacher_weight is not None or teacher_bias is not None:
             raise ValueError("give the teacher as teacher_hidden + teacher_weight or as teacher_logits, not both")
         if teacher_softcap != "same" or teacher_logit_scale != "same":
@@ -328,6 +408,10 @@ def fused_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weig
     student_hidden, student_bias = _inputs.scale_head_inputs("logit_scale", logit_scale, student_hidden, student_bias)
     valid, weights = valid_rows_and_weights("student_hidden", student_hidden, shard.total, labels, mask, weights,
                                             ignore_index)  # fmt: skip
+    if topk:
+        rows = _topk_rows(student_hidden, student_weight, student_bias, teacher_hidden, valid, shard, kernel_kind, kind,
+                          coef, temperature, softcap, backend)  # fmt: skip
+        return reduce_rows(rows if weights is None else rows * weights.float(), valid, reduction, num_items)
     backend = resolve("divergence", backend, student_hidden.device)  # the row op run on each chunk
     if teacher_logits is not None:
         student3, teacher_logits = _inputs.as_rows(student_hidden, teacher_logits)

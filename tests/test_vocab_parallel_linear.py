@@ -119,6 +119,11 @@ def _kl_cases():
         yield kind, dict(reduction="none", mask=mask, **COEF.get(kind, {})), "probs"
         yield kind, dict(reduction="mean", **COEF.get(kind, {})), "padded"
         yield kind, dict(reduction="none", dtype=torch.bfloat16, **COEF.get(kind, {})), "head"
+    for kind in ("forward", "jsd", "tv", "alpha"):  # TopK teachers, k = 5 and k = V (no tail)
+        yield kind, dict(reduction="none", temperature=0.7, softcap=3.0, **COEF.get(kind, {})), "topk bin"
+        yield kind, dict(reduction="mean", weights=weights, **COEF.get(kind, {})), "topk renormalize"
+    yield "reverse", dict(reduction="sum", mask=mask), "topk bin"
+    yield "forward", dict(reduction="none", logit_scale=0.5), "topk all"
 
 
 def _check_kl(rank: int, world: int) -> None:
@@ -126,6 +131,11 @@ def _check_kl(rank: int, world: int) -> None:
     t_logits = model["t_hidden"] @ model["t_weight"].T + model["t_bias"]
     log_p = torch.log_softmax(t_logits, -1)
     teachers = {"logits": t_logits, "logprobs": log_p, "probs": log_p.exp()}
+    top = log_p.topk(5, -1)
+    teachers["topk bin"] = klops.TopK(top.indices, top.values)
+    teachers["topk renormalize"] = klops.TopK(top.indices, top.values, tail="renormalize")
+    order = torch.randperm(V, generator=torch.Generator().manual_seed(5))  # k = V, in any order
+    teachers["topk all"] = klops.TopK(order.expand(*log_p.shape[:-1], V), log_p[..., order])
     for kind, options, teacher in _kl_cases():
         padded, dtype = teacher == "padded", options.pop("dtype", torch.float32)
         labels = model["pad_labels" if padded else "labels"]
@@ -140,6 +150,8 @@ def _check_kl(rank: int, world: int) -> None:
                 full = (t_hidden, t_weight, t_bias)
                 local = dict(teacher_hidden=mine[0], teacher_weight=mine[1], teacher_bias=mine[2])
                 whole = dict(teacher_hidden=full[0], teacher_weight=full[1], teacher_bias=full[2])
+            elif teacher.startswith("topk"):
+                local = whole = dict(teacher_hidden=teachers[teacher])
             else:
                 local = dict(teacher_logits=teachers[teacher][..., own].contiguous(), target_is=teacher)
                 whole = dict(teacher_logits=teachers[teacher], target_is=teacher)
@@ -183,6 +195,8 @@ def _traffic(rank: int, world: int, rows: int, vocab: int) -> dict:
     t_hidden, t_weight = torch.randn(1, rows, DT, generator=gen), torch.randn(vocab, DT, generator=gen)
     t_logits = torch.randn(1, rows, vocab, generator=gen)
     labels = torch.randint(0, vocab * world, (1, rows), generator=gen)
+    top = torch.log_softmax(torch.randn(1, rows, vocab * world, generator=gen), -1).topk(4, -1)
+    topk = klops.TopK(top.indices, top.values)
     calls = {
         "logprobs + entropy": lambda: sum(
             klops.fused_linear_logprobs(hidden, weight, labels, return_entropy=True, vocab_group=group)
@@ -195,6 +209,7 @@ def _traffic(rank: int, world: int, rows: int, vocab: int) -> dict:
             hidden, weight, teacher_logits=t_logits, kind="reverse", vocab_group=group
         ),
         "kl jsd head": lambda: klops.fused_linear_kl(hidden, weight, t_hidden, t_weight, kind="jsd", vocab_group=group),
+        "kl topk": lambda: klops.fused_linear_kl(hidden, weight, topk, vocab_group=group),
     }
     traffic = {}
     for name, call in calls.items():
@@ -217,6 +232,7 @@ def _check_traffic(rank: int, world: int) -> None:
         "kl forward head": (20, 4 * D),
         "kl reverse logits": (20, 4 * D),
         "kl jsd head": (16 + 8, 4 * D),
+        "kl topk": (4 * (2 + 4), 4 * D),  # k = 4
     }
     for name, (forward, backward) in small.items():
         long_forward, long_backward = long[name]
@@ -249,9 +265,11 @@ def _check_errors(rank: int, world: int) -> None:
     t_logits = torch.randn(*labels.shape, weight.shape[0] - (rank == 0))
     with pytest.raises(ValueError, match="mismatched vocabulary shards: student_weight has .* teacher_logits has"):
         klops.fused_linear_kl(hidden, weight, teacher_logits=t_logits, vocab_group=group)
-    topk = klops.TopK(labels.clamp(min=0)[..., None], torch.zeros(*labels.shape, 1))
-    with pytest.raises(ValueError, match="TopK teacher is not vocabulary-parallel: pass teacher logits"):
+    topk = klops.TopK(outside.clamp(min=0)[..., None], torch.zeros(*labels.shape, 1))
+    with pytest.raises(ValueError, match=r"TopK indices must lie in \[0, 37\)"):
         klops.fused_linear_kl(hidden, weight, topk, vocab_group=group)
+    with pytest.raises(ValueError, match="a TopK teacher .* takes no teacher_weight"):
+        klops.fused_linear_kl(hidden, weight, topk, t_weight, vocab_group=group)
     with pytest.raises(ValueError, match="target_is='logprobs' is for teacher_logits"):
         klops.fused_linear_kl(hidden, weight, t_hidden, t_weight, target_is="logprobs", vocab_group=group)
     # vocab_start: another layout, rank 0 holding the top of the vocabulary
