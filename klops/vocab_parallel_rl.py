@@ -5,7 +5,8 @@ plumbing of klops/vocab_parallel.py. Reached through ``vocab_group=`` / ``vocab_
 Each op needs of the vocabulary only per-token values: the label's log-prob, the entropy, and the full-vocabulary KL
 between the policy's and the reference's rows. Those come from the vocabulary-parallel log-probs (``_LogProbs``: one
 all-gather of 4 fp32 per row) and forward / reverse KL between logit rows (``_Divergence``, the chain rule over the
-shards: one all-gather of 5 fp32 per row), with the layout resolved once per call (one all-gather of the shard sizes).
+shards: one all-gather of 5 fp32 per row), with the layout resolved once per call (one all-gather of the shard sizes),
+or, for TDPO, from the vocabulary-parallel ``divergence_and_label_logprobs`` (klops/vocab_parallel_distill.py).
 Their outputs are replicated, so every rank then runs the single-process op's own ``[B, L]`` / ``[B]`` math alike
 (``grpo.loss_from_sweeps``, ``preference.TdpoPairs``, ``preference.sequence_totals``): the same loss and metrics on
 every rank, and the gradient of each rank's shard from the local backward of each sweep, with no collective.
@@ -14,8 +15,8 @@ Bytes sent per token by each rank (forward; the backward sends nothing), besides
 
 - ``sequence_logprobs``: 16 (the label's log-prob);
 - ``grpo_loss_from_logits``: 16 (log-prob and entropy), + 16 with ``ref_logits`` (the reference's log-prob), or
-  + 20 + 16 with ``kl_estimator="full"`` and ``beta > 0`` (the reverse KL to ``ref_logits``);
-- ``tdpo_loss``: 20 (KL(p || q)) + 16 (the policy's log-prob) + 16 (the reference's).
+  + 20 instead with ``kl_estimator="full"`` and ``beta > 0`` (the reverse KL to ``ref_logits``);
+- ``tdpo_loss``: 28 (KL(p || q) and both models' label log-probs: one all-gather of 7 fp32).
 """
 
 import torch
@@ -101,7 +102,7 @@ def grpo_loss_from_logits(logits, completion_ids, advantages, mask, *, ref_logit
     """``klops.grpo_loss_from_logits`` over vocabulary-sharded policy (and reference) logits ``[B, L, V_r]``: the
     sweeps of the single-process op (log-prob and entropy; the reference's log-prob, or the reverse KL to it for
     ``kl_estimator="full"``) each vocabulary-parallel, then ``grpo_loss`` on their replicated outputs. 16 bytes per
-    token sent by each rank, + 16 with ``ref_logits``, + 36 instead for the full KL. Returns plain tensors."""
+    token sent by each rank, + 16 with ``ref_logits`` (+ 20 instead for the full KL). Returns plain tensors."""
     (logits, ref_logits), shard = _sharded_logits(["logits", "ref_logits"], [logits, ref_logits], vocab_group,
                                                   vocab_start)  # fmt: skip
     completion_ids, advantages, mask, ref_logp, old_logp = (
@@ -128,9 +129,10 @@ def grpo_loss_from_logits(logits, completion_ids, advantages, mask, *, ref_logit
 @vocab_parallel_form("tdpo_loss")
 def tdpo_loss(policy, ref, labels, mask, chosen_index, rejected_index, *, beta, alpha, variant, temperature, softcap,
               logit_scale, ignore_index, position_ids, cu_seqlens, backend, vocab_group, vocab_start):  # fmt: skip
-    """``klops.tdpo_loss`` over vocabulary-sharded policy and reference logits ``[B, L, V_r]``: KL(p || q) per
-    token (the chain rule over the shards), both models' label log-probs, then the single-process sequence-level
-    steps. 52 bytes per token sent by each rank. Returns plain tensors, replicated."""
+    """``klops.tdpo_loss`` over vocabulary-sharded policy and reference logits ``[B, L, V_r]``: KL(p || q) and both
+    models' label log-probs per token from the vocabulary-parallel ``divergence_and_label_logprobs`` (one all-gather
+    of 7 fp32 per row: 28 bytes per token sent by each rank), then the single-process sequence-level steps. Returns
+    plain tensors, replicated."""
     if not isinstance(policy, torch.Tensor) or not isinstance(ref, torch.Tensor):
         raise ValueError(
             "tdpo_loss: models given as (hidden, weight) are not vocabulary-parallel yet; pass both models' logits "
@@ -138,20 +140,13 @@ def tdpo_loss(policy, ref, labels, mask, chosen_index, rejected_index, *, beta, 
         )
     if softcap is not None or logit_scale != 1.0:
         raise ValueError("softcap and logit_scale apply to models given as (hidden, weight); logits are used as given")
-    (policy, ref), shard = _sharded_logits(["policy", "ref"], [policy, ref], vocab_group, vocab_start)
     labels, mask, chosen_index, rejected_index, position_ids, cu_seqlens = (
         _plain(x) for x in (labels, mask, chosen_index, rejected_index, position_ids, cu_seqlens)
     )
-    _inputs.check_logits("policy", policy)
     pairs = TdpoPairs.check(policy, labels, mask, chosen_index, rejected_index, beta, alpha, variant, ignore_index,
                             position_ids, cu_seqlens)  # fmt: skip
-    labels = _inputs.as_labels("labels", labels, "policy", policy)
-    _inputs.check_labels_in_range("labels", labels, shard.total, ignore_index)
-    valid = pairs.keep != 0
-    sweeps = _Sweeps(shard, _inputs.check_temperature(temperature), backend, policy.device)
-    ref = ref.detach()
-    kl = sweeps.kl(policy, ref, valid, "forward")
-    policy_logp, _ = sweeps.logprobs(policy, labels, valid, False)
-    with torch.no_grad():
-        ref_logp, _ = sweeps.logprobs(ref, labels, valid, False)
+    kl, policy_logp, ref_logp = VOCAB_PARALLEL_FORMS["divergence_and_label_logprobs"](
+        policy, ref.detach(), labels, "forward", beta=None, alpha=None, temperature=temperature, mask=mask,
+        ignore_index=ignore_index, backend=backend, vocab_group=vocab_group, vocab_start=vocab_start,
+    )  # fmt: skip
     return pairs.loss(kl, policy_logp, ref_logp)

@@ -245,7 +245,7 @@ def _check_traffic(rank: int, world: int) -> None:
         "grpo": 16,
         "grpo ref_logits": 16 + 16,
         "grpo full kl": 16 + 20,
-        "tdpo": 20 + 16 + 16,
+        "tdpo": 28,
     }
     for name, (forward, backward) in small.items():
         long_forward, _ = long[name]
