@@ -7,7 +7,8 @@ Layout as there: rank ``r`` holds the head shard ``weight [V_r, D]`` (and ``bias
 at once), reduces them to the per-row shard statistics of the logits-level form, and all-gathers those (a few fp32
 per row); every rank merges them alike (``merge_logsumexp``). The backward forms each chunk's logits again, writes
 its ``dz`` from the merged statistics with the single-process formula, and turns it into ``grad_W_r``, ``grad_b_r``
-(local) and ``grad_h = sum_r dz_r W_r``, summed over the group by one all-reduce of ``[N, D]``.
+(local) and ``grad_h = sum_r dz_r W_r``, summed over the group by one all-reduce of ``[N, D]``. A ``klops.TopK``
+teacher's global ids are read by the shards that hold them.
 """
 
 import math
@@ -203,7 +204,7 @@ class _LinearDivergence(torch.autograd.Function):
 
             stats = _merge_chain_rule(all_gather_rows(sweep(5, chunk_stats), shard.group), valid, kind, temperature)
         else:
-            dtype = t_logits.dtype if t_logits is not None else t_weight.dtype
+            dtype = None if t_logits is None else t_logits.dtype  # read only by the check of log-probs / probs
             stats = _two_rounds(sweep, teacher, dtype, valid, shard, kind, target_is, temperature, coef)
         rows, *stats = stats
         ctx.save_for_backward(hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits, valid, *stats)
@@ -242,8 +243,8 @@ def _two_rounds(sweep, teacher, teacher_dtype, valid, shard, kind, target_is, te
         if target_is == "logits":
             return *logit_row_stats(z, temperature), *logit_row_stats(y, temperature)
         lp, p = teacher_probs(y, target_is)  # the check's statistics: largest log-prob (or -prob), log of the mass
-        return *logit_row_stats(z, temperature), lp.amax(-1) if target_is == "logprobs" else p.neg().amax(-1), \
-            p.sum(-1).log()  # fmt: skip
+        largest = lp.amax(-1) if target_is == "logprobs" else p.neg().amax(-1)
+        return *logit_row_stats(z, temperature), largest, p.sum(-1).log()
 
     mq, lsq, mp, lsp = all_gather_rows(sweep(4, chunk_stats), shard.group).unbind(-1)
     top_q, total_q, _ = merge_logsumexp(mq, lsq, temperature)
@@ -325,6 +326,20 @@ class _LinearTopK(torch.autograd.Function):
         return *grads, *(None,) * 7
 
 
+def _dense_rows(hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits, valid, shard, kind, target_is,
+                temperature, coef, softcap, t_softcap, backend):  # fmt: skip
+    """D per row ``[...]`` against a teacher head shard or teacher logits; the (B, L) rows for _LinearDivergence."""
+    backend = resolve("divergence", backend, hidden.device)  # the row op run on each chunk
+    if t_logits is not None:
+        hidden3, t_logits = _inputs.as_rows(hidden, t_logits)
+    else:
+        hidden3, t_hidden = _inputs.as_rows(hidden, t_hidden)
+    teacher = tuple(None if x is None else x.detach() for x in (t_hidden, t_weight, t_bias, t_logits))  # no gradient
+    rows = _LinearDivergence.apply(hidden3, weight, bias, *teacher, valid.reshape(hidden3.shape[:2]), shard, kind,
+                                   target_is, temperature, coef, softcap, t_softcap, backend)  # fmt: skip
+    return rows.reshape(valid.shape)
+
+
 def _members(z, idx, held):
     """Whether each entry of the chunk's logits z [..., V_r] is one of the top-k ids held here (local ids idx
     [..., k], those not held pointing at 0)."""
@@ -344,6 +359,44 @@ def _topk_rows(hidden, weight, bias, topk, valid, shard, kind, user_kind, coef, 
     return rows.reshape(valid.shape)
 
 
+def _sharded_inputs(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                    teacher_logits, target_is, teacher_softcap, teacher_logit_scale):  # fmt: skip
+    """(names, tensors) of fused_linear_kl's vocabulary-sharded inputs after the checks of the teacher (one of a
+    ``TopK``, ``teacher_logits [..., V_r]``, or ``teacher_hidden`` with a head shard) that need no collective."""
+    if isinstance(teacher_hidden, TopK):
+        if teacher_weight is not None or teacher_bias is not None or teacher_logits is not None:
+            raise ValueError("a TopK teacher (in the teacher_hidden position) takes no teacher_weight, bias or logits")
+        if target_is != "logits" or teacher_softcap != "same" or teacher_logit_scale != "same":
+            raise ValueError("a TopK teacher carries its log-probs: target_is, teacher_softcap and teacher_logit_scale "
+                             "are for teacher_logits or a teacher head")  # fmt: skip
+        return ("student_weight", "student_bias"), (student_weight, student_bias)
+    if teacher_logits is not None:
+        if teacher_hidden is not None or teacher_weight is not None or teacher_bias is not None:
+            raise ValueError("give the teacher as teacher_hidden + teacher_weight or as teacher_logits, not both")
+        if teacher_softcap != "same" or teacher_logit_scale != "same":
+            raise ValueError("teacher_softcap and teacher_logit_scale apply to a teacher given as hidden states and "
+                             "a head")  # fmt: skip
+        _inputs.check_logits("teacher_logits", teacher_logits)
+        if teacher_logits.shape[:-1] != student_hidden.shape[:-1] or teacher_logits.device != student_hidden.device:
+            raise ValueError(f"teacher_logits must have the rows {tuple(student_hidden.shape[:-1])} of student_hidden "
+                             f"on {student_hidden.device}, got {tuple(teacher_logits.shape)} on "
+                             f"{teacher_logits.device}")  # fmt: skip
+        return ("student_weight", "student_bias", "teacher_logits"), (student_weight, student_bias, teacher_logits)
+    if teacher_hidden is None or teacher_weight is None:
+        raise ValueError("the teacher is missing: give teacher_hidden and teacher_weight, or teacher_logits")
+    _inputs.check_linear("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight, "teacher_bias",
+                         teacher_bias)  # fmt: skip
+    if teacher_hidden.shape[:-1] != student_hidden.shape[:-1] or teacher_hidden.device != student_hidden.device:
+        raise ValueError(f"teacher_hidden must have the rows {tuple(student_hidden.shape[:-1])} of student_hidden "
+                         f"on {student_hidden.device}, got {tuple(teacher_hidden.shape[:-1])} on "
+                         f"{teacher_hidden.device}")  # fmt: skip
+    if target_is != "logits":
+        raise ValueError(f"a teacher given as hidden states gives logits; target_is={target_is!r} is for "
+                         "teacher_logits")  # fmt: skip
+    names = ("student_weight", "student_bias", "teacher_weight", "teacher_bias")
+    return names, (student_weight, student_bias, teacher_weight, teacher_bias)
+
+
 @vocab_parallel_form("fused_linear_kl")
 def fused_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weight, *, teacher_logits, student_bias,
                     teacher_bias, kind, beta, alpha, temperature, softcap, logit_scale, teacher_softcap,
@@ -360,41 +413,9 @@ def fused_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weig
     labels, mask, weights = _plain(labels), _plain(mask), _plain(weights)
     _inputs.check_linear("student_hidden", student_hidden, "student_weight", student_weight, "student_bias",
                          student_bias)  # fmt: skip
-    topk = isinstance(teacher_hidden, TopK)
-    if topk:
-        if teacher_weight is not None or teacher_bias is not None or teacher_logits is not None:
-            raise ValueError("a TopK teacher (in the teacher_hidden position) takes no teacher_weight, bias or logits")
-        if target_is != "logits" or teacher_softcap != "same" or teacher_logit_scale != "same":
-            raise ValueError("a TopK teacher carries its log-probs: target_is, teacher_softcap and teacher_logit_scale "
-                             "are for teacher_logits or a teacher head")  # fmt: skip
-        names, heads = ("student_weight", "student_bias"), (student_weight, student_bias)
-    elif teacher_logits is not None:
-        if teacher_hidden is not None or teacher_weight is not None or teacher_bias is not None:
-            raise ValueError("give the teacher as teacher_hidden + teacher_weight or as teacher_logits, not both")
-        if teacher_softcap != "same" or teacher_logit_scale != "same":
-            raise ValueError("teacher_softcap and teacher_logit_scale apply to a teacher given as hidden states and "
-                             "a head")  # fmt: skip
-        _inputs.check_logits("teacher_logits", teacher_logits)
-        if teacher_logits.shape[:-1] != student_hidden.shape[:-1] or teacher_logits.device != student_hidden.device:
-            raise ValueError(f"teacher_logits must have the rows {tuple(student_hidden.shape[:-1])} of student_hidden "
-                             f"on {student_hidden.device}, got {tuple(teacher_logits.shape)} on "
-                             f"{teacher_logits.device}")  # fmt: skip
-        names, heads = ("student_weight", "student_bias", "teacher_logits"), (student_weight, student_bias,
-                                                                                teacher_logits)  # fmt: skip
-    else:
-        if teacher_hidden is None or teacher_weight is None:
-            raise ValueError("the teacher is missing: give teacher_hidden and teacher_weight, or teacher_logits")
-        _inputs.check_linear("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight, "teacher_bias",
-                             teacher_bias)  # fmt: skip
-        if teacher_hidden.shape[:-1] != student_hidden.shape[:-1] or teacher_hidden.device != student_hidden.device:
-            raise ValueError(f"teacher_hidden must have the rows {tuple(student_hidden.shape[:-1])} of student_hidden "
-                             f"on {student_hidden.device}, got {tuple(teacher_hidden.shape[:-1])} on "
-                             f"{teacher_hidden.device}")  # fmt: skip
-        if target_is != "logits":
-            raise ValueError(f"a teacher given as hidden states gives logits; target_is={target_is!r} is for "
-                             "teacher_logits")  # fmt: skip
-        names = ("student_weight", "student_bias", "teacher_weight", "teacher_bias")
-        heads = (student_weight, student_bias, teacher_weight, teacher_bias)
+    teacher = (teacher_hidden, teacher_weight, teacher_bias, teacher_logits)
+    names, heads = _sharded_inputs(student_hidden, student_weight, student_bias, *teacher, target_is, teacher_softcap,
+                                   teacher_logit_scale)  # fmt: skip
     shard = _head_shard(names, heads, vocab_group, vocab_start)
     kernel_kind, coef, temperature = check_divergence_options(kind, beta, alpha, temperature, target_is, reduction,
                                                               num_items)  # fmt: skip
@@ -408,21 +429,13 @@ def fused_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weig
     student_hidden, student_bias = _inputs.scale_head_inputs("logit_scale", logit_scale, student_hidden, student_bias)
     valid, weights = valid_rows_and_weights("student_hidden", student_hidden, shard.total, labels, mask, weights,
                                             ignore_index)  # fmt: skip
-    if topk:
+    if isinstance(teacher_hidden, TopK):
         rows = _topk_rows(student_hidden, student_weight, student_bias, teacher_hidden, valid, shard, kernel_kind, kind,
                           coef, temperature, softcap, backend)  # fmt: skip
-        return reduce_rows(rows if weights is None else rows * weights.float(), valid, reduction, num_items)
-    backend = resolve("divergence", backend, student_hidden.device)  # the row op run on each chunk
-    if teacher_logits is not None:
-        student3, teacher_logits = _inputs.as_rows(student_hidden, teacher_logits)
     else:
-        student3, teacher_hidden = _inputs.as_rows(student_hidden, teacher_hidden)
-    teacher = (teacher_hidden, teacher_weight, teacher_bias, teacher_logits)
-    teacher = tuple(None if x is None else x.detach() for x in teacher)  # the teacher gets no gradient
-    rows = _LinearDivergence.apply(student3, student_weight, student_bias, *teacher, valid.reshape(student3.shape[:2]),
-                                   shard, kernel_kind, target_is, temperature, coef, softcap, teacher_softcap,
-                                   backend)  # fmt: skip
-    rows = rows.reshape(valid.shape)
+        rows = _dense_rows(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                           teacher_logits, valid, shard, kernel_kind, target_is, temperature, coef, softcap,
+                           teacher_softcap, backend)  # fmt: skip
     if weights is not None:
         rows = rows * weights.float()
     return reduce_rows(rows, valid, reduction, num_items)
