@@ -119,6 +119,7 @@ def _kl_cases():
         yield kind, dict(reduction="none", mask=mask, **COEF.get(kind, {})), "probs"
         yield kind, dict(reduction="mean", **COEF.get(kind, {})), "padded"
         yield kind, dict(reduction="none", dtype=torch.bfloat16, **COEF.get(kind, {})), "head"
+        yield kind, dict(reduction="sum", temperature=0.7, backend="torch", **COEF.get(kind, {})), "head"
     for kind in ("forward", "jsd", "tv", "alpha"):  # TopK teachers, k = 5 and k = V (no tail)
         yield kind, dict(reduction="none", temperature=0.7, softcap=3.0, **COEF.get(kind, {})), "topk bin"
         yield kind, dict(reduction="mean", weights=weights, **COEF.get(kind, {})), "topk renormalize"
@@ -283,6 +284,13 @@ def _check_errors(rank: int, world: int) -> None:
         _close(logp, expected, "vocab_start")
         logp.sum().backward(), expected.sum().backward()
         _close(h.grad, hf.grad, "vocab_start grad_hidden"), _close(w.grad, wf.grad[mine], "vocab_start grad_weight")
+        h.grad, hf.grad, w.grad, wf.grad = None, None, None, None
+        loss = klops.fused_linear_kl(h, w, t_hidden, model["t_weight"][mine], kind="jsd", vocab_group=group,
+                                     vocab_start=mine.start)  # fmt: skip
+        expected = klops.fused_linear_kl(hf, wf, t_hidden, model["t_weight"], kind="jsd")
+        _close(loss, expected, "vocab_start kl")
+        loss.backward(), expected.backward()
+        _close(h.grad, hf.grad, "vocab_start kl grad_hidden"), _close(w.grad, wf.grad[mine], "vocab_start kl grad")
     # after all that, the group still works: no rank is left inside a collective
     expected = klops.fused_linear_logprobs(hidden, model["weight"], labels)
     _close(klops.fused_linear_logprobs(hidden, weight, labels, vocab_group=group), expected, "after the errors")
