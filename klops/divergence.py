@@ -359,12 +359,14 @@ def fused_kl(
         vocab_group: the process group over which the vocabulary is sharded: both logits ``[..., V_r]`` are this
             rank's contiguous slice (the same for both), in rank order (or from ``vocab_start``); labels are global ids;
             every rank gets the same loss and the gradient of its shard (klops/vocab_parallel.py). DTensors placed
-            ``Shard(-1)`` on a 1-D mesh need none. The loss is a plain tensor. Not with a ``TopK`` teacher yet.
+            ``Shard(-1)`` on a 1-D mesh need none. The loss is a plain tensor. A ``TopK`` teacher's ids are global
+            (klops/vocab_parallel_distill.py).
 
     Returns the fp32 loss.
     """
     if vocab_group is not None or vocab_start is not None or is_sharded(student_logits):
-        return VOCAB_PARALLEL_FORMS["fused_kl"](
+        form = "fused_kl_topk" if isinstance(teacher_logits, TopK) else "fused_kl"
+        return VOCAB_PARALLEL_FORMS[form](
             student_logits, teacher_logits, kind, beta=beta, alpha=alpha, temperature=temperature, labels=labels,
             mask=mask, weights=weights, ignore_index=ignore_index, reduction=reduction, num_items=num_items,
             target_is=target_is, backend=backend, vocab_group=vocab_group, vocab_start=vocab_start,
@@ -421,8 +423,8 @@ def divergence_and_label_logprobs(
     give 0 in all three. For TDPO (a reference and its policy) and SFT + distillation mixes. The teacher may be
     a ``klops.TopK``: then the third value is None (the label need not be among its ids).
 
-    ``vocab_group`` / ``vocab_start``: vocabulary-sharded logits, as ``fused_kl`` takes them (labels are global ids;
-    klops/vocab_parallel_distill.py); not with a ``TopK`` teacher."""
+    ``vocab_group`` / ``vocab_start``: vocabulary-sharded logits, as ``fused_kl`` takes them (labels and a ``TopK``
+    teacher's ids are global; klops/vocab_parallel_distill.py)."""
     if vocab_group is not None or vocab_start is not None or is_sharded(student_logits):
         return VOCAB_PARALLEL_FORMS["divergence_and_label_logprobs"](
             student_logits, teacher_logits, labels, kind, beta=beta, alpha=alpha, temperature=temperature, mask=mask,

@@ -49,7 +49,6 @@ from .divergence import (
     valid_rows_and_weights,
 )
 from .logprobs import LogprobOutputs, logprobs_op
-from .topk import TopK
 
 __all__ = ["record_traffic", "is_sharded"]
 
@@ -399,10 +398,7 @@ def fused_kl(student_logits, teacher_logits, kind, *, beta, alpha, temperature, 
     """``klops.fused_kl`` over vocabulary-sharded student and teacher logits ``[..., V_r]`` (the same shards).
     Per token each rank sends 20 bytes (forward / reverse KL between logits: one all-gather of 5 fp32) or 16 + 8
     (other kinds, log-probs / probs teachers: an all-gather of 4 fp32, an all-reduce of 2), plus the shard sizes.
-    Returns a plain tensor, replicated."""
-    if isinstance(teacher_logits, TopK):
-        raise ValueError("a TopK teacher is not vocabulary-parallel yet: gather the student's logits (or pass "
-                         "full-vocabulary logits without vocab_group) for a TopK teacher")  # fmt: skip
+    Returns a plain tensor, replicated. (A TopK teacher: klops/vocab_parallel_distill.py's fused_kl_topk.)"""
     (student, teacher), shard = vocab_shard(["student_logits", "teacher_logits"], [student_logits, teacher_logits],
                                             vocab_group, vocab_start)  # fmt: skip
     labels, mask, weights = _plain(labels), _plain(mask), _plain(weights)

@@ -27,12 +27,13 @@ import math
 import torch
 
 from . import _inputs
-from ._chunked import log_softmax_from_stats, row_chunks, scaled
+from ._chunked import log_softmax_from_stats, row_chunks, row_stats, scaled
+from ._terms import divergence_terms
 from .backend import resolve
 from .distill import kl_pair_backward_op, kl_pair_op
 from .distributed import vocab_parallel_form
 from .divergence import _divergence_grad_rows, check_divergence_options, reduce_rows, valid_rows_and_weights
-from .topk import TopK
+from .topk import TopK, renormalized_tail_terms, sorted_topk
 from .vocab_parallel import (
     _chain_rule_kl,
     _plain,
@@ -93,16 +94,20 @@ def divergence_and_label_logprobs(student_logits, teacher_logits, labels, kind, 
     same shards). Per token each rank sends 28 bytes (forward / reverse KL: one all-gather of 7 fp32) or 24 + 8
     (other kinds: an all-gather of 6 fp32, an all-reduce of 2), plus the shard sizes; the backward sends nothing.
     Returns plain tensors, replicated."""
-    if isinstance(teacher_logits, TopK):
-        raise ValueError("divergence_and_label_logprobs: a TopK teacher is not vocabulary-parallel: gather the "
-                         "student's logits (call it without vocab_group) for a TopK teacher")  # fmt: skip
-    (student, teacher), shard = vocab_shard(["student_logits", "teacher_logits"], [student_logits, teacher_logits],
-                                            vocab_group, vocab_start)  # fmt: skip
+    topk = isinstance(teacher_logits, TopK)
+    count = 1 if topk else 2  # a TopK teacher is replicated, its ids global
+    names, sharded = ["student_logits", "teacher_logits"][:count], [student_logits, teacher_logits][:count]
+    (student, *teacher), shard = vocab_shard(names, sharded, vocab_group, vocab_start)
     labels, mask = _plain(labels), _plain(mask)
     _inputs.check_logits("student_logits", student)
-    _inputs.check_dense_teacher(teacher, student)
+    if not topk:
+        _inputs.check_dense_teacher(teacher[0], student)
     kernel_kind, coef, temperature = check_divergence_options(kind, beta, alpha, temperature, "logits", "none", None)
     valid, _ = valid_rows_and_weights("student_logits", student, shard.total, labels, mask, None, ignore_index)
+    if topk:
+        rows, logp = topk_rows(student, teacher_logits, valid, shard, kernel_kind, kind, coef, temperature, labels)
+        return rows, logp, None
+    (teacher,) = teacher
     backend = resolve("divergence", backend, student.device)
     student3, teacher3 = _inputs.as_rows(student, teacher)
     rows_shape = student3.shape[:2]
@@ -244,3 +249,128 @@ def akl_loss(student_logits, teacher_logits, *, mu, temperature, labels, mask, i
     kl_pq, kl_qp, w, valid = _kl_pair_rows("akl_loss", student_logits, teacher_logits, temperature, labels, mask,
                                     ignore_index, backend, vocab_group, vocab_start, mu)  # fmt: skip
     return reduce_rows(w * kl_pq + (1 - w) * kl_qp, valid, reduction, num_items)
+
+
+# ----------------------------------------------------------------------------------------------------
+# TopK teachers (fused_kl, divergence_and_label_logprobs)
+
+
+def _held_ids(indices, valid, shard):
+    """(local ids [B, L, K] int64, 0 where not held here; held [B, L, K]: the valid rows' ids in this shard)."""
+    local = indices.long() - shard.start
+    held = valid[..., None] & (local >= 0) & (local < shard.size)
+    return torch.where(held, local, 0), held
+
+
+def _members(z, local, held):
+    """[C, V_r] bool: the entries of a chunk of rows ``z`` among the teacher's ids held here."""
+    return torch.zeros(z.shape, dtype=torch.float32, device=z.device).scatter_add_(-1, local, held.float()) > 0
+
+
+class _TopKDivergence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, indices, teacher_logprobs, labels, valid, shard, kind, tail, temperature, coef,
+                tail_terms):  # fmt: skip
+        B, L, V = student.shape
+        local, held = _held_ids(indices, valid, shard)
+        label_local, owned = local_labels(labels if labels is not None else torch.zeros_like(valid), valid, shard)
+        z_s = student.gather(-1, local).float()
+        stats = student.new_zeros((B, L, 5), dtype=torch.float32)
+        for b, rows in row_chunks(B, L, V):
+            z = student[b, rows]
+            stats[b, rows, 0], stats[b, rows, 1] = row_stats(z.masked_fill(_members(z, local[b, rows], held[b, rows]),
+                                                                           -math.inf), temperature)  # fmt: skip
+        stats[..., 2], stats[..., 3] = row_stats(z_s.masked_fill(~held, -math.inf), temperature)
+        if labels is not None:
+            stats[..., 4] = torch.where(owned, student.gather(-1, label_local[..., None])[..., 0].float(), 0.0)
+        gathered = all_gather_rows(stats if labels is not None else stats[..., :4], shard.group)
+        max_c, logsum_c, _ = merge_logsumexp(gathered[..., 0], gathered[..., 1], temperature)
+        max_s, logsum_s, _ = merge_logsumexp(gathered[..., 2], gathered[..., 3], temperature)
+        both = (torch.cat((gathered[..., 0], gathered[..., 2])), torch.cat((gathered[..., 1], gathered[..., 3])))
+        max_q, logsum_q, _ = merge_logsumexp(*both, temperature)  # the shards' outsides and members: the whole row
+        # the single-process math (klops/topk.py's torch backend) on the members held here, then summed
+        lq = log_softmax_from_stats(z_s, max_q, logsum_q, temperature)
+        log_tail_q = scaled(max_c - max_q, temperature) + logsum_c - logsum_q
+        lp = teacher_logprobs.float()
+        log_mass_p = torch.logsumexp(lp, dim=-1)
+        if tail == "bin":
+            no_tail = torch.full_like(log_mass_p, -math.inf)
+            log_tail_p = (-torch.expm1(log_mass_p)).clamp(min=0).log() if lp.shape[-1] < shard.total else no_tail
+            loss_tail, a_tail = divergence_terms(log_tail_q, log_tail_q.exp(), log_tail_p, log_tail_p.exp(), kind, coef)
+        else:
+            lp = lp - log_mass_p[..., None]
+            loss_tail, a_tail = tail_terms[0] * log_tail_q.exp(), tail_terms[1] * log_tail_q.exp()
+        entry_loss, a = divergence_terms(lq, lq.exp(), lp, lp.exp(), kind, coef)
+        entry_loss, a = torch.where(held, entry_loss, 0.0), torch.where(held, a, 0.0)
+        loss, a_sum = all_reduce_sum(torch.stack((entry_loss.sum(-1), a.sum(-1)), -1), shard.group).unbind(-1)
+        gbar = a_sum + a_tail
+        mass_q_s = torch.exp(scaled(max_s - max_q, temperature) + logsum_s - logsum_q)
+        tail_scale = torch.where(valid, a_tail * mass_q_s - log_tail_q.exp() * a_sum, 0.0)
+        member_d = torch.where(held, a - lq.exp() * gbar[..., None], 0.0)
+        rows = torch.where(valid, loss + loss_tail, 0.0)
+        logp = torch.zeros_like(rows)
+        if labels is not None:
+            logp = torch.where(valid, scaled(gathered[..., 4].sum(0) - max_q, temperature) - logsum_q, 0.0)
+        ctx.save_for_backward(student, local, held, label_local, owned, valid, max_c, logsum_c, max_q, logsum_q,
+                              tail_scale, member_d)  # fmt: skip
+        ctx.temperature = temperature
+        return rows, logp
+
+    @staticmethod
+    def backward(ctx, grad, grad_logp):
+        student, local, held, label_local, owned, valid, max_c, logsum_c, max_q, logsum_q, tail_scale, member_d = (
+            ctx.saved_tensors
+        )
+        temperature = ctx.temperature
+        B, L, V = student.shape
+        grad = torch.zeros_like(tail_scale) if grad is None else grad
+        tail_coef, member_value = grad * tail_scale, grad[..., None] * member_d
+        dz = torch.empty_like(student)
+        for b, rows in row_chunks(B, L, V):  # (tail_coef qc outside the ids, member_value on them) / T, as topk.py's
+            z = student[b, rows]
+            qc = log_softmax_from_stats(z, max_c[b, rows], logsum_c[b, rows], temperature).exp_()
+            outside = _members(z, local[b, rows], held[b, rows]) | (z == -math.inf)
+            chunk = torch.where(outside, 0.0, tail_coef[b, rows, None] * qc)
+            chunk.scatter_add_(-1, local[b, rows], member_value[b, rows])
+            if grad_logp is not None:  # (onehot - q) g for the label's log-prob, the one-hot where the label is held
+                g = grad_logp[b, rows]
+                q = log_softmax_from_stats(z, max_q[b, rows], logsum_q[b, rows], temperature).exp_()
+                chunk.addcmul_(q, g[:, None], value=-1.0)
+                chunk.scatter_add_(-1, label_local[b, rows][:, None], (g * owned[b, rows])[:, None])
+            dz[b, rows] = torch.where(valid[b, rows][:, None], chunk / temperature, 0.0)
+        return dz, *(None,) * 10
+
+
+def topk_rows(student, topk, valid, shard, kind, user_kind, coef, temperature, labels=None):
+    """(D, log q(label)) per row ``[...]`` fp32 between a TopK teacher (global ids, replicated) and the sharded
+    ``student [..., V_r]``: one all-gather of 4 fp32 per row (5 with labels: the label's logit), one all-reduce of 2.
+    Each rank sums the divergence's terms over the ids it holds; the tail's terms come from the merged statistics."""
+    tail_terms = renormalized_tail_terms(kind, coef, user_kind) if topk.tail == "renormalize" else (0.0, 0.0)
+    indices, logprobs = sorted_topk(topk, "teacher_logits", "student_logits", student, shard.total, valid)
+    student3, indices3, logprobs3 = _inputs.as_rows(student, indices, logprobs)
+    rows_shape = student3.shape[:2]
+    labels3 = None if labels is None else labels.long().reshape(rows_shape)
+    rows, logp = _TopKDivergence.apply(student3, indices3, logprobs3, labels3, valid.reshape(rows_shape), shard, kind,
+                                       topk.tail, temperature, coef, tail_terms)  # fmt: skip
+    return rows.reshape(valid.shape), logp.reshape(valid.shape)
+
+
+@vocab_parallel_form("fused_kl_topk")
+def fused_kl_topk(student_logits, teacher_logits, kind, *, beta, alpha, temperature, labels, mask, weights,
+                  ignore_index, reduction, num_items, target_is, backend, vocab_group, vocab_start):  # fmt: skip
+    """``klops.fused_kl`` with a ``TopK`` teacher (global ids) and a vocabulary-sharded student ``[..., V_r]``: per
+    token each rank sends 16 + 8 bytes (an all-gather of 4 fp32, an all-reduce of 2), plus the shard sizes; the
+    backward sends nothing. Every backend runs the torch math here."""
+    (student,), shard = vocab_shard(["student_logits"], [student_logits], vocab_group, vocab_start)
+    labels, mask, weights = _plain(labels), _plain(mask), _plain(weights)
+    _inputs.check_logits("student_logits", student)
+    kernel_kind, coef, temperature = check_divergence_options(kind, beta, alpha, temperature, target_is, reduction,
+                                                              num_items)  # fmt: skip
+    if target_is != "logits":
+        raise ValueError(f"a TopK teacher carries its log-probs; target_is={target_is!r} is for dense teachers")
+    valid, weights = valid_rows_and_weights("student_logits", student, shard.total, labels, mask, weights,
+                                            ignore_index)  # fmt: skip
+    rows, _ = topk_rows(student, teacher_logits, valid, shard, kernel_kind, kind, coef, temperature)
+    if weights is not None:
+        rows = rows * weights.float()
+    return reduce_rows(rows, valid, reduction, num_items)

@@ -44,39 +44,40 @@ def _leaves(z, own):
 def _check_ops(rank: int, world: int) -> None:
     group = dist.group.WORLD
     own = _slice(rank, SIZES[world])
-    for dtype, backend in ((torch.float32, "auto"), (torch.bfloat16, "auto"), (torch.float32, "torch")):
+    cases = ((torch.float32, "auto", 1.0), (torch.float32, "auto", 0.7), (torch.bfloat16, "auto", 1.0),
+             (torch.float32, "torch", 0.7))  # fmt: skip
+    for dtype, backend, temperature in cases:
         z, y, labels = _inputs(world, dtype)
         mask = _mask(labels)
-        for temperature in (1.0, 0.7):
-            on = dict(temperature=temperature, backend=backend)
-            for kind in DIVERGENCE_KINDS:  # divergence_and_label_logprobs: every kind, one or two rounds
-                zl, zf = _leaves(z, own)
-                options = dict(mask=mask, **on, **COEF.get(kind, {}))
-                out = klops.divergence_and_label_logprobs(zl, y[..., own], labels, kind, vocab_group=group, **options)
-                expected = klops.divergence_and_label_logprobs(zf, y, labels, kind, **options)
-                assert not out[2].requires_grad
-                _grads(out, expected, ((zl, own), zf), f"divergence_and_label_logprobs {kind} {dtype} {on}")
-            zl, zf = _leaves(z, own)  # the label's log-prob alone carries a gradient
-            _, logp, _ = klops.divergence_and_label_logprobs(zl, y[..., own], labels, vocab_group=group, **on)
-            _, logp_f, _ = klops.divergence_and_label_logprobs(zf, y, labels, **on)
-            _grads((logp,), (logp_f,), ((zl, own), zf), f"label log-prob alone {dtype} {on}")
-
+        on = dict(temperature=temperature, backend=backend)
+        for kind in DIVERGENCE_KINDS:  # divergence_and_label_logprobs: every kind, one or two rounds
             zl, zf = _leaves(z, own)
-            options = dict(labels=labels, mask=mask, **on)
-            out = klops.forward_reverse_kl(zl, y[..., own], vocab_group=group, **options)
-            _grads(out, klops.forward_reverse_kl(zf, y, **options), ((zl, own), zf), f"forward_reverse_kl {dtype} {on}")
-            zl, zf = _leaves(z, own)  # one of the two alone
-            out = klops.forward_reverse_kl(zl, y[..., own], vocab_group=group, **on)[1]
-            _grads((out,), (klops.forward_reverse_kl(zf, y, **on)[1],), ((zl, own), zf), "reverse alone")
+            options = dict(mask=mask, **on, **COEF.get(kind, {}))
+            out = klops.divergence_and_label_logprobs(zl, y[..., own], labels, kind, vocab_group=group, **options)
+            expected = klops.divergence_and_label_logprobs(zf, y, labels, kind, **options)
+            assert not out[2].requires_grad
+            _grads(out, expected, ((zl, own), zf), f"divergence_and_label_logprobs {kind} {dtype} {on}")
+        zl, zf = _leaves(z, own)  # the label's log-prob alone carries a gradient
+        _, logp, _ = klops.divergence_and_label_logprobs(zl, y[..., own], labels, vocab_group=group, **on)
+        _, logp_f, _ = klops.divergence_and_label_logprobs(zf, y, labels, **on)
+        _grads((logp,), (logp_f,), ((zl, own), zf), f"label log-prob alone {dtype} {on}")
 
-            for mu, reduction in ((0.5, "mean"), (0.2, "none"), (0.9, "sum")):
-                zl, zf = _leaves(z, own)
-                options = dict(labels=labels, mask=mask, mu=mu, **on)
-                weights = klops.akl_weights(zl, y[..., own], vocab_group=group, **options)
-                _close(weights, klops.akl_weights(zf, y, **options), f"akl_weights {mu} {dtype} {on}")
-                loss = klops.akl_loss(zl, y[..., own], reduction=reduction, vocab_group=group, **options)
-                expected = klops.akl_loss(zf, y, reduction=reduction, **options)
-                _grads((loss,), (expected,), ((zl, own), zf), f"akl_loss {mu} {reduction} {dtype} {on}")
+        zl, zf = _leaves(z, own)
+        options = dict(labels=labels, mask=mask, **on)
+        out = klops.forward_reverse_kl(zl, y[..., own], vocab_group=group, **options)
+        _grads(out, klops.forward_reverse_kl(zf, y, **options), ((zl, own), zf), f"forward_reverse_kl {dtype} {on}")
+        zl, zf = _leaves(z, own)  # one of the two alone
+        out = klops.forward_reverse_kl(zl, y[..., own], vocab_group=group, **on)[1]
+        _grads((out,), (klops.forward_reverse_kl(zf, y, **on)[1],), ((zl, own), zf), "reverse alone")
+
+        for mu, reduction in ((0.5, "mean"), (0.2, "none"), (0.9, "sum")):
+            zl, zf = _leaves(z, own)
+            options = dict(labels=labels, mask=mask, mu=mu, **on)
+            weights = klops.akl_weights(zl, y[..., own], vocab_group=group, **options)
+            _close(weights, klops.akl_weights(zf, y, **options), f"akl_weights {mu} {dtype} {on}")
+            loss = klops.akl_loss(zl, y[..., own], reduction=reduction, vocab_group=group, **options)
+            expected = klops.akl_loss(zf, y, reduction=reduction, **options)
+            _grads((loss,), (expected,), ((zl, own), zf), f"akl_loss {mu} {reduction} {dtype} {on}")
 
 
 def _check_akl_ties(rank: int, world: int) -> None:
@@ -95,6 +96,44 @@ def _check_akl_ties(rank: int, world: int) -> None:
         _close(weights, klops.akl_weights(z, y, **options), f"akl_weights ties mu={mu}")
 
 
+def _topk(y, k, tail="bin"):
+    """The teacher's top-k log-probs (global ids, in a shuffled order) as a TopK."""
+    values, ids = torch.log_softmax(y.float(), -1).topk(k, -1)
+    order = torch.randperm(k, generator=torch.Generator().manual_seed(k))
+    return klops.TopK(ids[..., order], values[..., order], tail)
+
+
+def _check_topk(rank: int, world: int) -> None:
+    """fused_kl and divergence_and_label_logprobs with a TopK teacher: ids on every shard, a shard holding none of a
+    row's ids (the row whose rank-1 slice is -inf), both tails, k = V (no tail)."""
+    group, own = dist.group.WORLD, _slice(rank, SIZES[world])
+    z, y, labels = _inputs(world)
+    mask = _mask(labels)
+    cases = [(kind, "bin", 6, 1.0) for kind in DIVERGENCE_KINDS] + [
+        ("forward", "renormalize", 6, 0.7), ("tv", "renormalize", 3, 1.0), ("jsd", "bin", V, 0.7),
+        ("forward", "bin", V, 1.0),
+    ]  # fmt: skip
+    for kind, tail, k, temperature in cases:
+        topk = _topk(y, k, tail)
+        options = dict(labels=labels, mask=mask, temperature=temperature, **COEF.get(kind, {}))
+        what = f"TopK {kind} {tail} k={k} T={temperature}"
+        zl, zf = _leaves(z, own)
+        loss = klops.fused_kl(zl, topk, kind, reduction="none", vocab_group=group, **options)
+        expected = klops.fused_kl(zf, topk, kind, reduction="none", **options)
+        _grads((loss,), (expected,), ((zl, own), zf), what)
+        zl, zf = _leaves(z, own)
+        options.pop("labels")
+        out = klops.divergence_and_label_logprobs(zl, topk, labels, kind, vocab_group=group, **options)
+        expected = klops.divergence_and_label_logprobs(zf, topk, labels, kind, **options)
+        assert out[2] is None and expected[2] is None
+        _grads(out[:2], expected[:2], ((zl, own), zf), what + " with labels")
+    with pytest.raises(ValueError, match="infinite against a teacher that is 0 outside its top-k"):
+        klops.fused_kl(z[..., own], _topk(y, 4, "renormalize"), "reverse", vocab_group=group)
+    with pytest.raises(ValueError, match="TopK indices must lie in"):
+        bad = _topk(y, 4)
+        klops.fused_kl(z[..., own], klops.TopK(bad.indices + V, bad.logprobs), vocab_group=group)
+
+
 def _check_dckd(rank: int, world: int) -> None:
     group, own = dist.group.WORLD, _slice(rank, SIZES[world])
     z, y, labels = _inputs(world)
@@ -107,11 +146,14 @@ def _check_dckd(rank: int, world: int) -> None:
         for name in expected_metrics:
             _close(metrics[name], expected_metrics[name], f"dckd {name} T={temperature}")
         _grads((loss,), (expected,), ((zl, own), zf), f"dckd T={temperature}")
+    zl, zf = _leaves(z, own)  # a TopK teacher (top-8 and the tail bin, as ADPA stores it)
+    loss, _ = klops.dckd_loss(zl, _topk(y, 8), labels, chosen, vocab_group=group)
+    _grads((loss,), (klops.dckd_loss(zf, _topk(y, 8), labels, chosen)[0],), ((zl, own), zf), "dckd TopK")
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_values_and_gradients(tmp_path, world):
-    _spawn(tmp_path, world, _check_ops, _check_akl_ties, _check_dckd)
+    _spawn(tmp_path, world, _check_ops, _check_akl_ties, _check_topk, _check_dckd)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -122,6 +164,8 @@ def _traffic(rank: int, world: int, rows: int, vocab: int) -> dict:
     group, gen = dist.group.WORLD, torch.Generator().manual_seed(rank)
     z, y = torch.randn(1, rows, vocab, generator=gen).requires_grad_(), torch.randn(1, rows, vocab, generator=gen)
     labels = torch.randint(0, vocab * world, (1, rows), generator=gen)
+    full = torch.randn(1, rows, vocab * world, generator=torch.Generator().manual_seed(0))  # the same on every rank
+    topk = _topk(full, 4)
     calls = {
         "divergence_and_label_logprobs forward": lambda: sum(
             x.sum() for x in klops.divergence_and_label_logprobs(z, y, labels, vocab_group=group)[:2]
@@ -131,6 +175,10 @@ def _traffic(rank: int, world: int, rows: int, vocab: int) -> dict:
         ),
         "forward_reverse_kl": lambda: sum(x.sum() for x in klops.forward_reverse_kl(z, y, vocab_group=group)),
         "akl_loss": lambda: klops.akl_loss(z, y, vocab_group=group),
+        "fused_kl TopK": lambda: klops.fused_kl(z, topk, vocab_group=group),
+        "divergence_and_label_logprobs TopK": lambda: sum(
+            x.sum() for x in klops.divergence_and_label_logprobs(z, topk, labels, vocab_group=group)[:2]
+        ),
     }
     traffic = {}
     for name, call in calls.items():
@@ -150,6 +198,8 @@ def _check_traffic(rank: int, world: int) -> None:
         "divergence_and_label_logprobs jsd": (24 + 8, 2),
         "forward_reverse_kl": (24, 1),
         "akl_loss": (24 + 30 * 4 + 20, 32),
+        "fused_kl TopK": (16 + 8, 2),
+        "divergence_and_label_logprobs TopK": (20 + 8, 2),
     }
     for name, (forward, backward) in small.items():
         assert forward[0] == long[name][0][0] and forward[0][0] == "all_gather", (name, forward[0])  # the sizes
@@ -173,9 +223,6 @@ def _check_errors(rank: int, world: int) -> None:
         klops.akl_weights(zl, yl, mu=1.0, vocab_group=group)
     with pytest.raises(ValueError, match="mismatched vocabulary shards"):
         klops.forward_reverse_kl(zl, yl[..., :-1] if rank == 1 else yl, vocab_group=group)
-    with pytest.raises(ValueError, match="TopK teacher is not vocabulary-parallel"):
-        topk = klops.TopK(labels.clamp(min=0)[..., None], torch.zeros(*labels.shape, 1))
-        klops.divergence_and_label_logprobs(zl, topk, labels, vocab_group=group)
     with pytest.raises(ValueError, match="dckd_loss: vocab_group"):
         student = (torch.randn(*labels.shape, 4), torch.randn(SIZES[world][rank], 4))
         klops.dckd_loss(student, yl, labels, torch.tensor([True, False, True]), vocab_group=group)
