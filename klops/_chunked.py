@@ -90,8 +90,8 @@ def accumulate_grads(dz, t, hidden, weight, grads, rows, first: bool) -> None:
     dz = dz.to(weight.dtype)
     grad_hidden, grad_weight, grad_bias = grads
     grad_hidden[rows] = (dz @ weight).to(grad_hidden.dtype)
-    if weight.dtype == torch.float32:
-        grad_weight.addmm_(dz.t(), hidden, beta=0.0 if first else 1.0)  # no [V, D] temporary
+    if weight.dtype == torch.float32:  # no [V, D] temporary, and no pass to zero the first (addmm_'s beta=0 has one)
+        torch.mm(dz.t(), hidden, out=grad_weight) if first else grad_weight.addmm_(dz.t(), hidden)
     elif first:
         grad_weight.copy_(dz.t() @ hidden)
     else:
@@ -208,6 +208,7 @@ def register_total_autograd(name: str, row_weight_index: int | None) -> None:
 
     def setup_context(ctx, inputs, output):
         ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)  # else autograd passes zeros [V, D] for the unused grad_weight output
         ctx.save_for_backward(*output[1:5])
         ctx.dtypes = tuple(None if x is None else x.dtype for x in inputs[:3])
         ctx.inputs = len(inputs)
@@ -244,6 +245,18 @@ def gradient_in_forward(reduction: str, *tensors) -> bool:
     "mean") of which a gradient is wanted (grad mode on and one of the tensors requires it)."""
     wanted = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     return reduction != "none" and wanted
+
+
+def reduction_row_weights(valid, weights, reduction: str, num_items):
+    """The row weights w of a chunked_total op whose total is then the reduced loss itself (docs/losses.md §0):
+    the user's ``weights`` (None: 1) over ``num_items``, or over the valid rows for "mean"; "sum" keeps them.
+    The mean's scale is then paid per row inside the row kernels, and ``loss.backward()``'s upstream gradient is
+    exactly 1, which register_total_autograd hands over without a pass over the [V, D] weight gradient."""
+    if num_items is None and reduction == "sum":
+        return weights
+    count = valid.sum().clamp(min=1) if num_items is None else num_items
+    scale = 1.0 / torch.as_tensor(count, dtype=torch.float32, device=valid.device)
+    return scale.expand(valid.shape) if weights is None else weights.float() * scale
 
 
 def empty_rows(hidden, count: int):

@@ -69,6 +69,7 @@ from ._chunked import (
     fake_grads,
     fake_total,
     gradient_in_forward,
+    reduction_row_weights,
     register_total_autograd,
 )
 from ._inputs import check_linear, check_softcap
@@ -325,6 +326,7 @@ def linear_cross_entropy_total_op(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     labels: torch.Tensor,
+    row_weight: torch.Tensor | None,
     softcap: float | None,
     label_smoothing: float,
     z_loss: float,
@@ -332,17 +334,19 @@ def linear_cross_entropy_total_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(total, rows, grad_hidden, grad_weight, grad_bias) of the chunked path for a scalar loss: the (B, L) rows'
-    ``loss + z_loss lse^2``, their sum, and its fp32 gradient formed in the same sweep (klops/_chunked.py)."""
+    ``loss + z_loss lse^2``, total = sum_r w_r rows_r (w = row_weight, or 1), and its fp32 gradient formed in the
+    same sweep (klops/_chunked.py)."""
 
     def chunk_total(z, rows):
         chunk_labels = labels[rows][None]
         loss, lse, max_z, logsum = _cross_entropy_chunk(z, chunk_labels, label_smoothing, ignore_index, backend)
-        g_lse = 2.0 * z_loss * lse if z_loss > 0 else None
-        dz = _cross_entropy_chunk_grad(z, chunk_labels, max_z, logsum, torch.ones_like(loss), g_lse,
-                                       label_smoothing, ignore_index, backend)  # fmt: skip
+        g = chunk_row_weights(row_weight, rows, loss)
+        g_lse = 2.0 * z_loss * lse * g if z_loss > 0 else None
+        dz = _cross_entropy_chunk_grad(z, chunk_labels, max_z, logsum, g, g_lse, label_smoothing, ignore_index,
+                                       backend)  # fmt: skip
         return (loss + z_loss * lse.square(),), dz
 
-    return chunked_total(hidden, weight, bias, softcap, None, empty_rows(hidden, 1), chunk_total)
+    return chunked_total(hidden, weight, bias, softcap, row_weight, empty_rows(hidden, 1), chunk_total)
 
 
 @linear_cross_entropy_total_op.register_fake
@@ -350,7 +354,7 @@ def _(hidden, weight, bias, *rest):
     return fake_total(hidden, weight, bias, 0)
 
 
-register_total_autograd("klops::linear_cross_entropy_total", None)
+register_total_autograd("klops::linear_cross_entropy_total", 4)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -689,12 +693,13 @@ def fused_linear_kl(
     student_hidden, student_bias = _inputs.scale_head_inputs("logit_scale", logit_scale, student_hidden, student_bias)
     valid, weights = valid_rows_and_weights("student_hidden", student_hidden, V, labels, mask, weights, ignore_index)
     in_forward = gradient_in_forward(reduction, student_hidden, student_weight, student_bias)
-    if isinstance(teacher_hidden, TopK):  # always the chunked path; rows is their weighted sum when in_forward
+    if isinstance(teacher_hidden, TopK):  # always the chunked path; in the forward, the op's sum is the loss
+        row_weight = reduction_row_weights(valid, weights, reduction, num_items) if in_forward else None
         rows, _ = linear_topk_rows(
             student_hidden, student_weight, student_bias, teacher_hidden, valid,
-            kernel_kind, kind, coef, temperature, softcap, backend, row_weight=weights, total=in_forward,
+            kernel_kind, kind, coef, temperature, softcap, backend, row_weight=row_weight, total=in_forward,
         )  # fmt: skip
-        return reduce_rows(rows if in_forward else _weighted(rows, weights), valid, reduction, num_items)
+        return rows if in_forward else reduce_rows(_weighted(rows, weights), valid, reduction, num_items)
     backend = resolve("linear", backend, student_hidden.device)
 
     # (B, L, D) and (B, L, V) views without a copy, e.g. of hidden[:, :-1] or teacher_logits[:, :-1]
@@ -707,19 +712,20 @@ def fused_linear_kl(
     valid3 = valid.reshape(student3.shape[:2])
     options = (kernel_kind, target_is, temperature, coef, softcap, teacher_softcap, backend)
     in_forward = in_forward and backend != "triton"
-    if in_forward:  # the gradient in the forward; rows is their weighted sum (weights with their gradient)
-        row_weight = None if weights is None else weights.reshape(valid3.shape)
-        rows, *_, top, log_mass = linear_divergence_total_op(
+    if in_forward:  # the gradient in the forward; the op's weighted sum is the reduced loss itself
+        row_weight = reduction_row_weights(valid, weights, reduction, num_items)
+        row_weight = None if row_weight is None else row_weight.reshape(valid3.shape)
+        loss, *_, top, log_mass = linear_divergence_total_op(
             student3, student_weight, student_bias, *teacher, valid3, row_weight, *options
         )
     else:
         rows, _, _, top, log_mass, _, _ = linear_divergence_op(
             student3, student_weight, student_bias, *teacher, valid3, None, *options
         )
-        rows = _weighted(rows.reshape(valid.shape), weights)
+        loss = reduce_rows(_weighted(rows.reshape(valid.shape), weights), valid, reduction, num_items)
     if teacher_logits is not None:  # normalized log-probs / probs, from the forward's statistics (fused_kl)
         _inputs.check_teacher_rows("teacher_logits", target_is, teacher_logits.dtype, V, valid3, top, log_mass)
-    return reduce_rows(rows, valid, reduction, num_items)
+    return loss
 
 
 def _weighted(rows, weights):
@@ -782,8 +788,10 @@ def fused_linear_cross_entropy(
     (hidden3,) = _inputs.as_rows(hidden)
     inputs = (hidden3, weight, bias, labels.reshape(hidden3.shape[:2]))
     if backend != "triton" and not return_lse and gradient_in_forward(reduction, hidden, weight, bias):
-        total, *_ = linear_cross_entropy_total_op(*inputs, softcap, label_smoothing, z_loss, ignore_index, backend)
-        return reduce_rows(total, labels != ignore_index, reduction, num_items)
+        valid = (labels != ignore_index).reshape(hidden3.shape[:2])
+        row_weight = reduction_row_weights(valid, None, reduction, num_items)
+        options = (softcap, label_smoothing, z_loss, ignore_index, backend)
+        return linear_cross_entropy_total_op(*inputs, row_weight, *options)[0]  # the reduced loss itself
     rows, lse, *_ = linear_cross_entropy_op(*inputs, softcap, label_smoothing, ignore_index, backend)
     rows, lse = rows.reshape(labels.shape), lse.reshape(labels.shape)
     if z_loss > 0:

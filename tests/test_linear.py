@@ -1,5 +1,7 @@
 """klops.fused_linear_logprobs / fused_linear_kl against the float64 reference on logits = h @ W.T + b."""
 
+import functools
+
 import pytest
 import torch
 
@@ -529,17 +531,17 @@ def _scalar_losses(gen):
     row_weights = randn(2, 5, gen=gen).abs()
     kl = dict(labels=labels, weights=row_weights, softcap=5.0)
     losses = {
-        "cross_entropy": (lambda h, w, b, r: klops.fused_linear_cross_entropy(
-            h, w, labels, bias=b, reduction=r, label_smoothing=0.1, z_loss=1e-3, softcap=5.0, backend="torch"),
+        "cross_entropy": (lambda h, w, b, r, **kw: klops.fused_linear_cross_entropy(
+            h, w, labels, bias=b, reduction=r, label_smoothing=0.1, z_loss=1e-3, softcap=5.0, backend="torch", **kw),
             klops.linear, "linear_cross_entropy_total_op"),
-        "kl_hidden": (lambda h, w, b, r: klops.fused_linear_kl(
-            h, w, t_hidden, t_weight, student_bias=b, kind="jsd", beta=0.3, reduction=r, backend="torch", **kl),
+        "kl_hidden": (lambda h, w, b, r, **kw: klops.fused_linear_kl(
+            h, w, t_hidden, t_weight, student_bias=b, kind="jsd", beta=0.3, reduction=r, backend="torch", **kl, **kw),
             klops.linear, "linear_divergence_total_op"),
         "kl_logits": (lambda h, w, b, r: klops.fused_linear_kl(
             h, w, teacher_logits=t_logits, student_bias=b, kind="reverse", reduction=r, backend="torch", **kl),
             klops.linear, "linear_divergence_total_op"),
-        "kl_topk": (lambda h, w, b, r: klops.fused_linear_kl(
-            h, w, klops.TopK(top.indices, top.values), student_bias=b, kind="forward", reduction=r, **kl),
+        "kl_topk": (lambda h, w, b, r, **kw: klops.fused_linear_kl(
+            h, w, klops.TopK(top.indices, top.values), student_bias=b, kind="forward", reduction=r, **kl, **kw),
             klops.topk, "linear_topk_divergence_total_op"),
     }  # fmt: skip
     return losses, labels != -100
@@ -618,6 +620,30 @@ def test_unit_upstream_gradient_taken_as_is(gen):
         assert_close(a, b, (1e-5, 1e-6), f"{name} grad")
 
 
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the unit-gradient hand-over is the CPU's (a GPU's would sync)")
+@pytest.mark.parametrize("loss", ["cross_entropy", "kl_hidden", "kl_topk"])
+@pytest.mark.parametrize("reduction", ["sum", "mean", "num_items"])
+def test_scalar_loss_makes_no_pass_over_the_weight_gradient(loss, reduction, gen):
+    """loss.backward() of a scalar loss, "mean" and num_items included (their scale goes into the rows' upstream
+    gradient inside the op): between the forward's products and the .grad, nothing touches a [V, D] tensor again
+    (no scaling pass, no zero fill of the first block's sum nor of an unused output's gradient)."""
+    losses, valid = _scalar_losses(gen)
+    fn = losses[loss][0]
+    hidden, weight = randn(2, 5, 24, gen=gen).requires_grad_(), randn(61, 24, gen=gen).requires_grad_()
+    if reduction == "num_items":
+        fn, reduction = functools.partial(fn, num_items=int(valid.sum()) + 3), "mean"
+    with torch.profiler.profile(record_shapes=True) as profile:
+        fn(hidden, weight, None, reduction).backward()
+    passes = [e.name for e in profile.events() if [61, 24] in e.input_shapes and e.name in _PASSES]
+    assert not passes, f"passes over the [V, D] weight gradient: {passes}"
+    assert weight.grad is not None and torch.isfinite(weight.grad).all()
+
+
+# the ops that would make a pass over a [V, D] tensor: scaling, filling, copying, adding
+_PASSES = {"aten::mul", "aten::mul_", "aten::div", "aten::div_", "aten::fill_", "aten::zero_", "aten::zeros",
+           "aten::zeros_like", "aten::copy_", "aten::clone", "aten::add", "aten::add_", "aten::_to_copy"}  # fmt: skip
+
+
 def test_opcheck_gradient_in_forward(gen):
     """opcheck of the *_total ops, with and without bias and per-row weights (their gradient included)."""
     hidden, weight, bias = randn(1, 5, 8, gen=gen).requires_grad_(), randn(13, 8, gen=gen), randn(13, gen=gen)
@@ -625,7 +651,7 @@ def test_opcheck_gradient_in_forward(gen):
     valid, teacher = labels != -100, randn(1, 5, 13, gen=gen)
     row_weight = randn(1, 5, gen=gen).abs().requires_grad_()
     for b, w in ((None, None), (bias.requires_grad_(), row_weight)):
-        args = (hidden, weight.requires_grad_(), b, labels, 3.0, 0.1, 1e-3, -100, "torch")
+        args = (hidden, weight.requires_grad_(), b, labels, w, 3.0, 0.1, 1e-3, -100, "torch")
         torch.library.opcheck(klops.linear.linear_cross_entropy_total_op, args)
         args = (hidden, weight, b, None, None, None, teacher, valid, w, "jsd", "logits", 1.2, 0.3, None, None, "torch")
         torch.library.opcheck(klops.linear.linear_divergence_total_op, args)
