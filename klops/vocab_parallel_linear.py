@@ -31,14 +31,31 @@ from .divergence import (
 from .logprobs import LogprobOutputs, logprobs_op
 from .topk import TopK, renormalized_tail_terms, sorted_topk, topk_divergence_op
 from .vocab_parallel import (
-    _merge_row_stats,
-    _plain,
     all_gather_rows,
     all_reduce_sum,
     local_labels,
     merge_logsumexp,
     vocab_shard,
 )
+
+
+def _plain(x):
+    """A replicated DTensor (hidden states, labels, mask, weights) as its local tensor; anything else as it is."""
+    return x.to_local() if is_sharded(x) else x
+
+
+def _merge_row_stats(m, logsum, z_label, log_pi, log_sum_sq, sum_z, top1, owned, start, shard):
+    """(log sum_v q_v^2, mean_v z_v / T, is_top1 as 0 / 1) of LogprobOutputs from the shards' [W, N] statistics, the
+    merge of the logits-level form (private to klops/vocab_parallel.py, which op modules may not import from each
+    other): ``log sum q^2 = logsumexp_r(2 log pi_r + log sum (q^r)^2)``; the mean from the shards' sums; the label is
+    the first argmax where it is first in its shard, no shard's max exceeds its logit, and no shard of lower ids
+    equals it (ids below 2^24 are exact in fp32)."""
+    log_sum_sq = torch.logsumexp(torch.where(log_pi == -math.inf, -math.inf, 2.0 * log_pi + log_sum_sq), 0)
+    z_y, owner_start = z_label.sum(0), (start * owned).sum(0)
+    m = torch.where(logsum == -math.inf, -math.inf, m)  # an all -inf shard's max is -inf here, not 0
+    beaten = (m > z_y) | ((m == z_y) & (start < owner_start))
+    is_top1 = (top1.sum(0) > 0) & ~beaten.any(0)
+    return log_sum_sq, sum_z.sum(0) / shard.total, is_top1.float()
 
 
 def _head_shard(names, tensors, vocab_group, vocab_start):
