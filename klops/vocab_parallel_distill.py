@@ -2,6 +2,7 @@
 ``akl_loss`` (issue 33; docs/losses.md "Vocabulary-parallel ops"), on the plumbing of klops/vocab_parallel.py: each
 rank holds the slice ``[start_r, start_r + V_r)`` of both logits, labels are global ids, every rank returns the
 same values and the gradient of its own shard. ``dckd_loss`` threads ``vocab_group`` through the ops it is made of.
+Also ``TopK`` teachers (replicated, global ids) for ``fused_kl`` and ``divergence_and_label_logprobs``.
 
 divergence_and_label_logprobs. ``fused_kl``'s rounds (klops/vocab_parallel.py) with the label's logit of both
 inputs riding along in the first all-gather (the rank holding the label sends ``z_y``, ``y_y``; the others 0):
@@ -92,8 +93,8 @@ def divergence_and_label_logprobs(student_logits, teacher_logits, labels, kind, 
                                   ignore_index, backend, vocab_group, vocab_start):  # fmt: skip
     """``klops.divergence_and_label_logprobs`` over vocabulary-sharded student and teacher logits ``[..., V_r]`` (the
     same shards). Per token each rank sends 28 bytes (forward / reverse KL: one all-gather of 7 fp32) or 24 + 8
-    (other kinds: an all-gather of 6 fp32, an all-reduce of 2), plus the shard sizes; the backward sends nothing.
-    Returns plain tensors, replicated."""
+    (other kinds: an all-gather of 6 fp32, an all-reduce of 2; a TopK teacher: 5 fp32 and 2), plus the shard sizes;
+    the backward sends nothing. Returns plain tensors, replicated."""
     topk = isinstance(teacher_logits, TopK)
     count = 1 if topk else 2  # a TopK teacher is replicated, its ids global
     names, sharded = ["student_logits", "teacher_logits"][:count], [student_logits, teacher_logits][:count]
@@ -253,6 +254,13 @@ def akl_loss(student_logits, teacher_logits, *, mu, temperature, labels, mask, i
 
 # ----------------------------------------------------------------------------------------------------
 # TopK teachers (fused_kl, divergence_and_label_logprobs)
+#
+# The teacher's k ids and log-probs are on every rank. Round 1 all-gathers, per row, the raw max and log-sum of the
+# shard's entries outside the ids and of those among them (and the label's logit where held): merged, the whole
+# row's (M_q, logsum_q), the outside's (the tail's log-mass log Q_tail and the backward's q outside) and the
+# members'. Each rank then forms the single-process terms (klops/topk.py) of the ids it holds, and round 2
+# all-reduces their (sum loss_i, sum a_i); the tail's terms are the same on every rank. Backward: topk.py's
+# gradient written from the saved per-row coefficients and the held ids' member_d, no collective.
 
 
 def _held_ids(indices, valid, shard):

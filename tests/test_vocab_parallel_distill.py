@@ -238,5 +238,30 @@ def _check_errors(rank: int, world: int) -> None:
     _close(klops.forward_reverse_kl(zl, yl, vocab_group=group)[0], klops.forward_reverse_kl(z, y)[0], "after errors")
 
 
-def test_traffic_and_errors(tmp_path):
-    _spawn(tmp_path, 2, _check_traffic, _check_errors)
+def _check_dtensor(rank: int, world: int) -> None:
+    """Logits DTensors placed Shard(-1) on a 1-D mesh (split as torch.chunk splits), without vocab_group."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    chunk = -(-V // world)
+    own = slice(min(V, rank * chunk), min(V, (rank + 1) * chunk))
+    z, y, labels = _inputs(world)
+
+    def sharded(x):
+        return DTensor.from_local(x, mesh, [Shard(2)], run_check=False, shape=z.shape, stride=z.stride())
+
+    zl, zf = _leaves(z, own)
+    out = klops.divergence_and_label_logprobs(sharded(zl), sharded(y[..., own]), labels, "jsd")
+    assert all(type(x) is torch.Tensor for x in out)
+    _grads(out, klops.divergence_and_label_logprobs(zf, y, labels, "jsd"), ((zl, own), zf), "DTensor labels")
+    zl, zf = _leaves(z, own)
+    out = klops.akl_loss(sharded(zl), sharded(y[..., own]), labels=labels)
+    _grads((out,), (klops.akl_loss(zf, y, labels=labels),), ((zl, own), zf), "DTensor akl_loss")
+    zl, zf = _leaves(z, own)
+    out = klops.fused_kl(sharded(zl), _topk(y, 5), labels=labels)
+    _grads((out,), (klops.fused_kl(zf, _topk(y, 5), labels=labels),), ((zl, own), zf), "DTensor TopK")
+
+
+def test_traffic_errors_and_dtensors(tmp_path):
+    _spawn(tmp_path, 2, _check_traffic, _check_errors, _check_dtensor)
