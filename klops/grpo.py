@@ -603,6 +603,8 @@ def fused_linear_grpo_loss(
     logit_scale: float = 1.0,
     kl_estimator: str = "k3",
     backend: str = "auto",
+    vocab_group: torch.distributed.ProcessGroup | None = None,
+    vocab_start: int | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``grpo_loss`` from the policy's last hidden states ``[B, L, D]`` and LM head ``weight [V, D]`` (and
@@ -612,6 +614,11 @@ def fused_linear_grpo_loss(
     ``kl_estimator="full"`` takes the exact per-token reverse KL over the vocabulary from
     ``klops.fused_linear_kl``. ``softcap`` and ``logit_scale`` apply to both models' logits (``softcap(c (h W^T +
     b))``, as ``fused_linear_logprobs``). Other arguments: as ``grpo_loss``.
+
+    ``vocab_group`` / ``vocab_start``: both heads sharded over the vocabulary (``weight [V_r, D]``, ``bias [V_r]``,
+    the same shards; hidden states replicated), as in ``fused_linear_logprobs``: each sweep is then that op's
+    vocabulary-parallel form (a few fp32 per token all-gathered; in backward, ``grad_hidden`` all-reduced once per
+    sweep with a gradient), every rank gets the same loss and metrics and its shard's gradient.
     """
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
         raise ValueError(f"hidden must have shape [B, L, D], got {getattr(hidden, 'shape', type(hidden))}")
@@ -620,7 +627,8 @@ def fused_linear_grpo_loss(
     if (ref_hidden is None) != (ref_weight is None):
         raise ValueError("the reference model needs both ref_hidden and ref_weight")
     ids = _inputs.as_labels("completion_ids", completion_ids, "hidden", hidden)
-    sample = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale, backend=backend)
+    sample = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale, backend=backend,
+                  vocab_group=vocab_group, vocab_start=vocab_start)  # fmt: skip
 
     def sweep(labels):
         return fused_linear_logprobs(hidden, weight, labels, bias=bias, return_entropy=True, **sample)

@@ -17,6 +17,12 @@ Bytes sent per token by each rank (forward; the backward sends nothing), besides
 - ``grpo_loss_from_logits``: 16 (log-prob and entropy), + 16 with ``ref_logits`` (the reference's log-prob), or
   + 20 instead with ``kl_estimator="full"`` and ``beta > 0`` (the reverse KL to ``ref_logits``);
 - ``tdpo_loss``: 28 (KL(p || q) and both models' label log-probs: one all-gather of 7 fp32).
+
+Head shards ``weight [V_r, D]`` with replicated hidden states: ``sequence_logprobs``, ``fused_linear_grpo_loss`` (in
+klops/grpo.py, which passes ``vocab_group`` to its sweeps) and ``tdpo_loss`` run the sweeps of the vocabulary-parallel
+``fused_linear_logprobs`` / ``fused_linear_kl`` (klops/vocab_parallel_linear.py): the same bytes per token in forward,
+each with its shard sizes, and in backward one all-reduce of ``grad_hidden [N, D]`` per sweep that takes a gradient
+(two for ``fused_linear_grpo_loss`` with the full KL and for ``tdpo_loss``: the log-prob's and the KL's).
 """
 
 import torch
@@ -27,7 +33,7 @@ from .backend import resolve
 from .distributed import VOCAB_PARALLEL_FORMS, vocab_parallel_form
 from .divergence import check_divergence_options
 from .grpo import IGNORE, check_logits_rows, loss_from_sweeps
-from .linear import fused_linear_logprobs
+from .linear import fused_linear_kl, fused_linear_logprobs
 from .preference import TdpoPairs, check_head_options, sequence_totals
 from .vocab_parallel import VocabShard, _Divergence, _LogProbs, _plain, vocab_shard
 
@@ -131,13 +137,13 @@ def tdpo_loss(policy, ref, labels, mask, chosen_index, rejected_index, *, beta, 
               logit_scale, ignore_index, position_ids, cu_seqlens, backend, vocab_group, vocab_start):  # fmt: skip
     """``klops.tdpo_loss`` over vocabulary-sharded policy and reference logits ``[B, L, V_r]``: KL(p || q) and both
     models' label log-probs per token from the vocabulary-parallel ``divergence_and_label_logprobs`` (one all-gather
-    of 7 fp32 per row: 28 bytes per token sent by each rank), then the single-process sequence-level steps. Returns
-    plain tensors, replicated."""
+    of 7 fp32 per row: 28 bytes per token sent by each rank), then the single-process sequence-level steps. Models
+    given as ``(hidden, weight[, bias])`` with head shards: ``_linear_tdpo``. Returns plain tensors, replicated."""
     if not isinstance(policy, torch.Tensor) or not isinstance(ref, torch.Tensor):
-        raise ValueError(
-            "tdpo_loss: models given as (hidden, weight) are not vocabulary-parallel yet; pass both models' logits "
-            "shards [B, L, V_r] with vocab_group (or gather the heads)"
-        )
+        return _linear_tdpo(policy, ref, labels, mask, chosen_index, rejected_index, beta=beta, alpha=alpha,
+                            variant=variant, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+                            ignore_index=ignore_index, position_ids=position_ids, cu_seqlens=cu_seqlens,
+                            backend=backend, vocab_group=vocab_group, vocab_start=vocab_start)  # fmt: skip
     if softcap is not None or logit_scale != 1.0:
         raise ValueError("softcap and logit_scale apply to models given as (hidden, weight); logits are used as given")
     labels, mask, chosen_index, rejected_index, position_ids, cu_seqlens = (
@@ -149,4 +155,30 @@ def tdpo_loss(policy, ref, labels, mask, chosen_index, rejected_index, *, beta, 
         policy, ref.detach(), labels, "forward", beta=None, alpha=None, temperature=temperature, mask=mask,
         ignore_index=ignore_index, backend=backend, vocab_group=vocab_group, vocab_start=vocab_start,
     )  # fmt: skip
+    return pairs.loss(kl, policy_logp, ref_logp)
+
+
+def _linear_tdpo(policy, ref, labels, mask, chosen_index, rejected_index, *, beta, alpha, variant, temperature, softcap,
+                 logit_scale, ignore_index, position_ids, cu_seqlens, backend, vocab_group, vocab_start):  # fmt: skip
+    """tdpo_loss's vocabulary-parallel form for models given as ``(hidden, weight[, bias])`` with head shards
+    ``weight [V_r, D]``: KL(p || q) from the vocabulary-parallel ``fused_linear_kl`` and each model's label
+    log-probs from ``fused_linear_logprobs``."""
+    policy_h, policy_w, policy_b = _inputs.split_model("policy", policy)
+    ref_h, ref_w, ref_b = _inputs.split_model("ref", ref)
+    if policy_w is None or ref_w is None:
+        raise ValueError("give policy and ref both as logits or both as (hidden, weight)")
+    labels, mask, chosen_index, rejected_index, position_ids, cu_seqlens = (
+        _plain(x) for x in (labels, mask, chosen_index, rejected_index, position_ids, cu_seqlens)
+    )
+    pairs = TdpoPairs.check(policy_h, labels, mask, chosen_index, rejected_index, beta, alpha, variant, ignore_index,
+                            position_ids, cu_seqlens)  # fmt: skip
+    ref_h, ref_w, ref_b = (None if x is None else x.detach() for x in (ref_h, ref_w, ref_b))
+    labels = torch.where(pairs.keep != 0, labels, ignore_index)
+    head = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale, ignore_index=ignore_index,
+                backend=backend, vocab_group=vocab_group, vocab_start=vocab_start)  # fmt: skip
+    kl = fused_linear_kl(policy_h, policy_w, ref_h, ref_w, student_bias=policy_b, teacher_bias=ref_b, kind="forward",
+                         labels=labels, reduction="none", **head)  # fmt: skip
+    policy_logp = fused_linear_logprobs(policy_h, policy_w, labels, bias=policy_b, **head)
+    with torch.no_grad():
+        ref_logp = fused_linear_logprobs(ref_h, ref_w, labels, bias=ref_b, **head)
     return pairs.loss(kl, policy_logp, ref_logp)

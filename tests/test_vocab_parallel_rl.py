@@ -19,7 +19,7 @@ from klops import vocab_parallel
 from ._distributed import close as _close
 from ._distributed import shard_slice as _slice
 from ._distributed import spawn as _spawn
-from .test_vocab_parallel import SIZES, V, _inputs
+from .test_vocab_parallel import SIZES, D, V, _inputs
 
 
 def _policy_batch(world: int, dtype=torch.float32):
@@ -199,10 +199,72 @@ def _check_dtensor(rank: int, world: int) -> None:
     _compare("DTensor tdpo", out, expected, [(zl.grad, zf.grad[..., own])])
 
 
+def _heads(world: int, rank: int):
+    """([(hidden [B, L, D], weight [V, D], bias [V], this rank's weight shard, its bias shard)] of the policy and of
+    the reference model, labels [B, L] as _inputs's)."""
+    gen, own = torch.Generator().manual_seed(6), _slice(rank, SIZES[world])
+    _, _, labels = _inputs(world)
+    models = []
+    for _ in range(2):
+        hidden, weight = torch.randn(*labels.shape, D, generator=gen), torch.randn(V, D, generator=gen)
+        bias = torch.randn(V, generator=gen)
+        models.append((hidden, weight, bias, weight[own], bias[own]))
+    return models, labels
+
+
+def _leaves(*tensors):
+    """Fresh copies that take a gradient."""
+    return [x.clone().requires_grad_() for x in tensors]
+
+
+def _check_linear(rank: int, world: int) -> None:
+    """Head shards: sequence_logprobs, fused_linear_grpo_loss and tdpo_loss's hidden-state form."""
+    group, own = dist.group.WORLD, _slice(rank, SIZES[world])
+    ((hidden, weight, bias, weight_r, bias_r), (ref_h, ref_w, ref_b, ref_w_r, ref_b_r)), labels = _heads(world, rank)
+    head = dict(softcap=3.0, logit_scale=0.5)
+    for options in (dict(), dict(average=True, temperature=0.7, **head)):
+        h, w, b = _leaves(hidden, weight_r, bias_r)
+        hf, wf, bf = _leaves(hidden, weight, bias)
+        out = klops.sequence_logprobs(h, labels, weight=w, bias=b, vocab_group=group, **options)
+        expected = klops.sequence_logprobs(hf, labels, weight=wf, bias=bf, **options)
+        _close(out, expected, f"linear sequence_logprobs {options}")
+        out.sum().backward(), expected.sum().backward()
+        grads = [(h.grad, hf.grad), (w.grad, wf.grad[own]), (b.grad, bf.grad[own])]
+        for i, (grad, grad_f) in enumerate(grads):
+            _close(grad, grad_f, f"linear sequence_logprobs {options} grad {i}")
+
+    ids, mask = labels.clamp(min=0), (labels != -100).float()
+    advantages = torch.linspace(-1, 1, ids.shape[0])
+    cases = [dict(beta=0.1, **head), dict(beta=0.1, kl_estimator="full", entropy_coef=0.01, loss_type="grpo"),
+             dict(beta=0.0, kl_estimator="full", top_entropy_quantile=0.5, temperature=0.7)]  # fmt: skip
+    for options in cases:
+        h, w, b = _leaves(hidden, weight_r, bias_r)
+        hf, wf, bf = _leaves(hidden, weight, bias)
+        out = klops.fused_linear_grpo_loss(h, w, ids, advantages, mask, bias=b, ref_hidden=ref_h, ref_weight=ref_w_r,
+                                           ref_bias=ref_b_r, vocab_group=group, **options)  # fmt: skip
+        expected = klops.fused_linear_grpo_loss(hf, wf, ids, advantages, mask, bias=bf, ref_hidden=ref_h,
+                                                ref_weight=ref_w, ref_bias=ref_b, **options)  # fmt: skip
+        out[0].backward(), expected[0].backward()
+        grads = [(h.grad, hf.grad), (w.grad, wf.grad[own]), (b.grad, bf.grad[own])]
+        _compare(f"fused_linear_grpo_loss {options}", out, expected, grads)
+
+    pairs = dict(chosen_index=torch.tensor([0, 2]), rejected_index=torch.tensor([1, 0]))
+    mask = torch.ones(labels.shape)
+    mask[0, 1] = 0.0
+    for options in (dict(variant=1, mask=None), dict(variant=2, mask=mask, temperature=0.7, **head)):
+        h, w, b = _leaves(hidden, weight_r, bias_r)
+        hf, wf, bf = _leaves(hidden, weight, bias)
+        out = klops.tdpo_loss((h, w, b), (ref_h, ref_w_r, ref_b_r), labels, vocab_group=group, **pairs, **options)
+        expected = klops.tdpo_loss((hf, wf, bf), (ref_h, ref_w, ref_b), labels, **pairs, **options)
+        out[0].backward(), expected[0].backward()
+        grads = [(h.grad, hf.grad), (w.grad, wf.grad[own]), (b.grad, bf.grad[own])]
+        _compare(f"linear tdpo {options}", out, expected, grads)
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_values_and_gradients(tmp_path, world):
-    """Plain shards (uneven) and DTensors."""
-    _spawn(tmp_path, world, _check_sequence_logprobs, _check_grpo, _check_tdpo, _check_dtensor)
+    """Plain shards (uneven), DTensors, head shards."""
+    _spawn(tmp_path, world, _check_sequence_logprobs, _check_grpo, _check_tdpo, _check_dtensor, _check_linear)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -210,22 +272,31 @@ def test_values_and_gradients(tmp_path, world):
 
 
 def _traffic(rank: int, world: int, rows: int, vocab: int) -> dict:
-    """The collectives (name, bytes sent by this rank) of each op on [1, rows] tokens over vocab entries per rank."""
+    """The collectives (name, bytes sent by this rank) of each op on [1, rows] tokens over vocab entries per rank,
+    forward and backward."""
     group, gen = dist.group.WORLD, torch.Generator().manual_seed(rank)
     z, y = torch.randn(1, rows, vocab, generator=gen).requires_grad_(), torch.randn(1, rows, vocab, generator=gen)
+    hidden, weight = torch.randn(1, rows, D).requires_grad_(), torch.randn(vocab, D).requires_grad_()
+    ref_hidden, ref_weight = torch.randn(1, rows, D), torch.randn(vocab, D)
     labels = torch.randint(0, vocab * world, (1, rows), generator=gen)
-    mask, advantages = torch.ones(1, rows), torch.ones(1)
-    pair = (torch.tensor([0]), torch.tensor([0]))
+    mask, advantages, pair = torch.ones(1, rows), torch.ones(1), (torch.tensor([0]), torch.tensor([0]))
+    grpo, ref = dict(advantages=advantages, mask=mask, vocab_group=group), dict(ref_logits=y, beta=0.1)
+    ref_head = dict(ref_hidden=ref_hidden, ref_weight=ref_weight, beta=0.1, kl_estimator="full")
     calls = {
         "sequence_logprobs": lambda: klops.sequence_logprobs(z, labels, vocab_group=group).sum(),
-        "grpo": lambda: klops.grpo_loss_from_logits(z, labels, advantages, mask, vocab_group=group)[0],
-        "grpo ref_logits": lambda: klops.grpo_loss_from_logits(
-            z, labels, advantages, mask, ref_logits=y, beta=0.1, vocab_group=group
-        )[0],  # fmt: skip
-        "grpo full kl": lambda: klops.grpo_loss_from_logits(
-            z, labels, advantages, mask, ref_logits=y, beta=0.1, kl_estimator="full", vocab_group=group
-        )[0],  # fmt: skip
+        "grpo": lambda: klops.grpo_loss_from_logits(z, labels, **grpo)[0],
+        "grpo ref_logits": lambda: klops.grpo_loss_from_logits(z, labels, **grpo, **ref)[0],
+        "grpo full kl": lambda: klops.grpo_loss_from_logits(z, labels, **grpo, **ref, kl_estimator="full")[0],
         "tdpo": lambda: klops.tdpo_loss(z, y, labels, None, *pair, vocab_group=group)[0],
+        "sequence_logprobs head": lambda: klops.sequence_logprobs(
+            hidden, labels, weight=weight, vocab_group=group
+        ).sum(),
+        "fused_linear_grpo_loss full kl": lambda: klops.fused_linear_grpo_loss(
+            hidden, weight, labels, **grpo, **ref_head
+        )[0],
+        "tdpo head": lambda: klops.tdpo_loss(
+            (hidden, weight), (ref_hidden, ref_weight), labels, None, *pair, vocab_group=group
+        )[0],
     }
     traffic = {}
     for name, call in calls.items():
@@ -240,21 +311,25 @@ def _traffic(rank: int, world: int, rows: int, vocab: int) -> dict:
 def _check_traffic(rank: int, world: int) -> None:
     small, wide, long = _traffic(rank, world, 16, 8), _traffic(rank, world, 16, 64), _traffic(rank, world, 32, 8)
     assert small == wide, "the traffic depends on V"
-    per_token = {  # bytes sent per token by each rank in forward (the backward sends nothing)
-        "sequence_logprobs": 16,
-        "grpo": 16,
-        "grpo ref_logits": 16 + 16,
-        "grpo full kl": 16 + 20,
-        "tdpo": 28,
+    per_token = {  # bytes sent per token by each rank: forward, backward
+        "sequence_logprobs": (16, 0),
+        "grpo": (16, 0),
+        "grpo ref_logits": (16 + 16, 0),
+        "grpo full kl": (16 + 20, 0),
+        "tdpo": (28, 0),
+        "sequence_logprobs head": (16, 4 * D),  # grad_hidden [N, D] fp32, all-reduced
+        "fused_linear_grpo_loss full kl": (16 + 20, 2 * 4 * D),  # the log-probs' and the KL's grad_hidden
+        "tdpo head": (20 + 16 + 16, 2 * 4 * D),
     }
-    for name, (forward, backward) in small.items():
-        long_forward, _ = long[name]
-        sizes = forward[0]  # the shard sizes and vocab_start, once per call: one int64 each
-        assert sizes == long_forward[0] and sizes[0] == "all_gather" and sizes[1] in (16, 24), (name, sizes)
-        for rows, calls in ((16, forward[1:]), (32, long_forward[1:])):
-            assert all(call == "all_gather" for call, _ in calls), (name, calls)
-            assert sum(b for _, b in calls) == rows * per_token[name], (name, rows, calls)
-        assert backward == [], (name, backward)
+    for name, expected in per_token.items():
+        assert expected[1] > 0 or small[name][1] == [], (name, small[name][1])  # logits: no collective in backward
+        for direction, (calls, long_calls) in enumerate(zip(small[name], long[name])):
+            assert len(calls) == len(long_calls) <= 6, (name, calls)  # rounds per call, whatever N
+            per_row = (sum(b for _, b in long_calls) - sum(b for _, b in calls)) / 16
+            assert per_row == expected[direction], (name, direction, calls, long_calls)
+            # what does not grow with N: the shard sizes and vocab_start, one int64 each per sweep (2 or 3 per rank)
+            sizes = sum(b for _, b in calls) - 16 * per_row
+            assert sizes == sum(b for (_, b), (_, c) in zip(calls, long_calls) if b == c) <= 3 * 24, (name, calls)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -284,9 +359,9 @@ def _check_errors(rank: int, world: int) -> None:
         klops.grpo_loss_from_logits(zl, ids, advantages, mask, kl_estimator="full", beta=0.1, vocab_group=group)
     with pytest.raises(ValueError, match="mask must have shape"):
         klops.grpo_loss_from_logits(zl, ids, advantages, mask[:, :2], vocab_group=group)
-    with pytest.raises(ValueError, match=r"\(hidden, weight\) are not vocabulary-parallel"):
-        klops.tdpo_loss((torch.randn(3, 5, 4), torch.randn(4, 4)), (torch.randn(3, 5, 4), torch.randn(4, 4)), ids,
-                        None, torch.tensor([0]), torch.tensor([1]), vocab_group=group)  # fmt: skip
+    with pytest.raises(ValueError, match=r"both as logits or both as \(hidden, weight\)"):
+        klops.tdpo_loss(zl, (torch.randn(3, 5, 4), torch.randn(4, 4)), ids, None, torch.tensor([0]),
+                        torch.tensor([1]), vocab_group=group)  # fmt: skip
     with pytest.raises(ValueError, match="variant must be 1"):
         klops.tdpo_loss(zl, yl, ids, None, torch.tensor([0]), torch.tensor([1]), variant=3, vocab_group=group)
     with pytest.raises(ValueError, match="vocab_start needs vocab_group"):
