@@ -57,10 +57,11 @@ def _check_ops(rank: int, world: int) -> None:
             expected = klops.divergence_and_label_logprobs(zf, y, labels, kind, **options)
             assert not out[2].requires_grad
             _grads(out, expected, ((zl, own), zf), f"divergence_and_label_logprobs {kind} {dtype} {on}")
-        zl, zf = _leaves(z, own)  # the label's log-prob alone carries a gradient
-        _, logp, _ = klops.divergence_and_label_logprobs(zl, y[..., own], labels, vocab_group=group, **on)
-        _, logp_f, _ = klops.divergence_and_label_logprobs(zf, y, labels, **on)
-        _grads((logp,), (logp_f,), ((zl, own), zf), f"label log-prob alone {dtype} {on}")
+        for alone in (0, 1):  # the divergence alone, the label's log-prob alone carries a gradient
+            zl, zf = _leaves(z, own)
+            out = klops.divergence_and_label_logprobs(zl, y[..., own], labels, "jsd", vocab_group=group, **on)[alone]
+            expected = klops.divergence_and_label_logprobs(zf, y, labels, "jsd", **on)[alone]
+            _grads((out,), (expected,), ((zl, own), zf), f"output {alone} alone {dtype} {on}")
 
         zl, zf = _leaves(z, own)
         options = dict(labels=labels, mask=mask, **on)
@@ -127,6 +128,10 @@ def _check_topk(rank: int, world: int) -> None:
         expected = klops.divergence_and_label_logprobs(zf, topk, labels, kind, **options)
         assert out[2] is None and expected[2] is None
         _grads(out[:2], expected[:2], ((zl, own), zf), what + " with labels")
+        zl, zf = _leaves(z, own)  # the label's log-prob alone
+        out = klops.divergence_and_label_logprobs(zl, topk, labels, kind, vocab_group=group, **options)[1]
+        expected = klops.divergence_and_label_logprobs(zf, topk, labels, kind, **options)[1]
+        _grads((out,), (expected,), ((zl, own), zf), what + " label log-prob alone")
     with pytest.raises(ValueError, match="infinite against a teacher that is 0 outside its top-k"):
         klops.fused_kl(z[..., own], _topk(y, 4, "renormalize"), "reverse", vocab_group=group)
     with pytest.raises(ValueError, match="TopK indices must lie in"):
