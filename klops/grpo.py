@@ -523,16 +523,6 @@ def loss_from_sweeps(sweep, ref_sweep, full_kl, ids, advantages, mask, ref_logp,
                      entropy=entropy, per_token_kl=per_token_kl, **kwargs)  # fmt: skip
 
 
-def check_logits_rows(logits, completion_ids, mask) -> torch.Tensor:
-    """grpo_loss_from_logits's checks of logits [B, L, V] and mask [B, L]; returns completion_ids as labels."""
-    _inputs.check_logits("logits", logits)
-    if logits.dim() != 3:
-        raise ValueError(f"logits must have shape [B, L, V], got {tuple(logits.shape)}")
-    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(logits.shape[:2]):
-        raise ValueError(f"mask must have shape {tuple(logits.shape[:2])} (the rows of logits)")
-    return _inputs.as_labels("completion_ids", completion_ids, "logits", logits)
-
-
 def grpo_loss_from_logits(
     logits: torch.Tensor,
     completion_ids: torch.Tensor,
@@ -569,8 +559,26 @@ def grpo_loss_from_logits(
             temperature=temperature, kl_estimator=kl_estimator, backend=backend, vocab_group=vocab_group,
             vocab_start=vocab_start, **kwargs,
         )  # fmt: skip
-    ids = check_logits_rows(logits, completion_ids, mask)
     sample = dict(temperature=temperature, backend=backend)
+    return loss_from_logits(logits, completion_ids, advantages, mask, ref_logits, ref_logp, old_logp, kl_estimator,
+                            sample, kwargs)  # fmt: skip
+
+
+def loss_from_logits(logits, completion_ids, advantages, mask, ref_logits, ref_logp, old_logp, kl_estimator, sample,
+                     kwargs):  # fmt: skip
+    """grpo_loss_from_logits's checks and sweeps; ``sample``: the keywords of its ``logprobs`` / ``fused_kl`` calls
+    (the temperature and backend; in its vocabulary-parallel form also vocab_group and vocab_start)."""
+    _inputs.check_logits("logits", logits)
+    if logits.dim() != 3:
+        raise ValueError(f"logits must have shape [B, L, V], got {tuple(logits.shape)}")
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(logits.shape[:2]):
+        raise ValueError(f"mask must have shape {tuple(logits.shape[:2])} (the rows of logits)")
+    if ref_logits is not None:
+        _inputs.check_logits("ref_logits", ref_logits)
+        if ref_logits.shape[:-1] != logits.shape[:-1]:
+            raise ValueError(f"ref_logits must have the rows of logits {tuple(logits.shape[:-1])}, got "
+                             f"{tuple(ref_logits.shape[:-1])}")  # fmt: skip
+    ids = _inputs.as_labels("completion_ids", completion_ids, "logits", logits)
 
     def sweep(labels):
         return logprobs(logits, labels, return_entropy=True, **sample)

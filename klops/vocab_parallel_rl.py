@@ -3,13 +3,13 @@ plumbing of klops/vocab_parallel.py. Reached through ``vocab_group=`` / ``vocab_
 ``Shard(-1)`` on a 1-D mesh, as ``klops.logprobs`` is.
 
 Each op needs of the vocabulary only per-token values: the label's log-prob, the entropy, and the full-vocabulary KL
-between the policy's and the reference's rows. Those come from the vocabulary-parallel log-probs (``_LogProbs``: one
-all-gather of 4 fp32 per row) and forward / reverse KL between logit rows (``_Divergence``, the chain rule over the
-shards: one all-gather of 5 fp32 per row), with the layout resolved once per call (one all-gather of the shard sizes),
-or, for TDPO, from the vocabulary-parallel ``divergence_and_label_logprobs`` (klops/vocab_parallel_distill.py).
-Their outputs are replicated, so every rank then runs the single-process op's own ``[B, L]`` / ``[B]`` math alike
-(``grpo.loss_from_sweeps``, ``preference.TdpoPairs``, ``preference.sequence_totals``): the same loss and metrics on
-every rank, and the gradient of each rank's shard from the local backward of each sweep, with no collective.
+between the policy's and the reference's rows. Those come from the vocabulary-parallel forms of ``klops.logprobs``
+(one all-gather of 4 fp32 per row), ``klops.fused_kl`` (forward / reverse KL by the chain rule over the shards: one
+all-gather of 5 fp32 per row) and, for TDPO, ``divergence_and_label_logprobs`` (klops/vocab_parallel_distill.py), each
+with its own all-gather of the shard sizes (none for DTensors). Their outputs are replicated, so every rank then runs
+the single-process op's own ``[B, L]`` / ``[B]`` math alike (``grpo.loss_from_logits``, ``preference.TdpoPairs``,
+``preference.sequence_totals``): the same loss and metrics on every rank, and the gradient of each rank's shard from
+the local backward of each sweep, with no collective.
 
 Bytes sent per token by each rank (forward; the backward sends nothing), besides the shard sizes:
 
@@ -20,64 +20,26 @@ Bytes sent per token by each rank (forward; the backward sends nothing), besides
 
 Head shards ``weight [V_r, D]`` with replicated hidden states: ``sequence_logprobs``, ``fused_linear_grpo_loss`` (in
 klops/grpo.py, which passes ``vocab_group`` to its sweeps) and ``tdpo_loss`` run the sweeps of the vocabulary-parallel
-``fused_linear_logprobs`` / ``fused_linear_kl`` (klops/vocab_parallel_linear.py): the same bytes per token in forward,
-each with its shard sizes, and in backward one all-reduce of ``grad_hidden [N, D]`` per sweep that takes a gradient
-(two for ``fused_linear_grpo_loss`` with the full KL and for ``tdpo_loss``: the log-prob's and the KL's).
+``fused_linear_logprobs`` / ``fused_linear_kl`` (klops/vocab_parallel_linear.py): in forward the bytes above, but
+``tdpo_loss`` 20 + 16 + 16 (the KL and each model's log-prob, three sweeps); in backward one all-reduce of
+``grad_hidden [N, D]`` per sweep that takes a gradient (two for ``fused_linear_grpo_loss`` with the full KL and for
+``tdpo_loss``: the log-prob's and the KL's).
 """
 
 import torch
 
 from . import _inputs
 from ._packed import packing
-from .backend import resolve
-from .distributed import VOCAB_PARALLEL_FORMS, vocab_parallel_form
-from .divergence import check_divergence_options
-from .grpo import IGNORE, check_logits_rows, loss_from_sweeps
+from .distributed import VOCAB_PARALLEL_FORMS, is_sharded, vocab_parallel_form
+from .grpo import loss_from_logits
 from .linear import fused_linear_kl, fused_linear_logprobs
 from .preference import TdpoPairs, check_head_options, sequence_totals
-from .vocab_parallel import VocabShard, _Divergence, _LogProbs, _plain, vocab_shard
+from .vocab_parallel import vocab_shard
 
 
-class _Sweeps:
-    """The per-token sweeps over vocabulary-sharded logits [B, L, V_r] (any leading shape viewed as rows), each
-    returning [B, L] fp32, replicated: the label's log-prob and entropy, and the KL between two models' rows."""
-
-    def __init__(self, shard: VocabShard, temperature: float, backend: str, device):
-        self.shard, self.temperature = shard, temperature
-        self.logprobs_backend = resolve("logprobs", backend, device)
-        self.divergence_backend = resolve("divergence", backend, device)
-
-    def logprobs(self, logits, labels, valid, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log q(label), entropy of q) per row, 0 where not valid: one all-gather of 4 fp32 per row."""
-        (logits3,) = _inputs.as_rows(logits)
-        rows = logits3.shape[:2]
-        logp, entropy, *_ = _LogProbs.apply(logits3, labels.reshape(rows), valid.reshape(rows), self.shard,
-                                            self.temperature, with_entropy, False, self.logprobs_backend)  # fmt: skip
-        return logp.reshape(labels.shape), entropy.reshape(labels.shape)
-
-    def kl(self, student, teacher, valid, kind: str) -> torch.Tensor:
-        """fused_kl(student, teacher, kind) per row ("forward": KL(p || q), "reverse": KL(q || p)), 0 where not
-        valid: one all-gather of 5 fp32 per row."""
-        student3, teacher3 = _inputs.as_rows(student, teacher)
-        rows = student3.shape[:2]
-        kernel_kind, coef, _ = check_divergence_options(kind, None, None, self.temperature, "logits", "none", None)
-        kl = _Divergence.apply(student3, teacher3, valid.reshape(rows), self.shard, kernel_kind, "logits",
-                               self.temperature, coef, self.divergence_backend)  # fmt: skip
-        return kl.reshape(valid.shape)
-
-
-def _sharded_logits(names, tensors, vocab_group, vocab_start):
-    """(local logits, layout) of the given models' logits (None entries skipped and kept None), checked alike."""
-    given = [(name, x) for name, x in zip(names, tensors) if x is not None]
-    local, shard = vocab_shard([name for name, _ in given], [x for _, x in given], vocab_group, vocab_start)
-    for (name, _), x in zip(given[1:], local[1:]):
-        _inputs.check_logits(name, x)
-        if x.shape != local[0].shape:
-            raise ValueError(
-                f"{name} must have the shape of {given[0][0]} {tuple(local[0].shape)}, got {tuple(x.shape)}"
-            )
-    by_name = dict(zip([name for name, _ in given], local))
-    return [by_name.get(name) for name in names], shard
+def _local(x):
+    """A replicated DTensor (labels, mask, advantages, ...) as its local tensor; anything else as it is."""
+    return x.to_local() if is_sharded(x) else x
 
 
 @vocab_parallel_form("sequence_logprobs")
@@ -85,9 +47,8 @@ def sequence_logprobs(logits_or_hidden, labels, mask, *, weight, bias, average, 
                       ignore_index, position_ids, cu_seqlens, backend, vocab_group, vocab_start):  # fmt: skip
     """``klops.sequence_logprobs`` over vocabulary-sharded logits ``[B, L, V_r]`` (or a head shard ``weight [V_r,
     D]``, through the vocabulary-parallel ``fused_linear_logprobs``): the per-token log-probs, then the
-    single-process sums. 16 bytes per token sent by each rank (logits). Returns a plain ``[B]`` (or ``[S]``),
-    replicated."""
-    labels, mask, position_ids, cu_seqlens = (_plain(x) for x in (labels, mask, position_ids, cu_seqlens))
+    single-process sums. 16 bytes per token sent by each rank. Returns a plain ``[B]`` (or ``[S]``), replicated."""
+    labels, mask, position_ids, cu_seqlens = (_local(x) for x in (labels, mask, position_ids, cu_seqlens))
     packed = packing(position_ids, cu_seqlens, labels)
     check_head_options(weight, bias, softcap, logit_scale)
     _inputs.check_bool("average", average)
@@ -97,7 +58,7 @@ def sequence_logprobs(logits_or_hidden, labels, mask, *, weight, bias, average, 
         token_logp = VOCAB_PARALLEL_FORMS["logprobs"](logits_or_hidden, labels, return_entropy=False,
                                                       return_row_stats=False, **sample)  # fmt: skip
     else:
-        token_logp = fused_linear_logprobs(_plain(logits_or_hidden), weight, labels, bias=bias, softcap=softcap,
+        token_logp = fused_linear_logprobs(_local(logits_or_hidden), weight, labels, bias=bias, softcap=softcap,
                                            logit_scale=logit_scale, **sample)  # fmt: skip
     return sequence_totals(token_logp, labels, mask, average, ignore_index, packed)
 
@@ -106,30 +67,20 @@ def sequence_logprobs(logits_or_hidden, labels, mask, *, weight, bias, average, 
 def grpo_loss_from_logits(logits, completion_ids, advantages, mask, *, ref_logits, ref_logp, old_logp, temperature,
                           kl_estimator, backend, vocab_group, vocab_start, **kwargs):  # fmt: skip
     """``klops.grpo_loss_from_logits`` over vocabulary-sharded policy (and reference) logits ``[B, L, V_r]``: the
-    sweeps of the single-process op (log-prob and entropy; the reference's log-prob, or the reverse KL to it for
-    ``kl_estimator="full"``) each vocabulary-parallel, then ``grpo_loss`` on their replicated outputs. 16 bytes per
-    token sent by each rank, + 16 with ``ref_logits`` (+ 20 instead for the full KL). Returns plain tensors."""
-    (logits, ref_logits), shard = _sharded_logits(["logits", "ref_logits"], [logits, ref_logits], vocab_group,
-                                                  vocab_start)  # fmt: skip
+    single-process op's sweeps (log-prob and entropy; the reference's log-prob, or the reverse KL to it for
+    ``kl_estimator="full"``) each through its vocabulary-parallel form, then ``grpo_loss`` on their replicated
+    outputs. 16 bytes per token sent by each rank, + 16 with ``ref_logits`` (+ 20 instead for the full KL); with
+    ``ref_logits`` as plain tensors, one more all-gather of the shard sizes first checks that both logits have the
+    same. Returns plain tensors."""
+    if ref_logits is not None:  # every rank raises alike if a rank's two shards differ
+        vocab_shard(["logits", "ref_logits"], [logits, ref_logits], vocab_group, vocab_start)
     completion_ids, advantages, mask, ref_logp, old_logp = (
-        _plain(x) for x in (completion_ids, advantages, mask, ref_logp, old_logp)
+        _local(x) for x in (completion_ids, advantages, mask, ref_logp, old_logp)
     )
-    kwargs = {name: _plain(x) for name, x in kwargs.items()}
-    ids = check_logits_rows(logits, completion_ids, mask)
-    _inputs.check_labels_in_range("completion_ids", torch.where(mask != 0, ids, IGNORE), shard.total, IGNORE)
-    sweeps = _Sweeps(shard, _inputs.check_temperature(temperature), backend, logits.device)
-
-    def sweep(labels):
-        return sweeps.logprobs(logits, labels, labels != IGNORE, True)
-
-    def ref_sweep(labels):
-        return sweeps.logprobs(ref_logits, labels, labels != IGNORE, False)[0]
-
-    def full_kl(labels):
-        return sweeps.kl(logits, ref_logits, labels != IGNORE, "reverse")
-
-    reference = ref_sweep if ref_logits is not None else None
-    return loss_from_sweeps(sweep, reference, full_kl, ids, advantages, mask, ref_logp, old_logp, kl_estimator, kwargs)
+    kwargs = {name: _local(x) for name, x in kwargs.items()}
+    sample = dict(temperature=temperature, backend=backend, vocab_group=vocab_group, vocab_start=vocab_start)
+    return loss_from_logits(logits, completion_ids, advantages, mask, ref_logits, ref_logp, old_logp, kl_estimator,
+                            sample, kwargs)  # fmt: skip
 
 
 @vocab_parallel_form("tdpo_loss")
@@ -147,7 +98,7 @@ def tdpo_loss(policy, ref, labels, mask, chosen_index, rejected_index, *, beta, 
     if softcap is not None or logit_scale != 1.0:
         raise ValueError("softcap and logit_scale apply to models given as (hidden, weight); logits are used as given")
     labels, mask, chosen_index, rejected_index, position_ids, cu_seqlens = (
-        _plain(x) for x in (labels, mask, chosen_index, rejected_index, position_ids, cu_seqlens)
+        _local(x) for x in (labels, mask, chosen_index, rejected_index, position_ids, cu_seqlens)
     )
     pairs = TdpoPairs.check(policy, labels, mask, chosen_index, rejected_index, beta, alpha, variant, ignore_index,
                             position_ids, cu_seqlens)  # fmt: skip
@@ -168,7 +119,7 @@ def _linear_tdpo(policy, ref, labels, mask, chosen_index, rejected_index, *, bet
     if policy_w is None or ref_w is None:
         raise ValueError("give policy and ref both as logits or both as (hidden, weight)")
     labels, mask, chosen_index, rejected_index, position_ids, cu_seqlens = (
-        _plain(x) for x in (labels, mask, chosen_index, rejected_index, position_ids, cu_seqlens)
+        _local(x) for x in (labels, mask, chosen_index, rejected_index, position_ids, cu_seqlens)
     )
     pairs = TdpoPairs.check(policy_h, labels, mask, chosen_index, rejected_index, beta, alpha, variant, ignore_index,
                             position_ids, cu_seqlens)  # fmt: skip

@@ -342,7 +342,7 @@ def _check_errors(rank: int, world: int) -> None:
     zl, yl, advantages = z[..., own], y[..., own], torch.zeros(ids.shape[0])
     outside = ids.clone()
     outside[0, 2] = V
-    with pytest.raises(ValueError, match=r"completion_ids must lie in \[0, 37\)"):
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 37\)"):
         klops.grpo_loss_from_logits(zl, outside, advantages, mask, vocab_group=group)
     outside[0, 2] = -100
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 37\)"):
@@ -353,7 +353,7 @@ def _check_errors(rank: int, world: int) -> None:
     short = yl[..., :-1] if rank == 1 else yl  # only rank 1's reference shard is short: every rank raises
     with pytest.raises(ValueError, match="mismatched vocabulary shards"):
         klops.grpo_loss_from_logits(zl, ids, advantages, mask, ref_logits=short, vocab_group=group)
-    with pytest.raises(ValueError, match=r"ref_logits must have the shape of logits"):
+    with pytest.raises(ValueError, match=r"ref_logits must have the rows of logits"):
         klops.grpo_loss_from_logits(zl, ids, advantages, mask, ref_logits=yl[:1], vocab_group=group)
     with pytest.raises(ValueError, match='kl_estimator="full" needs the reference model'):
         klops.grpo_loss_from_logits(zl, ids, advantages, mask, kl_estimator="full", beta=0.1, vocab_group=group)
