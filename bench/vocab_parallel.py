@@ -125,7 +125,7 @@ def measure(op: str, args, rank: int, world: int) -> dict:
         elapsed = torch.tensor([time.perf_counter() - begin])
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
         times.append(1e3 * elapsed.item())
-    mine = (sum(size for _, size in calls), calls, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    mine = (sum(size for _, size in calls), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     ranks = [None] * world
     dist.all_gather_object(ranks, mine)
     if rank:
@@ -139,13 +139,13 @@ def measure(op: str, args, rank: int, world: int) -> dict:
         "shard_sizes": sizes,
         "step_ms": times,
         "median_ms": statistics.median(times),
-        "bytes_sent_per_rank": [sent for sent, _, _ in ranks],
+        "bytes_sent_per_rank": [sent for sent, _ in ranks],
         "collectives": len(calls),
         "calls": [list(call) for call in calls],
         "full_input_bytes": full,
         "shard_input_bytes": shard,
         "saved_bytes_per_rank": full - shard,
-        "peak_rss_mb_per_rank": [rss for _, _, rss in ranks],
+        "peak_rss_mb_per_rank": [rss for _, rss in ranks],
         "all_gather_logits_bytes": (world - 1) * args.tokens * args.vocab * 4 // world,
     }
 
