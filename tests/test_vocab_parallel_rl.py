@@ -121,6 +121,16 @@ def _check_grpo(rank: int, world: int) -> None:
         expected = klops.grpo_loss_from_logits(zf, ids, advantages, mask, **full_ref, **options)
         out[0].backward(), expected[0].backward()
         _compare(f"grpo {case}", out, expected, [(zl.grad, zf.grad[..., own])])
+    # packed: the sequences end to end in one row (cu_seqlens), one advantage per sequence
+    zl, zf = z[..., own].reshape(1, -1, SIZES[world][rank]).clone().requires_grad_(), z.reshape(1, -1, V).clone()
+    zf.requires_grad_()
+    cu_seqlens = torch.arange(0, ids.numel() + 1, ids.shape[1])
+    row = (ids.reshape(1, -1), advantages, mask.reshape(1, -1))
+    packed = dict(cu_seqlens=cu_seqlens, loss_type="grpo", beta=0.1, kl_estimator="full")
+    out = klops.grpo_loss_from_logits(zl, *row, ref_logits=y[..., own].reshape(zl.shape), vocab_group=group, **packed)
+    expected = klops.grpo_loss_from_logits(zf, *row, ref_logits=y.reshape(zf.shape), **packed)
+    out[0].backward(), expected[0].backward()
+    _compare("grpo packed", out, expected, [(zl.grad, zf.grad[..., own])])
     # bf16 logits, per-token advantages
     z16, y16 = z.bfloat16(), y.bfloat16()
     zl, zf = z16[..., own].clone().requires_grad_(), z16.clone().requires_grad_()
