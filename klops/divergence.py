@@ -78,13 +78,13 @@ def divergence_backward_torch(
         label_grad = None
         if grad_logp is not None:
             label_grad = (torch.where(valid[b, rows], labels[b, rows], 0).long(), grad_logp[b, rows])
-        dz[b, rows] = _divergence_grad_rows(
+        dz[b, rows] = divergence_grad_rows(
             grad[b, rows], label_grad, student[b, rows], teacher[b, rows], *stats, kind, target_is, temperature, coef
         ).masked_fill_(~valid[b, rows][:, None], 0.0)
     return dz
 
 
-def _divergence_grad_rows(
+def divergence_grad_rows(
     grad, label_grad, student, teacher, max_q, logsum_q, max_t, logsum_t, gbar,
     kind: str, target_is: str, temperature: float, coef: float,
 ):  # fmt: skip

@@ -139,7 +139,7 @@ def _dtensor_shard(name: str, x, group) -> tuple[torch.Tensor, VocabShard]:
     return local, VocabShard(mesh_group, min(total, mesh.get_local_rank() * chunk), local.shape[-1], total)
 
 
-def _plain(x):
+def plain(x):
     """A replicated DTensor (labels, mask, weights) as its local tensor; anything else as it is."""
     return x.to_local() if is_sharded(x) else x
 
@@ -285,7 +285,7 @@ def logprobs(logits, labels, *, temperature, return_entropy, return_row_stats, i
     (16 bytes per token sent by each rank; 36 with ``return_row_stats``: 9 fp32), plus the shard sizes. Returns plain
     tensors, replicated."""
     (logits,), shard = vocab_shard(["logits"], [logits], vocab_group, vocab_start)
-    labels = _plain(labels)
+    labels = plain(labels)
     _inputs.check_logits("logits", logits)
     labels = _inputs.as_labels("labels", labels, "logits", logits)
     _inputs.check_labels_in_range("labels", labels, shard.total, ignore_index)
@@ -319,7 +319,7 @@ def logprobs(logits, labels, *, temperature, return_entropy, return_row_stats, i
 # all-reduce adds (D, gbar): 2 fp32 per row. Backward for all: klops::divergence_backward with the global statistics.
 
 
-def _chain_rule_kl(student, teacher, valid, shard, kind, temperature, backend, extra=None):
+def chain_rule_kl(student, teacher, valid, shard, kind, temperature, backend, extra=None):
     """(D, M_q, logsum_q, M_p, logsum_p, gbar, summed extra) per row of forward / reverse KL between logit rows, one
     all-gather; ``extra`` ([B, L, k] fp32 or None) rides along in it and comes back summed over the shards."""
     local, max_q, logsum_q, max_p, logsum_p, _, _ = divergence_op(student, teacher, valid, None, kind, "logits",
@@ -337,7 +337,7 @@ def _chain_rule_kl(student, teacher, valid, shard, kind, temperature, backend, e
     return rows, top_q, total_q, top_p, total_p, gbar, None if extra is None else stats[..., 5:].sum(0)
 
 
-def _two_round_divergence(student, teacher, valid, shard, kind, target_is, temperature, coef, extra=None):
+def two_round_divergence(student, teacher, valid, shard, kind, target_is, temperature, coef, extra=None):
     """(D, M_q, logsum_q, M_p, logsum_p, gbar, summed extra) per row of any kind: statistics all-gathered, then
     (D, gbar) summed over the shards by one all-reduce; ``extra`` ([B, L, k] fp32 or None) rides along in the
     all-gather and comes back summed over the shards. For a teacher given as log-probs or probs, M_p / logsum_p are 0
@@ -378,9 +378,9 @@ class _Divergence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, valid, shard, kind, target_is, temperature, coef, backend):
         if kind in ("forward", "reverse") and target_is == "logits":
-            rows, *stats, _ = _chain_rule_kl(student, teacher, valid, shard, kind, temperature, backend)
+            rows, *stats, _ = chain_rule_kl(student, teacher, valid, shard, kind, temperature, backend)
         else:
-            rows, *stats, _ = _two_round_divergence(student, teacher, valid, shard, kind, target_is, temperature, coef)
+            rows, *stats, _ = two_round_divergence(student, teacher, valid, shard, kind, target_is, temperature, coef)
         ctx.save_for_backward(student, teacher, valid, *stats)
         ctx.params = (kind, target_is, temperature, coef, backend)
         return rows
@@ -401,7 +401,7 @@ def fused_kl(student_logits, teacher_logits, kind, *, beta, alpha, temperature, 
     Returns a plain tensor, replicated. (A TopK teacher: klops/vocab_parallel_distill.py's fused_kl_topk.)"""
     (student, teacher), shard = vocab_shard(["student_logits", "teacher_logits"], [student_logits, teacher_logits],
                                             vocab_group, vocab_start)  # fmt: skip
-    labels, mask, weights = _plain(labels), _plain(mask), _plain(weights)
+    labels, mask, weights = plain(labels), plain(mask), plain(weights)
     _inputs.check_logits("student_logits", student)
     kernel_kind, coef, temperature = check_divergence_options(kind, beta, alpha, temperature, target_is, reduction,
                                                               num_items)  # fmt: skip
@@ -484,7 +484,7 @@ def fused_linear_cross_entropy(
         raise ValueError("a DTensor head is not vocabulary-parallel yet: pass its local shard with vocab_group")
     names, tensors = ("weight", "bias")[: 1 + (bias is not None)], (weight, bias)[: 1 + (bias is not None)]
     _, shard = vocab_shard(names, tensors, vocab_group, vocab_start, dims=[0] * len(tensors))
-    hidden, labels = _plain(hidden), _plain(labels)
+    hidden, labels = plain(hidden), plain(labels)
     _inputs.check_linear("hidden", hidden, "weight", weight, "bias", bias)
     labels = _inputs.as_labels("labels", labels, "hidden", hidden)
     _inputs.check_labels_in_range("labels", labels, shard.total, ignore_index)

@@ -33,16 +33,16 @@ from ._terms import divergence_terms
 from .backend import resolve
 from .distill import kl_pair_backward_op, kl_pair_op
 from .distributed import vocab_parallel_form
-from .divergence import _divergence_grad_rows, check_divergence_options, reduce_rows, valid_rows_and_weights
+from .divergence import check_divergence_options, divergence_grad_rows, reduce_rows, valid_rows_and_weights
 from .topk import TopK, renormalized_tail_terms, sorted_topk
 from .vocab_parallel import (
-    _chain_rule_kl,
-    _plain,
-    _two_round_divergence,
     all_gather_rows,
     all_reduce_sum,
+    chain_rule_kl,
     local_labels,
     merge_logsumexp,
+    plain,
+    two_round_divergence,
     vocab_shard,
 )
 
@@ -57,10 +57,10 @@ class _DivergenceAndLabels(torch.autograd.Function):
         at_label = torch.stack([x.gather(-1, local[..., None])[..., 0].float() for x in (student, teacher)], -1)
         extra = torch.where(owned[..., None], at_label, 0.0)
         if kind in ("forward", "reverse"):
-            rows, *stats, label_logits = _chain_rule_kl(student, teacher, valid, shard, kind, temperature, backend,
+            rows, *stats, label_logits = chain_rule_kl(student, teacher, valid, shard, kind, temperature, backend,
                                                         extra)  # fmt: skip
         else:
-            rows, *stats, label_logits = _two_round_divergence(student, teacher, valid, shard, kind, "logits",
+            rows, *stats, label_logits = two_round_divergence(student, teacher, valid, shard, kind, "logits",
                                                                temperature, coef, extra)  # fmt: skip
         top_q, total_q, top_p, total_p, _ = stats
         logp = torch.where(valid, scaled(label_logits[..., 0] - top_q, temperature) - total_q, 0.0)
@@ -79,7 +79,7 @@ class _DivergenceAndLabels(torch.autograd.Function):
         dz = torch.empty_like(student)
         for b, rows in row_chunks(B, L, V):
             label_grad = None if grad_logp is None else (local[b, rows], grad_logp[b, rows])
-            chunk = _divergence_grad_rows(grad[b, rows], label_grad, student[b, rows], teacher[b, rows],
+            chunk = divergence_grad_rows(grad[b, rows], label_grad, student[b, rows], teacher[b, rows],
                                           *(x[b, rows] for x in stats), kind, "logits", temperature, coef)  # fmt: skip
             if grad_logp is not None:  # the one-hot belongs to the rank holding the label: the others take it back
                 elsewhere = torch.where(owned[b, rows], 0.0, -grad_logp[b, rows] / temperature)
@@ -99,7 +99,7 @@ def divergence_and_label_logprobs(student_logits, teacher_logits, labels, kind, 
     count = 1 if topk else 2  # a TopK teacher is replicated, its ids global
     names, sharded = ["student_logits", "teacher_logits"][:count], [student_logits, teacher_logits][:count]
     (student, *teacher), shard = vocab_shard(names, sharded, vocab_group, vocab_start)
-    labels, mask = _plain(labels), _plain(mask)
+    labels, mask = plain(labels), plain(mask)
     _inputs.check_logits("student_logits", student)
     if not topk:
         _inputs.check_dense_teacher(teacher[0], student)
@@ -200,7 +200,7 @@ def _kl_pair_rows(op, student_logits, teacher_logits, temperature, labels, mask,
     after the checks of ``op``'s arguments."""
     (student, teacher), shard = vocab_shard(["student_logits", "teacher_logits"], [student_logits, teacher_logits],
                                             vocab_group, vocab_start)  # fmt: skip
-    labels, mask = _plain(labels), _plain(mask)
+    labels, mask = plain(labels), plain(mask)
     _inputs.check_logits("student_logits", student)
     _inputs.check_dense_teacher(teacher, student)
     temperature = _inputs.check_temperature(temperature)
@@ -370,7 +370,7 @@ def fused_kl_topk(student_logits, teacher_logits, kind, *, beta, alpha, temperat
     token each rank sends 16 + 8 bytes (an all-gather of 4 fp32, an all-reduce of 2), plus the shard sizes; the
     backward sends nothing. Every backend runs the torch math here."""
     (student,), shard = vocab_shard(["student_logits"], [student_logits], vocab_group, vocab_start)
-    labels, mask, weights = _plain(labels), _plain(mask), _plain(weights)
+    labels, mask, weights = plain(labels), plain(mask), plain(weights)
     _inputs.check_logits("student_logits", student)
     kernel_kind, coef, temperature = check_divergence_options(kind, beta, alpha, temperature, target_is, reduction,
                                                               num_items)  # fmt: skip
