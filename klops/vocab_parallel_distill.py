@@ -58,10 +58,10 @@ class _DivergenceAndLabels(torch.autograd.Function):
         extra = torch.where(owned[..., None], at_label, 0.0)
         if kind in ("forward", "reverse"):
             rows, *stats, label_logits = chain_rule_kl(student, teacher, valid, shard, kind, temperature, backend,
-                                                        extra)  # fmt: skip
+                                                       extra)  # fmt: skip
         else:
             rows, *stats, label_logits = two_round_divergence(student, teacher, valid, shard, kind, "logits",
-                                                               temperature, coef, extra)  # fmt: skip
+                                                              temperature, coef, extra)  # fmt: skip
         top_q, total_q, top_p, total_p, _ = stats
         logp = torch.where(valid, scaled(label_logits[..., 0] - top_q, temperature) - total_q, 0.0)
         teacher_logp = torch.where(valid, scaled(label_logits[..., 1] - top_p, temperature) - total_p, 0.0)
@@ -80,7 +80,7 @@ class _DivergenceAndLabels(torch.autograd.Function):
         for b, rows in row_chunks(B, L, V):
             label_grad = None if grad_logp is None else (local[b, rows], grad_logp[b, rows])
             chunk = divergence_grad_rows(grad[b, rows], label_grad, student[b, rows], teacher[b, rows],
-                                          *(x[b, rows] for x in stats), kind, "logits", temperature, coef)  # fmt: skip
+                                         *(x[b, rows] for x in stats), kind, "logits", temperature, coef)  # fmt: skip
             if grad_logp is not None:  # the one-hot belongs to the rank holding the label: the others take it back
                 elsewhere = torch.where(owned[b, rows], 0.0, -grad_logp[b, rows] / temperature)
                 chunk.scatter_add_(-1, local[b, rows][:, None], elsewhere[:, None])
@@ -226,7 +226,7 @@ def forward_reverse_kl(student_logits, teacher_logits, *, temperature, labels, m
     """``klops.forward_reverse_kl`` over vocabulary-sharded logits ``[..., V_r]``: one all-gather of 6 fp32 per row
     (24 bytes per token sent by each rank), plus the shard sizes; the backward sends nothing."""
     kl_pq, kl_qp, _, _ = _kl_pair_rows("forward_reverse_kl", student_logits, teacher_logits, temperature, labels, mask,
-                                    ignore_index, backend, vocab_group, vocab_start)  # fmt: skip
+                                       ignore_index, backend, vocab_group, vocab_start)  # fmt: skip
     return kl_pq, kl_qp
 
 
@@ -248,7 +248,7 @@ def akl_loss(student_logits, teacher_logits, *, mu, temperature, labels, mask, i
     _inputs.check_choice("reduction", reduction, _inputs.REDUCTIONS)
     _inputs.check_num_items(num_items, reduction)
     kl_pq, kl_qp, w, valid = _kl_pair_rows("akl_loss", student_logits, teacher_logits, temperature, labels, mask,
-                                    ignore_index, backend, vocab_group, vocab_start, mu)  # fmt: skip
+                                           ignore_index, backend, vocab_group, vocab_start, mu)  # fmt: skip
     return reduce_rows(w * kl_pq + (1 - w) * kl_qp, valid, reduction, num_items)
 
 
@@ -286,8 +286,8 @@ class _TopKDivergence(torch.autograd.Function):
         stats = student.new_zeros((B, L, 5), dtype=torch.float32)
         for b, rows in row_chunks(B, L, V):
             z = student[b, rows]
-            stats[b, rows, 0], stats[b, rows, 1] = row_stats(z.masked_fill(_members(z, local[b, rows], held[b, rows]),
-                                                                           -math.inf), temperature)  # fmt: skip
+            members = _members(z, local[b, rows], held[b, rows])
+            stats[b, rows, 0], stats[b, rows, 1] = row_stats(z.masked_fill(members, -math.inf), temperature)
         stats[..., 2], stats[..., 3] = row_stats(z_s.masked_fill(~held, -math.inf), temperature)
         if labels is not None:
             stats[..., 4] = torch.where(owned, student.gather(-1, label_local[..., None])[..., 0].float(), 0.0)
