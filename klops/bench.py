@@ -27,6 +27,7 @@ from .bench_baselines import (
     baseline_family,
     eager_akl,
     eager_dckd,
+    eager_forward_reverse_kl,
     eager_kl,
     eager_linear_cross_entropy,
     eager_linear_grpo,
@@ -41,7 +42,7 @@ from .bench_baselines import (
     library_baselines,
     torch_linear_cross_entropy,
 )
-from .distill import akl_loss, dckd_loss
+from .distill import akl_loss, dckd_loss, forward_reverse_kl
 from .divergence import fused_kl
 from .grpo import fused_linear_grpo_loss
 from .kernels.kinds import default_coefficient
@@ -54,7 +55,8 @@ from .topk import TopK
 @dataclasses.dataclass
 class Case:
     op: str  # "fused_kl" | "fused_kl_topk" | "logprobs" | "fused_linear_cross_entropy" | "fused_linear_kl" |
-    # "fused_linear_logprobs" | "fused_linear_grpo_loss" | "tdpo_loss" | "dckd_loss" | "akl_loss"
+    # "fused_linear_logprobs" | "fused_linear_grpo_loss" | "tdpo_loss" | "dckd_loss" | "forward_reverse_kl" |
+    # "akl_loss"
     rows: int
     vocab: int
     dtype: torch.dtype
@@ -79,7 +81,7 @@ class Case:
     def min_bytes(self, backward: bool = True) -> int:
         """Read the logits (and a dense teacher) once, and with the backward write the gradient once; a top-k
         teacher's ids (int64) and fp32 log-probs are read once."""
-        inputs = 2 if self.op in ("fused_kl", "tdpo_loss", "akl_loss") else 1
+        inputs = 2 if self.op in ("fused_kl", "tdpo_loss", *KL_PAIR_OPS) else 1
         return (inputs + backward) * self.rows * self.vocab * self.dtype.itemsize + self.rows * self.k * (8 + 4)
 
     def min_flops(self, backward: bool = True) -> int:
@@ -91,8 +93,13 @@ class Case:
 
 # Every op klops bench measures, in its order: the values of Case.op and of ``klops bench --ops``.
 OPS = ("fused_kl", "logprobs", "fused_linear_cross_entropy", "fused_linear_kl", "fused_linear_logprobs",
-       "fused_linear_grpo_loss", "fused_kl_topk", "tdpo_loss", "dckd_loss", "akl_loss", "sinkhorn",
-       "sinkhorn_distill_loss")  # fmt: skip
+       "fused_linear_grpo_loss", "fused_kl_topk", "tdpo_loss", "dckd_loss", "forward_reverse_kl", "akl_loss",
+       "sinkhorn", "sinkhorn_distill_loss")  # fmt: skip
+# The ops on klops::kl_pair (both KLs of a row pair from one sweep), with a dense teacher.
+KL_PAIR_OPS = ("forward_reverse_kl", "akl_loss")
+# forward_reverse_kl's case: a fixed mixture of its two per-token KLs (BD-KD-style weighting).
+KL_PAIR_KINDS = ("forward", "reverse")
+FORWARD_REVERSE_MIX = (0.7, 0.3)
 
 
 # Shapes of real models' heads, (N tokens, V, D), for ``klops bench --shapes``, and sweeps for the plots (time and
@@ -146,8 +153,9 @@ def cases(
     # Sequence-level objectives over SEQUENCES sequences of N / SEQUENCES tokens: TDPO (policy and reference
     # logits) and DCKD (a stored top-50 teacher with its tail bin).
     out += [Case("tdpo_loss", *preference, dtypes[0]), Case("dckd_loss", *preference, dtypes[0], k=50)]
-    # AKL: its weights (a radix select, 10 sweeps of the teacher) and the weighted forward + reverse KL.
-    out.append(Case("akl_loss", *sizes[0], dtypes[0]))
+    # Both KLs of a row pair in one sweep, mixed; AKL: its weights (a selection, sweeps of the teacher) and the
+    # weighted forward + reverse KL.
+    out += [Case(op, rows, vocab, dtypes[0]) for op in KL_PAIR_OPS for rows, vocab in sizes]
     return out
 
 
@@ -171,6 +179,7 @@ FAMILIES = {
     "logprobs": "logprobs",
     "fused_kl_topk": "topk",
     "dckd_loss": "topk",
+    "forward_reverse_kl": "kl_pair",
     "akl_loss": "kl_pair",
     "fused_linear_cross_entropy": "linear",
     "fused_linear_kl": "linear",
@@ -207,6 +216,10 @@ def implementations(case: Case, device: torch.device) -> dict:
         for backend in backends:
             impls[f"klops[{backend}]"] = lambda z, y, b=backend: dckd_loss(z, TopK(y[0], y[1]), *y[2:], backend=b)[0]
         eager = eager_dckd
+    elif case.op == "forward_reverse_kl":
+        for backend in backends:
+            impls[f"klops[{backend}]"] = lambda z, y, b=backend: _mixed_kl(*forward_reverse_kl(z, y, backend=b))
+        eager = lambda z, y: _mixed_kl(*eager_forward_reverse_kl(z, y))  # noqa: E731
     elif case.op == "akl_loss":
         for backend in backends:
             impls[f"klops[{backend}]"] = lambda z, y, b=backend: akl_loss(z, y, backend=b)
@@ -397,7 +410,7 @@ def make_inputs(case: Case, device: torch.device, gen: torch.Generator):
         y = (torch.randn(case.rows, case.vocab, generator=gen) * 2).to(device=device, dtype=case.dtype)
         top = torch.log_softmax(y.float(), dim=-1).topk(case.k, dim=-1)
         return z, (top.indices, top.values, y)
-    if case.op in ("fused_kl", "akl_loss"):
+    if case.op in ("fused_kl", *KL_PAIR_OPS):
         y = (torch.randn(case.rows, case.vocab, generator=gen) * 2).to(device=device, dtype=case.dtype)
     else:
         y = torch.randint(0, case.vocab, (case.rows,), generator=gen).to(device)
@@ -465,6 +478,9 @@ def check_against_reference(case: Case, name: str, impl, z, y) -> float:
         ref = reference.fused_kl_reference(z_r, teacher, case.kind, reduction="batchmean")
     elif case.op == "fused_kl":
         ref = reference.fused_kl_reference(z_r, y, case.kind, reduction="batchmean", **default_coefficient(case.kind))
+    elif case.op == "forward_reverse_kl":
+        forward, reverse = (reference.fused_kl_reference(z_r, y, kind, reduction="none") for kind in KL_PAIR_KINDS)
+        ref = _mixed_kl(forward, reverse)
     elif case.op == "akl_loss":
         w = reference.akl_weights_reference(z, y)
         ref = reference.fused_kl_reference(z_r, y, "forward", weights=w) + reference.fused_kl_reference(
@@ -474,6 +490,12 @@ def check_against_reference(case: Case, name: str, impl, z, y) -> float:
         logp, entropy = reference.logprobs_reference(z_r, y)
         ref = logp.mean() - entropy.mean()
     return _relative_error(loss, ref, z_k, z_r)
+
+
+def _mixed_kl(forward: torch.Tensor, reverse: torch.Tensor) -> torch.Tensor:
+    """The forward_reverse_kl case's loss: the mean over rows of FORWARD_REVERSE_MIX's mixture of the two KLs."""
+    w_forward, w_reverse = FORWARD_REVERSE_MIX
+    return (w_forward * forward + w_reverse * reverse).mean()
 
 
 def _relative_error(loss, ref, z_k, z_r) -> float:

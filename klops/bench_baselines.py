@@ -116,6 +116,12 @@ def eager_dckd(student, inputs):
     return mean(nll, on_chosen) + mean(kl, on_chosen) + mean(kl, on_rejected)
 
 
+def eager_forward_reverse_kl(student, teacher):
+    """Per row KL(p || q) and KL(q || p) from the two log-softmaxes, as a trainer mixing them writes it."""
+    log_q, log_p = F.log_softmax(student.float(), dim=-1), F.log_softmax(teacher.float(), dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1), (log_q.exp() * (log_q - log_p)).sum(-1)
+
+
 def eager_akl(student, teacher):
     """AKL as its authors' code computes it: a sort of the teacher's probabilities for the head / tail ratios,
     then the two KLs weighted per token."""

@@ -28,6 +28,7 @@ def test_bench_checks_and_reports(tmp_path, monkeypatch, capsys):
             bench.Case("dckd_loss", 16, 96, torch.float32, k=8),
             bench.Case("fused_linear_logprobs", 8, 96, torch.float32, hidden=16),
             bench.Case("fused_linear_grpo_loss", 8, 96, torch.float32, hidden=16),
+            bench.Case("forward_reverse_kl", 4, 96, torch.float32),
             bench.Case("akl_loss", 4, 96, torch.float32)]  # fmt: skip
     monkeypatch.setattr(bench, "cases", lambda device, quick, **_: tiny)
     tiny_sinkhorn = [bench_sinkhorn.SinkhornCase("sinkhorn", 16, 3, batch=2),
