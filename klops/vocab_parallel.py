@@ -115,14 +115,16 @@ class VocabShard(NamedTuple):
     total: int  # V, the whole vocabulary
 
 
-def _dtensor_shard(name: str, x, group) -> tuple[torch.Tensor, VocabShard]:
-    """(local tensor, layout) of a DTensor placed Shard(-1) on a 1-D mesh; ``group``, if given, must be its mesh's."""
+def _dtensor_shard(name: str, x, group, dim: int = -1) -> tuple[torch.Tensor, VocabShard]:
+    """(local tensor, layout) of a DTensor placed Shard(dim) on a 1-D mesh (the vocabulary: logits' last dim, a
+    head's first); ``group``, if given, must be its mesh's."""
     from torch.distributed.tensor import Shard
 
-    mesh, placements = x.device_mesh, x.placements
-    if mesh.ndim != 1 or not (isinstance(placements[0], Shard) and placements[0].dim in (-1, x.dim() - 1)):
+    mesh, placements, given = x.device_mesh, x.placements, dim
+    dim %= x.dim()
+    if mesh.ndim != 1 or not (isinstance(placements[0], Shard) and placements[0].dim % x.dim() == dim):
         raise ValueError(
-            f"{name}: a DTensor must be placed Shard(-1) (the vocabulary) on a 1-D mesh, got placements "
+            f"{name}: a DTensor must be placed Shard({given}) (the vocabulary) on a 1-D mesh, got placements "
             f"{tuple(placements)} on a {mesh.ndim}-D mesh"
         )
     mesh_group = mesh.get_group()
@@ -134,14 +136,38 @@ def _dtensor_shard(name: str, x, group) -> tuple[torch.Tensor, VocabShard]:
                 f"vocab_group (ranks {ranks}) does not match the mesh of {name} (ranks {mesh_ranks}); pass "
                 "vocab_group=None to use the mesh's"
             )
-    local, total = x.to_local(), x.shape[-1]
+    local, total = x.to_local(), x.shape[dim]
     chunk = -(-total // mesh.size())  # Shard splits as torch.chunk: ceil(V / W) ids per rank, the last ones fewer
-    return local, VocabShard(mesh_group, min(total, mesh.get_local_rank() * chunk), local.shape[-1], total)
+    return local, VocabShard(mesh_group, min(total, mesh.get_local_rank() * chunk), local.shape[dim], total)
 
 
 def plain(x):
     """A replicated DTensor (labels, mask, weights) as its local tensor; anything else as it is."""
     return x.to_local() if is_sharded(x) else x
+
+
+def head_hidden(name: str, hidden, head_name: str, head):
+    """The hidden states ``[..., D]`` that feed a vocabulary-sharded head, as a tensor replicated over the group.
+
+    A plain head (``vocab_group=``): ``hidden`` itself (a replicated DTensor's local tensor). A head DTensor placed
+    Shard(0) on a 1-D mesh (tensor parallelism, as ColwiseParallel): ``hidden`` must be a DTensor on that mesh,
+    Replicate or sharded (Shard(1) under sequence parallelism), and DTensor redistributes it to Replicate (the
+    all-gather ColwiseParallel does; its gradient returns in ``hidden``'s placement). A plain ``hidden`` with a head
+    DTensor is refused: FSDP2 also shards a head on dim 0, over the data-parallel mesh, where ranks' rows differ."""
+    if not is_sharded(head):
+        return plain(hidden)
+    if not is_sharded(hidden):
+        raise ValueError(
+            f"{head_name} is a DTensor but {name} is not: a head sharded on dim 0 with plain hidden states is FSDP2's "
+            f"layout (data parallel, rows that differ by rank), not a vocabulary-parallel one. Give {name} as a "
+            f"DTensor on {head_name}'s mesh (tensor parallelism), or pass {head_name}.to_local() with vocab_group="
+        )
+    if hidden.device_mesh != head.device_mesh:
+        raise ValueError(f"{name} is a DTensor on {hidden.device_mesh}, {head_name} on {head.device_mesh}: give both "
+                         "on one mesh")  # fmt: skip
+    from torch.distributed.tensor import Replicate
+
+    return hidden.redistribute(hidden.device_mesh, [Replicate()]).to_local()
 
 
 def vocab_shard(names, tensors, group, vocab_start, dims=None) -> tuple[list[torch.Tensor], VocabShard]:
@@ -151,18 +177,21 @@ def vocab_shard(names, tensors, group, vocab_start, dims=None) -> tuple[list[tor
     hangs); the offset is the sum of the lower ranks' sizes, or ``vocab_start`` (any layout that tiles [0, V))."""
     dims = dims or [-1] * len(tensors)
     if is_sharded(tensors[0]):
-        local, shard = _dtensor_shard(names[0], tensors[0], group)
+        local, shard = _dtensor_shard(names[0], tensors[0], group, dims[0])
         locals_ = [local]
-        for name, x in zip(names[1:], tensors[1:]):
+        for name, x, dim in zip(names[1:], tensors[1:], dims[1:]):
             if not is_sharded(x):
                 raise ValueError(f"{name} must be a DTensor sharded as {names[0]} is")
-            other, other_shard = _dtensor_shard(name, x, shard.group)
+            other, other_shard = _dtensor_shard(name, x, shard.group, dim)
             if other_shard.total != shard.total:
                 raise ValueError(f"{name} has V={other_shard.total} but {names[0]} has V={shard.total}")
             locals_.append(other)
         if vocab_start is not None and vocab_start != shard.start:
             raise ValueError(f"vocab_start={vocab_start} differs from the DTensor's offset {shard.start}")
         return locals_, shard
+    for name, x in zip(names[1:], tensors[1:]):
+        if is_sharded(x):
+            raise ValueError(f"{name} is a DTensor but {names[0]} is not: shard them alike")
     if group is None:
         raise ValueError(f"{names[0]}: vocab_start needs vocab_group (the process group over which V is sharded)")
     if not isinstance(group, dist.ProcessGroup):
@@ -241,7 +270,7 @@ class _LogProbs(torch.autograd.Function):
         ctx.params = (temperature, with_entropy)
         if not with_stats:
             return logp, entropy, None, None, None
-        extra = tuple(torch.where(valid, x, 0.0) for x in _merge_row_stats(m, ls, zy, log_pi, *row_stats, shard))
+        extra = tuple(torch.where(valid, x, 0.0) for x in merge_row_stats(m, ls, zy, log_pi, *row_stats, shard))
         ctx.mark_non_differentiable(*extra)
         return logp, entropy, *extra
 
@@ -265,7 +294,7 @@ class _LogProbs(torch.autograd.Function):
         return dz, None, None, None, None, None, None, None
 
 
-def _merge_row_stats(m, logsum, z_label, log_pi, log_sum_sq, sum_z, top1, owned, start, shard):
+def merge_row_stats(m, logsum, z_label, log_pi, log_sum_sq, sum_z, top1, owned, start, shard):
     """(log sum_v q_v^2, mean_v z_v / T, is_top1 as 0 / 1) of LogprobOutputs from the shards' [W, N] statistics:
     ``log sum q^2 = logsumexp_r(2 log pi_r + log sum (q^r)^2)``; the mean from the shards' sums; the label is the
     first argmax where it is first in its shard, no shard's max exceeds its logit, and no shard of lower ids equals
@@ -327,14 +356,21 @@ def chain_rule_kl(student, teacher, valid, shard, kind, temperature, backend, ex
     local = torch.where((logsum_q == -math.inf) | (logsum_p == -math.inf), 0.0, local)  # a shard without one's mass
     stats = torch.stack((max_q, logsum_q, max_p, logsum_p, local), -1)
     stats = all_gather_rows(stats if extra is None else torch.cat((stats, extra), -1), shard.group)
-    mq, lsq, mp, lsp, d = stats[..., :5].unbind(-1)
+    merged = merge_chain_rule(stats[..., :5], valid, kind, temperature)
+    return *merged, None if extra is None else stats[..., 5:].sum(0)
+
+
+def merge_chain_rule(stats, valid, kind, temperature):
+    """(D, M_q, logsum_q, M_p, logsum_p, gbar) per row of forward / reverse KL from the all-gathered [W, ..., 5]
+    shard statistics (m_q, logsum_q, m_p, logsum_p, the KL of the shard's softmaxes), by the chain rule."""
+    mq, lsq, mp, lsp, d = stats.unbind(-1)
     top_q, total_q, log_pi_q = merge_logsumexp(mq, lsq, temperature)
     top_p, total_p, log_pi_p = merge_logsumexp(mp, lsp, temperature)
     first, second = (log_pi_p, log_pi_q) if kind == "forward" else (log_pi_q, log_pi_p)
     rows = torch.where(first == -math.inf, 0.0, first.exp() * (first - second + d)).sum(0)
     rows = torch.where(valid, rows, 0.0)
     gbar = torch.full_like(rows, -1.0) if kind == "forward" else rows
-    return rows, top_q, total_q, top_p, total_p, gbar, None if extra is None else stats[..., 5:].sum(0)
+    return rows, top_q, total_q, top_p, total_p, gbar
 
 
 def two_round_divergence(student, teacher, valid, shard, kind, target_is, temperature, coef, extra=None):
@@ -479,13 +515,14 @@ def fused_linear_cross_entropy(
     """``klops.fused_linear_cross_entropy`` with a head shard ``weight [V_r, D]`` (and ``bias [V_r]``) and replicated
     ``hidden [..., D]``: one all-gather of 4 fp32 per row in forward (16 bytes per token sent by each rank), and in
     backward one all-reduce of ``grad_hidden [N, D]`` (2 D bytes per token in bf16): the O(N D) of any
-    tensor-parallel head, never O(N V). Returns plain tensors, replicated."""
-    if is_sharded(weight):
-        raise ValueError("a DTensor head is not vocabulary-parallel yet: pass its local shard with vocab_group")
+    tensor-parallel head, never O(N V). Or a head DTensor placed Shard(0) on a 1-D mesh (bias alike) with ``hidden``
+    a DTensor on that mesh (head_hidden): layout from the placement, no vocab_group. Returns plain tensors,
+    replicated."""
+    hidden, labels = head_hidden("hidden", hidden, "weight", weight), plain(labels)
     names, tensors = ("weight", "bias")[: 1 + (bias is not None)], (weight, bias)[: 1 + (bias is not None)]
-    _, shard = vocab_shard(names, tensors, vocab_group, vocab_start, dims=[0] * len(tensors))
-    hidden, labels = plain(hidden), plain(labels)
-    _inputs.check_linear("hidden", hidden, "weight", weight, "bias", bias)
+    _inputs.check_linear("hidden", hidden, "weight", plain(weight), "bias", plain(bias))
+    (weight, *bias), shard = vocab_shard(names, tensors, vocab_group, vocab_start, dims=[0] * len(tensors))
+    bias = bias[0] if bias else None
     labels = _inputs.as_labels("labels", labels, "hidden", hidden)
     _inputs.check_labels_in_range("labels", labels, shard.total, ignore_index)
     _inputs.check_choice("reduction", reduction, ("none", "sum", "mean"))

@@ -34,42 +34,24 @@ from .vocab_parallel import (
     all_gather_rows,
     all_reduce_sum,
     local_labels,
+    merge_chain_rule,
     merge_logsumexp,
+    merge_row_stats,
+    head_hidden,
+    plain,
     vocab_shard,
 )
 
 
-def _plain(x):
-    """A replicated DTensor (hidden states, labels, mask, weights) as its local tensor; anything else as it is."""
-    return x.to_local() if is_sharded(x) else x
-
-
-def _merge_row_stats(m, logsum, z_label, log_pi, log_sum_sq, sum_z, top1, owned, start, shard):
-    """(log sum_v q_v^2, mean_v z_v / T, is_top1 as 0 / 1) of LogprobOutputs from the shards' [W, N] statistics, the
-    merge of the logits-level form (private to klops/vocab_parallel.py, which op modules may not import from each
-    other): ``log sum q^2 = logsumexp_r(2 log pi_r + log sum (q^r)^2)``; the mean from the shards' sums; the label is
-    the first argmax where it is first in its shard, no shard's max exceeds its logit, and no shard of lower ids
-    equals it (ids below 2^24 are exact in fp32)."""
-    log_sum_sq = torch.logsumexp(torch.where(log_pi == -math.inf, -math.inf, 2.0 * log_pi + log_sum_sq), 0)
-    z_y, owner_start = z_label.sum(0), (start * owned).sum(0)
-    m = torch.where(logsum == -math.inf, -math.inf, m)  # an all -inf shard's max is -inf here, not 0
-    beaten = (m > z_y) | ((m == z_y) & (start < owner_start))
-    is_top1 = (top1.sum(0) > 0) & ~beaten.any(0)
-    return log_sum_sq, sum_z.sum(0) / shard.total, is_top1.float()
-
-
 def _head_shard(names, tensors, vocab_group, vocab_start):
-    """The layout of the head shards (``[V_r, D]`` weights, ``[V_r]`` biases) and ``[..., V_r]`` teacher logits given
-    as (name, tensor) pairs; None entries are skipped. One all-gather of the sizes (vocab_shard), which checks that
-    every shard holds the same slice."""
+    """(local tensors by name, layout) of the head shards (``[V_r, D]`` weights, ``[V_r]`` biases) and ``[..., V_r]``
+    teacher logits given as (name, tensor) pairs; None entries are skipped. DTensors (a head placed Shard(0), teacher
+    logits Shard(-1), on one 1-D mesh): from their placement; plain tensors: one all-gather of the sizes
+    (vocab_shard), which checks that every shard holds the same slice."""
     pairs = [(name, x) for name, x in zip(names, tensors) if x is not None]
-    for name, x in pairs:
-        if is_sharded(x):
-            raise ValueError(f"{name}: a DTensor head is not vocabulary-parallel yet: pass its local shard with "
-                             "vocab_group")  # fmt: skip
     dims = [-1 if name == "teacher_logits" else 0 for name, _ in pairs]
-    _, shard = vocab_shard([n for n, _ in pairs], [x for _, x in pairs], vocab_group, vocab_start, dims=dims)
-    return shard
+    local, shard = vocab_shard([n for n, _ in pairs], [x for _, x in pairs], vocab_group, vocab_start, dims=dims)
+    return dict(zip([n for n, _ in pairs], local)), shard
 
 
 def _sum_grad_hidden(ctx, grads, shard):
@@ -121,7 +103,7 @@ class _LinearLogProbs(torch.autograd.Function):
         ctx.params = (shard, temperature, softcap, with_entropy)
         if not with_stats:
             return logp, entropy, None, None, None
-        extra = tuple(torch.where(valid, x, 0.0) for x in _merge_row_stats(m, ls, zy, log_pi, *row_stats, shard))
+        extra = tuple(torch.where(valid, x, 0.0) for x in merge_row_stats(m, ls, zy, log_pi, *row_stats, shard))
         ctx.mark_non_differentiable(*extra)
         return logp, entropy, *extra
 
@@ -153,9 +135,10 @@ def fused_linear_logprobs(hidden, weight, labels, *, bias, temperature, softcap,
     ``hidden [..., D]``. Forward: one all-gather of 4 fp32 per row (16 bytes per token sent by each rank; 36 with
     ``return_row_stats``), plus the shard sizes; backward: one all-reduce of ``grad_hidden [N, D]`` (``D`` elements
     per token in the hidden states' dtype). Returns plain tensors, replicated."""
-    hidden, labels = _plain(hidden), _plain(labels)
-    _inputs.check_linear("hidden", hidden, "weight", weight, "bias", bias)
-    shard = _head_shard(("weight", "bias"), (weight, bias), vocab_group, vocab_start)
+    hidden, labels = head_hidden("hidden", hidden, "weight", weight), plain(labels)
+    _inputs.check_linear("hidden", hidden, "weight", plain(weight), "bias", plain(bias))
+    local, shard = _head_shard(("weight", "bias"), (weight, bias), vocab_group, vocab_start)
+    weight, bias = local["weight"], local.get("bias")
     labels = _inputs.as_labels("labels", labels, "hidden", hidden)
     _inputs.check_labels_in_range("labels", labels, shard.total, ignore_index)
     temperature = _inputs.check_temperature(temperature)
@@ -177,7 +160,7 @@ def fused_linear_logprobs(hidden, weight, labels, *, bias, temperature, softcap,
 
 
 # ----------------------------------------------------------------------------------------------------
-# divergences: the math of vocab_parallel's fused_kl form (_chain_rule_kl, _two_round_divergence) on chunk logits
+# divergences: the math of vocab_parallel's fused_kl form (chain_rule_kl, two_round_divergence) on chunk logits
 #
 # forward / reverse KL between logits (the teacher from its head shard or as logits), one all-gather of 5 fp32 per
 # row: both inputs' m_r, logsum_r and the shard's KL(p^r || q^r), merged by the chain rule
@@ -186,18 +169,6 @@ def fused_linear_logprobs(hidden, weight, labels, *, bias, temperature, softcap,
 # logsum_r, or the teacher check's largest entry and log-mass), then a second sweep over the chunks (the student's
 # logits formed again) sums each entry's loss and a with the global log q, log p, and one all-reduce adds (D, gbar).
 # Backward for all: klops::divergence_backward on each chunk with the merged statistics, grad_h all-reduced.
-
-
-def _merge_chain_rule(stats, valid, kind, temperature):
-    """(D, M_q, logsum_q, M_p, logsum_p, gbar) of forward / reverse KL from the all-gathered [W, B, L, 5] shard
-    statistics (m_q, logsum_q, m_p, logsum_p, KL of the shard's softmaxes)."""
-    mq, lsq, mp, lsp, d = stats.unbind(-1)
-    top_q, total_q, log_pi_q = merge_logsumexp(mq, lsq, temperature)
-    top_p, total_p, log_pi_p = merge_logsumexp(mp, lsp, temperature)
-    first, second = (log_pi_p, log_pi_q) if kind == "forward" else (log_pi_q, log_pi_p)
-    rows = torch.where(valid, torch.where(first == -math.inf, 0.0, first.exp() * (first - second + d)).sum(0), 0.0)
-    gbar = torch.full_like(rows, -1.0) if kind == "forward" else rows
-    return rows, top_q, total_q, top_p, total_p, gbar
 
 
 class _LinearDivergence(torch.autograd.Function):
@@ -219,7 +190,7 @@ class _LinearDivergence(torch.autograd.Function):
                 d = torch.where((logsum_q == -math.inf) | (logsum_p == -math.inf), 0.0, d)  # a shard without mass
                 return max_q, logsum_q, max_p, logsum_p, d
 
-            stats = _merge_chain_rule(all_gather_rows(sweep(5, chunk_stats), shard.group), valid, kind, temperature)
+            stats = merge_chain_rule(all_gather_rows(sweep(5, chunk_stats), shard.group), valid, kind, temperature)
         else:
             dtype = None if t_logits is None else t_logits.dtype  # read only by the check of log-probs / probs
             stats = _two_rounds(sweep, teacher, dtype, valid, shard, kind, target_is, temperature, coef)
@@ -251,7 +222,7 @@ def _teacher_chunk(t_hidden, t_weight, t_bias, t_logits, t_softcap, rows):
 
 
 def _two_rounds(sweep, teacher, teacher_dtype, valid, shard, kind, target_is, temperature, coef):
-    """(D, M_q, logsum_q, M_p, logsum_p, gbar) of any kind, as vocab_parallel._two_round_divergence: the statistics
+    """(D, M_q, logsum_q, M_p, logsum_p, gbar) of any kind, as vocab_parallel.two_round_divergence: the statistics
     all-gathered, then (D, gbar) summed over the shards by one all-reduce (a second sweep over the chunks).
     ``sweep(count, chunk_fn)``: [B, L, count] from the chunks' logits; ``teacher(rows)``: a chunk's teacher."""
 
@@ -378,15 +349,15 @@ def _topk_rows(hidden, weight, bias, topk, valid, shard, kind, user_kind, coef, 
 
 def _sharded_inputs(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                     teacher_logits, target_is, teacher_softcap, teacher_logit_scale):  # fmt: skip
-    """(names, tensors) of fused_linear_kl's vocabulary-sharded inputs after the checks of the teacher (one of a
-    ``TopK``, ``teacher_logits [..., V_r]``, or ``teacher_hidden`` with a head shard) that need no collective."""
+    """The names of fused_linear_kl's vocabulary-sharded inputs after the checks of the teacher (one of a ``TopK``,
+    ``teacher_logits [..., V_r]``, or ``teacher_hidden`` with a head shard) that need no collective."""
     if isinstance(teacher_hidden, TopK):
         if teacher_weight is not None or teacher_bias is not None or teacher_logits is not None:
             raise ValueError("a TopK teacher (in the teacher_hidden position) takes no teacher_weight, bias or logits")
         if target_is != "logits" or teacher_softcap != "same" or teacher_logit_scale != "same":
             raise ValueError("a TopK teacher carries its log-probs: target_is, teacher_softcap and teacher_logit_scale "
                              "are for teacher_logits or a teacher head")  # fmt: skip
-        return ("student_weight", "student_bias"), (student_weight, student_bias)
+        return ("student_weight", "student_bias")
     if teacher_logits is not None:
         if teacher_hidden is not None or teacher_weight is not None or teacher_bias is not None:
             raise ValueError("give the teacher as teacher_hidden + teacher_weight or as teacher_logits, not both")
@@ -398,7 +369,7 @@ def _sharded_inputs(student_hidden, student_weight, student_bias, teacher_hidden
             raise ValueError(f"teacher_logits must have the rows {tuple(student_hidden.shape[:-1])} of student_hidden "
                              f"on {student_hidden.device}, got {tuple(teacher_logits.shape)} on "
                              f"{teacher_logits.device}")  # fmt: skip
-        return ("student_weight", "student_bias", "teacher_logits"), (student_weight, student_bias, teacher_logits)
+        return ("student_weight", "student_bias", "teacher_logits")
     if teacher_hidden is None or teacher_weight is None:
         raise ValueError("the teacher is missing: give teacher_hidden and teacher_weight, or teacher_logits")
     _inputs.check_linear("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight, "teacher_bias",
@@ -410,8 +381,7 @@ def _sharded_inputs(student_hidden, student_weight, student_bias, teacher_hidden
     if target_is != "logits":
         raise ValueError(f"a teacher given as hidden states gives logits; target_is={target_is!r} is for "
                          "teacher_logits")  # fmt: skip
-    names = ("student_weight", "student_bias", "teacher_weight", "teacher_bias")
-    return names, (student_weight, student_bias, teacher_weight, teacher_bias)
+    return ("student_weight", "student_bias", "teacher_weight", "teacher_bias")
 
 
 @vocab_parallel_form("fused_linear_kl")
@@ -426,14 +396,21 @@ def fused_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weig
     of 5 fp32), 16 + 8 (other kinds, log-probs / probs teachers: an all-gather of 4 fp32, an all-reduce of 2, and a
     second sweep over the student's chunk logits) or 8 + 4 k (a TopK teacher: one all-gather of 2 + k fp32), plus the
     shard sizes; backward: one all-reduce of ``grad_hidden [N, D]``. Returns a plain tensor, replicated."""
-    student_hidden, teacher_hidden = _plain(student_hidden), _plain(teacher_hidden)
-    labels, mask, weights = _plain(labels), _plain(mask), _plain(weights)
-    _inputs.check_linear("student_hidden", student_hidden, "student_weight", student_weight, "student_bias",
-                         student_bias)  # fmt: skip
-    teacher = (teacher_hidden, teacher_weight, teacher_bias, teacher_logits)
-    names, heads = _sharded_inputs(student_hidden, student_weight, student_bias, *teacher, target_is, teacher_softcap,
-                                   teacher_logit_scale)  # fmt: skip
-    shard = _head_shard(names, heads, vocab_group, vocab_start)
+    student_hidden = head_hidden("student_hidden", student_hidden, "student_weight", student_weight)
+    if teacher_weight is not None:
+        teacher_hidden = head_hidden("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight)
+    teacher_hidden, labels, mask, weights = plain(teacher_hidden), plain(labels), plain(mask), plain(weights)
+    _inputs.check_linear("student_hidden", student_hidden, "student_weight", plain(student_weight), "student_bias",
+                         plain(student_bias))  # fmt: skip
+    heads = dict(student_weight=student_weight, student_bias=student_bias, teacher_weight=teacher_weight,
+                 teacher_bias=teacher_bias, teacher_logits=teacher_logits)  # fmt: skip
+    teacher = (teacher_hidden, *(plain(heads[name]) for name in ("teacher_weight", "teacher_bias", "teacher_logits")))
+    names = _sharded_inputs(student_hidden, plain(student_weight), plain(student_bias), *teacher, target_is,
+                            teacher_softcap, teacher_logit_scale)  # fmt: skip
+    local, shard = _head_shard(names, [heads[name] for name in names], vocab_group, vocab_start)
+    student_weight, student_bias = local["student_weight"], local.get("student_bias")
+    teacher_weight, teacher_bias, teacher_logits = (local.get(n) for n in ("teacher_weight", "teacher_bias",
+                                                                           "teacher_logits"))  # fmt: skip
     kernel_kind, coef, temperature = check_divergence_options(kind, beta, alpha, temperature, target_is, reduction,
                                                               num_items)  # fmt: skip
     softcap = _inputs.check_softcap(softcap)
