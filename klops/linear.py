@@ -74,7 +74,7 @@ from ._chunked import (
 )
 from ._inputs import check_linear, check_softcap
 from .backend import resolve
-from .distributed import VOCAB_PARALLEL_FORMS
+from .distributed import VOCAB_PARALLEL_FORMS, is_sharded
 from .divergence import (
     check_divergence_options,
     divergence_backward_op,
@@ -565,7 +565,7 @@ def fused_linear_logprobs(
 
     ``vocab_group`` / ``vocab_start``: a head sharded over the vocabulary, as in ``fused_linear_cross_entropy``.
     """
-    if vocab_group is not None or vocab_start is not None:
+    if vocab_group is not None or vocab_start is not None or is_sharded(weight):
         return VOCAB_PARALLEL_FORMS["fused_linear_logprobs"](
             hidden, weight, labels, bias=bias, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
             return_entropy=return_entropy, return_row_stats=return_row_stats, ignore_index=ignore_index,
@@ -630,7 +630,7 @@ def fused_linear_kl(
     ``vocab_group`` / ``vocab_start``: both heads (or the student's head and ``teacher_logits [..., V_r]``) sharded
     over the vocabulary alike, as in ``fused_linear_cross_entropy``.
     """
-    if vocab_group is not None or vocab_start is not None:
+    if vocab_group is not None or vocab_start is not None or is_sharded(student_weight) or is_sharded(teacher_weight):
         return VOCAB_PARALLEL_FORMS["fused_linear_kl"](
             student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits=teacher_logits,
             student_bias=student_bias, teacher_bias=teacher_bias, kind=kind, beta=beta, alpha=alpha,
@@ -767,7 +767,7 @@ def fused_linear_cross_entropy(
     labels are global ids; every rank gets the same loss, the gradient of its shard and ``grad_hidden`` summed over
     the group (klops/vocab_parallel.py).
     """
-    if vocab_group is not None or vocab_start is not None:
+    if vocab_group is not None or vocab_start is not None or is_sharded(weight):
         return VOCAB_PARALLEL_FORMS["fused_linear_cross_entropy"](
             hidden, weight, labels, bias=bias, ignore_index=ignore_index, reduction=reduction,
             label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, logit_scale=logit_scale,

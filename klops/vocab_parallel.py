@@ -520,9 +520,9 @@ def fused_linear_cross_entropy(
     replicated."""
     hidden, labels = head_hidden("hidden", hidden, "weight", weight), plain(labels)
     names, tensors = ("weight", "bias")[: 1 + (bias is not None)], (weight, bias)[: 1 + (bias is not None)]
-    _inputs.check_linear("hidden", hidden, "weight", plain(weight), "bias", plain(bias))
     (weight, *bias), shard = vocab_shard(names, tensors, vocab_group, vocab_start, dims=[0] * len(tensors))
     bias = bias[0] if bias else None
+    _inputs.check_linear("hidden", hidden, "weight", weight, "bias", bias)
     labels = _inputs.as_labels("labels", labels, "hidden", hidden)
     _inputs.check_labels_in_range("labels", labels, shard.total, ignore_index)
     _inputs.check_choice("reduction", reduction, ("none", "sum", "mean"))

@@ -33,25 +33,31 @@ from .topk import TopK, renormalized_tail_terms, sorted_topk, topk_divergence_op
 from .vocab_parallel import (
     all_gather_rows,
     all_reduce_sum,
+    head_hidden,
     local_labels,
     merge_chain_rule,
     merge_logsumexp,
     merge_row_stats,
-    head_hidden,
     plain,
     vocab_shard,
 )
 
 
-def _head_shard(names, tensors, vocab_group, vocab_start):
+def _head_shard(names, tensors, vocab_group, vocab_start, check):
     """(local tensors by name, layout) of the head shards (``[V_r, D]`` weights, ``[V_r]`` biases) and ``[..., V_r]``
     teacher logits given as (name, tensor) pairs; None entries are skipped. DTensors (a head placed Shard(0), teacher
-    logits Shard(-1), on one 1-D mesh): from their placement; plain tensors: one all-gather of the sizes
-    (vocab_shard), which checks that every shard holds the same slice."""
+    logits Shard(-1), on one 1-D mesh): from their placements, then ``check(local tensors by name)``; plain tensors:
+    ``check`` first, then one all-gather of the sizes (vocab_shard), which checks that every shard holds the same
+    slice (so that every rank raises alike and none waits in a collective)."""
     pairs = [(name, x) for name, x in zip(names, tensors) if x is not None]
     dims = [-1 if name == "teacher_logits" else 0 for name, _ in pairs]
+    if not is_sharded(pairs[0][1]):
+        check(dict(pairs))
     local, shard = vocab_shard([n for n, _ in pairs], [x for _, x in pairs], vocab_group, vocab_start, dims=dims)
-    return dict(zip([n for n, _ in pairs], local)), shard
+    local = dict(zip([n for n, _ in pairs], local))
+    if is_sharded(pairs[0][1]):
+        check(local)
+    return local, shard
 
 
 def _sum_grad_hidden(ctx, grads, shard):
@@ -136,8 +142,9 @@ def fused_linear_logprobs(hidden, weight, labels, *, bias, temperature, softcap,
     ``return_row_stats``), plus the shard sizes; backward: one all-reduce of ``grad_hidden [N, D]`` (``D`` elements
     per token in the hidden states' dtype). Returns plain tensors, replicated."""
     hidden, labels = head_hidden("hidden", hidden, "weight", weight), plain(labels)
-    _inputs.check_linear("hidden", hidden, "weight", plain(weight), "bias", plain(bias))
-    local, shard = _head_shard(("weight", "bias"), (weight, bias), vocab_group, vocab_start)
+    local, shard = _head_shard(("weight", "bias"), (weight, bias), vocab_group, vocab_start,
+                               lambda x: _inputs.check_linear("hidden", hidden, "weight", x["weight"], "bias",
+                                                              x.get("bias")))  # fmt: skip
     weight, bias = local["weight"], local.get("bias")
     labels = _inputs.as_labels("labels", labels, "hidden", hidden)
     _inputs.check_labels_in_range("labels", labels, shard.total, ignore_index)
@@ -347,10 +354,12 @@ def _topk_rows(hidden, weight, bias, topk, valid, shard, kind, user_kind, coef, 
     return rows.reshape(valid.shape)
 
 
-def _sharded_inputs(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                    teacher_logits, target_is, teacher_softcap, teacher_logit_scale):  # fmt: skip
-    """The names of fused_linear_kl's vocabulary-sharded inputs after the checks of the teacher (one of a ``TopK``,
-    ``teacher_logits [..., V_r]``, or ``teacher_hidden`` with a head shard) that need no collective."""
+def _sharded_inputs(teacher_hidden, heads, target_is, teacher_softcap, teacher_logit_scale):
+    """The names of fused_linear_kl's vocabulary-sharded inputs (``heads``: the head tensors and teacher logits by
+    name, None where not given), after the checks of how the teacher is given (one of a ``TopK``,
+    ``teacher_logits [..., V_r]``, or ``teacher_hidden`` with a head shard)."""
+    teacher_weight, teacher_bias, teacher_logits = (heads[n] for n in ("teacher_weight", "teacher_bias",
+                                                                       "teacher_logits"))  # fmt: skip
     if isinstance(teacher_hidden, TopK):
         if teacher_weight is not None or teacher_bias is not None or teacher_logits is not None:
             raise ValueError("a TopK teacher (in the teacher_hidden position) takes no teacher_weight, bias or logits")
@@ -364,24 +373,32 @@ def _sharded_inputs(student_hidden, student_weight, student_bias, teacher_hidden
         if teacher_softcap != "same" or teacher_logit_scale != "same":
             raise ValueError("teacher_softcap and teacher_logit_scale apply to a teacher given as hidden states and "
                              "a head")  # fmt: skip
+        return ("student_weight", "student_bias", "teacher_logits")
+    if teacher_hidden is None or teacher_weight is None:
+        raise ValueError("the teacher is missing: give teacher_hidden and teacher_weight, or teacher_logits")
+    if target_is != "logits":
+        raise ValueError(f"a teacher given as hidden states gives logits; target_is={target_is!r} is for "
+                         "teacher_logits")  # fmt: skip
+    return ("student_weight", "student_bias", "teacher_weight", "teacher_bias")
+
+
+def _check_teacher(student_hidden, teacher_hidden, local):
+    """The shapes of a teacher given as local ``teacher_logits [..., V_r]`` or ``teacher_hidden`` with a head shard
+    (``local``: the shards by name) against the student's rows."""
+    if "teacher_logits" in local:
+        teacher_logits = local["teacher_logits"]
         _inputs.check_logits("teacher_logits", teacher_logits)
         if teacher_logits.shape[:-1] != student_hidden.shape[:-1] or teacher_logits.device != student_hidden.device:
             raise ValueError(f"teacher_logits must have the rows {tuple(student_hidden.shape[:-1])} of student_hidden "
                              f"on {student_hidden.device}, got {tuple(teacher_logits.shape)} on "
                              f"{teacher_logits.device}")  # fmt: skip
-        return ("student_weight", "student_bias", "teacher_logits")
-    if teacher_hidden is None or teacher_weight is None:
-        raise ValueError("the teacher is missing: give teacher_hidden and teacher_weight, or teacher_logits")
-    _inputs.check_linear("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight, "teacher_bias",
-                         teacher_bias)  # fmt: skip
-    if teacher_hidden.shape[:-1] != student_hidden.shape[:-1] or teacher_hidden.device != student_hidden.device:
-        raise ValueError(f"teacher_hidden must have the rows {tuple(student_hidden.shape[:-1])} of student_hidden "
-                         f"on {student_hidden.device}, got {tuple(teacher_hidden.shape[:-1])} on "
-                         f"{teacher_hidden.device}")  # fmt: skip
-    if target_is != "logits":
-        raise ValueError(f"a teacher given as hidden states gives logits; target_is={target_is!r} is for "
-                         "teacher_logits")  # fmt: skip
-    return ("student_weight", "student_bias", "teacher_weight", "teacher_bias")
+    elif "teacher_weight" in local:
+        _inputs.check_linear("teacher_hidden", teacher_hidden, "teacher_weight", local["teacher_weight"],
+                             "teacher_bias", local.get("teacher_bias"))  # fmt: skip
+        if teacher_hidden.shape[:-1] != student_hidden.shape[:-1] or teacher_hidden.device != student_hidden.device:
+            raise ValueError(f"teacher_hidden must have the rows {tuple(student_hidden.shape[:-1])} of student_hidden "
+                             f"on {student_hidden.device}, got {tuple(teacher_hidden.shape[:-1])} on "
+                             f"{teacher_hidden.device}")  # fmt: skip
 
 
 @vocab_parallel_form("fused_linear_kl")
@@ -400,14 +417,16 @@ def fused_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weig
     if teacher_weight is not None:
         teacher_hidden = head_hidden("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight)
     teacher_hidden, labels, mask, weights = plain(teacher_hidden), plain(labels), plain(mask), plain(weights)
-    _inputs.check_linear("student_hidden", student_hidden, "student_weight", plain(student_weight), "student_bias",
-                         plain(student_bias))  # fmt: skip
     heads = dict(student_weight=student_weight, student_bias=student_bias, teacher_weight=teacher_weight,
                  teacher_bias=teacher_bias, teacher_logits=teacher_logits)  # fmt: skip
-    teacher = (teacher_hidden, *(plain(heads[name]) for name in ("teacher_weight", "teacher_bias", "teacher_logits")))
-    names = _sharded_inputs(student_hidden, plain(student_weight), plain(student_bias), *teacher, target_is,
-                            teacher_softcap, teacher_logit_scale)  # fmt: skip
-    local, shard = _head_shard(names, [heads[name] for name in names], vocab_group, vocab_start)
+    names = _sharded_inputs(teacher_hidden, heads, target_is, teacher_softcap, teacher_logit_scale)
+
+    def check(local):
+        _inputs.check_linear("student_hidden", student_hidden, "student_weight", local["student_weight"],
+                             "student_bias", local.get("student_bias"))  # fmt: skip
+        _check_teacher(student_hidden, teacher_hidden, local)
+
+    local, shard = _head_shard(names, [heads[name] for name in names], vocab_group, vocab_start, check)
     student_weight, student_bias = local["student_weight"], local.get("student_bias")
     teacher_weight, teacher_bias, teacher_logits = (local.get(n) for n in ("teacher_weight", "teacher_bias",
                                                                            "teacher_logits"))  # fmt: skip
