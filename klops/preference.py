@@ -268,7 +268,11 @@ def tdpo_loss(
     both log-probs, and one backward sweep writes the policy's gradient (``a_t (onehot - q) + b_t (q - p)``);
     nothing of size [B, L, V] besides it.
     """
-    if vocab_group is not None or vocab_start is not None or is_sharded(policy):
+    if (
+        vocab_group is not None
+        or vocab_start is not None
+        or any(map(is_sharded, _inputs.split_model("policy", policy)))
+    ):
         return VOCAB_PARALLEL_FORMS["tdpo_loss"](
             policy, ref, labels, mask, chosen_index, rejected_index, beta=beta, alpha=alpha, variant=variant,
             temperature=temperature, softcap=softcap, logit_scale=logit_scale, ignore_index=ignore_index,

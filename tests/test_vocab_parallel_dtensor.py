@@ -109,6 +109,34 @@ def _check_values_and_gradients(rank: int, world: int) -> None:
             _check(out, ref, dict(hidden=hidden, weight=weight, bias=bias), f"kl {kind}, {teacher} teacher, {tag}")
 
 
+def _check_rl(rank: int, world: int) -> None:
+    """fused_linear_grpo_loss and tdpo_loss's hidden-state form with DTensor heads (the policy's hidden states
+    sequence-parallel, the reference's replicated): loss, metrics and gradients as on the whole heads."""
+    mesh, model = DeviceMesh("cpu", list(range(world))), _model(world)
+    labels = model["labels"]
+    ids, mask, advantages = labels.clamp(min=0), (labels != -100).float(), torch.linspace(-1, 1, B)
+    ref_h = distribute_tensor(model["hidden"] * 0.5, mesh, [Replicate()]), model["hidden"] * 0.5
+    ref_w = _pair(mesh, model["weight"].flip(0), Shard(0), False)
+    for options in (dict(beta=0.1, softcap=3.0), dict(beta=0.1, kl_estimator="full", entropy_coef=0.01)):
+        hidden, weight = _pair(mesh, model["hidden"], Shard(1)), _pair(mesh, model["weight"], Shard(0))
+        bias = _pair(mesh, model["bias"], Shard(0))
+        out, ref_out = (klops.fused_linear_grpo_loss(hidden[i], weight[i], ids, advantages, mask, bias=bias[i],
+                                                     ref_hidden=ref_h[i], ref_weight=ref_w[i], **options)
+                        for i in (0, 1))  # fmt: skip
+        names = sorted(ref_out[1])
+        _check((out[0], *(out[1][n] for n in names)), (ref_out[0], *(ref_out[1][n] for n in names)),
+               dict(hidden=hidden, weight=weight, bias=bias), f"fused_linear_grpo_loss {options}")  # fmt: skip
+    pairs = dict(chosen_index=torch.tensor([0, 2]), rejected_index=torch.tensor([1, 0]))
+    for options in (dict(variant=1, mask=None), dict(variant=2, mask=mask, temperature=0.7, softcap=3.0)):
+        hidden, weight = _pair(mesh, model["hidden"], Shard(1)), _pair(mesh, model["weight"], Shard(0))
+        bias = _pair(mesh, model["bias"], Shard(0))
+        out, ref_out = (klops.tdpo_loss((hidden[i], weight[i], bias[i]), (ref_h[i], ref_w[i]), labels, **pairs,
+                                        **options) for i in (0, 1))  # fmt: skip
+        names = sorted(ref_out[1])
+        _check((out[0], *(out[1][n] for n in names)), (ref_out[0], *(ref_out[1][n] for n in names)),
+               dict(hidden=hidden, weight=weight, bias=bias), f"tdpo {options}")  # fmt: skip
+
+
 def _check_errors(rank: int, world: int) -> None:
     mesh, model = DeviceMesh("cpu", list(range(world))), _model(world)
     labels = model["labels"]
@@ -134,4 +162,4 @@ def _check_errors(rank: int, world: int) -> None:
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_dtensor_heads(tmp_path, world):
-    _spawn(tmp_path, world, _check_values_and_gradients, _check_errors)
+    _spawn(tmp_path, world, _check_values_and_gradients, _check_rl, _check_errors)
