@@ -90,7 +90,9 @@ def _check_values_and_gradients(rank: int, world: int) -> None:
         ref = klops.fused_linear_logprobs(hidden[1], weight[1], labels, bias=bias[1], **options)
         _check(out, ref, dict(hidden=hidden, weight=weight, bias=bias), f"logprobs, {tag}")
 
-        for kind, teacher in (("forward", "head"), ("reverse", "head"), ("jsd", "head"), ("forward", "logits")):
+        top = torch.log_softmax(model["t_logits"], -1).topk(5, -1)
+        cases = (("forward", "head"), ("reverse", "head"), ("jsd", "head"), ("forward", "logits"), ("tv", "topk"))
+        for kind, teacher in cases:
             hidden, weight = _pair(mesh, model["hidden"], hidden_placement), _pair(mesh, model["weight"], Shard(0))
             bias = _pair(mesh, model["bias"], Shard(0))
             if teacher == "head":
@@ -99,6 +101,8 @@ def _check_values_and_gradients(rank: int, world: int) -> None:
                                               _pair(mesh, model["t_bias"], Shard(0), False))  # fmt: skip
                 args = [(h, w) for h, w in zip(t_hidden, t_weight)]
                 extra = [dict(teacher_bias=b) for b in t_bias]
+            elif teacher == "topk":  # global ids, plain tensors
+                args, extra = [(klops.TopK(top.indices, top.values), None)] * 2, [{}, {}]
             else:
                 t_logits = _pair(mesh, model["t_logits"], Shard(-1), False)
                 args = [(None, None), (None, None)]
@@ -137,6 +141,19 @@ def _check_rl(rank: int, world: int) -> None:
                dict(hidden=hidden, weight=weight, bias=bias), f"tdpo {options}")  # fmt: skip
 
 
+def _check_traffic(rank: int, world: int) -> None:
+    """The layout comes from the placements: klops issues only the 16-byte-per-token all-gather of the row statistics
+    (no all-gather of shard sizes) and, in backward, the all-reduce of grad_hidden; the all-gather of sequence-parallel
+    hidden states is DTensor's redistribute (not klops's, so not recorded)."""
+    mesh, model = DeviceMesh("cpu", list(range(world))), _model(world)
+    for placement in (Replicate(), Shard(1)):
+        hidden = distribute_tensor(model["hidden"], mesh, [placement]).requires_grad_()
+        weight = distribute_tensor(model["weight"], mesh, [Shard(0)]).requires_grad_()
+        with klops.vocab_parallel.record_traffic() as calls:
+            klops.fused_linear_cross_entropy(hidden, weight, model["labels"]).backward()
+        assert calls == [("all_gather", B * L * 16), ("all_reduce", B * L * D * 4)], (placement, calls)
+
+
 def _check_errors(rank: int, world: int) -> None:
     mesh, model = DeviceMesh("cpu", list(range(world))), _model(world)
     labels = model["labels"]
@@ -162,4 +179,4 @@ def _check_errors(rank: int, world: int) -> None:
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_dtensor_heads(tmp_path, world):
-    _spawn(tmp_path, world, _check_values_and_gradients, _check_rl, _check_errors)
+    _spawn(tmp_path, world, _check_values_and_gradients, _check_rl, _check_traffic, _check_errors)
