@@ -113,6 +113,7 @@ class VocabShard(NamedTuple):
     start: int  # this rank's first global vocabulary id
     size: int  # V_r, its number of ids
     total: int  # V, the whole vocabulary
+    grad_hidden_partial: bool = False  # a fused-linear backward leaves grad_hidden a per-rank partial sum (head_hidden)
 
 
 def _dtensor_shard(name: str, x, group, dim: int = -1) -> tuple[torch.Tensor, VocabShard]:
@@ -152,8 +153,11 @@ def head_hidden(name: str, hidden, head_name: str, head):
     A plain head (``vocab_group=``): ``hidden`` itself (a replicated DTensor's local tensor). A head DTensor placed
     Shard(0) on a 1-D mesh (tensor parallelism, as ColwiseParallel): ``hidden`` must be a DTensor on that mesh,
     Replicate or sharded (Shard(1) under sequence parallelism), and DTensor redistributes it to Replicate (the
-    all-gather ColwiseParallel does; its gradient returns in ``hidden``'s placement). A plain ``hidden`` with a head
-    DTensor is refused: FSDP2 also shards a head on dim 0, over the data-parallel mesh, where ranks' rows differ."""
+    all-gather ColwiseParallel does). Its gradient is then left per rank a partial sum, placed Partial, which DTensor
+    reduces back to ``hidden``'s placement (a reduce-scatter under sequence parallelism, an all-reduce for Replicate)
+    and the form's backward skips its own all-reduce (``VocabShard.grad_hidden_partial``). A plain ``hidden`` with a
+    head DTensor is refused: FSDP2 also shards a head on dim 0, over the data-parallel mesh, where ranks' rows
+    differ."""
     if not is_sharded(head):
         return plain(hidden)
     if not is_sharded(hidden):
@@ -165,9 +169,9 @@ def head_hidden(name: str, hidden, head_name: str, head):
     if hidden.device_mesh != head.device_mesh:
         raise ValueError(f"{name} is a DTensor on {hidden.device_mesh}, {head_name} on {head.device_mesh}: give both "
                          "on one mesh")  # fmt: skip
-    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor import Partial, Replicate
 
-    return hidden.redistribute(hidden.device_mesh, [Replicate()]).to_local()
+    return hidden.redistribute(hidden.device_mesh, [Replicate()]).to_local(grad_placements=[Partial()])
 
 
 def vocab_shard(names, tensors, group, vocab_start, dims=None) -> tuple[list[torch.Tensor], VocabShard]:
@@ -502,7 +506,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             return dz.scatter_add_(-1, local[rows][None, :, None], onehot).mul_(valid[rows][None, :, None])
 
         grad_hidden, grad_weight, grad_bias = chunked_backward(hidden, weight, bias, softcap, chunk_grad)
-        if ctx.needs_input_grad[0]:  # the same on every rank (hidden is replicated)
+        if ctx.needs_input_grad[0] and not shard.grad_hidden_partial:  # the same on every rank (hidden replicated)
             grad_hidden = all_reduce_sum(grad_hidden, shard.group)
         return grad_hidden, grad_weight, grad_bias if bias is not None else None, *(None,) * 6
 
@@ -521,6 +525,7 @@ def fused_linear_cross_entropy(
     hidden, labels = head_hidden("hidden", hidden, "weight", weight), plain(labels)
     names, tensors = ("weight", "bias")[: 1 + (bias is not None)], (weight, bias)[: 1 + (bias is not None)]
     (weight, *bias), shard = vocab_shard(names, tensors, vocab_group, vocab_start, dims=[0] * len(tensors))
+    shard = shard._replace(grad_hidden_partial=is_sharded(tensors[0]))  # DTensor sums grad_hidden (head_hidden)
     bias = bias[0] if bias else None
     _inputs.check_linear("hidden", hidden, "weight", weight, "bias", bias)
     labels = _inputs.as_labels("labels", labels, "hidden", hidden)

@@ -57,13 +57,14 @@ def _head_shard(names, tensors, vocab_group, vocab_start, check):
     local = dict(zip([n for n, _ in pairs], local))
     if is_sharded(pairs[0][1]):
         check(local)
-    return local, shard
+    return local, shard._replace(grad_hidden_partial=is_sharded(pairs[0][1]))  # DTensor sums grad_h (head_hidden)
 
 
 def _sum_grad_hidden(ctx, grads, shard):
-    """(grad_hidden summed over the group, grad_weight, grad_bias or None) of a chunked backward."""
+    """(grad_hidden summed over the group (or left this rank's partial sum, for DTensor to reduce: head_hidden),
+    grad_weight, grad_bias or None) of a chunked backward."""
     grad_hidden, grad_weight, grad_bias = grads
-    if ctx.needs_input_grad[0]:  # the same on every rank (hidden is replicated)
+    if ctx.needs_input_grad[0] and not shard.grad_hidden_partial:  # the same on every rank (hidden is replicated)
         grad_hidden = all_reduce_sum(grad_hidden, shard.group)
     return grad_hidden, grad_weight, grad_bias if ctx.needs_input_grad[2] else None
 
