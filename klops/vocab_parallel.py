@@ -1,6 +1,7 @@
 """Vocabulary-parallel forms of ``klops.logprobs``, ``klops.fused_kl`` and ``klops.fused_linear_cross_entropy``
-(issue 33; docs/losses.md "Vocabulary-parallel ops"). Reached through ``vocab_group=`` (a ``ProcessGroup``) or a
-logits DTensor placed ``Shard(-1)`` on a 1-D mesh; nothing here is public API of its own except ``record_traffic``.
+(issue 33; docs/losses.md "Vocabulary-parallel ops"). Reached through ``vocab_group=`` (a ``ProcessGroup``), a
+logits DTensor placed ``Shard(-1)`` on a 1-D mesh, or a head DTensor placed ``Shard(0)`` with hidden states that are
+DTensors on its mesh (head_hidden); nothing here is public API of its own except ``record_traffic``.
 
 Layout. Rank ``r`` of the group holds the vocabulary slice ``[start_r, start_r + V_r)`` in rank order (uneven
 shards allowed): logits ``[..., V_r]`` or a head shard ``[V_r, D]`` with replicated hidden states. Offsets come from
@@ -520,8 +521,8 @@ def fused_linear_cross_entropy(
     ``hidden [..., D]``: one all-gather of 4 fp32 per row in forward (16 bytes per token sent by each rank), and in
     backward one all-reduce of ``grad_hidden [N, D]`` (2 D bytes per token in bf16): the O(N D) of any
     tensor-parallel head, never O(N V). Or a head DTensor placed Shard(0) on a 1-D mesh (bias alike) with ``hidden``
-    a DTensor on that mesh (head_hidden): layout from the placement, no vocab_group. Returns plain tensors,
-    replicated."""
+    a DTensor on that mesh: layout from the placement (no vocab_group, no shard sizes gathered), and DTensor reduces
+    ``grad_hidden`` to ``hidden``'s placement (head_hidden). Returns plain tensors, replicated."""
     hidden, labels = head_hidden("hidden", hidden, "weight", weight), plain(labels)
     names, tensors = ("weight", "bias")[: 1 + (bias is not None)], (weight, bias)[: 1 + (bias is not None)]
     (weight, *bias), shard = vocab_shard(names, tensors, vocab_group, vocab_start, dims=[0] * len(tensors))

@@ -8,7 +8,8 @@ at once), reduces them to the per-row shard statistics of the logits-level form,
 per row); every rank merges them alike (``merge_logsumexp``). The backward forms each chunk's logits again, writes
 its ``dz`` from the merged statistics with the single-process formula, and turns it into ``grad_W_r``, ``grad_b_r``
 (local) and ``grad_h = sum_r dz_r W_r``, summed over the group by one all-reduce of ``[N, D]``. A ``klops.TopK``
-teacher's global ids are read by the shards that hold them.
+teacher's global ids are read by the shards that hold them. Heads given as DTensors placed Shard(0) on a 1-D mesh
+(tensor parallelism) take hidden states that are DTensors on that mesh: vocab_parallel.head_hidden.
 """
 
 import math
@@ -141,7 +142,9 @@ def fused_linear_logprobs(hidden, weight, labels, *, bias, temperature, softcap,
     """``klops.fused_linear_logprobs`` with a head shard ``weight [V_r, D]`` (and ``bias [V_r]``) and replicated
     ``hidden [..., D]``. Forward: one all-gather of 4 fp32 per row (16 bytes per token sent by each rank; 36 with
     ``return_row_stats``), plus the shard sizes; backward: one all-reduce of ``grad_hidden [N, D]`` (``D`` elements
-    per token in the hidden states' dtype). Returns plain tensors, replicated."""
+    per token in the hidden states' dtype). A head DTensor placed Shard(0) (bias alike) with ``hidden`` a DTensor on
+    its mesh: no shard sizes, and DTensor reduces ``grad_hidden`` to ``hidden``'s placement (head_hidden). Returns
+    plain tensors, replicated."""
     hidden, labels = head_hidden("hidden", hidden, "weight", weight), plain(labels)
     local, shard = _head_shard(("weight", "bias"), (weight, bias), vocab_group, vocab_start,
                                lambda x: _inputs.check_linear("hidden", hidden, "weight", x["weight"], "bias",
@@ -413,7 +416,9 @@ def fused_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weig
     position. Forward per token sent by each rank: 20 bytes (forward / reverse KL of a logits teacher: one all-gather
     of 5 fp32), 16 + 8 (other kinds, log-probs / probs teachers: an all-gather of 4 fp32, an all-reduce of 2, and a
     second sweep over the student's chunk logits) or 8 + 4 k (a TopK teacher: one all-gather of 2 + k fp32), plus the
-    shard sizes; backward: one all-reduce of ``grad_hidden [N, D]``. Returns a plain tensor, replicated."""
+    shard sizes; backward: one all-reduce of ``grad_hidden [N, D]``. Heads may be DTensors placed Shard(0) on one
+    1-D mesh (teacher logits Shard(-1)) with each hidden a DTensor on it: no shard sizes, and DTensor reduces
+    ``grad_hidden`` to the student hidden's placement (head_hidden). Returns a plain tensor, replicated."""
     student_hidden = head_hidden("student_hidden", student_hidden, "student_weight", student_weight)
     if teacher_weight is not None:
         teacher_hidden = head_hidden("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight)
