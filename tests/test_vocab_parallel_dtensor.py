@@ -174,6 +174,9 @@ def _check_errors(rank: int, world: int) -> None:
     t_hidden = distribute_tensor(model["t_hidden"], mesh, [Replicate()])
     with pytest.raises(ValueError, match=r"teacher_weight must be a DTensor sharded as student_weight is"):
         klops.fused_linear_kl(hidden, weight, t_hidden, model["t_weight"][:10])
+    reversed_mesh = DeviceMesh("cpu", list(reversed(range(world))))
+    with pytest.raises(ValueError, match=r"hidden is a DTensor on .* give both on one mesh"):
+        klops.fused_linear_logprobs(distribute_tensor(model["hidden"], reversed_mesh, [Replicate()]), weight, labels)
     other = dist.new_group([0])  # every rank takes part in new_group; rank 0 alone is in it
     with pytest.raises(ValueError, match=r"vocab_group .* does not match the mesh of weight"):
         klops.fused_linear_logprobs(hidden, weight, labels, vocab_group=other)
