@@ -166,7 +166,7 @@ def sequence_logprobs(
     head shard ``weight [V_r, D]``), as in ``klops.logprobs`` / ``fused_linear_logprobs``; a logits DTensor placed
     ``Shard(-1)`` needs none. Every rank gets the same ``[B]`` (klops/vocab_parallel_rl.py).
     """
-    if vocab_group is not None or vocab_start is not None or is_sharded(logits_or_hidden):
+    if vocab_group is not None or vocab_start is not None or is_sharded(logits_or_hidden) or is_sharded(weight):
         return VOCAB_PARALLEL_FORMS["sequence_logprobs"](
             logits_or_hidden, labels, mask, weight=weight, bias=bias, average=average, temperature=temperature,
             softcap=softcap, logit_scale=logit_scale, ignore_index=ignore_index, position_ids=position_ids,

@@ -30,16 +30,11 @@ import torch
 
 from . import _inputs
 from ._packed import packing
-from .distributed import VOCAB_PARALLEL_FORMS, is_sharded, vocab_parallel_form
+from .distributed import VOCAB_PARALLEL_FORMS, vocab_parallel_form
 from .grpo import loss_from_logits
 from .linear import fused_linear_kl, fused_linear_logprobs
 from .preference import TdpoPairs, check_head_options, sequence_totals
-from .vocab_parallel import vocab_shard
-
-
-def _local(x):
-    """A replicated DTensor (labels, mask, advantages, ...) as its local tensor; anything else as it is."""
-    return x.to_local() if is_sharded(x) else x
+from .vocab_parallel import plain, vocab_shard
 
 
 @vocab_parallel_form("sequence_logprobs")
@@ -48,7 +43,7 @@ def sequence_logprobs(logits_or_hidden, labels, mask, *, weight, bias, average, 
     """``klops.sequence_logprobs`` over vocabulary-sharded logits ``[B, L, V_r]`` (or a head shard ``weight [V_r,
     D]``, through the vocabulary-parallel ``fused_linear_logprobs``): the per-token log-probs, then the
     single-process sums. 16 bytes per token sent by each rank. Returns a plain ``[B]`` (or ``[S]``), replicated."""
-    labels, mask, position_ids, cu_seqlens = (_local(x) for x in (labels, mask, position_ids, cu_seqlens))
+    labels, mask, position_ids, cu_seqlens = (plain(x) for x in (labels, mask, position_ids, cu_seqlens))
     packed = packing(position_ids, cu_seqlens, labels)
     check_head_options(weight, bias, softcap, logit_scale)
     _inputs.check_bool("average", average)
@@ -58,7 +53,7 @@ def sequence_logprobs(logits_or_hidden, labels, mask, *, weight, bias, average, 
         token_logp = VOCAB_PARALLEL_FORMS["logprobs"](logits_or_hidden, labels, return_entropy=False,
                                                       return_row_stats=False, **sample)  # fmt: skip
     else:
-        token_logp = fused_linear_logprobs(_local(logits_or_hidden), weight, labels, bias=bias, softcap=softcap,
+        token_logp = fused_linear_logprobs(logits_or_hidden, weight, labels, bias=bias, softcap=softcap,
                                            logit_scale=logit_scale, **sample)  # fmt: skip
     return sequence_totals(token_logp, labels, mask, average, ignore_index, packed)
 
@@ -75,9 +70,9 @@ def grpo_loss_from_logits(logits, completion_ids, advantages, mask, *, ref_logit
     if ref_logits is not None:  # every rank raises alike if a rank's two shards differ
         vocab_shard(["logits", "ref_logits"], [logits, ref_logits], vocab_group, vocab_start)
     completion_ids, advantages, mask, ref_logp, old_logp = (
-        _local(x) for x in (completion_ids, advantages, mask, ref_logp, old_logp)
+        plain(x) for x in (completion_ids, advantages, mask, ref_logp, old_logp)
     )
-    kwargs = {name: _local(x) for name, x in kwargs.items()}
+    kwargs = {name: plain(x) for name, x in kwargs.items()}
     sample = dict(temperature=temperature, backend=backend, vocab_group=vocab_group, vocab_start=vocab_start)
     return loss_from_logits(logits, completion_ids, advantages, mask, ref_logits, ref_logp, old_logp, kl_estimator,
                             sample, kwargs)  # fmt: skip
@@ -98,7 +93,7 @@ def tdpo_loss(policy, ref, labels, mask, chosen_index, rejected_index, *, beta, 
     if softcap is not None or logit_scale != 1.0:
         raise ValueError("softcap and logit_scale apply to models given as (hidden, weight); logits are used as given")
     labels, mask, chosen_index, rejected_index, position_ids, cu_seqlens = (
-        _local(x) for x in (labels, mask, chosen_index, rejected_index, position_ids, cu_seqlens)
+        plain(x) for x in (labels, mask, chosen_index, rejected_index, position_ids, cu_seqlens)
     )
     pairs = TdpoPairs.check(policy, labels, mask, chosen_index, rejected_index, beta, alpha, variant, ignore_index,
                             position_ids, cu_seqlens)  # fmt: skip
@@ -119,7 +114,7 @@ def _linear_tdpo(policy, ref, labels, mask, chosen_index, rejected_index, *, bet
     if policy_w is None or ref_w is None:
         raise ValueError("give policy and ref both as logits or both as (hidden, weight)")
     labels, mask, chosen_index, rejected_index, position_ids, cu_seqlens = (
-        _local(x) for x in (labels, mask, chosen_index, rejected_index, position_ids, cu_seqlens)
+        plain(x) for x in (labels, mask, chosen_index, rejected_index, position_ids, cu_seqlens)
     )
     pairs = TdpoPairs.check(policy_h, labels, mask, chosen_index, rejected_index, beta, alpha, variant, ignore_index,
                             position_ids, cu_seqlens)  # fmt: skip

@@ -130,6 +130,11 @@ def _check_rl(rank: int, world: int) -> None:
         names = sorted(ref_out[1])
         _check((out[0], *(out[1][n] for n in names)), (ref_out[0], *(ref_out[1][n] for n in names)),
                dict(hidden=hidden, weight=weight, bias=bias), f"fused_linear_grpo_loss {options}")  # fmt: skip
+    for placement in (Replicate(), Shard(1)):  # sequence_logprobs from hidden states and the DTensor head
+        hidden, weight = _pair(mesh, model["hidden"], placement), _pair(mesh, model["weight"], Shard(0))
+        out, ref_out = (klops.sequence_logprobs(hidden[i], labels, mask, weight=weight[i], average=True)
+                        for i in (0, 1))  # fmt: skip
+        _check(out, ref_out, dict(hidden=hidden, weight=weight), f"sequence_logprobs {placement}")
     pairs = dict(chosen_index=torch.tensor([0, 2]), rejected_index=torch.tensor([1, 0]))
     for options in (dict(variant=1, mask=None), dict(variant=2, mask=mask, temperature=0.7, softcap=3.0)):
         hidden, weight = _pair(mesh, model["hidden"], Shard(1)), _pair(mesh, model["weight"], Shard(0))
