@@ -6,9 +6,19 @@ loss = klops.fused_kl(student_logits, klops.TopK(teacher_ids, teacher_logprobs, 
 loss = klops.sinkhorn_distill_loss(student_logits, teacher_logits)
 """
 
-# _checkout first: it makes klops.kernels in a checkout; vocab_parallel registers its ops' forms (klops/distributed.py)
-from . import _checkout, _eager, distributed, nn, reference, vocab_parallel  # noqa: F401
-from . import vocab_parallel_distill, vocab_parallel_linear, vocab_parallel_rl  # noqa: F401
+# _checkout first: it makes klops.kernels in a checkout; the vocab_parallel modules register their ops' forms
+# (klops/distributed.py)
+from . import (  # noqa: F401
+    _checkout,
+    _eager,
+    distributed,
+    nn,
+    reference,
+    vocab_parallel,
+    vocab_parallel_distill,
+    vocab_parallel_linear,
+    vocab_parallel_rl,
+)
 from ._inputs import set_host_checks
 from .backend import available_backends
 from .distill import akl_loss, akl_weights, dckd_loss, forward_reverse_kl, kdrl_loss
