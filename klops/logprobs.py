@@ -79,7 +79,8 @@ def logprobs_backward_torch(
     grad_logp, grad_entropy, logits, labels, max_z, logsum, entropy,
     temperature: float, with_entropy: bool, ignore_index: int,
 ):  # fmt: skip
-    """Chunked torch backward: ((onehot - q) g_logp - q (log q + H) g_H) / T in the logits' dtype."""
+    """Chunked torch backward: ((onehot - q) g_logp - q (log q + H) g_H) / T in the logits' dtype (a label outside
+    [0, V) other than ignore_index: no one-hot, as in the kernels)."""
     B, L, V = logits.shape
     dz = torch.empty((B, L, V), dtype=logits.dtype, device=logits.device)
     for b, rows in row_chunks(B, L, V):
@@ -102,7 +103,8 @@ def _logprobs_grad_rows(logits, labels, row_max, logsum, entropy, grad_logp, gra
         q = log_q.exp()
         chunk = log_q.clamp_(min=FLOAT32_MIN).add_(entropy[:, None]).mul_(q)
         chunk.mul_((-grad_entropy / temperature)[:, None]).addcmul_(q, g, value=-1.0)
-    return chunk.scatter_add_(-1, labels[:, None], g)
+    held = (labels >= 0) & (labels < logits.shape[-1])  # a label outside [0, V): no one-hot
+    return chunk.scatter_add_(-1, torch.where(held, labels, 0)[:, None], torch.where(held[:, None], g, 0.0))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -152,7 +154,9 @@ def logprobs_backward_op(
     ignore_index: int,
     backend: str,
 ) -> torch.Tensor:
-    """(B, L) fp32 grads of logprob and entropy -> (B, L, V) gradient of the logits (logits dtype)."""
+    """(B, L) fp32 grads of logprob and entropy -> (B, L, V) gradient of the logits (logits dtype). A row whose
+    label is outside [0, V) (and not ignore_index) gets no one-hot: a vocabulary shard whose row's label another
+    shard holds (klops/vocab_parallel.py)."""
     _, backward = _launchers(backend)
     return backward(
         grad_logp, grad_entropy, logits, labels, max_z, logsum, entropy, temperature, with_entropy, ignore_index

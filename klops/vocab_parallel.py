@@ -31,7 +31,6 @@ import torch.distributed as dist
 
 from . import _inputs
 from ._chunked import (
-    FLOAT32_MIN,
     chunked_backward,
     chunked_rows,
     empty_rows,
@@ -49,7 +48,7 @@ from .divergence import (
     reduce_rows,
     valid_rows_and_weights,
 )
-from .logprobs import LogprobOutputs, logprobs_op
+from .logprobs import LogprobOutputs, logprobs_backward_op, logprobs_op
 
 __all__ = ["record_traffic", "is_sharded"]
 
@@ -249,54 +248,73 @@ def merge_logsumexp(row_max: torch.Tensor, logsum: torch.Tensor, temperature: fl
 # Per rank, from klops's own row op (klops::logprobs) on its shard with a label held or any in-shard one:
 # m_r, logsum_r, A_r = sum_v q^r_v d_v (the shard's mean of d = (z - m_r) / T, = logsum_r - H_r) and z_y if it
 # holds the label (else 0): 4 fp32 per row all-gathered. Then logprob = (z_y - M) / T - logsum and
-# H = logsum - sum_r pi_r (A_r + (m_r - M) / T). Backward: the single-process gradient from (M, logsum, H).
+# H = logsum - sum_r pi_r (A_r + (m_r - M) / T). Backward: the single-process gradient from (M, logsum, H), by
+# klops's own backward row op (klops::logprobs_backward), the one-hot on the rank holding the label only.
 
 
 class _LogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, valid, shard, temperature, with_entropy, with_stats, backend):
         local, owned = local_labels(labels, valid, shard)
-        op_labels = torch.where(valid, local, -1)  # every valid row gets its shard's statistics
-        _, entropy, row_max, logsum, log_sum_sq, mean_logit, is_top1 = logprobs_op(
-            logits, op_labels, temperature, with_entropy, with_stats, -1, backend
-        )
-        z_label = logits.gather(-1, local[..., None])[..., 0].float()
-        mean_d = torch.where(logsum == -math.inf, 0.0, logsum - entropy) if with_entropy else torch.zeros_like(logsum)
-        stats = [row_max, logsum, mean_d, torch.where(owned, z_label, 0.0)]
-        if with_stats:  # log sum (q^r)^2, sum_{v in r} z_v / T, the label first in the shard, held here, start_r
-            start = torch.full_like(logsum, float(shard.start))
-            stats += [log_sum_sq, mean_logit * logits.shape[-1], is_top1 * owned, owned.float(), start]
-        m, ls, a, zy, *row_stats = all_gather_rows(torch.stack(stats, -1), shard.group).unbind(-1)
-        top, total, log_pi = merge_logsumexp(m, ls, temperature)
-        logp = torch.where(valid, (zy.sum(0) - top) / temperature - total, 0.0)
-        mean_shift = torch.where(log_pi == -math.inf, 0.0, log_pi.exp() * (a + (m - top) / temperature)).sum(0)
-        entropy = torch.where(valid, total - mean_shift, 0.0)
+        options = (shard, temperature, with_entropy, with_stats, backend)
+        stats = shard_logprob_stats(logits, local, owned, valid, *options)
+        logp, entropy, top, total, extra = merge_logprobs(all_gather_rows(stats, shard.group), valid, *options[:2])
         ctx.save_for_backward(logits, local, owned, valid, top, total, entropy)
-        ctx.params = (temperature, with_entropy)
+        ctx.params = (temperature, with_entropy, backend)
         if not with_stats:
             return logp, entropy, None, None, None
-        extra = tuple(torch.where(valid, x, 0.0) for x in merge_row_stats(m, ls, zy, log_pi, *row_stats, shard))
         ctx.mark_non_differentiable(*extra)
         return logp, entropy, *extra
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy, *_grad_stats):
         logits, local, owned, valid, top, total, entropy = ctx.saved_tensors
-        temperature, with_entropy = ctx.params
-        B, L, V = logits.shape
-        dz = torch.empty_like(logits)
-        for b, rows in row_chunks(B, L, V):  # (g (onehot - q) - g_H q (log q + H)) / T, onehot where held here
-            g = (grad_logp[b, rows] / temperature)[:, None]
-            log_q = log_softmax_from_stats(logits[b, rows], top[b, rows], total[b, rows], temperature)
-            if with_entropy:
-                q = log_q.exp()
-                chunk = log_q.clamp_(min=FLOAT32_MIN).add_(entropy[b, rows][:, None]).mul_(q)
-                chunk.mul_((-grad_entropy[b, rows] / temperature)[:, None]).addcmul_(q, g, value=-1.0)
-            else:
-                chunk = log_q.exp_().mul_(-g)
-            chunk.scatter_add_(-1, local[b, rows][:, None], g * owned[b, rows][:, None])
-            dz[b, rows] = chunk.masked_fill_(~valid[b, rows][:, None], 0.0)
+        dz = shard_logprob_grad((grad_logp, grad_entropy), logits, local, owned, valid, top, total, entropy,
+                                *ctx.params)  # fmt: skip
         return dz, None, None, None, None, None, None, None
+
+
+def shard_logprob_stats(logits, local, owned, valid, shard, temperature, with_entropy, with_stats, backend):
+    """[B, L, 4] fp32 statistics of a shard's logits [B, L, V_r] for merge_logprobs, from klops's own row op:
+    m_r, logsum_r, A_r (the shard's mean of d = (z - m_r) / T, logsum_r - H_r; 0 without the entropy) and z_y where
+    this rank holds the label (``local`` / ``owned``: local_labels), else 0; with_stats 5 more: log sum (q^r)^2,
+    sum_{v in r} z_v / T, the label first in the shard and held here, held here, start_r."""
+    op_labels = torch.where(valid, local, -1)  # every valid row gets its shard's statistics
+    _, entropy, row_max, logsum, log_sum_sq, mean_logit, is_top1 = logprobs_op(
+        logits, op_labels, temperature, with_entropy, with_stats, -1, backend
+    )
+    z_label = logits.gather(-1, local[..., None])[..., 0].float()
+    mean_d = torch.where(logsum == -math.inf, 0.0, logsum - entropy) if with_entropy else torch.zeros_like(logsum)
+    stats = [row_max, logsum, mean_d, torch.where(owned, z_label, 0.0)]
+    if with_stats:
+        start = torch.full_like(logsum, float(shard.start))
+        stats += [log_sum_sq, mean_logit * logits.shape[-1], is_top1 * owned, owned.float(), start]
+    return torch.stack(stats, -1)
+
+
+def shard_logprob_grad(grads, logits, local, owned, valid, top, total, entropy, temperature, with_entropy, backend):
+    """The gradient of a shard's logits [B, L, V_r] from the merged (M, logsum, H) [B, L] and ``grads`` =
+    (grad_logp, grad_entropy), by klops's own backward row op: ``((onehot - q) g - g_H q (log q + H)) / T``, the
+    one-hot on the rank holding the label only (the others pass V_r, outside the shard: none), 0 on invalid rows."""
+    labels = torch.where(valid, torch.where(owned, local, logits.shape[-1]), -1)
+    grad_logp, grad_entropy = (torch.zeros_like(top) if g is None else g.float() for g in grads)
+    return logprobs_backward_op(grad_logp, grad_entropy, logits, labels, top, total, entropy, temperature,
+                                with_entropy, -1, backend)  # fmt: skip
+
+
+def merge_logprobs(gathered, valid, shard, temperature):
+    """(logprob, entropy, M, logsum, row statistics: () or merge_row_stats's three) per row from the all-gathered
+    [W, B, L, 4 or 9] shard_logprob_stats: ``logprob = (z_y - M) / T - logsum``, ``H = logsum - sum_r pi_r (A_r +
+    (m_r - M) / T)``, 0 on invalid rows."""
+    m, ls, a, zy, *row_stats = gathered.unbind(-1)
+    top, total, log_pi = merge_logsumexp(m, ls, temperature)
+    logp = torch.where(valid, (zy.sum(0) - top) / temperature - total, 0.0)
+    mean_shift = torch.where(log_pi == -math.inf, 0.0, log_pi.exp() * (a + (m - top) / temperature)).sum(0)
+    entropy = torch.where(valid, total - mean_shift, 0.0)
+    if not row_stats:
+        return logp, entropy, top, total, ()
+    extra = tuple(torch.where(valid, x, 0.0) for x in merge_row_stats(m, ls, zy, log_pi, *row_stats, shard))
+    return logp, entropy, top, total, extra
 
 
 def merge_row_stats(m, logsum, z_label, log_pi, log_sum_sq, sum_z, top1, owned, start, shard):

@@ -17,7 +17,7 @@ import math
 import torch
 
 from . import _inputs
-from ._chunked import FLOAT32_MIN, chunk_logits, chunked_backward, chunked_rows, empty_rows, log_softmax_from_stats
+from ._chunked import chunk_logits, chunked_backward, chunked_rows, empty_rows, log_softmax_from_stats
 from ._chunked import row_stats as logit_row_stats
 from ._terms import row_sums, teacher_probs
 from .backend import resolve
@@ -29,7 +29,7 @@ from .divergence import (
     reduce_rows,
     valid_rows_and_weights,
 )
-from .logprobs import LogprobOutputs, logprobs_op
+from .logprobs import LogprobOutputs
 from .topk import TopK, renormalized_tail_terms, sorted_topk, topk_divergence_op
 from .vocab_parallel import (
     all_gather_rows,
@@ -37,9 +37,11 @@ from .vocab_parallel import (
     head_hidden,
     local_labels,
     merge_chain_rule,
+    merge_logprobs,
     merge_logsumexp,
-    merge_row_stats,
     plain,
+    shard_logprob_grad,
+    shard_logprob_stats,
     vocab_shard,
 )
 
@@ -84,53 +86,30 @@ class _LinearLogProbs(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, valid, shard, temperature, softcap, with_entropy, with_stats,
                 backend):  # fmt: skip
         local, owned = local_labels(labels, valid, shard)
-        op_labels = torch.where(valid, local, -1)  # every valid row gets its shard's statistics
+        options = (shard, temperature, with_entropy, with_stats, backend)
 
         def chunk_stats(z, rows):
-            chunk_local, chunk_owned = local[rows][None], owned[rows][None]
-            _, entropy, row_max, logsum, log_sum_sq, mean_logit, is_top1 = logprobs_op(
-                z, op_labels[rows][None], temperature, with_entropy, with_stats, -1, backend
-            )
-            z_label = z.gather(-1, chunk_local[..., None])[..., 0].float()
-            mean_d = (
-                torch.where(logsum == -math.inf, 0.0, logsum - entropy) if with_entropy else torch.zeros_like(logsum)
-            )
-            stats = [row_max, logsum, mean_d, torch.where(chunk_owned, z_label, 0.0)]
-            if with_stats:  # as _LogProbs: log sum (q^r)^2, sum_{v in r} z_v / T, is_top1 here, held here, start_r
-                start = torch.full_like(logsum, float(shard.start))
-                stats += [log_sum_sq, mean_logit * z.shape[-1], is_top1 * chunk_owned, chunk_owned.float(), start]
-            return stats
+            return shard_logprob_stats(z, local[rows][None], owned[rows][None], valid[rows][None], *options).unbind(-1)
 
         stats = chunked_rows(hidden, weight, bias, softcap, empty_rows(hidden, 9 if with_stats else 4), chunk_stats)
-        m, ls, a, zy, *row_stats = all_gather_rows(torch.stack(stats, -1), shard.group).unbind(-1)
-        top, total, log_pi = merge_logsumexp(m, ls, temperature)
-        logp = torch.where(valid, (zy.sum(0) - top) / temperature - total, 0.0)
-        mean_shift = torch.where(log_pi == -math.inf, 0.0, log_pi.exp() * (a + (m - top) / temperature)).sum(0)
-        entropy = torch.where(valid, total - mean_shift, 0.0)
+        gathered = all_gather_rows(torch.stack(stats, -1), shard.group)
+        logp, entropy, top, total, extra = merge_logprobs(gathered, valid, *options[:2])
         ctx.save_for_backward(hidden, weight, bias, local, owned, valid, top, total, entropy)
-        ctx.params = (shard, temperature, softcap, with_entropy)
+        ctx.params = (shard, temperature, softcap, with_entropy, backend)
         if not with_stats:
             return logp, entropy, None, None, None
-        extra = tuple(torch.where(valid, x, 0.0) for x in merge_row_stats(m, ls, zy, log_pi, *row_stats, shard))
         ctx.mark_non_differentiable(*extra)
         return logp, entropy, *extra
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy, *_grad_stats):
         hidden, weight, bias, local, owned, valid, top, total, entropy = ctx.saved_tensors
-        shard, temperature, softcap, with_entropy = ctx.params
+        shard, temperature, softcap, with_entropy, backend = ctx.params
 
         def chunk_grad(z, rows):
-            g = (grad_logp[rows] / temperature)[:, None]
-            log_q = log_softmax_from_stats(z[0], top[rows], total[rows], temperature)
-            if with_entropy:
-                q = log_q.exp()
-                dz = log_q.clamp_(min=FLOAT32_MIN).add_(entropy[rows][:, None]).mul_(q)
-                dz.mul_((-grad_entropy[rows] / temperature)[:, None]).addcmul_(q, g, value=-1.0)
-            else:
-                dz = log_q.exp_().mul_(-g)
-            dz.scatter_add_(-1, local[rows][:, None], g * owned[rows][:, None])
-            return dz.masked_fill_(~valid[rows][:, None], 0.0)[None]
+            per_row = (x[rows][None] for x in (local, owned, valid, top, total, entropy))
+            chunk_grads = (None if g is None else g[rows][None] for g in (grad_logp, grad_entropy))
+            return shard_logprob_grad(chunk_grads, z, *per_row, temperature, with_entropy, backend)
 
         grads = _sum_grad_hidden(ctx, chunked_backward(hidden, weight, bias, softcap, chunk_grad), shard)
         return *grads, *(None,) * 8

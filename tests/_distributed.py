@@ -21,6 +21,7 @@ def _worker(rank: int, world: int, init: str, names) -> None:
     try:
         for module, name in names:
             getattr(importlib.import_module(module), name)(rank, world)
+        dist.barrier()  # no rank tears gloo's connections down while another still uses them (a SIGABRT)
     finally:
         dist.destroy_process_group()
 
