@@ -40,3 +40,23 @@ def close(actual, expected, what: str) -> None:
         torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
     else:
         torch.testing.assert_close(actual, expected, msg=lambda m: f"{what}: {m}")
+
+
+def traffic_of(calls) -> dict:
+    """{name: (forward, backward)} for ``calls`` {name: function returning a scalar loss}: the collectives (name,
+    bytes sent by this rank) klops records over the call and over its backward, each held to CommDebugMode's count,
+    so that no collective goes unrecorded."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    from klops import vocab_parallel
+
+    traffic = {}
+    for name, call in calls.items():
+        with vocab_parallel.record_traffic() as forward, CommDebugMode() as debug:
+            loss = call()
+        assert debug.get_total_counts() == len(forward), (name, debug.get_comm_counts(), forward)
+        with vocab_parallel.record_traffic() as backward, CommDebugMode() as debug:
+            loss.backward()
+        assert debug.get_total_counts() == len(backward), (name, debug.get_comm_counts(), backward)
+        traffic[name] = (forward, backward)
+    return traffic

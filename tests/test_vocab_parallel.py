@@ -12,12 +12,12 @@ import torch
 import torch.distributed as dist
 
 import klops
-from klops import vocab_parallel
 from klops.kernels.kinds import DIVERGENCE_KINDS, KINDS
 
 from ._distributed import close as _close
 from ._distributed import shard_slice as _slice
 from ._distributed import spawn as _spawn
+from ._distributed import traffic_of
 
 V, D = 37, 8
 SIZES = {2: [20, 17], 3: [15, 10, 12]}  # plain shards, uneven; DTensors split as torch.chunk does
@@ -198,8 +198,6 @@ def test_values_and_gradients(tmp_path, world):
 
 def _traffic(rank: int, world: int, rows: int, vocab: int) -> dict:
     """The collectives (name, bytes sent by this rank) of each op on [1, rows] tokens over vocab entries per rank."""
-    from torch.distributed.tensor.debug import CommDebugMode
-
     group, gen = dist.group.WORLD, torch.Generator().manual_seed(rank)
     z, y = torch.randn(1, rows, vocab, generator=gen).requires_grad_(), torch.randn(1, rows, vocab, generator=gen)
     labels = torch.randint(0, vocab * world, (1, rows), generator=gen)
@@ -214,15 +212,7 @@ def _traffic(rank: int, world: int, rows: int, vocab: int) -> dict:
             hidden, weight, labels, label_smoothing=0.1, vocab_group=group
         ),
     }
-    traffic = {}
-    for name, call in calls.items():
-        with vocab_parallel.record_traffic() as forward, CommDebugMode() as debug:
-            loss = call()
-        with vocab_parallel.record_traffic() as backward:
-            loss.backward()
-        assert debug.get_total_counts() == len(forward), (name, debug.get_comm_counts(), forward)
-        traffic[name] = (forward, backward)
-    return traffic
+    return traffic_of(calls)
 
 
 def _check_traffic(rank: int, world: int) -> None:

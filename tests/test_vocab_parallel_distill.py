@@ -8,12 +8,12 @@ import torch
 import torch.distributed as dist
 
 import klops
-from klops import vocab_parallel
 from klops.kernels.kinds import DIVERGENCE_KINDS
 
 from ._distributed import close as _close
 from ._distributed import shard_slice as _slice
 from ._distributed import spawn as _spawn
+from ._distributed import traffic_of
 from .test_vocab_parallel import COEF, SIZES, V, _inputs
 
 
@@ -185,14 +185,7 @@ def _traffic(rank: int, world: int, rows: int, vocab: int) -> dict:
             x.sum() for x in klops.divergence_and_label_logprobs(z, topk, labels, vocab_group=group)[:2]
         ),
     }
-    traffic = {}
-    for name, call in calls.items():
-        with vocab_parallel.record_traffic() as forward:
-            loss = call()
-        with vocab_parallel.record_traffic() as backward:
-            loss.backward()
-        traffic[name] = (forward, backward)
-    return traffic
+    return traffic_of(calls)
 
 
 def _check_traffic(rank: int, world: int) -> None:

@@ -14,12 +14,12 @@ import torch
 import torch.distributed as dist
 
 import klops
-from klops import vocab_parallel
 from klops.kernels.kinds import DIVERGENCE_KINDS, KINDS
 
 from ._distributed import close as _close
 from ._distributed import shard_slice as _slice
 from ._distributed import spawn as _spawn
+from ._distributed import traffic_of
 
 V, D, DT = 37, 8, 6  # vocabulary, student and teacher hidden sizes
 SIZES = {2: [20, 17], 3: [15, 10, 12]}
@@ -188,8 +188,6 @@ def test_values_and_gradients(tmp_path, world):
 
 def _traffic(rank: int, world: int, rows: int, vocab: int) -> dict:
     """The collectives (name, bytes sent by this rank) of each op on [1, rows] tokens over vocab entries per rank."""
-    from torch.distributed.tensor.debug import CommDebugMode
-
     group, gen = dist.group.WORLD, torch.Generator().manual_seed(rank)
     hidden, weight = torch.randn(1, rows, D, generator=gen).requires_grad_(), torch.randn(vocab, D, generator=gen)
     weight.requires_grad_()
@@ -212,16 +210,7 @@ def _traffic(rank: int, world: int, rows: int, vocab: int) -> dict:
         "kl jsd head": lambda: klops.fused_linear_kl(hidden, weight, t_hidden, t_weight, kind="jsd", vocab_group=group),
         "kl topk": lambda: klops.fused_linear_kl(hidden, weight, topk, vocab_group=group),
     }
-    traffic = {}
-    for name, call in calls.items():
-        with vocab_parallel.record_traffic() as forward, CommDebugMode() as debug:
-            loss = call()
-        assert debug.get_total_counts() == len(forward), (name, debug.get_comm_counts(), forward)  # all recorded
-        with vocab_parallel.record_traffic() as backward, CommDebugMode() as debug:
-            loss.backward()
-        assert debug.get_total_counts() == len(backward), (name, debug.get_comm_counts(), backward)
-        traffic[name] = (forward, backward)
-    return traffic
+    return traffic_of(calls)
 
 
 def _check_traffic(rank: int, world: int) -> None:

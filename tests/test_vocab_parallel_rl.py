@@ -14,11 +14,11 @@ import torch
 import torch.distributed as dist
 
 import klops
-from klops import vocab_parallel
 
 from ._distributed import close as _close
 from ._distributed import shard_slice as _slice
 from ._distributed import spawn as _spawn
+from ._distributed import traffic_of
 from .test_vocab_parallel import SIZES, D, V, _inputs
 
 
@@ -308,14 +308,7 @@ def _traffic(rank: int, world: int, rows: int, vocab: int) -> dict:
             (hidden, weight), (ref_hidden, ref_weight), labels, None, *pair, vocab_group=group
         )[0],
     }
-    traffic = {}
-    for name, call in calls.items():
-        with vocab_parallel.record_traffic() as forward:
-            loss = call()
-        with vocab_parallel.record_traffic() as backward:
-            loss.backward()
-        traffic[name] = (forward, backward)
-    return traffic
+    return traffic_of(calls)
 
 
 def _check_traffic(rank: int, world: int) -> None:
