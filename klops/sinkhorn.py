@@ -27,6 +27,7 @@ import torch
 from . import _inputs
 from ._chunked import log_softmax_from_stats
 from .backend import launcher_table, resolve
+from .distributed import is_sharded
 from .logprobs import logprobs_op
 
 __all__ = [
@@ -614,6 +615,7 @@ def sinkhorn_distill_loss(
     ignore_index: int = -100,
     unroll: bool = False,
     backend: str = "auto",
+    vocab_group: torch.distributed.ProcessGroup | None = None,
 ) -> torch.Tensor:
     """SinKD (Cui et al., 2024): optimal transport between the student's and the teacher's softmax rows.
 
@@ -632,10 +634,17 @@ def sinkhorn_distill_loss(
         unroll: backpropagate through the iterations, as the published code does; by default the envelope
             gradient ``dL/dW = N_valid P``.
         backend: "auto" | "triton" | "torch".
+        vocab_group: not vocabulary-parallel (a ValueError, as for logits DTensors): the cost ``W_ij`` couples
+            every pair of rows over the whole vocabulary, an [N, N] sum per rank rather than a few floats per row.
 
     Returns the 0-d fp32 loss; gradient to the student logits only (the teacher's is not computed).
     An all-ignored batch gives 0 with a zero gradient.
     """
+    if vocab_group is not None or is_sharded(student_logits) or is_sharded(teacher_logits):
+        raise ValueError(
+            "sinkhorn_distill_loss is not vocabulary-parallel: its cost ||p_i - q_j||_1 couples every pair of rows "
+            "over the whole vocabulary; pass full-vocabulary logits (e.g. DTensor.full_tensor()) without vocab_group"
+        )
     _inputs.check_logits("student_logits", student_logits)
     _inputs.check_logits("teacher_logits", teacher_logits)
     if teacher_logits.shape != student_logits.shape or teacher_logits.device != student_logits.device:

@@ -162,6 +162,8 @@ def _check_dtensor(rank: int, world: int) -> None:
         loss.backward(), expected.backward()
         _close(zl.grad, zf.grad[..., own], f"DTensor fused_kl {kind} grad")
         zl.grad, zf.grad = None, None
+    with pytest.raises(ValueError, match="sinkhorn_distill_loss is not vocabulary-parallel"):
+        klops.sinkhorn_distill_loss(zd, distribute_tensor(y, mesh, [Shard(-1)]))
 
 
 def _check_row_stats(z, labels, own, on) -> None:
@@ -260,6 +262,8 @@ def _check_errors(rank: int, world: int) -> None:
     teacher = yl[..., :-1] if rank == 1 else yl  # only rank 1's teacher shard is short: every rank raises
     with pytest.raises(ValueError, match="mismatched vocabulary shards"):
         klops.fused_kl(zl, teacher, vocab_group=group)
+    with pytest.raises(ValueError, match="sinkhorn_distill_loss is not vocabulary-parallel"):
+        klops.sinkhorn_distill_loss(zl, yl, vocab_group=group)
     with pytest.raises(ValueError, match="vocab_start needs vocab_group"):
         klops.logprobs(zl, labels, vocab_start=0)
     # vocab_start: another layout, rank 0 holding the top of the vocabulary; shards that do not tile it raise
