@@ -5,6 +5,7 @@ the processes build the same full tensors from one seed, each takes its slice of
 gradient must equal the single-process op's on the full tensors (its slice of the gradient).
 """
 
+import importlib.util
 import math
 
 import pytest
@@ -164,6 +165,18 @@ def _check_dtensor(rank: int, world: int) -> None:
         zl.grad, zf.grad = None, None
     with pytest.raises(ValueError, match="sinkhorn_distill_loss is not vocabulary-parallel"):
         klops.sinkhorn_distill_loss(zd, distribute_tensor(y, mesh, [Shard(-1)]))
+    if importlib.util.find_spec("trl") is None:  # TRL needs Python 3.11
+        return
+    from klops.integrations import trl  # the TRL drop-in's logits functions take the sharded logits as they are
+
+    index = labels.clamp(min=0)
+    logp, entropy = trl.selective_log_softmax_and_entropy(zd, index, temperature=0.7, row_mask=labels != -100)
+    logp_f, entropy_f = trl.selective_log_softmax_and_entropy(zf, index, temperature=0.7, row_mask=labels != -100)
+    _close(logp, logp_f, "TRL selective_log_softmax_and_entropy"), _close(entropy, entropy_f, "TRL entropy")
+    (logp - entropy).sum().backward(), (logp_f - entropy_f).sum().backward()
+    _close(zl.grad, zf.grad[..., own], "TRL selective_log_softmax_and_entropy grad")
+    _close(trl.entropy_from_logits(zd), trl.entropy_from_logits(zf), "TRL entropy_from_logits")
+    _close(trl.selective_log_softmax(zd, index), trl.selective_log_softmax(zf, index), "TRL selective_log_softmax")
 
 
 def _check_row_stats(z, labels, own, on) -> None:
