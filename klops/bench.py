@@ -46,7 +46,8 @@ from .distill import akl_loss, dckd_loss, forward_reverse_kl
 from .divergence import fused_kl
 from .grpo import fused_linear_grpo_loss
 from .kernels.kinds import default_coefficient
-from .linear import fused_linear_cross_entropy, fused_linear_kl, fused_linear_logprobs
+from .linear import fused_linear_cross_entropy, fused_linear_logprobs
+from .linear_divergence import fused_linear_kl
 from .logprobs import logprobs
 from .preference import tdpo_loss
 from .topk import TopK

@@ -20,7 +20,8 @@ from .backend import launcher_table, resolve
 from .distributed import VOCAB_PARALLEL_FORMS, is_sharded
 from .divergence import divergence_and_label_logprobs, fused_kl, reduce_rows, valid_rows_and_weights
 from .grpo import grpo_loss_from_logits
-from .linear import fused_linear_kl, fused_linear_logprobs, linear_divergence_and_label_logprobs
+from .linear import fused_linear_logprobs
+from .linear_divergence import fused_linear_kl, linear_divergence_and_label_logprobs
 from .logprobs import logprobs
 
 __all__ = ["dckd_loss", "kdrl_loss", "akl_weights", "akl_loss"]

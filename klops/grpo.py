@@ -59,7 +59,8 @@ from ._grpo_types import (
 from ._packed import packing
 from .distributed import VOCAB_PARALLEL_FORMS, is_sharded
 from .divergence import fused_kl
-from .linear import fused_linear_kl, fused_linear_logprobs
+from .linear import fused_linear_logprobs
+from .linear_divergence import fused_linear_kl
 from .logprobs import logprobs
 
 __all__ = ["group_advantages", "kl_estimate", "grpo_loss", "grpo_loss_from_logits", "fused_linear_grpo_loss"]

@@ -3,7 +3,8 @@
 import torch
 
 from .divergence import fused_kl
-from .linear import fused_linear_cross_entropy, fused_linear_kl, fused_linear_logprobs
+from .linear import fused_linear_cross_entropy, fused_linear_logprobs
+from .linear_divergence import fused_linear_kl
 from .logprobs import logprobs
 
 __all__ = ["FusedKL", "LogProbs", "FusedLinearKL", "FusedLinearLogProbs", "FusedLinearCrossEntropy"]

@@ -16,7 +16,8 @@ from . import _inputs
 from ._packed import packing
 from .distributed import VOCAB_PARALLEL_FORMS, is_sharded
 from .divergence import divergence_and_label_logprobs
-from .linear import fused_linear_logprobs, linear_divergence_and_label_logprobs
+from .linear import fused_linear_logprobs
+from .linear_divergence import linear_divergence_and_label_logprobs
 from .logprobs import logprobs
 
 __all__ = ["dpo_loss", "sequence_logprobs", "tdpo_loss", "DPO_LOSS_TYPES", "DPO_DIVERGENCES"]

@@ -32,7 +32,8 @@ from . import _inputs
 from ._packed import packing
 from .distributed import VOCAB_PARALLEL_FORMS, vocab_parallel_form
 from .grpo import loss_from_logits
-from .linear import fused_linear_kl, fused_linear_logprobs
+from .linear import fused_linear_logprobs
+from .linear_divergence import fused_linear_kl
 from .preference import TdpoPairs, check_head_options, sequence_totals
 from .vocab_parallel import plain, vocab_shard
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import klops
-from klops.linear import linear_cross_entropy_op, linear_divergence_op, linear_logprobs_op
+from klops.linear import linear_cross_entropy_op, linear_logprobs_op
+from klops.linear_divergence import linear_divergence_op
 from klops.reference import fused_kl_reference, logprobs_reference, logprobs_row_stats_reference
 
 from .conftest import COEF, DEVICE, GRAD_TOL, LOSS_TOL, assert_close, randn
@@ -536,10 +537,10 @@ def _scalar_losses(gen):
             klops.linear, "linear_cross_entropy_total_op"),
         "kl_hidden": (lambda h, w, b, r, **kw: klops.fused_linear_kl(
             h, w, t_hidden, t_weight, student_bias=b, kind="jsd", beta=0.3, reduction=r, backend="torch", **kl, **kw),
-            klops.linear, "linear_divergence_total_op"),
+            klops.linear_divergence, "linear_divergence_total_op"),
         "kl_logits": (lambda h, w, b, r: klops.fused_linear_kl(
             h, w, teacher_logits=t_logits, student_bias=b, kind="reverse", reduction=r, backend="torch", **kl),
-            klops.linear, "linear_divergence_total_op"),
+            klops.linear_divergence, "linear_divergence_total_op"),
         "kl_topk": (lambda h, w, b, r, **kw: klops.fused_linear_kl(
             h, w, klops.TopK(top.indices, top.values), student_bias=b, kind="forward", reduction=r, **kl, **kw),
             klops.topk, "linear_topk_divergence_total_op"),
@@ -654,4 +655,4 @@ def test_opcheck_gradient_in_forward(gen):
         args = (hidden, weight.requires_grad_(), b, labels, w, 3.0, 0.1, 1e-3, -100, "torch")
         torch.library.opcheck(klops.linear.linear_cross_entropy_total_op, args)
         args = (hidden, weight, b, None, None, None, teacher, valid, w, "jsd", "logits", 1.2, 0.3, None, None, "torch")
-        torch.library.opcheck(klops.linear.linear_divergence_total_op, args)
+        torch.library.opcheck(klops.linear_divergence.linear_divergence_total_op, args)
