@@ -3,6 +3,8 @@ check functions one after the other, the rank's slice of an uneven vocabulary, a
 
 import faulthandler
 import importlib
+import os
+import sys
 import warnings
 
 import torch
@@ -15,9 +17,9 @@ def spawn(tmp_path, world: int, *checks) -> None:
     """Runs ``check(rank, world)`` for each check, in order, in one gloo group of ``world`` processes (a spawn costs
     seconds, so a test runs many checks in one group). Checks are module-level functions, found again by name.
 
-    A rank killed by SIGABRT ("terminate called without an active exception", from gloo's threads: about 1 run in
-    30 on a loaded 2-core machine, on torch 2.11 and 2.14, never reproduced in isolation) runs the whole group
-    again, once, with a warning; a second abort, or any failed check, fails the test."""
+    A rank killed by SIGABRT ("terminate called without an active exception": about 1 spawn in 30 on a loaded
+    2-core machine, on torch 2.11 and 2.14, before the workers skipped the interpreter's finalization) runs the
+    whole group again, once, with a warning; a second abort, or any failed check, fails the test."""
     names = [(check.__module__, check.__name__) for check in checks]
     for attempt in range(2):
         try:
@@ -36,9 +38,13 @@ def _worker(rank: int, world: int, init: str, names) -> None:
     try:
         for module, name in names:
             getattr(importlib.import_module(module), name)(rank, world)
-        dist.barrier()  # no rank tears gloo's connections down while another still uses them (a SIGABRT)
+        dist.barrier()  # no rank tears gloo's connections down while another still uses them
     finally:
         dist.destroy_process_group()
+    # Leave without the interpreter's finalization, where gloo's worker threads can still hold work objects (from
+    # the functional collectives, a DeviceMesh's groups) whose tensors reach for the GIL: a SIGABRT (pytorch#179291).
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)
 
 
 def shard_slice(rank: int, sizes) -> slice:
