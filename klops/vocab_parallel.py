@@ -224,7 +224,8 @@ def vocab_shard(names, tensors, group, vocab_start, dims=None) -> tuple[list[tor
 
 
 def local_labels(labels: torch.Tensor, valid: torch.Tensor, shard: VocabShard) -> tuple[torch.Tensor, torch.Tensor]:
-    """(label - start where this shard holds it, else 0 (int64); owned: valid and held here)."""
+    """(label - start where this shard holds it, else 0 (int64); owned: valid and held here). Also a TopK
+    teacher's ids ``[..., k]``, with ``valid[..., None]``."""
     local = labels.long() - shard.start
     owned = valid & (local >= 0) & (local < shard.size)
     return torch.where(owned, local, 0), owned
@@ -390,10 +391,22 @@ def merge_chain_rule(stats, valid, kind, temperature):
     top_q, total_q, log_pi_q = merge_logsumexp(mq, lsq, temperature)
     top_p, total_p, log_pi_p = merge_logsumexp(mp, lsp, temperature)
     first, second = (log_pi_p, log_pi_q) if kind == "forward" else (log_pi_q, log_pi_p)
-    rows = torch.where(first == -math.inf, 0.0, first.exp() * (first - second + d)).sum(0)
-    rows = torch.where(valid, rows, 0.0)
+    rows = torch.where(valid, chain_rule(first, second, d), 0.0)
     gbar = torch.full_like(rows, -1.0) if kind == "forward" else rows
     return rows, top_q, total_q, top_p, total_p, gbar
+
+
+def chain_rule(first, second, within):
+    """KL over the whole vocabulary from its shards: sum_r pi_r (log pi_r - log sigma_r + KL within shard r), from
+    the [W, N] log-masses of the two distributions' shards (``first`` is the one the KL averages over) and the
+    shards' own KLs."""
+    return torch.where(first == -math.inf, 0.0, first.exp() * (first - second + within)).sum(0)
+
+
+def topk_members(z, local, held):
+    """Whether each entry of a chunk of logits ``z [..., V_r]`` is one of the teacher's top-k ids held here
+    (``local [..., k]``: local_labels of the ids, those not held pointing at 0; ``held [..., k]``)."""
+    return torch.zeros_like(z, dtype=torch.float32).scatter_add_(-1, local, held.float()) > 0
 
 
 def two_round_divergence(student, teacher, valid, shard, kind, target_is, temperature, coef, extra=None):

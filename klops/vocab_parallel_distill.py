@@ -38,10 +38,12 @@ from .topk import TopK, renormalized_tail_terms, sorted_topk
 from .vocab_parallel import (
     all_gather_rows,
     all_reduce_sum,
+    chain_rule,
     chain_rule_kl,
     local_labels,
     merge_logsumexp,
     plain,
+    topk_members,
     two_round_divergence,
     vocab_shard,
 )
@@ -122,12 +124,6 @@ def divergence_and_label_logprobs(student_logits, teacher_logits, labels, kind, 
 # forward_reverse_kl, akl_weights, akl_loss
 
 
-def _chain_rule(first, second, within):
-    """sum_r pi_r (log pi_r - log sigma_r + KL within shard r) from the [W, N] log-masses of the two distributions'
-    shards (``first`` is the one the KL averages over) and the shards' own KLs."""
-    return torch.where(first == -math.inf, 0.0, first.exp() * (first - second + within)).sum(0)
-
-
 class _KLPair(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, valid, shard, temperature, backend):
@@ -140,7 +136,7 @@ class _KLPair(torch.autograd.Function):
         mq, lsq, mp, lsp, d_pq, d_qp = stats.unbind(-1)
         top_q, total_q, log_pi_q = merge_logsumexp(mq, lsq, temperature)
         top_p, total_p, log_pi_p = merge_logsumexp(mp, lsp, temperature)
-        kl_pq, kl_qp = _chain_rule(log_pi_p, log_pi_q, d_pq), _chain_rule(log_pi_q, log_pi_p, d_qp)
+        kl_pq, kl_qp = chain_rule(log_pi_p, log_pi_q, d_pq), chain_rule(log_pi_q, log_pi_p, d_qp)
         merged = torch.stack((kl_pq, kl_qp, top_q, total_q, top_p, total_p), -1)
         merged = torch.where(valid[..., None], merged, 0.0).reshape(B * L, 6)
         ctx.save_for_backward(student, teacher, valid, merged)
@@ -263,30 +259,18 @@ def akl_loss(student_logits, teacher_logits, *, mu, temperature, labels, mask, i
 # gradient written from the saved per-row coefficients and the held ids' member_d, no collective.
 
 
-def _held_ids(indices, valid, shard):
-    """(local ids [B, L, K] int64, 0 where not held here; held [B, L, K]: the valid rows' ids in this shard)."""
-    local = indices.long() - shard.start
-    held = valid[..., None] & (local >= 0) & (local < shard.size)
-    return torch.where(held, local, 0), held
-
-
-def _members(z, local, held):
-    """[C, V_r] bool: the entries of a chunk of rows ``z`` among the teacher's ids held here."""
-    return torch.zeros(z.shape, dtype=torch.float32, device=z.device).scatter_add_(-1, local, held.float()) > 0
-
-
 class _TopKDivergence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, indices, teacher_logprobs, labels, valid, shard, kind, tail, temperature, coef,
                 tail_terms):  # fmt: skip
         B, L, V = student.shape
-        local, held = _held_ids(indices, valid, shard)
+        local, held = local_labels(indices, valid[..., None], shard)
         label_local, owned = local_labels(labels if labels is not None else torch.zeros_like(valid), valid, shard)
         z_s = student.gather(-1, local).float()
         stats = student.new_zeros((B, L, 5), dtype=torch.float32)
         for b, rows in row_chunks(B, L, V):
             z = student[b, rows]
-            members = _members(z, local[b, rows], held[b, rows])
+            members = topk_members(z, local[b, rows], held[b, rows])
             stats[b, rows, 0], stats[b, rows, 1] = row_stats(z.masked_fill(members, -math.inf), temperature)
         stats[..., 2], stats[..., 3] = row_stats(z_s.masked_fill(~held, -math.inf), temperature)
         if labels is not None:
@@ -337,7 +321,7 @@ class _TopKDivergence(torch.autograd.Function):
         for b, rows in row_chunks(B, L, V):  # (tail_coef qc outside the ids, member_value on them) / T, as topk.py's
             z = student[b, rows]
             qc = log_softmax_from_stats(z, max_c[b, rows], logsum_c[b, rows], temperature).exp_()
-            outside = _members(z, local[b, rows], held[b, rows]) | (z == -math.inf)
+            outside = topk_members(z, local[b, rows], held[b, rows]) | (z == -math.inf)
             chunk = torch.where(outside, 0.0, tail_coef[b, rows, None] * qc)
             chunk.scatter_add_(-1, local[b, rows], member_value[b, rows])
             if grad_logp is not None:  # (onehot - q) g for the label's log-prob, the one-hot where the label is held

@@ -42,6 +42,7 @@ from .vocab_parallel import (
     plain,
     shard_logprob_grad,
     shard_logprob_stats,
+    topk_members,
     vocab_shard,
 )
 
@@ -269,7 +270,7 @@ class _LinearTopK(torch.autograd.Function):
 
         def chunk_stats(z, rows):
             idx, held = local[rows][None], owned[rows][None]
-            max_c, logsum_c = logit_row_stats(z.masked_fill(_members(z, idx, held), -math.inf), temperature)
+            max_c, logsum_c = logit_row_stats(z.masked_fill(topk_members(z, idx, held), -math.inf), temperature)
             return max_c, logsum_c, *torch.where(held, z.gather(-1, idx).float(), 0.0).unbind(-1)
 
         k = indices.shape[-1]
@@ -296,7 +297,7 @@ class _LinearTopK(torch.autograd.Function):
         def chunk_grad(z, rows):
             z, idx, held = z[0].float(), local[rows], owned[rows]
             q_c = log_softmax_from_stats(z, top_c[rows], total_c[rows], temperature).exp_()
-            dz = torch.where((z == -math.inf) | _members(z, idx, held), 0.0, q_c.mul_(tail_coef[rows][:, None]))
+            dz = torch.where((z == -math.inf) | topk_members(z, idx, held), 0.0, q_c.mul_(tail_coef[rows][:, None]))
             dz.scatter_add_(-1, idx, torch.where(held, member_value[rows], 0.0))
             return dz.mul_((valid[rows] / temperature)[:, None])[None]
 
@@ -316,12 +317,6 @@ def _dense_rows(hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits, vali
     rows = _LinearDivergence.apply(hidden3, weight, bias, *teacher, valid.reshape(hidden3.shape[:2]), shard, kind,
                                    target_is, temperature, coef, softcap, t_softcap, backend)  # fmt: skip
     return rows.reshape(valid.shape)
-
-
-def _members(z, idx, held):
-    """Whether each entry of the chunk's logits z [..., V_r] is one of the top-k ids held here (local ids idx
-    [..., k], those not held pointing at 0)."""
-    return torch.zeros_like(z, dtype=torch.float32).scatter_add_(-1, idx, held.float()) > 0
 
 
 def _topk_rows(hidden, weight, bias, topk, valid, shard, kind, user_kind, coef, temperature, softcap, backend):
