@@ -2,9 +2,9 @@
 ``[N, V]`` logits (docs/losses.md §1 and §2 on ``logits = softcap(hidden @ weight.T + bias)``).
 
 Layers of these ops: the custom ops ``klops::linear_logprobs`` / ``klops::linear_cross_entropy`` (here) /
-``klops::linear_divergence`` (klops/linear_divergence.py) and their backwards, over the fused Triton kernels (``backend="triton"``) or the
-row ops of ``klops.logprobs`` and ``klops.divergence`` (the chunked path, on the CUDA or torch kernels), and
-the public functions.
+``klops::linear_divergence`` (klops/linear_divergence.py) and their backwards, over the fused Triton kernels
+(``backend="triton"``) or the row ops of ``klops.logprobs`` and ``klops.divergence`` (the chunked path, on the
+CUDA or torch kernels), and the public functions.
 
 Two paths, chosen by the backend:
 
@@ -35,8 +35,8 @@ Two paths, chosen by the backend:
   block's ``[C, V]`` logits and ``dz`` (and a teacher's logits; the torch row code adds a few temporaries of at
   most ``TORCH_CHUNK_ELEMENTS``) and the fp32 ``[V, D]`` weight gradient (a scalar loss folds the mean's scale into
   the rows' upstream gradient, so ``loss.backward()`` hands it over on the CPU; on a GPU, or under another
-  upstream gradient, the backward scales it into a second copy). The head is read once per block and product. A ``klops.TopK`` teacher
-  always takes this path.
+  upstream gradient, the backward scales it into a second copy). The head is read once per block and product. A
+  ``klops.TopK`` teacher always takes this path.
 
 ``backend="auto"`` takes the fused kernels on CUDA tensors wherever Triton is usable (``torch`` on the CPU;
 the chunked CUDA path only without Triton), for every shape, because of memory, which is known without a
