@@ -124,23 +124,30 @@ LINEAR_CHUNK_ELEMENTS = {"cuda": 1 << 24, "cpu": 1 << 19}
 LINEAR_MIN_ROWS = {"cuda": 64, "cpu": 256}
 
 
-def linear_chunks(B: int, L: int, V: int, device: torch.device):
-    """(b, slice of l) index tuples of the (B, L) rows, ``max(LINEAR_MIN_ROWS, LINEAR_CHUNK_ELEMENTS // V)`` rows
-    at most: they index the (B, L, D) hidden states, the (B, L) per-row tensors and a (B, L, V) teacher alike."""
+def linear_chunk_rows(V: int, device: torch.device) -> int:
+    """The rows of one chunk at most: ``max(LINEAR_MIN_ROWS, LINEAR_CHUNK_ELEMENTS // V)`` on the device's type."""
     device_type = device.type if device.type in LINEAR_CHUNK_ELEMENTS else "cpu"
-    step = max(1, LINEAR_MIN_ROWS[device_type], LINEAR_CHUNK_ELEMENTS[device_type] // V)
+    return max(1, LINEAR_MIN_ROWS[device_type], LINEAR_CHUNK_ELEMENTS[device_type] // V)
+
+
+def linear_chunks(B: int, L: int, V: int, device: torch.device, multiple: int = 1):
+    """(b, slice of l) index tuples of the (B, L) rows, ``linear_chunk_rows`` rows at most, rounded down to a
+    multiple of ``multiple`` (at least ``multiple``), with every slice starting at a multiple of it: they index the
+    (B, L, D) hidden states, the (B, L) per-row tensors and a (B, L, V) teacher alike."""
+    step = max(multiple, linear_chunk_rows(V, device) // multiple * multiple)
     for b in range(B):
         for start in range(0, L, step):
             yield b, slice(start, min(L, start + step))
 
 
-def chunk_sweep(hidden, weight, bias, softcap, outputs, chunk_fn, grads=None):
+def chunk_sweep(hidden, weight, bias, softcap, outputs, chunk_fn, grads=None, multiple: int = 1):
     """The chunked path's one loop: for each chunk of rows, its logits z (formed by one matmul), then
     ``values, dz = chunk_fn(z [1, C, V], rows)``: ``values [1, C]`` fill the (B, L) ``outputs`` at the chunk's rows,
     and ``dz [1, C, V]`` (the gradient of the chunk's logits, or None) goes into ``grads`` (new_grads; zeros where
-    there are no rows). A chunk's logits and dz are freed before the next chunk's are made. Returns outputs."""
+    there are no rows). A chunk's logits and dz are freed before the next chunk's are made. ``multiple``: chunks
+    of whole groups of that many rows (linear_chunks). Returns outputs."""
     first = True
-    for rows in linear_chunks(*hidden.shape[:2], weight.shape[0], hidden.device):
+    for rows in linear_chunks(*hidden.shape[:2], weight.shape[0], hidden.device, multiple):
         z, t = chunk_logits(hidden[rows], weight, bias, softcap)
         values, dz = chunk_fn(z[None], rows)
         for out, value in zip(outputs, values):
@@ -216,19 +223,28 @@ def register_total_autograd(name: str, row_weight_index: int | None) -> None:
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_total, *_grad_others):
         values, *grads = ctx.saved_tensors
-        result = [None] * ctx.inputs
-        unit = _is_one_on_cpu(grad_total)
-        for i, (grad, dtype) in enumerate(zip(grads, ctx.dtypes)):
-            if dtype is not None and ctx.needs_input_grad[i]:  # in fp32, rounded once into the input's dtype
-                if unit and dtype == grad.dtype:
-                    result[i] = grad  # autograd copies it where the graph is retained, else takes it as it is
-                else:
-                    result[i] = torch.mul(grad, grad_total, out=torch.empty_like(grad, dtype=dtype))
+        result = scaled_total_grads(grads, grad_total, ctx.dtypes, ctx.needs_input_grad) + [None] * (ctx.inputs - 3)
         if row_weight_index is not None and ctx.needs_input_grad[row_weight_index]:
             result[row_weight_index] = values * grad_total
         return tuple(result)
 
     torch.library.register_autograd(name, backward, setup_context=setup_context)
+
+
+def scaled_total_grads(grads, grad_total, dtypes, needs_input_grad) -> list:
+    """[grad_hidden, grad_weight, grad_bias] of a loss whose fp32 gradients ``grads`` were formed in its forward:
+    each times the scalar upstream gradient ``grad_total``, in its input's dtype (``dtypes``; None: no input), None
+    where ``needs_input_grad`` says no. An upstream gradient of exactly 1 on the CPU hands fp32 gradients over as
+    they are (no pass over the [V, D] weight gradient)."""
+    result = [None] * len(grads)
+    unit = _is_one_on_cpu(grad_total)
+    for i, (grad, dtype) in enumerate(zip(grads, dtypes)):
+        if dtype is not None and needs_input_grad[i]:  # in fp32, rounded once into the input's dtype
+            if unit and dtype == grad.dtype:
+                result[i] = grad  # autograd copies it where the graph is retained, else takes it as it is
+            else:
+                result[i] = torch.mul(grad, grad_total, out=torch.empty_like(grad, dtype=dtype))
+    return result
 
 
 def _is_one_on_cpu(grad: torch.Tensor) -> bool:
