@@ -168,6 +168,14 @@ def _(grad_logp, grad_entropy, logits, *labels_stats_and_params):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
+def logprobs_grad_of_chunk(grad_logp, grad_entropy, logits, labels, max_z, logsum, entropy, temperature: float,
+                           with_entropy: bool, ignore_index: int, backend: str) -> torch.Tensor:  # fmt: skip
+    """logprobs_backward_op's gradient for the chunked fused-linear path, where the chunk's (1, C, V) logits are not
+    read again: the gradient may be written over them."""
+    return logprobs_backward_op(grad_logp, grad_entropy, logits, labels, max_z, logsum, entropy, temperature,
+                                with_entropy, ignore_index, backend)  # fmt: skip
+
+
 def _setup_context(ctx, inputs, output):
     logits, labels, temperature, with_entropy, _, ignore_index, backend = inputs
     _, entropy, max_z, logsum, *row_stats = output
