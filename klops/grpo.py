@@ -624,6 +624,10 @@ def fused_linear_grpo_loss(
     ``klops.fused_linear_kl``. ``softcap`` and ``logit_scale`` apply to both models' logits (``softcap(c (h W^T +
     b))``, as ``fused_linear_logprobs``). Other arguments: as ``grpo_loss``.
 
+    On the chunked path (not ``backend="triton"``), a loss whose sequences are independent (no
+    ``top_entropy_quantile < 1``, clip_cov / kl_cov or ``kl_estimator="full"``) takes its gradient in the forward
+    sweep, in chunks of whole sequences (klops/linear_grpo.py): 3 products of ``2 N V D`` instead of 4.
+
     ``vocab_group`` / ``vocab_start``: both heads sharded over the vocabulary (``weight [V_r, D]``, ``bias [V_r]``,
     the same shards; hidden states replicated), as in ``fused_linear_logprobs``: each sweep is then that op's
     vocabulary-parallel form (a few fp32 per token all-gathered; in backward, ``grad_hidden`` all-reduced once per
@@ -651,4 +655,10 @@ def fused_linear_grpo_loss(
                                ignore_index=IGNORE, reduction="none", **biases, **sample)  # fmt: skip
 
     reference = ref_sweep if ref_hidden is not None else None
+    from .linear_grpo import linear_grpo_loss, takes_gradient_in_forward  # linear_grpo imports this module
+
+    if takes_gradient_in_forward(hidden, weight, bias, advantages, mask, ref_logp, old_logp, reference, kl_estimator,
+                                 sample, kwargs):  # fmt: skip
+        return linear_grpo_loss(hidden, weight, bias, ids, advantages, mask, reference, ref_logp, old_logp,
+                                kl_estimator, sample, kwargs)  # fmt: skip
     return loss_from_sweeps(sweep, reference, full_kl, ids, advantages, mask, ref_logp, old_logp, kl_estimator, kwargs)
