@@ -68,7 +68,7 @@ def takes_gradient_in_forward(hidden, weight, bias, advantages, mask, ref_logp, 
     if not independent or not chunked or (reference is not None and ref_logp is not None) or weight.dim() != 2:
         return False
     (rows,) = _inputs.as_rows(hidden)
-    short = rows.shape[0] == 1 and hidden.shape[1] <= linear_chunk_rows(weight.shape[0], hidden.device)
+    short = rows.shape[0] == 1 and 0 < hidden.shape[1] <= linear_chunk_rows(weight.shape[0], hidden.device)
     return short and resolve("linear", sample["backend"], hidden.device) != "triton"
 
 

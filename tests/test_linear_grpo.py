@@ -266,3 +266,14 @@ def test_three_products_not_four(gen):
             run(inputs, gradient_in_forward, loss_type="dapo", backend=CPU_BACKENDS[0])
         counts.append(sum(e.name in ("aten::mm", "aten::addmm") for e in profile.events()))
     assert counts == [3, 4], counts
+
+
+@pytest.mark.parametrize("shape", [(0, 4), (3, 0)], ids=["no sequences", "no tokens"])
+def test_empty_batch(shape, gen):
+    """No rows: the path (no sequences) or the recomputing one (L = 0) gives a 0 loss and zero gradients."""
+    hidden, weight = randn(*shape, D, gen=gen).requires_grad_(), randn(V, D, gen=gen).requires_grad_()
+    ids, mask = torch.zeros(shape, dtype=torch.long, device=DEVICE), torch.ones(shape, device=DEVICE)
+    loss, _ = klops.fused_linear_grpo_loss(hidden, weight, ids, randn(shape[0], gen=gen), mask)
+    loss.backward()
+    assert loss.item() == 0.0 and hidden.grad.shape == hidden.shape
+    assert not weight.grad.any()
