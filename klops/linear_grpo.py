@@ -46,9 +46,8 @@ def takes_gradient_in_forward(hidden, weight, bias, advantages, mask, ref_logp, 
     """Whether fused_linear_grpo_loss takes linear_grpo_loss (else its recomputing path, which also raises on bad
     inputs): a gradient to hidden / weight / bias wanted and to no other tensor; eager; the chunked path of a whole
     head (``sample``: the sweeps' keywords; not "triton", no vocab_group / vocab_start / DTensor); a loss whose
-    sequences are independent (no entropy quantile, clip_cov / kl_cov, full KL, packing); the (B, L) rows of hidden
-    one (1, B L) view and L rows at most a chunk's; ``reference`` (the reference model's sweep) or ref_logp, not
-    both."""
+    sequences are independent (no entropy quantile, clip_cov / kl_cov, full KL, packing); 0 < L <= a chunk's rows;
+    ``reference`` (the reference model's sweep) or ref_logp, not both."""
     tensors = (hidden, weight, bias, advantages, mask, ref_logp, old_logp)
     if not all(x is None or isinstance(x, torch.Tensor) and not is_sharded(x) for x in tensors) or advantages is None:
         return False
@@ -67,8 +66,7 @@ def takes_gradient_in_forward(hidden, weight, bias, advantages, mask, ref_logp, 
     chunked = sample["vocab_group"] is None and sample["vocab_start"] is None and not torch.compiler.is_compiling()
     if not independent or not chunked or (reference is not None and ref_logp is not None) or weight.dim() != 2:
         return False
-    (rows,) = _inputs.as_rows(hidden)
-    short = rows.shape[0] == 1 and 0 < hidden.shape[1] <= linear_chunk_rows(weight.shape[0], hidden.device)
+    short = 0 < hidden.shape[1] <= linear_chunk_rows(weight.shape[0], hidden.device)
     return short and resolve("linear", sample["backend"], hidden.device) != "triton"
 
 
@@ -88,10 +86,10 @@ def linear_grpo_loss(hidden, weight, bias, ids, advantages, mask, reference, ref
     if reference is not None:
         with torch.no_grad():
             ref_logp = reference(labels)
-    (hidden_rows,) = _inputs.as_rows(hidden)  # (1, B L, D), a view
+    (hidden_rows,) = _inputs.as_rows(hidden)  # (1, B L, D), or (B, L, D) for e.g. hidden[:, :-1]: a view
     grads = new_grads(hidden_rows, weight, bias, torch.float32)
-    chunk_total = _chunk_total_of(labels, advantages, mask, ref_logp, old_logp, kl_estimator, temperature, backend,
-                                  kwargs)  # fmt: skip
+    chunk_total = _chunk_total_of(labels.view(hidden_rows.shape[:2]), advantages, mask, ref_logp, old_logp,
+                                  kl_estimator, temperature, backend, kwargs)  # fmt: skip
     head = (hidden_rows.detach(), weight.detach(), None if bias is None else bias.detach(), softcap)
     logp, entropy = chunk_sweep(*head, empty_rows(hidden_rows, 2), chunk_total, grads, multiple=mask.shape[1])
     loss, metrics = grpo_loss(logp.view(mask.shape), advantages, mask, old_logp=old_logp, ref_logp=ref_logp,
@@ -102,9 +100,9 @@ def linear_grpo_loss(hidden, weight, bias, ids, advantages, mask, reference, ref
 def _chunk_total_of(labels, advantages, mask, ref_logp, old_logp, kl_estimator, temperature: float, backend: str,
                     kwargs):  # fmt: skip
     """chunk_sweep's ``chunk_fn(z [1, C, V], rows) -> ((logp, H) [1, C], dz [1, C, V])`` for chunks of whole
-    sequences of the (B, L) batch: the chunk's loss is grpo_loss on its [k, L] slices with num_items the batch's
-    count of the loss type's unit (so that the chunks' losses add up to the batch's), dz its gradient plus the
-    entropy bonus's."""
+    sequences of the (B, L) batch, whose rows are the (1, B L) or (B, L) ``labels``: the chunk's loss is grpo_loss on
+    its [k, L] slices with num_items the batch's count of the loss type's unit (so that the chunks' losses add up to
+    the batch's), dz its gradient plus the entropy bonus's."""
     B, L = mask.shape
     valid = mask != 0
     unit = LOSS_TYPES[kwargs.get("loss_type", "dapo")].aggregation
@@ -114,11 +112,12 @@ def _chunk_total_of(labels, advantages, mask, ref_logp, old_logp, kl_estimator, 
     entropy_coef = kwargs.get("entropy_coef", 0.0)
     per_token = dict(old_logp=old_logp, ref_logp=ref_logp, rollout_logp=kwargs.get("rollout_logp"))
     options = {**kwargs, "num_items": count, "kl_estimator": kl_estimator}
-    labels_rows = labels.view(1, B * L)
 
     def chunk_total(z, rows):
-        sequences = slice(rows[1].start // L, rows[1].stop // L)
-        chunk_labels = labels_rows[rows][None]
+        row, span = rows  # the chunk's rows: labels[row, span]
+        first = (row * labels.shape[1] + span.start) // L
+        sequences = slice(first, first + (span.stop - span.start) // L)
+        chunk_labels = labels[rows][None]
         logp, entropy, max_z, logsum, *_ = logprobs_op(z, chunk_labels, temperature, True, False, IGNORE, backend)
         chunk_logp = logp.detach().view(-1, L).requires_grad_()
         sliced = {name: None if x is None else x[sequences] for name, x in per_token.items()}
