@@ -71,14 +71,29 @@ def log_softmax_from_stats(x: torch.Tensor, row_max: torch.Tensor, logsum: torch
 # the fused-linear ops' chunked path: a chunk of rows' logits at a time
 
 
-def chunk_logits(hidden, weight, bias, softcap):
+def chunk_logits(hidden, weight, bias, softcap, buffer=None):
     """(logits [C, V], tanh(z / s) or None) of a chunk of rows: ``F.linear`` in the inputs' dtype, then
-    the soft cap in fp32 when asked."""
-    z = F.linear(hidden, weight, bias)
+    the soft cap in fp32 when asked. ``buffer`` (chunk_buffer): the logits are written into its first C V entries
+    (no gradient is recorded) rather than into a new tensor."""
+    if buffer is None:
+        z = F.linear(hidden, weight, bias)
+    else:
+        z = buffer[: hidden.shape[0] * weight.shape[0]].view(hidden.shape[0], weight.shape[0])
+        with torch.no_grad():
+            torch.mm(hidden, weight.t(), out=z) if bias is None else torch.addmm(bias, hidden, weight.t(), out=z)
     if softcap is None:
         return z, None
     t = torch.tanh(z.float() / softcap)
     return softcap * t, t
+
+
+def chunk_buffer(hidden, weight, rows: int):
+    """A flat buffer for the logits of chunks of up to ``rows`` rows (chunk_logits), in the logits' dtype. One buffer
+    serves every chunk of a sweep: on the CPU a new [C, V] tensor per chunk costs the page faults of its first
+    touch (45 ms of 155 for the product of 256 rows at V = 128256, D = 256 on 2 cores), and a gradient written over
+    the chunk's logits (logprobs_grad_of_chunk) then needs no second [C, V] buffer."""
+    dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    return torch.empty(rows * weight.shape[0], dtype=dtype, device=weight.device)
 
 
 def accumulate_grads(dz, t, hidden, weight, grads, rows, first: bool) -> None:
@@ -144,16 +159,20 @@ def chunk_sweep(hidden, weight, bias, softcap, outputs, chunk_fn, grads=None, mu
     """The chunked path's one loop: for each chunk of rows, its logits z (formed by one matmul), then
     ``values, dz = chunk_fn(z [1, C, V], rows)``: ``values [1, C]`` fill the (B, L) ``outputs`` at the chunk's rows,
     and ``dz [1, C, V]`` (the gradient of the chunk's logits, or None) goes into ``grads`` (new_grads; zeros where
-    there are no rows). A chunk's logits and dz are freed before the next chunk's are made. ``multiple``: chunks
+    there are no rows). Every chunk's logits go into one buffer (chunk_buffer), which dz may overwrite (the C++ CPU
+    kernels' logprobs_grad_of_chunk / divergence_grad_of_chunk): a sweep holds one [C, V] block. ``multiple``: chunks
     of whole groups of that many rows (linear_chunks). Returns outputs."""
-    first = True
+    first, buffer = True, None
     for rows in linear_chunks(*hidden.shape[:2], weight.shape[0], hidden.device, multiple):
-        z, t = chunk_logits(hidden[rows], weight, bias, softcap)
+        chunk_hidden = hidden[rows]
+        if buffer is None:  # the first chunk is the largest
+            buffer = chunk_buffer(hidden, weight, chunk_hidden.shape[0])
+        z, t = chunk_logits(chunk_hidden, weight, bias, softcap, buffer)
         values, dz = chunk_fn(z[None], rows)
         for out, value in zip(outputs, values):
             out[rows] = value[0]
         if dz is not None:
-            accumulate_grads(dz[0], t, hidden[rows], weight, grads, rows, first)
+            accumulate_grads(dz[0], t, chunk_hidden, weight, grads, rows, first)
             first = False
         del z, t, dz
     if grads is not None and first:  # N = 0

@@ -204,6 +204,22 @@ def _(grad, grad_logp, student, teacher, *stats_gbar_and_params):
     return torch.empty(student.shape, dtype=student.dtype, device=student.device)
 
 
+def divergence_grad_of_chunk(grad, grad_logp, student, teacher, valid, labels, max_q, logsum_q, max_t, logsum_t,
+                             gbar, kind: str, target_is: str, temperature: float, coef: float,
+                             backend: str) -> torch.Tensor:  # fmt: skip
+    """divergence_backward_op's gradient for the chunked fused-linear path, where the chunk's (1, C, V) student
+    logits are not read again: on the C++ CPU kernels it is written over them (contiguous), sparing the chunk's
+    second [C, V] buffer; the other backends return a new tensor."""
+    if backend == "cpu" and student.is_contiguous():
+        torch.ops.klops_cpu.divergence_backward_over_student(
+            grad, grad_logp, student, teacher, valid, labels, max_q, logsum_q, max_t, logsum_t, gbar,
+            DIVERGENCE_KINDS.index(kind), TARGET_KINDS.index(target_is), temperature, coef,
+        )  # fmt: skip
+        return student
+    return divergence_backward_op(grad, grad_logp, student, teacher, valid, labels, max_q, logsum_q, max_t, logsum_t,
+                                  gbar, kind, target_is, temperature, coef, backend)  # fmt: skip
+
+
 def _setup_context(ctx, inputs, output):
     student, teacher, valid, labels, kind, target_is, temperature, coef, backend = inputs
     _, *stats_and_gbar, _ = output

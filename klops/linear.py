@@ -78,7 +78,7 @@ from .distributed import VOCAB_PARALLEL_FORMS, is_sharded
 from .divergence import (
     reduce_rows,
 )
-from .logprobs import LogprobOutputs, logprobs_backward_op, logprobs_op, per_token_outputs
+from .logprobs import LogprobOutputs, logprobs_grad_of_chunk, logprobs_op, per_token_outputs
 
 __all__ = ["fused_linear_logprobs", "fused_linear_cross_entropy"]
 
@@ -150,7 +150,7 @@ def linear_logprobs_backward_op(
     def chunk_grad(z, rows):
         per_row = (grad_logp, grad_entropy, labels, max_z, logsum, entropy)
         g_logp, g_entropy, chunk_labels, *stats = (x[rows][None] for x in per_row)
-        return logprobs_backward_op(
+        return logprobs_grad_of_chunk(
             g_logp, g_entropy, z, chunk_labels, *stats, temperature, with_entropy, ignore_index, backend
         )
 
@@ -204,15 +204,16 @@ def _cross_entropy_chunk_grad(z, labels, max_z, logsum, g, g_lse, label_smoothin
     """dz [1, C, V] of sum_r g_r loss_r + g_lse_r lse_r over a chunk (per-row [1, C] tensors; g_lse may be None):
     ``g (1 - eps) (q - onehot)`` from the row kernel, plus ``q (eps g + g_lse) - eps g / V`` (a chunk-sized torch
     pass, only with label smoothing or a gradient of lse, e.g. from z_loss)."""
-    zeros = torch.zeros_like(g)
-    dz = logprobs_backward_op(-(1.0 - label_smoothing) * g, zeros, z, labels, max_z, logsum, zeros, 1.0, False,
-                              ignore_index, backend)  # fmt: skip
-    if label_smoothing > 0 or g_lse is not None:  # + q scale - eps g / V on valid rows, in fp32
+    smoothing = None
+    if label_smoothing > 0 or g_lse is not None:  # q scale - eps g / V on valid rows, in fp32, read before dz
         valid = (labels != ignore_index).float()
         scale = (label_smoothing * g + (0.0 if g_lse is None else g_lse)) * valid
-        q = torch.exp(z.float() - (max_z + logsum)[..., None])
-        dz.add_(q.mul_(scale[..., None]).sub_((label_smoothing * g / z.shape[-1] * valid)[..., None]))
-    return dz
+        smoothing = torch.exp(z.float() - (max_z + logsum)[..., None]).mul_(scale[..., None])
+        smoothing.sub_((label_smoothing * g / z.shape[-1] * valid)[..., None])
+    zeros = torch.zeros_like(g)
+    dz = logprobs_grad_of_chunk(-(1.0 - label_smoothing) * g, zeros, z, labels, max_z, logsum, zeros, 1.0, False,
+                                ignore_index, backend)  # fmt: skip
+    return dz if smoothing is None else dz.add_(smoothing)
 
 
 @torch.library.custom_op("klops::linear_cross_entropy", mutates_args=())

@@ -28,7 +28,7 @@ from .backend import resolve
 from .distributed import VOCAB_PARALLEL_FORMS, is_sharded
 from .divergence import (
     check_divergence_options,
-    divergence_backward_op,
+    divergence_grad_of_chunk,
     divergence_op,
     reduce_rows,
     valid_rows_and_weights,
@@ -137,7 +137,7 @@ def linear_divergence_backward_op(
         stats = (x[rows][None] for x in (max_q, logsum_q, max_t, logsum_t, gbar))
         chunk_grad_logp = None if grad_logp is None else grad_logp[rows][None]
         chunk_labels = None if grad_logp is None else labels[rows][None]
-        return divergence_backward_op(
+        return divergence_grad_of_chunk(
             grad[rows][None], chunk_grad_logp, z, y, valid[rows][None], chunk_labels, *stats,
             kind, target_is, temperature, coef, backend,
         )  # fmt: skip
@@ -201,7 +201,7 @@ def linear_divergence_total_op(
         options = (kind, target_is, temperature, coef, backend)
         D, *stats, _ = divergence_op(z, y, valid[rows][None], None, *options)
         g = chunk_row_weights(row_weight, rows, D)
-        return (D, *stats[2:4]), divergence_backward_op(g, None, z, y, valid[rows][None], None, *stats, *options)
+        return (D, *stats[2:4]), divergence_grad_of_chunk(g, None, z, y, valid[rows][None], None, *stats, *options)
 
     return chunked_total(hidden, weight, bias, softcap, row_weight, empty_rows(hidden, 3), chunk_total)
 

@@ -171,7 +171,12 @@ def _(grad_logp, grad_entropy, logits, *labels_stats_and_params):
 def logprobs_grad_of_chunk(grad_logp, grad_entropy, logits, labels, max_z, logsum, entropy, temperature: float,
                            with_entropy: bool, ignore_index: int, backend: str) -> torch.Tensor:  # fmt: skip
     """logprobs_backward_op's gradient for the chunked fused-linear path, where the chunk's (1, C, V) logits are not
-    read again: the gradient may be written over them."""
+    read again: on the C++ CPU kernels it is written over them (contiguous logits), which spares the chunk's second
+    [C, V] buffer; the other backends return a new tensor."""
+    if backend == "cpu" and logits.is_contiguous():
+        torch.ops.klops_cpu.logprobs_backward_over_logits(grad_logp, grad_entropy, logits, labels, max_z, logsum,
+                                                          entropy, temperature, with_entropy, ignore_index)  # fmt: skip
+        return logits
     return logprobs_backward_op(grad_logp, grad_entropy, logits, labels, max_z, logsum, entropy, temperature,
                                 with_entropy, ignore_index, backend)  # fmt: skip
 

@@ -4,6 +4,7 @@ torch version, the CPU capability, the flags and the sources; a missing or faili
 are spread over torch's threads. Their numbers are checked with every other backend's (the `backend` fixture)."""
 
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -137,3 +138,35 @@ def test_cpu_kernels_check_their_inputs():
     valid = torch.ones(1, 3, dtype=torch.bool)
     with pytest.raises(RuntimeError, match="must be float32, bfloat16 or float16"):
         torch.ops.klops_cpu.divergence_forward(z.double(), z.double(), valid, 0, 0, 1.0, 0.0)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradients_written_over_the_logits_equal_the_new_tensors(dtype):
+    """logprobs_backward_over_logits / divergence_backward_over_student (the chunked fused-linear path's in-place
+    gradients) write exactly what logprobs_backward / divergence_backward return, the label's entry included
+    wherever it falls (first, last, inside a block, past the first block of 1024), and refuse non-contiguous logits."""
+    torch.manual_seed(0)
+    V = 2500
+    z = torch.randn(1, 6, V).mul_(3).to(dtype)
+    z[0, 1, :700] = -math.inf
+    labels = torch.tensor([[0, 1500, V - 1, 1023, 1024, -100]])
+    y = torch.randn(1, 6, V).to(dtype)
+    valid = labels != -100
+    g, g_entropy = torch.randn(1, 6), torch.randn(1, 6)
+    ops = torch.ops.klops_cpu
+    _, entropy, max_z, logsum, *_ = ops.logprobs_forward(z, labels, 2.0, True, False, -100)
+    args = (g, g_entropy, z, labels, max_z, logsum, entropy, 2.0, True, -100)
+    expected = ops.logprobs_backward(*args)
+    over = z.clone()
+    ops.logprobs_backward_over_logits(*args[:2], over, *args[3:])
+    assert torch.equal(over, expected)
+    _, *stats = ops.divergence_forward(z, y, valid, 1, 0, 2.0, 0.0)
+    args = (g, g_entropy, z, y, valid, labels.clamp(min=0), *stats[:5], 1, 0, 2.0, 0.0)
+    expected = ops.divergence_backward(*args)
+    over = z.clone()
+    ops.divergence_backward_over_student(*args[:2], over, *args[3:])
+    assert torch.equal(over, expected)
+    strided = torch.randn(1, 6, 2 * V, dtype=dtype)[..., :V]  # unit stride within rows, rows 2 V apart
+    with pytest.raises(RuntimeError, match="needs contiguous logits"):
+        ops.logprobs_backward_over_logits(g, g_entropy, strided, labels, max_z, logsum, entropy, 2.0, True, -100)

@@ -141,8 +141,8 @@ inline float grad_entry(float zv, float yv, bool is_label, const GradArgs g, con
   return g.scale * (t.a - q * g.s.gbar) + g.scale_logp * ((is_label ? 1.0f : 0.0f) - q);
 }
 
-// out[i] = grad_entry(z[i], y[i]) for i < n. Restrict pointers (the gradient is a fresh tensor) and arguments
-// by value let GCC if-convert and vectorize the loop.
+// out[i] = grad_entry(z[i], y[i]) for i < n. Restrict pointers (out is a fresh tensor, or a buffer on the stack
+// when the gradient overwrites z: GradRows) and arguments by value let GCC if-convert and vectorize the loop.
 template <int KIND, int TARGET>
 void grad_block(const float* __restrict__ z, const float* __restrict__ y, float* __restrict__ out, int64_t n,
                 const GradArgs g, const DivergenceParams k) {
@@ -218,12 +218,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {outputs[0], outputs[1], outputs[2], outputs[3], outputs[4], outputs[5]};
 }
 
-at::Tensor divergence_backward(const at::Tensor& grad, const std::optional<at::Tensor>& grad_logp,
-                               const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& valid,
-                               const std::optional<at::Tensor>& labels, const at::Tensor& max_q,
-                               const at::Tensor& logsum_q, const at::Tensor& max_t, const at::Tensor& logsum_t,
-                               const at::Tensor& gbar, int64_t kind, int64_t target, double temperature,
-                               double coef) {
+// The student's gradient into a new tensor, or over the student's logits (over_input:
+// divergence_backward_over_student).
+at::Tensor divergence_backward_to(const at::Tensor& grad, const std::optional<at::Tensor>& grad_logp,
+                                  const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& valid,
+                                  const std::optional<at::Tensor>& labels, const at::Tensor& max_q,
+                                  const at::Tensor& logsum_q, const at::Tensor& max_t, const at::Tensor& logsum_t,
+                                  const at::Tensor& gbar, int64_t kind, int64_t target, double temperature,
+                                  double coef, bool over_input) {
   check_divergence_inputs(student, teacher, valid, kind, target, coef);
   const auto rows_shape = student.sizes().slice(0, 2);
   const at::Tensor* per_row[6] = {&grad, &max_q, &logsum_q, &max_t, &logsum_t, &gbar};
@@ -242,9 +244,9 @@ at::Tensor divergence_backward(const at::Tensor& grad, const std::optional<at::T
     labels_c = labels->contiguous();
   }
   const int64_t B = student.size(0), L = student.size(1), V = student.size(2);
-  at::Tensor dz = at::empty({B, L, V}, student.options());
+  at::Tensor dz = grad_like(student, over_input);
   const Rows z(student), y(teacher);
-  const GradRows grads(dz);
+  const GradRows grads(dz, over_input);
   const at::Tensor valid_c = valid.contiguous();
   const bool* is_valid = valid_c.const_data_ptr<bool>();
   const float* stat[6];
@@ -265,6 +267,26 @@ at::Tensor divergence_backward(const at::Tensor& grad, const std::optional<at::T
   return dz;
 }
 
+at::Tensor divergence_backward(const at::Tensor& grad, const std::optional<at::Tensor>& grad_logp,
+                               const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& valid,
+                               const std::optional<at::Tensor>& labels, const at::Tensor& max_q,
+                               const at::Tensor& logsum_q, const at::Tensor& max_t, const at::Tensor& logsum_t,
+                               const at::Tensor& gbar, int64_t kind, int64_t target, double temperature,
+                               double coef) {
+  return divergence_backward_to(grad, grad_logp, student, teacher, valid, labels, max_q, logsum_q, max_t, logsum_t,
+                                gbar, kind, target, temperature, coef, false);
+}
+
+void divergence_backward_over_student(const at::Tensor& grad, const std::optional<at::Tensor>& grad_logp,
+                                      const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& valid,
+                                      const std::optional<at::Tensor>& labels, const at::Tensor& max_q,
+                                      const at::Tensor& logsum_q, const at::Tensor& max_t,
+                                      const at::Tensor& logsum_t, const at::Tensor& gbar, int64_t kind,
+                                      int64_t target, double temperature, double coef) {
+  divergence_backward_to(grad, grad_logp, student, teacher, valid, labels, max_q, logsum_q, max_t, logsum_t, gbar,
+                         kind, target, temperature, coef, true);
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace klops
@@ -272,4 +294,5 @@ at::Tensor divergence_backward(const at::Tensor& grad, const std::optional<at::T
 TORCH_LIBRARY_IMPL(klops_cpu, CPU, m) {
   m.impl("divergence_forward", &klops::cpu::divergence_forward);
   m.impl("divergence_backward", &klops::cpu::divergence_backward);
+  m.impl("divergence_backward_over_student", &klops::cpu::divergence_backward_over_student);
 }

@@ -138,10 +138,11 @@ void logprobs_grad_row(const Rows& z, const GradRows& dz, int64_t row, int64_t V
   }
 }
 
-at::Tensor logprobs_backward(const at::Tensor& grad_logp, const at::Tensor& grad_entropy,
-                             const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& max_z,
-                             const at::Tensor& logsum, const at::Tensor& entropy, double temperature,
-                             bool with_entropy, int64_t ignore_index) {
+// The gradient into a new tensor, or over the logits (over_input: logprobs_backward_over_logits).
+at::Tensor logprobs_backward_to(const at::Tensor& grad_logp, const at::Tensor& grad_entropy,
+                                const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& max_z,
+                                const at::Tensor& logsum, const at::Tensor& entropy, double temperature,
+                                bool with_entropy, int64_t ignore_index, bool over_input) {
   check_logprobs_inputs(logits, labels);
   const auto rows_shape = logits.sizes().slice(0, 2);
   check_per_row(grad_logp, "grad_logp", rows_shape, {at::kFloat});
@@ -152,9 +153,9 @@ at::Tensor logprobs_backward(const at::Tensor& grad_logp, const at::Tensor& grad
     check_per_row(entropy, "entropy", rows_shape, {at::kFloat});
   }
   const int64_t B = logits.size(0), L = logits.size(1), V = logits.size(2);
-  at::Tensor dz = at::empty({B, L, V}, logits.options());
+  at::Tensor dz = grad_like(logits, over_input);
   const Rows z(logits);
-  const GradRows grad(dz);
+  const GradRows grad(dz, over_input);
   const Labels label{labels.contiguous()};
   const at::Tensor g_logp = grad_logp.contiguous(), max_c = max_z.contiguous(), logsum_c = logsum.contiguous();
   const at::Tensor g_entropy = with_entropy ? grad_entropy.contiguous() : g_logp;
@@ -174,6 +175,22 @@ at::Tensor logprobs_backward(const at::Tensor& grad_logp, const at::Tensor& grad
   return dz;
 }
 
+at::Tensor logprobs_backward(const at::Tensor& grad_logp, const at::Tensor& grad_entropy,
+                             const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& max_z,
+                             const at::Tensor& logsum, const at::Tensor& entropy, double temperature,
+                             bool with_entropy, int64_t ignore_index) {
+  return logprobs_backward_to(grad_logp, grad_entropy, logits, labels, max_z, logsum, entropy, temperature,
+                              with_entropy, ignore_index, false);
+}
+
+void logprobs_backward_over_logits(const at::Tensor& grad_logp, const at::Tensor& grad_entropy,
+                                   const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& max_z,
+                                   const at::Tensor& logsum, const at::Tensor& entropy, double temperature,
+                                   bool with_entropy, int64_t ignore_index) {
+  logprobs_backward_to(grad_logp, grad_entropy, logits, labels, max_z, logsum, entropy, temperature, with_entropy,
+                       ignore_index, true);
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace klops
@@ -181,4 +198,5 @@ at::Tensor logprobs_backward(const at::Tensor& grad_logp, const at::Tensor& grad
 TORCH_LIBRARY_IMPL(klops_cpu, CPU, m) {
   m.impl("logprobs_forward", &klops::cpu::logprobs_forward);
   m.impl("logprobs_backward", &klops::cpu::logprobs_backward);
+  m.impl("logprobs_backward_over_logits", &klops::cpu::logprobs_backward_over_logits);
 }

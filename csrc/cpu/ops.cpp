@@ -34,5 +34,14 @@ TORCH_LIBRARY(klops_cpu, m) {
   m.def(klops::schemas::kTopkDivergenceBackward);
   m.def(klops::schemas::kLogprobsForward);
   m.def(klops::schemas::kLogprobsBackward);
+  // CPU only: the gradient written over the logits it is computed from (klops/_chunked.py's chunks, which are not
+  // read again; contiguous); otherwise the schemas of logprobs_backward / divergence_backward.
+  m.def(
+      "logprobs_backward_over_logits(Tensor grad_logp, Tensor grad_entropy, Tensor(a!) logits, Tensor labels, "
+      "Tensor max, Tensor logsum, Tensor entropy, float temperature, bool with_entropy, int ignore_index) -> ()");
+  m.def(
+      "divergence_backward_over_student(Tensor grad, Tensor? grad_logp, Tensor(a!) student, Tensor teacher, "
+      "Tensor valid, Tensor? labels, Tensor max_q, Tensor logsum_q, Tensor max_t, Tensor logsum_t, Tensor gbar, "
+      "int kind, int target, float temperature, float coef) -> ()");
   m.def("parallel_threads(int rows, int V) -> int", &klops::cpu::parallel_threads);
 }

@@ -11,6 +11,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -37,6 +38,14 @@ inline void check_rows(const at::Tensor& t, const char* name) {
               " must be float32, bfloat16 or float16, got ", dtype);
   TORCH_CHECK(t.size(2) <= 1 || t.stride(2) == 1, name, " must have stride 1 on its last dim, got ",
               t.stride(2));
+}
+
+// The gradient of a row op: a new (B, L, V) tensor like the logits, or the logits themselves (over_input,
+// which must then be contiguous: GradRows indexes rows by V).
+inline at::Tensor grad_like(const at::Tensor& logits, bool over_input) {
+  if (!over_input) return at::empty(logits.sizes(), logits.options());
+  TORCH_CHECK(logits.is_contiguous(), "a gradient written over its logits needs contiguous logits");
+  return logits;
 }
 
 // Checks that t is a (B, L) CPU tensor of one of `dtypes`.
@@ -93,15 +102,20 @@ struct Rows {
 
 // The contiguous (B*L, V) gradient: each row's block is computed in fp32 into out(row, j, buf) (the
 // row itself for fp32, else buf) and then stored with store(row, j, n, buf) (rounded to nearest even).
+// over_input: the gradient overwrites the logits it is computed from (the chunked fused-linear path's
+// chunk, not read again): every block goes through buf, so that the whole block is read, the label's
+// entry included, before any of it is written.
 struct GradRows {
   void* data;
   at::ScalarType dtype;
   int64_t V;
+  bool over_input;
 
-  explicit GradRows(at::Tensor& t) : data(t.mutable_data_ptr()), dtype(t.scalar_type()), V(t.size(2)) {}
+  explicit GradRows(at::Tensor& t, bool over_input = false)
+      : data(t.mutable_data_ptr()), dtype(t.scalar_type()), V(t.size(2)), over_input(over_input) {}
 
   float* out(int64_t row, int64_t j, float* buf) const {
-    return dtype == at::kFloat ? static_cast<float*>(data) + row * V + j : buf;
+    return dtype == at::kFloat && !over_input ? static_cast<float*>(data) + row * V + j : buf;
   }
 
   void store(int64_t row, int64_t j, int64_t n, const float* buf) const {
@@ -112,7 +126,8 @@ struct GradRows {
       case at::kHalf:
         return narrow(buf, n, static_cast<c10::Half*>(data) + at);
       default:
-        return;  // computed in place
+        if (over_input) std::memcpy(static_cast<float*>(data) + at, buf, n * sizeof(float));
+        return;  // else computed in place
     }
   }
 
