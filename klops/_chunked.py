@@ -87,6 +87,21 @@ def chunk_logits(hidden, weight, bias, softcap, buffer=None):
     return softcap * t, t
 
 
+def logits_of_chunks(hidden, weight, bias, softcap):
+    """rows -> chunk_logits of hidden[rows], every chunk written into one buffer (chunk_buffer) made at the first
+    call, the sweep's largest chunk (linear_chunks)."""
+    buffer = None
+
+    def logits(rows):
+        nonlocal buffer
+        chunk = hidden[rows]
+        if buffer is None:
+            buffer = chunk_buffer(hidden, weight, chunk.shape[0])
+        return chunk_logits(chunk, weight, bias, softcap, buffer)
+
+    return logits
+
+
 def chunk_buffer(hidden, weight, rows: int):
     """A flat buffer for the logits of chunks of up to ``rows`` rows (chunk_logits), in the logits' dtype. One buffer
     serves every chunk of a sweep: on the CPU a new [C, V] tensor per chunk costs the page faults of its first
@@ -162,17 +177,14 @@ def chunk_sweep(hidden, weight, bias, softcap, outputs, chunk_fn, grads=None, mu
     there are no rows). Every chunk's logits go into one buffer (chunk_buffer), which dz may overwrite (the C++ CPU
     kernels' logprobs_grad_of_chunk / divergence_grad_of_chunk): a sweep holds one [C, V] block. ``multiple``: chunks
     of whole groups of that many rows (linear_chunks). Returns outputs."""
-    first, buffer = True, None
+    first, logits = True, logits_of_chunks(hidden, weight, bias, softcap)
     for rows in linear_chunks(*hidden.shape[:2], weight.shape[0], hidden.device, multiple):
-        chunk_hidden = hidden[rows]
-        if buffer is None:  # the first chunk is the largest
-            buffer = chunk_buffer(hidden, weight, chunk_hidden.shape[0])
-        z, t = chunk_logits(chunk_hidden, weight, bias, softcap, buffer)
+        z, t = logits(rows)
         values, dz = chunk_fn(z[None], rows)
         for out, value in zip(outputs, values):
             out[rows] = value[0]
         if dz is not None:
-            accumulate_grads(dz[0], t, chunk_hidden, weight, grads, rows, first)
+            accumulate_grads(dz[0], t, hidden[rows], weight, grads, rows, first)
             first = False
         del z, t, dz
     if grads is not None and first:  # N = 0

@@ -11,7 +11,6 @@ import torch
 from . import _inputs
 from ._chunked import (
     cast_grads,
-    chunk_logits,
     chunk_row_weights,
     chunked_backward,
     chunked_rows,
@@ -20,6 +19,7 @@ from ._chunked import (
     fake_grads,
     fake_total,
     gradient_in_forward,
+    logits_of_chunks,
     reduction_row_weights,
     register_total_autograd,
 )
@@ -74,19 +74,23 @@ def linear_divergence_op(
             coef, softcap, teacher_softcap,
         )  # fmt: skip
 
+    teacher = teacher_chunks(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, teacher_softcap)
+
     def chunk_rows(z, rows):
-        y = _teacher_chunk(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, teacher_softcap, rows)
+        y = teacher(rows)
         chunk_labels = None if labels is None else labels[rows][None]
         return divergence_op(z, y, valid[rows][None], chunk_labels, kind, target_is, temperature, coef, backend)
 
     return chunked_rows(hidden, weight, bias, softcap, empty_rows(hidden, 7), chunk_rows)
 
 
-def _teacher_chunk(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, teacher_softcap, rows):
-    """The teacher's logits [1, C, V] of a chunk of rows (under its own soft cap when formed from hidden states)."""
+def teacher_chunks(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, teacher_softcap):
+    """rows -> the teacher's logits [1, C, V] of a chunk of rows: a view of teacher_logits, or formed from its hidden
+    states (under its own soft cap) into one buffer for the sweep (logits_of_chunks)."""
     if teacher_logits is not None:
-        return teacher_logits[rows][None]
-    return chunk_logits(teacher_hidden[rows], teacher_weight, teacher_bias, teacher_softcap)[0][None]
+        return lambda rows: teacher_logits[rows][None]
+    logits = logits_of_chunks(teacher_hidden, teacher_weight, teacher_bias, teacher_softcap)
+    return lambda rows: logits(rows)[0][None]
 
 
 @linear_divergence_op.register_fake
@@ -132,8 +136,10 @@ def linear_divergence_backward_op(
         )  # fmt: skip
         return cast_grads(grads, weight, bias)
 
+    teacher = teacher_chunks(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, teacher_softcap)
+
     def chunk_grad(z, rows):
-        y = _teacher_chunk(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, teacher_softcap, rows)
+        y = teacher(rows)
         stats = (x[rows][None] for x in (max_q, logsum_q, max_t, logsum_t, gbar))
         chunk_grad_logp = None if grad_logp is None else grad_logp[rows][None]
         chunk_labels = None if grad_logp is None else labels[rows][None]
@@ -196,8 +202,10 @@ def linear_divergence_total_op(
     the (B, L) rows' D (as linear_divergence_op's), total = sum_r w_r D_r (w = row_weight, or 1) and its fp32
     gradient formed in the same sweep (klops/_chunked.py); max_t / logsum_t as linear_divergence_op's."""
 
+    teacher = teacher_chunks(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, teacher_softcap)
+
     def chunk_total(z, rows):
-        y = _teacher_chunk(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, teacher_softcap, rows)
+        y = teacher(rows)
         options = (kind, target_is, temperature, coef, backend)
         D, *stats, _ = divergence_op(z, y, valid[rows][None], None, *options)
         g = chunk_row_weights(row_weight, rows, D)

@@ -17,7 +17,7 @@ import math
 import torch
 
 from . import _inputs
-from ._chunked import chunk_logits, chunked_backward, chunked_rows, empty_rows, log_softmax_from_stats
+from ._chunked import chunked_backward, chunked_rows, empty_rows, log_softmax_from_stats
 from ._chunked import row_stats as logit_row_stats
 from ._terms import row_sums, teacher_probs
 from .backend import resolve
@@ -29,6 +29,7 @@ from .divergence import (
     reduce_rows,
     valid_rows_and_weights,
 )
+from .linear_divergence import teacher_chunks
 from .logprobs import LogprobOutputs
 from .topk import TopK, renormalized_tail_terms, sorted_topk, topk_divergence_op
 from .vocab_parallel import (
@@ -166,8 +167,7 @@ class _LinearDivergence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits, valid, shard, kind, target_is,
                 temperature, coef, softcap, t_softcap, backend):  # fmt: skip
-        def teacher(rows):
-            return _teacher_chunk(t_hidden, t_weight, t_bias, t_logits, t_softcap, rows)
+        teacher = teacher_chunks(t_hidden, t_weight, t_bias, t_logits, t_softcap)
 
         def sweep(count, chunk_fn):
             return torch.stack(chunked_rows(hidden, weight, bias, softcap, empty_rows(hidden, count), chunk_fn), -1)
@@ -195,21 +195,16 @@ class _LinearDivergence(torch.autograd.Function):
         hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits, valid, *stats = ctx.saved_tensors
         shard, kind, target_is, temperature, coef, softcap, t_softcap, backend = ctx.params
 
+        teacher = teacher_chunks(t_hidden, t_weight, t_bias, t_logits, t_softcap)
+
         def chunk_grad(z, rows):
-            y = _teacher_chunk(t_hidden, t_weight, t_bias, t_logits, t_softcap, rows)
+            y = teacher(rows)
             return divergence_backward_op(grad[rows][None], None, z, y, valid[rows][None], None,
                                           *(x[rows][None] for x in stats), kind, target_is, temperature, coef,
                                           backend)  # fmt: skip
 
         grads = _sum_grad_hidden(ctx, chunked_backward(hidden, weight, bias, softcap, chunk_grad), shard)
         return *grads, *(None,) * 13
-
-
-def _teacher_chunk(t_hidden, t_weight, t_bias, t_logits, t_softcap, rows):
-    """The teacher's [1, C, V_r] of a chunk of rows: its logits, or formed from its head shard (under its soft cap)."""
-    if t_logits is not None:
-        return t_logits[rows][None]
-    return chunk_logits(t_hidden[rows], t_weight, t_bias, t_softcap)[0][None]
 
 
 def _two_rounds(sweep, teacher, teacher_dtype, valid, shard, kind, target_is, temperature, coef):
