@@ -64,14 +64,22 @@ class Case:
     kind: str = "forward"
     hidden: int = 0  # D of the fused-linear ops
     k: int = 0  # teacher ids per row of fused_kl_topk
+    teacher_logits: bool = False  # fused_linear_kl: the teacher as [N, V] logits, not hidden states and a head
 
     @property
     def name(self) -> str:
         dtype = dtype_name(self.dtype)
-        kind = f" {self.kind}" if self.op in ("fused_kl", "fused_kl_topk", "fused_linear_kl") else ""
+        kind = f" {self.kind_label}" if self.kind_label else ""
         hidden = f" D={self.hidden}" if self.hidden else ""
         k = f" k={self.k}" if self.k else ""
         return f"{self.op}{kind} N={self.rows} V={self.vocab}{hidden}{k} {dtype}"
+
+    @property
+    def kind_label(self) -> str | None:
+        """The kind of the ops that have one, with the teacher's form where it has two: "forward teacher-logits"."""
+        if self.op not in ("fused_kl", "fused_kl_topk", "fused_linear_kl"):
+            return None
+        return self.kind + (" teacher-logits" if self.teacher_logits else "")
 
     @property
     def shape(self) -> dict:
@@ -87,8 +95,8 @@ class Case:
 
     def min_flops(self, backward: bool = True) -> int:
         """Fused-linear ops: the logits' matmul, and with the backward the two gradient matmuls, 2 N V D each; for
-        the KL the teacher's logits too (the teacher has the student's D here)."""
-        products = (1 + 2 * backward) + (self.op == "fused_linear_kl")
+        the KL from a teacher head the teacher's logits too (the teacher has the student's D here)."""
+        products = (1 + 2 * backward) + (self.op == "fused_linear_kl" and not self.teacher_logits)
         return 2 * products * self.rows * self.vocab * self.hidden
 
 
@@ -148,6 +156,7 @@ def cases(
             out.append(Case("logprobs", rows, vocab, case_dtype))
     out += [Case("fused_linear_cross_entropy", n, v, dtypes[0], hidden=d) for n, v, d in linear]
     out += [Case("fused_linear_kl", n, v, dtypes[0], "forward", hidden=d) for n, v, d in linear]
+    out += [Case("fused_linear_kl", n, v, dtypes[0], "forward", hidden=d, teacher_logits=True) for n, v, d in linear]
     out += [Case("fused_linear_logprobs", n, v, dtypes[0], hidden=d) for n, v, d in linear[:1]]
     out += [Case("fused_linear_grpo_loss", n, v, dtypes[0], hidden=d) for n, v, d in linear[:1]]
     out += [Case("fused_kl_topk", n, v, dtypes[0], "forward", k=64) for n, v in topk]
@@ -265,10 +274,12 @@ def _klops_linear_grpo(hidden, inputs, backend):
 
 
 def _klops_linear_kl(hidden, heads, kind, backend):
-    weight, teacher_hidden, teacher_weight = heads
-    return fused_linear_kl(
-        hidden, weight, teacher_hidden, teacher_weight, kind=kind, reduction="batchmean", backend=backend
-    )
+    """heads: (weight, teacher hidden states, teacher head), or (weight, teacher logits)."""
+    weight, *teacher = heads
+    teacher_logits = dict(teacher_logits=teacher[0]) if len(teacher) == 1 else {}
+    teacher_heads = teacher if len(teacher) == 2 else (None, None)
+    return fused_linear_kl(hidden, weight, *teacher_heads, kind=kind, reduction="batchmean", backend=backend,
+                           **teacher_logits)  # fmt: skip
 
 
 def _klops_linear_cross_entropy(hidden, weight_and_labels, backend):
@@ -397,9 +408,12 @@ def make_inputs(case: Case, device: torch.device, gen: torch.Generator):
             return (torch.randn(case.vocab, case.hidden, generator=gen) / case.hidden**0.5).to(device, case.dtype)
 
         hidden = torch.randn(case.rows, case.hidden, generator=gen).to(device=device, dtype=case.dtype)
-        if case.op == "fused_linear_kl":  # the teacher: hidden states and a head of its own
+        if case.op == "fused_linear_kl":  # the teacher: hidden states and a head of its own, or its logits
             teacher_hidden = torch.randn(case.rows, case.hidden, generator=gen).to(device=device, dtype=case.dtype)
-            return hidden, (head().requires_grad_(), teacher_hidden, head())
+            weight, teacher_weight = head().requires_grad_(), head()
+            if case.teacher_logits:
+                return hidden, (weight, (teacher_hidden @ teacher_weight.t()).to(case.dtype))
+            return hidden, (weight, teacher_hidden, teacher_weight)
         labels = torch.randint(0, case.vocab, (case.rows,), generator=gen).to(device)
         if case.op == "fused_linear_grpo_loss":  # the completions' ids and one advantage per sequence
             return hidden, (head().requires_grad_(), labels, torch.randn(SEQUENCES, generator=gen).to(device))
@@ -444,9 +458,10 @@ def check_against_reference(case: Case, name: str, impl, z, y) -> float:
         z_k, z_r = z.clone().requires_grad_(), z.double().requires_grad_()
         weight = y[0].detach()
         if case.op == "fused_linear_kl":
-            teacher_hidden, teacher_weight = y[1][:rows], y[2]
-            loss = impl(z_k, (weight, teacher_hidden, teacher_weight))
-            teacher = teacher_hidden.double() @ teacher_weight.double().t()
+            teacher_rows = tuple(y[1:2]) if case.teacher_logits else (y[1], y[2])
+            teacher_rows = (teacher_rows[0][:rows], *teacher_rows[1:])
+            loss = impl(z_k, (weight, *teacher_rows))
+            teacher = teacher_rows[0].double() if case.teacher_logits else teacher_rows[0].double() @ y[2].double().t()
             ref = reference.fused_kl_reference(z_r @ weight.double().t(), teacher, case.kind, reduction="batchmean")
         elif case.op == "fused_linear_grpo_loss":
             loss = impl(z_k, (weight, y[1][:rows], y[2]))
@@ -589,8 +604,8 @@ def measure(
     forward+backward row also ``first_call_ms`` and ``first_of_op``. A pass that raises (OOM, an unsupported case) is
     a row with ``error`` instead."""
     common = dict(op=case.op, impl=name, case=case.name, shape=case.shape, dtype=dtype_name(case.dtype), correct=None)
-    if case.op in ("fused_kl", "fused_kl_topk", "fused_linear_kl"):
-        common["kind"] = case.kind
+    if case.kind_label:
+        common["kind"] = case.kind_label
     z_grad = z.detach().requires_grad_()
 
     def forward():

@@ -151,8 +151,10 @@ def eager_linear_cross_entropy(hidden, weight_and_labels):
 
 
 def eager_linear_kl(hidden, heads, kind: str):
-    weight, teacher_hidden, teacher_weight = heads
-    return eager_kl(hidden @ weight.t(), teacher_hidden @ teacher_weight.t(), kind)
+    """heads: (weight, teacher hidden states, teacher head), or (weight, teacher logits)."""
+    weight, *teacher = heads
+    teacher_logits = teacher[0] if len(teacher) == 1 else teacher[0] @ teacher[1].t()
+    return eager_kl(hidden @ weight.t(), teacher_logits, kind)
 
 
 def eager_linear_logprobs(hidden, weight_and_labels):
@@ -225,7 +227,7 @@ def library_baselines(case) -> dict:
             impls["cut-cross-entropy"] = lambda h, y: linear_cross_entropy(
                 h, y[0], y[1], impl="cce" if h.is_cuda else "torch_compile"
             )
-    elif case.op == "fused_linear_kl" and jsd_beta is not None:
+    elif case.op == "fused_linear_kl" and jsd_beta is not None and not case.teacher_logits:
         if importlib.util.find_spec("liger_kernel") is not None:
             from liger_kernel.transformers import LigerFusedLinearJSD
 
