@@ -37,6 +37,7 @@ class SinkhornCase:
     dtype: torch.dtype = torch.float32
     batch: int = 1  # B problems of the sinkhorn case
     hidden: int = 0  # (not a fused-linear case)
+    kind_label = None  # (no kind)
 
     @property
     def name(self) -> str:
