@@ -31,9 +31,11 @@ Two paths, chosen by the backend:
   from the forward to the backward, which scales them by the scalar upstream gradient (exact): 3 products of
   ``2 N V D``, 4 with a teacher's hidden states. Per-row outputs (``reduction="none"``, log-probs and entropy,
   ``return_lse``, the label log-probs of ``linear_divergence_and_label_logprobs``) keep row statistics and form
-  each block's logits again in the backward: 4 products, 6 with a teacher's hidden states. Extra memory: the
-  block's ``[C, V]`` logits and ``dz`` (and a teacher's logits; the torch row code adds a few temporaries of at
-  most ``TORCH_CHUNK_ELEMENTS``) and the fp32 ``[V, D]`` weight gradient (a scalar loss folds the mean's scale into
+  each block's logits again in the backward: 4 products, 6 with a teacher's hidden states. Extra memory: one
+  ``[C, V]`` buffer that every block's logits reuse (on the C++ CPU kernels ``dz`` is written over them; on the
+  other backends ``dz`` is a second ``[C, V]``), one more for a teacher's logits formed from its hidden states (the
+  torch row code adds a few temporaries of at most ``TORCH_CHUNK_ELEMENTS``), and the fp32 ``[V, D]`` weight
+  gradient (a scalar loss folds the mean's scale into
   the rows' upstream gradient, so ``loss.backward()`` hands it over on the CPU; on a GPU, or under another
   upstream gradient, the backward scales it into a second copy). The head is read once per block and product. A
   ``klops.TopK`` teacher always takes this path.
