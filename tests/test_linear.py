@@ -10,7 +10,7 @@ from klops.linear import linear_cross_entropy_op, linear_logprobs_op
 from klops.linear_divergence import linear_divergence_op
 from klops.reference import fused_kl_reference, logprobs_reference, logprobs_row_stats_reference
 
-from .conftest import COEF, DEVICE, GRAD_TOL, LOSS_TOL, assert_close, randn
+from .conftest import BACKENDS, COEF, DEVICE, GRAD_TOL, LOSS_TOL, assert_close, randn
 
 KINDS = klops.divergence.DIVERGENCE_KINDS
 # Matmuls in fp32 round at a relative eps * sqrt(D); bf16 logits are rounded to bf16 before the sweep, as
@@ -638,6 +638,31 @@ def test_scalar_loss_makes_no_pass_over_the_weight_gradient(loss, reduction, gen
     passes = [e.name for e in profile.events() if [61, 24] in e.input_shapes and e.name in _PASSES]
     assert not passes, f"passes over the [V, D] weight gradient: {passes}"
     assert weight.grad is not None and torch.isfinite(weight.grad).all()
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the gradient over the chunk's logits is the C++ CPU kernels'")
+@pytest.mark.parametrize("op, sweeps", [("cross_entropy", 1), ("logprobs", 2), ("kl_hidden", 2), ("kl_logits", 1)])
+def test_chunked_path_holds_one_block_per_sweep(op, sweeps, gen, monkeypatch):
+    """Whatever the number of chunks (6 here), a sweep allocates one [C, V] block, which every chunk's logits reuse
+    and the C++ kernels write the chunk's gradient over: one in all for a scalar loss (gradient in the forward), one
+    per sweep for log-probs (forward, recomputing backward), one more for a teacher formed from its head."""
+    monkeypatch.setattr(klops._chunked, "LINEAR_CHUNK_ELEMENTS", {"cpu": 16 * 5000})
+    monkeypatch.setattr(klops._chunked, "LINEAR_MIN_ROWS", {"cpu": 16})
+    N, V, D = 96, 5000, 8  # a [16, V] block (320 kB) outweighs the [V, D] weight gradient (160 kB)
+    hidden, weight = torch.randn(N, D, generator=gen).requires_grad_(), torch.randn(V, D, generator=gen)
+    labels, teacher = torch.randint(0, V, (N,), generator=gen), dict(teacher_logits=torch.randn(N, V, generator=gen))
+    if op == "kl_hidden":
+        teacher = dict(teacher_hidden=torch.randn(N, D, generator=gen), teacher_weight=torch.randn(V, D, generator=gen))
+    loss = {
+        "cross_entropy": lambda: klops.fused_linear_cross_entropy(hidden, weight.requires_grad_(), labels),
+        "logprobs": lambda: klops.fused_linear_logprobs(hidden, weight.requires_grad_(), labels).sum(),
+        "kl_hidden": lambda: klops.fused_linear_kl(hidden, weight.requires_grad_(), **teacher),
+        "kl_logits": lambda: klops.fused_linear_kl(hidden, weight.requires_grad_(), **teacher),
+    }[op]
+    with torch.profiler.profile(profile_memory=True) as profile:
+        loss().backward()
+    blocks = [e.name for e in profile.events() if e.self_cpu_memory_usage >= 16 * V * 4]
+    assert len(blocks) == sweeps, blocks
 
 
 # the ops that would make a pass over a [V, D] tensor: scaling, filling, copying, adding
