@@ -624,9 +624,10 @@ def fused_linear_grpo_loss(
     ``klops.fused_linear_kl``. ``softcap`` and ``logit_scale`` apply to both models' logits (``softcap(c (h W^T +
     b))``, as ``fused_linear_logprobs``). Other arguments: as ``grpo_loss``.
 
-    On the chunked path (not ``backend="triton"``), a loss whose sequences are independent (no
-    ``top_entropy_quantile < 1``, clip_cov / kl_cov or ``kl_estimator="full"``) takes its gradient in the forward
-    sweep, in chunks of whole sequences (klops/linear_grpo.py): 3 products of ``2 N V D`` instead of 4.
+    On the chunked path (not ``backend="triton"``), in eager mode, a loss whose sequences are independent (no
+    ``top_entropy_quantile < 1``, clip_cov / kl_cov or ``kl_estimator="full"``) and fit in a chunk of rows takes its
+    gradient in the forward sweep, in chunks of whole sequences (klops/linear_grpo.py): 3 products of ``2 N V D``
+    instead of 4.
 
     ``vocab_group`` / ``vocab_start``: both heads sharded over the vocabulary (``weight [V_r, D]``, ``bias [V_r]``,
     the same shards; hidden states replicated), as in ``fused_linear_logprobs``: each sweep is then that op's
