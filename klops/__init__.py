@@ -23,9 +23,10 @@ from ._inputs import set_host_checks
 from .backend import available_backends
 from .distill import akl_loss, akl_weights, dckd_loss, forward_reverse_kl, kdrl_loss
 from .divergence import divergence_and_label_logprobs, fused_kl
-from .grpo import fused_linear_grpo_loss, group_advantages, grpo_loss, grpo_loss_from_logits, kl_estimate
+from .grpo import group_advantages, grpo_loss, grpo_loss_from_logits, kl_estimate
 from .linear import fused_linear_cross_entropy, fused_linear_logprobs
 from .linear_divergence import fused_linear_kl
+from .linear_grpo import fused_linear_grpo_loss
 from .logprobs import LogprobOutputs, logprobs
 from .preference import dpo_loss, sequence_logprobs, tdpo_loss
 from .sinkhorn import SinkhornConvergenceWarning, SinkhornResult, sinkhorn, sinkhorn_distill_loss, sinkhorn_divergence

@@ -44,10 +44,10 @@ from .bench_baselines import (
 )
 from .distill import akl_loss, dckd_loss, forward_reverse_kl
 from .divergence import fused_kl
-from .grpo import fused_linear_grpo_loss
 from .kernels.kinds import default_coefficient
 from .linear import fused_linear_cross_entropy, fused_linear_logprobs
 from .linear_divergence import fused_linear_kl
+from .linear_grpo import fused_linear_grpo_loss
 from .logprobs import logprobs
 from .preference import tdpo_loss
 from .topk import TopK

@@ -1,5 +1,7 @@
-"""``fused_linear_grpo_loss`` with the gradient in the forward: the chunked path's scalar-loss form (klops/_chunked.py)
-for the GRPO family, where the loss of a sequence reads only that sequence's log-probs and constants.
+"""``fused_linear_grpo_loss``: the GRPO family (klops/grpo.py) from the policy's last hidden states and LM head. Where
+it can, it takes the gradient in the forward (the chunked path's scalar-loss form, klops/_chunked.py): the loss of a
+sequence reads only that sequence's log-probs and constants. Elsewhere it runs ``grpo_loss`` on the log-probs and
+entropy of ``fused_linear_logprobs``, whose backward forms each chunk's logits again.
 
 The loss is ``sum_i loss_i(logp_i)`` over sequences ``i`` (``logp_i [L]``, its tokens' log-probs), each term divided
 by a global count known before the sweep (the valid tokens ``sum m`` or ``B``, or ``num_items``), plus the entropy
@@ -30,15 +32,86 @@ from ._chunked import chunk_sweep, empty_rows, linear_chunk_rows, new_grads, sca
 from ._grpo_types import LOSS_TYPES
 from .backend import resolve
 from .distributed import is_sharded
-from .grpo import IGNORE, grpo_loss
+from .grpo import IGNORE, grpo_loss, loss_from_sweeps
+from .linear import fused_linear_logprobs
+from .linear_divergence import fused_linear_kl
 from .logprobs import logprobs_grad_of_chunk, logprobs_op
 
-__all__ = ["takes_gradient_in_forward", "linear_grpo_loss"]
+__all__ = ["fused_linear_grpo_loss"]
 
 # loss types whose per-token loss reads statistics of the whole batch (a covariance, a top-k over its tokens)
 BATCH_COUPLED_TYPES = ("clip_cov", "kl_cov")
 # grpo_loss arguments the path does not take: packed sequences, and what the sweep itself gives
 UNTAKEN_ARGUMENTS = ("position_ids", "cu_seqlens", "per_token_kl", "entropy")
+
+
+def fused_linear_grpo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    completion_ids: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ref_hidden: torch.Tensor | None = None,
+    ref_weight: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+    old_logp: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    kl_estimator: str = "k3",
+    backend: str = "auto",
+    vocab_group: torch.distributed.ProcessGroup | None = None,
+    vocab_start: int | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``grpo_loss`` from the policy's last hidden states ``[B, L, D]`` and LM head ``weight [V, D]`` (and
+    ``bias``): the log-probs and entropy come from one ``klops.fused_linear_logprobs`` pass, so the
+    ``[B, L, V]`` logits are never formed, with gradients to ``hidden``, ``weight`` and ``bias``. The reference
+    is ``ref_logp`` or the reference model's ``ref_hidden`` / ``ref_weight`` / ``ref_bias`` (no gradient);
+    ``kl_estimator="full"`` takes the exact per-token reverse KL over the vocabulary from
+    ``klops.fused_linear_kl``. ``softcap`` and ``logit_scale`` apply to both models' logits (``softcap(c (h W^T +
+    b))``, as ``fused_linear_logprobs``). Other arguments: as ``grpo_loss``.
+
+    On the chunked path (not ``backend="triton"``), in eager mode, a loss whose sequences are independent (no
+    ``top_entropy_quantile < 1``, clip_cov / kl_cov or ``kl_estimator="full"``) and fit in a chunk of rows takes its
+    gradient in the forward sweep, in chunks of whole sequences (linear_grpo_loss): 3 products of ``2 N V D``
+    instead of 4.
+
+    ``vocab_group`` / ``vocab_start``: both heads sharded over the vocabulary (``weight [V_r, D]``, ``bias [V_r]``,
+    the same shards; hidden states replicated), as in ``fused_linear_logprobs``: each sweep is then that op's
+    vocabulary-parallel form (a few fp32 per token all-gathered; in backward, ``grad_hidden`` all-reduced once per
+    sweep with a gradient), every rank gets the same loss and metrics and its shard's gradient.
+    """
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+        raise ValueError(f"hidden must have shape [B, L, D], got {getattr(hidden, 'shape', type(hidden))}")
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(hidden.shape[:2]):
+        raise ValueError(f"mask must have shape {tuple(hidden.shape[:2])} (the rows of hidden)")
+    if (ref_hidden is None) != (ref_weight is None):
+        raise ValueError("the reference model needs both ref_hidden and ref_weight")
+    ids = _inputs.as_labels("completion_ids", completion_ids, "hidden", hidden)
+    sample = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale, backend=backend,
+                  vocab_group=vocab_group, vocab_start=vocab_start)  # fmt: skip
+
+    def sweep(labels):
+        return fused_linear_logprobs(hidden, weight, labels, bias=bias, return_entropy=True, **sample)
+
+    def ref_sweep(labels):
+        return fused_linear_logprobs(ref_hidden, ref_weight, labels, bias=ref_bias, **sample)
+
+    def full_kl(labels):
+        biases = dict(student_bias=bias, teacher_bias=ref_bias)
+        return fused_linear_kl(hidden, weight, ref_hidden, ref_weight, kind="reverse", labels=labels,
+                               ignore_index=IGNORE, reduction="none", **biases, **sample)  # fmt: skip
+
+    reference = ref_sweep if ref_hidden is not None else None
+    if takes_gradient_in_forward(hidden, weight, bias, advantages, mask, ref_logp, old_logp, reference, kl_estimator,
+                                 sample, kwargs):  # fmt: skip
+        return linear_grpo_loss(hidden, weight, bias, ids, advantages, mask, reference, ref_logp, old_logp,
+                                kl_estimator, sample, kwargs)  # fmt: skip
+    return loss_from_sweeps(sweep, reference, full_kl, ids, advantages, mask, ref_logp, old_logp, kl_estimator, kwargs)
 
 
 def takes_gradient_in_forward(hidden, weight, bias, advantages, mask, ref_logp, old_logp, reference, kl_estimator,
