@@ -17,7 +17,15 @@ import math
 import torch
 
 from . import _inputs
-from ._chunked import log_softmax_from_stats, log_softmax_rows, row_chunks, scaled
+from ._chunked import (
+    gradient_in_forward,
+    log_softmax_from_stats,
+    log_softmax_rows,
+    reduction_row_weights,
+    row_chunks,
+    scaled,
+    scaled_total_grads,
+)
 from ._terms import divergence_terms, row_sums, teacher_probs
 from .backend import launcher_table, resolve
 from .distributed import VOCAB_PARALLEL_FORMS, is_sharded
@@ -237,6 +245,55 @@ def _backward(ctx, grad_loss, *grad_stats_and_logp):
 torch.library.register_autograd("klops::divergence", _backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("klops::divergence_total", mutates_args=())
+def divergence_total_op(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    valid: torch.Tensor,
+    row_weight: torch.Tensor,
+    weights: torch.Tensor | None,
+    divisor: torch.Tensor | None,
+    kind: str,
+    target_is: str,
+    temperature: float,
+    coef: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The C++ CPU kernels' form of divergence_op for a scalar loss: (total, D, max_t, logsum_t, grad) with total =
+    sum_r weights_r D_r / divisor (reduce_rows's value; weights and divisor may be None), D and max_t / logsum_t as
+    divergence_op's, and grad = d total / dz = sum_r w_r dD_r / dz (B, L, V) in the student's dtype (row_weight w
+    (B, L) fp32: weights / divisor), written in the same pass over each row as its D (the backward's sweep while the
+    row is in the cache; divergence_forward_and_grad). Its backward scales grad by the upstream gradient."""
+    D, _, _, max_t, logsum_t, _, grad = torch.ops.klops_cpu.divergence_forward_and_grad(
+        student, teacher, valid, row_weight, DIVERGENCE_KINDS.index(kind), TARGET_KINDS.index(target_is),
+        temperature, coef,
+    )  # fmt: skip
+    total = (D if weights is None else D * weights.float()).sum()
+    return total if divisor is None else total / divisor, D, max_t, logsum_t, grad
+
+
+@divergence_total_op.register_fake
+def _(student, teacher, valid, row_weight, weights, divisor, kind, target_is, temperature, coef):
+    rows = tuple(student.new_empty(student.shape[:2], dtype=torch.float32) for _ in range(3))
+    return (student.new_empty((), dtype=torch.float32), *rows, torch.empty_like(student))
+
+
+def _total_setup_context(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(output[-1])
+    ctx.dtype = inputs[0].dtype
+
+
+@torch.autograd.function.once_differentiable
+def _total_backward(ctx, grad_total, *_grad_rows):
+    (grad,) = ctx.saved_tensors
+    (grad_student,) = scaled_total_grads([grad], grad_total, [ctx.dtype], ctx.needs_input_grad[:1])
+    return (grad_student,) + (None,) * 9
+
+
+torch.library.register_autograd("klops::divergence_total", _total_backward, setup_context=_total_setup_context)
+
+
 # ----------------------------------------------------------------------------------------------------
 # public function
 
@@ -301,12 +358,16 @@ def reduce_rows(rows: torch.Tensor, valid: torch.Tensor, reduction: str, num_ite
     """docs/losses.md §0 reductions of per-row values (0 on invalid rows); no host sync."""
     if reduction == "none":
         return rows
-    total = rows.sum()
+    divisor = _divisor(valid, reduction, num_items)
+    return rows.sum() if divisor is None else rows.sum() / divisor
+
+
+def _divisor(valid: torch.Tensor, reduction: str, num_items):
+    """What a scalar reduction divides the sum of the rows by: num_items, else the valid rows' count ("mean",
+    "batchmean"), or None ("sum")."""
     if num_items is not None:
-        return total / num_items
-    if reduction == "sum":
-        return total
-    return total / valid.sum().clamp(min=1)
+        return num_items
+    return None if reduction == "sum" else valid.sum().clamp(min=1)
 
 
 def fused_kl(
@@ -405,6 +466,20 @@ def fused_kl(
         backend = resolve("divergence", backend, student_logits.device)
         student3, teacher3 = _inputs.as_rows(student_logits, teacher_logits)
         valid3 = valid.reshape(student3.shape[:2])
+        if _gradient_in_forward(backend, student_logits, weights, reduction):
+            row_weight = reduction_row_weights(valid, weights, reduction, num_items)
+            row_weight = torch.ones_like(valid3, dtype=torch.float32) if row_weight is None else row_weight.float()
+            divisor = _divisor(valid, reduction, num_items)
+            divisor = torch.as_tensor(divisor, device=valid.device) if isinstance(divisor, int) else divisor
+            total, _, top, log_mass, _ = divergence_total_op(
+                student3, teacher3, valid3, row_weight.reshape(valid3.shape),
+                None if weights is None else weights.reshape(valid3.shape), divisor, kernel_kind, target_is,
+                temperature, coef,
+            )  # fmt: skip
+            _inputs.check_teacher_rows(
+                "teacher_logits", target_is, teacher_logits.dtype, teacher_logits.shape[-1], valid3, top, log_mass
+            )
+            return total
         rows, _, _, top, log_mass, _, _ = divergence_op(
             student3, teacher3, valid3, None, kernel_kind, target_is, temperature, coef, backend
         )
@@ -415,6 +490,16 @@ def fused_kl(
     if weights is not None:
         rows = rows * weights.float()
     return reduce_rows(rows, valid, reduction, num_items)
+
+
+def _gradient_in_forward(backend: str, student: torch.Tensor, weights, reduction: str) -> bool:
+    """Whether fused_kl takes divergence_total_op: the C++ CPU kernels, fp32 student logits (a bf16 gradient scaled
+    by a non-unit upstream gradient would be rounded twice), a scalar loss whose gradient is wanted, and no gradient
+    to the row weights."""
+    wanted = gradient_in_forward(reduction, student) and not (
+        isinstance(weights, torch.Tensor) and weights.requires_grad
+    )
+    return backend == "cpu" and student.dtype == torch.float32 and wanted
 
 
 def divergence_and_label_logprobs(

@@ -110,6 +110,8 @@ def test_opcheck_every_op(backend, gen):
     with _RecordKlopsOps() as recorder:
         _every_op_call(backend, gen)
     registered = {name for name in torch._C._dispatch_get_all_op_names() if name.startswith("klops::")}
+    if backend != "cpu":  # fused_kl's scalar form on the C++ CPU kernels (gradient in the forward)
+        registered -= {"klops::divergence_total"}
     assert set(recorder.calls) == registered, f"ops no call here reaches: {sorted(registered - set(recorder.calls))}"
     for name, (op, args, kwargs) in sorted(recorder.calls.items()):
         try:

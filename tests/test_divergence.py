@@ -8,7 +8,7 @@ import torch
 import klops
 from klops.reference import divergence_reference, fused_kl_reference, logprobs_reference
 
-from .conftest import COEF, DEVICE, GRAD_TOL, LABEL_DTYPES, LOSS_TOL, assert_close, empty_rows, randn
+from .conftest import COEF, DEVICE, GRAD_TOL, LABEL_DTYPES, LOSS_TOL, assert_close, backends_of, empty_rows, randn
 
 KINDS = klops.divergence.DIVERGENCE_KINDS
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -469,3 +469,31 @@ def test_teacher_check_of_gpu_tensors_never_syncs():
             klops._inputs.check_teacher_rows("teacher_logits", "probs", torch.bfloat16, 100, valid, *stats)
     finally:
         klops.set_host_checks(False)
+
+
+@pytest.mark.skipif("cpu" not in backends_of("divergence"), reason="the C++ CPU kernels' scalar form")
+@pytest.mark.parametrize("dtype, grad_output", [(torch.float32, 1.0), (torch.float32, 0.37), (torch.bfloat16, 1.0)])
+def test_scalar_loss_on_the_cpu_kernels_takes_the_gradient_in_the_forward(dtype, grad_output, gen):
+    """fp32 logits, a scalar loss: one op forms D and the gradient in one pass over each row (klops::divergence_total),
+    no backward sweep; under loss.backward() the gradient is handed over as it is (no [N, V] pass), else scaled.
+    bf16 logits keep the backward sweep (a scaled bf16 gradient would be rounded twice). Values and gradients equal
+    the two-sweep path's up to rounding."""
+    student, teacher = randn(3, 5, 70, gen=gen, dtype=dtype, scale=3.0), randn(3, 5, 70, gen=gen, dtype=dtype)
+    weights = randn(3, 5, gen=gen).abs()
+    kw = dict(kind="jsd", beta=0.3, mask=torch.ones(3, 5, device=DEVICE), weights=weights, num_items=11,
+              temperature=1.5, backend="cpu")  # fmt: skip
+    kw["mask"][1] = 0
+    z = student.detach().clone().requires_grad_()
+    with torch.profiler.profile(record_shapes=True) as profile:
+        loss = klops.fused_kl(z, teacher, **kw)
+        (loss * grad_output).backward()
+    names = {e.name for e in profile.events()}
+    fp32 = dtype == torch.float32
+    assert ("klops::divergence_total" in names, "klops::divergence_backward" in names) == (fp32, not fp32), names
+    scaled = [e.name for e in profile.events() if e.name == "aten::mul" and [1, 15, 70] in e.input_shapes]
+    assert bool(scaled) == (fp32 and grad_output != 1.0), scaled
+    z_ref = student.detach().clone().requires_grad_()
+    rows = klops.fused_kl(z_ref, teacher, **{**kw, "reduction": "none", "num_items": None})  # the two-sweep path
+    (rows.sum() / 11 * grad_output).backward()
+    assert_close(loss, rows.sum() / 11, LOSS_TOL[dtype], "loss")
+    assert_close(z.grad, z_ref.grad, GRAD_TOL[dtype], "grad")

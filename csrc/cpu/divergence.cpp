@@ -78,11 +78,9 @@ void terms_block(const float* __restrict__ z, const float* __restrict__ y, int64
   check.mass += mass;
 }
 
-// Forward of one row (divergence_forward_kernel of csrc/divergence.cu) in 2 sweeps, also for forward and
-// reverse KL between logit rows (whose CUDA kernel takes 1, with KlOp): the Lse lanes vectorize, KlOp's
-// five-float state does not, and the second read of a row comes from the cache.
-template <int KIND, int TARGET>
-RowStats divergence_row(const Rows& z, const Rows& y, int64_t row, int64_t V, const DivergenceParams k) {
+// Sweep 1 of a row: (max, logsum) of the student's logits, and of the teacher's for logits.
+template <int TARGET>
+RowStats statistics_row(const Rows& z, const Rows& y, int64_t row, int64_t V, const DivergenceParams k) {
   const float c = k.inv_temperature;
   float z_buf[kBlock];
   float y_buf[kBlock];
@@ -107,6 +105,17 @@ RowStats divergence_row(const Rows& z, const Rows& y, int64_t row, int64_t V, co
     s.max_t = acc_t.max();
     s.logsum_t = acc_t.logsum();
   }
+  return s;
+}
+
+// Forward of one row (divergence_forward_kernel of csrc/divergence.cu) in 2 sweeps, also for forward and
+// reverse KL between logit rows (whose CUDA kernel takes 1, with KlOp): the Lse lanes vectorize, KlOp's
+// five-float state does not, and the second read of a row comes from the cache.
+template <int KIND, int TARGET>
+RowStats divergence_row(const Rows& z, const Rows& y, int64_t row, int64_t V, const DivergenceParams k) {
+  RowStats s = statistics_row<TARGET>(z, y, row, V, k);
+  float z_buf[kBlock];
+  float y_buf[kBlock];
   Sum2 sums = Sum2Op{}.identity();
   TeacherCheck check = TeacherCheckOp{}.identity();
   for (int64_t j = 0; j < V; j += kBlock) {  // sweep 2
@@ -287,11 +296,90 @@ void divergence_backward_over_student(const at::Tensor& grad, const std::optiona
                          kind, target, temperature, coef, true);
 }
 
+// Forward KL between logit rows, the forward's sweep 2 and the backward's in one: gbar = sum_v a_v = -sum_v p_v
+// is -1 before the sweep (p a softmax), so dz_v = scale (a_v + q_v) = scale (q_v - p_v) is written with D's
+// terms: 2 sweeps and 4 exps per entry pair in all, where the forward and the backward take 3 and 5.
+RowStats forward_kl_row_and_grad(const Rows& z, const Rows& y, const GradRows& dz, int64_t row, int64_t V,
+                                 float weight, const DivergenceParams k) {
+  RowStats s = statistics_row<LOGITS>(z, y, row, V, k);
+  const float c = k.inv_temperature, scale = weight * c;
+  float z_buf[kBlock];
+  float y_buf[kBlock];
+  float out_buf[kBlock];
+  float loss = 0.0f, gbar = 0.0f;
+  for (int64_t j = 0; j < V; j += kBlock) {
+    const int64_t n = std::min(kBlock, V - j);
+    const float* zj = z.block(row, j, n, z_buf);
+    const float* yj = y.block(row, j, n, y_buf);
+    float* out = dz.out(row, j, out_buf);
+    float block_loss = 0.0f, block_gbar = 0.0f;
+#pragma omp simd reduction(+ : block_loss, block_gbar)
+    for (int64_t i = 0; i < n; ++i) {
+      const float lq = (zj[i] - s.max_q) * c - s.logsum_q;
+      const Terms t = divergence_terms<FORWARD>(lq, (yj[i] - s.max_t) * c - s.logsum_t, k);
+      block_loss += t.loss;
+      block_gbar += t.a;
+      out[i] = scale * (t.a + vexp(lq));
+    }
+    dz.store(row, j, n, out);
+    const Sum2 sums = Sum2Op{}.combine({loss, gbar}, {block_loss, block_gbar});
+    loss = sums.loss;
+    gbar = sums.gbar;
+  }
+  s.loss = loss;
+  s.gbar = gbar;
+  return s;
+}
+
+// The forward's outputs and, in the same pass over each row, its gradient for a scalar loss sum_r w_r D_r
+// (row_weight w, fp32 (B, L)): the row's 2 forward sweeps, then the backward's sweep while the row is in the
+// cache, rather than a second pass over (B, L, V) from memory in the backward (forward KL between logit rows:
+// forward_kl_row_and_grad, 2 sweeps).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+divergence_forward_and_grad(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& valid,
+                            const at::Tensor& row_weight, int64_t kind, int64_t target, double temperature,
+                            double coef) {
+  check_divergence_inputs(student, teacher, valid, kind, target, coef);
+  check_per_row(row_weight, "row_weight", student.sizes().slice(0, 2), {at::kFloat});
+  const int64_t B = student.size(0), L = student.size(1), V = student.size(2);
+  const auto options = student.options().dtype(at::kFloat);
+  at::Tensor outputs[6];
+  for (auto& out : outputs) out = at::empty({B, L}, options);
+  float* out[6];
+  for (int i = 0; i < 6; ++i) out[i] = outputs[i].mutable_data_ptr<float>();
+  at::Tensor dz = grad_like(student, false);
+  const Rows z(student), y(teacher);
+  const GradRows grads(dz);
+  const at::Tensor valid_c = valid.contiguous(), weight_c = row_weight.contiguous();
+  const bool* is_valid = valid_c.const_data_ptr<bool>();
+  const float* weight = weight_c.const_data_ptr<float>();
+  const DivergenceParams params = make_params(temperature, coef);
+  dispatch_divergence(kind, target, [&](auto kind_c, auto target_c) {
+    constexpr int KIND = decltype(kind_c)::value, TARGET = decltype(target_c)::value;
+    parallel_rows(B * L, V, [&](int64_t row) {
+      RowStats s{0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+      if (is_valid[row] && KIND == FORWARD && TARGET == LOGITS) {
+        s = forward_kl_row_and_grad(z, y, grads, row, V, weight[row], params);
+      } else if (is_valid[row]) {
+        s = divergence_row<KIND, TARGET>(z, y, row, V, params);
+        divergence_grad_row<KIND, TARGET>(z, y, grads, row, V, GradArgs{s, weight[row] * params.inv_temperature, 0.0f},
+                                          -1, params);
+      } else {
+        grads.zero(row);
+      }
+      const float values[6] = {s.loss, s.max_q, s.logsum_q, s.max_t, s.logsum_t, s.gbar};
+      for (int i = 0; i < 6; ++i) out[i][row] = values[i];
+    });
+  });
+  return {outputs[0], outputs[1], outputs[2], outputs[3], outputs[4], outputs[5], dz};
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace klops
 
 TORCH_LIBRARY_IMPL(klops_cpu, CPU, m) {
+  m.impl("divergence_forward_and_grad", &klops::cpu::divergence_forward_and_grad);
   m.impl("divergence_forward", &klops::cpu::divergence_forward);
   m.impl("divergence_backward", &klops::cpu::divergence_backward);
   m.impl("divergence_backward_over_student", &klops::cpu::divergence_backward_over_student);

@@ -43,5 +43,8 @@ TORCH_LIBRARY(klops_cpu, m) {
       "divergence_backward_over_student(Tensor grad, Tensor? grad_logp, Tensor(a!) student, Tensor teacher, "
       "Tensor valid, Tensor? labels, Tensor max_q, Tensor logsum_q, Tensor max_t, Tensor logsum_t, Tensor gbar, "
       "int kind, int target, float temperature, float coef) -> ()");
+  m.def(
+      "divergence_forward_and_grad(Tensor student, Tensor teacher, Tensor valid, Tensor row_weight, int kind, "
+      "int target, float temperature, float coef) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("parallel_threads(int rows, int V) -> int", &klops::cpu::parallel_threads);
 }
