@@ -17,7 +17,9 @@
 // second reads the row from the cache (a row pair is 2 V entries: 256 KiB of fp32 at V = 32000). DRAM
 // traffic: 2 entries read per entry pair, 6 floats written per row. Backward: 1 sweep recomputing a_v
 // from the saved statistics: 2 entries read and 1 written per entry pair. Rows with valid = false get 0
-// in every output and a zero gradient.
+// in every output and a zero gradient. A scalar loss's forward may write the gradient too
+// (divergence_forward_and_grad): the backward's sweep right after a row's forward, from the cache; for
+// forward KL between logit rows within the forward's second sweep.
 
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
