@@ -472,16 +472,20 @@ def test_teacher_check_of_gpu_tensors_never_syncs():
 
 
 @pytest.mark.skipif("cpu" not in backends_of("divergence"), reason="the C++ CPU kernels' scalar form")
+@pytest.mark.parametrize("kind", ["forward", "reverse", "jsd"])
 @pytest.mark.parametrize("dtype, grad_output", [(torch.float32, 1.0), (torch.float32, 0.37), (torch.bfloat16, 1.0)])
-def test_scalar_loss_on_the_cpu_kernels_takes_the_gradient_in_the_forward(dtype, grad_output, gen):
-    """fp32 logits, a scalar loss: one op forms D and the gradient in one pass over each row (klops::divergence_total),
-    no backward sweep; under loss.backward() the gradient is handed over as it is (no [N, V] pass), else scaled.
-    bf16 logits keep the backward sweep (a scaled bf16 gradient would be rounded twice). Values and gradients equal
-    the two-sweep path's up to rounding."""
+def test_scalar_loss_on_the_cpu_kernels_takes_the_gradient_in_the_forward(kind, dtype, grad_output, gen):
+    """fp32 logits, a scalar loss: one op forms D and the gradient in one pass over each row (klops::divergence_total;
+    forward KL in 2 sweeps, reverse KL with q kept in the gradient), no backward sweep; under loss.backward() the
+    gradient is handed over as it is (no [N, V] pass), else scaled. bf16 logits keep the backward sweep (a scaled
+    bf16 gradient would be rounded twice). Values and gradients equal the two-sweep path's up to rounding, -inf
+    entries in either model (where both are -inf: D stays finite) included."""
     student, teacher = randn(3, 5, 70, gen=gen, dtype=dtype, scale=3.0), randn(3, 5, 70, gen=gen, dtype=dtype)
+    student[0, :, :9], teacher[0, :, :9] = -math.inf, -math.inf
+    student[2, 1, 30:] = -math.inf
     weights = randn(3, 5, gen=gen).abs()
-    kw = dict(kind="jsd", beta=0.3, mask=torch.ones(3, 5, device=DEVICE), weights=weights, num_items=11,
-              temperature=1.5, backend="cpu")  # fmt: skip
+    kw = dict(kind=kind, mask=torch.ones(3, 5, device=DEVICE), weights=weights, num_items=11, temperature=1.5,
+              backend="cpu", **(dict(beta=0.3) if kind == "jsd" else {}))  # fmt: skip
     kw["mask"][1] = 0
     z = student.detach().clone().requires_grad_()
     with torch.profiler.profile(record_shapes=True) as profile:

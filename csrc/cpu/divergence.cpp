@@ -333,10 +333,57 @@ RowStats forward_kl_row_and_grad(const Rows& z, const Rows& y, const GradRows& d
   return s;
 }
 
+// Reverse KL between logit rows with an fp32 gradient: its gbar is D itself, known only after the terms sweep,
+// which therefore keeps q_v in dz; the gradient sweep then forms dz_v = scale (a_v - q_v D), a_v = q_v (log q_v -
+// log p_v), from the row in the cache without an exp: 3 sweeps and 3 exps per entry pair in all, where the
+// forward and the backward take 3 and 4 (the same values: q_v is the terms sweep's).
+RowStats reverse_kl_row_and_grad(const Rows& z, const Rows& y, const GradRows& dz, int64_t row, int64_t V,
+                                 float weight, const DivergenceParams k) {
+  RowStats s = statistics_row<LOGITS>(z, y, row, V, k);
+  const float c = k.inv_temperature, scale = weight * c;
+  float z_buf[kBlock];
+  float y_buf[kBlock];
+  float loss = 0.0f, gbar = 0.0f;
+  for (int64_t j = 0; j < V; j += kBlock) {  // D and gbar; q into dz
+    const int64_t n = std::min(kBlock, V - j);
+    const float* zj = z.block(row, j, n, z_buf);
+    const float* yj = y.block(row, j, n, y_buf);
+    float* q = dz.out(row, j, nullptr);
+    float block_loss = 0.0f, block_gbar = 0.0f;
+#pragma omp simd reduction(+ : block_loss, block_gbar)
+    for (int64_t i = 0; i < n; ++i) {
+      const float lq = (zj[i] - s.max_q) * c - s.logsum_q;
+      const Terms t = divergence_terms<REVERSE>(lq, (yj[i] - s.max_t) * c - s.logsum_t, k);
+      block_loss += t.loss;
+      block_gbar += t.a;
+      q[i] = vexp(lq);
+    }
+    const Sum2 sums = Sum2Op{}.combine({loss, gbar}, {block_loss, block_gbar});
+    loss = sums.loss;
+    gbar = sums.gbar;
+  }
+  s.loss = loss;
+  s.gbar = gbar;
+  for (int64_t j = 0; j < V; j += kBlock) {  // dz from the row and q, in the cache
+    const int64_t n = std::min(kBlock, V - j);
+    const float* zj = z.block(row, j, n, z_buf);
+    const float* yj = y.block(row, j, n, y_buf);
+    float* out = dz.out(row, j, nullptr);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const float q = out[i];
+      const float lq = (zj[i] - s.max_q) * c - s.logsum_q;
+      const float lp = (yj[i] - s.max_t) * c - s.logsum_t;
+      out[i] = scale * ((q > 0.0f ? q * (lq - lp) : 0.0f) - q * gbar);
+    }
+  }
+  return s;
+}
+
 // The forward's outputs and, in the same pass over each row, its gradient for a scalar loss sum_r w_r D_r
 // (row_weight w, fp32 (B, L)): the row's 2 forward sweeps, then the backward's sweep while the row is in the
 // cache, rather than a second pass over (B, L, V) from memory in the backward (forward KL between logit rows:
-// forward_kl_row_and_grad, 2 sweeps).
+// forward_kl_row_and_grad, 2 sweeps; reverse KL with an fp32 gradient: reverse_kl_row_and_grad, no exp in its third).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 divergence_forward_and_grad(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& valid,
                             const at::Tensor& row_weight, int64_t kind, int64_t target, double temperature,
@@ -362,6 +409,8 @@ divergence_forward_and_grad(const at::Tensor& student, const at::Tensor& teacher
       RowStats s{0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
       if (is_valid[row] && KIND == FORWARD && TARGET == LOGITS) {
         s = forward_kl_row_and_grad(z, y, grads, row, V, weight[row], params);
+      } else if (is_valid[row] && KIND == REVERSE && TARGET == LOGITS && grads.dtype == at::kFloat) {
+        s = reverse_kl_row_and_grad(z, y, grads, row, V, weight[row], params);
       } else if (is_valid[row]) {
         s = divergence_row<KIND, TARGET>(z, y, row, V, params);
         divergence_grad_row<KIND, TARGET>(z, y, grads, row, V, GradArgs{s, weight[row] * params.inv_temperature, 0.0f},
