@@ -204,16 +204,30 @@ void dispatch_divergence(int64_t kind, int64_t target, F&& f) {
   });
 }
 
+// The forward's six (B, L) fp32 outputs, RowStats's fields, written row by row.
+struct RowOutputs {
+  at::Tensor tensors[6];
+  float* data[6];
+
+  explicit RowOutputs(const at::Tensor& student) {
+    for (int i = 0; i < 6; ++i) {
+      tensors[i] = at::empty(student.sizes().slice(0, 2), student.options().dtype(at::kFloat));
+      data[i] = tensors[i].mutable_data_ptr<float>();
+    }
+  }
+
+  void write(int64_t row, const RowStats& s) const {
+    const float values[6] = {s.loss, s.max_q, s.logsum_q, s.max_t, s.logsum_t, s.gbar};
+    for (int i = 0; i < 6; ++i) data[i][row] = values[i];
+  }
+};
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> divergence_forward(
     const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& valid, int64_t kind,
     int64_t target, double temperature, double coef) {
   check_divergence_inputs(student, teacher, valid, kind, target, coef);
   const int64_t B = student.size(0), L = student.size(1), V = student.size(2);
-  const auto options = student.options().dtype(at::kFloat);
-  at::Tensor outputs[6];
-  for (auto& out : outputs) out = at::empty({B, L}, options);
-  float* out[6];
-  for (int i = 0; i < 6; ++i) out[i] = outputs[i].mutable_data_ptr<float>();
+  const RowOutputs out(student);
   const Rows z(student), y(teacher);
   const at::Tensor valid_c = valid.contiguous();
   const bool* is_valid = valid_c.const_data_ptr<bool>();
@@ -222,11 +236,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     parallel_rows(B * L, V, [&](int64_t row) {
       RowStats s{0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
       if (is_valid[row]) s = divergence_row<decltype(kind_c)::value, decltype(target_c)::value>(z, y, row, V, params);
-      const float values[6] = {s.loss, s.max_q, s.logsum_q, s.max_t, s.logsum_t, s.gbar};
-      for (int i = 0; i < 6; ++i) out[i][row] = values[i];
+      out.write(row, s);
     });
   });
-  return {outputs[0], outputs[1], outputs[2], outputs[3], outputs[4], outputs[5]};
+  const auto& t = out.tensors;
+  return {t[0], t[1], t[2], t[3], t[4], t[5]};
 }
 
 // The student's gradient into a new tensor, or over the student's logits (over_input:
@@ -391,11 +405,7 @@ divergence_forward_and_grad(const at::Tensor& student, const at::Tensor& teacher
   check_divergence_inputs(student, teacher, valid, kind, target, coef);
   check_per_row(row_weight, "row_weight", student.sizes().slice(0, 2), {at::kFloat});
   const int64_t B = student.size(0), L = student.size(1), V = student.size(2);
-  const auto options = student.options().dtype(at::kFloat);
-  at::Tensor outputs[6];
-  for (auto& out : outputs) out = at::empty({B, L}, options);
-  float* out[6];
-  for (int i = 0; i < 6; ++i) out[i] = outputs[i].mutable_data_ptr<float>();
+  const RowOutputs out(student);
   at::Tensor dz = grad_like(student, false);
   const Rows z(student), y(teacher);
   const GradRows grads(dz);
@@ -418,11 +428,11 @@ divergence_forward_and_grad(const at::Tensor& student, const at::Tensor& teacher
       } else {
         grads.zero(row);
       }
-      const float values[6] = {s.loss, s.max_q, s.logsum_q, s.max_t, s.logsum_t, s.gbar};
-      for (int i = 0; i < 6; ++i) out[i][row] = values[i];
+      out.write(row, s);
     });
   });
-  return {outputs[0], outputs[1], outputs[2], outputs[3], outputs[4], outputs[5], dz};
+  const auto& t = out.tensors;
+  return {t[0], t[1], t[2], t[3], t[4], t[5], dz};
 }
 
 }  // namespace
