@@ -21,7 +21,6 @@ from ._chunked import (
     gradient_in_forward,
     log_softmax_from_stats,
     log_softmax_rows,
-    reduction_row_weights,
     row_chunks,
     scaled,
     scaled_total_grads,
@@ -250,7 +249,6 @@ def divergence_total_op(
     student: torch.Tensor,
     teacher: torch.Tensor,
     valid: torch.Tensor,
-    row_weight: torch.Tensor,
     weights: torch.Tensor | None,
     divisor: torch.Tensor | None,
     kind: str,
@@ -260,9 +258,11 @@ def divergence_total_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The C++ CPU kernels' form of divergence_op for a scalar loss: (total, D, max_t, logsum_t, grad) with total =
     sum_r weights_r D_r / divisor (reduce_rows's value; weights and divisor may be None), D and max_t / logsum_t as
-    divergence_op's, and grad = d total / dz = sum_r w_r dD_r / dz (B, L, V) in the student's dtype (row_weight w
-    (B, L) fp32: weights / divisor), written in the same pass over each row as its D (the backward's sweep while the
-    row is in the cache; divergence_forward_and_grad). Its backward scales grad by the upstream gradient."""
+    divergence_op's, and grad = d total / dz = sum_r w_r dD_r / dz (B, L, V) in the student's dtype (the rows'
+    weights w = weights / divisor, fp32), written in the same pass over each row as its D (the backward's sweep while
+    the row is in the cache; divergence_forward_and_grad). Its backward scales grad by the upstream gradient."""
+    row_weight = torch.ones_like(valid, dtype=torch.float32) if weights is None else weights.float()
+    row_weight = row_weight if divisor is None else row_weight / divisor
     D, _, _, max_t, logsum_t, _, grad = torch.ops.klops_cpu.divergence_forward_and_grad(
         student, teacher, valid, row_weight, DIVERGENCE_KINDS.index(kind), TARGET_KINDS.index(target_is),
         temperature, coef,
@@ -272,7 +272,7 @@ def divergence_total_op(
 
 
 @divergence_total_op.register_fake
-def _(student, teacher, valid, row_weight, weights, divisor, kind, target_is, temperature, coef):
+def _(student, teacher, valid, weights, divisor, kind, target_is, temperature, coef):
     rows = tuple(student.new_empty(student.shape[:2], dtype=torch.float32) for _ in range(3))
     return (student.new_empty((), dtype=torch.float32), *rows, torch.empty_like(student))
 
@@ -288,7 +288,7 @@ def _total_setup_context(ctx, inputs, output):
 def _total_backward(ctx, grad_total, *_grad_rows):
     (grad,) = ctx.saved_tensors
     (grad_student,) = scaled_total_grads([grad], grad_total, [ctx.dtype], ctx.needs_input_grad[:1])
-    return (grad_student,) + (None,) * 9
+    return (grad_student,) + (None,) * 8
 
 
 torch.library.register_autograd("klops::divergence_total", _total_backward, setup_context=_total_setup_context)
@@ -467,14 +467,11 @@ def fused_kl(
         student3, teacher3 = _inputs.as_rows(student_logits, teacher_logits)
         valid3 = valid.reshape(student3.shape[:2])
         if _gradient_in_forward(backend, student_logits, weights, reduction):
-            row_weight = reduction_row_weights(valid, weights, reduction, num_items)
-            row_weight = torch.ones_like(valid3, dtype=torch.float32) if row_weight is None else row_weight.float()
             divisor = _divisor(valid, reduction, num_items)
             divisor = torch.as_tensor(divisor, device=valid.device) if isinstance(divisor, int) else divisor
             total, _, top, log_mass, _ = divergence_total_op(
-                student3, teacher3, valid3, row_weight.reshape(valid3.shape),
-                None if weights is None else weights.reshape(valid3.shape), divisor, kernel_kind, target_is,
-                temperature, coef,
+                student3, teacher3, valid3, None if weights is None else weights.reshape(valid3.shape), divisor,
+                kernel_kind, target_is, temperature, coef,
             )  # fmt: skip
             _inputs.check_teacher_rows(
                 "teacher_logits", target_is, teacher_logits.dtype, teacher_logits.shape[-1], valid3, top, log_mass
